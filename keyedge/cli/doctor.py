@@ -1,0 +1,48 @@
+"""``keyedge doctor``: installed extras, working export targets and runtimes, and how to fix what is missing."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from keyedge.cli._console import console
+
+
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+    """Check which extras, export targets and runtimes work on this host."""
+    from keyedge.doctor import collect
+
+    report = collect()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(f"keyedge {report['keyedge']} on Python {report['python']}, {report['platform']}", markup=False)
+    core = ", ".join(f"{name} {version or 'MISSING'}" for name, version in report["core"].items())
+    console.print(f"core: {core}", markup=False)
+
+    extras = Table(title="extras", title_justify="left")
+    for column in ("extra", "packages", "for", "status"):
+        extras.add_column(column)
+    for name, info in report["extras"].items():
+        packages = ", ".join(f"{dist} {ver or '-'}" for dist, ver in info["packages"].items())
+        status = "[green]installed[/]" if info["installed"] else f"[yellow]missing[/]: {escape(info['install'])}"
+        extras.add_row(name, escape(packages), escape(info["purpose"]), status)
+    console.print(extras)
+
+    for section, title in (("export", "export targets"), ("runtime", "runtimes on this host")):
+        table = Table(title=title, title_justify="left")
+        for column in ("name", "works", "detail"):
+            table.add_column(column)
+        for check in report["checks"]:
+            if check["section"] != section:
+                continue
+            detail = check["detail"] + (f" -> {check['fix']}" if check["fix"] else "")
+            table.add_row(check["name"], "[green]yes[/]" if check["ok"] else "[red]no[/]", escape(detail))
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("doctor")(doctor)

@@ -1,0 +1,60 @@
+"""Optional dependencies: which extra provides what, and a clear error when one is missing.
+
+keyedge's core needs torch, timm, numpy, typer and rich.  Each job's heavier
+dependencies come with an extra (``pip install 'keyedge[onnx]'``); code that
+needs one calls :func:`require`, which names the extra instead of raising a raw
+``ImportError``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import metadata
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An optional extra of the ``keyedge`` distribution."""
+
+    name: str
+    distributions: tuple[str, ...]
+    purpose: str
+
+    @property
+    def install(self) -> str:
+        return f"pip install 'keyedge[{self.name}]'"
+
+
+EXTRAS: dict[str, Extra] = {
+    e.name: e
+    for e in (
+        Extra("onnx", ("onnx", "onnxscript", "onnxruntime"), "export to ONNX and run it with onnxruntime"),
+        Extra("openvino", ("openvino",), "export to OpenVINO IR and run it"),
+        Extra("coreml", ("coremltools",), "export to CoreML (prediction on macOS only)"),
+        Extra("train", ("peft", "safetensors"), "LoRA fine-tuning and safetensors checkpoints"),
+        Extra("samples", ("scikit-image",), "sample photos for demos and checks"),
+    )
+}
+
+CORE = ("torch", "timm", "numpy", "typer", "rich", "pillow")
+
+
+def version_of(distribution: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def require(module: str, *, extra: str) -> ModuleType:
+    """Import ``module`` or raise :class:`~keyedge.errors.DependencyError` naming the extra to install."""
+    from keyedge.errors import DependencyError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        hint = EXTRAS[extra].install if extra in EXTRAS else f"pip install {module.split('.')[0]}"
+        raise DependencyError(f"{module.split('.')[0]} is needed here but cannot be imported ({exc})", hint) from None

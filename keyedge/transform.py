@@ -1,0 +1,166 @@
+"""The key-based block-wise pixel shuffle (DESIGN §1), exact and fast.
+
+The transform splits a (B, C, H, W) image into non-overlapping PxP blocks
+(row-major over the block grid), flattens each block in (height, width,
+channel) order -- element (h, w, c) of a block has index ``(h*P + w)*C + c``,
+the layout of the authors' reference code -- permutes every block vector with
+the key's permutation ``v`` (``b'[k] = b[v[k]]``) and puts the blocks back.
+
+As a whole it is one fixed permutation of the C*H*W values of an image, so it
+runs as a single gather with a constant index vector (:func:`block_index_map`):
+
+* :class:`BlockShuffle` -- a torch module doing one ``index_select`` (exports
+  as one Gather op; its inverse with ``inverse=True``);
+* :class:`HostShuffle` -- the same gather in numpy, for host-side use;
+* :func:`blockwise_shuffle` -- the literal reshape/permute chain, the readable
+  definition, kept for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.errors import ShapeError
+
+if TYPE_CHECKING:
+    from keyedge.keys import Key
+
+
+def check_divisible(height: int, width: int, block_size: int, what: str = "image") -> None:
+    """Raise :class:`ShapeError` unless ``block_size`` divides both sides of the image."""
+    if block_size < 1:
+        raise ShapeError(f"block size must be positive, got {block_size}")
+    if height % block_size or width % block_size:
+        side = "height" if height % block_size else "width"
+        fit_h, fit_w = height - height % block_size, width - width % block_size
+        raise ShapeError(
+            f"{what} is {height}x{width} (HxW): block size {block_size} does not divide its {side}",
+            f"crop or resize it to a multiple of {block_size}, e.g. {fit_h}x{fit_w}",
+        )
+
+
+def _permute_axes(x: Any, axes: Sequence[int]) -> Any:
+    return x.permute(*axes) if isinstance(x, torch.Tensor) else np.transpose(x, axes)
+
+
+def blockwise_shuffle(x: Any, permutation: Sequence[int] | np.ndarray, block_size: int,
+                      *, inverse: bool = False) -> Any:
+    """The transform written as its definition: a reshape/permute chain on (B, C, H, W).
+
+    Works on numpy arrays and torch tensors.  Slower than the gather; kept as the
+    readable reference for tests and as the baseline in ``benchmarks/transform.py``.
+    """
+    b, c, h, w = x.shape
+    p = block_size
+    check_divisible(h, w, p)
+    perm = np.asarray(permutation, dtype=np.int64)
+    if perm.shape != (c * p * p,):
+        raise ShapeError(f"the permutation has {perm.size} entries, a {p}x{p} block of {c} channels has {c * p * p}")
+    if inverse:
+        perm = np.argsort(perm)
+    if isinstance(x, torch.Tensor):
+        perm = torch.from_numpy(perm).to(x.device)
+    blocks = _permute_axes(x, (0, 2, 3, 1))  # NHWC
+    blocks = blocks.reshape(b, h // p, p, w // p, p, c)
+    blocks = _permute_axes(blocks, (0, 1, 3, 2, 4, 5)).reshape(b, h // p, w // p, p * p * c)
+    blocks = blocks[..., perm]  # b'[k] = b[v[k]]
+    blocks = _permute_axes(blocks.reshape(b, h // p, w // p, p, p, c), (0, 1, 3, 2, 4, 5))
+    return _permute_axes(blocks.reshape(b, h, w, c), (0, 3, 1, 2))
+
+
+def block_index_map(channels: int, height: int, width: int, block_size: int,
+                    permutation: Sequence[int] | np.ndarray, *, inverse: bool = False) -> np.ndarray:
+    """Gather indices of the whole transform: ``out.flat[i] = x.flat[idx[i]]`` per (C, H, W) image."""
+    ids = np.arange(channels * height * width, dtype=np.int64).reshape(1, channels, height, width)
+    return np.ascontiguousarray(blockwise_shuffle(ids, permutation, block_size, inverse=inverse).reshape(-1))
+
+
+def _image_spec(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+class BlockShuffle(nn.Module):
+    """The key's block-wise shuffle (or its inverse) as one ``index_select`` gather.
+
+    Takes (B, C, H, W) tensors of the fixed size it was built for.  The index
+    vector is a non-persistent buffer: it moves with ``.to(device)`` and is baked
+    into traced/exported graphs, but never lands in a ``state_dict`` -- a model
+    checkpoint does not carry the key.
+
+    Example::
+
+        shuffle = BlockShuffle.from_key(load_key("k1.bin"), image_size=224)
+        y = shuffle(x)                       # x: (B, 3, 224, 224) in [0, 1]
+        x_again = shuffle.inverse()(y)
+    """
+
+    index: torch.Tensor
+
+    def __init__(self, permutation: Sequence[int] | np.ndarray, block_size: int,
+                 image_size: int | Sequence[int], channels: int = 3, *, inverse: bool = False):
+        super().__init__()
+        height, width = _image_spec(image_size)
+        check_divisible(height, width, block_size)
+        self._perm = np.asarray(permutation, dtype=np.int64).copy()
+        self.block_size = int(block_size)
+        self.shape = (int(channels), height, width)
+        self.is_inverse = inverse
+        idx = block_index_map(channels, height, width, block_size, self._perm, inverse=inverse)
+        self.register_buffer("index", torch.from_numpy(idx), persistent=False)
+
+    @classmethod
+    def from_key(cls, key: "Key", image_size: int | Sequence[int], *, inverse: bool = False) -> "BlockShuffle":
+        return cls(key.permutation, key.block_size, image_size, key.channels, inverse=inverse)
+
+    def inverse(self) -> "BlockShuffle":
+        """The module undoing this one, exactly."""
+        return BlockShuffle(self._perm, self.block_size, self.shape[1:], self.shape[0],
+                            inverse=not self.is_inverse).to(self.index.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ShapeError(f"expected input of shape (B, {', '.join(map(str, self.shape))}), "
+                             f"got {tuple(x.shape)}", "resize the input to the size the key transform was built for")
+        # index_select + view: exports as exactly one Gather (DESIGN §6), unlike x[:, idx].
+        return torch.index_select(x.flatten(1), 1, self.index).view(x.shape)
+
+    def extra_repr(self) -> str:  # never the permutation
+        c, h, w = self.shape
+        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), inverse={self.is_inverse}"
+
+
+class HostShuffle:
+    """The same gather in numpy, for host-side preprocessing (any dtype, no torch tensors).
+
+    ``__call__`` takes (..., C, H, W) arrays; :meth:`image` takes one (H, W, C) image,
+    the layout image libraries use.
+    """
+
+    def __init__(self, permutation: Sequence[int] | np.ndarray, block_size: int,
+                 image_size: int | Sequence[int], channels: int = 3, *, inverse: bool = False):
+        height, width = _image_spec(image_size)
+        check_divisible(height, width, block_size)
+        self.shape = (int(channels), height, width)
+        self.block_size = int(block_size)
+        self.index = block_index_map(channels, height, width, block_size, permutation, inverse=inverse)
+
+    @classmethod
+    def from_key(cls, key: "Key", image_size: int | Sequence[int], *, inverse: bool = False) -> "HostShuffle":
+        return cls(key.permutation, key.block_size, image_size, key.channels, inverse=inverse)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim < 3 or tuple(x.shape[-3:]) != self.shape:
+            raise ShapeError(f"expected an array of shape (..., {', '.join(map(str, self.shape))}), got {x.shape}")
+        flat = x.reshape(*x.shape[:-3], -1)
+        return np.take(flat, self.index, axis=-1).reshape(x.shape)
+
+    def image(self, img: np.ndarray) -> np.ndarray:
+        """Shuffle one (H, W, C) image, returning (H, W, C)."""
+        return np.ascontiguousarray(self(np.ascontiguousarray(img.transpose(2, 0, 1))).transpose(1, 2, 0))
