@@ -58,9 +58,9 @@ def show(
     for field, label in labels.items():
         value = info[field]
         table.add_row(label, f"{value:.1%}" if field == "moved_fraction" else str(value))
-    if reveal:
-        table.add_row("permutation", " ".join(map(str, info["permutation"])))
     console.print(table)
+    if reveal:  # on its own line, unwrapped, so it can be copied
+        console.print("permutation: " + " ".join(map(str, info["permutation"])), markup=False)
 
 
 def import_seed(

@@ -1,0 +1,5 @@
+"""``python -m keyedge`` runs the CLI."""
+
+from keyedge.cli import main
+
+main()

@@ -1,0 +1,15 @@
+"""The benchmarks run and report consistent figures (their timings are not asserted: see README)."""
+
+from __future__ import annotations
+
+from keyedge.benchmarks import transform
+
+
+def test_transform_benchmark_runs(capsys, tmp_path):
+    out = tmp_path / "t.json"
+    results = transform.main(["--rounds", "2", "--min-round-ms", "1", "--json", str(out)])
+    assert [(r.size, r.batch) for r in results] == transform.CONFIGS
+    for r in results:
+        assert set(r.us_per_image) == set(transform.METHODS) and all(v > 0 for v in r.us_per_image.values())
+        assert r.ratio_to_gather["gather"] == 1.0
+    assert "chain/gather" in capsys.readouterr().out and out.exists()

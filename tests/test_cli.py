@@ -1,0 +1,218 @@
+"""The CLI end to end: keygen, key show, import-seed, shuffle, doctor -- and every bad input."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from keyedge.cli import app
+from keyedge.keys import load_key
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *fragments: str):
+    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def listing(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.fixture
+def photo(tmp_path):
+    img = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    path = tmp_path / "k1.bin"
+    assert run("keygen", "--block-size", 4, "--out", path).exit_code == 0
+    return path
+
+
+def test_help_everywhere():
+    for args in ([], ["keygen"], ["key"], ["key", "show"], ["key", "import-seed"], ["shuffle"], ["doctor"]):
+        result = run(*args, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output, args
+
+
+def test_keygen_writes_private_key(tmp_path, keyfile):
+    assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
+    key = load_key(keyfile)
+    assert key.block_size == 4 and key.fixed_points == 0
+    assert listing(tmp_path) == ["k1.bin"]
+
+
+def test_keygen_refuses_overwrite_without_force(tmp_path, keyfile):
+    before = keyfile.read_bytes()
+    assert_clean_error(run("keygen", "-b", 4, "-o", keyfile), "already exists", "--force")
+    assert keyfile.read_bytes() == before
+    assert run("keygen", "-b", 8, "-o", keyfile, "--force").exit_code == 0
+    assert load_key(keyfile).block_size == 8
+    assert listing(tmp_path) == ["k1.bin"]
+
+
+def test_keygen_bad_output_paths(tmp_path):
+    assert_clean_error(run("keygen", "-o", tmp_path / "missing" / "k.bin"), "does not exist")
+    assert_clean_error(run("keygen", "-o", tmp_path), "is a directory")
+    assert_clean_error(run("keygen", "-o", "/proc/k.bin"), "/proc")
+    assert listing(tmp_path) == []
+
+
+def test_keygen_rejects_bad_block_size(tmp_path):
+    result = run("keygen", "-b", 0, "-o", tmp_path / "k.bin")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert listing(tmp_path) == []
+
+
+def test_key_show_hides_permutation_unless_revealed(keyfile):
+    key = load_key(keyfile)
+    shown = run("key", "show", keyfile)
+    assert shown.exit_code == 0
+    assert key.fingerprint in shown.stdout and "100.0%" in shown.stdout
+    perm_text = " ".join(map(str, key.permutation))
+    assert perm_text not in shown.stdout
+    info = json.loads(run("key", "show", keyfile, "--json").stdout)
+    assert info["fingerprint"] == key.fingerprint and info["block_size"] == 4
+    assert info["moved_fraction"] == 1.0 and info["format_version"] == 1
+    assert "permutation" not in info
+    revealed = json.loads(run("key", "show", keyfile, "--json", "--reveal").stdout)
+    assert revealed["permutation"] == key.permutation.tolist()
+    assert perm_text in run("key", "show", keyfile, "--reveal").stdout
+
+
+def test_key_show_warns_on_loose_permissions(keyfile):
+    keyfile.chmod(0o644)
+    result = run("key", "show", keyfile)
+    assert result.exit_code == 0 and "chmod 600" in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"KEYEDGE\x00\x01\x00", "truncated"),
+    (b"GIF89a not a key at all", "not a keyedge key file"),
+])
+def test_key_show_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(content)
+    assert_clean_error(run("key", "show", path), message, str(path))
+
+
+def test_key_show_corrupted_truncated_future(tmp_path, keyfile):
+    data = keyfile.read_bytes()
+    (tmp_path / "corrupt.bin").write_bytes(data[:30] + bytes([data[30] ^ 4]) + data[31:])
+    assert_clean_error(run("key", "show", tmp_path / "corrupt.bin"), "integrity check")
+    (tmp_path / "short.bin").write_bytes(data[:-1])
+    assert_clean_error(run("key", "show", tmp_path / "short.bin"), "truncated")
+    (tmp_path / "future.bin").write_bytes(data[:8] + b"\x07\x00" + data[10:])
+    assert_clean_error(run("key", "show", tmp_path / "future.bin"), "version 7", "upgrade keyedge")
+    assert_clean_error(run("key", "show", tmp_path / "absent.bin"), "not found")
+
+
+def test_import_seed(tmp_path):
+    import torch
+
+    out = tmp_path / "legacy.bin"
+    result = run("key", "import-seed", 1234, "--block-size", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        assert load_key(out).permutation.tolist() == torch.randperm(48).tolist()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert_clean_error(run("key", "import-seed", 1, "-b", 4, "-o", out), "already exists")
+    assert run("key", "import-seed", -3, "-b", 4, "-o", tmp_path / "neg.bin").exit_code == 2
+    assert not (tmp_path / "neg.bin").exists()
+
+
+def test_shuffle_and_inverse_round_trip(tmp_path, photo, keyfile):
+    shuffled, restored = tmp_path / "s.png", tmp_path / "r.png"
+    result = run("shuffle", photo, "--key-file", keyfile, "--out", shuffled)
+    assert result.exit_code == 0, result.output
+    assert load_key(keyfile).fingerprint in result.stdout
+    original = np.asarray(Image.open(photo))
+    mixed = np.asarray(Image.open(shuffled))
+    assert mixed.shape == original.shape and not np.array_equal(mixed, original)
+    assert np.array_equal(np.sort(mixed, axis=None), np.sort(original, axis=None))
+    assert run("shuffle", shuffled, "-k", keyfile, "-o", restored, "--inverse").exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(restored)), original)
+
+
+def test_shuffle_grayscale_is_expanded(tmp_path, keyfile):
+    gray = tmp_path / "g.png"
+    Image.fromarray((np.arange(16 * 16) % 256).astype(np.uint8).reshape(16, 16)).save(gray)
+    assert run("shuffle", gray, "-k", keyfile, "-o", tmp_path / "o.png").exit_code == 0
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (16, 16, 3)
+
+
+def test_shuffle_block_size_must_divide(tmp_path, keyfile):
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((30, 48, 3), np.uint8)).save(odd)
+    assert_clean_error(run("shuffle", odd, "-k", keyfile, "-o", tmp_path / "o.png"),
+                       "30x48", "block size 4 does not divide its height", "28x48")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_shuffle_bad_inputs_leave_nothing(tmp_path, photo, keyfile):
+    before = listing(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    before.append("notes.png")
+    assert_clean_error(run("shuffle", text, "-k", keyfile, "-o", tmp_path / "o.png"), "not an image file")
+    assert_clean_error(run("shuffle", tmp_path / "nope.png", "-k", keyfile, "-o", tmp_path / "o.png"), "not found")
+    assert_clean_error(run("shuffle", photo, "-k", tmp_path / "nokey.bin", "-o", tmp_path / "o.png"), "not found")
+    assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", tmp_path / "o.xyz"), "image format")
+    assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", tmp_path / "no" / "o.png"), "does not exist")
+    assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", photo), "already exists")
+    assert listing(tmp_path) == sorted(before)
+
+
+def test_shuffle_lossy_output_warns(tmp_path, photo, keyfile):
+    result = run("shuffle", photo, "-k", keyfile, "-o", tmp_path / "s.jpg")
+    assert result.exit_code == 0 and "lossy" in result.stderr
+
+
+def test_doctor_reports_targets_and_runtimes():
+    result = run("doctor", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["extras"]) >= {"onnx", "openvino", "coreml", "train"}
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["torch-cpu"]["ok"]
+    if sys.platform != "darwin":
+        assert not checks["coreml-predict"]["ok"] and "macOS" in checks["coreml-predict"]["detail"]
+    for name in ("onnx", "openvino"):  # installed by the dev extra
+        assert checks[name]["ok"], checks[name]
+    assert run("doctor").exit_code == 0
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path):
+    """Through a real process: `python -m keyedge` prints one line and exits 2."""
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x00" * 100)
+    proc = subprocess.run([sys.executable, "-m", "keyedge", "key", "show", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
