@@ -8,7 +8,12 @@ STAMP := $(VENV)/.keyedge-installed
 
 .PHONY: setup demo test bench clean
 
+# Offline labelled data (Debian's Fashion-MNIST package) for training tests and demos.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 $(STAMP): pyproject.toml
+	@[ -d $(FASHION_MNIST) ] || $(SUDO) apt-get install -y -q dataset-fashion-mnist
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -45,3 +45,7 @@ class OutputError(KeyedgeError):
 
 class DependencyError(KeyedgeError):
     """An optional dependency is missing; the hint names the extra to install."""
+
+
+class DataError(KeyedgeError):
+    """A dataset is missing, malformed, or cannot be downloaded."""

@@ -38,8 +38,9 @@ _GATHER_HINT = "keep the shuffle as a gather (--fuse gather)"
 
 
 def find_first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
-    """The model's input convolution: a known timm stem path, else the first Conv2d registered."""
-    for path in FIRST_LAYER_PATHS:
+    """The model's input convolution: timm's ``first_conv``, a known stem path, else the first Conv2d."""
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    for path in ((first,) if isinstance(first, str) else ()) + FIRST_LAYER_PATHS:
         try:
             module = model.get_submodule(path)
         except AttributeError:
