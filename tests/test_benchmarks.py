@@ -13,3 +13,14 @@ def test_transform_benchmark_runs(capsys, tmp_path):
         assert set(r.us_per_image) == set(transform.METHODS) and all(v > 0 for v in r.us_per_image.values())
         assert r.ratio_to_gather["gather"] == 1.0
     assert "chain/gather" in capsys.readouterr().out and out.exists()
+
+
+def test_training_benchmark_runs(capsys):
+    from keyedge.benchmarks import training
+
+    result = training.main(["--model", "test_efficientnet", "--image-size", "32", "--batch", "4", "--rounds", "2",
+                            "--steps", "1"])
+    assert set(result["images_per_s"]) == set(training.VARIANTS)
+    assert all(v > 0 for v in result["images_per_s"].values())
+    assert set(result["ratios"]) == set(training.RATIOS)
+    assert "keyed/plain (full)" in capsys.readouterr().out
