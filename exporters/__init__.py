@@ -1,6 +1,20 @@
 """Export targets (installed as ``keyedge.exporters``): one module per target behind one interface.
 
-The ONNX, OpenVINO and CoreML exporters arrive with ``keyedge export``; the
-dependencies each needs are declared in :mod:`keyedge.deps` and checked by
-``keyedge doctor``.
+``get_backend("onnx" | "openvino" | "coreml")`` gives an :class:`ExportBackend`
+that exports an eval-mode model taking [0, 1] float32 NCHW images, reads the
+artifact back (:meth:`~ExportBackend.inspect`, :meth:`~ExportBackend.describe_io`)
+and runs it where the runtime exists.  Each target's converter comes with a
+``keyedge`` extra (see :mod:`keyedge.deps`); importing this package imports none
+of them.
 """
+
+from __future__ import annotations
+
+from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, backend_names,
+                                    get_backend, register_backend)
+from keyedge.exporters import onnx as _onnx  # noqa: F401 - registers the backends, in this order
+from keyedge.exporters import openvino as _openvino  # noqa: F401
+from keyedge.exporters import coreml as _coreml  # noqa: F401
+
+__all__ = ["ExportBackend", "ExportError", "ExportOptions", "GraphReport", "backend_names", "get_backend",
+           "register_backend"]

@@ -1,0 +1,516 @@
+"""The export-backend interface, the registry, and the graph checks shared by every target.
+
+One backend per target (``onnx``, ``openvino``, ``coreml``) implements
+:class:`ExportBackend` and registers itself with :func:`register_backend`, the
+timm/timmx registry pattern (DESIGN §8): ``get_backend("onnx").export(model,
+Path("out/model.onnx"), ExportOptions(batch=None))``.  A backend module imports
+its converter only when used, so listing the backends costs nothing and a missing
+converter gives a :class:`~keyedge.errors.DependencyError` naming the extra.
+
+Tracing (``torch.jit.trace``: CoreML's converter input, OpenVINO's module path, the
+TorchScript ONNX exporter) freezes input-dependent control flow into the branch the
+example input took, silently.  Artifacts made through a trace are therefore
+checked against the PyTorch module on probe inputs (:func:`check_reproduces`) and
+refused -- or the next converter path tried -- when they differ.
+
+Converters are noisy (progress bars, version warnings, C++ logs); :meth:`ExportBackend.export`
+runs them with stdout, stderr (at file-descriptor level) and warnings captured,
+and turns any failure into a one-line :class:`ExportError` that keeps the
+captured text in ``details``.
+
+:meth:`ExportBackend.inspect` reads the written artifact back and reports its
+operators, the Gather-like ops fed (through reshapes) by the graph input -- a
+keyed model's shuffle is exactly one; a plain or folded model has none -- the ops
+met walking from the input, and a digest of the weight-free graph structure, so
+that two models differing only in weights (e.g. folded with different keys) can
+be shown to have the same graph.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import ctypes
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from keyedge.deps import require
+from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
+
+PRECISIONS = ("fp32", "fp16")
+
+#: Ops that only re-lay out or re-type the data (followed when tracing from the graph input), lower case.
+LAYOUT_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"})
+#: Gather-like ops (ONNX, OpenVINO and MIL spellings), lower case.
+GATHER_OPS = frozenset({"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis"})
+
+
+class ExportError(KeyedgeError):
+    """A model cannot be exported, or an exported artifact cannot be read or run.
+
+    ``details`` keeps what the converter printed while it failed (hidden from the one-line message).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, details: str = ""):
+        super().__init__(message, hint)
+        self.details = details
+
+
+@dataclass
+class ExportOptions:
+    """What to export: batch (``None`` = dynamic), precision, the square input size and the I/O names.
+
+    Inputs are [0, 1] float32 NCHW images with 3 channels; outputs are float32 logits
+    in both precisions (``fp16`` puts weights and compute in half where the target can).
+    """
+
+    batch: int | None = 1
+    precision: str = "fp32"
+    image_size: int = 224
+    input_name: str = "image"
+    output_name: str = "logits"
+
+    def __post_init__(self) -> None:
+        if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
+            raise ExportError(f"batch must be a positive integer or None (dynamic), got {self.batch!r}")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {self.precision!r}", f"use {' or '.join(PRECISIONS)}")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ExportError(f"image size must be a positive integer, got {self.image_size!r}")
+        for what, name in (("input", self.input_name), ("output", self.output_name)):
+            if not name or not name.replace("_", "").isalnum() or name[0].isdigit():
+                raise ExportError(f"{what} name {name!r} is not a plain identifier", "use letters, digits and _")
+        if self.input_name == self.output_name:
+            raise ExportError(f"input and output are both named {self.input_name!r}", "give them different names")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.batch is None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """The declared input shape, -1 for a dynamic batch."""
+        return (self.batch or -1, 3, self.image_size, self.image_size)
+
+    def example_input(self) -> torch.Tensor:
+        """A fixed random [0, 1] example; batch 2 for a dynamic batch (so tracing cannot specialize on 1)."""
+        generator = torch.Generator().manual_seed(0)
+        return torch.rand(self.batch or 2, 3, self.image_size, self.image_size, generator=generator)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GraphReport:
+    """What an exported graph contains, read back from the artifact.
+
+    ``ops``: operator type -> count (ONNX ``op_type``, OpenVINO ``type_name``, MIL op type).
+    ``gathers_on_input``: Gather-like ops whose data input is the graph input, possibly
+    through reshapes/flattens/casts (1 for a keyed model with the gather, 0 when plain or folded).
+    ``input_path``: op types met walking forward from the input through layout-only ops and
+    gathers, up to and including the first other op on each branch (e.g. ``Reshape, Gather,
+    Reshape, Sub``), in graph order.
+    ``structure``: SHA-256 of the graph with weights left out (op types, attributes, wiring,
+    constant shapes and dtypes, values of small integer constants only): equal for models
+    that differ only in weights.
+    """
+
+    ops: dict[str, int]
+    gathers_on_input: int
+    notes: list[str] = field(default_factory=list)
+    input_path: list[str] = field(default_factory=list)
+    structure: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- the interface ------------------------------------------------------------------------
+
+
+class ExportBackend(abc.ABC):
+    """One export target: write an artifact from an eval-mode module, read it back, run it.
+
+    Subclasses set ``name``, ``extra``, ``suffix`` and the import names ``export_modules`` /
+    ``runtime_modules``, and implement ``_export``, ``_run``, ``inspect`` and ``describe_io``.
+    """
+
+    name: str = ""
+    extra: str = ""
+    suffix: str = ""
+    export_modules: tuple[str, ...] = ()
+    runtime_modules: tuple[str, ...] = ()
+
+    # ---- capability -----------------------------------------------------------------------
+    def available(self) -> tuple[bool, str]:
+        """Whether this target can export here, and why (versions, or the missing dependency)."""
+        return _importable(self.export_modules, self.extra)
+
+    def can_run(self) -> tuple[bool, str]:
+        """Whether artifacts of this target can run on this host, and why."""
+        return _importable(self.runtime_modules, self.extra)
+
+    def require(self, module: str) -> Any:
+        """Import a dependency of this target quietly, or raise DependencyError naming the extra."""
+        with Quiet():
+            return require(module, extra=self.extra)
+
+    # ---- export ---------------------------------------------------------------------------
+    def export(self, module: torch.nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        """Write the artifact for ``module`` at ``path``; return every file or directory written.
+
+        ``module`` must be in eval mode and map (B, 3, S, S) float32 in [0, 1] to (B, classes)
+        logits.  ``path`` must end in :attr:`suffix` and must not exist yet; its directory must.
+        On failure whatever was written is removed and :class:`ExportError` is raised.
+        """
+        path = Path(path)
+        self._check_export(module, path, options)
+        ok, reason = self.available()
+        if not ok:
+            raise DependencyError(f"cannot export to {self.name}: {reason}", _install_hint(self.extra))
+        planned = self.planned_outputs(path)
+        quiet = Quiet()
+        try:
+            with quiet, torch.no_grad():
+                written = self._export(module, path, options)
+        except BaseException as exc:
+            for item in planned:
+                _remove(item)
+            if isinstance(exc, ExportError) and not exc.details:
+                exc.details = quiet.text
+            if isinstance(exc, KeyedgeError) or not isinstance(exc, Exception):
+                raise
+            raise ExportError(f"{self.name} export failed: {one_line(exc)}",
+                              "the converter could not handle this model; see ExportError.details",
+                              details=quiet.text) from exc
+        return written
+
+    def planned_outputs(self, path: Path) -> list[Path]:
+        """Every path an export to ``path`` writes (the artifact and its companions)."""
+        return [path]
+
+    def _check_export(self, module: torch.nn.Module, path: Path, options: ExportOptions) -> None:
+        if not isinstance(options, ExportOptions):
+            raise ExportError(f"options must be ExportOptions, got {type(options).__name__}")
+        if not isinstance(module, torch.nn.Module):
+            raise ExportError(f"can only export a torch.nn.Module, got {type(module).__name__}")
+        if any(sub.training for sub in module.modules()):
+            raise ExportError("the model is in training mode (dropout, batch-norm updates)", "call .eval() first")
+        if path.suffix != self.suffix:
+            raise ExportError(f"a {self.name} artifact must end in {self.suffix}, got {path.name!r}",
+                              f"name it e.g. model{self.suffix}")
+        for item in self.planned_outputs(path):
+            if item.exists() or item.is_symlink():
+                raise OutputError(f"{item} already exists", "export into a new or empty directory")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"output directory {parent} does not exist", "create it first")
+
+    @abc.abstractmethod
+    def _export(self, module: torch.nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        """Convert and write; runs with converter output captured and under ``torch.no_grad``."""
+
+    # ---- inference ------------------------------------------------------------------------
+    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        """Run the artifact on ``x`` ((B, 3, S, S) float32 in [0, 1]); return float32 logits."""
+        path = Path(path)
+        for module in self.runtime_modules:
+            self.require(module)  # a missing runtime: DependencyError naming the extra
+        ok, reason = self.can_run()
+        if not ok:
+            raise ExportError(f"cannot run {self.name} artifacts on this host: {reason}")
+        if not path.exists():
+            raise ExportError(f"{path} does not exist", f"export a {self.name} artifact there first")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        try:
+            with Quiet():
+                out = self._run(path, x)
+        except KeyedgeError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"{self.name} inference on {path.name} failed: {one_line(exc)}") from exc
+        return np.asarray(out, dtype=np.float32)
+
+    @abc.abstractmethod
+    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        """Inference on contiguous float32 input (check its shape with :func:`check_input_shape`)."""
+
+    # ---- reading back ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def inspect(self, path: Path) -> GraphReport:
+        """Structural check of the artifact, on every OS (nothing is run)."""
+
+    @abc.abstractmethod
+    def describe_io(self, path: Path) -> dict[str, Any]:
+        """``{"format", "inputs": [{"name", "shape", "dtype"}], "outputs": [...], "precision", ...}``.
+
+        Shapes use -1 for dynamic dimensions; dtypes are numpy names (``"float32"``).
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, suffix={self.suffix!r})"
+
+
+# ---- registry -----------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[ExportBackend]] = {}
+B = TypeVar("B", bound=type[ExportBackend])
+
+
+def register_backend(cls: B) -> B:
+    """Class decorator: make ``cls`` available as ``get_backend(cls.name)``."""
+    if not (isinstance(cls, type) and issubclass(cls, ExportBackend)) or not cls.name:
+        raise TypeError(f"{cls!r} is not an ExportBackend subclass with a name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"an export backend named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def backend_names() -> list[str]:
+    """Registered target names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> ExportBackend:
+    """A fresh backend for target ``name``; :class:`KeyedgeError` for an unknown one."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        names = backend_names()
+        choices = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise KeyedgeError(f"unknown export target {name!r}", f"use {choices}")
+    return cls()
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """``Type: message`` of an exception on one line, shortened.
+
+    Converters put the cause on later lines, or wrap it (torch.onnx's TorchExportError): the
+    message of the innermost ``__cause__`` is the informative one, so that is what is shown.
+    """
+    root = exc
+    for _ in range(8):
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    text = " ".join(line.strip() for line in _ANSI.sub("", str(root)).splitlines() if line.strip())
+    text = f"{type(root).__name__}: {text}" if text else type(root).__name__
+    if root is not exc:
+        text = f"{type(exc).__name__} <- {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_input_shape(path: Path, expected: Sequence[int], x: np.ndarray) -> None:
+    """Raise :class:`ShapeError` unless ``x`` fits ``expected`` (-1 = any size)."""
+    if x.ndim != len(expected) or any(e not in (-1, g) for e, g in zip(expected, x.shape)):
+        shown = "x".join("B" if e == -1 else str(e) for e in expected)
+        raise ShapeError(f"{path.name} takes input of shape {shown}, got {'x'.join(map(str, x.shape))}",
+                         "resize the images, or export with the batch size you run")
+
+
+def _install_hint(extra: str) -> str:
+    from keyedge.deps import EXTRAS
+
+    return EXTRAS[extra].install if extra in EXTRAS else "install the missing package"
+
+
+def _importable(modules: Iterable[str], extra: str) -> tuple[bool, str]:
+    from keyedge.deps import version_of
+
+    found = []
+    for module in modules:
+        try:
+            with Quiet():
+                require(module, extra=extra)
+        except DependencyError as exc:
+            return False, exc.message
+        except Exception as exc:  # noqa: BLE001 - a broken install is "not available", with the reason
+            return False, f"{module} fails to import ({one_line(exc)})"
+        version = version_of(module)
+        found.append(f"{module} {version}" if version else module)
+    return True, ", ".join(found)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+class Quiet:
+    """Capture stdout/stderr (Python objects *and* file descriptors 1 and 2), warnings and logging.
+
+    Converters print progress bars, version warnings and C++ logs; keyedge's own output stays
+    clean.  What was captured is available as :attr:`text` after the block (for error details).
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._stack: contextlib.ExitStack | None = None
+        self._py = io.StringIO()
+        self._sink: Any = None
+        self._saved: list[int] = []
+        self._logging_disable = logging.NOTSET
+
+    def __enter__(self) -> "Quiet":
+        stack = contextlib.ExitStack()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        try:
+            self._sink = tempfile.TemporaryFile(mode="w+b")
+            self._saved = [os.dup(1), os.dup(2)]
+            os.dup2(self._sink.fileno(), 1)
+            os.dup2(self._sink.fileno(), 2)
+        except OSError:  # no usable descriptors (embedded interpreters): Python-level capture only
+            self._restore_fds()
+        stack.enter_context(contextlib.redirect_stdout(self._py))
+        stack.enter_context(contextlib.redirect_stderr(self._py))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        self._logging_disable = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        logging.disable(self._logging_disable)
+        if self._stack is not None:
+            self._stack.close()
+        _flush_c_stdio()
+        self._restore_fds()
+        captured = ""
+        if self._sink is not None:
+            self._sink.seek(0)
+            captured = self._sink.read().decode("utf-8", "replace")
+            self._sink.close()
+            self._sink = None
+        self.text = (self._py.getvalue() + captured)[-20000:]
+
+    def _restore_fds(self) -> None:
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved = []
+
+
+def _flush_c_stdio() -> None:
+    if sys.platform == "win32":
+        return
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
+# ---- checking traced graphs ------------------------------------------------------------------
+
+
+def probe_inputs(options: ExportOptions) -> list[tuple[str, np.ndarray]]:
+    """Inputs a traced graph must reproduce: the trace example, all zeros, all ones and a fresh random batch."""
+    example = options.example_input().numpy()
+    rng = np.random.default_rng(1)
+    return [("example", example), ("all-zeros", np.zeros_like(example)), ("all-ones", np.ones_like(example)),
+            ("random", rng.random(example.shape, dtype=np.float32))]
+
+
+def check_reproduces(module: torch.nn.Module, candidate: Callable[[np.ndarray], np.ndarray], options: ExportOptions,
+                     what: str, *, rtol: float = 1e-3) -> None:
+    """Raise :class:`ExportError` unless ``candidate`` matches ``module`` on :func:`probe_inputs`.
+
+    The tolerance is ``rtol`` times the output scale (at least 1): loose enough for converter
+    rounding, far below what a frozen branch or a mis-translated op gives.
+    """
+    for kind, x in probe_inputs(options):
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x)).float().numpy()
+        got = np.asarray(candidate(x), dtype=np.float32)
+        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        if not diff <= rtol * max(1.0, float(np.abs(expected).max())):
+            raise ExportError(f"{what} does not reproduce the model on the {kind} probe input "
+                              f"(max abs diff {diff:.2e}): input-dependent control flow was frozen by tracing, "
+                              f"or an op was mistranslated",
+                              "remove the data-dependent branch, or export through torch.export")
+
+
+# ---- generic graph analysis (each backend turns its format into a list of Node) ------------
+
+
+@dataclass
+class Node:
+    """One op of an exported graph, format-neutral: data input first in ``inputs``."""
+
+    type: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: str = ""  # a value-free description of attributes (and, for constants, shape/dtype)
+
+
+def constant_signature(values: np.ndarray | None, shape: Sequence[int], dtype: str) -> str:
+    """Describe a constant without its weights: shape and dtype, plus the values of small integer tensors."""
+    text = f"{dtype}{list(shape)}"
+    if values is not None and np.issubdtype(values.dtype, np.integer) and values.size <= 16:
+        text += f"={values.reshape(-1).tolist()}"
+    return text
+
+
+def analyze(nodes: Sequence[Node], graph_inputs: Sequence[str], graph_outputs: Sequence[str],
+            *, count: Callable[[Node], bool] = lambda n: True, notes: list[str] | None = None) -> GraphReport:
+    """Op counts, input gathers, the input path and the structure digest of a topologically ordered graph."""
+    ops = Counter(n.type for n in nodes if count(n))
+    producer = {out: n for n in nodes for out in n.outputs}
+    inputs = set(graph_inputs)
+
+    def from_input(tensor: str) -> bool:
+        seen = 0
+        while tensor not in inputs:
+            node = producer.get(tensor)
+            if node is None or node.type.lower() not in LAYOUT_OPS or not node.inputs or seen > 64:
+                return False
+            tensor, seen = node.inputs[0], seen + 1
+        return True
+
+    gathers = sum(1 for n in nodes if n.type.lower() in GATHER_OPS and n.inputs and from_input(n.inputs[0]))
+
+    reached, path = set(inputs), []
+    for node in nodes:
+        if any(t in reached for t in node.inputs):
+            path.append(node.type)
+            if node.type.lower() in LAYOUT_OPS | GATHER_OPS and node.inputs[0] in reached:
+                reached.update(node.outputs)
+
+    names: dict[str, str] = {name: f"in{i}" for i, name in enumerate(graph_inputs)}
+    lines = []
+    for i, node in enumerate(nodes):
+        for j, out in enumerate(node.outputs):
+            names.setdefault(out, f"{i}.{j}")
+        lines.append([node.type, node.attrs, [names.get(t, "?") for t in node.inputs]])
+    lines.append(["outputs", "", [names.get(t, "?") for t in graph_outputs]])
+    digest = hashlib.sha256(json.dumps(lines, sort_keys=True).encode()).hexdigest()
+
+    report_notes = list(notes or [])
+    meaning = {0: " (plain or folded model)", 1: " (the key's shuffle)"}.get(gathers, "")
+    report_notes.append(f"{gathers} gather-like op(s) on the input{meaning}")
+    return GraphReport(dict(ops), gathers, report_notes, path, digest)

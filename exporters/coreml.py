@@ -1,0 +1,219 @@
+"""CoreML target: an ML program (``.mlpackage``, macOS 13 / iOS 16) from ``torch.jit.trace`` (or ``torch.export``).
+
+``coremltools.convert(..., convert_to="mlprogram")`` with float32 input and output
+types set explicitly (otherwise fp16 compute makes the traced I/O Float16,
+DESIGN §6); ``fp16`` sets ``compute_precision=FLOAT16`` (casts at the I/O),
+``fp32`` keeps everything in float32.
+A dynamic batch is a ``RangeDim(1, max_batch)``: ML programs need a finite
+upper bound (default 64).  The keyed model's ``index_select`` shuffle converts to one MIL ``gather``; on
+Apple devices the Neural Engine does not run it (it falls back to the CPU), which
+is what folding avoids.
+
+The TorchScript trace is checked against the module on probe inputs before
+conversion (tracing freezes input-dependent branches); if that fails, the
+``torch.export`` program is converted instead.
+
+Prediction needs Apple's CoreML framework, so :meth:`CoreMLBackend.run` works on
+macOS only; elsewhere the package is checked structurally from its spec
+(:meth:`~CoreMLBackend.inspect`, :meth:`~CoreMLBackend.describe_io`), nothing run.
+coremltools 9.0's torch converter needs numpy < 2.4.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, analyze,
+                                    check_input_shape, check_reproduces, constant_signature, one_line,
+                                    register_backend)
+
+SOURCES = ("jit.trace", "torch.export")
+MAX_DYNAMIC_BATCH = 64
+_DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "INT32": "int32", "FLOAT64": "float64",
+           "INT64": "int64", "INT16": "int16", "INT8": "int8", "UINT8": "uint8", "UINT16": "uint16", "BOOL": "bool"}
+
+
+@register_backend
+class CoreMLBackend(ExportBackend):
+    """Export to a CoreML ML program (``model.mlpackage``); predict on macOS only.
+
+    ``sources``: what to convert, in order (TorchScript trace, then ``torch.export``).
+    ``max_batch``: the upper bound of a dynamic batch (ML programs need one).
+    ``compute_units``: a ``coremltools.ComputeUnit`` name used by :meth:`run` (default CPU only, for parity checks).
+    """
+
+    name = "coreml"
+    extra = "coreml"
+    suffix = ".mlpackage"
+    export_modules = ("coremltools",)
+    runtime_modules = ("coremltools",)
+
+    def __init__(self, *, sources: Sequence[str] = SOURCES, max_batch: int = MAX_DYNAMIC_BATCH,
+                 compute_units: str = "CPU_ONLY"):
+        if not sources or set(sources) - set(SOURCES):
+            raise ValueError(f"sources must be taken from {SOURCES}, got {tuple(sources)}")
+        if max_batch < 2:
+            raise ValueError(f"max_batch must be at least 2, got {max_batch}")
+        self.max_batch = int(max_batch)
+        self.sources = tuple(sources)
+        self.compute_units = compute_units
+
+    def available(self) -> tuple[bool, str]:
+        if tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4):
+            return False, f"numpy {np.__version__} breaks coremltools' torch converter (pip install 'numpy<2.4')"
+        return super().available()
+
+    def can_run(self) -> tuple[bool, str]:
+        if sys.platform != "darwin":
+            return False, "CoreML prediction runs only on macOS; artifacts are checked structurally here"
+        return super().can_run()
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        ct = self.require("coremltools")
+        example = options.example_input()
+        size = options.image_size
+        batch = ct.RangeDim(lower_bound=1, upper_bound=self.max_batch, default=1) if options.dynamic else options.batch
+        precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+        errors, mlmodel, used = [], None, None
+        for source in self.sources:
+            try:
+                if source == "jit.trace":
+                    program: Any = torch.jit.trace(module, example, check_trace=False)
+                    check_reproduces(module, lambda x: program(torch.from_numpy(x)).numpy(), options,
+                                     "the TorchScript trace")
+                else:
+                    dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
+                    program = torch.export.export(module, (example,), dynamic_shapes=dynamic).run_decompositions({})
+                candidate = ct.convert(
+                    program, convert_to="mlprogram", minimum_deployment_target=ct.target.macOS13,
+                    inputs=[ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
+                    outputs=[ct.TensorType(name=options.output_name, dtype=np.float32)],
+                    compute_precision=precision, skip_model_load=True)
+            except Exception as exc:  # noqa: BLE001 - try the next source, report all if none works
+                errors.append(f"{source}: {one_line(exc)}")
+                continue
+            mlmodel, used = candidate, source
+            break
+        if mlmodel is None:
+            raise ExportError(f"coreml export failed ({'; '.join(errors)})",
+                              "fix the first reason given, or export to another target")
+        meta = mlmodel.user_defined_metadata
+        meta["keyedge.precision"] = options.precision
+        meta["keyedge.source"] = used
+        meta["keyedge.batch"] = "dynamic" if options.dynamic else str(options.batch)
+        if errors:
+            meta["keyedge.notes"] = f"converted from {used}; " + "; ".join(errors)
+        mlmodel.save(str(path))
+        return [path]
+
+    # ---- inference (macOS) ----------------------------------------------------------------
+    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        ct = self.require("coremltools")
+        io_spec = self.describe_io(path)
+        check_input_shape(path, io_spec["inputs"][0]["shape"], x)
+        mlmodel = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
+        result = mlmodel.predict({io_spec["inputs"][0]["name"]: x})
+        return np.asarray(result[io_spec["outputs"][0]["name"]], dtype=np.float32)
+
+    # ---- reading back (any OS) ------------------------------------------------------------
+    def _spec(self, path: Path) -> Any:
+        ct = self.require("coremltools")
+        path = Path(path)
+        if not (path / "Manifest.json").is_file():
+            raise ExportError(f"{path} is not a .mlpackage", "give the path of an exported CoreML package")
+        try:
+            spec = ct.utils.load_spec(str(path))
+        except Exception as exc:  # noqa: BLE001 - protobuf and file errors
+            raise ExportError(f"cannot read the CoreML spec in {path}: {one_line(exc)}") from None
+        if spec.WhichOneof("Type") != "mlProgram" or "main" not in spec.mlProgram.functions:
+            raise ExportError(f"{path} holds a {spec.WhichOneof('Type')} model, not an ML program with a main function")
+        return spec
+
+    def inspect(self, path: Path) -> GraphReport:
+        spec = self._spec(path)
+        main = spec.mlProgram.functions["main"]
+        block = main.block_specializations[main.opset]
+        nodes = _block_nodes(block)
+        meta = dict(spec.description.metadata.userDefined)
+        notes = [f"ML program {main.opset}, spec version {spec.specificationVersion}, "
+                 f"precision {meta.get('keyedge.precision', 'unknown')}, "
+                 f"converted from {meta.get('keyedge.source', 'unknown')}"]
+        if "keyedge.notes" in meta:
+            notes.append(meta["keyedge.notes"])
+        return analyze(nodes, [i.name for i in main.inputs], list(block.outputs), notes=notes)
+
+    def describe_io(self, path: Path) -> dict[str, Any]:
+        spec = self._spec(path)
+        ct = self.require("coremltools")
+        array_types = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType
+        main = spec.mlProgram.functions["main"]
+        var_types = {o.name: o.type for op in main.block_specializations[main.opset].operations for o in op.outputs}
+        var_types.update({i.name: i.type for i in main.inputs})
+
+        def port(feature: Any) -> dict[str, Any]:
+            if feature.type.WhichOneof("Type") != "multiArrayType":
+                raise ExportError(f"feature {feature.name!r} is a {feature.type.WhichOneof('Type')}, not a tensor")
+            array = feature.type.multiArrayType
+            raw = array_types.Name(array.dataType)
+            tensor = var_types[feature.name].tensorType if feature.name in var_types else None
+            if tensor is not None and tensor.dimensions:  # the program's own view: exact for outputs too
+                shape = [d.constant.size if d.WhichOneof("dimension") == "constant" else -1 for d in tensor.dimensions]
+            else:
+                shape = list(array.shape)
+            ranges = array.shapeRange.sizeRanges
+            for i, r in enumerate(ranges):
+                if i < len(shape) and (r.upperBound < 0 or r.lowerBound != r.upperBound):
+                    shape[i] = -1
+            return {"name": feature.name, "shape": shape, "dtype": _DTYPES.get(raw, raw.lower())}
+
+        meta = dict(spec.description.metadata.userDefined)
+        return {"format": "coreml", "inputs": [port(f) for f in spec.description.input],
+                "outputs": [port(f) for f in spec.description.output], "precision": meta.get("keyedge.precision"),
+                "source": meta.get("keyedge.source"), "specification_version": spec.specificationVersion,
+                "ml_program_opset": main.opset}
+
+
+def _dtype_name(value_type: Any) -> tuple[str, list[int]]:
+    from coremltools.proto import MIL_pb2
+
+    tensor = value_type.tensorType
+    dims = [d.constant.size if d.WhichOneof("dimension") == "constant" else -1 for d in tensor.dimensions]
+    raw = MIL_pb2.DataType.Name(tensor.dataType)
+    return _DTYPES.get(raw, raw.lower()), dims
+
+
+def _block_nodes(block: Any) -> list[Node]:
+    """MIL ops in program order (nested blocks of control flow inlined after their op), data input first."""
+    nodes: list[Node] = []
+    for op in block.operations:
+        keys = sorted(op.inputs, key=lambda k: (k != "x", k))
+        inputs = [a.name for k in keys for a in op.inputs[k].arguments if a.name]
+        outputs = [o.name for o in op.outputs]
+        if op.type == "const" and op.outputs:
+            dtype, dims = _dtype_name(op.outputs[0].type)
+            value = op.attributes["val"]
+            small = None
+            if value.WhichOneof("value") == "immediateValue" and dtype.startswith(("int", "uint")):
+                tensor = value.immediateValue.tensor
+                kind = tensor.WhichOneof("value")
+                if kind in ("ints", "longInts"):
+                    small = np.asarray(list(getattr(tensor, kind).values), dtype=np.int64)
+            attrs = constant_signature(small, dims, dtype)
+        else:
+            immediate = [f"{k}={a.value.SerializeToString().hex()}" for k in keys for a in op.inputs[k].arguments
+                         if not a.name]
+            named = [f"{k}:{len(op.inputs[k].arguments)}" for k in keys]
+            extra = [f"{k}={v.SerializeToString().hex()}" for k, v in sorted(op.attributes.items()) if k != "name"]
+            attrs = ";".join(named + immediate + extra)
+        nodes.append(Node(op.type, inputs, outputs, attrs))
+        for inner in op.blocks:
+            nodes += _block_nodes(inner)
+    return nodes
+

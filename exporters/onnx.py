@@ -1,0 +1,228 @@
+"""ONNX target: torch's dynamo exporter (opset 18, weights inside the one ``.onnx`` file), run with onnxruntime.
+
+``torch.onnx.export(..., dynamo=True, external_data=False)`` writes a single
+self-contained file; a dynamic batch is declared with ``torch.export.Dim``.
+Should the dynamo exporter fail on a model, the (deprecated) TorchScript exporter
+is tried next and the artifact's metadata says so; as it traces, its artifact is
+checked with onnxruntime against the module on probe inputs (a frozen branch is refused).  The keyed model's
+``index_select`` shuffle exports as Reshape -> Gather -> Reshape (DESIGN §6).
+
+``fp16`` exports a half-precision copy of the model behind in-graph casts
+(``x.half()`` in, ``.float()`` out): fp16 weights and compute, float32 I/O.
+onnxruntime's CPU provider runs it, inserting fp32 casts around ops it has no
+fp16 kernel for.
+
+The artifact's ``metadata_props`` record ``keyedge.precision``, ``keyedge.exporter``
+and notes; :meth:`OnnxBackend.inspect` reports them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, _remove, analyze,
+                                    check_input_shape, check_reproduces, constant_signature, one_line,
+                                    register_backend)
+
+OPSET = 18
+EXPORTERS = ("dynamo", "torchscript")
+
+
+class HalfPrecision(nn.Module):
+    """``module`` in half precision behind float32 I/O: the casts are part of the exported graph."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = copy.deepcopy(module).half().eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.half()).float()
+
+
+@register_backend
+class OnnxBackend(ExportBackend):
+    """Export to one ONNX file (opset 18) and run it with onnxruntime's CPU provider.
+
+    ``exporters`` gives the torch exporters to try, in order (default: dynamo, then TorchScript).
+    """
+
+    name = "onnx"
+    extra = "onnx"
+    suffix = ".onnx"
+    export_modules = ("onnx", "onnxscript")
+    runtime_modules = ("onnxruntime",)
+
+    def __init__(self, *, exporters: Sequence[str] = EXPORTERS):
+        unknown = set(exporters) - set(EXPORTERS)
+        if unknown or not exporters:
+            raise ValueError(f"exporters must be taken from {EXPORTERS}, got {tuple(exporters)}")
+        self.exporters = tuple(exporters)
+
+    def planned_outputs(self, path: Path) -> list[Path]:
+        return [path, path.with_name(path.name + ".data")]  # the latter only if an exporter ignores external_data
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        onnx = self.require("onnx")
+        self.require("onnxscript")
+        target = HalfPrecision(module) if options.precision == "fp16" else module
+        example = options.example_input()
+        notes, errors, used = [], [], None
+        for exporter in self.exporters:
+            try:
+                _torch_export(target, example, path, options, exporter)
+                if exporter == "torchscript":
+                    self._check_trace(module, path, options)
+            except Exception as exc:  # noqa: BLE001 - try the next exporter, report all if none works
+                errors.append(f"{exporter}: {one_line(exc)}")
+                for item in self.planned_outputs(path):
+                    _remove(item)
+                continue
+            used = exporter
+            break
+        if used is None:
+            raise ExportError(f"onnx export failed ({'; '.join(errors)})",
+                              "fix the first reason given, or export to another target")
+        if errors:
+            notes.append(f"exported with the {used} exporter; {'; '.join(errors)}")
+
+        model = onnx.load(str(path))
+        inputs = _graph_inputs(model)
+        if len(inputs) != 1 or len(model.graph.output) != 1:
+            raise ExportError(f"the exported graph has {len(inputs)} inputs and {len(model.graph.output)} outputs",
+                              "export a module taking one image tensor and returning one logits tensor")
+        props = {p.key: p.value for p in model.metadata_props}
+        props.update({"keyedge.precision": options.precision, "keyedge.exporter": used,
+                      "keyedge.batch": "dynamic" if options.dynamic else str(options.batch)})
+        if notes:
+            props["keyedge.notes"] = " | ".join(notes)
+        onnx.helper.set_model_props(model, props)
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        return [p for p in self.planned_outputs(path) if p.exists()]
+
+    def _check_trace(self, module: nn.Module, path: Path, options: ExportOptions) -> None:
+        if not self.can_run()[0]:
+            return  # onnxruntime ships with the onnx extra; without it the traced artifact stays unchecked
+        ort = self.require("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        rtol = 1e-3 if options.precision == "fp32" else 5e-2
+        check_reproduces(module, lambda x: session.run(None, {name: x})[0], options, "the TorchScript export",
+                         rtol=rtol)
+
+    # ---- inference ------------------------------------------------------------------------
+    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        ort = self.require("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (inp,), out = session.get_inputs(), session.get_outputs()[0]
+        check_input_shape(path, [d if isinstance(d, int) else -1 for d in inp.shape], x)
+        return session.run([out.name], {inp.name: x})[0]
+
+    # ---- reading back ---------------------------------------------------------------------
+    def _load(self, path: Path) -> Any:
+        onnx = self.require("onnx")
+        if not Path(path).is_file():
+            raise ExportError(f"{path} is not a file", "give the path of an exported .onnx model")
+        try:
+            return onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf errors come in several types
+            raise ExportError(f"cannot read {path} as ONNX: {one_line(exc)}") from None
+
+    def inspect(self, path: Path) -> GraphReport:
+        onnx = self.require("onnx")
+        model = self._load(path)
+        functions = {(f.domain, f.name): f for f in model.functions}
+        nodes = [Node("Initializer", [], [init.name], _initializer_signature(onnx, init))
+                 for init in model.graph.initializer]
+        nodes += _flatten(onnx, model.graph.node, functions)
+        props = {p.key: p.value for p in model.metadata_props}
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        notes = [f"opset {opset}, precision {props.get('keyedge.precision', 'unknown')}, "
+                 f"{props.get('keyedge.exporter', 'unknown')} exporter"]
+        if "keyedge.notes" in props:
+            notes.append(props["keyedge.notes"])
+        return analyze(nodes, _graph_inputs(model), [o.name for o in model.graph.output],
+                       count=lambda n: n.type != "Initializer", notes=notes)
+
+    def describe_io(self, path: Path) -> dict[str, Any]:
+        onnx = self.require("onnx")
+        model = self._load(path)
+        init = {i.name for i in model.graph.initializer}
+        props = {p.key: p.value for p in model.metadata_props}
+
+        def port(value: Any) -> dict[str, Any]:
+            tensor = value.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+            return {"name": value.name, "shape": shape, "dtype": dtype}
+
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        return {"format": "onnx", "inputs": [port(v) for v in model.graph.input if v.name not in init],
+                "outputs": [port(v) for v in model.graph.output], "precision": props.get("keyedge.precision"),
+                "opset": opset, "exporter": props.get("keyedge.exporter")}
+
+
+def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, options: ExportOptions, exporter: str) -> None:
+    names = {"input_names": [options.input_name], "output_names": [options.output_name]}
+    if exporter == "dynamo":
+        dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
+        torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, opset_version=OPSET,
+                          dynamic_shapes=dynamic, optimize=True, verbose=False, **names)
+    else:
+        axes = {options.input_name: {0: "batch"}, options.output_name: {0: "batch"}} if options.dynamic else None
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes,
+                          do_constant_folding=True, **names)
+
+
+def _graph_inputs(model: Any) -> list[str]:
+    init = {i.name for i in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in init]
+
+
+def _initializer_signature(onnx: Any, init: Any) -> str:
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    size = int(np.prod(init.dims)) if len(init.dims) else 1
+    values = onnx.numpy_helper.to_array(init) if np.issubdtype(dtype, np.integer) and size <= 16 else None
+    return constant_signature(values, list(init.dims), dtype.name)
+
+
+def _attr_signature(onnx: Any, node: Any) -> str:
+    parts = []
+    for attr in sorted(node.attribute, key=lambda a: a.name):
+        if attr.type == onnx.AttributeProto.TENSOR:
+            array = onnx.numpy_helper.to_array(attr.t)
+            parts.append(f"{attr.name}:{constant_signature(array, array.shape, array.dtype.name)}")
+        elif attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            parts.append(f"{attr.name}:graph")
+        else:
+            value = onnx.helper.get_attribute_value(attr)
+            parts.append(f"{attr.name}:{value!r}")
+    return f"{node.domain}|" + ",".join(parts)
+
+
+def _flatten(onnx: Any, graph_nodes: Any, functions: dict) -> list[Node]:
+    """Nodes in order, with calls of local functions expanded in place and If/Loop bodies appended."""
+    nodes: list[Node] = []
+    for node in graph_nodes:
+        function = functions.get((node.domain, node.op_type))
+        if function is not None:  # inline the body, its internal names made unique per call
+            rename = dict(zip(function.input, node.input)) | dict(zip(function.output, node.output))
+            inner = f"{node.name or node.op_type}/{len(nodes)}/"
+            for sub in _flatten(onnx, function.node, functions):
+                sub.inputs = [rename.get(t, inner + t) if t else t for t in sub.inputs]
+                sub.outputs = [rename.get(t, inner + t) for t in sub.outputs]
+                nodes.append(sub)
+            continue
+        nodes.append(Node(node.op_type, list(node.input), list(node.output), _attr_signature(onnx, node)))
+        for attr in node.attribute:  # subgraph names are unique model-wide in ONNX: no renaming needed
+            graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for graph in graphs:
+                nodes += _flatten(onnx, graph.node, functions)
+    return nodes

@@ -1,0 +1,173 @@
+"""OpenVINO target: ``ov.convert_model`` on the module (or on its ``torch.export`` program), IR v11 ``.xml`` + ``.bin``.
+
+The input shape is pinned with ``input=[ov.PartialShape([B or -1, 3, S, S])]``
+(otherwise OpenVINO leaves every dimension dynamic), the I/O tensors get the
+requested names, and ``save_model`` writes fp32 weights unless ``fp16`` asks for
+``compress_to_fp16`` (DESIGN §6: the default compression costs up to ~6e-4).
+Converting the module traces it (``torch.jit.trace``), which freezes input-dependent
+branches: the converted model is checked against the module on probe inputs, and
+should that check or the conversion fail, the module's ``torch.export`` program
+(which refuses such branches instead of freezing them) is converted.
+
+Running: OpenVINO's CPU plugin computes in bf16 by default on CPUs with AMX or
+AVX512-BF16, which moves outputs by ~1e-3.  :meth:`OpenVinoBackend.run` therefore
+pins the inference precision to the artifact's: f32 for fp32 artifacts, f16 for
+fp16 artifacts where the CPU supports it (else f32).  The precision is recorded
+in the IR's ``rt_info`` (``keyedge/precision``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, analyze,
+                                    check_input_shape, check_reproduces, constant_signature, one_line,
+                                    register_backend)
+
+SOURCES = ("module", "torch.export")
+
+
+@register_backend
+class OpenVinoBackend(ExportBackend):
+    """Export to OpenVINO IR (``model.xml`` + ``model.bin``) and run it on the CPU plugin.
+
+    ``sources`` gives what to convert, in order: the module itself, then its ``torch.export`` program.
+    """
+
+    name = "openvino"
+    extra = "openvino"
+    suffix = ".xml"
+    export_modules = ("openvino",)
+    runtime_modules = ("openvino",)
+
+    def __init__(self, *, sources: Sequence[str] = SOURCES):
+        if not sources or set(sources) - set(SOURCES):
+            raise ValueError(f"sources must be taken from {SOURCES}, got {tuple(sources)}")
+        self.sources = tuple(sources)
+
+    def planned_outputs(self, path: Path) -> list[Path]:
+        return [path, path.with_suffix(".bin")]
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        ov = self.require("openvino")
+        example = options.example_input()
+        shape = ov.PartialShape(list(options.input_shape))
+        errors, model, used = [], None, None
+        for source in self.sources:
+            try:
+                if source == "module":
+                    candidate = ov.convert_model(module, example_input=example, input=[shape])
+                    compiled = ov.Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                    check_reproduces(module, lambda x: compiled.create_infer_request().infer({0: x})[0].copy(),
+                                     options, "the traced OpenVINO model")
+                else:
+                    dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
+                    program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
+                    candidate = ov.convert_model(program, input=[shape])
+            except Exception as exc:  # noqa: BLE001 - try the next source, report all if none works
+                errors.append(f"{source}: {one_line(exc)}")
+                continue
+            model, used = candidate, source
+            break
+        if model is None:
+            raise ExportError(f"openvino export failed ({'; '.join(errors)})",
+                              "fix the first reason given, or export to another target")
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise ExportError(f"the converted model has {len(model.inputs)} inputs and {len(model.outputs)} outputs",
+                              "export a module taking one image tensor and returning one logits tensor")
+        model.inputs[0].get_tensor().set_names({options.input_name})
+        model.get_parameters()[0].set_friendly_name(options.input_name)
+        model.outputs[0].get_tensor().set_names({options.output_name})
+        model.set_rt_info(options.precision, ["keyedge", "precision"])
+        model.set_rt_info(used, ["keyedge", "source"])
+        model.set_rt_info("dynamic" if options.dynamic else str(options.batch), ["keyedge", "batch"])
+        if errors:
+            model.set_rt_info(f"converted from {used}; " + "; ".join(errors), ["keyedge", "notes"])
+        ov.save_model(model, str(path), compress_to_fp16=options.precision == "fp16")
+        return self.planned_outputs(path)
+
+    # ---- inference ------------------------------------------------------------------------
+    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        ov = self.require("openvino")
+        core = ov.Core()
+        model = self._read(path, core)
+        check_input_shape(path, _shape(model.inputs[0]), x)
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.inference_precision(model, core)})
+        result = compiled.create_infer_request().infer({0: x})
+        return np.array(result[compiled.output(0)], dtype=np.float32, copy=True)
+
+    def inference_precision(self, model: Any, core: Any) -> str:
+        """The CPU plugin precision matching the artifact: f32, or f16 for fp16 artifacts where supported."""
+        if _rt(model, "precision") == "fp16" and "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            return "f16"
+        return "f32"
+
+    # ---- reading back ---------------------------------------------------------------------
+    def _read(self, path: Path, core: Any = None) -> Any:
+        ov = self.require("openvino")
+        path = Path(path)
+        if not path.is_file() or not path.with_suffix(".bin").is_file():
+            raise ExportError(f"{path} (with {path.with_suffix('.bin').name} beside it) not found",
+                              "give the .xml of an exported OpenVINO model")
+        try:
+            return (core or ov.Core()).read_model(str(path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+            raise ExportError(f"cannot read {path} as OpenVINO IR: {one_line(exc)}") from None
+
+    def inspect(self, path: Path) -> GraphReport:
+        model = self._read(path)
+        ops = list(model.get_ordered_ops())
+        nodes = [_node(op) for op in ops]
+        inputs = [f"{p.get_name()}:0" for p in model.get_parameters()]
+        outputs = [n.inputs[0] for n in nodes if n.type == "Result"]
+        notes = [f"precision {_rt(model, 'precision') or 'unknown'}, "
+                 f"converted from {_rt(model, 'source') or 'unknown'}"]
+        if _rt(model, "notes"):
+            notes.append(_rt(model, "notes"))
+        return analyze(nodes, inputs, outputs, notes=notes)
+
+    def describe_io(self, path: Path) -> dict[str, Any]:
+        model = self._read(path)
+
+        def port(p: Any) -> dict[str, Any]:
+            dtype = np.dtype(p.get_element_type().to_dtype()).name
+            return {"name": p.get_any_name(), "shape": _shape(p), "dtype": dtype}
+
+        return {"format": "openvino", "inputs": [port(p) for p in model.inputs],
+                "outputs": [port(p) for p in model.outputs], "precision": _rt(model, "precision"),
+                "source": _rt(model, "source")}
+
+
+def _shape(port: Any) -> list[int]:
+    shape = port.get_partial_shape()
+    if shape.rank.is_dynamic:
+        raise ExportError("the model's input rank is dynamic", "export with a fixed input shape")
+    return [d.get_length() if d.is_static else -1 for d in shape]
+
+
+def _rt(model: Any, key: str) -> str | None:
+    if not model.has_rt_info(["keyedge", key]):
+        return None
+    return str(model.get_rt_info(["keyedge", key]).astype(str))
+
+
+def _node(op: Any) -> Node:
+    kind = op.get_type_name()
+    outputs = [f"{op.get_name()}:{i}" for i in range(op.get_output_size())]
+    inputs = [f"{i.get_source_output().get_node().get_name()}:{i.get_source_output().get_index()}"
+              for i in op.inputs()]
+    if kind == "Constant":
+        dtype = np.dtype(op.get_element_type().to_dtype())
+        shape = list(op.get_output_shape(0))
+        small_int = np.issubdtype(dtype, np.integer) and int(np.prod(shape)) <= 16
+        attrs = constant_signature(np.array(op.get_data()) if small_int else None, shape, dtype.name)
+    else:
+        attrs = f"{op.get_type_info().version_id}|" + ",".join(
+            f"{k}:{v!r}" for k, v in sorted(op.get_attributes().items()))
+    return Node(kind, inputs, outputs, attrs)
