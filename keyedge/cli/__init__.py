@@ -38,6 +38,7 @@ app = typer.Typer(
 )
 
 from keyedge.cli import doctor as _doctor  # noqa: E402  (registration imports)
+from keyedge.cli import export as _export  # noqa: E402
 from keyedge.cli import keys as _keys  # noqa: E402
 from keyedge.cli import shuffle as _shuffle  # noqa: E402
 from keyedge.cli import train as _train  # noqa: E402
@@ -45,6 +46,7 @@ from keyedge.cli import train as _train  # noqa: E402
 _keys.register(app)
 _shuffle.register(app)
 _train.register(app)
+_export.register(app)
 _doctor.register(app)
 
 

@@ -1,0 +1,54 @@
+"""``keyedge export``: per-key ONNX / OpenVINO / CoreML artifacts with the shuffle fused in, verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from keyedge.cli._console import console
+
+
+def export(
+    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable)."),
+    runs: Optional[Path] = typer.Option(None, "--runs", help="Directory of checkpoints: export each of them."),
+    key_file: Optional[List[Path]] = typer.Option(None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
+    target: List[str] = typer.Option(["onnx"], "--target", "-t", help="onnx, openvino, coreml or all (repeatable)."),
+    fuse: str = typer.Option("gather", "--fuse", help="gather (one Gather op), fold (into a patchify first layer, when exact) or auto."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (I/O stays float32)."),
+    out: Path = typer.Option(Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing artifact directories."),
+    force: bool = typer.Option(False, "--force", help="Export even if the key's fingerprint differs from the checkpoint's."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the PyTorch model (default on)."),
+) -> None:
+    """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
+    from keyedge.errors import KeyedgeError
+    from keyedge.export import ExportSettings, export_one, find_checkpoints, plan_requests
+    from keyedge.exporters import backend_names, get_backend
+
+    targets: list[str] = []
+    for name in target:
+        for t in (backend_names() if name == "all" else [name]):
+            get_backend(t)  # unknown target: a clear error before any work
+            if t not in targets:
+                targets.append(t)
+    if not checkpoint and runs is None:
+        raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable) or --runs DIR")
+    checkpoints = list(checkpoint or []) + (find_checkpoints(runs) if runs is not None else [])
+    key_paths = list(key_file or []) + ([keys] if keys is not None else [])
+    requests = plan_requests(checkpoints, key_paths, force=force)
+    settings = ExportSettings(targets=targets, out=out, fuse=fuse, batch=None if dynamic_batch else batch,
+                              precision=precision, verify=verify, overwrite=overwrite,
+                              log=lambda line: console.print(line, markup=False))
+    for request in requests:
+        console.print(f"exporting {request.checkpoint} to {', '.join(targets)}", markup=False)
+        directory = export_one(request, settings)
+        console.print(f"wrote {directory}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export)
