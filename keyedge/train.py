@@ -221,6 +221,9 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                            "start over")
     if config.resume and not (out / MANIFEST).exists():
         raise KeyedgeError(f"--resume: {out} holds no checkpoint", "drop --resume to start a new run")
+    if config.finetune == "lora" and config.weights == "none":
+        raise KeyedgeError("LoRA adapts pretrained weights, and --weights none gives none to adapt (nor a base "
+                           "to rebuild the model from)", "pass --weights, or use --finetune full")
     if config.epochs < 1 or config.batch_size < 1:
         raise KeyedgeError("--epochs and --batch-size must be positive")
     key = _load_key(config.key_file)

@@ -1,0 +1,213 @@
+"""`keyedge export`: per-key artifacts, gather vs fold, merged LoRA, verification, refusals, atomic output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from keyedge.checkpoint import save_checkpoint
+from keyedge.cli import app
+from keyedge.errors import FoldError
+from keyedge.export import ExportRequest, ExportSettings, VerificationError, export_one
+from keyedge.lora import apply_lora, lora_settings
+from keyedge.models import build_model
+
+runner = CliRunner()
+
+
+def make_checkpoint(directory: Path, model_name: str, key=None, *, finetune: str = "full", weights: str = "none"):
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, key=key, weights=weights, image_size=32)
+    lora = None
+    if finetune == "lora":
+        settings = lora_settings(model.spec.family)
+        apply_lora(model, settings)
+        lora = settings.to_dict()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)  # trained adapters: merging must matter
+    save_checkpoint(directory, model.eval(), epoch=1, finetune={"mode": finetune, "lora": lora},
+                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
+    return directory
+
+
+def base_weights(tmp_path: Path, model_name: str) -> str:
+    from safetensors.torch import save_file
+
+    from keyedge.models import create_backbone
+
+    torch.manual_seed(42)
+    backbone, _ = create_backbone(model_name, 10, weights="none", image_size=32)
+    path = tmp_path / f"{model_name}-base.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, path)
+    return str(path)
+
+
+def export(tmp_path, ckpt, key, targets=("onnx",), **kw) -> dict:
+    settings = ExportSettings(targets=list(targets), out=tmp_path / "out", **kw)
+    directory = export_one(ExportRequest(ckpt, key), settings)
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def clean_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and len(line.splitlines()) == 1 and "Traceback" not in result.output, line
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_vit_gather_and_fold_are_verified_and_fold_has_the_plain_graph(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "vit", "test_vit", key4)
+    gather = export(tmp_path, ckpt, key4, ["onnx", "openvino"], fuse="gather")
+    assert gather["fuse"] == "gather" and gather["fingerprint"] == key4.fingerprint
+    for target in ("onnx", "openvino"):
+        entry = gather["targets"][target]
+        assert entry["graph"]["gathers_on_input"] == 1
+        assert entry["parity"]["passed"] and entry["parity"]["random"]["top1_agreement"] == 1.0
+        assert entry["parity"]["random"]["max_abs_diff"] <= 1e-4
+        assert entry["parity"]["real"]["images"] > 0
+    folded = export(tmp_path, ckpt, key4, ["onnx", "openvino"], fuse="fold", overwrite=True)
+    plain_ckpt = make_checkpoint(tmp_path / "vit-plain", "test_vit", None)
+    plain = export(tmp_path, plain_ckpt, None, ["onnx", "openvino"], fuse="fold")
+    for target in ("onnx", "openvino"):
+        f, p = folded["targets"][target]["graph"], plain["targets"][target]["graph"]
+        assert f["gathers_on_input"] == 0 and folded["targets"][target]["parity"]["passed"]
+        assert f["ops"] == p["ops"], "a folded keyed model must export to the plain model's graph"
+        assert f["structure"] == p["structure"]
+
+
+def test_convnext_fold_and_auto(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "cnx", "test_convnext", key4)
+    manifest = export(tmp_path, ckpt, key4, fuse="auto")
+    assert manifest["fuse"] == "fold" and manifest["targets"]["onnx"]["graph"]["gathers_on_input"] == 0
+    assert manifest["normalization"]["where"] == "folded into the first layer"
+
+
+def test_efficientnet_gather_everywhere_fold_refused(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    with pytest.raises(FoldError, match="not a patchify convolution"):
+        export(tmp_path, ckpt, key4, fuse="fold")
+    assert not (tmp_path / "out" / f"test_efficientnet-{key4.fingerprint}").exists()
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="auto")
+    assert manifest["fuse"] == "gather" and "not folded" in manifest["fuse_note"]
+    coreml = manifest["targets"]["coreml"]
+    assert coreml["graph"]["gathers_on_input"] == 1
+    if sys.platform != "darwin":
+        assert coreml["parity"]["ran"] is False and "macOS" in coreml["parity"]["reason"]
+        assert coreml["parity"]["structural"]["inputs"][0]["dtype"] == "float32"
+    else:
+        assert coreml["parity"]["ran"] and coreml["parity"]["passed"]
+
+
+def test_lora_checkpoint_is_merged(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "lora", "test_vit", key4, finetune="lora",
+                           weights=base_weights(tmp_path, "test_vit"))
+    manifest = export(tmp_path, ckpt, key4, ["onnx"])
+    assert manifest["lora_merged"] and manifest["targets"]["onnx"]["parity"]["passed"]
+    text = (tmp_path / "out" / f"test_vit-{key4.fingerprint}" / "model.onnx").read_bytes()
+    assert b"lora_A" not in text and b"lora_B" not in text
+
+
+def test_manifest_has_checksums_and_no_key(tmp_path, key4):
+    import hashlib
+
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino"], batch=None)
+    directory = tmp_path / "out" / f"test_efficientnet-{key4.fingerprint}"
+    assert oct(directory.stat().st_mode & 0o777) == "0o700", "artifacts embed the key: private directory"
+    for target in manifest["targets"].values():
+        for item in target["files"]:
+            assert hashlib.sha256((directory / item["path"]).read_bytes()).hexdigest() == item["sha256"]
+    text = (directory / "manifest.json").read_text()
+    assert "permutation" not in text and json.dumps(key4.permutation.tolist())[1:40] not in text
+    assert manifest["input"]["shape"] == [-1, 3, 32, 32] and manifest["normalization"]["where"] == "inside the graph"
+
+
+def test_failed_verification_leaves_nothing(tmp_path, key4, monkeypatch):
+    from keyedge.exporters.onnx import OnnxBackend
+
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    real_run = OnnxBackend._run
+    monkeypatch.setattr(OnnxBackend, "_run", lambda self, path, x: real_run(self, path, x) + 1e-2)
+    with pytest.raises(VerificationError, match="does not reproduce"):
+        export(tmp_path, ckpt, key4, ["onnx"])
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_cli_refusals(tmp_path, key4, make_key):
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    key_path = key4.save(tmp_path / "k.bin")
+    wrong = make_key(4).save(tmp_path / "wrong.bin")
+    out = tmp_path / "out"
+    clean_error(cli("export", "-c", ckpt, "-k", wrong, "-o", out), "differs from the key", "lose most")
+    clean_error(cli("export", "-c", ckpt, "-k", key_path, "-t", "tflite", "-o", out), "unknown export target")
+    clean_error(cli("export", "-c", ckpt, "-k", key_path, "--fuse", "fold", "-o", out), "not a patchify")
+    clean_error(cli("export", "-c", ckpt, "-o", out), "no key with fingerprint", "--key-file")
+    assert not out.exists() or list(out.iterdir()) == []
+    ok = cli("export", "-c", ckpt, "-k", key_path, "-o", out)
+    assert ok.exit_code == 0, ok.output
+    clean_error(cli("export", "-c", ckpt, "-k", key_path, "-o", out), "already exists", "--overwrite")
+    forced = cli("export", "-c", ckpt, "-k", wrong, "-o", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    (wrong_dir,) = out.glob(f"*-{load_fp(wrong)}")
+    assert "differs" in json.loads((wrong_dir / "manifest.json").read_text())["key_note"]
+
+
+def load_fp(path):
+    from keyedge.keys import load_key
+
+    return load_key(path).fingerprint
+
+
+def test_many_keys_matched_by_fingerprint(tmp_path, make_key):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    runs = tmp_path / "runs"
+    fingerprints = []
+    for tag in (1, 2):
+        key = make_key(4, tag=tag)
+        key.save(keys / f"k{tag}.bin")
+        make_checkpoint(runs / f"k{tag}", "test_efficientnet", key)
+        fingerprints.append(key.fingerprint)
+    (keys / "README.txt").write_text("not a key")
+    result = cli("export", "--runs", runs, "--keys", keys, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"test_efficientnet-{fp}" for fp in fingerprints)
+    (keys / "k2.bin").unlink()
+    clean_error(cli("export", "--runs", runs, "--keys", keys, "-o", tmp_path / "out2"), "no key with fingerprint")
+
+
+@pytest.mark.slow
+def test_killed_export_leaves_no_artifact(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "vit", "test_vit", key4)
+    key_path = key4.save(tmp_path / "k.bin")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "keyedge", "export", "-c", str(ckpt), "-k", str(key_path), "-o", str(out),
+           "-t", "onnx", "-t", "openvino", "-t", "coreml"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob(".*.tmp-*/model.onnx")):
+        time.sleep(0.05)
+    assert list(out.glob(".*.tmp-*/model.onnx")), "the export never started writing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    final = out / f"test_vit-{key4.fingerprint}"
+    assert not final.exists(), "a killed export must not leave an artifact set"
+    result = cli("export", "-c", ckpt, "-k", key_path, "-o", out, "-t", "onnx")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == [final.name], "the next export cleans up the killed one's leftovers"
