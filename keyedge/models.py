@@ -246,8 +246,24 @@ def rebuild_backbone(spec: ModelSpec) -> nn.Module:
     return model
 
 
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std``; the constants are non-persistent buffers (never in a state dict)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
 class KeyedModel(nn.Module):
-    """``backbone(normalize(shuffle(x)))`` on [0, 1] NCHW input; ``key=None`` gives the plain model."""
+    """``backbone(normalize(shuffle(x)))`` on [0, 1] NCHW input; ``key=None`` gives the plain model.
+
+    Submodules ``shuffle``, ``norm`` and ``backbone``: every constant has a dotted name
+    (``shuffle.index``, ``norm.mean``), which exported graphs keep as initializer names.
+    """
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, key: Key | None = None):
         super().__init__()
@@ -259,18 +275,14 @@ class KeyedModel(nn.Module):
         self.key_fingerprint = key.fingerprint if key is not None else None
         self.block_size = key.block_size if key is not None else None
         self.shuffle = BlockShuffle.from_key(key, size) if key is not None else nn.Identity()
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+        self.norm = Normalize(spec.mean, spec.std)
 
     @property
     def keyed(self) -> bool:
         return self.key_fingerprint is not None
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(self.shuffle(x)))
+        return self.backbone(self.norm(self.shuffle(x)))
 
 
 def build_model(name: str, num_classes: int, *, key: Key | None = None, weights: str = "hub",
