@@ -180,6 +180,7 @@ class ExportSettings:
     overwrite: bool = False
     random_inputs: int = 8
     real_inputs: int = 8
+    template: bool = True  # fleet export: trace once per architecture (keyedge.fleet)
     log: Callable[[str], None] = field(default=lambda _line: None)
 
 
@@ -187,8 +188,28 @@ def artifact_name(model_name: str, fingerprint: str | None) -> str:
     return f"{model_name}-{fingerprint or 'plain'}"
 
 
-def export_one(request: ExportRequest, settings: ExportSettings) -> Path:
-    """Export one checkpoint to every target; return the artifact directory."""
+def export_many(requests: Sequence[ExportRequest], settings: ExportSettings) -> list[Path]:
+    """Export several checkpoints; keys sharing an architecture share one ONNX template (``keyedge.fleet``)."""
+    counts: dict[str, int] = {}
+    for request in requests:
+        name = read_manifest(request.checkpoint)["model"]["name"]
+        counts[name] = counts.get(name, 0) + 1
+    templates: dict[tuple, Any] = {}
+    directories = []
+    for request in requests:
+        name = read_manifest(request.checkpoint)["model"]["name"]
+        settings.log(f"exporting {request.checkpoint} to {', '.join(settings.targets)}")
+        directories.append(export_one(request, settings, templates=templates if counts[name] > 1 else None))
+        settings.log(f"wrote {directories[-1]}")
+    return directories
+
+
+def export_one(request: ExportRequest, settings: ExportSettings, *, templates: dict[tuple, Any] | None = None) -> Path:
+    """Export one checkpoint to every target; return the artifact directory.
+
+    With a ``templates`` cache (fleet export) ONNX and OpenVINO artifacts come from
+    the architecture's template when it fits (:mod:`keyedge.fleet`).
+    """
     from keyedge.exporters import ExportOptions, get_backend
 
     manifest = read_manifest(request.checkpoint)
@@ -198,7 +219,7 @@ def export_one(request: ExportRequest, settings: ExportSettings) -> Path:
     final = settings.out / name
     if final.exists() and not settings.overwrite:
         raise OutputError(f"{final} already exists", "pass --overwrite to replace it, or choose another --out")
-    backends = [get_backend(t) for t in settings.targets]
+    backends = sorted((get_backend(t) for t in settings.targets), key=lambda b: b.name != "onnx")  # onnx first
     for backend in backends:
         ok, reason = backend.available()
         if not ok:
@@ -210,7 +231,11 @@ def export_one(request: ExportRequest, settings: ExportSettings) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=settings.out))  # 0700
     try:
-        record = _export_targets(model, deploy, backends, options, staging, manifest, request, settings, note)
+        template = None
+        if templates is not None and settings.template and options.precision == "fp32":
+            template = _template_for(templates, model, deploy, options)
+        record = _export_targets(model, deploy, backends, options, staging, manifest, request, settings, note,
+                                 template)
         (staging / ARTIFACT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         _commit(staging, final, settings.overwrite)
     except BaseException:
@@ -219,9 +244,39 @@ def export_one(request: ExportRequest, settings: ExportSettings) -> Path:
     return final
 
 
+def _template_for(templates: dict[tuple, Any], model: KeyedModel, deploy: Deployable, options) -> Any:
+    from keyedge.fleet import OnnxTemplate, module_tensors
+
+    spec = model.spec
+    ident = (spec.name, spec.image_size, spec.num_classes, deploy.fuse, options.batch, options.precision)
+    if ident not in templates:
+        templates[ident] = OnnxTemplate.build(deploy.module, options)
+    template = templates[ident]
+    return template if template.fits(module_tensors(deploy.module)) else None
+
+
+def _write_artifact(backend, deploy: Deployable, path: Path, options, template: Any, staging: Path) -> list[Path]:
+    """Export one target: from the fleet template where there is one, else in full."""
+    from keyedge.fleet import openvino_from_onnx
+
+    if template is None or backend.name not in ("onnx", "openvino"):
+        return backend.export(deploy.module, path, options)
+    if backend.name == "onnx":
+        return template.instantiate(deploy.module, path, options)
+    onnx_path = staging / "model.onnx"
+    if onnx_path.exists():
+        return openvino_from_onnx(onnx_path, path, options)
+    scratch = staging / ".template.onnx"
+    try:
+        template.instantiate(deploy.module, scratch, options)
+        return openvino_from_onnx(scratch, path, options)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 def _export_targets(model: KeyedModel, deploy: Deployable, backends: list, options, staging: Path,
                     manifest: dict[str, Any], request: ExportRequest, settings: ExportSettings,
-                    key_note: str | None) -> dict[str, Any]:
+                    key_note: str | None, template: Any = None) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     size = model.spec.image_size
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=generator).numpy()
@@ -231,13 +286,15 @@ def _export_targets(model: KeyedModel, deploy: Deployable, backends: list, optio
         reference = {kind: model(torch.from_numpy(x)).numpy() for kind, x in inputs.items()}
     targets: dict[str, Any] = {}
     for backend in backends:
-        settings.log(f"  {backend.name}: exporting ({deploy.fuse})")
+        templated = template is not None and backend.name in ("onnx", "openvino")
+        settings.log(f"  {backend.name}: exporting ({deploy.fuse}{', from the fleet template' if templated else ''})")
         path = staging / f"model{backend.suffix}"
-        written = backend.export(deploy.module, path, options)
+        written = _write_artifact(backend, deploy, path, options, template, staging)
         graph = backend.inspect(path)
         io = backend.describe_io(path)
         _check_graph(backend.name, graph, deploy.fuse)
-        entry: dict[str, Any] = {"files": _files(written, staging), "graph": graph.to_dict(), "io": io}
+        entry: dict[str, Any] = {"files": _files(written, staging), "graph": graph.to_dict(), "io": io,
+                                 "source": "fleet-template" if templated else "full-export"}
         if settings.verify:
             entry["parity"] = _verify(backend, path, inputs, reference, options, io, model.spec.num_classes)
             settings.log(f"  {backend.name}: " + _parity_line(entry["parity"]))

@@ -24,3 +24,12 @@ def test_training_benchmark_runs(capsys):
     assert all(v > 0 for v in result["images_per_s"].values())
     assert set(result["ratios"]) == set(training.RATIOS)
     assert "keyed/plain (full)" in capsys.readouterr().out
+
+
+def test_export_benchmark_runs(capsys):
+    from keyedge.benchmarks import export
+
+    (result,) = export.main(["--models", "test_efficientnet", "--keys", "2", "--image-size", "32"])
+    assert set(result["speedup"]) == {"onnx", "openvino"} and all(v > 0 for v in result["speedup"].values())
+    assert max(result["max_abs_diff"].values()) < 1e-3, "template and full exports must agree"
+    assert "s/key" in capsys.readouterr().out

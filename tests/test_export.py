@@ -211,3 +211,27 @@ def test_killed_export_leaves_no_artifact(tmp_path, key4):
     result = cli("export", "-c", ckpt, "-k", key_path, "-o", out, "-t", "onnx")
     assert result.exit_code == 0, result.output
     assert [p.name for p in out.iterdir()] == [final.name], "the next export cleans up the killed one's leftovers"
+
+
+def test_fleet_template_matches_full_export(tmp_path, make_key):
+    """Keys of one architecture: ONNX/OpenVINO from the template, verified, same ops as a full export."""
+    from keyedge.export import export_many
+
+    requests = []
+    for tag in (1, 2, 3):
+        key = make_key(4, tag=tag)
+        torch.manual_seed(tag)  # different fine-tuned weights per key
+        requests.append(ExportRequest(make_checkpoint(tmp_path / f"k{tag}", "test_efficientnet", key), key))
+    fleet = export_many(requests, ExportSettings(targets=["openvino", "onnx"], out=tmp_path / "fleet"))
+    full = export_one(requests[2], ExportSettings(targets=["onnx", "openvino"], out=tmp_path / "full"))
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in fleet]
+    reference = json.loads((full / "manifest.json").read_text())
+    for manifest in manifests:
+        for target in ("onnx", "openvino"):
+            entry = manifest["targets"][target]
+            assert entry["source"] == "fleet-template" and entry["parity"]["passed"]
+            assert entry["graph"]["gathers_on_input"] == 1
+    assert manifests[2]["targets"]["onnx"]["graph"]["ops"] == reference["targets"]["onnx"]["graph"]["ops"]
+    assert reference["targets"]["onnx"]["source"] == "full-export"
+    hashes = {m["targets"]["onnx"]["files"][0]["sha256"] for m in manifests}
+    assert len(hashes) == 3, "each key's artifact holds its own constants"

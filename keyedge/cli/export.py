@@ -24,10 +24,12 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing artifact directories."),
     force: bool = typer.Option(False, "--force", help="Export even if the key's fingerprint differs from the checkpoint's."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the PyTorch model (default on)."),
+    template: bool = typer.Option(True, "--template/--no-template", help="Several keys of one architecture: trace once, "
+                                  "write each key's ONNX/OpenVINO artifact from that template."),
 ) -> None:
     """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
     from keyedge.errors import KeyedgeError
-    from keyedge.export import ExportSettings, export_one, find_checkpoints, plan_requests
+    from keyedge.export import ExportSettings, export_many, find_checkpoints, plan_requests
     from keyedge.exporters import backend_names, get_backend
 
     targets: list[str] = []
@@ -42,12 +44,9 @@ def export(
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])
     requests = plan_requests(checkpoints, key_paths, force=force)
     settings = ExportSettings(targets=targets, out=out, fuse=fuse, batch=None if dynamic_batch else batch,
-                              precision=precision, verify=verify, overwrite=overwrite,
+                              precision=precision, verify=verify, overwrite=overwrite, template=template,
                               log=lambda line: console.print(line, markup=False))
-    for request in requests:
-        console.print(f"exporting {request.checkpoint} to {', '.join(targets)}", markup=False)
-        directory = export_one(request, settings)
-        console.print(f"wrote {directory}", markup=False)
+    export_many(requests, settings)
 
 
 def register(app: typer.Typer) -> None:

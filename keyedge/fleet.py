@@ -1,0 +1,116 @@
+"""Fleet-scale export: trace and convert once per architecture, then write each key's artifact from the template.
+
+One-key-one-model means exporting the same architecture for many keys.  A full
+export traces the module and runs the converter every time; but keyed models of
+one architecture differ only in constants -- the gather's index vector and the
+(fine-tuned, LoRA-merged) weights.  So:
+
+* **ONNX**: the first key is exported once *without* graph optimization, where every
+  initializer keeps the name of the module parameter or buffer it holds
+  (``shuffle.index``, ``backbone.blocks.0.attn.qkv.weight``...).  Each key's artifact
+  is that template with its own tensors substituted by name, then optimized with
+  onnxscript's optimizer -- the same pass the exporter runs -- and checked.  The
+  result has the operator set of a direct export (tested).
+* **OpenVINO**: converted from the key's ONNX artifact (OpenVINO's ONNX frontend),
+  not traced from torch again.
+* **CoreML**: not templated: an ``.mlpackage`` stores weights in a blob whose layout
+  the converter decides, and coremltools offers no supported way to swap them, so
+  each key is converted in full.
+
+A template is used only when the module's named tensors match the template's
+initializers exactly (same names, shapes and dtypes); anything else falls back to a
+full export.  Every artifact is verified like any other (``keyedge.export``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.deps import require
+
+TEMPLATE_TARGETS = ("onnx", "openvino")
+
+
+def module_tensors(module: nn.Module) -> dict[str, np.ndarray]:
+    """Every parameter and buffer (persistent or not) by its dotted name, as numpy arrays."""
+    tensors = {name: t for name, t in module.state_dict(keep_vars=False).items()}
+    tensors.update({name: t for name, t in module.named_buffers()})
+    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+
+
+@dataclass
+class OnnxTemplate:
+    """An unoptimized ONNX graph of one architecture with initializers named after the module's tensors."""
+
+    proto_bytes: bytes
+    signature: dict[str, tuple[tuple[int, ...], str]]  # initializer name -> (shape, dtype)
+    input_name: str
+    output_name: str
+
+    @classmethod
+    def build(cls, module: nn.Module, options) -> "OnnxTemplate":
+        from keyedge.exporters.base import Quiet
+
+        onnx_ir = require("onnx_ir", extra="onnx")
+        onnx = require("onnx", extra="onnx")
+        dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
+        with Quiet():
+            program = torch.onnx.export(module, (options.example_input(),), dynamo=True, optimize=False,
+                                        verbose=False, dynamic_shapes=dynamic, input_names=[options.input_name],
+                                        output_names=[options.output_name])
+        proto = onnx_ir.serde.serialize_model(program.model)
+        numpy_helper = onnx.numpy_helper
+        signature = {}
+        for init in proto.graph.initializer:
+            array = numpy_helper.to_array(init)
+            signature[init.name] = (tuple(array.shape), str(array.dtype))
+        return cls(proto.SerializeToString(), signature, options.input_name, options.output_name)
+
+    def fits(self, tensors: dict[str, np.ndarray]) -> bool:
+        """True when every tensor the module computes with is a template initializer of the same shape and dtype.
+
+        (A tensor the exporter had folded into an unnamed constant would otherwise keep the
+        template's value: it is refused here, and verification would catch it too.)
+        """
+        named = {k: v for k, v in self.signature.items() if k in tensors}
+        used = {k for k in tensors if not k.endswith("num_batches_tracked")}  # a counter no graph reads
+        if not named or used - set(self.signature):
+            return False
+        return all(tuple(tensors[k].shape) == shape and str(tensors[k].dtype) == dtype
+                   for k, (shape, dtype) in named.items())
+
+    def instantiate(self, module: nn.Module, path: Path, options) -> list[Path]:
+        """Write ``module``'s artifact at ``path``: the template with its tensors, optimized and checked."""
+        onnx = require("onnx", extra="onnx")
+        optimizer = require("onnxscript.optimizer", extra="onnx")
+        tensors = module_tensors(module)
+        proto = onnx.ModelProto.FromString(self.proto_bytes)
+        for init in proto.graph.initializer:
+            if init.name in tensors:
+                init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(tensors[init.name]), init.name))
+        optimized = optimizer.optimize(proto)
+        props = {p.key: p.value for p in optimized.metadata_props}
+        props.update({"keyedge.precision": options.precision, "keyedge.exporter": "template",
+                      "keyedge.batch": "dynamic" if options.dynamic else str(options.batch)})
+        onnx.helper.set_model_props(optimized, props)
+        onnx.save(optimized, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        return [path]
+
+
+def openvino_from_onnx(onnx_path: Path, xml_path: Path, options) -> list[Path]:
+    """Convert a key's ONNX artifact to OpenVINO IR (no torch tracing)."""
+    ov = require("openvino", extra="openvino")
+    model = ov.convert_model(str(onnx_path))
+    model.inputs[0].get_tensor().set_names({options.input_name})
+    model.outputs[0].get_tensor().set_names({options.output_name})
+    model.set_rt_info(options.precision, ["keyedge", "precision"])
+    model.set_rt_info("onnx-template", ["keyedge", "source"])
+    model.set_rt_info("dynamic" if options.dynamic else str(options.batch), ["keyedge", "batch"])
+    ov.save_model(model, str(xml_path), compress_to_fp16=options.precision == "fp16")
+    return [xml_path, xml_path.with_suffix(".bin")]
