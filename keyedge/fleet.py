@@ -5,14 +5,17 @@ export traces the module and runs the converter every time; but keyed models of
 one architecture differ only in constants -- the gather's index vector and the
 (fine-tuned, LoRA-merged) weights.  So:
 
-* **ONNX**: the first key is exported once *without* graph optimization, where every
-  initializer keeps the name of the module parameter or buffer it holds
+* **ONNX**: the first key is exported once *without* the exporter's graph optimization,
+  where every initializer keeps the name of the module parameter or buffer it holds
   (``shuffle.index``, ``backbone.blocks.0.attn.qkv.weight``...).  Each key's artifact
-  is that template with its own tensors substituted by name, then optimized with
-  onnxscript's optimizer -- the same pass the exporter runs -- and checked.  The
-  result has the operator set of a direct export (tested).
-* **OpenVINO**: converted from the key's ONNX artifact (OpenVINO's ONNX frontend),
-  not traced from torch again.
+  is that template with its own tensors substituted by name.  It is left unoptimized
+  (the optimizer renames the constants it folds, so it could not be templated, and it
+  costs more than the substitution): onnxruntime applies the same constant folding
+  when it loads the model, so latency is unaffected; all keys' artifacts share one
+  graph, and the shuffle is still exactly one Gather on the input.
+* **OpenVINO**: read from the key's ONNX artifact (``Core.read_model``: OpenVINO's ONNX
+  frontend, without ``convert_model``'s offline passes, which the CPU plugin applies
+  when compiling) and saved as IR; not traced from torch again.
 * **CoreML**: not templated: an ``.mlpackage`` stores weights in a blob whose layout
   the converter decides, and coremltools offers no supported way to swap them, so
   each key is converted in full.
@@ -85,28 +88,26 @@ class OnnxTemplate:
                    for k, (shape, dtype) in named.items())
 
     def instantiate(self, module: nn.Module, path: Path, options) -> list[Path]:
-        """Write ``module``'s artifact at ``path``: the template with its tensors, optimized and checked."""
+        """Write ``module``'s artifact at ``path``: the template with its tensors, checked."""
         onnx = require("onnx", extra="onnx")
-        optimizer = require("onnxscript.optimizer", extra="onnx")
         tensors = module_tensors(module)
         proto = onnx.ModelProto.FromString(self.proto_bytes)
         for init in proto.graph.initializer:
             if init.name in tensors:
                 init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(tensors[init.name]), init.name))
-        optimized = optimizer.optimize(proto)
-        props = {p.key: p.value for p in optimized.metadata_props}
-        props.update({"keyedge.precision": options.precision, "keyedge.exporter": "template",
+        props = {p.key: p.value for p in proto.metadata_props}
+        props.update({"keyedge.precision": options.precision, "keyedge.exporter": "fleet-template",
                       "keyedge.batch": "dynamic" if options.dynamic else str(options.batch)})
-        onnx.helper.set_model_props(optimized, props)
-        onnx.save(optimized, str(path))
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx.helper.set_model_props(proto, props)
+        onnx.save(proto, str(path))
+        onnx.checker.check_model(str(path))
         return [path]
 
 
 def openvino_from_onnx(onnx_path: Path, xml_path: Path, options) -> list[Path]:
-    """Convert a key's ONNX artifact to OpenVINO IR (no torch tracing)."""
+    """Write a key's ONNX artifact as OpenVINO IR (no torch tracing, no offline passes)."""
     ov = require("openvino", extra="openvino")
-    model = ov.convert_model(str(onnx_path))
+    model = ov.Core().read_model(str(onnx_path))
     model.inputs[0].get_tensor().set_names({options.input_name})
     model.outputs[0].get_tensor().set_names({options.output_name})
     model.set_rt_info(options.precision, ["keyedge", "precision"])

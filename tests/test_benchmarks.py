@@ -33,3 +33,14 @@ def test_export_benchmark_runs(capsys):
     assert set(result["speedup"]) == {"onnx", "openvino"} and all(v > 0 for v in result["speedup"].values())
     assert max(result["max_abs_diff"].values()) < 1e-3, "template and full exports must agree"
     assert "s/key" in capsys.readouterr().out
+
+
+def test_keyed_latency_benchmark_runs(capsys):
+    from keyedge.benchmarks import keyed_latency
+
+    results = keyed_latency.main(["--models", "test_vit", "--image-size", "32", "--rounds", "2", "--iters", "2"])
+    assert {r["target"] for r in results} == {"onnx", "openvino"}
+    for r in results:
+        assert set(r["p50_ms"]) == {"plain", "gather", "fold", "plain-fold"}
+        assert set(r["ratios"]) == {"gather/plain", "fold/plain-fold", "fold/plain"}
+    assert "ratios" in capsys.readouterr().out
