@@ -116,9 +116,9 @@ def real_inputs(manifest: dict[str, Any], image_size: int, count: int = 8) -> tu
     from keyedge.data import load_dataset
 
     data = manifest.get("data") or {}
-    for spec in (data.get("name"), f"{data.get('name')}:{data.get('source')}", data.get("source")):
-        if not spec or "None" in str(spec):
-            continue
+    name, source = data.get("name"), data.get("source")
+    candidates = [c for c in (name, f"{name}:{source}" if name and source else None, source) if c]
+    for spec in candidates:
         try:
             dataset, info = load_dataset(str(spec), "test", image_size, limit=count, seed=0)
             return np.stack([dataset[i][0].numpy() for i in range(len(dataset))]), f"{info.name} test images"
