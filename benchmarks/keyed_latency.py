@@ -1,8 +1,8 @@
 """What does the key cost at inference?  Latency of exported artifacts, keyed vs plain, side by side.
 
-For each model (default ViT-Ti and EfficientNet-Lite0 at 224x224, batch 1), the
-plain model, the keyed model with the shuffle as one gather and -- where the
-stem is patchify -- the keyed model with the shuffle folded into it (and the
+For each model (default ViT-Ti, EfficientNet-Lite0 and ResNet-18 at 224x224, batch 1),
+the plain model, the keyed model with the shuffle as one gather, as space-to-depth +
+1x1 permutation conv, and -- where the stem is patchify -- folded into it (with the
 plain model with its normalization folded, its exact twin) are exported to ONNX
 and OpenVINO IR and timed on this host's CPU.  Variants are interleaved round by
 round (order rotated) so drift cancels; each round's ratio to the plain model is
@@ -29,7 +29,7 @@ from keyedge.exporters import ExportOptions, get_backend
 from keyedge.keys import Key
 from keyedge.models import build_model
 
-COMPARISONS = (("gather", "plain"), ("fold", "plain-fold"), ("fold", "plain"))
+COMPARISONS = (("gather", "plain"), ("conv", "plain"), ("conv", "gather"), ("fold", "plain-fold"), ("fold", "plain"))
 
 
 def runner(target: str, path: Path, threads: int) -> Callable[[np.ndarray], object]:
@@ -58,7 +58,8 @@ def export_variants(model_name: str, size: int, work: Path) -> dict[str, dict[st
     keyed = build_model(model_name, 1000, key=key, weights="none", image_size=size).eval()
     plain = build_model(model_name, 1000, weights="none", image_size=size).eval()
     plain.backbone.load_state_dict(keyed.backbone.state_dict())
-    modules = {"plain": deployable(plain, None, "gather"), "gather": deployable(keyed, key, "gather")}
+    modules = {"plain": deployable(plain, None, "gather"), "gather": deployable(keyed, key, "gather"),
+               "conv": deployable(keyed, key, "conv")}
     folded, plain_folded = deployable(keyed, key, "auto"), deployable(plain, None, "auto")
     if folded.fuse == "fold":
         modules |= {"fold": folded, "plain-fold": plain_folded}
@@ -90,7 +91,7 @@ def interleaved(runners: dict[str, Callable], x: np.ndarray, rounds: int, iters:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="vit_tiny_patch16_224,tf_efficientnet_lite0")
+    parser.add_argument("--models", default="vit_tiny_patch16_224,tf_efficientnet_lite0,resnet18")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--iters", type=int, default=20)

@@ -41,7 +41,9 @@ from keyedge.fold import fold_model
 from keyedge.keys import Key, load_key
 from keyedge.models import KeyedModel
 
-FUSE_MODES = ("gather", "fold", "auto")
+FUSE_MODES = ("gather", "fold", "conv", "auto")
+#: Targets whose accelerators run no gather (CoreML's Neural Engine): ``auto`` uses ``conv`` there when not folding.
+GATHERLESS_TARGETS = ("coreml",)
 ARTIFACT_MANIFEST = "manifest.json"
 FORMAT = "keyedge-artifacts"
 VERSION = 1
@@ -78,8 +80,10 @@ def deployable(model: KeyedModel, key: Key | None, fuse: str = "gather") -> Depl
     if fuse not in FUSE_MODES:
         raise KeyedgeError(f"unknown fuse mode {fuse!r}", f"use {', '.join(FUSE_MODES)}")
     merged = merge_lora(model).eval()
-    if fuse == "gather":
+    if fuse == "gather" or (fuse == "conv" and not merged.keyed):
         return Deployable(merged, "gather" if merged.keyed else "none")
+    if fuse == "conv":
+        return conv_variant(merged, key)
     # A plain model folds its normalization alone (the identity permutation), so that a folded keyed
     # model and the plain model export to the very same graph.
     fold_key = key if merged.keyed else Key.from_permutation(range(3), 1)
@@ -92,6 +96,16 @@ def deployable(model: KeyedModel, key: Key | None, fuse: str = "gather") -> Depl
             raise
         return Deployable(merged, "gather" if merged.keyed else "none", f"auto: not folded ({exc.message})")
     return Deployable(RawInputModel(folded).eval(), "fold")
+
+
+def conv_variant(merged: KeyedModel, key: Key | None) -> Deployable:
+    """The keyed model with its shuffle as space-to-depth + 1x1 permutation conv + depth-to-space."""
+    from keyedge.transform import BlockShuffleConv
+
+    assert key is not None and merged.keyed
+    variant = KeyedModel(merged.backbone, merged.spec, key)  # shares the backbone; only the shuffle differs
+    variant.shuffle = BlockShuffleConv.from_key(key, merged.spec.image_size)
+    return Deployable(variant.eval(), "conv")
 
 
 def _sha256(path: Path) -> str:
@@ -286,14 +300,19 @@ def _export_targets(model: KeyedModel, deploy: Deployable, backends: list, optio
         reference = {kind: model(torch.from_numpy(x)).numpy() for kind, x in inputs.items()}
     targets: dict[str, Any] = {}
     for backend in backends:
+        target_deploy = deploy
+        if settings.fuse == "auto" and deploy.fuse == "gather" and backend.name in GATHERLESS_TARGETS:
+            target_deploy = conv_variant(deploy.module, request.key)  # no gather reaches the accelerator
         templated = template is not None and backend.name in ("onnx", "openvino")
-        settings.log(f"  {backend.name}: exporting ({deploy.fuse}{', from the fleet template' if templated else ''})")
+        settings.log(f"  {backend.name}: exporting ({target_deploy.fuse}"
+                     f"{', from the fleet template' if templated else ''})")
         path = staging / f"model{backend.suffix}"
-        written = _write_artifact(backend, deploy, path, options, template, staging)
+        written = _write_artifact(backend, target_deploy, path, options, template, staging)
         graph = backend.inspect(path)
         io = backend.describe_io(path)
-        _check_graph(backend.name, graph, deploy.fuse)
-        entry: dict[str, Any] = {"files": _files(written, staging), "graph": graph.to_dict(), "io": io,
+        _check_graph(backend.name, graph, target_deploy.fuse)
+        entry: dict[str, Any] = {"fuse": target_deploy.fuse, "files": _files(written, staging),
+                                 "graph": graph.to_dict(), "io": io,
                                  "source": "fleet-template" if templated else "full-export"}
         if settings.verify:
             entry["parity"] = _verify(backend, path, inputs, reference, options, io, model.spec.num_classes)
@@ -337,7 +356,7 @@ def _export_targets(model: KeyedModel, deploy: Deployable, backends: list, optio
 
 
 def _check_graph(target: str, graph, fuse: str) -> None:
-    expected = 1 if fuse == "gather" else 0
+    expected = 1 if fuse == "gather" else 0  # fold, conv and plain models hold no gather on the input
     if graph.gathers_on_input != expected:
         raise VerificationError(f"the {target} graph has {graph.gathers_on_input} gather ops on the input, "
                                 f"expected {expected} ({fuse})", "report this as a bug")

@@ -11,6 +11,8 @@ runs as a single gather with a constant index vector (:func:`block_index_map`):
 
 * :class:`BlockShuffle` -- a torch module doing one ``index_select`` (exports
   as one Gather op; its inverse with ``inverse=True``);
+* :class:`BlockShuffleConv` -- the same permutation as space-to-depth, a 1x1 0/1
+  convolution and depth-to-space, for accelerators without a fast gather;
 * :class:`HostShuffle` -- the same gather in numpy, for host-side use;
 * :func:`blockwise_shuffle` -- the literal reshape/permute chain, the readable
   definition, kept for tests and the benchmark.
@@ -134,6 +136,61 @@ class BlockShuffle(nn.Module):
     def extra_repr(self) -> str:  # never the permutation
         c, h, w = self.shape
         return f"block_size={self.block_size}, shape=({c}, {h}, {w}), inverse={self.is_inverse}"
+
+
+def conv_permutation_matrix(permutation: Sequence[int] | np.ndarray, block_size: int, channels: int = 3) -> np.ndarray:
+    """The 0/1 matrix ``M`` (n x n, n = C*P*P) applying the key in ``pixel_unshuffle``'s channel order.
+
+    ``pixel_unshuffle`` puts element (c, i, j) of a block in channel ``c*P*P + i*P + j``;
+    the key's block layout (DESIGN §1) indexes it ``(i*P + j)*C + c``.  Output channel
+    of position k takes the input channel of position ``v[k]``: ``M[out, in] = 1``.
+    """
+    p, c = block_size, channels
+    k = np.arange(c * p * p)
+    i, j, ch = (k // c) // p, (k // c) % p, k % c  # decode the key layout (h, w, c)
+    to_unshuffled = ch * p * p + i * p + j  # the same element's pixel_unshuffle channel
+    matrix = np.zeros((c * p * p, c * p * p), dtype=np.float32)
+    matrix[to_unshuffled, to_unshuffled[np.asarray(permutation, dtype=np.int64)]] = 1.0
+    return matrix
+
+
+class BlockShuffleConv(nn.Module):
+    """The same shuffle as space-to-depth, a 1x1 permutation convolution and depth-to-space.
+
+    ``pixel_shuffle(conv1x1_M(pixel_unshuffle(x, P)), P)`` with ``M`` a fixed 0/1
+    permutation matrix (:func:`conv_permutation_matrix`): every output is exactly one
+    input, so it equals :class:`BlockShuffle` bit for bit in fp32 and fp16, using only
+    operations accelerators run natively (CoreML's Neural Engine runs no gather).
+    The weight is a non-persistent buffer: it is the key, and never lands in a state dict.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, permutation: Sequence[int] | np.ndarray, block_size: int,
+                 image_size: int | Sequence[int], channels: int = 3):
+        super().__init__()
+        height, width = _image_spec(image_size)
+        check_divisible(height, width, block_size)
+        self.block_size = int(block_size)
+        self.shape = (int(channels), height, width)
+        matrix = conv_permutation_matrix(permutation, block_size, channels)
+        self.register_buffer("weight", torch.from_numpy(matrix)[:, :, None, None], persistent=False)
+
+    @classmethod
+    def from_key(cls, key: "Key", image_size: int | Sequence[int]) -> "BlockShuffleConv":
+        return cls(key.permutation, key.block_size, image_size, key.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ShapeError(f"expected input of shape (B, {', '.join(map(str, self.shape))}), "
+                             f"got {tuple(x.shape)}", "resize the input to the size the key transform was built for")
+        blocks = nn.functional.pixel_unshuffle(x, self.block_size)
+        blocks = nn.functional.conv2d(blocks, self.weight.to(x.dtype))
+        return nn.functional.pixel_shuffle(blocks, self.block_size)
+
+    def extra_repr(self) -> str:  # never the permutation
+        c, h, w = self.shape
+        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=space_to_depth+conv1x1"
 
 
 class HostShuffle:

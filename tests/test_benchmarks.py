@@ -41,6 +41,6 @@ def test_keyed_latency_benchmark_runs(capsys):
     results = keyed_latency.main(["--models", "test_vit", "--image-size", "32", "--rounds", "2", "--iters", "2"])
     assert {r["target"] for r in results} == {"onnx", "openvino"}
     for r in results:
-        assert set(r["p50_ms"]) == {"plain", "gather", "fold", "plain-fold"}
-        assert set(r["ratios"]) == {"gather/plain", "fold/plain-fold", "fold/plain"}
+        assert set(r["p50_ms"]) == {"plain", "gather", "conv", "fold", "plain-fold"}
+        assert set(r["ratios"]) == {"gather/plain", "conv/plain", "conv/gather", "fold/plain-fold", "fold/plain"}
     assert "ratios" in capsys.readouterr().out

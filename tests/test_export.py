@@ -238,3 +238,23 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
     assert reference["targets"]["onnx"]["parity"]["passed"]
     hashes = {m["targets"]["onnx"]["files"][0]["sha256"] for m in manifests}
     assert len(hashes) == 3, "each key's artifact holds its own constants"
+
+
+def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="conv")
+    plain = export(tmp_path, make_checkpoint(tmp_path / "plain", "test_efficientnet"), None, ["onnx"])
+    for target, entry in manifest["targets"].items():
+        assert entry["fuse"] == "conv" and entry["graph"]["gathers_on_input"] == 0, target
+        assert not any(op.lower().startswith("gather") for op in entry["graph"]["input_path"]), target
+        assert entry["parity"]["passed"]
+    conv_ops = manifest["targets"]["onnx"]["graph"]["ops"]
+    assert conv_ops["Conv"] == plain["targets"]["onnx"]["graph"]["ops"]["Conv"] + 1
+    assert manifest["targets"]["onnx"]["parity"]["random"]["max_abs_diff"] <= 1e-4
+
+
+def test_auto_uses_conv_for_coreml_and_gather_elsewhere(tmp_path, key4):
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "coreml"], fuse="auto")
+    assert manifest["targets"]["onnx"]["fuse"] == "gather" and manifest["targets"]["coreml"]["fuse"] == "conv"
+    assert manifest["targets"]["coreml"]["graph"]["gathers_on_input"] == 0

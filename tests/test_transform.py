@@ -133,3 +133,27 @@ def test_device_move_keeps_index(key4):
     x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(shuffle.inverse()(shuffle(x)), x)
     assert Key.from_permutation(key4.permutation, 4).fingerprint == key4.fingerprint
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("size", [(16, 16), (32, 48), (64, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_conv_formulation_equals_gather_bit_for_bit(p, size, dtype, make_key):
+    from keyedge.transform import BlockShuffleConv
+
+    if size[0] % p or size[1] % p:
+        pytest.skip("block size does not divide this size")
+    key = make_key(p, tag=5)
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(p)).to(dtype)
+    gather = BlockShuffle.from_key(key, size)(x)
+    conv = BlockShuffleConv.from_key(key, size)(x)
+    assert conv.dtype == dtype and torch.equal(conv, gather)
+
+
+def test_conv_formulation_hides_key_and_checks_shape(key4):
+    from keyedge.transform import BlockShuffleConv
+
+    module = BlockShuffleConv.from_key(key4, 16)
+    assert module.state_dict() == {}
+    with pytest.raises(ShapeError):
+        module(torch.zeros(1, 3, 8, 8))

@@ -16,7 +16,9 @@ def export(
     key_file: Optional[List[Path]] = typer.Option(None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
     target: List[str] = typer.Option(["onnx"], "--target", "-t", help="onnx, openvino, coreml or all (repeatable)."),
-    fuse: str = typer.Option("gather", "--fuse", help="gather (one Gather op), fold (into a patchify first layer, when exact) or auto."),
+    fuse: str = typer.Option("gather", "--fuse", help="gather (one Gather op), fold (into a patchify first layer, when "
+                             "exact), conv (space-to-depth + 1x1 permutation conv: no gather) or auto (fold where exact, "
+                             "else conv for CoreML and gather elsewhere)."),
     batch: int = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (I/O stays float32)."),

@@ -1,0 +1,286 @@
+"""Device profiles: which runtimes to time on a device, how long, and the regression thresholds.
+
+A profile is a small TOML file (``devices/*.toml``) read with :mod:`tomllib` into a
+:class:`DeviceProfile`, validated field by field: an unknown field, an unknown
+runtime or a bad value is a one-line :class:`~keyedge.errors.KeyedgeError`
+naming the file and the field.  The measurement settings follow optimum-benchmark
+(warm-up, then at least ``min_iterations`` *and* ``min_seconds``); the
+``[[runtime]]`` entries follow benchmark_app / onnxruntime_perf_test (a device or
+execution providers per runtime).
+
+    name = "cpu-x86"
+    threads = 2
+    batch_sizes = [1, 8]
+    [[runtime]]
+    name = "onnxruntime"
+    providers = ["CPUExecutionProvider"]
+    [thresholds]
+    p50 = 1.10
+
+A runtime that this host cannot run (package missing, provider or device absent,
+CoreML off macOS) is *skipped with a reason* by :func:`runtime_available`, never an
+exception.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keyedge.errors import KeyedgeError
+
+#: Runtime name -> the artifact target it runs (``None``: needs the PyTorch model, not an artifact).
+RUNTIME_TARGETS = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml", "torch": None}
+ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                 "CoreMLExecutionProvider", "OpenVINOExecutionProvider", "DmlExecutionProvider",
+                 "ROCMExecutionProvider", "QNNExecutionProvider", "XnnpackExecutionProvider")
+OPENVINO_DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+COREML_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+TORCH_DEVICES = ("cpu", "cuda", "mps")
+
+_TOP_FIELDS = {"name", "description", "threads", "batch_sizes", "warmup", "min_iterations", "min_seconds",
+               "rounds", "runtime", "thresholds"}
+_RUNTIME_FIELDS = {"onnxruntime": {"name", "providers", "threads"},
+                   "openvino": {"name", "device", "threads"},
+                   "coreml": {"name", "compute_units"},
+                   "torch": {"name", "device", "threads"}}
+_THRESHOLD_FIELDS = {"ratio", "p50", "accuracy_drop"}
+
+
+@dataclass
+class Thresholds:
+    """Regression-gate limits: current/baseline p50, keyed/plain ratio, absolute accuracy drop."""
+
+    ratio: float = 1.05  # a keyed/plain (or gather/fold) median ratio above this fails
+    p50: float = 1.10  # current p50 / baseline p50 above this fails
+    accuracy_drop: float = 0.005  # baseline accuracy - current accuracy above this fails
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class RuntimeSpec:
+    """One runtime on one device: ``onnxruntime`` + providers, ``openvino`` + device, ``coreml`` + compute units."""
+
+    name: str
+    device: str | None = None  # openvino: CPU/GPU/NPU/AUTO; torch: cpu/cuda/mps
+    providers: list[str] | None = None  # onnxruntime
+    compute_units: str | None = None  # coreml
+    threads: int | None = None  # overrides the profile's threads
+
+    @property
+    def target(self) -> str | None:
+        return RUNTIME_TARGETS[self.name]
+
+    @property
+    def device_label(self) -> str:
+        """The device as reported: ORT's first provider, OpenVINO's device, CoreML's compute units."""
+        if self.name == "onnxruntime":
+            return (self.providers or ["CPUExecutionProvider"])[0]
+        if self.name == "coreml":
+            return self.compute_units or "ALL"
+        return self.device or ("CPU" if self.name == "openvino" else "cpu")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class DeviceProfile:
+    """A device's benchmark settings, runtimes and regression thresholds."""
+
+    name: str
+    description: str = ""
+    runtimes: list[RuntimeSpec] = field(default_factory=list)
+    threads: int | None = None  # None: the runtime's default
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    warmup: int = 5
+    min_iterations: int = 50
+    min_seconds: float = 2.0
+    rounds: int = 10  # interleaved rounds aimed for (more are run until both minimums are met)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    source: str = "<built-in>"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["runtimes"] = [r.to_dict() for r in self.runtimes]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
+        """Rebuild from :meth:`to_dict` output (e.g. the profile recorded in a report)."""
+        data = dict(data)
+        data["runtimes"] = [RuntimeSpec(**r) for r in data.get("runtimes", [])]
+        data["thresholds"] = Thresholds(**data.get("thresholds", {}))
+        return cls(**data)
+
+
+def _fail(source: str, where: str, problem: str) -> KeyedgeError:
+    return KeyedgeError(f"{source}: field '{where}' {problem}", "see devices/cpu-x86.toml for a valid profile")
+
+
+def _check_int(source: str, where: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(source, where, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float(source: str, where: str, value: Any, minimum: float, *, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (strict and value == minimum):
+        raise _fail(source, where, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+    return float(value)
+
+
+def _check_str(source: str, where: str, value: Any, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or (choices is not None and value.split(".")[0] not in choices):
+        allowed = f"one of {', '.join(choices)}" if choices else "a string"
+        raise _fail(source, where, f"must be {allowed}, got {value!r}")
+    return value
+
+
+def _unknown(source: str, prefix: str, data: dict, allowed: set[str]) -> None:
+    for name in data:
+        if name not in allowed:
+            raise _fail(source, f"{prefix}{name}", f"is unknown (allowed: {', '.join(sorted(allowed))})")
+
+
+def _parse_runtime(source: str, index: int, data: Any) -> RuntimeSpec:
+    where = f"runtime[{index}]"
+    if not isinstance(data, dict):
+        raise _fail(source, where, "must be a table ([[runtime]])")
+    name = _check_str(source, f"{where}.name", data.get("name"), tuple(RUNTIME_TARGETS))
+    _unknown(source, f"{where}.", data, _RUNTIME_FIELDS[name])
+    spec = RuntimeSpec(name=name)
+    if "threads" in data:
+        spec.threads = _check_int(source, f"{where}.threads", data["threads"], 1)
+    if name == "onnxruntime":
+        providers = data.get("providers", ["CPUExecutionProvider"])
+        if not isinstance(providers, list) or not providers:
+            raise _fail(source, f"{where}.providers", f"must be a non-empty list, got {providers!r}")
+        spec.providers = [_check_str(source, f"{where}.providers", p, ORT_PROVIDERS) for p in providers]
+    elif name == "openvino":
+        spec.device = _check_str(source, f"{where}.device", data.get("device", "CPU"), OPENVINO_DEVICES)
+    elif name == "coreml":
+        spec.compute_units = _check_str(source, f"{where}.compute_units", data.get("compute_units", "ALL"),
+                                        COREML_COMPUTE_UNITS)
+    else:
+        spec.device = _check_str(source, f"{where}.device", data.get("device", "cpu"), TORCH_DEVICES)
+    return spec
+
+
+def parse_profile(data: dict[str, Any], source: str = "<profile>") -> DeviceProfile:
+    """Validate a parsed TOML document into a :class:`DeviceProfile` (errors name ``source`` and the field)."""
+    _unknown(source, "", data, _TOP_FIELDS)
+    name = _check_str(source, "name", data.get("name", Path(source).stem))
+    profile = DeviceProfile(name=name, source=source)
+    if "description" in data:
+        profile.description = _check_str(source, "description", data["description"])
+    if "threads" in data:
+        profile.threads = _check_int(source, "threads", data["threads"], 1)
+    if "batch_sizes" in data:
+        sizes = data["batch_sizes"]
+        if not isinstance(sizes, list) or not sizes:
+            raise _fail(source, "batch_sizes", f"must be a non-empty list of integers, got {sizes!r}")
+        profile.batch_sizes = [_check_int(source, "batch_sizes", b, 1) for b in sizes]
+    if "warmup" in data:
+        profile.warmup = _check_int(source, "warmup", data["warmup"], 0)
+    if "min_iterations" in data:
+        profile.min_iterations = _check_int(source, "min_iterations", data["min_iterations"], 1)
+    if "min_seconds" in data:
+        profile.min_seconds = _check_float(source, "min_seconds", data["min_seconds"], 0.0)
+    if "rounds" in data:
+        profile.rounds = _check_int(source, "rounds", data["rounds"], 1)
+    runtimes = data.get("runtime", [])
+    if not isinstance(runtimes, list) or not runtimes:
+        raise _fail(source, "runtime", "must list at least one [[runtime]] table")
+    profile.runtimes = [_parse_runtime(source, i, r) for i, r in enumerate(runtimes)]
+    thresholds = data.get("thresholds", {})
+    if not isinstance(thresholds, dict):
+        raise _fail(source, "thresholds", "must be a table ([thresholds])")
+    _unknown(source, "thresholds.", thresholds, _THRESHOLD_FIELDS)
+    t = Thresholds()
+    if "ratio" in thresholds:
+        t.ratio = _check_float(source, "thresholds.ratio", thresholds["ratio"], 0.0, strict=True)
+    if "p50" in thresholds:
+        t.p50 = _check_float(source, "thresholds.p50", thresholds["p50"], 0.0, strict=True)
+    if "accuracy_drop" in thresholds:
+        t.accuracy_drop = _check_float(source, "thresholds.accuracy_drop", thresholds["accuracy_drop"], 0.0)
+    profile.thresholds = t
+    return profile
+
+
+def load_profile(path: str | Path) -> DeviceProfile:
+    """Read and validate a device profile TOML file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise KeyedgeError(f"{path}: no such device profile", "see devices/*.toml for the shipped ones") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyedgeError(f"{path}: cannot read the device profile ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise KeyedgeError(f"{path}: not valid TOML ({exc})") from None
+    return parse_profile(data, str(path))
+
+
+#: Where the shipped profiles live in a source checkout (absent from a wheel: then :func:`builtin_profile`).
+DEVICES_DIR = Path(__file__).resolve().parent.parent / "devices"
+
+
+def builtin_profile() -> DeviceProfile:
+    """This host's CPU through ONNX Runtime and OpenVINO: ``devices/cpu-x86.toml`` if present, else the same inline."""
+    shipped = DEVICES_DIR / "cpu-x86.toml"
+    if shipped.is_file():
+        return load_profile(shipped)
+    return DeviceProfile(name="cpu", description="built-in CPU profile", batch_sizes=[1, 8],
+                         runtimes=[RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"]),
+                                   RuntimeSpec("openvino", device="CPU")])
+
+
+def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
+    """Can this host run ``spec``?  ``(True, "")`` or ``(False, reason)``; never raises."""
+    try:
+        if spec.name == "torch":
+            import torch
+
+            if spec.device == "cuda" and not torch.cuda.is_available():
+                return False, "torch: CUDA is not available on this host"
+            if spec.device == "mps" and not torch.backends.mps.is_available():
+                return False, "torch: MPS is not available on this host"
+            return False, "the PyTorch eager reference runner is not implemented yet"
+        if spec.name == "coreml":
+            if sys.platform != "darwin":
+                return False, f"CoreML runs only on macOS (this host: {sys.platform})"
+            if importlib.util.find_spec("coremltools") is None:
+                return False, "coremltools is not installed (pip install 'keyedge[coreml]')"
+            return True, ""
+        if spec.name == "onnxruntime":
+            if importlib.util.find_spec("onnxruntime") is None:
+                return False, "onnxruntime is not installed (pip install 'keyedge[onnx]')"
+            import onnxruntime as ort
+
+            have = ort.get_available_providers()
+            missing = [p for p in spec.providers or [] if p not in have]
+            if missing:
+                return False, f"onnxruntime {ort.__version__} lacks {', '.join(missing)} (has {', '.join(have)})"
+            return True, ""
+        if spec.name == "openvino":
+            if importlib.util.find_spec("openvino") is None:
+                return False, "openvino is not installed (pip install 'keyedge[openvino]')"
+            import openvino as ov
+
+            device = spec.device or "CPU"
+            if device == "AUTO":
+                return True, ""
+            devices = ov.Core().available_devices
+            if not any(d == device or d.split(".")[0] == device for d in devices):
+                return False, f"OpenVINO device {device} is not available (has {', '.join(devices) or 'none'})"
+            return True, ""
+    except Exception as exc:  # a broken install is a skip with its reason, never a crash
+        return False, f"{spec.name} failed to initialise: {type(exc).__name__}: {exc}".splitlines()[0]
+    return False, f"unknown runtime {spec.name}"
