@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from keyedge.errors import KeyedgeError
 
@@ -281,6 +282,6 @@ def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
             if not any(d == device or d.split(".")[0] == device for d in devices):
                 return False, f"OpenVINO device {device} is not available (has {', '.join(devices) or 'none'})"
             return True, ""
-    except Exception as exc:  # a broken install is a skip with its reason, never a crash
+    except Exception as exc:  # noqa: BLE001  (a broken install is a skip with its reason, never a crash)
         return False, f"{spec.name} failed to initialise: {type(exc).__name__}: {exc}".splitlines()[0]
     return False, f"unknown runtime {spec.name}"

@@ -37,7 +37,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-from keyedge.cli import doctor as _doctor  # noqa: E402  (registration imports)
+from keyedge.cli import bench as _bench  # noqa: E402  (registration imports)
+from keyedge.cli import doctor as _doctor  # noqa: E402
 from keyedge.cli import export as _export  # noqa: E402
 from keyedge.cli import keys as _keys  # noqa: E402
 from keyedge.cli import shuffle as _shuffle  # noqa: E402
@@ -48,6 +49,7 @@ _shuffle.register(app)
 _train.register(app)
 _export.register(app)
 _doctor.register(app)
+_bench.register(app)
 
 
 def main() -> None:

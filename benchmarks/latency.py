@@ -1,0 +1,511 @@
+"""Latency of exported artifacts on a device profile, several artifacts interleaved, with keyed/plain ratios.
+
+The measurement protocol follows optimum-benchmark (model load, first inference and
+steady state timed separately; warm-up, then at least ``min_iterations`` *and*
+``min_seconds``; mean/p50/p90/p95/p99/stdev; throughput; peak memory) and the
+side-by-side idea of :mod:`keyedge.benchmarks.keyed_latency`: every artifact of one
+batch size -- all runtimes, all export directories -- is loaded, then timed in many
+short *rounds* whose order is rotated each round, so drift on a shared machine
+cancels out of the per-round ratios.  Ratios are reported as the median and the
+10th-90th percentile of the per-round ratios for
+
+* ``keyed/plain``: a keyed artifact vs the plain one (manifest fingerprint null) of the same model,
+* ``gather/fold``: the shuffle as one Gather vs folded into the first layer, same key,
+* ``runtime``: one export directory's artifacts on two runtimes/devices.
+
+    from keyedge.benchmarks.latency import BenchSettings, run_latency
+    from keyedge.benchmarks.profiles import load_profile
+    report = run_latency([Path("artifacts/m-abc"), Path("artifacts/m-plain")], load_profile("devices/cpu-x86.toml"))
+    print(report.to_markdown())
+
+Run: ``keyedge bench latency DIR... [--device devices/cpu-x86.toml] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
+
+from keyedge.errors import KeyedgeError
+
+SUFFIX_TARGETS = {".onnx": "onnx", ".xml": "openvino", ".mlpackage": "coreml", ".mlmodel": "coreml"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Stats:
+    """Steady-state latency of one inference call, in milliseconds."""
+
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    stdev: float
+    min: float
+    max: float
+    iterations: int
+    seconds: float  # total time spent in the timed calls
+
+    @classmethod
+    def from_seconds(cls, samples: list[float]) -> Stats:
+        ms = np.asarray(samples, dtype=np.float64) * 1e3
+        p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+        return cls(mean=float(ms.mean()), p50=float(p50), p90=float(p90), p95=float(p95), p99=float(p99),
+                   stdev=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, min=float(ms.min()), max=float(ms.max()),
+                   iterations=len(ms), seconds=float(ms.sum() / 1e3))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Artifact:
+    """One exported file and what its manifest says about it."""
+
+    path: str  # the file (.onnx, .xml, .mlpackage)
+    target: str  # onnx, openvino, coreml
+    model: str  # model name, or the file stem without a manifest
+    fingerprint: str | None  # key fingerprint; None: plain model (or unknown)
+    fuse: str | None  # gather, fold, none
+    precision: str | None
+    batch: int | None  # fixed batch; None: dynamic (or unknown until loaded)
+    image_size: int | None
+    export_dir: str | None  # the OUT/<model>-<fingerprint>/ directory, if any
+    accuracy: float | None = None  # the checkpoint's test accuracy, from the manifest
+
+    @property
+    def role(self) -> str:
+        return "keyed" if self.fingerprint else "plain"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}-{self.fingerprint or 'plain'}" + (f"[{self.fuse}]" if self.fuse == "fold" else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"role": self.role}
+
+
+@dataclass
+class Measurement:
+    """One artifact on one runtime/device at one batch size."""
+
+    artifact: Artifact
+    runtime: str
+    device: str
+    batch: int
+    threads: int | None
+    load_s: float  # read + compile / session creation
+    first_ms: float  # the first inference after loading
+    steady: Stats
+    throughput: float  # images per second: batch / mean latency
+    peak_rss_mb: float  # the process's peak resident set size after this measurement (cumulative)
+    providers: list[str] | None = None  # onnxruntime: the providers the session actually uses
+
+    @property
+    def key(self) -> tuple:
+        """What the regression gate matches on: model, role, fuse, target, runtime, device, batch."""
+        a = self.artifact
+        return (a.model, a.fingerprint or "plain", a.fuse, a.target, self.runtime, self.device, self.batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["artifact"] = self.artifact.to_dict()
+        return d
+
+
+@dataclass
+class Skipped:
+    """A runtime/artifact pair not measured, and why (runtime absent on this host, load failure...)."""
+
+    runtime: str
+    device: str
+    reason: str
+    artifact: str | None = None
+    target: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Comparison:
+    """``numerator / denominator`` steady latency, from per-round ratios of interleaved rounds."""
+
+    kind: str  # keyed/plain, gather/fold, runtime
+    numerator: str
+    denominator: str
+    model: str
+    target: str
+    runtime: str  # "ort/ov" style for kind=runtime
+    device: str
+    batch: int
+    median: float
+    p10: float
+    p90: float
+    rounds: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.numerator, self.denominator, self.runtime, self.device, self.batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchSettings:
+    """Overrides of the profile from the command line (``None``: the profile's value)."""
+
+    threads: int | None = None
+    min_seconds: float | None = None
+    min_iterations: int | None = None
+    warmup: int | None = None
+    rounds: int | None = None
+    batch_sizes: list[int] | None = None
+
+    def resolve(self, profile: DeviceProfile) -> dict[str, Any]:
+        return {"threads": self.threads if self.threads is not None else profile.threads,
+                "min_seconds": self.min_seconds if self.min_seconds is not None else profile.min_seconds,
+                "min_iterations": self.min_iterations if self.min_iterations is not None else profile.min_iterations,
+                "warmup": self.warmup if self.warmup is not None else profile.warmup,
+                "rounds": self.rounds if self.rounds is not None else profile.rounds,
+                "batch_sizes": list(self.batch_sizes or profile.batch_sizes)}
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def _artifact_from_manifest(directory: Path, manifest: dict[str, Any], target: str, path: Path) -> Artifact:
+    shape = (manifest.get("input") or {}).get("shape") or [None, None, None, None]
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    return Artifact(path=str(path), target=target, model=(manifest.get("model") or {}).get("name", directory.name),
+                    fingerprint=manifest.get("fingerprint"), fuse=manifest.get("fuse"),
+                    precision=manifest.get("precision"), batch=batch,
+                    image_size=shape[-1] if isinstance(shape[-1], int) else None, export_dir=str(directory),
+                    accuracy=(manifest.get("checkpoint") or {}).get("test_accuracy"))
+
+
+def discover(path: str | Path) -> list[Artifact]:
+    """The artifacts in an export directory (from its manifest.json), or the one artifact file given."""
+    path = Path(path)
+    if not path.exists():
+        raise KeyedgeError(f"{path} does not exist", "pass an export directory or an .onnx/.xml/.mlpackage file")
+    if path.is_dir() and path.suffix != ".mlpackage":
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise KeyedgeError(f"{path} has no manifest.json", "pass a directory written by `keyedge export`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise KeyedgeError(f"{manifest_path} is not readable JSON ({exc})") from None
+        artifacts = []
+        for target, entry in (manifest.get("targets") or {}).items():
+            files = [path / f["path"] for f in entry.get("files", [])]
+            main = next((f for f in files if SUFFIX_TARGETS.get(f.suffix) == target), files[0] if files else None)
+            if main is not None:
+                artifacts.append(_artifact_from_manifest(path, manifest, target, main))
+        if not artifacts:
+            raise KeyedgeError(f"{manifest_path} lists no artifact files")
+        return artifacts
+    target = SUFFIX_TARGETS.get(path.suffix)
+    if target is None:
+        raise KeyedgeError(f"{path}: unknown artifact type {path.suffix!r}", "expected .onnx, .xml or .mlpackage")
+    manifest_path = path.parent / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            return [_artifact_from_manifest(path.parent, json.loads(manifest_path.read_text()), target, path)]
+        except ValueError:
+            pass
+    return [Artifact(path=str(path), target=target, model=path.stem, fingerprint=None, fuse=None, precision=None,
+                     batch=None, image_size=None, export_dir=None)]
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class Runner:
+    """A loaded artifact: ``run(x)`` does one inference; ``input_shape`` has None for dynamic dims."""
+
+    input_shape: list[int | None]
+    providers: list[str] | None = None
+    run: Callable[[np.ndarray], Any]
+
+
+def _dims(shape) -> list[int | None]:
+    return [d if isinstance(d, int) and d > 0 else None for d in shape]
+
+
+def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None) -> Runner:
+    runner = Runner()
+    if spec.name == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        # idle ORT threads spin-wait by default, stealing the cores from whatever runs next in the interleave
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(artifact.path, opts, providers=list(spec.providers or ["CPUExecutionProvider"]))
+        runner.providers = session.get_providers()
+        if (spec.providers or ["CPUExecutionProvider"])[0] not in runner.providers:
+            raise RuntimeError(f"the session fell back to {', '.join(runner.providers)}")
+        inp = session.get_inputs()[0]
+        runner.input_shape = _dims(inp.shape)
+        name = inp.name
+        runner.run = lambda x: session.run(None, {name: x})
+    elif spec.name == "openvino":
+        import openvino as ov
+
+        device = spec.device or "CPU"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.startswith("CPU"):
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+        compiled = ov.Core().compile_model(artifact.path, device, config)
+        shape = compiled.input(0).get_partial_shape()
+        runner.input_shape = [d.get_length() if d.is_static else None for d in shape]
+        request = compiled.create_infer_request()
+        runner.run = lambda x: request.infer({0: x})
+    elif spec.name == "coreml":
+        import coremltools as ct
+
+        model = ct.models.MLModel(artifact.path, compute_units=ct.ComputeUnit[spec.compute_units or "ALL"])
+        desc = model.get_spec().description.input[0]
+        name = desc.name
+        runner.input_shape = _dims(list(desc.type.multiArrayType.shape)) or [artifact.batch, 3, None, None]
+        runner.run = lambda x: model.predict({name: x})
+    else:
+        raise RuntimeError(f"no runner for {spec.name}")
+    return runner
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False,
+                                  timeout=5).stdout.strip() or platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Host, OS, Python and runtime versions, recorded in every report."""
+    import os
+
+    from keyedge import __version__
+    from keyedge.deps import version_of
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
+            "os": platform.platform(), "python": platform.python_version(), "hostname": platform.node(),
+            "versions": {"keyedge": __version__, "numpy": np.__version__,
+                         **{name: version_of(name) for name in ("onnxruntime", "openvino", "coremltools", "torch")}}}
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class _Cell:
+    artifact: Artifact
+    spec: RuntimeSpec
+    runner: Runner
+    batch: int
+    threads: int | None
+    load_s: float
+    first_ms: float = 0.0
+    samples: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)  # per-round mean latency (s)
+
+    @property
+    def runtime_label(self) -> str:
+        return f"{self.spec.name}:{self.spec.device_label}"
+
+
+def _spread(ratios: list[float]) -> tuple[float, float, float]:
+    lo, hi = np.percentile(ratios, [10, 90])
+    return float(statistics.median(ratios)), float(lo), float(hi)
+
+
+def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
+    out: list[Comparison] = []
+
+    def add(kind: str, a: _Cell, b: _Cell, runtime: str) -> None:
+        n = min(len(a.rounds), len(b.rounds))
+        if n == 0:
+            return
+        median, p10, p90 = _spread([x / y for x, y in zip(a.rounds[:n], b.rounds[:n])])
+        out.append(Comparison(kind=kind, numerator=a.artifact.label, denominator=b.artifact.label,
+                              model=a.artifact.model, target=a.artifact.target, runtime=runtime,
+                              device=a.spec.device_label if a.spec is b.spec else
+                              f"{a.spec.device_label}/{b.spec.device_label}",
+                              batch=batch, median=median, p10=p10, p90=p90, rounds=n))
+
+    for a in cells:
+        same = [b for b in cells if b is not a and b.spec is a.spec and b.artifact.model == a.artifact.model
+                and b.artifact.target == a.artifact.target and b.artifact.precision == a.artifact.precision]
+        if a.artifact.role == "keyed":
+            plains = [b for b in same if b.artifact.role == "plain"]
+            # prefer the plain twin of the same graph: gather vs plain (fuse none), fold vs plain folded
+            plains.sort(key=lambda b: (b.artifact.fuse == "fold") != (a.artifact.fuse == "fold"))
+            if plains:
+                add("keyed/plain", a, plains[0], a.runtime_label)
+            if a.artifact.fuse == "gather":
+                for b in same:
+                    if b.artifact.fingerprint == a.artifact.fingerprint and b.artifact.fuse == "fold":
+                        add("gather/fold", a, b, a.runtime_label)
+    # runtimes vs each other: the same export directory on two runtimes/devices (first profile runtime on top)
+    order = {id(c.spec): i for i, c in enumerate(cells)}
+    for a in cells:
+        for b in cells:
+            if (a.spec is not b.spec and order[id(a.spec)] < order[id(b.spec)] and a.artifact.export_dir
+                    and a.artifact.export_dir == b.artifact.export_dir and a.artifact.precision == b.artifact.precision):
+                add("runtime", a, b, f"{a.runtime_label}/{b.runtime_label}")
+    return out
+
+
+def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[float], None]) -> None:
+    """Warm up each cell, then rotated rounds until every cell has min_iterations and min_seconds (and >= rounds)."""
+    min_iter, min_s, rounds = settings["min_iterations"], settings["min_seconds"], settings["rounds"]
+    xs, per_round = {}, {}
+    for cell in cells:
+        shape = [cell.batch, 3, cell.artifact.image_size or 224, cell.artifact.image_size or 224]
+        rin = cell.runner.input_shape
+        if len(rin) == 4:
+            shape = [cell.batch] + [d or s for d, s in zip(rin[1:], shape[1:])]
+        xs[id(cell)] = np.random.default_rng(0).random(shape, dtype=np.float32)
+        start = time.perf_counter()
+        cell.runner.run(xs[id(cell)])
+        cell.first_ms = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        for _ in range(settings["warmup"]):
+            cell.runner.run(xs[id(cell)])
+        estimate = (time.perf_counter() - start) / settings["warmup"] if settings["warmup"] else cell.first_ms / 1e3
+        # a round of each cell lasts about min_seconds / rounds, and has at least min_iterations / rounds calls
+        per_round[id(cell)] = max(1, math.ceil(min_iter / rounds), int(min_s / rounds / max(estimate, 1e-6)))
+    r = 0
+    while True:
+        done = all(len(c.samples) >= min_iter and sum(c.samples) >= min_s for c in cells) and r >= rounds
+        if done:
+            break
+        shift = r % len(cells)
+        for cell in cells[shift:] + cells[:shift]:
+            run, x = cell.runner.run, xs[id(cell)]
+            times = []
+            for _ in range(per_round[id(cell)]):
+                start = time.perf_counter()
+                run(x)
+                times.append(time.perf_counter() - start)
+            cell.samples.extend(times)
+            cell.rounds.append(sum(times) / len(times))
+        r += 1
+        progress = min(min(len(c.samples) / min_iter for c in cells),
+                       min(sum(c.samples) / min_s for c in cells) if min_s > 0 else 1.0, r / rounds)
+        tick(min(progress, 1.0))
+
+
+def run_latency(paths: list[str | Path], profile: DeviceProfile, settings: BenchSettings | None = None, *,
+                progress: Any = None) -> Any:
+    """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
+
+    ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
+    """
+    from keyedge.benchmarks.report import LatencyReport
+
+    resolved = (settings or BenchSettings()).resolve(profile)
+    artifacts = [a for p in paths for a in discover(p)]
+    skipped: list[Skipped] = []
+    usable: list[RuntimeSpec] = []
+    for spec in profile.runtimes:
+        ok, reason = runtime_available(spec)
+        if ok:
+            usable.append(spec)
+        else:
+            skipped.append(Skipped(runtime=spec.name, device=spec.device_label, reason=reason, target=spec.target))
+    # load everything once (load time measured here), then group by batch size
+    cells: list[_Cell] = []
+    for spec in usable:
+        matching = [a for a in artifacts if a.target == spec.target]
+        if not matching:
+            skipped.append(Skipped(runtime=spec.name, device=spec.device_label, target=spec.target,
+                                   reason=f"no {spec.target} artifact among the inputs"))
+        for artifact in matching:
+            threads = spec.threads or resolved["threads"]
+            try:
+                start = time.perf_counter()
+                runner = load_runner(artifact, spec, threads)
+                load_s = time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001  (a runtime refusing one artifact: skipped with the reason)
+                skipped.append(Skipped(runtime=spec.name, device=spec.device_label, artifact=artifact.path,
+                                       target=artifact.target,
+                                       reason=f"load failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+                continue
+            fixed = runner.input_shape[0] if runner.input_shape else artifact.batch
+            batches = [fixed] if fixed else resolved["batch_sizes"]
+            for batch in batches:
+                cells.append(_Cell(artifact, spec, runner, batch, threads, load_s))
+    measurements: list[Measurement] = []
+    comparisons: list[Comparison] = []
+    for batch in sorted({c.batch for c in cells}):
+        group = [c for c in cells if c.batch == batch]
+        task = progress.add_task(f"batch {batch}: {len(group)} artifact/runtime pairs", total=1.0) if progress else None
+        tick = (lambda f, task=task: progress.update(task, completed=f)) if progress else (lambda f: None)
+        try:
+            _interleave(group, resolved, tick)
+        except Exception as exc:  # noqa: BLE001  (an inference failure: skipped with the reason)
+            for cell in group:
+                skipped.append(Skipped(runtime=cell.spec.name, device=cell.spec.device_label, target=cell.artifact.target,
+                                       artifact=cell.artifact.path,
+                                       reason=f"inference failed at batch {batch}: {type(exc).__name__}: {exc}"
+                                       .splitlines()[0]))
+            continue
+        rss = peak_rss_mb()
+        for cell in group:
+            stats = Stats.from_seconds(cell.samples)
+            measurements.append(Measurement(artifact=cell.artifact, runtime=cell.spec.name, device=cell.spec.device_label,
+                                            batch=batch, threads=cell.threads, load_s=cell.load_s,
+                                            first_ms=cell.first_ms, steady=stats,
+                                            throughput=batch / (stats.mean / 1e3), peak_rss_mb=rss,
+                                            providers=cell.runner.providers))
+        comparisons.extend(_comparisons(group, batch))
+    return LatencyReport(environment=environment(), profile=profile.to_dict(), settings=resolved,
+                         measurements=measurements, skipped=skipped, comparisons=comparisons)

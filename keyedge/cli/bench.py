@@ -1,0 +1,85 @@
+"""``keyedge bench``: latency of exported artifacts on a device profile, and the regression gate.
+
+``keyedge bench latency DIR...`` times every artifact of the export directories
+given, interleaved, and reports keyed/plain, gather/fold and runtime ratios;
+``keyedge bench regress --baseline B.json --current C.json`` exits 1 on a regression.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from keyedge.cli._console import console, err_console
+
+bench_app = typer.Typer(help="Benchmark exported artifacts on a device profile; gate latency regressions.",
+                        no_args_is_help=True)
+
+
+@bench_app.command("latency")
+def latency(
+    paths: list[Path] = typer.Argument(..., help="Export directories (OUT/<model>-<fingerprint>/) or artifact files."),
+    device: Path | None = typer.Option(None, "--device", "-d", help="Device profile TOML (default: devices/cpu-x86.toml, "
+                                          "or a built-in CPU profile)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per runtime (default: the profile's)."),
+    min_seconds: float | None = typer.Option(None, "--min-seconds", min=0.0, help="Minimum timed seconds per artifact."),
+    min_iterations: int | None = typer.Option(None, "--min-iterations", min=1, help="Minimum timed inferences per artifact."),
+    warmup: int | None = typer.Option(None, "--warmup", min=0, help="Untimed inferences after the first one."),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Interleaved rounds aimed for."),
+    batch: list[int] | None = typer.Option(None, "--batch", "-b", min=1, help="Batch sizes for dynamic-batch artifacts "
+                                              "(repeatable; default: the profile's)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the keyedge-latency/1 JSON report here."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown report here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """Time artifacts (load, first inference, steady state, throughput, memory), interleaved, with keyed/plain ratios."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from keyedge.benchmarks.latency import BenchSettings, run_latency
+    from keyedge.benchmarks.profiles import builtin_profile, load_profile
+
+    profile = load_profile(device) if device is not None else builtin_profile()
+    settings = BenchSettings(threads=threads, min_seconds=min_seconds, min_iterations=min_iterations, warmup=warmup,
+                             rounds=rounds, batch_sizes=list(batch) if batch else None)
+    if progress:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console,
+                      transient=True) as bar:
+            report = run_latency(paths, profile, settings, progress=bar)
+    else:
+        report = run_latency(paths, profile, settings)
+    report.print_rich(console)
+    if json_out is not None:
+        report.to_json(json_out)
+        err_console.print(f"wrote {json_out}", markup=False)
+    if markdown_out is not None:
+        markdown_out.write_text(report.to_markdown())
+        err_console.print(f"wrote {markdown_out}", markup=False)
+
+
+@bench_app.command("regress")
+def regress(
+    baseline: Path = typer.Option(..., "--baseline", help="Baseline keyedge-latency/1 JSON report."),
+    current: Path = typer.Option(..., "--current", help="Current keyedge-latency/1 JSON report."),
+    device: Path | None = typer.Option(None, "--device", "-d", help="Profile whose [thresholds] apply "
+                                          "(default: those recorded in the current report)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the gate's result as JSON here."),
+) -> None:
+    """Fail (exit 1) when p50 latency, a keyed/plain ratio or accuracy regressed past the profile's thresholds."""
+    import json
+
+    from keyedge.benchmarks.profiles import load_profile
+    from keyedge.benchmarks.regress import compare
+    from keyedge.benchmarks.report import LatencyReport
+
+    thresholds = load_profile(device).thresholds if device is not None else None
+    result = compare(LatencyReport.load(baseline), LatencyReport.load(current), thresholds)
+    result.print_rich(console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")

@@ -1,0 +1,242 @@
+"""`keyedge bench`: device profiles, the keyedge-latency/1 report, interleaved ratios, skips and the regression gate.
+
+Timings are never asserted in absolute terms: only orderings, counts and a ~9x slowdown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from keyedge.benchmarks.latency import BenchSettings, run_latency
+from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile, parse_profile
+from keyedge.benchmarks.regress import compare
+from keyedge.benchmarks.report import SCHEMA, LatencyReport
+from typer.testing import CliRunner
+
+from keyedge.checkpoint import save_checkpoint
+from keyedge.cli import app
+from keyedge.errors import KeyedgeError
+from keyedge.export import ExportRequest, ExportSettings, export_one
+from keyedge.keys import Key
+from keyedge.models import build_model
+
+runner = CliRunner()
+FAST = BenchSettings(min_seconds=0.05, min_iterations=10, warmup=2, rounds=5, batch_sizes=[1, 2])
+PROFILE = """
+name = "test-cpu"
+threads = 1
+batch_sizes = [1]
+warmup = 2
+min_iterations = 10
+min_seconds = 0.05
+rounds = 5
+[[runtime]]
+name = "onnxruntime"
+providers = ["CPUExecutionProvider"]
+[[runtime]]
+name = "openvino"
+device = "CPU"
+[[runtime]]
+name = "coreml"
+compute_units = "ALL"
+[[runtime]]
+name = "onnxruntime"
+providers = ["CUDAExecutionProvider"]
+[thresholds]
+ratio = 100.0
+p50 = 1.5
+accuracy_drop = 0.01
+"""
+
+
+def export_model(root: Path, name: str, key: Key | None, size: int = 32, targets=("onnx", "openvino")) -> Path:
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=size)
+    ckpt = root / f"ckpt-{name}"
+    save_checkpoint(ckpt, model.eval(), epoch=1, finetune={"mode": "full", "lora": None},
+                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
+    return export_one(ExportRequest(ckpt, key), ExportSettings(targets=list(targets), out=root / name, batch=None,
+                                                               real_inputs=0, random_inputs=2))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    key = Key.from_secret(bytes(range(32)), 4)
+    return {"keyed": export_model(root, "keyed", key), "plain": export_model(root, "plain", None),
+            "slow": export_model(root, "slow", key, size=96, targets=("onnx",)), "root": root}
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "test-cpu.toml"
+    path.write_text(PROFILE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(artifacts, profile_path):
+    return run_latency([artifacts["keyed"], artifacts["plain"]], load_profile(profile_path), FAST)
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_shipped_profiles_load():
+    names = {p.stem for p in DEVICES_DIR.glob("*.toml")}
+    assert {"cpu-x86", "cpu-arm", "apple-silicon", "nvidia-gpu"} <= names
+    for path in DEVICES_DIR.glob("*.toml"):
+        profile = load_profile(path)
+        assert profile.runtimes and profile.min_iterations >= 1 and profile.thresholds.p50 > 1
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('name = "x"\nbogus = 1\n[[runtime]]\nname = "onnxruntime"', "'bogus' is unknown"),
+    ('name = "x"\n[[runtime]]\nname = "tensorflow"', "'runtime[0].name' must be one of"),
+    ('name = "x"\n[[runtime]]\nname = "openvino"\ndevice = "TPU"', "'runtime[0].device'"),
+    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\nproviders = ["FooExecutionProvider"]', "'runtime[0].providers'"),
+    ('name = "x"\n[[runtime]]\nname = "coreml"\ncompute_units = "GPU"', "'runtime[0].compute_units'"),
+    ('name = "x"\n[[runtime]]\nname = "openvino"\nproviders = ["CPUExecutionProvider"]', "'runtime[0].providers' is unknown"),
+    ('name = "x"\nmin_iterations = "many"\n[[runtime]]\nname = "onnxruntime"', "'min_iterations' must be an integer"),
+    ('name = "x"\nthreads = true\n[[runtime]]\nname = "onnxruntime"', "'threads'"),
+    ('name = "x"\nbatch_sizes = [1, 0]\n[[runtime]]\nname = "onnxruntime"', "'batch_sizes'"),
+    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\np50 = -1', "'thresholds.p50'"),
+    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nlatency = 2', "'thresholds.latency' is unknown"),
+    ('name = "x"', "'runtime' must list"),
+    ('name = "x"\n[[runtime', "not valid TOML"),
+])
+def test_bad_profiles_are_one_line_errors_naming_field_and_file(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(KeyedgeError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert fragment in message and str(path) in message and "\n" not in message, message
+
+
+def test_bad_profile_through_the_cli_is_exit_2(tmp_path, artifacts):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\nwarmpu = 3\n[[runtime]]\nname = "onnxruntime"')
+    result = runner.invoke(app, ["bench", "latency", str(artifacts["plain"]), "--device", str(path)])
+    assert result.exit_code == 2 and "warmpu" in result.stderr and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_schema_stats_and_environment(report):
+    data = json.loads(report.to_json())
+    assert data["schema"] == SCHEMA == "keyedge-latency/1"
+    for name in ("created", "environment", "profile", "settings", "measurements", "comparisons", "skipped"):
+        assert name in data
+    env = data["environment"]
+    assert env["cpu"] and env["cores"] >= 1 and env["python"] and env["versions"]["onnxruntime"]
+    # dynamic-batch artifacts: the requested batch sizes, on both runtimes, keyed and plain
+    seen = {(m["artifact"]["role"], m["runtime"], m["batch"]) for m in data["measurements"]}
+    assert seen == {(r, rt, b) for r in ("keyed", "plain") for rt in ("onnxruntime", "openvino") for b in (1, 2)}
+    for m in data["measurements"]:
+        s = m["steady"]
+        assert s["iterations"] >= 10 and s["seconds"] >= 0.05
+        assert s["min"] <= s["p50"] <= s["p90"] <= s["p95"] <= s["p99"] <= s["max"]
+        assert m["load_s"] > 0 and m["first_ms"] > 0 and m["throughput"] > 0 and m["peak_rss_mb"] > 0
+        assert m["threads"] == 1
+    again = LatencyReport.from_dict(data)
+    assert again.to_dict() == data
+    md = report.to_markdown()
+    assert "| artifact |" in md and "keyed/plain" in md and "Skipped" in md
+
+
+def test_keyed_plain_and_runtime_ratios_with_spread(report):
+    kinds = {(c.kind, c.batch) for c in report.comparisons}
+    assert {("keyed/plain", 1), ("keyed/plain", 2), ("runtime", 1)} <= kinds
+    for c in report.comparisons:
+        assert c.p10 <= c.median <= c.p90 and c.median > 0 and c.rounds >= 5
+    kp = [c for c in report.comparisons if c.kind == "keyed/plain"]
+    assert {c.runtime.split(":")[0] for c in kp} == {"onnxruntime", "openvino"}
+    assert all(c.numerator.endswith(Key.from_secret(bytes(range(32)), 4).fingerprint) for c in kp)
+    assert all(c.denominator.endswith("-plain") for c in kp)
+
+
+def test_absent_runtimes_are_skipped_with_a_reason(report):
+    reasons = {(s.runtime, s.device): s.reason for s in report.skipped}
+    assert "macOS" in reasons[("coreml", "ALL")]
+    assert "CUDAExecutionProvider" in reasons[("onnxruntime", "CUDAExecutionProvider")]
+
+
+def test_fixed_batch_artifact_is_timed_at_its_batch_only(tmp_path):
+    key = Key.from_secret(bytes(range(32)), 4)
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=32)
+    save_checkpoint(tmp_path / "c", model.eval(), epoch=1, finetune={"mode": "full", "lora": None},
+                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
+    directory = export_one(ExportRequest(tmp_path / "c", key),
+                           ExportSettings(targets=["onnx"], out=tmp_path / "o", batch=3, real_inputs=0, random_inputs=2))
+    rep = run_latency([directory / "model.onnx"], parse_profile({"name": "x", "runtime": [{"name": "onnxruntime"}]}),
+                      FAST)
+    assert [m.batch for m in rep.measurements] == [3] and rep.measurements[0].artifact.batch == 3
+
+
+# --------------------------------------------------------------------------- CLI and regression gate
+
+
+def test_cli_latency_writes_json_and_markdown(tmp_path, artifacts, profile_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    result = runner.invoke(app, ["bench", "latency", str(artifacts["keyed"]), str(artifacts["plain"]), "--device",
+                                 str(profile_path), "--threads", "2", "--min-seconds", "0.02", "--min-iterations", "5",
+                                 "--json", str(out), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["schema"] == SCHEMA and data["settings"]["threads"] == 2 and data["measurements"]
+    assert "keyed/plain" in result.stdout and "skipped coreml" in result.stdout and md.read_text().startswith("# Latency")
+
+
+def test_gate_passes_on_identical_reports(tmp_path, report, profile_path):
+    path = tmp_path / "r.json"
+    report.to_json(path)
+    result = runner.invoke(app, ["bench", "regress", "--baseline", str(path), "--current", str(path),
+                                 "--device", str(profile_path)])
+    assert result.exit_code == 0, result.output
+    assert "no regression" in result.stdout and "0 failed" in result.stdout
+
+
+def test_gate_fails_on_a_real_slowdown(tmp_path, artifacts, profile_path):
+    profile = load_profile(profile_path)
+    base = run_latency([artifacts["keyed"]], profile, FAST)  # 32x32
+    slow = run_latency([artifacts["slow"]], profile, FAST)  # the same model and key at 96x96: ~9x the work
+    base_path, slow_path = tmp_path / "base.json", tmp_path / "cur.json"
+    base.to_json(base_path)
+    slow.to_json(slow_path)
+    result = runner.invoke(app, ["bench", "regress", "--baseline", str(base_path), "--current", str(slow_path),
+                                 "--device", str(profile_path)])
+    assert result.exit_code == 1, result.output
+    assert "REGRESSIONS" in result.stdout and "FAIL" in result.stdout
+    assert "test_efficientnet-" in result.stdout and "onnx onnxruntime:CPUExecutionProvider b1" in result.stdout
+    # the 96x96 export has only onnx: its openvino entries are unmatched, not failures
+    assert "baseline only" in result.stdout and "openvino" in result.stdout
+    gate = compare(base, slow, profile.thresholds)
+    assert not gate.passed and all(c.kind == "p50" for c in gate.offenders)
+
+
+def test_gate_checks_keyed_plain_ratio_and_accuracy(report):
+    data = report.to_dict()
+    gate = compare(report, report, load_profile(DEVICES_DIR / "cpu-x86.toml").thresholds)
+    assert any(c.kind == "ratio" for c in gate.checks)
+    strict = parse_profile({"name": "x", "runtime": [{"name": "onnxruntime"}], "thresholds": {"ratio": 0.01}})
+    assert {c.kind for c in compare(report, report, strict.thresholds).offenders} == {"ratio"}
+    worse = json.loads(json.dumps(data))
+    for m in data["measurements"]:
+        m["artifact"]["accuracy"] = 0.90
+    for m in worse["measurements"]:
+        m["artifact"]["accuracy"] = 0.80
+    gate = compare(LatencyReport.from_dict(data), LatencyReport.from_dict(worse))  # thresholds from the report
+    assert {c.kind for c in gate.offenders} >= {"accuracy"}
+
+
+def test_regress_rejects_a_foreign_report(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"schema": "other/1"}))
+    result = runner.invoke(app, ["bench", "regress", "--baseline", str(path), "--current", str(path)])
+    assert result.exit_code == 2 and "keyedge-latency/1" in result.stderr
