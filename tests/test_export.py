@@ -97,15 +97,18 @@ def test_convnext_fold_and_auto(tmp_path, key4):
     assert manifest["normalization"]["where"] == "folded into the first layer"
 
 
-def test_efficientnet_gather_everywhere_fold_refused(tmp_path, key4):
+def test_efficientnet_fold_refused_auto_keeps_shuffle_in_graph(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
     with pytest.raises(FoldError, match="not a patchify convolution"):
         export(tmp_path, ckpt, key4, fuse="fold")
     assert not (tmp_path / "out" / f"test_efficientnet-{key4.fingerprint}").exists()
     manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="auto")
     assert manifest["fuse"] == "gather" and "not folded" in manifest["fuse_note"]
+    for target in ("onnx", "openvino"):
+        assert manifest["targets"][target]["fuse"] == "gather"
+        assert manifest["targets"][target]["graph"]["gathers_on_input"] == 1
     coreml = manifest["targets"]["coreml"]
-    assert coreml["graph"]["gathers_on_input"] == 1
+    assert coreml["fuse"] == "conv" and coreml["graph"]["gathers_on_input"] == 0  # no gather for the Neural Engine
     if sys.platform != "darwin":
         assert coreml["parity"]["ran"] is False and "macOS" in coreml["parity"]["reason"]
         assert coreml["parity"]["structural"]["inputs"][0]["dtype"] == "float32"
