@@ -92,8 +92,10 @@ def test_vit_gather_and_fold_are_verified_and_fold_has_the_plain_graph(tmp_path,
 
 def test_convnext_fold_and_auto(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "cnx", "test_convnext", key4)
-    manifest = export(tmp_path, ckpt, key4, fuse="auto")
-    assert manifest["fuse"] == "fold" and manifest["targets"]["onnx"]["graph"]["gathers_on_input"] == 0
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino"], fuse="auto")
+    assert manifest["fuse"] == "fold"
+    for entry in manifest["targets"].values():
+        assert entry["graph"]["gathers_on_input"] == 0 and entry["parity"]["passed"]
     assert manifest["normalization"]["where"] == "folded into the first layer"
 
 
@@ -119,8 +121,9 @@ def test_efficientnet_fold_refused_auto_keeps_shuffle_in_graph(tmp_path, key4):
 def test_lora_checkpoint_is_merged(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "lora", "test_vit", key4, finetune="lora",
                            weights=base_weights(tmp_path, "test_vit"))
-    manifest = export(tmp_path, ckpt, key4, ["onnx"])
-    assert manifest["lora_merged"] and manifest["targets"]["onnx"]["parity"]["passed"]
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino"])
+    assert manifest["lora_merged"]
+    assert all(entry["parity"]["passed"] for entry in manifest["targets"].values())
     text = (tmp_path / "out" / f"test_vit-{key4.fingerprint}" / "model.onnx").read_bytes()
     assert b"lora_A" not in text and b"lora_B" not in text
 
