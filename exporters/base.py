@@ -304,6 +304,21 @@ def get_backend(name: str) -> ExportBackend:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def first_that_works(target: str, sources: Sequence[str], attempt: Callable[[str], Any]) -> tuple[Any, str, list[str]]:
+    """Try ``attempt(source)`` for each converter source in order; return (result, source, errors of earlier ones).
+
+    Raises :class:`ExportError` listing every source's failure when none works.
+    """
+    errors = []
+    for source in sources:
+        try:
+            return attempt(source), source, errors
+        except Exception as exc:  # noqa: BLE001 - try the next source, report all if none works
+            errors.append(f"{source}: {one_line(exc)}")
+    raise ExportError(f"{target} export failed ({'; '.join(errors)})",
+                      "fix the first reason given, or export to another target")
+
+
 def one_line(exc: BaseException, limit: int = 400) -> str:
     """``Type: message`` of an exception on one line, shortened.
 

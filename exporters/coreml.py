@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, analyze,
-                                    check_input_shape, check_reproduces, constant_signature, one_line,
+                                    check_input_shape, check_reproduces, constant_signature, first_that_works,
+                                    one_line,
                                     register_backend)
 
 SOURCES = ("jit.trace", "torch.export")
@@ -81,29 +82,21 @@ class CoreMLBackend(ExportBackend):
         size = options.image_size
         batch = ct.RangeDim(lower_bound=1, upper_bound=self.max_batch, default=1) if options.dynamic else options.batch
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
-        errors, mlmodel, used = [], None, None
-        for source in self.sources:
-            try:
-                if source == "jit.trace":
-                    program: Any = torch.jit.trace(module, example, check_trace=False)
-                    check_reproduces(module, lambda x: program(torch.from_numpy(x)).numpy(), options,
-                                     "the TorchScript trace")
-                else:
-                    dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
-                    program = torch.export.export(module, (example,), dynamic_shapes=dynamic).run_decompositions({})
-                candidate = ct.convert(
-                    program, convert_to="mlprogram", minimum_deployment_target=ct.target.macOS13,
-                    inputs=[ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
-                    outputs=[ct.TensorType(name=options.output_name, dtype=np.float32)],
-                    compute_precision=precision, skip_model_load=True)
-            except Exception as exc:  # noqa: BLE001 - try the next source, report all if none works
-                errors.append(f"{source}: {one_line(exc)}")
-                continue
-            mlmodel, used = candidate, source
-            break
-        if mlmodel is None:
-            raise ExportError(f"coreml export failed ({'; '.join(errors)})",
-                              "fix the first reason given, or export to another target")
+        def convert(source: str) -> Any:
+            if source == "jit.trace":
+                program: Any = torch.jit.trace(module, example, check_trace=False)
+                check_reproduces(module, lambda x: program(torch.from_numpy(x)).numpy(), options,
+                                 "the TorchScript trace")
+            else:
+                dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
+                program = torch.export.export(module, (example,), dynamic_shapes=dynamic).run_decompositions({})
+            return ct.convert(
+                program, convert_to="mlprogram", minimum_deployment_target=ct.target.macOS13,
+                inputs=[ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
+                outputs=[ct.TensorType(name=options.output_name, dtype=np.float32)],
+                compute_precision=precision, skip_model_load=True)
+
+        mlmodel, used, errors = first_that_works("coreml", self.sources, convert)
         meta = mlmodel.user_defined_metadata
         meta["keyedge.precision"] = options.precision
         meta["keyedge.source"] = used

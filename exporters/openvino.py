@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, analyze,
-                                    check_input_shape, check_reproduces, constant_signature, one_line,
+                                    check_input_shape, check_reproduces, constant_signature, first_that_works,
+                                    one_line,
                                     register_backend)
 
 SOURCES = ("module", "torch.export")
@@ -58,26 +59,18 @@ class OpenVinoBackend(ExportBackend):
         ov = self.require("openvino")
         example = options.example_input()
         shape = ov.PartialShape(list(options.input_shape))
-        errors, model, used = [], None, None
-        for source in self.sources:
-            try:
-                if source == "module":
-                    candidate = ov.convert_model(module, example_input=example, input=[shape])
-                    compiled = ov.Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-                    check_reproduces(module, lambda x: compiled.create_infer_request().infer({0: x})[0].copy(),
-                                     options, "the traced OpenVINO model")
-                else:
-                    dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
-                    program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
-                    candidate = ov.convert_model(program, input=[shape])
-            except Exception as exc:  # noqa: BLE001 - try the next source, report all if none works
-                errors.append(f"{source}: {one_line(exc)}")
-                continue
-            model, used = candidate, source
-            break
-        if model is None:
-            raise ExportError(f"openvino export failed ({'; '.join(errors)})",
-                              "fix the first reason given, or export to another target")
+        def convert(source: str) -> Any:
+            if source == "module":
+                candidate = ov.convert_model(module, example_input=example, input=[shape])
+                compiled = ov.Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                check_reproduces(module, lambda x: compiled.create_infer_request().infer({0: x})[0].copy(),
+                                 options, "the traced OpenVINO model")
+                return candidate
+            dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
+            program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
+            return ov.convert_model(program, input=[shape])
+
+        model, used, errors = first_that_works("openvino", self.sources, convert)
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise ExportError(f"the converted model has {len(model.inputs)} inputs and {len(model.outputs)} outputs",
                               "export a module taking one image tensor and returning one logits tensor")

@@ -228,21 +228,19 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         raise KeyedgeError("--epochs and --batch-size must be positive")
     key = _load_key(config.key_file)
 
-    train_set, info = load_dataset(config.data, "train", config.image_size or _default_size(config),
-                                   limit=config.train_limit, seed=config.seed)
-    test_set, _ = load_dataset(config.data, "test", config.image_size or _default_size(config),
-                               limit=config.test_limit, seed=config.seed)
-    torch.manual_seed(config.seed)
-    model = prepare_model(config, key, info.num_classes)
-    if model.spec.image_size != (config.image_size or model.spec.image_size):  # pragma: no cover - defensive
-        raise KeyedgeError("model input size differs from the data size")
+    size = config.image_size or _default_size(config)
+    train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)
+    test_set, _ = load_dataset(config.data, "test", size, limit=config.test_limit, seed=config.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 1
     state: dict[str, Any] | None = None
-    if config.resume:
+    if not config.resume:
+        torch.manual_seed(config.seed)
+        model = prepare_model(config, key, info.num_classes)
+    else:
         manifest = read_manifest(out)
         _check_resume(config, manifest, key)
-        model, _ = load_checkpoint(out, key)
+        model, _ = load_checkpoint(out, key)  # the RNG state is restored from the checkpoint below
         state = load_training_state(out, manifest)
         history = list(manifest["metrics"].get("history", []))
         start_epoch = int(manifest["epoch"]) + 1
