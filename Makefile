@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyedge-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test gate bench clean
 
 # Offline labelled data (Debian's Fashion-MNIST package) for training tests and demos.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# CI latency gate: keyed vs plain EfficientNet-Lite0 at 224, ratios only (devices/ci-cpu.toml); exit 1 on a regression
+gate: $(STAMP)
+	$(BIN)/python -m keyedge.benchmarks.gate --out build/gate
 
 bench: $(STAMP)
 	$(BIN)/python -m keyedge.benchmarks.transform

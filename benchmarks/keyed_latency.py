@@ -1,129 +1,100 @@
-"""What does the key cost at inference?  Latency of exported artifacts, keyed vs plain, side by side.
+"""What does the key cost at inference?  Every shuffle formulation against the plain model, in one harness run.
 
-For each model (default ViT-Ti, EfficientNet-Lite0 and ResNet-18 at 224x224, batch 1),
-the plain model, the keyed model with the shuffle as one gather, as space-to-depth +
-1x1 permutation conv, and -- where the stem is patchify -- folded into it (with the
-plain model with its normalization folded, its exact twin) are exported to ONNX
-and OpenVINO IR and timed on this host's CPU.  Variants are interleaved round by
-round (order rotated) so drift cancels; each round's ratio to the plain model is
-taken, then the median and 10th-90th percentile over rounds are reported.
+For each model (default ViT-Ti, EfficientNet-Lite0 and ResNet-18 at 224x224) a plain
+and a keyed checkpoint sharing one backbone are written, then exported through
+``keyedge export`` (parity verified) as
 
-Run: ``python -m keyedge.benchmarks.keyed_latency [--rounds 30] [--iters 20] [--threads 2]``
+* ``plain``      -- no key (fuse ``none``),
+* ``gather``     -- the keyed model, the shuffle as one Gather,
+* ``conv``       -- the keyed model, space-to-depth + 1x1 permutation conv + depth-to-space,
+* ``fold``       -- the keyed model, shuffle and normalization folded into a patchify stem (ViT only),
+* ``plain-fold`` -- the plain model with its normalization folded, the exact twin of ``fold``,
+
+to ONNX and OpenVINO IR.  All of them are timed by the latency harness
+(:mod:`keyedge.benchmarks.latency`) in one interleaved run on this host's CPU, so
+the ratios keyed/plain, gather/fold and gather/conv come with their round-to-round
+spread.  Weights are random (``--weights none``): latency does not depend on them.
+
+Run: ``python -m keyedge.benchmarks.keyed_latency [--models ...] [--threads 2] [--min-seconds 4] [--json r.json]``
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 
-from keyedge.export import deployable
-from keyedge.exporters import ExportOptions, get_backend
+from keyedge.benchmarks.latency import BenchSettings, run_latency
+from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile
+from keyedge.checkpoint import save_checkpoint
+from keyedge.export import ExportRequest, ExportSettings, export_one
+from keyedge.fold import FoldError
 from keyedge.keys import Key
 from keyedge.models import build_model
 
-COMPARISONS = (("gather", "plain"), ("conv", "plain"), ("conv", "gather"), ("fold", "plain-fold"), ("fold", "plain"))
+#: variant -> (checkpoint role, fuse mode)
+VARIANTS = {"plain": ("plain", "gather"), "gather": ("keyed", "gather"), "conv": ("keyed", "conv"),
+            "fold": ("keyed", "fold"), "plain-fold": ("plain", "fold")}
 
 
-def runner(target: str, path: Path, threads: int) -> Callable[[np.ndarray], object]:
-    """A callable running one inference on the CPU with ``threads`` threads."""
-    if target == "onnx":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "INFERENCE_PRECISION_HINT": "f32",
-                                                          "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({0: x})
-
-
-def export_variants(model_name: str, size: int, work: Path) -> dict[str, dict[str, Path]]:
+def export_variants(model_name: str, size: int, work: Path, targets: list[str], batch: int = 1,
+                    variants: tuple[str, ...] = tuple(VARIANTS)) -> list[Path]:
+    """Export formulations of one architecture; return the export directories (fold skipped where inexact)."""
     key = Key.from_secret(bytes(range(32)), 4)
     torch.manual_seed(0)
     keyed = build_model(model_name, 1000, key=key, weights="none", image_size=size).eval()
     plain = build_model(model_name, 1000, weights="none", image_size=size).eval()
     plain.backbone.load_state_dict(keyed.backbone.state_dict())
-    modules = {"plain": deployable(plain, None, "gather"), "gather": deployable(keyed, key, "gather"),
-               "conv": deployable(keyed, key, "conv")}
-    folded, plain_folded = deployable(keyed, key, "auto"), deployable(plain, None, "auto")
-    if folded.fuse == "fold":
-        modules |= {"fold": folded, "plain-fold": plain_folded}
-    options = ExportOptions(batch=1, image_size=size)
-    paths: dict[str, dict[str, Path]] = {}
-    for variant, deploy in modules.items():
-        for target, suffix in (("onnx", ".onnx"), ("openvino", ".xml")):
-            path = work / f"{model_name}-{variant}{suffix}"
-            get_backend(target).export(deploy.module, path, options)
-            paths.setdefault(variant, {})[target] = path
-    return paths
+    checkpoints = {}
+    for role, model in (("plain", plain), ("keyed", keyed)):
+        checkpoints[role] = save_checkpoint(work / f"{model_name}-ckpt-{role}", model, epoch=0,
+                                            finetune={"mode": "full", "lora": None}, data={"name": "none"},
+                                            training={"config": {}}, metrics={"test_accuracy": None}).parent
+    directories = []
+    for variant in variants:
+        role, fuse = VARIANTS[variant]
+        request = ExportRequest(checkpoints[role], key if role == "keyed" else None)
+        settings = ExportSettings(targets=targets, out=work / variant, fuse=fuse, batch=batch, real_inputs=0,
+                                  random_inputs=2)
+        try:
+            directories.append(export_one(request, settings))
+        except FoldError as exc:
+            print(f"  {model_name}: no {variant} variant ({exc.message})")
+    return directories
 
 
-def interleaved(runners: dict[str, Callable], x: np.ndarray, rounds: int, iters: int) -> dict[str, list[float]]:
-    """Per-round mean latency (s) of each runner, runners interleaved with rotating order."""
-    names = list(runners)
-    for name in names:  # warm-up
-        for _ in range(5):
-            runners[name](x)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(iters):
-                runners[name](x)
-            samples[name].append((time.perf_counter() - start) / iters)
-    return samples
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vit_tiny_patch16_224,tf_efficientnet_lite0,resnet18")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--min-seconds", type=float, default=4.0, help="timed seconds per artifact and runtime")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--targets", default="onnx,openvino")
+    parser.add_argument("--json", help="write the keyedge-latency/1 report here")
+    parser.add_argument("--markdown", help="write the markdown report here")
     args = parser.parse_args(argv)
-    x = np.random.default_rng(0).random((1, 3, args.image_size, args.image_size), dtype=np.float32)
-    print(f"keyed vs plain artifact latency: batch 1, {args.image_size}x{args.image_size}, fp32, CPU, "
-          f"{args.threads} threads, {args.rounds} interleaved rounds x {args.iters} inferences")
-    results = []
+    targets = args.targets.split(",")
+    runtimes = [RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"])] if "onnx" in targets else []
+    runtimes += [RuntimeSpec("openvino", device="CPU")] if "openvino" in targets else []
+    profile = parse_profile({"name": "keyed-latency", "threads": args.threads, "batch_sizes": [args.batch],
+                             "runtime": [r.to_dict() for r in runtimes]})
+    settings = BenchSettings(min_seconds=args.min_seconds, min_iterations=50, warmup=10, rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        for model_name in args.models.split(","):
-            paths = export_variants(model_name, args.image_size, Path(tmp))
-            for target in ("onnx", "openvino"):
-                runners = {v: runner(target, p[target], args.threads) for v, p in paths.items()}
-                samples = interleaved(runners, x, args.rounds, args.iters)
-                res = {"model": model_name, "target": target,
-                       "p50_ms": {v: statistics.median(s) * 1e3 for v, s in samples.items()}, "ratios": {}}
-                for a, b in COMPARISONS:
-                    if a in samples and b in samples:
-                        per_round = [sa / sb for sa, sb in zip(samples[a], samples[b])]
-                        lo, hi = np.percentile(per_round, [10, 90])
-                        res["ratios"][f"{a}/{b}"] = {"median": statistics.median(per_round), "p10": float(lo),
-                                                     "p90": float(hi)}
-                results.append(res)
-                times = ", ".join(f"{v} {ms:.2f} ms" for v, ms in res["p50_ms"].items())
-                ratios = ", ".join(f"{k} {r['median']:.3f} [{r['p10']:.3f}-{r['p90']:.3f}]"
-                                   for k, r in res["ratios"].items())
-                print(f"  {model_name:>24} {target:>8}: {times}\n  {'':>24} {'':>8}  ratios: {ratios}")
+        directories = [d for m in args.models.split(",")
+                       for d in export_variants(m, args.image_size, Path(tmp), targets, args.batch)]
+        report = run_latency(directories, profile, settings)
+    from rich.console import Console
+
+    report.print_rich(Console())
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
+        report.to_json(args.json)
+    if args.markdown:
+        Path(args.markdown).write_text(report.to_markdown())
+    return report
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ cancels out of the per-round ratios.  Ratios are reported as the median and the
 
 * ``keyed/plain``: a keyed artifact vs the plain one (manifest fingerprint null) of the same model,
 * ``gather/fold``: the shuffle as one Gather vs folded into the first layer, same key,
+* ``gather/conv``: the shuffle as one Gather vs space-to-depth + 1x1 permutation conv, same key (not gated),
 * ``runtime``: one export directory's artifacts on two runtimes/devices.
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
@@ -41,6 +42,7 @@ from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_avai
 from keyedge.errors import KeyedgeError
 
 SUFFIX_TARGETS = {".onnx": "onnx", ".xml": "openvino", ".mlpackage": "coreml", ".mlmodel": "coreml"}
+CHECKPOINT_MANIFEST = "keyedge.json"  # a training checkpoint directory: timed by the PyTorch eager runner
 
 
 # --------------------------------------------------------------------------- data
@@ -77,8 +79,8 @@ class Stats:
 class Artifact:
     """One exported file and what its manifest says about it."""
 
-    path: str  # the file (.onnx, .xml, .mlpackage)
-    target: str  # onnx, openvino, coreml
+    path: str  # the file (.onnx, .xml, .mlpackage), or the checkpoint directory (target torch)
+    target: str  # onnx, openvino, coreml, torch
     model: str  # model name, or the file stem without a manifest
     fingerprint: str | None  # key fingerprint; None: plain model (or unknown)
     fuse: str | None  # gather, fold, none
@@ -94,7 +96,7 @@ class Artifact:
 
     @property
     def label(self) -> str:
-        return f"{self.model}-{self.fingerprint or 'plain'}" + (f"[{self.fuse}]" if self.fuse == "fold" else "")
+        return f"{self.model}-{self.fingerprint or 'plain'}" + (f"[{self.fuse}]" if self.fuse in ("fold", "conv") else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"role": self.role}
@@ -146,7 +148,7 @@ class Skipped:
 class Comparison:
     """``numerator / denominator`` steady latency, from per-round ratios of interleaved rounds."""
 
-    kind: str  # keyed/plain, gather/fold, runtime
+    kind: str  # keyed/plain, gather/fold, gather/conv, runtime
     numerator: str
     denominator: str
     model: str
@@ -200,11 +202,30 @@ def _artifact_from_manifest(directory: Path, manifest: dict[str, Any], target: s
                     accuracy=(manifest.get("checkpoint") or {}).get("test_accuracy"))
 
 
+def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: Path | None = None) -> Artifact:
+    """A training checkpoint, timed in PyTorch eager mode (the reference the exported artifacts are compared with)."""
+    from keyedge.checkpoint import read_manifest
+
+    manifest = read_manifest(directory)
+    fingerprint = (manifest.get("key") or {}).get("fingerprint")
+    return Artifact(path=str(directory), target="torch", model=manifest["model"]["name"], fingerprint=fingerprint,
+                    fuse=fuse or ("gather" if fingerprint else "none"), precision="fp32", batch=None,
+                    image_size=manifest["model"].get("image_size"),
+                    export_dir=str(export_dir) if export_dir else None,
+                    accuracy=(manifest.get("metrics") or {}).get("test_accuracy"))
+
+
 def discover(path: str | Path) -> list[Artifact]:
-    """The artifacts in an export directory (from its manifest.json), or the one artifact file given."""
+    """The artifacts in an export directory (from its manifest.json), or the one artifact file given.
+
+    An export directory also yields its source checkpoint (for the ``torch`` runtime) when that still exists;
+    a checkpoint directory (``keyedge.json``) yields just that.
+    """
     path = Path(path)
     if not path.exists():
         raise KeyedgeError(f"{path} does not exist", "pass an export directory or an .onnx/.xml/.mlpackage file")
+    if path.is_dir() and (path / CHECKPOINT_MANIFEST).is_file():
+        return [_checkpoint_artifact(path)]
     if path.is_dir() and path.suffix != ".mlpackage":
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
@@ -221,6 +242,12 @@ def discover(path: str | Path) -> list[Artifact]:
                 artifacts.append(_artifact_from_manifest(path, manifest, target, main))
         if not artifacts:
             raise KeyedgeError(f"{manifest_path} lists no artifact files")
+        source = Path((manifest.get("checkpoint") or {}).get("path") or "/nonexistent")
+        if (source / CHECKPOINT_MANIFEST).is_file():
+            try:
+                artifacts.append(_checkpoint_artifact(source, manifest.get("fuse"), path))
+            except KeyedgeError:
+                pass  # a checkpoint gone bad since the export: the artifacts are still timed
         return artifacts
     target = SUFFIX_TARGETS.get(path.suffix)
     if target is None:
@@ -250,8 +277,39 @@ def _dims(shape) -> list[int | None]:
     return [d if isinstance(d, int) and d > 0 else None for d in shape]
 
 
-def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None) -> Runner:
+def _torch_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any]) -> Runner:
+    """PyTorch eager: the checkpoint rebuilt as the module that was exported (same fuse), under inference_mode."""
+    import torch
+
+    from keyedge.checkpoint import load_checkpoint
+    from keyedge.export import deployable
+
+    key = keys.get(artifact.fingerprint) if artifact.fingerprint else None
+    if artifact.fingerprint and key is None:
+        raise KeyedgeError(f"the keyed checkpoint needs its key (fingerprint {artifact.fingerprint})",
+                           "pass it with --key-file")
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(spec.device or "cpu")
+    model, _ = load_checkpoint(artifact.path, key)
+    module = deployable(model, key, artifact.fuse if artifact.fuse in ("gather", "fold", "conv") else "gather")
+    module = module.module.to(device).eval()
     runner = Runner()
+    runner.input_shape = [None, 3, artifact.image_size, artifact.image_size]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():  # .cpu() waits for CUDA/MPS: the copy back is part of the call, as elsewhere
+            return module(torch.from_numpy(x).to(device)).cpu().numpy()
+
+    runner.run = run
+    return runner
+
+
+def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any] | None = None) -> Runner:
+    """Load ``artifact`` on ``spec``'s runtime; ``keys`` (fingerprint -> Key) serve keyed checkpoints (torch)."""
+    runner = Runner()
+    if spec.name == "torch":
+        return _torch_runner(artifact, spec, threads, keys or {})
     if spec.name == "onnxruntime":
         import onnxruntime as ort
 
@@ -283,7 +341,8 @@ def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None) -> R
         shape = compiled.input(0).get_partial_shape()
         runner.input_shape = [d.get_length() if d.is_static else None for d in shape]
         request = compiled.create_infer_request()
-        runner.run = lambda x: request.infer({0: x})
+        # no copies in or out (as benchmark_app): the call times the inference, not the Python wrapping
+        runner.run = lambda x: request.infer({0: x}, share_inputs=True, share_outputs=True)
     elif spec.name == "coreml":
         import coremltools as ct
 
@@ -391,8 +450,8 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                 add("keyed/plain", a, plains[0], a.runtime_label)
             if a.artifact.fuse == "gather":
                 for b in same:
-                    if b.artifact.fingerprint == a.artifact.fingerprint and b.artifact.fuse == "fold":
-                        add("gather/fold", a, b, a.runtime_label)
+                    if b.artifact.fingerprint == a.artifact.fingerprint and b.artifact.fuse in ("fold", "conv"):
+                        add(f"gather/{b.artifact.fuse}", a, b, a.runtime_label)
     # runtimes vs each other: the same export directory on two runtimes/devices (first profile runtime on top)
     order = {id(c.spec): i for i, c in enumerate(cells)}
     for a in cells:
@@ -444,10 +503,11 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
 
 
 def run_latency(paths: list[str | Path], profile: DeviceProfile, settings: BenchSettings | None = None, *,
-                progress: Any = None) -> Any:
+                progress: Any = None, keys: Any = ()) -> Any:
     """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
 
     ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
+    ``keys``: :class:`~keyedge.keys.Key` objects for the ``torch`` runtime's keyed checkpoints (never recorded).
     """
     from keyedge.benchmarks.report import LatencyReport
 
@@ -472,7 +532,7 @@ def run_latency(paths: list[str | Path], profile: DeviceProfile, settings: Bench
             threads = spec.threads or resolved["threads"]
             try:
                 start = time.perf_counter()
-                runner = load_runner(artifact, spec, threads)
+                runner = load_runner(artifact, spec, threads, {k.fingerprint: k for k in keys})
                 load_s = time.perf_counter() - start
             except Exception as exc:  # noqa: BLE001  (a runtime refusing one artifact: skipped with the reason)
                 skipped.append(Skipped(runtime=spec.name, device=spec.device_label, artifact=artifact.path,

@@ -34,8 +34,8 @@ import tomllib
 
 from keyedge.errors import KeyedgeError
 
-#: Runtime name -> the artifact target it runs (``None``: needs the PyTorch model, not an artifact).
-RUNTIME_TARGETS = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml", "torch": None}
+#: Runtime name -> the artifact target it runs (``torch``: the PyTorch checkpoint an export was made from).
+RUNTIME_TARGETS = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml", "torch": "torch"}
 ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
                  "CoreMLExecutionProvider", "OpenVINOExecutionProvider", "DmlExecutionProvider",
                  "ROCMExecutionProvider", "QNNExecutionProvider", "XnnpackExecutionProvider")
@@ -253,7 +253,7 @@ def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
                 return False, "torch: CUDA is not available on this host"
             if spec.device == "mps" and not torch.backends.mps.is_available():
                 return False, "torch: MPS is not available on this host"
-            return False, "the PyTorch eager reference runner is not implemented yet"
+            return True, ""
         if spec.name == "coreml":
             if sys.platform != "darwin":
                 return False, f"CoreML runs only on macOS (this host: {sys.platform})"

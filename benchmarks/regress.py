@@ -9,6 +9,8 @@ runtime, device, batch).  The gate fails when
 
 Entries present in only one report are listed as unmatched, never failures.
 Thresholds come from ``--device PROFILE.toml`` or else the profile recorded in the current report.
+Without a baseline only the ratios are gated: they are measured side by side in one run, so they need
+no reference and mean the same on any machine (this repo's own CI gates exactly that, ``make gate``).
 
     result = compare(LatencyReport.load("base.json"), LatencyReport.load("cur.json"))
     sys.exit(0 if result.passed else 1)
@@ -25,7 +27,7 @@ from keyedge.benchmarks.report import LatencyReport, wide
 
 def _label(key: tuple) -> str:
     model, role, fuse, target, runtime, device, batch = key
-    return f"{model}-{role}{'[' + fuse + ']' if fuse == 'fold' else ''} {target} {runtime}:{device} b{batch}"
+    return f"{model}-{role}{'[' + fuse + ']' if fuse in ('fold', 'conv') else ''} {target} {runtime}:{device} b{batch}"
 
 
 @dataclass
@@ -82,30 +84,39 @@ class RegressionResult:
                       markup=False)
 
 
-def compare(baseline: LatencyReport, current: LatencyReport, thresholds: Thresholds | None = None) -> RegressionResult:
-    """Gate ``current`` against ``baseline``."""
+GATED = ("p50", "ratio", "accuracy")
+
+
+def compare(baseline: LatencyReport | None, current: LatencyReport, thresholds: Thresholds | None = None, *,
+            checks: tuple[str, ...] = GATED) -> RegressionResult:
+    """Gate ``current`` against ``baseline`` (None: ratios only); ``checks`` picks which kinds are gated."""
     if thresholds is None:
         thresholds = Thresholds(**current.profile.get("thresholds", {}))
     result = RegressionResult(thresholds)
-    base = {m.key: m for m in baseline.measurements}
-    cur = {m.key: m for m in current.measurements}
+    if baseline is None:
+        checks = tuple(c for c in checks if c == "ratio")
+    base = {m.key: m for m in baseline.measurements} if baseline is not None else {}
+    cur = {m.key: m for m in current.measurements} if baseline is not None else {}
     for key, m in cur.items():
         if key not in base:
             result.unmatched.append(f"current only: {_label(key)}")
             continue
         b = base[key]
         value = m.steady.p50 / b.steady.p50 if b.steady.p50 > 0 else float("inf")
-        result.checks.append(Check("p50", _label(key), b.steady.p50, m.steady.p50, value, thresholds.p50,
-                                   value <= thresholds.p50))
-        if b.artifact.accuracy is not None and m.artifact.accuracy is not None:
+        if "p50" in checks:
+            result.checks.append(Check("p50", _label(key), b.steady.p50, m.steady.p50, value, thresholds.p50,
+                                       value <= thresholds.p50))
+        if "accuracy" in checks and b.artifact.accuracy is not None and m.artifact.accuracy is not None:
             drop = b.artifact.accuracy - m.artifact.accuracy
             result.checks.append(Check("accuracy", _label(key), b.artifact.accuracy, m.artifact.accuracy, drop,
                                        thresholds.accuracy_drop, drop <= thresholds.accuracy_drop))
     result.unmatched += [f"baseline only: {_label(k)}" for k in base if k not in cur]
-    base_ratios = {c.key: c for c in baseline.comparisons}
+    if "ratio" not in checks:
+        return result
+    base_ratios = {c.key: c for c in baseline.comparisons} if baseline is not None else {}
     for c in current.comparisons:
         if c.kind not in ("keyed/plain", "gather/fold"):
-            continue  # runtime-vs-runtime ratios are informative, not gated
+            continue  # gather/conv and runtime-vs-runtime ratios are informative, not gated
         b = base_ratios.get(c.key)
         entry = f"{c.kind} {c.numerator} / {c.denominator} {c.runtime} b{c.batch}"
         result.checks.append(Check("ratio", entry, b.median if b else None, c.median, c.median, thresholds.ratio,

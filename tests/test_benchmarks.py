@@ -38,9 +38,16 @@ def test_export_benchmark_runs(capsys):
 def test_keyed_latency_benchmark_runs(capsys):
     from keyedge.benchmarks import keyed_latency
 
-    results = keyed_latency.main(["--models", "test_vit", "--image-size", "32", "--rounds", "2", "--iters", "2"])
-    assert {r["target"] for r in results} == {"onnx", "openvino"}
-    for r in results:
-        assert set(r["p50_ms"]) == {"plain", "gather", "conv", "fold", "plain-fold"}
-        assert set(r["ratios"]) == {"gather/plain", "conv/plain", "conv/gather", "fold/plain-fold", "fold/plain"}
-    assert "ratios" in capsys.readouterr().out
+    report = keyed_latency.main(["--models", "test_vit,test_resnet", "--image-size", "32", "--rounds", "2",
+                                 "--min-seconds", "0.05"])
+    fuses = {(m.artifact.model, m.artifact.role, m.artifact.fuse, m.runtime) for m in report.measurements}
+    vit = {(r, f) for m, r, f, rt in fuses if m == "test_vit" and rt == "openvino"}
+    assert vit == {("plain", "none"), ("keyed", "gather"), ("keyed", "conv"), ("keyed", "fold"), ("plain", "fold")}
+    resnet = {(r, f) for m, r, f, rt in fuses if m == "test_resnet" and rt == "onnxruntime"}
+    assert resnet == {("plain", "none"), ("keyed", "gather"), ("keyed", "conv")}  # a ResNet stem does not fold
+    kinds = {m: {c.kind for c in report.comparisons if c.model == m and c.runtime.startswith("onnxruntime:CPU")
+                 and c.kind != "runtime"}
+             for m in ("test_vit", "test_resnet")}
+    assert kinds == {"test_vit": {"keyed/plain", "gather/fold", "gather/conv"},
+                     "test_resnet": {"keyed/plain", "gather/conv"}}
+    assert "keyed/plain" in capsys.readouterr().out

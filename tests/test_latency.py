@@ -179,6 +179,29 @@ def test_fixed_batch_artifact_is_timed_at_its_batch_only(tmp_path):
     assert [m.batch for m in rep.measurements] == [3] and rep.measurements[0].artifact.batch == 3
 
 
+def test_torch_eager_reference_runs_the_source_checkpoint(artifacts):
+    """The torch runtime times an export's checkpoint; a keyed one needs its key, else it is skipped, not a crash."""
+    key = Key.from_secret(bytes(range(32)), 4)
+    profile = parse_profile({"name": "t", "threads": 1, "runtime": [{"name": "onnxruntime"},
+                                                                     {"name": "torch", "device": "cpu"}]})
+    rep = run_latency([artifacts["keyed"], artifacts["plain"]], profile, FAST, keys=[key])
+    eager = [m for m in rep.measurements if m.runtime == "torch"]
+    assert {(m.artifact.role, m.batch) for m in eager} == {(r, b) for r in ("keyed", "plain") for b in (1, 2)}
+    assert all(m.steady.p50 > 0 and m.artifact.target == "torch" for m in eager)
+    runtime = [c for c in rep.comparisons if c.kind == "runtime"]
+    assert any(c.runtime == "onnxruntime:CPUExecutionProvider/torch:cpu" for c in runtime)
+    assert bytes(range(32)).hex() not in json.dumps(rep.to_dict())  # the secret never reaches the report
+    # without the key: the keyed checkpoint is skipped with the fix, the plain one is still timed
+    rep = run_latency([artifacts["keyed"], root_checkpoint(artifacts, "plain")], profile, FAST)
+    reasons = [s.reason for s in rep.skipped if s.runtime == "torch"]
+    assert len(reasons) == 1 and "--key-file" in reasons[0]
+    assert [m.artifact.role for m in rep.measurements if m.runtime == "torch"] == ["plain", "plain"]
+
+
+def root_checkpoint(artifacts, name: str) -> Path:
+    return artifacts["root"] / f"ckpt-{name}"
+
+
 # --------------------------------------------------------------------------- CLI and regression gate
 
 
@@ -240,3 +263,53 @@ def test_regress_rejects_a_foreign_report(tmp_path):
     path.write_text(json.dumps({"schema": "other/1"}))
     result = runner.invoke(app, ["bench", "regress", "--baseline", str(path), "--current", str(path)])
     assert result.exit_code == 2 and "keyedge-latency/1" in result.stderr
+
+
+def slowed_copy(export_dir: Path, dest: Path, pairs: int = 150) -> Path:
+    """A deliberately slower keyed artifact: ``pairs`` reverse+reverse Gathers (an identity) before the graph."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shutil.copytree(export_dir, dest)
+    model = onnx.load(dest / "model.onnx")
+    graph = model.graph
+    source = graph.input[0].name
+    width = graph.input[0].type.tensor_type.shape.dim[3].dim_value
+    graph.initializer.append(numpy_helper.from_array(np.arange(width - 1, -1, -1, dtype=np.int64), "slow_rev"))
+    nodes, current = [], source
+    for i in range(2 * pairs):
+        nodes.append(helper.make_node("Gather", [current, "slow_rev"], [f"slow_{i}"], axis=3))
+        current = f"slow_{i}"
+    for node in graph.node:
+        node.input[:] = [current if name == source else name for name in node.input]
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
+    onnx.save(model, dest / "model.onnx")
+    return dest
+
+
+def test_ratio_gate_fails_when_the_keyed_artifact_gets_slower(tmp_path, artifacts):
+    """`make gate`'s rule: no baseline, only keyed/plain ratios from one interleaved run, a generous threshold."""
+    from keyedge.benchmarks.gate import gate
+
+    profile = tmp_path / "gate.toml"
+    profile.write_text('name = "g"\nthreads = 1\nbatch_sizes = [1]\nmin_iterations = 20\nmin_seconds = 0.2\n'
+                       'rounds = 8\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nratio = 1.6\n')
+    slow = slowed_copy(artifacts["keyed"], tmp_path / "slow")
+    report, result = gate([slow, artifacts["plain"]], profile, attempts=2, out=tmp_path / "out")
+    assert not result.passed and [c.kind for c in result.offenders] == ["ratio"]
+    assert result.offenders[0].value > 1.6 and (tmp_path / "out" / "latency-attempt2.json").is_file()
+    _, result = gate([artifacts["keyed"], artifacts["plain"]], profile, attempts=2)
+    assert result.passed and [c.kind for c in result.checks] == ["ratio"]
+    # the same rule through the CLI: no --baseline gates the ratios only
+    path = tmp_path / "slow.json"
+    report.to_json(path)
+    cli = runner.invoke(app, ["bench", "regress", "--current", str(path)])
+    assert cli.exit_code == 1 and "keyed/plain" in cli.stdout and "FAIL" in cli.stdout
+    cli = runner.invoke(app, ["bench", "regress", "--current", str(path), "--only", "speed"])
+    assert cli.exit_code == 2 and "unknown check speed" in cli.output
+

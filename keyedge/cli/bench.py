@@ -19,7 +19,8 @@ bench_app = typer.Typer(help="Benchmark exported artifacts on a device profile; 
 
 @bench_app.command("latency")
 def latency(
-    paths: list[Path] = typer.Argument(..., help="Export directories (OUT/<model>-<fingerprint>/) or artifact files."),
+    paths: list[Path] = typer.Argument(..., help="Export directories (OUT/<model>-<fingerprint>/), artifact files, or "
+                                             "checkpoint directories (torch runtime)."),
     device: Path | None = typer.Option(None, "--device", "-d", help="Device profile TOML (default: devices/cpu-x86.toml, "
                                           "or a built-in CPU profile)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per runtime (default: the profile's)."),
@@ -29,6 +30,8 @@ def latency(
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Interleaved rounds aimed for."),
     batch: list[int] | None = typer.Option(None, "--batch", "-b", min=1, help="Batch sizes for dynamic-batch artifacts "
                                               "(repeatable; default: the profile's)."),
+    key_files: list[Path] | None = typer.Option(None, "--key-file", "-k", help="Key of a keyed checkpoint for the "
+                                                  "torch runtime (repeatable; matched by fingerprint, never recorded)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the keyedge-latency/1 JSON report here."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown report here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
@@ -39,15 +42,18 @@ def latency(
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile, load_profile
 
+    from keyedge.keys import load_key
+
     profile = load_profile(device) if device is not None else builtin_profile()
+    keys = [load_key(path) for path in key_files or []]
     settings = BenchSettings(threads=threads, min_seconds=min_seconds, min_iterations=min_iterations, warmup=warmup,
                              rounds=rounds, batch_sizes=list(batch) if batch else None)
     if progress:
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console,
                       transient=True) as bar:
-            report = run_latency(paths, profile, settings, progress=bar)
+            report = run_latency(paths, profile, settings, progress=bar, keys=keys)
     else:
-        report = run_latency(paths, profile, settings)
+        report = run_latency(paths, profile, settings, keys=keys)
     report.print_rich(console)
     if json_out is not None:
         report.to_json(json_out)
@@ -59,21 +65,29 @@ def latency(
 
 @bench_app.command("regress")
 def regress(
-    baseline: Path = typer.Option(..., "--baseline", help="Baseline keyedge-latency/1 JSON report."),
+    baseline: Path | None = typer.Option(None, "--baseline", help="Baseline keyedge-latency/1 JSON report (without "
+                                         "one only the current report's keyed/plain and gather/fold ratios are gated)."),
     current: Path = typer.Option(..., "--current", help="Current keyedge-latency/1 JSON report."),
     device: Path | None = typer.Option(None, "--device", "-d", help="Profile whose [thresholds] apply "
                                           "(default: those recorded in the current report)."),
+    only: list[str] | None = typer.Option(None, "--only", help="Gate only these checks (repeatable): p50, ratio, "
+                                            "accuracy. Use --only ratio across machines: absolute times differ."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the gate's result as JSON here."),
 ) -> None:
     """Fail (exit 1) when p50 latency, a keyed/plain ratio or accuracy regressed past the profile's thresholds."""
     import json
 
     from keyedge.benchmarks.profiles import load_profile
-    from keyedge.benchmarks.regress import compare
+    from keyedge.benchmarks.regress import GATED, compare
     from keyedge.benchmarks.report import LatencyReport
+    from keyedge.errors import KeyedgeError
 
+    unknown = sorted(set(only or ()) - set(GATED))
+    if unknown:
+        raise KeyedgeError(f"unknown check {', '.join(unknown)} for --only", f"use {', '.join(GATED)}")
     thresholds = load_profile(device).thresholds if device is not None else None
-    result = compare(LatencyReport.load(baseline), LatencyReport.load(current), thresholds)
+    result = compare(LatencyReport.load(baseline) if baseline is not None else None, LatencyReport.load(current),
+                     thresholds, checks=tuple(only or GATED))
     result.print_rich(console)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
