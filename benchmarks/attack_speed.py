@@ -5,7 +5,8 @@ block shuffle + normalization + backbone, random weights) on the same inputs wit
 same eps, step size, steps and random start.  Rounds are interleaved (order alternated
 each round) so machine drift hits both alike; the ratio ours/theirs is taken within a
 round, then its median and 10th-90th percentile spread over rounds are reported.
-``torchattacks`` is an optional dev dependency: without it only ours is measured.
+``torchattacks`` is optional (`pip install --no-deps torchattacks`: its requests pin would downgrade requests);
+without it only ours is measured.
 
 Run: ``python -m keyedge.benchmarks.attack_speed [--rounds 10] [--batch-size 32] [--image-size 32]
 [--model resnet18] [--threads 2] [--json out.json]``
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> SpeedResult:
           f"{platform.processor() or platform.machine()}, {args.rounds} interleaved rounds")
     res = bench(args.model, args.image_size, args.batch_size, args.steps, eps, args.rounds, args.threads)
     if res.torchattacks is None:
-        print("torchattacks is not installed (pip install torchattacks): measuring keyedge's PGD only")
+        print("torchattacks is not installed (pip install --no-deps torchattacks): measuring keyedge's PGD only")
     for name, ips in res.images_per_s.items():
         label = name if name == "ours" else f"{name} {res.torchattacks}"
         print(f"{label:>22}: {ips:9.1f} images/s (median)")

@@ -71,6 +71,7 @@ class OpenVinoBackend(ExportBackend):
             return ov.convert_model(program, input=[shape])
 
         model, used, errors = first_that_works("openvino", self.sources, convert)
+        simplify(model)
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise ExportError(f"the converted model has {len(model.inputs)} inputs and {len(model.outputs)} outputs",
                               "export a module taking one image tensor and returning one logits tensor")
@@ -135,6 +136,27 @@ class OpenVinoBackend(ExportBackend):
         return {"format": "openvino", "inputs": [port(p) for p in model.inputs],
                 "outputs": [port(p) for p in model.outputs], "precision": _rt(model, "precision"),
                 "source": _rt(model, "source")}
+
+
+def simplify(model: Any) -> None:
+    """Fold the shape arithmetic the PyTorch frontend leaves behind (ShapeOf -> Gather -> Concat -> Reshape).
+
+    Tracing ``pixel_unshuffle`` or ``flatten`` records shapes as computations; with a static
+    image size they are constants.  OpenVINO's offline MOC pipeline (what ``ovc`` runs) folds
+    them, even with a dynamic batch, so the IR holds only the data ops -- the conv shuffle
+    then has no Gather at all.  Public constant folding is the fallback if the private
+    module moves in a future OpenVINO.
+    """
+    try:
+        from openvino._offline_transformations import apply_moc_transformations
+
+        apply_moc_transformations(model, cf=True)
+    except ImportError:  # pragma: no cover - depends on the OpenVINO release
+        from openvino.passes import ConstantFolding, Manager
+
+        manager = Manager()
+        manager.register_pass(ConstantFolding())
+        manager.run_passes(model)
 
 
 def _shape(port: Any) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import os
 import signal
@@ -249,10 +251,15 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
 def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
     manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="conv")
-    plain = export(tmp_path, make_checkpoint(tmp_path / "plain", "test_efficientnet"), None, ["onnx"])
+    plain = export(tmp_path, make_checkpoint(tmp_path / "plain", "test_efficientnet"), None,
+                   ["onnx", "openvino", "coreml"])
     for target, entry in manifest["targets"].items():
         assert entry["fuse"] == "conv" and entry["graph"]["gathers_on_input"] == 0, target
         assert not any(op.lower().startswith("gather") for op in entry["graph"]["input_path"]), target
+        # no Gather anywhere: not even shape arithmetic (OpenVINO's is folded at export)
+        assert not [op for op in entry["graph"]["ops"] if "gather" in op.lower()], (target, entry["graph"]["ops"])
+        extra = Counter(entry["graph"]["ops"]) - Counter(plain["targets"][target]["graph"]["ops"])
+        assert extra[{"onnx": "Conv", "openvino": "Convolution", "coreml": "conv"}[target]] == 1, (target, extra)
         assert entry["parity"]["passed"]
     conv_ops = manifest["targets"]["onnx"]["graph"]["ops"]
     assert conv_ops["Conv"] == plain["targets"]["onnx"]["graph"]["ops"]["Conv"] + 1

@@ -1,0 +1,60 @@
+"""Attacks for keyedge's robustness benchmarks: one attack per module behind :class:`Attack`.
+
+All attacks take a model -- or several, whose losses are summed (multi-key EoT) -- mapping
+[0, 1] images to logits, and return adversarial images in [0, 1]; randomness is seeded and
+private.  Build one by class or by name::
+
+    from keyedge.benchmarks.attacks import PGD, make_attack
+    adv = PGD(model, eps=8/255, steps=20)(images, labels)
+    adv = make_attack("apgd-ce", [keyed_a, keyed_b], eps=parse_eps("4/255")).run(images, labels)
+
+========  ==========================  =====================================================
+name      class                       attack
+========  ==========================  =====================================================
+fgsm      :class:`FGSM`               one signed-gradient step, Linf
+pgd       :class:`PGD`                PGD with random start and restarts, Linf
+pgdl2     :class:`PGDL2`              PGD, L2
+ifgsm     :class:`IFGSM`              iterative FGSM (BIM), Linf
+mifgsm    :class:`MIFGSM`             momentum iterative FGSM, Linf
+apgd-ce   :class:`APGDCE`             Auto-PGD on cross-entropy, Linf
+apgd-dlr  :class:`APGDDLR`            Auto-PGD on the DLR loss, Linf
+autoattack :class:`AutoAttack`        AutoAttack via the optional ``pyautoattack``
+npixel    :class:`NPixel`             N-pixel attack by differential evolution, L0
+patch     :class:`Patch`              square adversarial patch of a given area
+========  ==========================  =====================================================
+"""
+
+from .apgd import APGD, APGDCE, APGDDLR
+from .autoattack import AutoAttack
+from .base import ATTACKS, Attack, AttackError, make_attack, parse_eps, register
+from .fgsm import FGSM
+from .ifgsm import IFGSM
+from .losses import cross_entropy, dlr
+from .mifgsm import MIFGSM
+from .npixel import NPixel
+from .patch import Patch, patch_side
+from .pgd import PGD
+from .pgdl2 import PGDL2
+
+__all__ = [
+    "APGD",
+    "APGDCE",
+    "APGDDLR",
+    "ATTACKS",
+    "FGSM",
+    "IFGSM",
+    "MIFGSM",
+    "PGD",
+    "PGDL2",
+    "Attack",
+    "AttackError",
+    "AutoAttack",
+    "NPixel",
+    "Patch",
+    "cross_entropy",
+    "dlr",
+    "make_attack",
+    "parse_eps",
+    "patch_side",
+    "register",
+]
