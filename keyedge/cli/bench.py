@@ -95,5 +95,69 @@ def regress(
         raise typer.Exit(1)
 
 
+@bench_app.command("robustness")
+def robustness(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (or directories holding several)."),
+    key_file: list[Path] | None = typer.Option(None, "--key-file", "-k", help="Key file (repeatable); matched to "
+                                                 "checkpoints by fingerprint. Every key is also a key-diversity column."),
+    keys: Path | None = typer.Option(None, "--keys", help="Directory of key files."),
+    data: str = typer.Option("fashion-mnist", "--data", "-d", help="Test data (as for train)."),
+    limit: int = typer.Option(500, "--limit", min=1, help="Test images (class-stratified, seeded)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the test subset and the attacks."),
+    attack: str = typer.Option("pgd", "--attack", help="Attack crafting the adversarial sets: pgd, apgd-ce, "
+                                                       "apgd-dlr, mifgsm, ifgsm, fgsm, pgdl2, autoattack."),
+    eps: str = typer.Option("16/255", "--eps", help="Budget, e.g. 8/255 (Fashion-MNIST needs 16/255 for white-box "
+                                                    "PGD to reach ~0)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Attack steps."),
+    sweep_eps: str = typer.Option("0,2/255,4/255,8/255,16/255", "--sweep-eps", help="Budgets of the eps sweep "
+                                                                                     "(comma-separated; '' for none)."),
+    sweep_limit: int = typer.Option(200, "--sweep-limit", min=1, help="Images in the eps sweep."),
+    gradient_limit: int = typer.Option(128, "--gradient-limit", min=1, help="Images for gradient similarity."),
+    artifacts: list[Path] | None = typer.Option(None, "--artifacts", "-a", help="Export directories of evaluated "
+                                                   "checkpoints: classify the adversarial images with them too."),
+    batch_size: int = typer.Option(100, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, mps or auto."),
+    out: Path = typer.Option(Path("reports/robustness"), "--out", "-o", help="Report directory (JSON, markdown, PNG)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
+) -> None:
+    """Attack keyed models: white-box sanity, non-adaptive, adaptive, multi-key EoT; matrices, sweeps, artifacts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from keyedge.benchmarks.attacks import ATTACKS, parse_eps
+    from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
+    from keyedge.errors import KeyedgeError, OutputError
+    from keyedge.export import find_checkpoints, load_keys
+    from keyedge.train import resolve_device
+
+    if attack not in ATTACKS or attack in ("npixel", "patch"):
+        raise KeyedgeError(f"unknown attack {attack!r} for the scenarios",
+                           f"use one of {', '.join(a for a in ATTACKS if a not in ('npixel', 'patch'))}")
+    budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
+    for text in [eps, *budgets]:
+        parse_eps(text)  # a bad budget fails now, not after an hour of attacks
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    paths = [c for p in checkpoints for c in find_checkpoints(p)]
+    key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
+    config = RobustnessConfig(data=data, limit=limit, seed=seed, attack=attack, eps=eps, steps=steps,
+                              sweep_eps=budgets, sweep_limit=sweep_limit, gradient_limit=gradient_limit,
+                              batch_size=batch_size, device=str(resolve_device(device)),
+                              artifacts=[str(a) for a in artifacts or []])
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        def progress(label: str, total: int):
+            task = bar.add_task(label, total=total)
+            return lambda done: bar.update(task, completed=done)
+
+        report = run_robustness(paths, key_list, config, progress=progress,
+                                log=lambda line: err_console.print(line, markup=False))
+    report.print_rich(console)
+    report.write(out, overwrite=overwrite)
+    err_console.print(f"wrote {out}/robustness.json, robustness.md and plots", markup=False)
+    if not report.sanity["passed"]:
+        err_console.print("warning: the white-box sanity check failed; the robust accuracies above are not "
+                          "trustworthy (see the trust checks)", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

@@ -1,0 +1,257 @@
+"""The robustness report (``keyedge-robustness/1``): data first (JSON), then markdown, a rich table and PNG plots.
+
+``write(out)`` produces, all or nothing (a temporary directory renamed into place):
+
+* ``robustness.json``  -- the whole report (schema in ``docs/robustness-report.md``),
+* ``robustness.md``    -- the same as tables, trust checks and white-box sanity first,
+* ``key-diversity.png``, ``transferability.png``, ``gradient-similarity.png`` -- heatmaps,
+* ``eps-sweep.png``, ``block-size.png`` -- curves (when there is something to draw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keyedge.benchmarks.robustness import Check, Matrix, Outcome, block_size_points
+from keyedge.errors import KeyedgeError, OutputError
+
+SCHEMA = "keyedge-robustness/1"
+
+
+@dataclass
+class RobustnessReport:
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    data: dict[str, Any]
+    models: list[dict[str, Any]]
+    outcomes: list[Outcome] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    matrices: list[Matrix] = field(default_factory=list)
+    sweeps: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    artifacts: list[Outcome] = field(default_factory=list)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    schema: str = SCHEMA
+
+    # ---------------------------------------------------------------- data
+
+    @property
+    def sanity(self) -> dict[str, Any]:
+        white = [o for o in self.outcomes if o.scenario == "white-box"]
+        check = next((c for c in self.checks if c.name == "white-box attack succeeds"), None)
+        return {"passed": bool(check and check.passed),
+                "white_box": {o.target: o.robust_accuracy for o in white}}
+
+    def matrix(self, kind: str) -> Matrix | None:
+        return next((m for m in self.matrices if m.kind == kind), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, "created": self.created, "sanity": self.sanity,
+                "environment": self.environment, "config": self.config, "data": self.data, "models": self.models,
+                "checks": [c.to_dict() for c in self.checks],
+                "outcomes": [o.to_dict() for o in self.outcomes], "skipped": self.skipped,
+                "matrices": [m.to_dict() for m in self.matrices],
+                "sweeps": {"eps": self.sweeps, "block_size": block_size_points(self.outcomes, self.models)},
+                "artifacts": [o.to_dict() for o in self.artifacts]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<report>") -> RobustnessReport:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema != SCHEMA:
+            raise KeyedgeError(f"{source} is not a {SCHEMA} report (schema: {schema!r})",
+                               "pass a robustness.json written by `keyedge bench robustness`")
+        try:
+            def outcome(d: dict[str, Any]) -> Outcome:
+                return Outcome(**{k: v for k, v in d.items() if k not in ("robust_se", "clean_se")})
+
+            return cls(environment=data["environment"], config=data["config"], data=data["data"],
+                       models=data["models"], outcomes=[outcome(o) for o in data["outcomes"]],
+                       skipped=data.get("skipped", []), matrices=[Matrix(**m) for m in data["matrices"]],
+                       sweeps=data["sweeps"]["eps"], checks=[Check(**c) for c in data["checks"]],
+                       artifacts=[outcome(o) for o in data.get("artifacts", [])], created=data.get("created", ""))
+        except (KeyError, TypeError) as exc:
+            raise KeyedgeError(f"{source}: malformed {SCHEMA} report ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> RobustnessReport:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), str(path))
+        except FileNotFoundError:
+            raise KeyedgeError(f"{path}: no such report") from None
+        except (OSError, ValueError) as exc:
+            raise KeyedgeError(f"{path}: not readable JSON ({exc})") from None
+
+    # ---------------------------------------------------------------- text
+
+    def _outcome_rows(self, outcomes: list[Outcome]) -> list[list[str]]:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1%}"
+
+        return [[o.scenario, o.target, "+".join(o.sources), o.runtime, str(o.images),
+                 f"{o.clean_accuracy:.1%} ± {o.clean_se:.1%}", f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}",
+                 pct(o.attack_success_rate), f"{pct(o.fooling_ratio)} (n={o.fooling_images})"] for o in outcomes]
+
+    def _header(self) -> str:
+        c, d = self.config, self.data
+        return (f"{d['images']} {d['name']} test images at {d['image_size']}px (seed {c['seed']}); attack "
+                f"{c['attack']} eps {c['eps']}, {c['steps']} steps, seed {c['seed']}; "
+                f"± is one binomial standard error")
+
+    def to_markdown(self) -> str:
+        def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+            return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
+                   ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+        lines = ["# Robustness", "", self._header(), ""]
+        lines += ["## Trust checks (white-box sanity first)", ""]
+        lines += table(["check", "passed", "detail"], [[c.name, "yes" if c.passed else "**NO**", c.detail]
+                                                       for c in self.checks])
+        headers = ["scenario", "target", "source(s)", "runtime", "n", "clean", "robust", "attack success",
+                   "fooling ratio"]
+        lines += ["## Scenarios", ""] + table(headers, self._outcome_rows(self.outcomes))
+        if self.skipped:
+            lines += ["Not run: " + "; ".join(f"{s['scenario']} on {s['target']} ({s['reason']})"
+                                              for s in self.skipped), ""]
+        if self.artifacts:
+            lines += ["## On the deployed artifacts", ""] + table(headers, self._outcome_rows(self.artifacts))
+        for m in self.matrices:
+            lines += [f"## {m.kind} ({m.images} images)", "", m.note, ""]
+            lines += table([""] + m.columns, [[r] + ["-" if v is None else f"{v:.3f}" for v in row]
+                                              for r, row in zip(m.rows, m.values)])
+        if self.sweeps:
+            lines += ["## Robust accuracy vs eps", ""]
+            lines += table(["target", "scenario", "eps", "n", "robust"],
+                           [[p["target"], p["scenario"], f"{p['eps_255']:g}/255", str(p["images"]),
+                             f"{p['robust_accuracy']:.1%} ± {p['robust_se']:.1%}"] for p in self.sweeps])
+        blocks = block_size_points(self.outcomes, self.models)
+        if blocks:
+            lines += ["## Accuracy vs block size", ""]
+            lines += table(["P", "model", "fine-tune", "scenario", "clean", "robust"],
+                           [[str(p["block_size"]), p["target"], p["finetune"], p["scenario"],
+                             f"{p['clean_accuracy']:.1%}", f"{p['robust_accuracy']:.1%}"]
+                            for p in sorted(blocks, key=lambda p: (p["block_size"], p["target"]))])
+        return "\n".join(lines)
+
+    def print_rich(self, console) -> None:
+        from rich.table import Table
+
+        from keyedge.benchmarks.report import wide
+
+        console = wide(console)
+        console.print(self._header(), markup=False)
+        checks = Table(title="trust checks")
+        for h in ("check", "passed", "detail"):
+            checks.add_column(h, overflow="fold")
+        for c in self.checks:
+            checks.add_row(c.name, "yes" if c.passed else "NO", c.detail)
+        console.print(checks)
+        table = Table(title="scenarios")
+        for h in ("scenario", "target", "source(s)", "runtime", "n", "clean", "robust", "attack success", "fooling"):
+            table.add_column(h)
+        for row in self._outcome_rows(self.outcomes + self.artifacts):
+            table.add_row(*row)
+        console.print(table)
+        for m in self.matrices:
+            t = Table(title=f"{m.kind} ({m.images} images)")
+            t.add_column("")
+            for col in m.columns:
+                t.add_column(col[:18])
+            for r, row in zip(m.rows, m.values):
+                t.add_row(r, *["-" if v is None else f"{v:.3f}" for v in row])
+            console.print(t)
+
+    # ---------------------------------------------------------------- files
+
+    def plots(self, directory: Path) -> list[Path]:
+        """Heatmaps of the matrices and curves of the sweeps, as PNG files in ``directory``."""
+        from keyedge.deps import require
+
+        matplotlib = require("matplotlib", extra="plots")
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        written = []
+        for m in self.matrices:
+            values = np.array([[np.nan if v is None else v for v in row] for row in m.values], dtype=float)
+            fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(m.columns), 1.2 + 0.6 * len(m.rows)))
+            image = ax.imshow(values, cmap="viridis", vmin=min(0.0, np.nanmin(values)), vmax=1.0)
+            ax.set_xticks(range(len(m.columns)), [c[:12] for c in m.columns], rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(m.rows)), m.rows, fontsize=8)
+            for i in range(values.shape[0]):
+                for j in range(values.shape[1]):
+                    if not np.isnan(values[i, j]):
+                        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if values[i, j] < 0.6 else "black")
+            ax.set_title(f"{m.kind} ({m.images} images)", fontsize=10)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+            fig.tight_layout()
+            written.append(directory / f"{m.kind}.png")
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+        if self.sweeps:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            curves: dict[tuple, list[dict[str, Any]]] = {}
+            for p in self.sweeps:
+                curves.setdefault((p["target"], p["scenario"]), []).append(p)
+            for (target, scenario), pts in sorted(curves.items()):
+                pts.sort(key=lambda p: p["eps"])
+                ax.errorbar([p["eps_255"] for p in pts], [p["robust_accuracy"] for p in pts],
+                            yerr=[p["robust_se"] for p in pts], marker="o", capsize=3, label=f"{target}: {scenario}")
+            ax.set_xlabel("eps (x/255)")
+            ax.set_ylabel("robust accuracy")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+            ax.set_title(f"robust accuracy vs eps ({self.config['attack']}, {self.config['steps']} steps)", fontsize=10)
+            fig.tight_layout()
+            written.append(directory / "eps-sweep.png")
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+        blocks = [p for p in block_size_points(self.outcomes, self.models) if p["finetune"] == "full"]
+        if len({p["block_size"] for p in blocks}) > 1:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            series: dict[str, dict[int, list[float]]] = {"clean": {}}
+            for p in blocks:
+                series["clean"].setdefault(p["block_size"], []).append(p["clean_accuracy"])
+                series.setdefault(p["scenario"], {}).setdefault(p["block_size"], []).append(p["robust_accuracy"])
+            for name, by_p in series.items():
+                xs = sorted(by_p)
+                ax.plot(xs, [float(np.mean(by_p[x])) for x in xs], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("block size P")
+            ax.set_ylabel("accuracy (mean over keyed full fine-tunes)")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            written.append(directory / "block-size.png")
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+        return written
+
+    def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write JSON, markdown and plots into ``out`` -- all of them, or nothing."""
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out} already exists", "pass --overwrite, or choose another --out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            (tmp / "robustness.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            (tmp / "robustness.md").write_text(self.to_markdown() + "\n")
+            self.plots(tmp)
+            os.chmod(tmp, 0o755)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out

@@ -1,0 +1,171 @@
+"""`keyedge bench robustness`: scenarios, matrices, sweeps, trust checks, deployed artifacts and the report schema.
+
+Real models (timm's test_resnet trained for a few seconds on real Fashion-MNIST), real attacks, real exports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness, scenario_sources
+from keyedge.benchmarks.robustness_report import SCHEMA, RobustnessReport
+from typer.testing import CliRunner
+
+from keyedge.cli import app
+from keyedge.data import FASHION_MNIST_DEBIAN
+from keyedge.export import ExportRequest, ExportSettings, export_one
+from keyedge.keys import Key
+from keyedge.train import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(),
+                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+runner = CliRunner()
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+NAMES = ("plain", "m-ka", "m-kb", "m-kc")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A plain and three keyed (P=4) models, ~80% clean accuracy, and an ONNX export of one keyed model."""
+    root = tmp_path_factory.mktemp("runs")
+    keys = {}
+    for i, name in enumerate(("ka", "kb", "kc")):
+        keys[name] = Key.from_secret(bytes([i + 1]) * 32, 4)
+        keys[name].save(root / f"{name}.bin")
+    for name in NAMES:
+        key = name.split("-")[-1] if name != "plain" else None
+        train(TrainConfig(model="test_resnet", data="fashion-mnist", out=str(root / name), weights="none",
+                          key_file=str(root / f"{key}.bin") if key else None, image_size=32, epochs=2,
+                          batch_size=32, train_limit=1500, test_limit=100, lr=2e-3),
+              progress=False, log=lambda _line: None)
+    export = export_one(ExportRequest(root / "m-ka", keys["ka"]),
+                        ExportSettings(targets=["onnx", "openvino"], out=root / "artifacts", batch=None,
+                                       real_inputs=0, random_inputs=2))
+    return {"root": root, "keys": keys, "export": export}
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    config = RobustnessConfig(limit=120, steps=10, sweep_eps=["0", "4/255", "16/255"], sweep_limit=60,
+                              gradient_limit=32, artifacts=[str(runs["export"])])
+    return run_robustness([runs["root"] / n for n in NAMES], list(runs["keys"].values()), config)
+
+
+def outcome(report, scenario, target, runtime="torch"):
+    return next(o for o in report.outcomes + report.artifacts
+                if o.scenario == scenario and o.target == target and o.runtime.startswith(runtime))
+
+
+def test_white_box_sanity_comes_first_and_breaks_every_model(report):
+    assert report.checks[0].name == "white-box attack succeeds" and report.checks[0].passed
+    assert report.sanity["passed"] and set(report.sanity["white_box"]) == set(NAMES)
+    for name in NAMES:
+        o = outcome(report, "white-box", name)
+        assert o.clean_accuracy > 0.6 and o.robust_accuracy <= 0.05 and o.attack_success_rate > 0.9
+    assert all(c.passed for c in report.checks), [c.detail for c in report.checks if not c.passed]
+
+
+def test_scenarios_and_their_sources(report):
+    for target in ("m-ka", "m-kb", "m-kc"):
+        assert outcome(report, "non-adaptive", target).sources == ["plain"]
+        adaptive = outcome(report, "adaptive", target)
+        assert adaptive.sources != [target] and adaptive.sources[0].startswith("m-k")
+        assert len(outcome(report, "multi-key-eot", target).sources) == 2
+        # transfer from the plain model or another key is far weaker than white-box: the defense works here
+        assert outcome(report, "non-adaptive", target).robust_accuracy > 0.4
+    reasons = {(s["scenario"], s["target"]): s["reason"] for s in report.skipped}
+    assert "another architecture" in reasons[("cross-arch", "m-ka")]
+    o = outcome(report, "adaptive", "m-ka")
+    assert 0 <= o.fooling_ratio <= 1 and o.fooling_images <= o.images and o.robust_se > 0
+
+
+def test_matrices_shapes_and_diagonals(report):
+    transfer = report.matrix("transferability")
+    assert transfer.rows == transfer.columns == list(NAMES)
+    for name in NAMES:
+        assert transfer.get(name, name) == pytest.approx(outcome(report, "white-box", name).robust_accuracy)
+    grads = report.matrix("gradient-similarity")
+    assert len(grads.values) == 4 and all(len(r) == 4 for r in grads.values)
+    assert all(grads.get(n, n) == pytest.approx(1.0, abs=1e-5) for n in NAMES)
+    assert all(abs(grads.get(a, b)) < 0.5 for a in NAMES for b in NAMES if a != b)
+    diversity = report.matrix("key-diversity")
+    assert diversity.rows == list(NAMES) and diversity.columns == ["key of m-ka", "key of m-kb", "key of m-kc",
+                                                                   "no key"]
+    for name in NAMES[1:]:
+        own = diversity.get(name, f"key of {name}")
+        assert own == pytest.approx(outcome(report, "white-box", name).clean_accuracy)
+        wrong = [diversity.get(name, c) for c in diversity.columns if c != f"key of {name}"]
+        assert own > max(wrong), (name, own, wrong)  # the correct key beats every wrong one
+    assert diversity.get("plain", "no key") > max(diversity.get("plain", c) for c in diversity.columns[:3])
+
+
+def test_eps_sweep_and_block_size_points(report):
+    curve = sorted((p for p in report.sweeps if p["target"] == "plain" and p["scenario"] == "white-box"),
+                   key=lambda p: p["eps"])
+    assert [p["eps_255"] for p in curve] == [0, 4, 16] and curve[0]["robust_accuracy"] > curve[-1]["robust_accuracy"]
+    assert {p["scenario"] for p in report.sweeps if p["target"] == "m-ka"} == {"white-box", "non-adaptive", "adaptive"}
+    blocks = report.to_dict()["sweeps"]["block_size"]
+    assert {p["block_size"] for p in blocks} == {4}
+
+
+def test_deployed_artifacts_see_the_same_attacks(report):
+    for runtime in ("onnx", "openvino"):
+        for scenario in ("white-box", "non-adaptive", "adaptive"):
+            deployed, source = outcome(report, scenario, "m-ka", runtime), outcome(report, scenario, "m-ka")
+            assert deployed.images == source.images
+            assert abs(deployed.robust_accuracy - source.robust_accuracy) <= 2 / source.images, (runtime, scenario)
+
+
+def test_report_validates_against_the_schema_and_round_trips(report, tmp_path):
+    import jsonschema
+
+    schema = json.loads((DOCS / "robustness-report.schema.json").read_text())
+    data = json.loads(json.dumps(report.to_dict()))
+    jsonschema.validate(data, schema)
+    assert data["schema"] == SCHEMA
+    again = RobustnessReport.from_dict(data)
+    assert again.to_dict()["outcomes"] == data["outcomes"]
+    broken = dict(data, outcomes=[dict(data["outcomes"][0], robust_accuracy=1.5)])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    out = report.write(tmp_path / "rep")
+    names = {p.name for p in out.iterdir()}
+    assert {"robustness.json", "robustness.md", "key-diversity.png", "transferability.png",
+            "gradient-similarity.png", "eps-sweep.png"} <= names
+    assert (out / "robustness.md").read_text().startswith("# Robustness")
+    text = (out / "robustness.json").read_text()
+    for key in ("ka", "kb", "kc"):
+        assert bytes([("ka", "kb", "kc").index(key) + 1]).hex() * 32 not in text  # no secret in the report
+
+
+def test_cli_end_to_end_and_bad_input(runs, tmp_path):
+    root = runs["root"]
+    args = ["bench", "robustness", str(root / "plain"), str(root / "m-ka"), str(root / "m-kb"), "--keys", str(root),
+            "--limit", "40", "--steps", "5", "--sweep-eps", "", "--gradient-limit", "8"]
+    result = runner.invoke(app, args + ["--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r" / "robustness.json").read_text())
+    assert data["config"]["limit"] == 40 and data["checks"][0]["name"] == "white-box attack succeeds"
+    assert "white-box" in result.stdout and "transferability" in result.stdout
+    # the report directory exists: refused, nothing touched
+    again = runner.invoke(app, args + ["--out", str(tmp_path / "r")])
+    assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
+    for bad, message in ((["--eps", "lots"], "eps must be a number"), (["--attack", "nope"], "unknown attack"),
+                         (["--sweep-eps", "1/0"], "divides by zero")):
+        result = runner.invoke(app, args + ["--out", str(tmp_path / "x")] + bad)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "x").exists()
+    result = runner.invoke(app, ["bench", "robustness", str(root / "m-ka"), "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "--key-file" in result.output and not (tmp_path / "y").exists()
+
+
+def test_scenario_sources_explain_what_cannot_run(runs, report):
+    from keyedge.benchmarks.robustness import Member
+
+    lone = Member(name="solo", path="", arch="test_resnet", fingerprint="0" * 16, block_size=8, finetune="full",
+                  model=None)
+    sources = scenario_sources(lone, [lone])
+    assert sources["white-box"] == ["solo"]
+    assert "no plain model" in sources["non-adaptive"] and "block size 8" in sources["adaptive"]
