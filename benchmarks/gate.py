@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from keyedge.benchmarks.keyed_latency import export_variants
+from keyedge.benchmarks.keyed_latency import BENCH_KEY, export_variants
 from keyedge.benchmarks.latency import run_latency
 from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile
 from keyedge.benchmarks.regress import GATED, RegressionResult, compare
@@ -40,7 +40,7 @@ def gate(directories: list[Path], profile_path: Path, *, baseline: Path | None =
     profile = load_profile(profile_path)
     base = LatencyReport.load(baseline) if baseline is not None else None
     for attempt in range(1, attempts + 1):
-        report = run_latency(directories, profile)
+        report = run_latency(directories, profile, keys=[BENCH_KEY])  # the key serves the torch runtime, if any
         result = compare(base, report, profile.thresholds, checks=GATED)
         console.print(f"gate attempt {attempt}/{attempts}:", markup=False)
         report.print_rich(console)

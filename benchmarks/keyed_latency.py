@@ -16,6 +16,8 @@ the ratios keyed/plain, gather/fold and gather/conv come with their round-to-rou
 spread.  Weights are random (``--weights none``): latency does not depend on them.
 
 Run: ``python -m keyedge.benchmarks.keyed_latency [--models ...] [--threads 2] [--min-seconds 4] [--json r.json]``
+(``--targets coreml --out DIR`` on a Mac: CoreML with compute units ALL and CPU_ONLY, exports kept for
+``keyedge bench compute-plan DIR/conv/*/model.mlpackage``)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from keyedge.fold import FoldError
 from keyedge.keys import Key
 from keyedge.models import build_model
 
+#: the benchmarks' key: fixed, so that runs are comparable (never a key to deploy with)
+BENCH_KEY = Key.from_secret(bytes(range(32)), 4)
 #: variant -> (checkpoint role, fuse mode)
 VARIANTS = {"plain": ("plain", "gather"), "gather": ("keyed", "gather"), "conv": ("keyed", "conv"),
             "fold": ("keyed", "fold"), "plain-fold": ("plain", "fold")}
@@ -42,7 +46,7 @@ VARIANTS = {"plain": ("plain", "gather"), "gather": ("keyed", "gather"), "conv":
 def export_variants(model_name: str, size: int, work: Path, targets: list[str], batch: int = 1,
                     variants: tuple[str, ...] = tuple(VARIANTS)) -> list[Path]:
     """Export formulations of one architecture; return the export directories (fold skipped where inexact)."""
-    key = Key.from_secret(bytes(range(32)), 4)
+    key = BENCH_KEY
     torch.manual_seed(0)
     keyed = build_model(model_name, 1000, key=key, weights="none", image_size=size).eval()
     plain = build_model(model_name, 1000, weights="none", image_size=size).eval()
@@ -73,20 +77,24 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--min-seconds", type=float, default=4.0, help="timed seconds per artifact and runtime")
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--targets", default="onnx,openvino")
+    parser.add_argument("--targets", default="onnx,openvino", help="onnx, openvino, coreml (macOS to time)")
+    parser.add_argument("--out", help="keep the export directories here (default: a temporary directory)")
     parser.add_argument("--json", help="write the keyedge-latency/1 report here")
     parser.add_argument("--markdown", help="write the markdown report here")
     args = parser.parse_args(argv)
     targets = args.targets.split(",")
     runtimes = [RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"])] if "onnx" in targets else []
     runtimes += [RuntimeSpec("openvino", device="CPU")] if "openvino" in targets else []
+    runtimes += [RuntimeSpec("coreml", compute_units=u) for u in ("ALL", "CPU_ONLY")] if "coreml" in targets else []
     profile = parse_profile({"name": "keyed-latency", "threads": args.threads, "batch_sizes": [args.batch],
                              "runtime": [r.to_dict() for r in runtimes]})
     settings = BenchSettings(min_seconds=args.min_seconds, min_iterations=50, warmup=10, rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.out) if args.out else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         directories = [d for m in args.models.split(",")
-                       for d in export_variants(m, args.image_size, Path(tmp), targets, args.batch)]
-        report = run_latency(directories, profile, settings)
+                       for d in export_variants(m, args.image_size, work, targets, args.batch)]
+        report = run_latency(directories, profile, settings, keys=[BENCH_KEY])
     from rich.console import Console
 
     report.print_rich(Console())

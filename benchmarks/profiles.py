@@ -45,7 +45,7 @@ TORCH_DEVICES = ("cpu", "cuda", "mps")
 
 _TOP_FIELDS = {"name", "description", "threads", "batch_sizes", "warmup", "min_iterations", "min_seconds",
                "rounds", "runtime", "thresholds"}
-_RUNTIME_FIELDS = {"onnxruntime": {"name", "providers", "threads"},
+_RUNTIME_FIELDS = {"onnxruntime": {"name", "providers", "threads", "spinning"},
                    "openvino": {"name", "device", "threads"},
                    "coreml": {"name", "compute_units"},
                    "torch": {"name", "device", "threads"}}
@@ -73,6 +73,7 @@ class RuntimeSpec:
     providers: list[str] | None = None  # onnxruntime
     compute_units: str | None = None  # coreml
     threads: int | None = None  # overrides the profile's threads
+    spinning: bool | None = None  # onnxruntime: idle intra-op threads spin-wait (its default, and fastest)
 
     @property
     def target(self) -> str | None:
@@ -164,6 +165,10 @@ def _parse_runtime(source: str, index: int, data: Any) -> RuntimeSpec:
         if not isinstance(providers, list) or not providers:
             raise _fail(source, f"{where}.providers", f"must be a non-empty list, got {providers!r}")
         spec.providers = [_check_str(source, f"{where}.providers", p, ORT_PROVIDERS) for p in providers]
+        if "spinning" in data:
+            if not isinstance(data["spinning"], bool):
+                raise _fail(source, f"{where}.spinning", f"must be true or false, got {data['spinning']!r}")
+            spec.spinning = data["spinning"]
     elif name == "openvino":
         spec.device = _check_str(source, f"{where}.device", data.get("device", "CPU"), OPENVINO_DEVICES)
     elif name == "coreml":

@@ -115,6 +115,37 @@ class CoreMLBackend(ExportBackend):
         result = mlmodel.predict({io_spec["inputs"][0]["name"]: x})
         return np.asarray(result[io_spec["outputs"][0]["name"]], dtype=np.float32)
 
+    def compute_plan(self, path: Path, compute_units: str = "ALL") -> list[dict[str, Any]]:
+        """Which device CoreML plans each operation on (macOS 14.4+): op, preferred device, supported, cost.
+
+        This is the check that matters for the conv shuffle: with ``CPU_AND_NE`` or ``ALL``, a keyed
+        model's ``gather`` is planned on the CPU, while space_to_depth / conv / depth_to_space are not.
+        """
+        ok, why = self.can_run()
+        if not ok:
+            raise ExportError(f"the CoreML compute plan needs macOS ({why})", "run this on a Mac (macOS 14.4 or later)")
+        ct = self.require("coremltools")
+        from coremltools.models.compute_plan import MLComputePlan
+
+        if compute_units not in ct.ComputeUnit.__members__:
+            raise ExportError(f"unknown compute units {compute_units!r}",
+                              f"use one of {', '.join(ct.ComputeUnit.__members__)}")
+        mlmodel = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
+        plan = MLComputePlan.load_from_path(mlmodel.get_compiled_model_path(), ct.ComputeUnit[compute_units])
+        program = plan.model_structure.program
+        if program is None:
+            raise ExportError(f"{path} is not an ML program", "export it again with keyedge export --target coreml")
+        rows = []
+        for op in program.functions["main"].block.operations:
+            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+            cost = plan.get_estimated_cost_for_mlprogram_operation(op)
+            rows.append({"op": op.operator_name,
+                         "output": op.outputs[0].name if op.outputs else "",
+                         "preferred": _device_name(usage.preferred_compute_device) if usage else None,
+                         "supported": [_device_name(d) for d in usage.supported_compute_devices] if usage else [],
+                         "cost": cost.weight if cost else None})
+        return rows
+
     # ---- reading back (any OS) ------------------------------------------------------------
     def _spec(self, path: Path) -> Any:
         ct = self.require("coremltools")
@@ -171,6 +202,13 @@ class CoreMLBackend(ExportBackend):
                 "outputs": [port(f) for f in spec.description.output], "precision": meta.get("keyedge.precision"),
                 "source": meta.get("keyedge.source"), "specification_version": spec.specificationVersion,
                 "ml_program_opset": main.opset}
+
+
+def _device_name(device: Any) -> str:
+    """MLCPUComputeDevice -> CPU, MLGPUComputeDevice -> GPU, MLNeuralEngineComputeDevice -> NE."""
+    name = type(device).__name__
+    return {"MLCPUComputeDevice": "CPU", "MLGPUComputeDevice": "GPU", "MLNeuralEngineComputeDevice": "NE"}.get(
+        name, name)
 
 
 def _dtype_name(value_type: Any) -> tuple[str, list[int]]:

@@ -266,6 +266,25 @@ def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):
     assert manifest["targets"]["onnx"]["parity"]["random"]["max_abs_diff"] <= 1e-4
 
 
+def test_coreml_compute_plan(tmp_path, key4):
+    """On macOS: which device runs each op; the conv shuffle has no gather to push onto the CPU.
+
+    Elsewhere: a one-line refusal naming macOS, exit 2.
+    """
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    directory = export_one(ExportRequest(ckpt, key4), ExportSettings(targets=["coreml"], out=tmp_path / "conv",
+                                                                      fuse="conv", real_inputs=0, random_inputs=2))
+    path = directory / "model.mlpackage"
+    result = cli("bench", "compute-plan", path, "--compute-units", "CPU_AND_NE", "--json")
+    if sys.platform != "darwin":
+        clean_error(result, "needs macOS")
+        return
+    assert result.exit_code == 0, result.output
+    ops = json.loads(result.stdout)["operations"]
+    assert not [r for r in ops if r["op"].startswith("gather")]
+    assert {r["op"] for r in ops} >= {"conv"} and all(r["preferred"] for r in ops if r["op"] != "const")
+
+
 def test_auto_uses_conv_for_coreml_and_gather_elsewhere(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
     manifest = export(tmp_path, ckpt, key4, ["onnx", "coreml"], fuse="auto")

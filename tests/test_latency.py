@@ -105,6 +105,8 @@ def test_shipped_profiles_load():
     ('name = "x"\nbatch_sizes = [1, 0]\n[[runtime]]\nname = "onnxruntime"', "'batch_sizes'"),
     ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\np50 = -1', "'thresholds.p50'"),
     ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nlatency = 2', "'thresholds.latency' is unknown"),
+    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\nspinning = "yes"', "'runtime[0].spinning' must be true or false"),
+    ('name = "x"\n[[runtime]]\nname = "openvino"\nspinning = false', "'runtime[0].spinning' is unknown"),
     ('name = "x"', "'runtime' must list"),
     ('name = "x"\n[[runtime', "not valid TOML"),
 ])

@@ -159,5 +159,38 @@ def robustness(
                           "trustworthy (see the trust checks)", markup=False)
 
 
+@bench_app.command("compute-plan")
+def compute_plan(
+    path: Path = typer.Argument(..., help="A .mlpackage written by `keyedge export --target coreml`."),
+    compute_units: str = typer.Option("ALL", "--compute-units", help="CPU_ONLY, CPU_AND_GPU, CPU_AND_NE or ALL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Which device CoreML plans each op on (macOS 14.4+): does the key's shuffle leave the Neural Engine?"""
+    import json
+    from collections import Counter
+
+    from rich.table import Table
+
+    from keyedge.exporters import get_backend
+
+    rows = get_backend("coreml").compute_plan(path, compute_units)
+    if as_json:
+        print(json.dumps({"path": str(path), "compute_units": compute_units, "operations": rows}, indent=2))
+        return
+    table = Table(title=f"CoreML compute plan of {path} ({compute_units})")
+    for h in ("#", "op", "output", "preferred", "supported", "cost"):
+        table.add_column(h)
+    for i, r in enumerate(rows):
+        if r["op"] != "const":
+            table.add_row(str(i), r["op"], r["output"], str(r["preferred"]), ",".join(r["supported"]),
+                          "-" if r["cost"] is None else f"{r['cost']:.4f}")
+    console.print(table)
+    by_device = Counter(r["preferred"] for r in rows if r["op"] != "const")
+    console.print("ops per preferred device: " + ", ".join(f"{d}: {n}" for d, n in by_device.items()), markup=False)
+    shuffle_ops = [r for r in rows if r["op"] in ("gather", "gather_along_axis", "space_to_depth", "depth_to_space")]
+    for r in shuffle_ops:
+        console.print(f"key shuffle op {r['op']} ({r['output']}) runs on {r['preferred']}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
