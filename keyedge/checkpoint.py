@@ -11,7 +11,9 @@ A save writes the new weight files under fresh names, then replaces the manifest
 in one rename, then deletes the files the manifest no longer names: a process
 killed at any point leaves the last good checkpoint loadable.  The manifest
 records the key's **fingerprint** -- never the key -- and the SHA-256 of every
-file, checked on load.
+file, checked on load.  A model with a defense other than the key (a
+:class:`~keyedge.volumetric.VolumizedModel`) adds ``"defense": {"name": ...,
+its config}``, from which :func:`load_checkpoint` rebuilds it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def save_checkpoint(directory: str | Path, model: KeyedModel, *, epoch: int, fin
         "epoch": epoch,
         "model": model.spec.to_dict(),
         "key": ({"fingerprint": model.key_fingerprint, "block_size": model.block_size} if model.keyed else None),
+        **({"defense": model.defense()} if hasattr(model, "defense") else {}),
         "finetune": finetune,
         "data": data,
         "training": training,
@@ -134,9 +137,17 @@ def _verified_file(directory: Path, entry: dict[str, str]) -> Path:
     return path
 
 
+def _defense_name(manifest: dict[str, Any]) -> str:
+    defense = manifest.get("defense")
+    return str(defense.get("name") if isinstance(defense, dict) else defense)
+
+
 def check_key(manifest: dict[str, Any], key: Key | None, *, allow_mismatch: bool = False) -> str | None:
     """Compare a key with the checkpoint's; return a note when they differ and that is allowed."""
     recorded = manifest.get("key")
+    if manifest.get("defense") and key is not None:
+        raise CheckpointError(f"this checkpoint is a {_defense_name(manifest)} model, which takes no key",
+                              "drop --key-file")
     if recorded is None and key is None:
         return None
     if recorded is not None and key is None:
@@ -175,8 +186,17 @@ def load_checkpoint(directory: str | Path, key: Key | None = None, *, allow_key_
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}", "the checkpoint is corrupted") from None
+    defense = manifest.get("defense")
+    if defense and manifest["finetune"]["mode"] != "full":
+        raise CheckpointError(f"{directory}: a {_defense_name(manifest)} model must be fully fine-tuned",
+                              "the checkpoint is corrupted")
     backbone = rebuild_backbone(spec) if manifest["finetune"]["mode"] == "lora" else _empty_backbone(spec)
-    model = KeyedModel(backbone, spec, key)
+    if defense:
+        from keyedge.volumetric import model_from_defense
+
+        model = model_from_defense(backbone, spec, defense)
+    else:
+        model = KeyedModel(backbone, spec, key)
     if manifest["finetune"]["mode"] == "lora":
         from keyedge.lora import LoraSettings, apply_lora, load_adapter_state_dict
 

@@ -11,6 +11,11 @@ With an orthogonality reference (``ortho_ref``), the loss gains
 (orthogonal-deep-models §III, Eq. 3 / Alg. 1), pushing the model's input
 gradients away from the frozen reference's -- the tool to test whether gradient
 misalignment stops adversarial examples transferring between keyed models.
+
+With ``defense="volumize"`` the model is a :class:`~keyedge.volumetric.VolumizedModel`
+(patch volumes, 3D backbone; no key, no LoRA), trained with the patch-aggregate
+loss; ``curriculum`` reorders each batch from simple to complex by a metric
+(:mod:`keyedge.curriculum`).
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from keyedge.checkpoint import MANIFEST, load_checkpoint, load_training_state, read_manifest, save_checkpoint
+from keyedge.curriculum import patch_aggregate_loss, syllabus
 from keyedge.errors import KeyedgeError
 from keyedge.keys import Key, load_key
-from keyedge.models import KeyedModel, build_model, gradient_similarity, input_gradient
+from keyedge.models import build_model, gradient_similarity, input_gradient
+from keyedge.volumetric import aggregate, build_volumized_model, check_depth_kernel
+from keyedge.volumize import VolumizeConfig, check_metric, check_patch
 
 
 @dataclass
@@ -63,6 +71,12 @@ class TrainConfig:
     ortho_ref_key: str | None = None
     ortho_lambda: float = 0.0
     ortho_mode: str = "signed"  # signed: paper's Eq. 3; abs: |cos|, pushes towards orthogonal
+    defense: str = "none"  # none (keyed or plain) | volumize
+    patch: int = 16  # volumize: square patch side
+    volume_metric: str = "entropy"  # volumize: patch ranking metric (keyedge.volumize.METRICS)
+    volume_order: str = "ascending"
+    depth_kernel: int = 1  # volumize: depth of the 3D kernels (odd)
+    curriculum: str = "none"  # none | a metric: reorder every batch from simple to complex
     resume: bool = False
     overwrite: bool = False
 
@@ -72,6 +86,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite")}
+
+    @property
+    def volumized(self) -> bool:
+        return self.defense == "volumize"
+
+    def volumize_config(self) -> VolumizeConfig:
+        return VolumizeConfig((self.patch, self.patch), self.volume_metric, self.volume_order)
 
 
 @dataclass
@@ -181,8 +202,9 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
 
 
 def _check_resume(config: TrainConfig, manifest: dict[str, Any], key: Key | None) -> None:
-    recorded = manifest["training"].get("config", {})
-    for name in ("model", "finetune", "weights"):
+    recorded = {**_DEFENSE_DEFAULTS, **manifest["training"].get("config", {})}
+    volume = ("patch", "volume_metric", "volume_order", "depth_kernel") if config.volumized else ()
+    for name in ("model", "finetune", "weights", "defense", *volume):
         if recorded.get(name) != getattr(config, name):
             raise KeyedgeError(f"cannot resume: the checkpoint was trained with {name}={recorded.get(name)!r}, "
                                f"not {getattr(config, name)!r}", f"use the same --{name.replace('_', '-')}")
@@ -191,8 +213,32 @@ def _check_resume(config: TrainConfig, manifest: dict[str, Any], key: Key | None
         raise KeyedgeError("cannot resume: the key differs from the checkpoint's", "pass the same --key-file")
 
 
-def prepare_model(config: TrainConfig, key: Key | None, num_classes: int) -> KeyedModel:
-    """The model to fine-tune: pretrained backbone, new head, key, LoRA adapters if asked."""
+_DEFENSE_DEFAULTS = {"defense": "none", "patch": 16, "volume_metric": "entropy", "volume_order": "ascending",
+                     "depth_kernel": 1}
+
+
+def _check_defense(config: TrainConfig) -> None:
+    """Refuse what a defense cannot do, before any data or model is loaded."""
+    if config.defense not in ("none", "volumize"):
+        raise KeyedgeError(f"unknown defense {config.defense!r}", "use none or volumize")
+    if config.curriculum != "none":
+        check_metric(config.curriculum)
+    if not config.volumized:
+        return
+    if config.key_file:
+        raise KeyedgeError("a volumized model takes no key", "drop --key-file, or use --defense none for a keyed model")
+    if config.finetune != "full":
+        raise KeyedgeError("--defense volumize trains the whole 3D model", "use --finetune full")
+    config.volumize_config()
+    check_depth_kernel(config.depth_kernel)
+
+
+def prepare_model(config: TrainConfig, key: Key | None, num_classes: int) -> nn.Module:
+    """The model to fine-tune: pretrained backbone, new head, key, LoRA adapters if asked (or a volumized model)."""
+    if config.volumized:
+        return build_volumized_model(config.model, num_classes, config.volumize_config(),
+                                     depth_kernel=config.depth_kernel, weights=config.weights,
+                                     image_size=config.image_size)
     model = build_model(config.model, num_classes, key=key, weights=config.weights, image_size=config.image_size)
     if config.finetune == "lora":
         from keyedge.lora import apply_lora, lora_settings
@@ -221,6 +267,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
                            "start over")
     if config.resume and not (out / MANIFEST).exists():
         raise KeyedgeError(f"--resume: {out} holds no checkpoint", "drop --resume to start a new run")
+    _check_defense(config)
     if config.finetune == "lora" and config.weights == "none":
         raise KeyedgeError("LoRA adapts pretrained weights, and --weights none gives none to adapt (nor a base "
                            "to rebuild the model from)", "pass --weights, or use --finetune full")
@@ -229,6 +276,8 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     key = _load_key(config.key_file)
 
     size = config.image_size or _default_size(config)
+    if config.volumized:
+        check_patch(size, size, config.patch)
     train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)
     test_set, _ = load_dataset(config.data, "test", size, limit=config.test_limit, seed=config.seed)
     history: list[dict[str, Any]] = []
@@ -278,7 +327,7 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         trainable = sum(p.numel() for p in params)
         total = sum(p.numel() for p in model.parameters())
         log(f"training {config.model} ({config.finetune}, {trainable:,} of {total:,} parameters trainable) "
-            f"{'with key ' + key.fingerprint if key else 'without a key (plain)'} on {info.name}: "
+            f"{_defense_note(config, key)} on {info.name}: "
             f"{len(train_set)} train / {len(test_set)} test images at {model.spec.image_size}px, device {device}"
             + (f", {dist_env.world} processes" if dist_env.enabled else ""))
 
@@ -323,6 +372,24 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     return manifest
 
 
+def _defense_note(config: TrainConfig, key: Key | None) -> str:
+    if config.volumized:
+        return (f"volumized ({config.patch}x{config.patch} patches by {config.volume_metric}, {config.volume_order}, "
+                f"depth kernel {config.depth_kernel}, curriculum {config.curriculum})")
+    return "with key " + key.fingerprint if key else "without a key (plain)"
+
+
+def _logits_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image logits and the training loss: cross-entropy, or the patch-aggregate loss of a volumized model."""
+    if not config.volumized:
+        logits = model(x)
+        return logits, nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    patches = model(x, per_patch=True)  # through the (DDP) wrapper's forward, not .patch_logits
+    how = getattr(model, "module", model).aggregation
+    return aggregate(patches, how), patch_aggregate_loss(patches, y, config.label_smoothing)
+
+
 def _default_size(config: TrainConfig) -> int:
     import timm
 
@@ -349,11 +416,13 @@ def _train_epoch(model: nn.Module, reference: nn.Module | None, loader: DataLoad
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            if config.curriculum != "none":
+                order = syllabus(x, config.curriculum)
+                x, y = x[order], y[order]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 if reference is not None:
                     x.requires_grad_(True)
-                    logits = model(x)
-                    loss = nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                    logits, loss = _logits_and_loss(model, x, y, config)
                     (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y), x, create_graph=True)
                     ref_grad = input_gradient(reference, x.detach(), y)
                     sim = gradient_similarity(grad.float(), ref_grad.float())
@@ -361,8 +430,7 @@ def _train_epoch(model: nn.Module, reference: nn.Module | None, loader: DataLoad
                     objective = loss + config.ortho_lambda * penalty
                     totals["sim_sum"] += sim.detach().sum().item()
                 else:
-                    logits = model(x)
-                    loss = nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                    logits, loss = _logits_and_loss(model, x, y, config)
                     objective = loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()

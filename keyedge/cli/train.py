@@ -38,10 +38,16 @@ def train(
     ortho_ref_key: Optional[Path] = typer.Option(None, "--ortho-ref-key", help="Key of the reference checkpoint, if keyed."),
     ortho_lambda: float = typer.Option(0.0, "--ortho-lambda", min=0.0, help="Weight of the gradient-similarity term."),
     ortho_mode: str = typer.Option("signed", "--ortho-mode", help="signed (paper Eq. 3) or abs (|cos|)."),
+    defense: str = typer.Option("none", "--defense", help="none (keyed or plain model) or volumize (patch volumes, 3D backbone, patch-aggregate loss)."),
+    patch: int = typer.Option(16, "--patch", min=1, help="volumize: square patch side; must divide the image size."),
+    volume_metric: str = typer.Option("entropy", "--volume-metric", help="volumize: patch ranking metric: entropy, mutual-information, kl, psnr, mse, max-norm, joint-entropy."),
+    volume_order: str = typer.Option("ascending", "--volume-order", help="volumize: ascending (simplest patch first) or descending."),
+    depth_kernel: int = typer.Option(1, "--depth-kernel", min=1, help="volumize: depth of the 3D kernels, odd (1: patches independent, 3: neighbours mixed)."),
+    curriculum: str = typer.Option("none", "--curriculum", help="none, or a metric (as --volume-metric) to order every batch from simple to complex."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the checkpoint in OUT."),
 ) -> None:
-    """Fine-tune a pretrained timm model on shuffled images (one key, one model), or a plain model without a key."""
+    """Fine-tune a pretrained timm model: keyed (one key, one model), plain (no key) or volumized (--defense volumize)."""
     from keyedge.train import TrainConfig, train as run_training
 
     config = TrainConfig(
@@ -51,7 +57,8 @@ def train(
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed,
         train_limit=train_limit, test_limit=test_limit, workers=workers, device=device, amp=amp,
         ortho_ref=str(ortho_ref) if ortho_ref else None, ortho_ref_key=str(ortho_ref_key) if ortho_ref_key else None,
-        ortho_lambda=ortho_lambda, ortho_mode=ortho_mode, resume=resume, overwrite=overwrite,
+        ortho_lambda=ortho_lambda, ortho_mode=ortho_mode, defense=defense, patch=patch, volume_metric=volume_metric,
+        volume_order=volume_order, depth_kernel=depth_kernel, curriculum=curriculum, resume=resume, overwrite=overwrite,
     )
     manifest = run_training(config, log=lambda line: console.print(line, markup=False))
     if manifest:
