@@ -216,7 +216,7 @@ class Evaluation:
                 out.append(model(x[start:start + self.config.batch_size].to(self.config.device)).argmax(1).cpu())
         return torch.cat(out)
 
-    def attack_for(self, sources: Sequence[str], eps: float, name: str | None = None, n: int | None = None):
+    def attack_for(self, sources: Sequence[str], eps: float, name: str | None = None):
         models = [self.members[s].model for s in sources]
         options = dict(self.config.attack_options)
         name = name or self.config.attack

@@ -14,7 +14,7 @@ misalignment stops adversarial examples transferring between keyed models.
 
 With ``defense="volumize"`` the model is a :class:`~keyedge.volumetric.VolumizedModel`
 (patch volumes, 3D backbone; no key, no LoRA), trained with the patch-aggregate
-loss; ``curriculum`` reorders each batch from simple to complex by a metric
+loss; ``curriculum`` visits each epoch's batches from simple to complex by a metric
 (:mod:`keyedge.curriculum`).
 """
 
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from keyedge.checkpoint import MANIFEST, load_checkpoint, load_training_state, read_manifest, save_checkpoint
-from keyedge.curriculum import patch_aggregate_loss, syllabus
+from keyedge.curriculum import CurriculumBatchSampler, image_scores, patch_aggregate_loss
 from keyedge.errors import KeyedgeError
 from keyedge.keys import Key, load_key
 from keyedge.models import build_model, gradient_similarity, input_gradient
@@ -76,7 +76,7 @@ class TrainConfig:
     volume_metric: str = "entropy"  # volumize: patch ranking metric (keyedge.volumize.METRICS)
     volume_order: str = "ascending"
     depth_kernel: int = 1  # volumize: depth of the 3D kernels (odd)
-    curriculum: str = "none"  # none | a metric: reorder every batch from simple to complex
+    curriculum: str = "none"  # none | a metric: visit each epoch's batches from simple to complex
     resume: bool = False
     overwrite: bool = False
 
@@ -300,10 +300,19 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     dist_env.setup(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    sampler = (DistributedSampler(train_set, num_replicas=dist_env.world, rank=dist_env.rank, seed=config.seed)
-               if dist_env.enabled else RandomSampler(train_set, generator=torch.Generator()))
-    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-                        drop_last=len(train_set) > config.batch_size * dist_env.world)
+    drop_last = len(train_set) > config.batch_size * dist_env.world
+    if config.curriculum != "none":  # batches visited from simple to complex (keyedge.curriculum)
+        if dist_env.enabled:
+            raise KeyedgeError("--curriculum orders the batches of one process", "train it without torchrun")
+        log(f"curriculum: scoring {len(train_set)} training images by {config.curriculum}")
+        sampler = CurriculumBatchSampler(image_scores(train_set, config.curriculum), config.batch_size,
+                                         drop_last=drop_last, generator=torch.Generator())
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers)
+    else:
+        sampler = (DistributedSampler(train_set, num_replicas=dist_env.world, rank=dist_env.rank, seed=config.seed)
+                   if dist_env.enabled else RandomSampler(train_set, generator=torch.Generator()))
+        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+                            drop_last=drop_last)
     steps_per_epoch = max(1, len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)))
@@ -416,9 +425,6 @@ def _train_epoch(model: nn.Module, reference: nn.Module | None, loader: DataLoad
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-            if config.curriculum != "none":
-                order = syllabus(x, config.curriculum)
-                x, y = x[order], y[order]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 if reference is not None:
                     x.requires_grad_(True)

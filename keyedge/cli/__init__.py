@@ -41,6 +41,7 @@ from keyedge.cli import bench as _bench  # noqa: E402  (registration imports)
 from keyedge.cli import doctor as _doctor  # noqa: E402
 from keyedge.cli import export as _export  # noqa: E402
 from keyedge.cli import keys as _keys  # noqa: E402
+from keyedge.cli import quickstart as _quickstart  # noqa: E402
 from keyedge.cli import shuffle as _shuffle  # noqa: E402
 from keyedge.cli import train as _train  # noqa: E402
 
@@ -50,6 +51,7 @@ _train.register(app)
 _export.register(app)
 _doctor.register(app)
 _bench.register(app)
+_quickstart.register(app)
 
 
 def main() -> None:

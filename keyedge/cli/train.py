@@ -43,7 +43,7 @@ def train(
     volume_metric: str = typer.Option("entropy", "--volume-metric", help="volumize: patch ranking metric: entropy, mutual-information, kl, psnr, mse, max-norm, joint-entropy."),
     volume_order: str = typer.Option("ascending", "--volume-order", help="volumize: ascending (simplest patch first) or descending."),
     depth_kernel: int = typer.Option(1, "--depth-kernel", min=1, help="volumize: depth of the 3D kernels, odd (1: patches independent, 3: neighbours mixed)."),
-    curriculum: str = typer.Option("none", "--curriculum", help="none, or a metric (as --volume-metric) to order every batch from simple to complex."),
+    curriculum: str = typer.Option("none", "--curriculum", help="none, or a metric (as --volume-metric): each epoch visits its batches from simple to complex."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the checkpoint in OUT."),
 ) -> None:

