@@ -1,12 +1,12 @@
 # keyedge developer commands. The two set-up commands of the README:
-#   make demo   -- create ./.venv, install keyedge into it, run the main job
+#   make demo   -- create ./.venv, install keyedge into it, run the main job (keyedge quickstart)
 #   make test   -- create ./.venv, install keyedge into it, run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyedge-installed
 
-.PHONY: setup demo test gate bench clean
+.PHONY: setup demo shuffle-demo test gate bench clean
 
 # Offline labelled data (Debian's Fashion-MNIST package) for training tests and demos.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
@@ -23,14 +23,16 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p demo
-	$(BIN)/keyedge keygen --block-size 8 --out demo/k1.bin --force
-	$(BIN)/python -m keyedge.samples astronaut demo/astronaut.png
-	$(BIN)/keyedge shuffle demo/astronaut.png --key-file demo/k1.bin --out demo/astronaut-shuffled.png --force
-	$(BIN)/keyedge shuffle demo/astronaut-shuffled.png --key-file demo/k1.bin --inverse --out demo/astronaut-restored.png --force
-	$(BIN)/python -c "import sys, numpy as np; from PIL import Image; a, b = (np.asarray(Image.open(f'demo/astronaut{s}.png')) for s in ('', '-restored')); sys.exit(0 if np.array_equal(a, b) else 'inverse did not restore the image')"
-	$(BIN)/keyedge key show demo/k1.bin
-	@echo "demo: see demo/astronaut.png (what you see) and demo/astronaut-shuffled.png (what the keyed model sees)"
+	$(BIN)/keyedge quickstart --out demo --overwrite
+
+# the shuffle on a photo: what you see, and what a keyed model sees
+shuffle-demo: $(STAMP)
+	mkdir -p demo-shuffle
+	$(BIN)/keyedge keygen --block-size 8 --out demo-shuffle/k1.bin --force
+	$(BIN)/python -m keyedge.samples astronaut demo-shuffle/astronaut.png
+	$(BIN)/keyedge shuffle demo-shuffle/astronaut.png --key-file demo-shuffle/k1.bin --out demo-shuffle/astronaut-shuffled.png --force
+	$(BIN)/keyedge shuffle demo-shuffle/astronaut-shuffled.png --key-file demo-shuffle/k1.bin --inverse --out demo-shuffle/astronaut-restored.png --force
+	$(BIN)/keyedge key show demo-shuffle/k1.bin
 
 test: $(STAMP)
 	$(BIN)/pytest
@@ -43,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python -m keyedge.benchmarks.transform
 
 clean:
-	rm -rf $(VENV) demo build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) demo demo-shuffle build dist *.egg-info .pytest_cache .hypothesis

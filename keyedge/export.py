@@ -182,6 +182,9 @@ class ExportRequest:
     key: Key | None
     force: bool = False  # allow a key whose fingerprint differs from the checkpoint's
 
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+
 
 @dataclass
 class ExportSettings:
@@ -196,6 +199,9 @@ class ExportSettings:
     real_inputs: int = 8
     template: bool = True  # fleet export: trace once per architecture (keyedge.fleet)
     log: Callable[[str], None] = field(default=lambda _line: None)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)  # a str from library callers
 
 
 def artifact_name(model_name: str, fingerprint: str | None) -> str:
