@@ -79,6 +79,12 @@ def deployable(model: KeyedModel, key: Key | None, fuse: str = "gather") -> Depl
 
     if fuse not in FUSE_MODES:
         raise KeyedgeError(f"unknown fuse mode {fuse!r}", f"use {', '.join(FUSE_MODES)}")
+    from keyedge.volumetric import RasterVolumizedModel, VolumizedModel
+
+    if isinstance(model, VolumizedModel):  # no key to fuse; the patch ranking cannot change its output
+        return Deployable(RasterVolumizedModel(model.eval()).eval(), "none",
+                          "volumized: patches in raster order (with 1-deep kernels the ranking cannot change the "
+                          "output, so it is not in the graph)")
     merged = merge_lora(model).eval()
     if fuse == "gather" or (fuse == "conv" and not merged.keyed):
         return Deployable(merged, "gather" if merged.keyed else "none")
@@ -235,7 +241,8 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
     manifest = read_manifest(request.checkpoint)
     note = check_key(manifest, request.key, allow_mismatch=request.force)
     model, manifest = load_checkpoint(request.checkpoint, request.key, allow_key_mismatch=request.force)
-    name = artifact_name(model.spec.name, model.key_fingerprint)
+    name = (f"{model.spec.name}-volumized" if manifest.get("defense") else
+            artifact_name(model.spec.name, model.key_fingerprint))
     final = settings.out / name
     if final.exists() and not settings.overwrite:
         raise OutputError(f"{final} already exists", "pass --overwrite to replace it, or choose another --out")

@@ -57,7 +57,7 @@ from torch.nn.modules.utils import _pair
 
 from keyedge.errors import KeyedgeError, ShapeError
 from keyedge.models import ModelError, ModelSpec, Normalize, create_backbone
-from keyedge.volumize import VolumizeConfig, Volumizer, check_patch
+from keyedge.volumize import VolumizeConfig, Volumizer, check_patch, to_patches
 
 AGGREGATIONS = ("mean-logits", "mean-probs", "majority")
 
@@ -348,6 +348,31 @@ class VolumizedModel(nn.Module):
     def patch_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Per-patch logits (B, D, classes), in the volume's (ranked) patch order."""
         return self(x, per_patch=True)
+
+
+class RasterVolumizedModel(nn.Module):
+    """The deployable form of a volumized model with depth kernel 1: patches in raster order, no ranking.
+
+    With 1-deep kernels every patch is classified on its own and the aggregation (a mean,
+    or a vote) does not depend on the patches' order, so the metric-driven ranking cannot
+    change the output: this module gives the same logits as the model it wraps (up to the
+    summation order of the mean) with nothing but reshapes, convolutions and a mean in the
+    graph -- no histogram, sort or TopK for an exporter or an accelerator to stumble on.
+    """
+
+    def __init__(self, model: VolumizedModel):
+        super().__init__()
+        if model.depth_kernel != 1:
+            raise KeyedgeError(f"with depth kernel {model.depth_kernel} the patch order changes the output, so the "
+                               "ranking would have to be in the graph", "export a model trained with --depth-kernel 1")
+        self.model = model
+        self.spec = model.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        volume = to_patches(x, m.config.patch).transpose(1, 2)  # (B, C, D, ph, pw), raster order
+        volume = m.norm(volume.flatten(2, 3)).view_as(volume)
+        return aggregate(m.backbone(volume), m.aggregation)
 
 
 def volumize_model(backbone2d: nn.Module, spec: ModelSpec, config: VolumizeConfig | None = None, *,

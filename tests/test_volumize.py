@@ -299,3 +299,35 @@ def test_curriculum_batches_go_from_simple_to_complex_and_cover_the_epoch():
     assert list(again) == batches  # seeded: a resumed run sees the same epoch
     assert len(list(CurriculumBatchSampler(scores, 8, drop_last=True, generator=torch.Generator()))) == 6
     assert image_scores(dataset, "mse").argmin() == scores.argmin()  # the lowest-entropy image is the reference
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_export_volumized_model_to_every_target_with_parity(tmp_path):
+    """Depth kernel 1: the ranking cannot change the output, so the graph holds no sort/TopK/histogram."""
+    import torch.nn as nn
+
+    from keyedge.export import ExportRequest, ExportSettings, export_one
+    from keyedge.volumetric import RasterVolumizedModel
+
+    result = _cli("train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", 32,
+                  "--epochs", 1, "--batch-size", 32, "--train-limit", 96, "--test-limit", 32, "--device", "cpu",
+                  "--defense", "volumize", "--patch", 16, "-o", tmp_path / "vol")
+    assert result.exit_code == 0, result.output
+    model, _ = load_checkpoint(tmp_path / "vol")
+    x = torch.rand(3, 3, 32, 32)
+    raster = RasterVolumizedModel(model.eval())
+    assert torch.allclose(raster(x), model(x), atol=1e-6)
+    directory = export_one(ExportRequest(tmp_path / "vol", None),
+                           ExportSettings(targets=["onnx", "openvino", "coreml"], out=tmp_path / "out",
+                                          real_inputs=4, random_inputs=4))
+    assert directory.name == "test_efficientnet-volumized"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for target, entry in manifest["targets"].items():
+        assert entry["parity"]["passed"], target
+        ops = {op.lower() for op in entry["graph"]["ops"]}
+        assert not ops & {"topk", "sort", "argsort", "gather", "scatterelements", "scatter_along_axis"}, (target, ops)
+    assert "raster order" in manifest["fuse_note"]
+    deep = VolumizedModel(model.backbone, model.spec, model.config, depth_kernel=3)
+    with pytest.raises(KeyedgeError, match="patch order changes the output"):
+        RasterVolumizedModel(deep)
+    assert isinstance(raster, nn.Module)
