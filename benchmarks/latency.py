@@ -12,6 +12,7 @@ cancels out of the per-round ratios.  Ratios are reported as the median and the
 * ``keyed/plain``: a keyed artifact vs the plain one (manifest fingerprint null) of the same model,
 * ``gather/fold``: the shuffle as one Gather vs folded into the first layer, same key,
 * ``gather/conv``: the shuffle as one Gather vs space-to-depth + 1x1 permutation conv, same key (not gated),
+* ``volumize/plain``: a volumized model vs the plain model of the same architecture (not gated),
 * ``runtime``: one export directory's artifacts on two runtimes/devices.
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
@@ -91,14 +92,15 @@ class Artifact:
     image_size: int | None
     export_dir: str | None  # the OUT/<model>-<fingerprint>/ directory, if any
     accuracy: float | None = None  # the checkpoint's test accuracy, from the manifest
+    defense: str | None = None  # another defense than a key (volumize), from the manifest
 
     @property
     def role(self) -> str:
-        return "keyed" if self.fingerprint else "plain"
+        return "keyed" if self.fingerprint else (self.defense or "plain")
 
     @property
     def label(self) -> str:
-        return f"{self.model}-{self.fingerprint or 'plain'}" + (f"[{self.fuse}]" if self.fuse in ("fold", "conv") else "")
+        return f"{self.model}-{self.fingerprint or self.role}" + (f"[{self.fuse}]" if self.fuse in ("fold", "conv") else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"role": self.role}
@@ -124,7 +126,7 @@ class Measurement:
     def key(self) -> tuple:
         """What the regression gate matches on: model, role, fuse, target, runtime, device, batch."""
         a = self.artifact
-        return (a.model, a.fingerprint or "plain", a.fuse, a.target, self.runtime, self.device, self.batch)
+        return (a.model, a.fingerprint or a.role, a.fuse, a.target, self.runtime, self.device, self.batch)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -201,7 +203,8 @@ def _artifact_from_manifest(directory: Path, manifest: dict[str, Any], target: s
                     fingerprint=manifest.get("fingerprint"), fuse=manifest.get("fuse"),
                     precision=manifest.get("precision"), batch=batch,
                     image_size=shape[-1] if isinstance(shape[-1], int) else None, export_dir=str(directory),
-                    accuracy=(manifest.get("checkpoint") or {}).get("test_accuracy"))
+                    accuracy=(manifest.get("checkpoint") or {}).get("test_accuracy"),
+                    defense=(manifest.get("defense") or {}).get("name"))
 
 
 def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: Path | None = None) -> Artifact:
@@ -214,7 +217,8 @@ def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: P
                     fuse=fuse or ("gather" if fingerprint else "none"), precision="fp32", batch=None,
                     image_size=manifest["model"].get("image_size"),
                     export_dir=str(export_dir) if export_dir else None,
-                    accuracy=(manifest.get("metrics") or {}).get("test_accuracy"))
+                    accuracy=(manifest.get("metrics") or {}).get("test_accuracy"),
+                    defense=(manifest.get("defense") or {}).get("name"))
 
 
 def discover(path: str | Path) -> list[Artifact]:
@@ -446,6 +450,10 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
     for a in cells:
         same = [b for b in cells if b is not a and b.spec is a.spec and b.artifact.model == a.artifact.model
                 and b.artifact.target == a.artifact.target and b.artifact.precision == a.artifact.precision]
+        if a.artifact.defense:  # another defense against the undefended model: what it costs
+            plains = [b for b in same if b.artifact.role == "plain" and b.artifact.fuse != "fold"]
+            if plains:
+                add(f"{a.artifact.defense}/plain", a, plains[0], a.runtime_label)
         if a.artifact.role == "keyed":
             plains = [b for b in same if b.artifact.role == "plain"]
             # prefer the plain twin of the same graph: gather vs plain (fuse none), fold vs plain folded

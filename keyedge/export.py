@@ -341,6 +341,7 @@ def _export_targets(model: KeyedModel, deploy: Deployable, backends: list, optio
         "fingerprint": model.key_fingerprint,
         "block_size": model.block_size,
         "key_note": key_note,
+        "defense": manifest.get("defense"),  # e.g. the volumization settings; None for keyed and plain models
         "model": {"name": spec.name, "family": spec.family, "num_classes": spec.num_classes,
                   "classes": (manifest.get("data") or {}).get("classes"), "weights": spec.weights.get("kind")},
         "finetune": manifest["finetune"]["mode"],

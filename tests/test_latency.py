@@ -204,6 +204,28 @@ def root_checkpoint(artifacts, name: str) -> Path:
     return artifacts["root"] / f"ckpt-{name}"
 
 
+def test_volumized_artifact_is_its_own_role_with_a_cost_ratio(tmp_path, artifacts):
+    """A volumized export is neither keyed nor plain: it gets role 'volumize' and a volumize/plain ratio."""
+    from keyedge.volumetric import build_volumized_model
+    from keyedge.volumize import VolumizeConfig
+
+    torch.manual_seed(0)
+    model = build_volumized_model("test_efficientnet", 10, VolumizeConfig((16, 16)), weights="none", image_size=32)
+    save_checkpoint(tmp_path / "ckpt", model.eval(), epoch=1, finetune={"mode": "full", "lora": None},
+                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
+    directory = export_one(ExportRequest(tmp_path / "ckpt", None),
+                           ExportSettings(targets=["onnx"], out=tmp_path / "o", batch=None, real_inputs=0,
+                                          random_inputs=2))
+    profile = parse_profile({"name": "v", "threads": 1, "runtime": [{"name": "onnxruntime"},
+                                                                     {"name": "torch", "device": "cpu"}]})
+    rep = run_latency([directory, artifacts["plain"]], profile, FAST)
+    roles = {(m.artifact.role, m.runtime) for m in rep.measurements}
+    assert {("volumize", "onnxruntime"), ("volumize", "torch"), ("plain", "onnxruntime")} <= roles
+    kinds = {(c.kind, c.numerator, c.denominator) for c in rep.comparisons if c.runtime.startswith("onnxruntime:")}
+    assert ("volumize/plain", "test_efficientnet-volumize", "test_efficientnet-plain") in kinds
+    assert not any(c.kind == "keyed/plain" for c in rep.comparisons)
+
+
 # --------------------------------------------------------------------------- CLI and regression gate
 
 
