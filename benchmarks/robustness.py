@@ -46,7 +46,7 @@ from keyedge.benchmarks.attacks import make_attack, parse_eps
 from keyedge.errors import KeyedgeError
 from keyedge.keys import Key
 
-SCENARIOS = ("white-box", "non-adaptive", "adaptive", "multi-key-eot", "cross-arch")
+SCENARIOS = ("white-box", "non-adaptive", "adaptive", "multi-key-eot", "cross-arch", "localized")
 
 
 # --------------------------------------------------------------------------- data
@@ -64,14 +64,23 @@ class Member:
     finetune: str  # full / lora
     model: nn.Module = field(repr=False)
     key: Key | None = field(default=None, repr=False)
+    defense: str | None = None  # another defense than a key (volumize)
 
     @property
     def keyed(self) -> bool:
         return self.fingerprint is not None
 
+    @property
+    def plain(self) -> bool:
+        return not self.keyed and self.defense is None
+
+    @property
+    def role(self) -> str:
+        return "keyed" if self.keyed else (self.defense or "plain")
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "arch": self.arch, "fingerprint": self.fingerprint,
-                "block_size": self.block_size, "finetune": self.finetune, "role": "keyed" if self.keyed else "plain"}
+                "block_size": self.block_size, "finetune": self.finetune, "role": self.role}
 
 
 @dataclass
@@ -94,6 +103,12 @@ class RobustnessConfig:
     batch_size: int = 100
     device: str = "cpu"
     artifacts: list[str] = field(default_factory=list)  # export directories to evaluate on
+    # localized attacks, white-box on every model (volumization paper): "npixel:N", "patch:FRACTION"
+    localized: list[str] = field(default_factory=list)
+    localized_limit: int = 100
+    npixel_popsize: int = 50  # differential evolution (Su et al. use 400 x 100; CPU-sized here)
+    npixel_steps: int = 20
+    patch_steps: int = 50
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,8 +138,19 @@ class Outcome:
     def clean_se(self) -> float:
         return binomial_se(self.clean_accuracy, self.images)
 
+    @property
+    def delta(self) -> float:
+        """The volumization paper's robustness score: accuracy under attack - clean accuracy."""
+        return self.robust_accuracy - self.clean_accuracy
+
+    @property
+    def defense_success_rate(self) -> float | None:
+        """Of the attacked images the target got right, the share it still gets right (1 - attack success)."""
+        return None if self.attack_success_rate is None else 1.0 - self.attack_success_rate
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"robust_se": self.robust_se, "clean_se": self.clean_se}
+        return asdict(self) | {"robust_se": self.robust_se, "clean_se": self.clean_se, "delta": self.delta,
+                               "defense_success_rate": self.defense_success_rate}
 
 
 @dataclass
@@ -185,7 +211,8 @@ def load_members(checkpoints: Sequence[Path], keys: dict[str, Key], device: str 
         members.append(Member(name=name, path=str(path), arch=manifest["model"]["name"], fingerprint=fingerprint,
                               block_size=key.block_size if key else None,
                               finetune=(manifest.get("finetune") or {}).get("mode", "full"),
-                              model=merge_lora(model).eval().to(device), key=key))
+                              model=(model if manifest.get("defense") else merge_lora(model)).eval().to(device),
+                              key=key, defense=(manifest.get("defense") or {}).get("name")))
     if not members:
         raise KeyedgeError("no checkpoints given", "pass checkpoint directories made by `keyedge train`")
     specs = {(m.model.spec.image_size, m.model.spec.num_classes) for m in members}
@@ -264,7 +291,7 @@ def scenario_sources(target: Member, members: Sequence[Member]) -> dict[str, lis
     """For each scenario, the source models -- or why it cannot run with these models."""
     others = [m for m in members if m.name != target.name]
     out: dict[str, list[str] | str] = {"white-box": [target.name]}
-    plains = [m for m in others if not m.keyed and m.arch == target.arch]
+    plains = [m for m in others if m.plain and m.arch == target.arch]
     out["non-adaptive"] = [plains[0].name] if plains else "no plain model of the same architecture"
     if not target.keyed:
         return out
@@ -331,6 +358,7 @@ def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: Rob
                 adv, info_ = ev.adversarial(sources, eps)
                 outcomes.append(ev.outcome(scenario, target.name, sources, adv, info_))
 
+    outcomes += localized_outcomes(ev, members, config)
     checks = trust_checks(ev, outcomes, transfer, eps, config)
     diversity = key_diversity(ev, members, keys)
     gradients = gradient_matrix(ev, members, config.gradient_limit)
@@ -343,6 +371,45 @@ def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: Rob
                             models=[m.describe() for m in members], outcomes=outcomes, skipped=skipped,
                             matrices=[diversity, transfer, gradients], sweeps=sweeps, checks=checks,
                             artifacts=artifacts)
+
+
+# --------------------------------------------------------------------------- localized attacks
+
+
+def parse_localized(spec: str) -> tuple[str, dict[str, Any]]:
+    """``npixel:4`` -> ("npixel", {"pixels": 4}); ``patch:0.05`` -> ("patch", {"fraction": 0.05})."""
+    name, _, value = spec.partition(":")
+    try:
+        if name == "npixel":
+            pixels = int(value)
+            if pixels < 1:
+                raise ValueError
+            return name, {"pixels": pixels}
+        if name == "patch":
+            fraction = float(value)
+            if not 0 < fraction <= 1:
+                raise ValueError
+            return name, {"fraction": fraction}
+    except ValueError:
+        pass
+    raise KeyedgeError(f"bad localized attack {spec!r}", "write npixel:N (N >= 1 pixels) or patch:F (area 0 < F <= 1)")
+
+
+def localized_outcomes(ev: Evaluation, members: Sequence[Member], config: RobustnessConfig) -> list[Outcome]:
+    """N-pixel and patch attacks, white-box on every model (volumization paper §5: robustness score, success rate)."""
+    n = min(config.localized_limit, ev.images.shape[0])
+    out = []
+    for spec in config.localized:
+        name, options = parse_localized(spec)
+        options |= ({"popsize": config.npixel_popsize, "steps": config.npixel_steps} if name == "npixel"
+                    else {"steps": config.patch_steps})
+        for m in members:
+            attack = make_attack(name, m.model, seed=config.seed, **options)
+            tick = ev.progress(f"{name} {spec.split(':')[1]} on {m.name}", n)
+            adv = attack.run(ev.images[:n], ev.labels[:n], batch_size=ev.config.batch_size, device=ev.config.device,
+                             progress=tick)
+            out.append(ev.outcome("localized", m.name, [m.name], adv, attack.describe()))
+    return out
 
 
 # --------------------------------------------------------------------------- matrices
@@ -360,6 +427,10 @@ def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]
         row = []
         for k in list(keys) + [None]:
             size = m.model.spec.image_size
+            if m.defense is not None:  # a volumized model takes no key: only its unshuffled accuracy
+                row.append(None if k is not None else float((ev.predict(m.model, ev.images) == ev.labels)
+                                                              .float().mean()))
+                continue
             if k is not None and size % k.block_size:
                 row.append(None)
                 continue
@@ -399,7 +470,7 @@ def eps_sweep(ev: Evaluation, members: Sequence[Member], eps_values: Sequence[fl
               config: RobustnessConfig) -> list[dict[str, Any]]:
     """Robust accuracy vs eps for the plain model and the first keyed targets: white-box, non-adaptive, adaptive."""
     keyed = sorted([m for m in members if m.keyed], key=lambda m: m.finetune != "full")[:config.sweep_targets]
-    targets = [m for m in members if not m.keyed][:1] + keyed
+    targets = [m for m in members if m.plain][:1] + keyed
     n = min(config.sweep_limit, ev.images.shape[0])
     points = []
     for target in targets:
@@ -421,7 +492,7 @@ def block_size_points(outcomes: Sequence[Outcome], models: Sequence[dict[str, An
     points = []
     for o in outcomes:
         m = by_name.get(o.target, {})
-        if m.get("block_size") and o.runtime == "torch":
+        if m.get("block_size") and o.runtime == "torch" and o.scenario != "localized":
             points.append({"block_size": m["block_size"], "finetune": m["finetune"], "target": o.target,
                            "scenario": o.scenario, "clean_accuracy": o.clean_accuracy,
                            "robust_accuracy": o.robust_accuracy, "robust_se": o.robust_se})

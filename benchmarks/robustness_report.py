@@ -25,6 +25,14 @@ from keyedge.errors import KeyedgeError, OutputError
 SCHEMA = "keyedge-robustness/1"
 
 
+def _attack_label(attack: dict[str, Any]) -> str:
+    if attack.get("name") == "npixel":
+        return f"{attack.get('pixels')}-pixel"
+    if attack.get("name") == "patch":
+        return f"patch {attack.get('fraction', 0):.0%} of the area"
+    return str(attack.get("name"))
+
+
 @dataclass
 class RobustnessReport:
     environment: dict[str, Any]
@@ -69,7 +77,8 @@ class RobustnessReport:
                                "pass a robustness.json written by `keyedge bench robustness`")
         try:
             def outcome(d: dict[str, Any]) -> Outcome:
-                return Outcome(**{k: v for k, v in d.items() if k not in ("robust_se", "clean_se")})
+                derived = ("robust_se", "clean_se", "delta", "defense_success_rate")
+                return Outcome(**{k: v for k, v in d.items() if k not in derived})
 
             return cls(environment=data["environment"], config=data["config"], data=data["data"],
                        models=data["models"], outcomes=[outcome(o) for o in data["outcomes"]],
@@ -116,7 +125,18 @@ class RobustnessReport:
                                                        for c in self.checks])
         headers = ["scenario", "target", "source(s)", "runtime", "n", "clean", "robust", "attack success",
                    "fooling ratio"]
-        lines += ["## Scenarios", ""] + table(headers, self._outcome_rows(self.outcomes))
+        gradient = [o for o in self.outcomes if o.scenario != "localized"]
+        lines += ["## Scenarios", ""] + table(headers, self._outcome_rows(gradient))
+        localized = [o for o in self.outcomes if o.scenario == "localized"]
+        if localized:
+            lines += ["## Localized attacks (white-box on each model)", "",
+                      "δ = accuracy under attack − clean accuracy (higher is more robust); defense success = share of "
+                      "the correctly classified attacked images still classified correctly.", ""]
+            lines += table(["target", "attack", "n", "clean", "under attack", "δ", "defense success"],
+                           [[o.target, _attack_label(o.attack), str(o.images), f"{o.clean_accuracy:.1%}",
+                             f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}", f"{o.delta:+.1%}",
+                             "-" if o.defense_success_rate is None else f"{o.defense_success_rate:.1%}"]
+                            for o in localized])
         if self.skipped:
             lines += ["Not run: " + "; ".join(f"{s['scenario']} on {s['target']} ({s['reason']})"
                                               for s in self.skipped), ""]

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness, scenario_sources
+from keyedge.benchmarks.robustness import RobustnessConfig, load_members, run_robustness, scenario_sources
 from keyedge.benchmarks.robustness_report import SCHEMA, RobustnessReport
 from typer.testing import CliRunner
 
@@ -159,6 +159,38 @@ def test_cli_end_to_end_and_bad_input(runs, tmp_path):
         assert not (tmp_path / "x").exists()
     result = runner.invoke(app, ["bench", "robustness", str(root / "m-ka"), "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "--key-file" in result.output and not (tmp_path / "y").exists()
+
+
+def test_localized_attacks_and_a_volumized_model(runs, tmp_path):
+    """N-pixel and patch attacks white-box on a plain, a keyed and a volumized model, with δ and success rate."""
+    from keyedge.volumetric import VolumizedModel
+
+    root = runs["root"]
+    train(TrainConfig(model="test_resnet", data="fashion-mnist", out=str(tmp_path / "vol"), weights="none",
+                      image_size=32, epochs=2, batch_size=32, train_limit=1500, test_limit=100, lr=2e-3,
+                      defense="volumize", patch=16), progress=False, log=lambda _line: None)
+    config = RobustnessConfig(limit=60, steps=10, sweep_eps=[], gradient_limit=16,
+                              localized=["npixel:1", "npixel:8", "patch:0.25"], localized_limit=40, npixel_popsize=20,
+                              npixel_steps=5, patch_steps=20)
+    rep = run_robustness([root / "plain", root / "m-ka", tmp_path / "vol"], [runs["keys"]["ka"]], config)
+    roles = {m["name"]: m["role"] for m in rep.models}
+    assert roles == {"plain": "plain", "m-ka": "keyed", "vol": "volumize"}
+    assert outcome(rep, "non-adaptive", "vol").sources == ["plain"]  # the plain model is the public surrogate
+    local = [o for o in rep.outcomes if o.scenario == "localized"]
+    assert {(o.target, o.attack["name"]) for o in local} == {(t, a) for t in roles for a in ("npixel", "patch")}
+    for o in local:
+        assert o.images == 40 and o.delta == pytest.approx(o.robust_accuracy - o.clean_accuracy)
+        assert o.defense_success_rate == pytest.approx(1 - o.attack_success_rate)
+    worse = {o.attack["pixels"]: o.robust_accuracy for o in local if o.target == "plain" and o.attack["name"] == "npixel"}
+    assert worse[8] <= worse[1]  # more pixels, no better off
+    diversity = rep.matrix("key-diversity")
+    assert diversity.get("vol", "key of m-ka") is None and diversity.get("vol", "no key") > 0.3
+    import jsonschema
+
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), json.loads((DOCS / "robustness-report.schema.json")
+                                                                           .read_text()))
+    assert "Localized attacks" in rep.to_markdown() and "1-pixel" in rep.to_markdown()
+    assert isinstance(load_members([tmp_path / "vol"], {})[0].model, VolumizedModel)
 
 
 def test_scenario_sources_explain_what_cannot_run(runs, report):

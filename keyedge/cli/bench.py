@@ -115,6 +115,12 @@ def robustness(
     gradient_limit: int = typer.Option(128, "--gradient-limit", min=1, help="Images for gradient similarity."),
     artifacts: list[Path] | None = typer.Option(None, "--artifacts", "-a", help="Export directories of evaluated "
                                                    "checkpoints: classify the adversarial images with them too."),
+    localized: str = typer.Option("", "--localized", help="Localized attacks, white-box on every model, e.g. "
+                                                          "'npixel:1,npixel:4,npixel:16,patch:0.05,patch:0.25'."),
+    localized_limit: int = typer.Option(100, "--localized-limit", min=1, help="Images for the localized attacks."),
+    npixel_popsize: int = typer.Option(50, "--npixel-popsize", min=4, help="N-pixel: differential-evolution "
+                                                                           "population (Su et al.: 400)."),
+    npixel_steps: int = typer.Option(20, "--npixel-steps", min=0, help="N-pixel: generations (Su et al.: 100)."),
     batch_size: int = typer.Option(100, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, mps or auto."),
     out: Path = typer.Option(Path("reports/robustness"), "--out", "-o", help="Report directory (JSON, markdown, PNG)."),
@@ -132,9 +138,14 @@ def robustness(
     if attack not in ATTACKS or attack in ("npixel", "patch"):
         raise KeyedgeError(f"unknown attack {attack!r} for the scenarios",
                            f"use one of {', '.join(a for a in ATTACKS if a not in ('npixel', 'patch'))}")
+    from keyedge.benchmarks.robustness import parse_localized
+
     budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
     for text in [eps, *budgets]:
         parse_eps(text)  # a bad budget fails now, not after an hour of attacks
+    local = [spec.strip() for spec in localized.split(",") if spec.strip()]
+    for spec in local:
+        parse_localized(spec)
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
@@ -142,7 +153,9 @@ def robustness(
     config = RobustnessConfig(data=data, limit=limit, seed=seed, attack=attack, eps=eps, steps=steps,
                               sweep_eps=budgets, sweep_limit=sweep_limit, gradient_limit=gradient_limit,
                               batch_size=batch_size, device=str(resolve_device(device)),
-                              artifacts=[str(a) for a in artifacts or []])
+                              artifacts=[str(a) for a in artifacts or []], localized=local,
+                              localized_limit=localized_limit, npixel_popsize=npixel_popsize,
+                              npixel_steps=npixel_steps)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:
         def progress(label: str, total: int):
