@@ -51,3 +51,11 @@ def test_keyed_latency_benchmark_runs(capsys):
     assert kinds == {"test_vit": {"keyed/plain", "gather/fold", "gather/conv"},
                      "test_resnet": {"keyed/plain", "gather/conv"}}
     assert "keyed/plain" in capsys.readouterr().out
+
+
+def test_defense_latency_benchmark_runs():
+    from keyedge.benchmarks import defense_latency
+
+    report = defense_latency.main(["--models", "test_efficientnet", "--min-seconds", "0.05", "--rounds", "2"])
+    kinds = {(c.kind, c.runtime.split(":")[0]) for c in report.comparisons}
+    assert {("volumize/plain", "onnxruntime"), ("volumize/plain", "openvino")} <= kinds
