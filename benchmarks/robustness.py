@@ -100,6 +100,7 @@ class RobustnessConfig:
     sweep_limit: int = 200
     sweep_targets: int = 1  # keyed targets in the eps sweep (the first ones, full fine-tunes first)
     gradient_limit: int = 128
+    eot_max: int = 0  # surrogates summed in multi-key EoT (0: all available)
     batch_size: int = 100
     device: str = "cpu"
     artifacts: list[str] = field(default_factory=list)  # export directories to evaluate on
@@ -287,7 +288,7 @@ class Evaluation:
                        runtime=runtime)
 
 
-def scenario_sources(target: Member, members: Sequence[Member]) -> dict[str, list[str] | str]:
+def scenario_sources(target: Member, members: Sequence[Member], eot_max: int = 0) -> dict[str, list[str] | str]:
     """For each scenario, the source models -- or why it cannot run with these models."""
     others = [m for m in members if m.name != target.name]
     out: dict[str, list[str] | str] = {"white-box": [target.name]}
@@ -300,7 +301,7 @@ def scenario_sources(target: Member, members: Sequence[Member]) -> dict[str, lis
     surrogates.sort(key=lambda m: m.finetune != target.finetune)  # same fine-tuning mode first
     out["adaptive"] = [surrogates[0].name] if surrogates else \
         f"no other keyed {target.arch} with block size {target.block_size} and another key"
-    out["multi-key-eot"] = [m.name for m in surrogates] if len(surrogates) >= 2 else \
+    out["multi-key-eot"] = [m.name for m in surrogates][:max(2, eot_max) if eot_max else None] if len(surrogates) >= 2 else \
         f"needs >= 2 surrogate keyed models with block size {target.block_size}, have {len(surrogates)}"
     foreign = [m.name for m in others if m.arch != target.arch]
     out["cross-arch"] = foreign[:1] if foreign else "no model of another architecture"
@@ -347,7 +348,7 @@ def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: Rob
     skipped: list[dict[str, str]] = []
     members_sorted = sorted(members, key=lambda m: (m.keyed, m.finetune != "full"))
     for target in members_sorted:
-        for scenario, sources in scenario_sources(target, members).items():
+        for scenario, sources in scenario_sources(target, members, config.eot_max).items():
             if isinstance(sources, str):
                 skipped.append({"scenario": scenario, "target": target.name, "reason": sources})
                 continue

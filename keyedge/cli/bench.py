@@ -113,6 +113,7 @@ def robustness(
                                                                                      "(comma-separated; '' for none)."),
     sweep_limit: int = typer.Option(200, "--sweep-limit", min=1, help="Images in the eps sweep."),
     gradient_limit: int = typer.Option(128, "--gradient-limit", min=1, help="Images for gradient similarity."),
+    eot_max: int = typer.Option(0, "--eot-max", min=0, help="Surrogates summed in multi-key EoT (0: all, >= 2 used)."),
     artifacts: list[Path] | None = typer.Option(None, "--artifacts", "-a", help="Export directories of evaluated "
                                                    "checkpoints: classify the adversarial images with them too."),
     localized: str = typer.Option("", "--localized", help="Localized attacks, white-box on every model, e.g. "
@@ -151,7 +152,7 @@ def robustness(
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
     config = RobustnessConfig(data=data, limit=limit, seed=seed, attack=attack, eps=eps, steps=steps,
-                              sweep_eps=budgets, sweep_limit=sweep_limit, gradient_limit=gradient_limit,
+                              sweep_eps=budgets, sweep_limit=sweep_limit, gradient_limit=gradient_limit, eot_max=eot_max,
                               batch_size=batch_size, device=str(resolve_device(device)),
                               artifacts=[str(a) for a in artifacts or []], localized=local,
                               localized_limit=localized_limit, npixel_popsize=npixel_popsize,
