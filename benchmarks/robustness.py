@@ -301,7 +301,8 @@ def scenario_sources(target: Member, members: Sequence[Member], eot_max: int = 0
     surrogates.sort(key=lambda m: m.finetune != target.finetune)  # same fine-tuning mode first
     out["adaptive"] = [surrogates[0].name] if surrogates else \
         f"no other keyed {target.arch} with block size {target.block_size} and another key"
-    out["multi-key-eot"] = [m.name for m in surrogates][:max(2, eot_max) if eot_max else None] if len(surrogates) >= 2 else \
+    eot = [m.name for m in surrogates][:max(2, eot_max) if eot_max else None]
+    out["multi-key-eot"] = eot if len(eot) >= 2 else \
         f"needs >= 2 surrogate keyed models with block size {target.block_size}, have {len(surrogates)}"
     foreign = [m.name for m in others if m.arch != target.arch]
     out["cross-arch"] = foreign[:1] if foreign else "no model of another architecture"
