@@ -421,7 +421,10 @@ def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]
     """Clean accuracy of every model with every key in place of its own (and with none): paper Table 5."""
     from keyedge.models import KeyedModel
 
-    owners = {m.fingerprint: m.name for m in members if m.keyed}
+    owners: dict[str, str] = {}
+    for m in members:
+        if m.keyed:  # models sharing a key (a full and a LoRA fine-tune, say) share its column
+            owners[m.fingerprint] = f"{owners[m.fingerprint]}/{m.name}" if m.fingerprint in owners else m.name
     columns = [f"key of {owners[k.fingerprint]}" if k.fingerprint in owners else f"key {k.fingerprint}"
                for k in keys] + ["no key"]
     values = []
