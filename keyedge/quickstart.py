@@ -129,6 +129,7 @@ def run_quickstart(out: Path, config: QuickstartConfig, *, log: Callable[[str], 
     artifacts = out / "artifacts"
     keyed_dirs = export_many([ExportRequest(runs[k], keys[k]) for k in ("k1", "k2")],
                              ExportSettings(targets=config.targets, out=artifacts, fuse="auto", batch=1,
+                                            template=False,  # full exports: the fleet template's ONNX is unoptimized
                                             log=lambda line: log(f"  {line}")))
     plain_dir = export_many([ExportRequest(runs["plain"], None)],
                             ExportSettings(targets=[t for t in config.targets if t != "coreml"], out=artifacts,
