@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from keyedge.benchmarks.attacks import PGD, parse_eps
-from keyedge.benchmarks.transform import _percentile
 
+from keyedge.benchmarks.attacks import PGD, parse_eps
 from keyedge.keys import Key
 from keyedge.models import build_model
+from keyedge.stats import ratio_spread
 
 
 @dataclass
@@ -60,8 +60,16 @@ def _theirs(model: torch.nn.Module, eps: float, alpha: float, steps: int):
     return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True), torchattacks.__version__
 
 
-def bench(model_name: str, image_size: int, batch_size: int, steps: int, eps: float, rounds: int, threads: int,
-          block_size: int = 4) -> SpeedResult:
+def bench(
+    model_name: str,
+    image_size: int,
+    batch_size: int,
+    steps: int,
+    eps: float,
+    rounds: int,
+    threads: int,
+    block_size: int = 4,
+) -> SpeedResult:
     key = Key.from_secret(bytes(range(32)), block_size)
     model = build_model(model_name, 10, key=key, weights="none", image_size=image_size).eval()
     gen = torch.Generator().manual_seed(0)
@@ -79,14 +87,24 @@ def bench(model_name: str, image_size: int, batch_size: int, steps: int, eps: fl
     names = list(methods)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(batch_size / _timed(methods[name]))
-    result = SpeedResult(model_name, image_size, batch_size, steps, eps, alpha, threads, rounds,
-                         {name: statistics.median(v) for name, v in samples.items()}, torchattacks=version)
+    result = SpeedResult(
+        model_name,
+        image_size,
+        batch_size,
+        steps,
+        eps,
+        alpha,
+        threads,
+        rounds,
+        {name: statistics.median(v) for name, v in samples.items()},
+        torchattacks=version,
+    )
     if theirs is not None:
-        ratios = [a / b for a, b in zip(samples["ours"], samples["torchattacks"])]
-        result.ratio = statistics.median(ratios)
-        result.ratio_spread = (_percentile(ratios, 10), _percentile(ratios, 90))
+        ratios = ratio_spread(samples["ours"], samples["torchattacks"])
+        result.ratio = ratios.median
+        result.ratio_spread = (ratios.p10, ratios.p90)
     return result
 
 
@@ -105,9 +123,11 @@ def main(argv: list[str] | None = None) -> SpeedResult:
         parser.error("--rounds, --batch-size and --steps must be positive")
     torch.set_num_threads(args.threads)
     eps = parse_eps(args.eps)
-    print(f"attack speed: PGD-{args.steps} Linf eps={args.eps} on keyed {args.model} {args.image_size}x"
-          f"{args.image_size}, batch {args.batch_size}, float32, torch {torch.__version__} ({args.threads} threads), "
-          f"{platform.processor() or platform.machine()}, {args.rounds} interleaved rounds")
+    print(
+        f"attack speed: PGD-{args.steps} Linf eps={args.eps} on keyed {args.model} {args.image_size}x"
+        f"{args.image_size}, batch {args.batch_size}, float32, torch {torch.__version__} ({args.threads} threads), "
+        f"{platform.processor() or platform.machine()}, {args.rounds} interleaved rounds"
+    )
     res = bench(args.model, args.image_size, args.batch_size, args.steps, eps, args.rounds, args.threads)
     if res.torchattacks is None:
         print("torchattacks is not installed (pip install --no-deps torchattacks): measuring keyedge's PGD only")

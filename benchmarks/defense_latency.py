@@ -38,11 +38,21 @@ def export_pair(model_name: str, size: int, patch: int, work: Path, targets: lis
     directories = []
     for role, model in (("plain", plain), ("volumized", volumized)):
         ckpt = work / f"{model_name}-ckpt-{role}"
-        save_checkpoint(ckpt, model, epoch=0, finetune={"mode": "full", "lora": None}, data={"name": "none"},
-                        training={"config": {}}, metrics={"test_accuracy": None})
-        directories.append(export_one(ExportRequest(ckpt, None),
-                                      ExportSettings(targets=targets, out=work / role, batch=1, real_inputs=0,
-                                                     random_inputs=2)))
+        save_checkpoint(
+            ckpt,
+            model,
+            epoch=0,
+            finetune={"mode": "full", "lora": None},
+            data={"name": "none"},
+            training={"config": {}},
+            metrics={"test_accuracy": None},
+        )
+        directories.append(
+            export_one(
+                ExportRequest(ckpt, None),
+                ExportSettings(targets=targets, out=work / role, batch=1, real_inputs=0, random_inputs=2),
+            )
+        )
     return directories
 
 
@@ -57,13 +67,22 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--json", help="write the keyedge-latency/1 report here")
     args = parser.parse_args(argv)
     targets = ["onnx", "openvino"]
-    profile = parse_profile({"name": "defense-latency", "threads": args.threads, "batch_sizes": [1],
-                             "runtime": [RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"]).to_dict(),
-                                         RuntimeSpec("openvino", device="CPU").to_dict()]})
+    profile = parse_profile(
+        {
+            "name": "defense-latency",
+            "threads": args.threads,
+            "batch_sizes": [1],
+            "runtime": [
+                RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"]).to_dict(),
+                RuntimeSpec("openvino", device="CPU").to_dict(),
+            ],
+        }
+    )
     settings = BenchSettings(min_seconds=args.min_seconds, min_iterations=50, warmup=10, rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
-        directories = [d for m in args.models.split(",")
-                       for d in export_pair(m, args.image_size, args.patch, Path(tmp), targets)]
+        directories = [
+            d for m in args.models.split(",") for d in export_pair(m, args.image_size, args.patch, Path(tmp), targets)
+        ]
         report = run_latency(directories, profile, settings)
     from rich.console import Console
 

@@ -3,7 +3,7 @@
 For each model, N keyed variants (each its own key and its own weights, as N
 fine-tuned models would have) are exported to ONNX and OpenVINO twice in one
 run: ``full`` (trace + convert per key, what a single export does) and
-``template`` (trace once, then per key substitute the constants: keyedge.fleet;
+``template`` (trace once, then per key substitute the constants: keyedge.exporters.template;
 the one-time template build is counted, spread over the N keys).  Outputs of both
 artifacts of every key are compared on the same input (they must agree to float
 precision); verification itself (identical for both) is not timed.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from keyedge.exporters import ExportOptions, get_backend
-from keyedge.fleet import OnnxTemplate, openvino_from_onnx
+from keyedge.exporters.template import OnnxTemplate, openvino_from_onnx
 from keyedge.keys import Key
 from keyedge.models import build_model
 
@@ -37,8 +37,12 @@ def _variants(model_name: str, count: int, size: int) -> list[torch.nn.Module]:
         key = Key.from_secret(bytes([i + 1]) * 32, 4)
         model = build_model(model_name, 10, key=key, weights="none", image_size=size)
         generator = torch.Generator().manual_seed(i)
-        model.backbone.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point()
-                                        else v for k, v in base.items()})
+        model.backbone.load_state_dict(
+            {
+                k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                for k, v in base.items()
+            }
+        )
         out.append(model.eval())
     return out
 
@@ -76,8 +80,15 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
             worst[name] = max(worst[name], float(np.abs(a - b).max()), float(np.abs(b - ref).max()))
         shutil.rmtree(full_dir)
         shutil.rmtree(tmpl_dir)
-    result = {"model": model_name, "keys": count, "image_size": size, "template_build_s": build_s,
-              "max_abs_diff": worst, "per_key_s": {}, "speedup": {}}
+    result = {
+        "model": model_name,
+        "keys": count,
+        "image_size": size,
+        "template_build_s": build_s,
+        "max_abs_diff": worst,
+        "per_key_s": {},
+        "speedup": {},
+    }
     for target in ("onnx", "openvino"):
         full = float(np.mean(times["full"][target]))
         # the template build serves both targets: charge it to ONNX, which it replaces
@@ -94,8 +105,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    print(f"export benchmark: {args.keys} keys per model, {args.image_size}x{args.image_size}, batch 1, fp32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"export benchmark: {args.keys} keys per model, {args.image_size}x{args.image_size}, batch 1, fp32, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
@@ -103,8 +116,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(res)
             for target in ("onnx", "openvino"):
                 s = res["per_key_s"][target]
-                print(f"  {model_name:>24} {target:>8}: full {s['full']:6.2f} s/key, template {s['template']:6.2f} "
-                      f"s/key -> {res['speedup'][target]:5.1f}x  (outputs agree to {res['max_abs_diff'][target]:.1e})")
+                print(
+                    f"  {model_name:>24} {target:>8}: full {s['full']:6.2f} s/key, template {s['template']:6.2f} "
+                    f"s/key -> {res['speedup'][target]:5.1f}x  (outputs agree to {res['max_abs_diff'][target]:.1e})"
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

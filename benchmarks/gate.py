@@ -13,7 +13,7 @@ times) from interleaved rounds, a generous threshold (``devices/ci-cpu.toml``),
 and a failing measurement is repeated (``--attempts``): a real regression fails
 every attempt, a noisy neighbour rarely twice.
 
-Run: ``python -m keyedge.benchmarks.gate [--device devices/ci-cpu.toml] [--out build/gate] [--baseline B.json]``
+Run: ``python -m keyedge.benchmarks.gate [--profile devices/ci-cpu.toml] [--out build/gate] [--baseline B.json]``
 (``make gate``; exit 1 on a regression).
 """
 
@@ -33,8 +33,15 @@ from keyedge.benchmarks.regress import GATED, RegressionResult, compare
 from keyedge.benchmarks.report import LatencyReport
 
 
-def gate(directories: list[Path], profile_path: Path, *, baseline: Path | None = None, attempts: int = 3,
-         out: Path | None = None, console: Console | None = None) -> tuple[LatencyReport, RegressionResult]:
+def gate(
+    directories: list[Path],
+    profile_path: Path,
+    *,
+    baseline: Path | None = None,
+    attempts: int = 3,
+    out: Path | None = None,
+    console: Console | None = None,
+) -> tuple[LatencyReport, RegressionResult]:
     """Benchmark ``directories`` and gate them; re-measure up to ``attempts`` times while the gate fails."""
     console = console or Console()
     profile = load_profile(profile_path)
@@ -59,19 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--device", type=Path, default=DEVICES_DIR / "ci-cpu.toml", help="profile with thresholds")
+    parser.add_argument("--profile", type=Path, default=DEVICES_DIR / "ci-cpu.toml", help="profile with thresholds")
+    parser.add_argument("--device", help=argparse.SUPPRESS)  # the old spelling of --profile: refused below
     parser.add_argument("--baseline", type=Path, help="a report from this machine: gate p50s too")
     parser.add_argument("--attempts", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write the reports here")
     args = parser.parse_args(argv)
-    profile = load_profile(args.device)
+    if args.device is not None:
+        print("error: --device no longer names the device profile; use --profile PROFILE.toml", file=sys.stderr)
+        return 2
+    profile = load_profile(args.profile)
     targets = sorted({r.target for r in profile.runtimes if r.target in ("onnx", "openvino", "coreml")})
     with tempfile.TemporaryDirectory() as tmp:
         directories = export_variants(args.model, args.image_size, Path(tmp), targets, variants=("plain", "gather"))
-        _, result = gate(directories, args.device, baseline=args.baseline, attempts=args.attempts, out=args.out)
+        _, result = gate(directories, args.profile, baseline=args.baseline, attempts=args.attempts, out=args.out)
     ok = result.passed and bool(result.checks)
-    print(f"latency gate: {'passed' if ok else 'FAILED'} ({args.model} {args.image_size}x{args.image_size}, "
-          f"profile {args.device.name})")
+    print(
+        f"latency gate: {'passed' if ok else 'FAILED'} ({args.model} {args.image_size}x{args.image_size}, "
+        f"profile {args.profile.name})"
+    )
     return 0 if ok else 1
 
 

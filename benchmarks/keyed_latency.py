@@ -39,12 +39,23 @@ from keyedge.models import build_model
 #: the benchmarks' key: fixed, so that runs are comparable (never a key to deploy with)
 BENCH_KEY = Key.from_secret(bytes(range(32)), 4)
 #: variant -> (checkpoint role, fuse mode)
-VARIANTS = {"plain": ("plain", "gather"), "gather": ("keyed", "gather"), "conv": ("keyed", "conv"),
-            "fold": ("keyed", "fold"), "plain-fold": ("plain", "fold")}
+VARIANTS = {
+    "plain": ("plain", "gather"),
+    "gather": ("keyed", "gather"),
+    "conv": ("keyed", "conv"),
+    "fold": ("keyed", "fold"),
+    "plain-fold": ("plain", "fold"),
+}
 
 
-def export_variants(model_name: str, size: int, work: Path, targets: list[str], batch: int = 1,
-                    variants: tuple[str, ...] = tuple(VARIANTS)) -> list[Path]:
+def export_variants(
+    model_name: str,
+    size: int,
+    work: Path,
+    targets: list[str],
+    batch: int = 1,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+) -> list[Path]:
     """Export formulations of one architecture; return the export directories (fold skipped where inexact)."""
     key = BENCH_KEY
     torch.manual_seed(0)
@@ -53,15 +64,22 @@ def export_variants(model_name: str, size: int, work: Path, targets: list[str], 
     plain.backbone.load_state_dict(keyed.backbone.state_dict())
     checkpoints = {}
     for role, model in (("plain", plain), ("keyed", keyed)):
-        checkpoints[role] = save_checkpoint(work / f"{model_name}-ckpt-{role}", model, epoch=0,
-                                            finetune={"mode": "full", "lora": None}, data={"name": "none"},
-                                            training={"config": {}}, metrics={"test_accuracy": None}).parent
+        checkpoints[role] = save_checkpoint(
+            work / f"{model_name}-ckpt-{role}",
+            model,
+            epoch=0,
+            finetune={"mode": "full", "lora": None},
+            data={"name": "none"},
+            training={"config": {}},
+            metrics={"test_accuracy": None},
+        ).parent
     directories = []
     for variant in variants:
         role, fuse = VARIANTS[variant]
         request = ExportRequest(checkpoints[role], key if role == "keyed" else None)
-        settings = ExportSettings(targets=targets, out=work / variant, fuse=fuse, batch=batch, real_inputs=0,
-                                  random_inputs=2)
+        settings = ExportSettings(
+            targets=targets, out=work / variant, fuse=fuse, batch=batch, real_inputs=0, random_inputs=2
+        )
         try:
             directories.append(export_one(request, settings))
         except FoldError as exc:
@@ -86,14 +104,21 @@ def main(argv: list[str] | None = None):
     runtimes = [RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"])] if "onnx" in targets else []
     runtimes += [RuntimeSpec("openvino", device="CPU")] if "openvino" in targets else []
     runtimes += [RuntimeSpec("coreml", compute_units=u) for u in ("ALL", "CPU_ONLY")] if "coreml" in targets else []
-    profile = parse_profile({"name": "keyed-latency", "threads": args.threads, "batch_sizes": [args.batch],
-                             "runtime": [r.to_dict() for r in runtimes]})
+    profile = parse_profile(
+        {
+            "name": "keyed-latency",
+            "threads": args.threads,
+            "batch_sizes": [args.batch],
+            "runtime": [r.to_dict() for r in runtimes],
+        }
+    )
     settings = BenchSettings(min_seconds=args.min_seconds, min_iterations=50, warmup=10, rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out) if args.out else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        directories = [d for m in args.models.split(",")
-                       for d in export_variants(m, args.image_size, work, targets, args.batch)]
+        directories = [
+            d for m in args.models.split(",") for d in export_variants(m, args.image_size, work, targets, args.batch)
+        ]
         report = run_latency(directories, profile, settings, keys=[BENCH_KEY])
     from rich.console import Console
 

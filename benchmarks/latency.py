@@ -20,32 +20,31 @@ cancels out of the per-round ratios.  Ratios are reported as the median and the
     report = run_latency([Path("artifacts/m-abc"), Path("artifacts/m-plain")], load_profile("devices/cpu-x86.toml"))
     print(report.to_markdown())
 
-Run: ``keyedge bench latency DIR... [--device devices/cpu-x86.toml] [--json out.json]``.
+Run: ``keyedge bench latency DIR... [--profile devices/cpu-x86.toml] [--json out.json]``.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import platform
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from keyedge.artifacts import ArtifactManifest, is_export_directory
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
-
 from keyedge.errors import KeyedgeError
+from keyedge.stats import ratio_spread
 
-SUFFIX_TARGETS = {".onnx": "onnx", ".xml": "openvino", ".mlpackage": "coreml", ".mlmodel": "coreml"}
-CHECKPOINT_MANIFEST = "keyedge.json"
 #: untimed pause after each pair's turn in a round: spinning runtime threads park before the next pair runs
-COOLDOWN_S = 0.01  # a training checkpoint directory: timed by the PyTorch eager runner
+COOLDOWN_S = 0.01
 
 
 # --------------------------------------------------------------------------- data
@@ -70,9 +69,18 @@ class Stats:
     def from_seconds(cls, samples: list[float]) -> Stats:
         ms = np.asarray(samples, dtype=np.float64) * 1e3
         p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
-        return cls(mean=float(ms.mean()), p50=float(p50), p90=float(p90), p95=float(p95), p99=float(p99),
-                   stdev=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, min=float(ms.min()), max=float(ms.max()),
-                   iterations=len(ms), seconds=float(ms.sum() / 1e3))
+        return cls(
+            mean=float(ms.mean()),
+            p50=float(p50),
+            p90=float(p90),
+            p95=float(p95),
+            p99=float(p99),
+            stdev=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+            min=float(ms.min()),
+            max=float(ms.max()),
+            iterations=len(ms),
+            seconds=float(ms.sum() / 1e3),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,17 +101,22 @@ class Artifact:
     export_dir: str | None  # the OUT/<model>-<fingerprint>/ directory, if any
     accuracy: float | None = None  # the checkpoint's test accuracy, from the manifest
     defense: str | None = None  # another defense than a key (volumize), from the manifest
+    role: str = ""  # keyed, plain or the defense's name (keyedge.defenses); derived when not given
 
-    @property
-    def role(self) -> str:
-        return "keyed" if self.fingerprint else (self.defense or "plain")
+    def __post_init__(self) -> None:
+        if not self.role:
+            from keyedge.defenses import get_defense
+
+            self.role = get_defense(self.defense).role(self.fingerprint)
 
     @property
     def label(self) -> str:
-        return f"{self.model}-{self.fingerprint or self.role}" + (f"[{self.fuse}]" if self.fuse in ("fold", "conv") else "")
+        return f"{self.model}-{self.fingerprint or self.role}" + (
+            f"[{self.fuse}]" if self.fuse in ("fold", "conv") else ""
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"role": self.role}
+        return asdict(self)
 
 
 @dataclass
@@ -185,26 +198,34 @@ class BenchSettings:
     batch_sizes: list[int] | None = None
 
     def resolve(self, profile: DeviceProfile) -> dict[str, Any]:
-        return {"threads": self.threads if self.threads is not None else profile.threads,
-                "min_seconds": self.min_seconds if self.min_seconds is not None else profile.min_seconds,
-                "min_iterations": self.min_iterations if self.min_iterations is not None else profile.min_iterations,
-                "warmup": self.warmup if self.warmup is not None else profile.warmup,
-                "rounds": self.rounds if self.rounds is not None else profile.rounds,
-                "batch_sizes": list(self.batch_sizes or profile.batch_sizes)}
+        return {
+            "threads": self.threads if self.threads is not None else profile.threads,
+            "min_seconds": self.min_seconds if self.min_seconds is not None else profile.min_seconds,
+            "min_iterations": self.min_iterations if self.min_iterations is not None else profile.min_iterations,
+            "warmup": self.warmup if self.warmup is not None else profile.warmup,
+            "rounds": self.rounds if self.rounds is not None else profile.rounds,
+            "batch_sizes": list(self.batch_sizes or profile.batch_sizes),
+        }
 
 
 # --------------------------------------------------------------------------- artifacts
 
 
-def _artifact_from_manifest(directory: Path, manifest: dict[str, Any], target: str, path: Path) -> Artifact:
-    shape = (manifest.get("input") or {}).get("shape") or [None, None, None, None]
-    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    return Artifact(path=str(path), target=target, model=(manifest.get("model") or {}).get("name", directory.name),
-                    fingerprint=manifest.get("fingerprint"), fuse=manifest.get("fuse"),
-                    precision=manifest.get("precision"), batch=batch,
-                    image_size=shape[-1] if isinstance(shape[-1], int) else None, export_dir=str(directory),
-                    accuracy=(manifest.get("checkpoint") or {}).get("test_accuracy"),
-                    defense=(manifest.get("defense") or {}).get("name"))
+def _artifact_from_manifest(manifest: ArtifactManifest, target: str, path: Path) -> Artifact:
+    return Artifact(
+        path=str(path),
+        target=target,
+        model=manifest.model_name,
+        fingerprint=manifest.fingerprint,
+        fuse=manifest.fuse,
+        precision=manifest.precision,
+        batch=manifest.batch,
+        image_size=manifest.image_size,
+        export_dir=str(manifest.directory),
+        accuracy=manifest.test_accuracy,
+        defense=manifest.defense and manifest.defense_name,
+        role=manifest.role,
+    )
 
 
 def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: Path | None = None) -> Artifact:
@@ -212,13 +233,19 @@ def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: P
     from keyedge.checkpoint import read_manifest
 
     manifest = read_manifest(directory)
-    fingerprint = (manifest.get("key") or {}).get("fingerprint")
-    return Artifact(path=str(directory), target="torch", model=manifest["model"]["name"], fingerprint=fingerprint,
-                    fuse=fuse or ("gather" if fingerprint else "none"), precision="fp32", batch=None,
-                    image_size=manifest["model"].get("image_size"),
-                    export_dir=str(export_dir) if export_dir else None,
-                    accuracy=(manifest.get("metrics") or {}).get("test_accuracy"),
-                    defense=(manifest.get("defense") or {}).get("name"))
+    return Artifact(
+        path=str(directory),
+        target="torch",
+        model=manifest.model.name,
+        fingerprint=manifest.fingerprint,
+        fuse=fuse or ("gather" if manifest.fingerprint else "none"),
+        precision="fp32",
+        batch=None,
+        image_size=manifest.model.image_size,
+        export_dir=str(export_dir) if export_dir else None,
+        accuracy=manifest.test_accuracy,
+        defense=manifest.defense and manifest.defense_name,
+    )
 
 
 def discover(path: str | Path) -> list[Artifact]:
@@ -227,141 +254,61 @@ def discover(path: str | Path) -> list[Artifact]:
     An export directory also yields its source checkpoint (for the ``torch`` runtime) when that still exists;
     a checkpoint directory (``keyedge.json``) yields just that.
     """
+    from keyedge.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+    from keyedge.exporters import backend_names, get_backend
+
     path = Path(path)
+    suffixes = {get_backend(name).suffix: name for name in backend_names()}
     if not path.exists():
         raise KeyedgeError(f"{path} does not exist", "pass an export directory or an .onnx/.xml/.mlpackage file")
     if path.is_dir() and (path / CHECKPOINT_MANIFEST).is_file():
         return [_checkpoint_artifact(path)]
-    if path.is_dir() and path.suffix != ".mlpackage":
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise KeyedgeError(f"{path} has no manifest.json", "pass a directory written by `keyedge export`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise KeyedgeError(f"{manifest_path} is not readable JSON ({exc})") from None
-        artifacts = []
-        for target, entry in (manifest.get("targets") or {}).items():
-            files = [path / f["path"] for f in entry.get("files", [])]
-            main = next((f for f in files if SUFFIX_TARGETS.get(f.suffix) == target), files[0] if files else None)
-            if main is not None:
-                artifacts.append(_artifact_from_manifest(path, manifest, target, main))
-        if not artifacts:
-            raise KeyedgeError(f"{manifest_path} lists no artifact files")
-        source = Path((manifest.get("checkpoint") or {}).get("path") or "/nonexistent")
-        if (source / CHECKPOINT_MANIFEST).is_file():
-            try:
-                artifacts.append(_checkpoint_artifact(source, manifest.get("fuse"), path))
-            except KeyedgeError:
-                pass  # a checkpoint gone bad since the export: the artifacts are still timed
+    if path.is_dir() and path.suffix not in suffixes:
+        manifest = ArtifactManifest.read(path)
+        artifacts = [
+            _artifact_from_manifest(manifest, target, manifest.artifact(target)) for target in manifest.targets
+        ]
+        source = manifest.checkpoint_path
+        if source is not None and (source / CHECKPOINT_MANIFEST).is_file():
+            with contextlib.suppress(KeyedgeError):  # a checkpoint gone bad since the export: artifacts still timed
+                artifacts.append(_checkpoint_artifact(source, manifest.fuse, path))
         return artifacts
-    target = SUFFIX_TARGETS.get(path.suffix)
+    target = suffixes.get(path.suffix)
     if target is None:
-        raise KeyedgeError(f"{path}: unknown artifact type {path.suffix!r}", "expected .onnx, .xml or .mlpackage")
-    manifest_path = path.parent / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            return [_artifact_from_manifest(path.parent, json.loads(manifest_path.read_text()), target, path)]
-        except ValueError:
-            pass
-    return [Artifact(path=str(path), target=target, model=path.stem, fingerprint=None, fuse=None, precision=None,
-                     batch=None, image_size=None, export_dir=None)]
+        raise KeyedgeError(
+            f"{path}: unknown artifact type {path.suffix!r}", f"expected {', '.join(suffixes)}, or an export directory"
+        )
+    if is_export_directory(path.parent):
+        return [_artifact_from_manifest(ArtifactManifest.read(path.parent), target, path)]
+    return [
+        Artifact(
+            path=str(path),
+            target=target,
+            model=path.stem,
+            fingerprint=None,
+            fuse=None,
+            precision=None,
+            batch=None,
+            image_size=None,
+            export_dir=None,
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- runners
 
 
-class Runner:
-    """A loaded artifact: ``run(x)`` does one inference; ``input_shape`` has None for dynamic dims."""
-
-    input_shape: list[int | None]
-    providers: list[str] | None = None
-    run: Callable[[np.ndarray], Any]
-
-
-def _dims(shape) -> list[int | None]:
-    return [d if isinstance(d, int) and d > 0 else None for d in shape]
-
-
-def _torch_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any]) -> Runner:
-    """PyTorch eager: the checkpoint rebuilt as the module that was exported (same fuse), under inference_mode."""
-    import torch
-
-    from keyedge.checkpoint import load_checkpoint
-    from keyedge.export import deployable
-
-    key = keys.get(artifact.fingerprint) if artifact.fingerprint else None
-    if artifact.fingerprint and key is None:
-        raise KeyedgeError(f"the keyed checkpoint needs its key (fingerprint {artifact.fingerprint})",
-                           "pass it with --key-file")
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(spec.device or "cpu")
-    model, _ = load_checkpoint(artifact.path, key)
-    module = deployable(model, key, artifact.fuse if artifact.fuse in ("gather", "fold", "conv") else "gather")
-    module = module.module.to(device).eval()
-    runner = Runner()
-    runner.input_shape = [None, 3, artifact.image_size, artifact.image_size]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():  # .cpu() waits for CUDA/MPS: the copy back is part of the call, as elsewhere
-            return module(torch.from_numpy(x).to(device)).cpu().numpy()
-
-    runner.run = run
-    return runner
-
-
-def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any] | None = None) -> Runner:
-    """Load ``artifact`` on ``spec``'s runtime; ``keys`` (fingerprint -> Key) serve keyed checkpoints (torch)."""
-    runner = Runner()
+def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any] | None = None):
+    """Load ``artifact`` on ``spec``'s runtime through its backend; ``keys`` (by fingerprint) serve checkpoints."""
     if spec.name == "torch":
-        return _torch_runner(artifact, spec, threads, keys or {})
-    if spec.name == "onnxruntime":
-        import onnxruntime as ort
+        from keyedge.export import load_checkpoint_runner
+        from keyedge.keys import key_for
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        # ORT's idle intra-op threads spin-wait by default: that is what deployments run with and it is
-        # ~35% faster at batch 1 on 2 cores; the interleave lets the spin die down between pairs (COOLDOWN_S)
-        if spec.spinning is False:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(artifact.path, opts, providers=list(spec.providers or ["CPUExecutionProvider"]))
-        runner.providers = session.get_providers()
-        if (spec.providers or ["CPUExecutionProvider"])[0] not in runner.providers:
-            raise RuntimeError(f"the session fell back to {', '.join(runner.providers)}")
-        inp = session.get_inputs()[0]
-        runner.input_shape = _dims(inp.shape)
-        name = inp.name
-        runner.run = lambda x: session.run(None, {name: x})
-    elif spec.name == "openvino":
-        import openvino as ov
+        key = key_for(artifact.fingerprint, keys or {}, owner=artifact.path)
+        return load_checkpoint_runner(Path(artifact.path), key, fuse=artifact.fuse, device=spec.device, threads=threads)
+    from keyedge.exporters import get_backend
 
-        device = spec.device or "CPU"
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if device.startswith("CPU"):
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = threads
-        compiled = ov.Core().compile_model(artifact.path, device, config)
-        shape = compiled.input(0).get_partial_shape()
-        runner.input_shape = [d.get_length() if d.is_static else None for d in shape]
-        request = compiled.create_infer_request()
-        # no copies in or out (as benchmark_app): the call times the inference, not the Python wrapping
-        runner.run = lambda x: request.infer({0: x}, share_inputs=True, share_outputs=True)
-    elif spec.name == "coreml":
-        import coremltools as ct
-
-        model = ct.models.MLModel(artifact.path, compute_units=ct.ComputeUnit[spec.compute_units or "ALL"])
-        desc = model.get_spec().description.input[0]
-        name = desc.name
-        runner.input_shape = _dims(list(desc.type.multiArrayType.shape)) or [artifact.batch, 3, None, None]
-        runner.run = lambda x: model.predict({name: x})
-    else:
-        raise RuntimeError(f"no runner for {spec.name}")
-    return runner
+    return get_backend(spec.target).load(Path(artifact.path), threads=threads, **spec.run_settings())
 
 
 def peak_rss_mb() -> float:
@@ -384,8 +331,12 @@ def cpu_model() -> str:
         import subprocess
 
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False,
-                                  timeout=5).stdout.strip() or platform.processor()
+            return (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False, timeout=5
+                ).stdout.strip()
+                or platform.processor()
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
@@ -402,10 +353,20 @@ def environment() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "os": platform.platform(), "python": platform.python_version(), "hostname": platform.node(),
-            "versions": {"keyedge": __version__, "numpy": np.__version__,
-                         **{name: version_of(name) for name in ("onnxruntime", "openvino", "coremltools", "torch")}}}
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+        "versions": {
+            "keyedge": __version__,
+            "numpy": np.__version__,
+            **{name: version_of(name) for name in ("onnxruntime", "openvino", "coremltools", "torch")},
+        },
+    }
 
 
 # --------------------------------------------------------------------------- measurement
@@ -415,7 +376,7 @@ def environment() -> dict[str, Any]:
 class _Cell:
     artifact: Artifact
     spec: RuntimeSpec
-    runner: Runner
+    runner: Any  # keyedge.exporters.base.Runner, or keyedge.export.TorchRunner
     batch: int
     threads: int | None
     load_s: float
@@ -428,11 +389,6 @@ class _Cell:
         return f"{self.spec.name}:{self.spec.device_label}"
 
 
-def _spread(ratios: list[float]) -> tuple[float, float, float]:
-    lo, hi = np.percentile(ratios, [10, 90])
-    return float(statistics.median(ratios)), float(lo), float(hi)
-
-
 def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
     out: list[Comparison] = []
 
@@ -440,16 +396,34 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
         n = min(len(a.rounds), len(b.rounds))
         if n == 0:
             return
-        median, p10, p90 = _spread([x / y for x, y in zip(a.rounds[:n], b.rounds[:n])])
-        out.append(Comparison(kind=kind, numerator=a.artifact.label, denominator=b.artifact.label,
-                              model=a.artifact.model, target=a.artifact.target, runtime=runtime,
-                              device=a.spec.device_label if a.spec is b.spec else
-                              f"{a.spec.device_label}/{b.spec.device_label}",
-                              batch=batch, median=median, p10=p10, p90=p90, rounds=n))
+        median, p10, p90 = astuple(ratio_spread(a.rounds[:n], b.rounds[:n]))
+        out.append(
+            Comparison(
+                kind=kind,
+                numerator=a.artifact.label,
+                denominator=b.artifact.label,
+                model=a.artifact.model,
+                target=a.artifact.target,
+                runtime=runtime,
+                device=a.spec.device_label if a.spec is b.spec else f"{a.spec.device_label}/{b.spec.device_label}",
+                batch=batch,
+                median=median,
+                p10=p10,
+                p90=p90,
+                rounds=n,
+            )
+        )
 
     for a in cells:
-        same = [b for b in cells if b is not a and b.spec is a.spec and b.artifact.model == a.artifact.model
-                and b.artifact.target == a.artifact.target and b.artifact.precision == a.artifact.precision]
+        same = [
+            b
+            for b in cells
+            if b is not a
+            and b.spec is a.spec
+            and b.artifact.model == a.artifact.model
+            and b.artifact.target == a.artifact.target
+            and b.artifact.precision == a.artifact.precision
+        ]
         if a.artifact.defense:  # another defense against the undefended model: what it costs
             plains = [b for b in same if b.artifact.role == "plain" and b.artifact.fuse != "fold"]
             if plains:
@@ -468,8 +442,13 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
     order = {id(c.spec): i for i, c in enumerate(cells)}
     for a in cells:
         for b in cells:
-            if (a.spec is not b.spec and order[id(a.spec)] < order[id(b.spec)] and a.artifact.export_dir
-                    and a.artifact.export_dir == b.artifact.export_dir and a.artifact.precision == b.artifact.precision):
+            if (
+                a.spec is not b.spec
+                and order[id(a.spec)] < order[id(b.spec)]
+                and a.artifact.export_dir
+                and a.artifact.export_dir == b.artifact.export_dir
+                and a.artifact.precision == b.artifact.precision
+            ):
                 add("runtime", a, b, f"{a.runtime_label}/{b.runtime_label}")
     return out
 
@@ -485,11 +464,11 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
             shape = [cell.batch] + [d or s for d, s in zip(rin[1:], shape[1:])]
         xs[id(cell)] = np.random.default_rng(0).random(shape, dtype=np.float32)
         start = time.perf_counter()
-        cell.runner.run(xs[id(cell)])
+        cell.runner.infer(xs[id(cell)])
         cell.first_ms = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
         for _ in range(settings["warmup"]):
-            cell.runner.run(xs[id(cell)])
+            cell.runner.infer(xs[id(cell)])
         estimate = (time.perf_counter() - start) / settings["warmup"] if settings["warmup"] else cell.first_ms / 1e3
         # a round of each cell lasts about min_seconds / rounds, and has at least min_iterations / rounds calls
         per_round[id(cell)] = max(1, math.ceil(min_iter / rounds), int(min_s / rounds / max(estimate, 1e-6)))
@@ -500,7 +479,7 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
             break
         shift = r % len(cells)
         for cell in cells[shift:] + cells[:shift]:
-            run, x = cell.runner.run, xs[id(cell)]
+            run, x = cell.runner.infer, xs[id(cell)]
             times = []
             for _ in range(per_round[id(cell)]):
                 start = time.perf_counter()
@@ -510,13 +489,22 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
             cell.rounds.append(sum(times) / len(times))
             time.sleep(COOLDOWN_S)
         r += 1
-        progress = min(min(len(c.samples) / min_iter for c in cells),
-                       min(sum(c.samples) / min_s for c in cells) if min_s > 0 else 1.0, r / rounds)
+        progress = min(
+            min(len(c.samples) / min_iter for c in cells),
+            min(sum(c.samples) / min_s for c in cells) if min_s > 0 else 1.0,
+            r / rounds,
+        )
         tick(min(progress, 1.0))
 
 
-def run_latency(paths: list[str | Path], profile: DeviceProfile, settings: BenchSettings | None = None, *,
-                progress: Any = None, keys: Any = ()) -> Any:
+def run_latency(
+    paths: list[str | Path],
+    profile: DeviceProfile,
+    settings: BenchSettings | None = None,
+    *,
+    progress: Any = None,
+    keys: Any = (),
+) -> Any:
     """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
 
     ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
@@ -539,18 +527,30 @@ def run_latency(paths: list[str | Path], profile: DeviceProfile, settings: Bench
     for spec in usable:
         matching = [a for a in artifacts if a.target == spec.target]
         if not matching:
-            skipped.append(Skipped(runtime=spec.name, device=spec.device_label, target=spec.target,
-                                   reason=f"no {spec.target} artifact among the inputs"))
+            skipped.append(
+                Skipped(
+                    runtime=spec.name,
+                    device=spec.device_label,
+                    target=spec.target,
+                    reason=f"no {spec.target} artifact among the inputs",
+                )
+            )
         for artifact in matching:
             threads = spec.threads or resolved["threads"]
             try:
                 start = time.perf_counter()
                 runner = load_runner(artifact, spec, threads, {k.fingerprint: k for k in keys})
                 load_s = time.perf_counter() - start
-            except Exception as exc:  # noqa: BLE001  (a runtime refusing one artifact: skipped with the reason)
-                skipped.append(Skipped(runtime=spec.name, device=spec.device_label, artifact=artifact.path,
-                                       target=artifact.target,
-                                       reason=f"load failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            except Exception as exc:
+                skipped.append(
+                    Skipped(
+                        runtime=spec.name,
+                        device=spec.device_label,
+                        artifact=artifact.path,
+                        target=artifact.target,
+                        reason=f"load failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                    )
+                )
                 continue
             fixed = runner.input_shape[0] if runner.input_shape else artifact.batch
             batches = [fixed] if fixed else resolved["batch_sizes"]
@@ -564,21 +564,42 @@ def run_latency(paths: list[str | Path], profile: DeviceProfile, settings: Bench
         tick = (lambda f, task=task: progress.update(task, completed=f)) if progress else (lambda f: None)
         try:
             _interleave(group, resolved, tick)
-        except Exception as exc:  # noqa: BLE001  (an inference failure: skipped with the reason)
+        except Exception as exc:
             for cell in group:
-                skipped.append(Skipped(runtime=cell.spec.name, device=cell.spec.device_label, target=cell.artifact.target,
-                                       artifact=cell.artifact.path,
-                                       reason=f"inference failed at batch {batch}: {type(exc).__name__}: {exc}"
-                                       .splitlines()[0]))
+                skipped.append(
+                    Skipped(
+                        runtime=cell.spec.name,
+                        device=cell.spec.device_label,
+                        target=cell.artifact.target,
+                        artifact=cell.artifact.path,
+                        reason=f"inference failed at batch {batch}: {type(exc).__name__}: {exc}".splitlines()[0],
+                    )
+                )
             continue
         rss = peak_rss_mb()
         for cell in group:
             stats = Stats.from_seconds(cell.samples)
-            measurements.append(Measurement(artifact=cell.artifact, runtime=cell.spec.name, device=cell.spec.device_label,
-                                            batch=batch, threads=cell.threads, load_s=cell.load_s,
-                                            first_ms=cell.first_ms, steady=stats,
-                                            throughput=batch / (stats.mean / 1e3), peak_rss_mb=rss,
-                                            providers=cell.runner.providers))
+            measurements.append(
+                Measurement(
+                    artifact=cell.artifact,
+                    runtime=cell.spec.name,
+                    device=cell.spec.device_label,
+                    batch=batch,
+                    threads=cell.threads,
+                    load_s=cell.load_s,
+                    first_ms=cell.first_ms,
+                    steady=stats,
+                    throughput=batch / (stats.mean / 1e3),
+                    peak_rss_mb=rss,
+                    providers=cell.runner.providers,
+                )
+            )
         comparisons.extend(_comparisons(group, batch))
-    return LatencyReport(environment=environment(), profile=profile.to_dict(), settings=resolved,
-                         measurements=measurements, skipped=skipped, comparisons=comparisons)
+    return LatencyReport(
+        environment=environment(),
+        profile=profile.to_dict(),
+        settings=resolved,
+        measurements=measurements,
+        skipped=skipped,
+        comparisons=comparisons,
+    )

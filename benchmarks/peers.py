@@ -36,6 +36,7 @@ from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import parse_profile
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.models import build_model
+from keyedge.stats import ratio_spread
 
 MEDIAN = re.compile(r"Median:\s+([0-9.]+)\s*(ms|us)")
 
@@ -49,8 +50,27 @@ def harness_p50(path: Path, runtime: dict, threads: int, seconds: float) -> floa
 def benchmark_app_p50(xml: Path, threads: int, seconds: float) -> float:
     """OpenVINO's benchmark_app on the IR: synchronous latency mode, same threads/precision; its median (ms)."""
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
-    cmd = [tool, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nstreams", "1", "-api", "sync",
-           "-nthreads", str(threads), "-infer_precision", "f32", "-b", "1", "-t", str(max(1, round(seconds)))]
+    cmd = [
+        tool,
+        "-m",
+        str(xml),
+        "-d",
+        "CPU",
+        "-hint",
+        "none",
+        "-nstreams",
+        "1",
+        "-api",
+        "sync",
+        "-nthreads",
+        str(threads),
+        "-infer_precision",
+        "f32",
+        "-b",
+        "1",
+        "-t",
+        str(max(1, round(seconds))),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     match = MEDIAN.search(out)
     if not match:
@@ -59,22 +79,18 @@ def benchmark_app_p50(xml: Path, threads: int, seconds: float) -> float:
 
 
 def ort_loop_p50(onnx_path: Path, threads: int, seconds: float) -> float:
-    """The minimal hand-written onnxruntime loop (default session options except the thread count)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).random((1, 3, *session.get_inputs()[0].shape[2:]), dtype=np.float32)
+    """The minimal hand-written loop: the ONNX backend's session (default options but the thread count), timed bare."""
+    runner = get_backend("onnx").load(onnx_path, threads=threads)
+    x = np.random.default_rng(0).random((1, *runner.input_shape[1:]), dtype=np.float32)
     for _ in range(10):
-        session.run(None, {name: x})
+        runner.infer(x)
     times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 50:
         start = time.perf_counter()
-        session.run(None, {name: x})
+        runner.infer(x)
         times.append(time.perf_counter() - start)
+    runner.close()
     return statistics.median(times) * 1e3
 
 
@@ -90,15 +106,18 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = build_model(args.model, 1000, weights="none", image_size=args.image_size).eval()
     options = ExportOptions(batch=1, image_size=args.image_size)
-    print(f"{args.model} {args.image_size}x{args.image_size}, batch 1, fp32, CPU, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.seconds:g} s per tool, order rotated each round")
+    print(
+        f"{args.model} {args.image_size}x{args.image_size}, batch 1, fp32, CPU, {args.threads} threads, "
+        f"{args.rounds} rounds x {args.seconds:g} s per tool, order rotated each round"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, xml_path = Path(tmp) / "model.onnx", Path(tmp) / "model.xml"
         get_backend("onnx").export(model, onnx_path, options)
         get_backend("openvino").export(model, xml_path, options)
         tools = {
-            "keyedge/openvino": lambda: harness_p50(xml_path, {"name": "openvino", "device": "CPU"}, args.threads,
-                                                    args.seconds),
+            "keyedge/openvino": lambda: harness_p50(
+                xml_path, {"name": "openvino", "device": "CPU"}, args.threads, args.seconds
+            ),
             "benchmark_app": lambda: benchmark_app_p50(xml_path, args.threads, args.seconds),
             "keyedge/onnxruntime": lambda: harness_p50(onnx_path, {"name": "onnxruntime"}, args.threads, args.seconds),
             "ort-loop": lambda: ort_loop_p50(onnx_path, args.threads, args.seconds),
@@ -106,16 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
         p50: dict[str, list[float]] = {name: [] for name in tools}
         names = list(tools)
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 p50[name].append(tools[name]())
             print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.3f} ms" for n, v in p50.items()))
-    results: dict = {"model": args.model, "image_size": args.image_size, "threads": args.threads,
-                     "p50_ms": {n: statistics.median(v) for n, v in p50.items()}, "ratios": {}}
+    results: dict = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "threads": args.threads,
+        "p50_ms": {n: statistics.median(v) for n, v in p50.items()},
+        "ratios": {},
+    }
     for ours, theirs in (("keyedge/openvino", "benchmark_app"), ("keyedge/onnxruntime", "ort-loop")):
-        per_round = [a / b for a, b in zip(p50[ours], p50[theirs])]
-        lo, hi = np.percentile(per_round, [10, 90])
-        results["ratios"][f"{ours} / {theirs}"] = {"median": statistics.median(per_round), "p10": float(lo),
-                                                   "p90": float(hi)}
+        results["ratios"][f"{ours} / {theirs}"] = ratio_spread(p50[ours], p50[theirs]).to_dict()
     print("p50 (median over rounds): " + ", ".join(f"{n} {v:.3f} ms" for n, v in results["p50_ms"].items()))
     for name, r in results["ratios"].items():
         verdict = "within 5%" if abs(r["median"] - 1) <= 0.05 else "NOT within 5%"

@@ -24,8 +24,6 @@ exception.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,21 +32,47 @@ import tomllib
 
 from keyedge.errors import KeyedgeError
 
-#: Runtime name -> the artifact target it runs (``torch``: the PyTorch checkpoint an export was made from).
-RUNTIME_TARGETS = {"onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml", "torch": "torch"}
-ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
-                 "CoreMLExecutionProvider", "OpenVINOExecutionProvider", "DmlExecutionProvider",
-                 "ROCMExecutionProvider", "QNNExecutionProvider", "XnnpackExecutionProvider")
+
+def runtime_targets() -> dict[str, str]:
+    """Runtime name -> the target it runs: each export backend's runtime, plus ``torch`` (checkpoints)."""
+    from keyedge.exporters import backend_names, get_backend
+
+    return {get_backend(name).runtime: name for name in backend_names()} | {"torch": "torch"}
+
+
+ORT_PROVIDERS = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "CoreMLExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DmlExecutionProvider",
+    "ROCMExecutionProvider",
+    "QNNExecutionProvider",
+    "XnnpackExecutionProvider",
+)
 OPENVINO_DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 COREML_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 TORCH_DEVICES = ("cpu", "cuda", "mps")
 
-_TOP_FIELDS = {"name", "description", "threads", "batch_sizes", "warmup", "min_iterations", "min_seconds",
-               "rounds", "runtime", "thresholds"}
-_RUNTIME_FIELDS = {"onnxruntime": {"name", "providers", "threads", "spinning"},
-                   "openvino": {"name", "device", "threads"},
-                   "coreml": {"name", "compute_units"},
-                   "torch": {"name", "device", "threads"}}
+_TOP_FIELDS = {
+    "name",
+    "description",
+    "threads",
+    "batch_sizes",
+    "warmup",
+    "min_iterations",
+    "min_seconds",
+    "rounds",
+    "runtime",
+    "thresholds",
+}
+_RUNTIME_FIELDS = {
+    "onnxruntime": {"name", "providers", "threads", "spinning"},
+    "openvino": {"name", "device", "threads"},
+    "coreml": {"name", "compute_units"},
+    "torch": {"name", "device", "threads"},
+}
 _THRESHOLD_FIELDS = {"ratio", "p50", "accuracy_drop"}
 
 
@@ -77,7 +101,7 @@ class RuntimeSpec:
 
     @property
     def target(self) -> str | None:
-        return RUNTIME_TARGETS[self.name]
+        return runtime_targets()[self.name]
 
     @property
     def device_label(self) -> str:
@@ -90,6 +114,16 @@ class RuntimeSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def run_settings(self) -> dict[str, Any]:
+        """Keyword arguments of ``ExportBackend.load`` for this runtime (threads aside)."""
+        if self.name == "onnxruntime":
+            return {"providers": list(self.providers or ["CPUExecutionProvider"]), "spinning": self.spinning}
+        if self.name == "coreml":
+            return {"compute_units": self.compute_units or "ALL"}
+        if self.name == "openvino":
+            return {"device": self.device or "CPU"}
+        return {"device": self.device}
 
 
 @dataclass
@@ -133,7 +167,12 @@ def _check_int(source: str, where: str, value: Any, minimum: int) -> int:
 
 
 def _check_float(source: str, where: str, value: Any, minimum: float, *, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (strict and value == minimum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < minimum
+        or (strict and value == minimum)
+    ):
         raise _fail(source, where, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
     return float(value)
 
@@ -155,7 +194,7 @@ def _parse_runtime(source: str, index: int, data: Any) -> RuntimeSpec:
     where = f"runtime[{index}]"
     if not isinstance(data, dict):
         raise _fail(source, where, "must be a table ([[runtime]])")
-    name = _check_str(source, f"{where}.name", data.get("name"), tuple(RUNTIME_TARGETS))
+    name = _check_str(source, f"{where}.name", data.get("name"), tuple(runtime_targets()))
     _unknown(source, f"{where}.", data, _RUNTIME_FIELDS[name])
     spec = RuntimeSpec(name=name)
     if "threads" in data:
@@ -172,8 +211,9 @@ def _parse_runtime(source: str, index: int, data: Any) -> RuntimeSpec:
     elif name == "openvino":
         spec.device = _check_str(source, f"{where}.device", data.get("device", "CPU"), OPENVINO_DEVICES)
     elif name == "coreml":
-        spec.compute_units = _check_str(source, f"{where}.compute_units", data.get("compute_units", "ALL"),
-                                        COREML_COMPUTE_UNITS)
+        spec.compute_units = _check_str(
+            source, f"{where}.compute_units", data.get("compute_units", "ALL"), COREML_COMPUTE_UNITS
+        )
     else:
         spec.device = _check_str(source, f"{where}.device", data.get("device", "cpu"), TORCH_DEVICES)
     return spec
@@ -243,50 +283,34 @@ def builtin_profile() -> DeviceProfile:
     shipped = DEVICES_DIR / "cpu-x86.toml"
     if shipped.is_file():
         return load_profile(shipped)
-    return DeviceProfile(name="cpu", description="built-in CPU profile", batch_sizes=[1, 8],
-                         runtimes=[RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"]),
-                                   RuntimeSpec("openvino", device="CPU")])
+    return DeviceProfile(
+        name="cpu",
+        description="built-in CPU profile",
+        batch_sizes=[1, 8],
+        runtimes=[
+            RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"]),
+            RuntimeSpec("openvino", device="CPU"),
+        ],
+    )
 
 
 def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
-    """Can this host run ``spec``?  ``(True, "")`` or ``(False, reason)``; never raises."""
+    """Can this host run ``spec``?  ``(True, reason)`` or ``(False, reason)``; never raises.
+
+    Asks the backend of the runtime (``ExportBackend.can_run``), or PyTorch for ``torch``.
+    """
     try:
         if spec.name == "torch":
-            import torch
+            from keyedge.export import torch_available
 
-            if spec.device == "cuda" and not torch.cuda.is_available():
-                return False, "torch: CUDA is not available on this host"
-            if spec.device == "mps" and not torch.backends.mps.is_available():
-                return False, "torch: MPS is not available on this host"
-            return True, ""
-        if spec.name == "coreml":
-            if sys.platform != "darwin":
-                return False, f"CoreML runs only on macOS (this host: {sys.platform})"
-            if importlib.util.find_spec("coremltools") is None:
-                return False, "coremltools is not installed (pip install 'keyedge[coreml]')"
-            return True, ""
-        if spec.name == "onnxruntime":
-            if importlib.util.find_spec("onnxruntime") is None:
-                return False, "onnxruntime is not installed (pip install 'keyedge[onnx]')"
-            import onnxruntime as ort
+            return torch_available(spec.device)
+        from keyedge.exporters import get_backend
 
-            have = ort.get_available_providers()
-            missing = [p for p in spec.providers or [] if p not in have]
-            if missing:
-                return False, f"onnxruntime {ort.__version__} lacks {', '.join(missing)} (has {', '.join(have)})"
-            return True, ""
-        if spec.name == "openvino":
-            if importlib.util.find_spec("openvino") is None:
-                return False, "openvino is not installed (pip install 'keyedge[openvino]')"
-            import openvino as ov
-
-            device = spec.device or "CPU"
-            if device == "AUTO":
-                return True, ""
-            devices = ov.Core().available_devices
-            if not any(d == device or d.split(".")[0] == device for d in devices):
-                return False, f"OpenVINO device {device} is not available (has {', '.join(devices) or 'none'})"
-            return True, ""
-    except Exception as exc:  # noqa: BLE001  (a broken install is a skip with its reason, never a crash)
+        settings = spec.run_settings()
+        return get_backend(spec.target).can_run(
+            device=settings.get("device"),
+            providers=settings.get("providers"),
+            compute_units=settings.get("compute_units"),
+        )
+    except Exception as exc:  # a broken install is a skip with its reason, never a crash
         return False, f"{spec.name} failed to initialise: {type(exc).__name__}: {exc}".splitlines()[0]
-    return False, f"unknown runtime {spec.name}"

@@ -8,7 +8,7 @@ runtime, device, batch).  The gate fails when
 * both reports carry an accuracy for a matched artifact and it dropped by more than ``thresholds.accuracy_drop``.
 
 Entries present in only one report are listed as unmatched, never failures.
-Thresholds come from ``--device PROFILE.toml`` or else the profile recorded in the current report.
+Thresholds come from ``--profile PROFILE.toml`` or else the profile recorded in the current report.
 Without a baseline only the ratios are gated: they are measured side by side in one run, so they need
 no reference and mean the same on any machine (this repo's own CI gates exactly that, ``make gate``).
 
@@ -61,34 +61,53 @@ class RegressionResult:
         return [c for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "thresholds": self.thresholds.to_dict(),
-                "checks": [c.to_dict() for c in self.checks], "unmatched": self.unmatched}
+        return {
+            "passed": self.passed,
+            "thresholds": self.thresholds.to_dict(),
+            "checks": [c.to_dict() for c in self.checks],
+            "unmatched": self.unmatched,
+        }
 
     def print_rich(self, console) -> None:
         from rich.table import Table
 
         rows = self.offenders if not self.passed else self.checks
-        table = Table(title=("REGRESSIONS" if not self.passed else "no regression") +
-                      f" (p50 > x{self.thresholds.p50}, ratio > {self.thresholds.ratio}, "
-                      f"accuracy drop > {self.thresholds.accuracy_drop})")
+        table = Table(
+            title=("REGRESSIONS" if not self.passed else "no regression")
+            + f" (p50 > x{self.thresholds.p50}, ratio > {self.thresholds.ratio}, "
+            f"accuracy drop > {self.thresholds.accuracy_drop})"
+        )
         for h in ("check", "entry", "baseline", "current", "value", "threshold", "status"):
             table.add_column(h)
         for c in rows:
-            table.add_row(c.kind, c.entry, "-" if c.baseline is None else f"{c.baseline:.4g}", f"{c.current:.4g}",
-                          f"{c.value:.3f}", f"{c.threshold:g}", "ok" if c.passed else "FAIL")
+            table.add_row(
+                c.kind,
+                c.entry,
+                "-" if c.baseline is None else f"{c.baseline:.4g}",
+                f"{c.current:.4g}",
+                f"{c.value:.3f}",
+                f"{c.threshold:g}",
+                "ok" if c.passed else "FAIL",
+            )
         console = wide(console)
         console.print(table)
         for line in self.unmatched:
             console.print(f"unmatched ({line})", markup=False)
-        console.print(f"{len(self.checks)} checks, {len(self.offenders)} failed, {len(self.unmatched)} unmatched",
-                      markup=False)
+        console.print(
+            f"{len(self.checks)} checks, {len(self.offenders)} failed, {len(self.unmatched)} unmatched", markup=False
+        )
 
 
 GATED = ("p50", "ratio", "accuracy")
 
 
-def compare(baseline: LatencyReport | None, current: LatencyReport, thresholds: Thresholds | None = None, *,
-            checks: tuple[str, ...] = GATED) -> RegressionResult:
+def compare(
+    baseline: LatencyReport | None,
+    current: LatencyReport,
+    thresholds: Thresholds | None = None,
+    *,
+    checks: tuple[str, ...] = GATED,
+) -> RegressionResult:
     """Gate ``current`` against ``baseline`` (None: ratios only); ``checks`` picks which kinds are gated."""
     if thresholds is None:
         thresholds = Thresholds(**current.profile.get("thresholds", {}))
@@ -104,12 +123,22 @@ def compare(baseline: LatencyReport | None, current: LatencyReport, thresholds: 
         b = base[key]
         value = m.steady.p50 / b.steady.p50 if b.steady.p50 > 0 else float("inf")
         if "p50" in checks:
-            result.checks.append(Check("p50", _label(key), b.steady.p50, m.steady.p50, value, thresholds.p50,
-                                       value <= thresholds.p50))
+            result.checks.append(
+                Check("p50", _label(key), b.steady.p50, m.steady.p50, value, thresholds.p50, value <= thresholds.p50)
+            )
         if "accuracy" in checks and b.artifact.accuracy is not None and m.artifact.accuracy is not None:
             drop = b.artifact.accuracy - m.artifact.accuracy
-            result.checks.append(Check("accuracy", _label(key), b.artifact.accuracy, m.artifact.accuracy, drop,
-                                       thresholds.accuracy_drop, drop <= thresholds.accuracy_drop))
+            result.checks.append(
+                Check(
+                    "accuracy",
+                    _label(key),
+                    b.artifact.accuracy,
+                    m.artifact.accuracy,
+                    drop,
+                    thresholds.accuracy_drop,
+                    drop <= thresholds.accuracy_drop,
+                )
+            )
     result.unmatched += [f"baseline only: {_label(k)}" for k in base if k not in cur]
     if "ratio" not in checks:
         return result
@@ -119,6 +148,15 @@ def compare(baseline: LatencyReport | None, current: LatencyReport, thresholds: 
             continue  # gather/conv and runtime-vs-runtime ratios are informative, not gated
         b = base_ratios.get(c.key)
         entry = f"{c.kind} {c.numerator} / {c.denominator} {c.runtime} b{c.batch}"
-        result.checks.append(Check("ratio", entry, b.median if b else None, c.median, c.median, thresholds.ratio,
-                                   c.median <= thresholds.ratio))
+        result.checks.append(
+            Check(
+                "ratio",
+                entry,
+                b.median if b else None,
+                c.median,
+                c.median,
+                thresholds.ratio,
+                c.median <= thresholds.ratio,
+            )
+        )
     return result

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from keyedge.benchmarks.latency import Artifact, Comparison, Measurement, Skipped, Stats
-
 from keyedge.errors import KeyedgeError
 
 SCHEMA = "keyedge-latency/1"
@@ -54,11 +53,16 @@ class LatencyReport:
     # ---------------------------------------------------------------- data
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema, "created": self.created, "environment": self.environment,
-                "profile": self.profile, "settings": self.settings,
-                "measurements": [m.to_dict() for m in self.measurements],
-                "comparisons": [c.to_dict() for c in self.comparisons],
-                "skipped": [s.to_dict() for s in self.skipped]}
+        return {
+            "schema": self.schema,
+            "created": self.created,
+            "environment": self.environment,
+            "profile": self.profile,
+            "settings": self.settings,
+            "measurements": [m.to_dict() for m in self.measurements],
+            "comparisons": [c.to_dict() for c in self.comparisons],
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
@@ -70,14 +74,21 @@ class LatencyReport:
     def from_dict(cls, data: dict[str, Any], source: str = "<report>") -> LatencyReport:
         schema = data.get("schema") if isinstance(data, dict) else None
         if schema != SCHEMA:
-            raise KeyedgeError(f"{source} is not a {SCHEMA} report (schema: {schema!r})",
-                               "pass a JSON file written by `keyedge bench latency --json`")
+            raise KeyedgeError(
+                f"{source} is not a {SCHEMA} report (schema: {schema!r})",
+                "pass a JSON file written by `keyedge bench latency --json`",
+            )
         try:
-            return cls(environment=data["environment"], profile=data["profile"], settings=data["settings"],
-                       measurements=[_measurement_from_dict(m) for m in data["measurements"]],
-                       skipped=[Skipped(**s) for s in data.get("skipped", [])],
-                       comparisons=[Comparison(**c) for c in data.get("comparisons", [])],
-                       created=data.get("created", ""), schema=schema)
+            return cls(
+                environment=data["environment"],
+                profile=data["profile"],
+                settings=data["settings"],
+                measurements=[_measurement_from_dict(m) for m in data["measurements"]],
+                skipped=[Skipped(**s) for s in data.get("skipped", [])],
+                comparisons=[Comparison(**c) for c in data.get("comparisons", [])],
+                created=data.get("created", ""),
+                schema=schema,
+            )
         except (KeyError, TypeError) as exc:
             raise KeyedgeError(f"{source}: malformed {SCHEMA} report ({type(exc).__name__}: {exc})") from None
 
@@ -95,41 +106,97 @@ class LatencyReport:
     # ---------------------------------------------------------------- text
 
     def _rows(self) -> list[list[str]]:
-        return [[m.artifact.label, m.artifact.target, m.runtime, m.device, str(m.batch), f"{m.load_s * 1e3:.1f}",
-                 f"{m.first_ms:.2f}", f"{m.steady.mean:.3f}", f"{m.steady.p50:.3f}", f"{m.steady.p90:.3f}",
-                 f"{m.steady.p99:.3f}", f"{m.steady.stdev:.3f}", str(m.steady.iterations), f"{m.throughput:.1f}",
-                 f"{m.peak_rss_mb:.0f}"] for m in self.measurements]
+        return [
+            [
+                m.artifact.label,
+                m.artifact.target,
+                m.runtime,
+                m.device,
+                str(m.batch),
+                f"{m.load_s * 1e3:.1f}",
+                f"{m.first_ms:.2f}",
+                f"{m.steady.mean:.3f}",
+                f"{m.steady.p50:.3f}",
+                f"{m.steady.p90:.3f}",
+                f"{m.steady.p99:.3f}",
+                f"{m.steady.stdev:.3f}",
+                str(m.steady.iterations),
+                f"{m.throughput:.1f}",
+                f"{m.peak_rss_mb:.0f}",
+            ]
+            for m in self.measurements
+        ]
 
-    HEADERS: ClassVar[list[str]] = ["artifact", "target", "runtime", "device", "batch", "load ms", "first ms", "mean ms", "p50 ms",
-               "p90 ms", "p99 ms", "stdev ms", "iters", "img/s", "peak RSS MB"]
-    RATIO_HEADERS: ClassVar[list[str]] = ["kind", "numerator", "denominator", "runtime", "batch", "median", "p10-p90", "rounds"]
+    HEADERS: ClassVar[list[str]] = [
+        "artifact",
+        "target",
+        "runtime",
+        "device",
+        "batch",
+        "load ms",
+        "first ms",
+        "mean ms",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "stdev ms",
+        "iters",
+        "img/s",
+        "peak RSS MB",
+    ]
+    RATIO_HEADERS: ClassVar[list[str]] = [
+        "kind",
+        "numerator",
+        "denominator",
+        "runtime",
+        "batch",
+        "median",
+        "p10-p90",
+        "rounds",
+    ]
 
     def _ratio_rows(self) -> list[list[str]]:
-        return [[c.kind, c.numerator, c.denominator, c.runtime, str(c.batch), f"{c.median:.3f}",
-                 f"{c.p10:.3f}-{c.p90:.3f}", str(c.rounds)] for c in self.comparisons]
+        return [
+            [
+                c.kind,
+                c.numerator,
+                c.denominator,
+                c.runtime,
+                str(c.batch),
+                f"{c.median:.3f}",
+                f"{c.p10:.3f}-{c.p90:.3f}",
+                str(c.rounds),
+            ]
+            for c in self.comparisons
+        ]
 
     def _header_line(self) -> str:
         env, s = self.environment, self.settings
-        return (f"{self.profile.get('name')} on {env.get('cpu')} ({env.get('usable_cores')} usable cores), "
-                f"{env.get('os')}, python {env.get('python')}; threads {s.get('threads') or 'default'}, "
-                f"warm-up {s.get('warmup')}, >= {s.get('min_iterations')} iterations and >= {s.get('min_seconds')} s, "
-                f"{s.get('rounds')}+ interleaved rounds")
+        return (
+            f"{self.profile.get('name')} on {env.get('cpu')} ({env.get('usable_cores')} usable cores), "
+            f"{env.get('os')}, python {env.get('python')}; threads {s.get('threads') or 'default'}, "
+            f"warm-up {s.get('warmup')}, >= {s.get('min_iterations')} iterations and >= {s.get('min_seconds')} s, "
+            f"{s.get('rounds')}+ interleaved rounds"
+        )
 
     def to_markdown(self) -> str:
         def table(headers: list[str], rows: list[list[str]]) -> list[str]:
             return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
-                "| " + " | ".join(r) + " |" for r in rows]
+                "| " + " | ".join(r) + " |" for r in rows
+            ]
 
         lines = [f"# Latency ({self.schema}, {self.created})", "", self._header_line(), ""]
         versions = ", ".join(f"{k} {v}" for k, v in self.environment.get("versions", {}).items() if v)
-        lines += [f"Versions: {versions}", "", "## Steady state", ""] + table(self.HEADERS, self._rows())
+        lines += [f"Versions: {versions}", "", "## Steady state", "", *table(self.HEADERS, self._rows())]
         if self.comparisons:
             lines += ["", "## Ratios (median and p10-p90 of per-round ratios)", ""]
             lines += table(self.RATIO_HEADERS, self._ratio_rows())
         if self.skipped:
             lines += ["", "## Skipped", ""]
-            lines += table(["runtime", "device", "artifact", "reason"],
-                           [[s.runtime, s.device, s.artifact or "-", s.reason] for s in self.skipped])
+            lines += table(
+                ["runtime", "device", "artifact", "reason"],
+                [[s.runtime, s.device, s.artifact or "-", s.reason] for s in self.skipped],
+            )
         return "\n".join(lines) + "\n"
 
     def print_rich(self, console) -> None:
@@ -152,5 +219,6 @@ class LatencyReport:
                 ratios.add_row(*row)
             console.print(ratios)
         for s in self.skipped:
-            console.print(f"skipped {s.runtime} ({s.device}){' ' + s.artifact if s.artifact else ''}: {s.reason}",
-                          markup=False)
+            console.print(
+                f"skipped {s.runtime} ({s.device}){' ' + s.artifact if s.artifact else ''}: {s.reason}", markup=False
+            )

@@ -17,7 +17,7 @@ keys, on ``n`` seeded, class-stratified test images:
 * **gradient similarity**: mean cosine of input gradients between models (orthogonal-deep-models Eq. 1);
 * **sweeps**: robust accuracy vs eps (white-box, non-adaptive, adaptive), and vs block size;
 * **deployed artifacts**: the same adversarial images classified by the exported ONNX / OpenVINO files;
-* **trust checks** (DESIGN §10): white-box near zero, PGD <= FGSM, transfer never beats white-box,
+* **trust checks** (docs/design.md §10): white-box near zero, PGD <= FGSM, transfer never beats white-box,
   accuracy non-increasing in eps -- each shown with its numbers, not only passed silently.
 
 Metrics per (scenario, target): clean and robust accuracy with binomial standard errors, attack
@@ -32,13 +32,13 @@ and the target classify correctly, so earlier mistakes of either cannot inflate 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -76,11 +76,20 @@ class Member:
 
     @property
     def role(self) -> str:
-        return "keyed" if self.keyed else (self.defense or "plain")
+        from keyedge.defenses import get_defense
+
+        return get_defense(self.defense).role(self.fingerprint)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "arch": self.arch, "fingerprint": self.fingerprint,
-                "block_size": self.block_size, "finetune": self.finetune, "role": self.role}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "arch": self.arch,
+            "fingerprint": self.fingerprint,
+            "block_size": self.block_size,
+            "finetune": self.finetune,
+            "role": self.role,
+        }
 
 
 @dataclass
@@ -91,7 +100,7 @@ class RobustnessConfig:
     limit: int = 500  # test images
     seed: int = 0  # test subset and attacks
     attack: str = "pgd"
-    eps: str = "16/255"  # Fashion-MNIST needs 16/255 for white-box PGD to reach ~0 (DESIGN §9)
+    eps: str = "16/255"  # Fashion-MNIST needs 16/255 for white-box PGD to reach ~0 (docs/design.md §9)
     steps: int = 20
     attack_options: dict[str, Any] = field(default_factory=dict)
     sanity_max: float = 0.05  # white-box robust accuracy above this: the sanity check fails
@@ -150,8 +159,12 @@ class Outcome:
         return None if self.attack_success_rate is None else 1.0 - self.attack_success_rate
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"robust_se": self.robust_se, "clean_se": self.clean_se, "delta": self.delta,
-                               "defense_success_rate": self.defense_success_rate}
+        return asdict(self) | {
+            "robust_se": self.robust_se,
+            "clean_se": self.clean_se,
+            "delta": self.delta,
+            "defense_success_rate": self.defense_success_rate,
+        }
 
 
 @dataclass
@@ -174,7 +187,7 @@ class Matrix:
 
 @dataclass
 class Check:
-    """A trust check of DESIGN §10, with the numbers behind it."""
+    """A trust check of docs/design.md §10, with the numbers behind it."""
 
     name: str
     passed: bool
@@ -194,32 +207,39 @@ def binomial_se(p: float, n: int) -> float:
 def load_members(checkpoints: Sequence[Path], keys: dict[str, Key], device: str = "cpu") -> list[Member]:
     """Load each checkpoint with its own key (matched by fingerprint); names are the directory names."""
     from keyedge.checkpoint import load_checkpoint, read_manifest
-    from keyedge.lora import merge_lora
+    from keyedge.defenses import defense_of
+    from keyedge.keys import key_for
 
     members, names = [], set()
     for path in checkpoints:
         manifest = read_manifest(path)
-        fingerprint = (manifest.get("key") or {}).get("fingerprint")
-        if fingerprint is not None and fingerprint not in keys:
-            raise KeyedgeError(f"no key with fingerprint {fingerprint} (the key of {path})",
-                               "add its key file with --key-file or --keys DIR")
-        key = keys.get(fingerprint) if fingerprint else None
-        model, manifest = load_checkpoint(path, key, map_location=device)
+        key = key_for(manifest.fingerprint, keys, owner=path)
+        model, manifest = load_checkpoint(path, key, map_location=device, manifest=manifest)
         name = Path(path).resolve().name
         if name in names:
             name = f"{Path(path).resolve().parent.name}/{name}"
         names.add(name)
-        members.append(Member(name=name, path=str(path), arch=manifest["model"]["name"], fingerprint=fingerprint,
-                              block_size=key.block_size if key else None,
-                              finetune=(manifest.get("finetune") or {}).get("mode", "full"),
-                              model=(model if manifest.get("defense") else merge_lora(model)).eval().to(device),
-                              key=key, defense=(manifest.get("defense") or {}).get("name")))
+        members.append(
+            Member(
+                name=name,
+                path=str(path),
+                arch=manifest.model.name,
+                fingerprint=manifest.fingerprint,
+                block_size=key.block_size if key else None,
+                finetune=manifest.finetune_mode,
+                model=defense_of(model).evaluated(model).eval().to(device),
+                key=key,
+                defense=manifest.defense and manifest.defense_name,
+            )
+        )
     if not members:
         raise KeyedgeError("no checkpoints given", "pass checkpoint directories made by `keyedge train`")
     specs = {(m.model.spec.image_size, m.model.spec.num_classes) for m in members}
     if len(specs) > 1:
-        raise KeyedgeError(f"the checkpoints differ in image size or classes: {sorted(specs)}",
-                           "compare models trained on the same data at the same size")
+        raise KeyedgeError(
+            f"the checkpoints differ in image size or classes: {sorted(specs)}",
+            "compare models trained on the same data at the same size",
+        )
     return members
 
 
@@ -229,11 +249,17 @@ def load_members(checkpoints: Sequence[Path], keys: dict[str, Key], device: str 
 class Evaluation:
     """Shared state of one run: the images, every model's clean predictions, cached adversarial sets."""
 
-    def __init__(self, members: list[Member], images: torch.Tensor, labels: torch.Tensor, config: RobustnessConfig,
-                 progress: Callable[[str, int], Callable[[int], None]] | None = None):
+    def __init__(
+        self,
+        members: list[Member],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        config: RobustnessConfig,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    ):
         self.members = {m.name: m for m in members}
         self.images, self.labels, self.config = images, labels, config
-        self.progress = progress or (lambda _description, _total: (lambda _n: None))
+        self.progress = progress or (lambda _description, _total: lambda _n: None)
         self.clean = {m.name: self.predict(m.model, images) for m in members}
         self._adv: dict[tuple, torch.Tensor] = {}
 
@@ -241,21 +267,22 @@ class Evaluation:
         out = []
         with torch.inference_mode():
             for start in range(0, x.shape[0], self.config.batch_size):
-                out.append(model(x[start:start + self.config.batch_size].to(self.config.device)).argmax(1).cpu())
+                out.append(model(x[start : start + self.config.batch_size].to(self.config.device)).argmax(1).cpu())
         return torch.cat(out)
 
     def attack_for(self, sources: Sequence[str], eps: float, name: str | None = None):
         models = [self.members[s].model for s in sources]
-        options = dict(self.config.attack_options)
+        from keyedge.benchmarks.attacks import budget_options
+
         name = name or self.config.attack
-        if name not in ("fgsm", "npixel", "patch"):
-            options.setdefault("steps", self.config.steps)
-        if name not in ("npixel", "patch"):
-            options["eps"] = eps
+        # the budget the attack declares: steps unless attack_options set them, eps always
+        options = budget_options(name, steps=self.config.steps) | dict(self.config.attack_options)
+        options |= budget_options(name, eps=eps)
         return make_attack(name, models if len(models) > 1 else models[0], seed=self.config.seed, **options)
 
-    def adversarial(self, sources: Sequence[str], eps: float, *, attack: str | None = None,
-                    n: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def adversarial(
+        self, sources: Sequence[str], eps: float, *, attack: str | None = None, n: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Adversarial images crafted on ``sources`` (losses summed when several), cached per set."""
         n = n or self.images.shape[0]
         cache_key = (tuple(sources), round(eps, 8), attack or self.config.attack, n)
@@ -266,12 +293,25 @@ class Evaluation:
             else:
                 label = f"{atk.name} eps {eps * 255:.3g}/255 on {'+'.join(sources)}"
                 tick = self.progress(label, n)
-                self._adv[cache_key] = atk.run(self.images[:n], self.labels[:n], batch_size=self.config.batch_size,
-                                               device=self.config.device, progress=tick)
+                self._adv[cache_key] = atk.run(
+                    self.images[:n],
+                    self.labels[:n],
+                    batch_size=self.config.batch_size,
+                    device=self.config.device,
+                    progress=tick,
+                )
         return self._adv[cache_key], atk.describe()
 
-    def outcome(self, scenario: str, target: str, sources: Sequence[str], adv: torch.Tensor, attack: dict[str, Any],
-                predictions: torch.Tensor | None = None, runtime: str = "torch") -> Outcome:
+    def outcome(
+        self,
+        scenario: str,
+        target: str,
+        sources: Sequence[str],
+        adv: torch.Tensor,
+        attack: dict[str, Any],
+        predictions: torch.Tensor | None = None,
+        runtime: str = "torch",
+    ) -> Outcome:
         n = adv.shape[0]
         y = self.labels[:n]
         clean_ok = self.clean[target][:n] == y
@@ -282,10 +322,19 @@ class Evaluation:
             both &= self.clean[s][:n] == y
         asr = float((clean_ok & ~adv_ok).sum() / clean_ok.sum()) if clean_ok.any() else None
         fooling = float((both & ~adv_ok).sum() / both.sum()) if both.any() else None
-        return Outcome(scenario=scenario, target=target, sources=list(sources), attack=attack, images=n,
-                       clean_accuracy=float(clean_ok.float().mean()), robust_accuracy=float(adv_ok.float().mean()),
-                       attack_success_rate=asr, fooling_ratio=fooling, fooling_images=int(both.sum()),
-                       runtime=runtime)
+        return Outcome(
+            scenario=scenario,
+            target=target,
+            sources=list(sources),
+            attack=attack,
+            images=n,
+            clean_accuracy=float(clean_ok.float().mean()),
+            robust_accuracy=float(adv_ok.float().mean()),
+            attack_success_rate=asr,
+            fooling_ratio=fooling,
+            fooling_images=int(both.sum()),
+            runtime=runtime,
+        )
 
 
 def scenario_sources(target: Member, members: Sequence[Member], eot_max: int = 0) -> dict[str, list[str] | str]:
@@ -296,23 +345,40 @@ def scenario_sources(target: Member, members: Sequence[Member], eot_max: int = 0
     out["non-adaptive"] = [plains[0].name] if plains else "no plain model of the same architecture"
     if not target.keyed:
         return out
-    surrogates = [m for m in others if m.keyed and m.arch == target.arch and m.block_size == target.block_size
-                  and m.fingerprint != target.fingerprint]
+    surrogates = [
+        m
+        for m in others
+        if m.keyed
+        and m.arch == target.arch
+        and m.block_size == target.block_size
+        and m.fingerprint != target.fingerprint
+    ]
     surrogates.sort(key=lambda m: m.finetune != target.finetune)  # same fine-tuning mode first
-    out["adaptive"] = [surrogates[0].name] if surrogates else \
-        f"no other keyed {target.arch} with block size {target.block_size} and another key"
-    eot = [m.name for m in surrogates][:max(2, eot_max) if eot_max else None]
-    out["multi-key-eot"] = eot if len(eot) >= 2 else \
-        f"needs >= 2 surrogate keyed models with block size {target.block_size}, have {len(surrogates)}"
+    out["adaptive"] = (
+        [surrogates[0].name]
+        if surrogates
+        else f"no other keyed {target.arch} with block size {target.block_size} and another key"
+    )
+    eot = [m.name for m in surrogates][: max(2, eot_max) if eot_max else None]
+    out["multi-key-eot"] = (
+        eot
+        if len(eot) >= 2
+        else f"needs >= 2 surrogate keyed models with block size {target.block_size}, have {len(surrogates)}"
+    )
     foreign = [m.name for m in others if m.arch != target.arch]
     out["cross-arch"] = foreign[:1] if foreign else "no model of another architecture"
     return out
 
 
-def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: RobustnessConfig, *,
-                   progress: Callable[[str, int], Callable[[int], None]] | None = None,
-                   log: Callable[[str], None] = lambda _line: None):
-    """Run every scenario, matrix, sweep and check; return a :class:`~keyedge.benchmarks.robustness_report.RobustnessReport`."""
+def run_robustness(
+    checkpoints: Sequence[Path],
+    keys: Sequence[Key],
+    config: RobustnessConfig,
+    *,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    log: Callable[[str], None] = lambda _line: None,
+):
+    """Run every scenario, matrix, sweep and check; return a :class:`RobustnessReport`."""
     from keyedge.benchmarks.latency import environment
     from keyedge.benchmarks.robustness_report import RobustnessReport
     from keyedge.data import load_dataset
@@ -324,13 +390,17 @@ def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: Rob
     spec = members[0].model.spec
     dataset, info = load_dataset(config.data, "test", spec.image_size, limit=config.limit, seed=config.seed)
     if info.num_classes != spec.num_classes:
-        raise KeyedgeError(f"{config.data} has {info.num_classes} classes, the models {spec.num_classes}",
-                           "evaluate on the data the models were trained for")
+        raise KeyedgeError(
+            f"{config.data} has {info.num_classes} classes, the models {spec.num_classes}",
+            "evaluate on the data the models were trained for",
+        )
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
     ev = Evaluation(members, images, labels, config, progress)
-    log(f"{len(members)} models, {len(dataset)} {info.name} test images (seed {config.seed}), "
-        f"{config.attack} eps {config.eps}, {config.steps} steps")
+    log(
+        f"{len(members)} models, {len(dataset)} {info.name} test images (seed {config.seed}), "
+        f"{config.attack} eps {config.eps}, {config.steps} steps"
+    )
 
     # every model attacked white-box once; every set classified by every model: the transfer matrix
     adv_sets: dict[str, torch.Tensor] = {}
@@ -339,11 +409,15 @@ def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: Rob
         adv_sets[m.name], attack_info = ev.adversarial([m.name], eps)
     names = [m.name for m in members]
     transfer_predictions = {(s, t): ev.predict(ev.members[t].model, adv_sets[s]) for s in names for t in names}
-    transfer = Matrix("transferability", rows=names, columns=names, images=len(dataset),
-                      values=[[float((transfer_predictions[(s, t)] == labels).float().mean()) for t in names]
-                              for s in names],
-                      note=f"robust accuracy of the column model on examples crafted white-box on the row model "
-                           f"({config.attack}, eps {config.eps}, {config.steps} steps); diagonal: white-box")
+    transfer = Matrix(
+        "transferability",
+        rows=names,
+        columns=names,
+        images=len(dataset),
+        values=[[float((transfer_predictions[(s, t)] == labels).float().mean()) for t in names] for s in names],
+        note=f"robust accuracy of the column model on examples crafted white-box on the row model "
+        f"({config.attack}, eps {config.eps}, {config.steps} steps); diagonal: white-box",
+    )
 
     outcomes: list[Outcome] = []
     skipped: list[dict[str, str]] = []
@@ -367,49 +441,79 @@ def run_robustness(checkpoints: Sequence[Path], keys: Sequence[Key], config: Rob
     sweeps = eps_sweep(ev, members, sweep_eps, config) if sweep_eps else []
     checks += sweep_checks(sweeps)
     artifacts = artifact_outcomes(ev, members, config.artifacts, outcomes, adv_sets) if config.artifacts else []
-    return RobustnessReport(environment=environment(), config=config.to_dict(),
-                            data={"name": info.name, "source": info.source, "images": len(dataset),
-                                  "image_size": spec.image_size, "classes": list(info.classes)},
-                            models=[m.describe() for m in members], outcomes=outcomes, skipped=skipped,
-                            matrices=[diversity, transfer, gradients], sweeps=sweeps, checks=checks,
-                            artifacts=artifacts)
+    return RobustnessReport(
+        environment=environment(),
+        config=config.to_dict(),
+        data={
+            "name": info.name,
+            "source": info.source,
+            "images": len(dataset),
+            "image_size": spec.image_size,
+            "classes": list(info.classes),
+        },
+        models=[m.describe() for m in members],
+        outcomes=outcomes,
+        skipped=skipped,
+        matrices=[diversity, transfer, gradients],
+        sweeps=sweeps,
+        checks=checks,
+        artifacts=artifacts,
+    )
 
 
 # --------------------------------------------------------------------------- localized attacks
 
 
 def parse_localized(spec: str) -> tuple[str, dict[str, Any]]:
-    """``npixel:4`` -> ("npixel", {"pixels": 4}); ``patch:0.05`` -> ("patch", {"fraction": 0.05})."""
-    name, _, value = spec.partition(":")
+    """``npixel:4`` -> ("npixel", {"pixels": 4}); ``patch:0.05`` -> ("patch", {"fraction": 0.05}).
+
+    Any localized attack with one budget parameter is ``NAME:VALUE``; the attack itself checks the value.
+    """
+    from keyedge.benchmarks.attacks import attack_class, attack_names
+
+    types = {int: "an integer", float: "a number"}
+    forms = {}
+    for localized in sorted(attack_names(kind="localized")):
+        budget = attack_class(localized).budget
+        if len(budget) == 1:
+            forms[localized] = budget[0]
+    hint = "write " + " or ".join(f"{n}:{p.upper()}" for n, p in forms.items())
+    name, _, text = spec.partition(":")
+    if name not in forms:
+        raise KeyedgeError(f"bad localized attack {spec!r}", hint)
+    cls, parameter = attack_class(name), forms[name]
+    default = cls.options()[parameter]
     try:
-        if name == "npixel":
-            pixels = int(value)
-            if pixels < 1:
-                raise ValueError
-            return name, {"pixels": pixels}
-        if name == "patch":
-            fraction = float(value)
-            if not 0 < fraction <= 1:
-                raise ValueError
-            return name, {"fraction": fraction}
-    except ValueError:
-        pass
-    raise KeyedgeError(f"bad localized attack {spec!r}", "write npixel:N (N >= 1 pixels) or patch:F (area 0 < F <= 1)")
+        value = type(default)(text) if type(default) in types else text
+        cls(nn.Identity(), **{parameter: value})  # the attack's own checks of its budget
+    except ValueError as exc:  # AttackError is a ValueError
+        reason = exc.message if isinstance(exc, KeyedgeError) else f"{parameter} must be {types[type(default)]}"
+        raise KeyedgeError(f"bad localized attack {spec!r} ({reason})", hint) from None
+    return name, {parameter: value}
 
 
 def localized_outcomes(ev: Evaluation, members: Sequence[Member], config: RobustnessConfig) -> list[Outcome]:
-    """N-pixel and patch attacks, white-box on every model (volumization paper §5: robustness score, success rate)."""
+    """N-pixel and patch attacks, white-box on every model (volumization paper §5: robustness score, success rate).
+
+    A config field ``<attack>_<option>`` (``npixel_popsize``, ``patch_steps``...) sets that attack's option.
+    """
+    from keyedge.benchmarks.attacks import attack_class
+
     n = min(config.localized_limit, ev.images.shape[0])
     out = []
     for spec in config.localized:
         name, options = parse_localized(spec)
-        options |= ({"popsize": config.npixel_popsize, "steps": config.npixel_steps} if name == "npixel"
-                    else {"steps": config.patch_steps})
+        cls = attack_class(name)
+        prefix = f"{name.replace('-', '_')}_"
+        for option, value in config.to_dict().items():
+            if option.startswith(prefix) and cls.accepts(option[len(prefix) :]):
+                options[option[len(prefix) :]] = value
         for m in members:
             attack = make_attack(name, m.model, seed=config.seed, **options)
-            tick = ev.progress(f"{name} {spec.split(':')[1]} on {m.name}", n)
-            adv = attack.run(ev.images[:n], ev.labels[:n], batch_size=ev.config.batch_size, device=ev.config.device,
-                             progress=tick)
+            tick = ev.progress(f"{attack.label()} on {m.name}", n)
+            adv = attack.run(
+                ev.images[:n], ev.labels[:n], batch_size=ev.config.batch_size, device=ev.config.device, progress=tick
+            )
             out.append(ev.outcome("localized", m.name, [m.name], adv, attack.describe()))
     return out
 
@@ -419,22 +523,25 @@ def localized_outcomes(ev: Evaluation, members: Sequence[Member], config: Robust
 
 def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]) -> Matrix:
     """Clean accuracy of every model with every key in place of its own (and with none): paper Table 5."""
+    from keyedge.defenses import get_defense
     from keyedge.models import KeyedModel
 
     owners: dict[str, str] = {}
     for m in members:
         if m.keyed:  # models sharing a key (a full and a LoRA fine-tune, say) share its column
             owners[m.fingerprint] = f"{owners[m.fingerprint]}/{m.name}" if m.fingerprint in owners else m.name
-    columns = [f"key of {owners[k.fingerprint]}" if k.fingerprint in owners else f"key {k.fingerprint}"
-               for k in keys] + ["no key"]
+    columns = [
+        f"key of {owners[k.fingerprint]}" if k.fingerprint in owners else f"key {k.fingerprint}" for k in keys
+    ] + ["no key"]
     values = []
     for m in members:
         row = []
-        for k in list(keys) + [None]:
+        for k in [*list(keys), None]:
             size = m.model.spec.image_size
-            if m.defense is not None:  # a volumized model takes no key: only its unshuffled accuracy
-                row.append(None if k is not None else float((ev.predict(m.model, ev.images) == ev.labels)
-                                                              .float().mean()))
+            if not get_defense(m.defense).takes_key:  # e.g. volumized: only its unshuffled accuracy
+                row.append(
+                    None if k is not None else float((ev.predict(m.model, ev.images) == ev.labels).float().mean())
+                )
                 continue
             if k is not None and size % k.block_size:
                 row.append(None)
@@ -442,10 +549,16 @@ def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]
             swapped = KeyedModel(m.model.backbone, m.model.spec, k).eval().to(ev.config.device)
             row.append(float((ev.predict(swapped, ev.images) == ev.labels).float().mean()))
         values.append(row)
-    return Matrix("key-diversity", rows=[m.name for m in members], columns=columns, values=values,
-                  images=ev.images.shape[0], note="clean accuracy of each model (row) when its input is shuffled "
-                  "with each key (column: the key a model was trained with, or a fingerprint; fingerprints "
-                  f"{', '.join(k.fingerprint for k in keys)}); 'no key' = unshuffled input")
+    return Matrix(
+        "key-diversity",
+        rows=[m.name for m in members],
+        columns=columns,
+        values=values,
+        images=ev.images.shape[0],
+        note="clean accuracy of each model (row) when its input is shuffled "
+        "with each key (column: the key a model was trained with, or a fingerprint; fingerprints "
+        f"{', '.join(k.fingerprint for k in keys)}); 'no key' = unshuffled input",
+    )
 
 
 def gradient_matrix(ev: Evaluation, members: Sequence[Member], limit: int) -> Matrix:
@@ -457,24 +570,31 @@ def gradient_matrix(ev: Evaluation, members: Sequence[Member], limit: int) -> Ma
     for m in members:
         parts = []
         for start in range(0, n, ev.config.batch_size):
-            x = ev.images[start:min(n, start + ev.config.batch_size)].to(ev.config.device)
-            y = ev.labels[start:start + x.shape[0]].to(ev.config.device)
+            x = ev.images[start : min(n, start + ev.config.batch_size)].to(ev.config.device)
+            y = ev.labels[start : start + x.shape[0]].to(ev.config.device)
             parts.append(input_gradient(m.model, x, y).cpu())
         grads[m.name] = torch.cat(parts)
     names = [m.name for m in members]
     values = [[float(gradient_similarity(grads[a], grads[b]).mean()) for b in names] for a in names]
-    return Matrix("gradient-similarity", rows=names, columns=names, values=values, images=n,
-                  note="mean cosine of the models' input gradients of the cross-entropy (diagonal 1); "
-                       "high similarity predicts transfer")
+    return Matrix(
+        "gradient-similarity",
+        rows=names,
+        columns=names,
+        values=values,
+        images=n,
+        note="mean cosine of the models' input gradients of the cross-entropy (diagonal 1); "
+        "high similarity predicts transfer",
+    )
 
 
 # --------------------------------------------------------------------------- sweeps
 
 
-def eps_sweep(ev: Evaluation, members: Sequence[Member], eps_values: Sequence[float],
-              config: RobustnessConfig) -> list[dict[str, Any]]:
+def eps_sweep(
+    ev: Evaluation, members: Sequence[Member], eps_values: Sequence[float], config: RobustnessConfig
+) -> list[dict[str, Any]]:
     """Robust accuracy vs eps for the plain model and the first keyed targets: white-box, non-adaptive, adaptive."""
-    keyed = sorted([m for m in members if m.keyed], key=lambda m: m.finetune != "full")[:config.sweep_targets]
+    keyed = sorted([m for m in members if m.keyed], key=lambda m: m.finetune != "full")[: config.sweep_targets]
     targets = [m for m in members if m.plain][:1] + keyed
     n = min(config.sweep_limit, ev.images.shape[0])
     points = []
@@ -485,9 +605,19 @@ def eps_sweep(ev: Evaluation, members: Sequence[Member], eps_values: Sequence[fl
             for eps in eps_values:
                 adv, info = ev.adversarial(sources, eps, n=n)
                 o = ev.outcome(scenario, target.name, sources, adv, info)
-                points.append({"kind": "eps", "scenario": scenario, "target": target.name, "sources": sources,
-                               "eps": eps, "eps_255": round(eps * 255, 4), "images": n,
-                               "robust_accuracy": o.robust_accuracy, "robust_se": o.robust_se})
+                points.append(
+                    {
+                        "kind": "eps",
+                        "scenario": scenario,
+                        "target": target.name,
+                        "sources": sources,
+                        "eps": eps,
+                        "eps_255": round(eps * 255, 4),
+                        "images": n,
+                        "robust_accuracy": o.robust_accuracy,
+                        "robust_se": o.robust_se,
+                    }
+                )
     return points
 
 
@@ -498,24 +628,38 @@ def block_size_points(outcomes: Sequence[Outcome], models: Sequence[dict[str, An
     for o in outcomes:
         m = by_name.get(o.target, {})
         if m.get("block_size") and o.runtime == "torch" and o.scenario != "localized":
-            points.append({"block_size": m["block_size"], "finetune": m["finetune"], "target": o.target,
-                           "scenario": o.scenario, "clean_accuracy": o.clean_accuracy,
-                           "robust_accuracy": o.robust_accuracy, "robust_se": o.robust_se})
+            points.append(
+                {
+                    "block_size": m["block_size"],
+                    "finetune": m["finetune"],
+                    "target": o.target,
+                    "scenario": o.scenario,
+                    "clean_accuracy": o.clean_accuracy,
+                    "robust_accuracy": o.robust_accuracy,
+                    "robust_se": o.robust_se,
+                }
+            )
     return points
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def trust_checks(ev: Evaluation, outcomes: Sequence[Outcome], transfer: Matrix, eps: float,
-                 config: RobustnessConfig) -> list[Check]:
+def trust_checks(
+    ev: Evaluation, outcomes: Sequence[Outcome], transfer: Matrix, eps: float, config: RobustnessConfig
+) -> list[Check]:
     checks = []
     white = [o for o in outcomes if o.scenario == "white-box"]
     worst = max(white, key=lambda o: o.robust_accuracy)
-    checks.append(Check("white-box attack succeeds", worst.robust_accuracy <= config.sanity_max,
-                        f"white-box robust accuracy <= {config.sanity_max:.0%} on every model: max "
-                        f"{worst.robust_accuracy:.1%} ({worst.target}); if not, the attack or the model wrapper "
-                        f"is broken and no other number here can be trusted"))
+    checks.append(
+        Check(
+            "white-box attack succeeds",
+            worst.robust_accuracy <= config.sanity_max,
+            f"white-box robust accuracy <= {config.sanity_max:.0%} on every model: max "
+            f"{worst.robust_accuracy:.1%} ({worst.target}); if not, the attack or the model wrapper "
+            f"is broken and no other number here can be trusted",
+        )
+    )
     if config.fgsm_check and config.attack != "fgsm":
         worse = []
         for o in white:
@@ -533,9 +677,15 @@ def trust_checks(ev: Evaluation, outcomes: Sequence[Outcome], transfer: Matrix, 
         for s in transfer.rows:
             if s != t and transfer.get(s, t) < diag - 2 * binomial_se(diag, transfer.images) - 1e-9:
                 violations.append(f"{s} -> {t}: {transfer.get(s, t):.1%} < white-box {diag:.1%}")
-    checks.append(Check("transfer never beats white-box", not violations,
-                        "; ".join(violations) or "every off-diagonal robust accuracy >= its white-box one "
-                                                 "(within 2 standard errors): no sign of gradient masking"))
+    checks.append(
+        Check(
+            "transfer never beats white-box",
+            not violations,
+            "; ".join(violations)
+            or "every off-diagonal robust accuracy >= its white-box one "
+            "(within 2 standard errors): no sign of gradient masking",
+        )
+    )
     return checks
 
 
@@ -548,76 +698,71 @@ def sweep_checks(points: Sequence[dict[str, Any]]) -> list[Check]:
         curve.sort(key=lambda p: p["eps"])
         if scenario != "white-box":
             continue
-        for a, b in zip(curve, curve[1:]):
+        for a, b in itertools.pairwise(curve):
             if b["robust_accuracy"] > a["robust_accuracy"] + 2 * max(a["robust_se"], b["robust_se"], 1e-9):
-                bad.append(f"{target}: {b['robust_accuracy']:.1%} at {b['eps_255']:g}/255 > "
-                           f"{a['robust_accuracy']:.1%} at {a['eps_255']:g}/255")
+                bad.append(
+                    f"{target}: {b['robust_accuracy']:.1%} at {b['eps_255']:g}/255 > "
+                    f"{a['robust_accuracy']:.1%} at {a['eps_255']:g}/255"
+                )
     if not curves:
         return []
-    return [Check("white-box accuracy falls as eps grows", not bad,
-                  "; ".join(bad) or "non-increasing within 2 standard errors on every white-box curve")]
+    return [
+        Check(
+            "white-box accuracy falls as eps grows",
+            not bad,
+            "; ".join(bad) or "non-increasing within 2 standard errors on every white-box curve",
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- deployed artifacts
 
 
-def artifact_outcomes(ev: Evaluation, members: Sequence[Member], directories: Sequence[str],
-                      outcomes: Sequence[Outcome], adv_sets: dict[str, torch.Tensor]) -> list[Outcome]:
-    """Classify the scenario's adversarial images with the exported artifacts of each target model."""
-    import json
+def artifact_outcomes(
+    ev: Evaluation,
+    members: Sequence[Member],
+    directories: Sequence[str],
+    outcomes: Sequence[Outcome],
+    adv_sets: dict[str, torch.Tensor],
+) -> list[Outcome]:
+    """Classify the scenario's adversarial images with the exported artifacts of each target model.
+
+    Every target whose runtime runs on this host is used (CoreML only on macOS), through its backend's runner.
+    """
+    from keyedge.artifacts import ArtifactManifest
+    from keyedge.exporters import get_backend
 
     by_path = {str(Path(m.path).resolve()): m for m in members}
     results = []
     for directory in directories:
-        manifest_path = Path(directory) / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise KeyedgeError(f"{manifest_path}: not an export manifest ({exc})",
-                               "pass directories written by `keyedge export`") from None
-        source = str(Path((manifest.get("checkpoint") or {}).get("path", "")).resolve())
+        manifest = ArtifactManifest.read(directory)
+        source = str(manifest.checkpoint_path.resolve()) if manifest.checkpoint_path else "an unknown checkpoint"
         member = by_path.get(source)
         if member is None:
-            raise KeyedgeError(f"{directory} was exported from {source}, which is not among the evaluated "
-                               f"checkpoints", "add that checkpoint, or leave the artifact out")
-        batch = ((manifest.get("input") or {}).get("shape") or [1])[0]
-        for target, entry in (manifest.get("targets") or {}).items():
-            if target not in ("onnx", "openvino"):
+            raise KeyedgeError(
+                f"{directory} was exported from {source}, which is not among the evaluated checkpoints",
+                "add that checkpoint, or leave the artifact out",
+            )
+        for target in manifest.targets:
+            backend = get_backend(target)
+            if not backend.can_run()[0]:
                 continue
-            path = Path(directory) / entry["files"][0]["path"]
-            run = _artifact_session(target, path)
-            for o in outcomes:
-                if o.target != member.name or len(o.sources) != 1:
-                    continue
-                adv = adv_sets[o.sources[0]]
-                pred = _run_artifact(run, adv, batch)
-                results.append(ev.outcome(o.scenario, o.target, o.sources, adv, o.attack, pred,
-                                          runtime=f"{target}:{Path(directory).name}/{path.name}"))
+            path = manifest.artifact(target)
+            with backend.load(path) as runner:
+                for o in outcomes:
+                    if o.target != member.name or len(o.sources) != 1:
+                        continue
+                    adv = adv_sets[o.sources[0]]
+                    pred = torch.from_numpy(runner.predict(adv.numpy())).argmax(1)
+                    results.append(
+                        ev.outcome(
+                            o.scenario,
+                            o.target,
+                            o.sources,
+                            adv,
+                            o.attack,
+                            pred,
+                            runtime=f"{target}:{Path(directory).name}/{path.name}",
+                        )
+                    )
     return results
-
-
-def _artifact_session(target: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Load an artifact once; return ``logits = run(x)`` (ONNX Runtime or OpenVINO on the CPU, fp32)."""
-    if target == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
-    return lambda x: np.array(request.infer({0: x})[compiled.output(0)], copy=True)
-
-
-def _run_artifact(run: Callable[[np.ndarray], np.ndarray], x: torch.Tensor, batch: int) -> torch.Tensor:
-    step = batch if isinstance(batch, int) and batch > 0 else 64
-    preds = []
-    for start in range(0, x.shape[0], step):
-        chunk = x[start:start + step].numpy()
-        if chunk.shape[0] < step and batch and batch > 0:  # a fixed-batch artifact: pad the last chunk
-            chunk = np.concatenate([chunk, np.zeros((step - chunk.shape[0], *chunk.shape[1:]), np.float32)])
-        logits = run(np.ascontiguousarray(chunk))
-        preds.append(torch.from_numpy(np.asarray(logits)[: min(step, x.shape[0] - start)]).argmax(1))
-    return torch.cat(preds)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyedge.benchmarks.attacks import ATTACKS
 from keyedge.benchmarks.robustness import Check, Matrix, Outcome, block_size_points
 from keyedge.errors import KeyedgeError, OutputError
 
@@ -26,11 +27,14 @@ SCHEMA = "keyedge-robustness/1"
 
 
 def _attack_label(attack: dict[str, Any]) -> str:
-    if attack.get("name") == "npixel":
-        return f"{attack.get('pixels')}-pixel"
-    if attack.get("name") == "patch":
-        return f"patch {attack.get('fraction', 0):.0%} of the area"
-    return str(attack.get("name"))
+    """The attack's ``label`` from its ``describe()``; for older reports without one, its class's ``label_format``."""
+    if "label" in attack:
+        return str(attack["label"])
+    cls = ATTACKS.get(str(attack.get("name")))
+    try:
+        return cls.label_format.format_map(attack)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return str(attack.get("name"))
 
 
 @dataclass
@@ -54,37 +58,55 @@ class RobustnessReport:
     def sanity(self) -> dict[str, Any]:
         white = [o for o in self.outcomes if o.scenario == "white-box"]
         check = next((c for c in self.checks if c.name == "white-box attack succeeds"), None)
-        return {"passed": bool(check and check.passed),
-                "white_box": {o.target: o.robust_accuracy for o in white}}
+        return {"passed": bool(check and check.passed), "white_box": {o.target: o.robust_accuracy for o in white}}
 
     def matrix(self, kind: str) -> Matrix | None:
         return next((m for m in self.matrices if m.kind == kind), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema, "created": self.created, "sanity": self.sanity,
-                "environment": self.environment, "config": self.config, "data": self.data, "models": self.models,
-                "checks": [c.to_dict() for c in self.checks],
-                "outcomes": [o.to_dict() for o in self.outcomes], "skipped": self.skipped,
-                "matrices": [m.to_dict() for m in self.matrices],
-                "sweeps": {"eps": self.sweeps, "block_size": block_size_points(self.outcomes, self.models)},
-                "artifacts": [o.to_dict() for o in self.artifacts]}
+        return {
+            "schema": self.schema,
+            "created": self.created,
+            "sanity": self.sanity,
+            "environment": self.environment,
+            "config": self.config,
+            "data": self.data,
+            "models": self.models,
+            "checks": [c.to_dict() for c in self.checks],
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "skipped": self.skipped,
+            "matrices": [m.to_dict() for m in self.matrices],
+            "sweeps": {"eps": self.sweeps, "block_size": block_size_points(self.outcomes, self.models)},
+            "artifacts": [o.to_dict() for o in self.artifacts],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<report>") -> RobustnessReport:
         schema = data.get("schema") if isinstance(data, dict) else None
         if schema != SCHEMA:
-            raise KeyedgeError(f"{source} is not a {SCHEMA} report (schema: {schema!r})",
-                               "pass a robustness.json written by `keyedge bench robustness`")
+            raise KeyedgeError(
+                f"{source} is not a {SCHEMA} report (schema: {schema!r})",
+                "pass a robustness.json written by `keyedge bench robustness`",
+            )
         try:
+
             def outcome(d: dict[str, Any]) -> Outcome:
                 derived = ("robust_se", "clean_se", "delta", "defense_success_rate")
                 return Outcome(**{k: v for k, v in d.items() if k not in derived})
 
-            return cls(environment=data["environment"], config=data["config"], data=data["data"],
-                       models=data["models"], outcomes=[outcome(o) for o in data["outcomes"]],
-                       skipped=data.get("skipped", []), matrices=[Matrix(**m) for m in data["matrices"]],
-                       sweeps=data["sweeps"]["eps"], checks=[Check(**c) for c in data["checks"]],
-                       artifacts=[outcome(o) for o in data.get("artifacts", [])], created=data.get("created", ""))
+            return cls(
+                environment=data["environment"],
+                config=data["config"],
+                data=data["data"],
+                models=data["models"],
+                outcomes=[outcome(o) for o in data["outcomes"]],
+                skipped=data.get("skipped", []),
+                matrices=[Matrix(**m) for m in data["matrices"]],
+                sweeps=data["sweeps"]["eps"],
+                checks=[Check(**c) for c in data["checks"]],
+                artifacts=[outcome(o) for o in data.get("artifacts", [])],
+                created=data.get("created", ""),
+            )
         except (KeyError, TypeError) as exc:
             raise KeyedgeError(f"{source}: malformed {SCHEMA} report ({type(exc).__name__}: {exc})") from None
 
@@ -104,60 +126,124 @@ class RobustnessReport:
         def pct(v: float | None) -> str:
             return "-" if v is None else f"{v:.1%}"
 
-        return [[o.scenario, o.target, "+".join(o.sources), o.runtime, str(o.images),
-                 f"{o.clean_accuracy:.1%} ± {o.clean_se:.1%}", f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}",
-                 pct(o.attack_success_rate), f"{pct(o.fooling_ratio)} (n={o.fooling_images})"] for o in outcomes]
+        return [
+            [
+                o.scenario,
+                o.target,
+                "+".join(o.sources),
+                o.runtime,
+                str(o.images),
+                f"{o.clean_accuracy:.1%} ± {o.clean_se:.1%}",
+                f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}",
+                pct(o.attack_success_rate),
+                f"{pct(o.fooling_ratio)} (n={o.fooling_images})",
+            ]
+            for o in outcomes
+        ]
 
     def _header(self) -> str:
         c, d = self.config, self.data
-        return (f"{d['images']} {d['name']} test images at {d['image_size']}px (seed {c['seed']}); attack "
-                f"{c['attack']} eps {c['eps']}, {c['steps']} steps, seed {c['seed']}; "
-                f"± is one binomial standard error")
+        return (
+            f"{d['images']} {d['name']} test images at {d['image_size']}px (seed {c['seed']}); attack "
+            f"{c['attack']} eps {c['eps']}, {c['steps']} steps, seed {c['seed']}; "
+            f"± is one binomial standard error"
+        )
 
     def to_markdown(self) -> str:
         def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-            return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
-                   ["| " + " | ".join(r) + " |" for r in rows] + [""]
+            return (
+                ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+                + ["| " + " | ".join(r) + " |" for r in rows]
+                + [""]
+            )
 
         lines = ["# Robustness", "", self._header(), ""]
         lines += ["## Trust checks (white-box sanity first)", ""]
-        lines += table(["check", "passed", "detail"], [[c.name, "yes" if c.passed else "**NO**", c.detail]
-                                                       for c in self.checks])
-        headers = ["scenario", "target", "source(s)", "runtime", "n", "clean", "robust", "attack success",
-                   "fooling ratio"]
+        lines += table(
+            ["check", "passed", "detail"], [[c.name, "yes" if c.passed else "**NO**", c.detail] for c in self.checks]
+        )
+        headers = [
+            "scenario",
+            "target",
+            "source(s)",
+            "runtime",
+            "n",
+            "clean",
+            "robust",
+            "attack success",
+            "fooling ratio",
+        ]
         gradient = [o for o in self.outcomes if o.scenario != "localized"]
-        lines += ["## Scenarios", ""] + table(headers, self._outcome_rows(gradient))
+        lines += ["## Scenarios", "", *table(headers, self._outcome_rows(gradient))]
         localized = [o for o in self.outcomes if o.scenario == "localized"]
         if localized:
-            lines += ["## Localized attacks (white-box on each model)", "",
-                      "δ = accuracy under attack − clean accuracy (higher is more robust); defense success = share of "
-                      "the correctly classified attacked images still classified correctly.", ""]
-            lines += table(["target", "attack", "n", "clean", "under attack", "δ", "defense success"],
-                           [[o.target, _attack_label(o.attack), str(o.images), f"{o.clean_accuracy:.1%}",
-                             f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}", f"{o.delta:+.1%}",
-                             "-" if o.defense_success_rate is None else f"{o.defense_success_rate:.1%}"]
-                            for o in localized])
+            lines += [
+                "## Localized attacks (white-box on each model)",
+                "",
+                "δ = accuracy under attack − clean accuracy (higher is more robust); defense success = share of "
+                "the correctly classified attacked images still classified correctly.",
+                "",
+            ]
+            lines += table(
+                ["target", "attack", "n", "clean", "under attack", "δ", "defense success"],
+                [
+                    [
+                        o.target,
+                        _attack_label(o.attack),
+                        str(o.images),
+                        f"{o.clean_accuracy:.1%}",
+                        f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}",
+                        f"{o.delta:+.1%}",
+                        "-" if o.defense_success_rate is None else f"{o.defense_success_rate:.1%}",
+                    ]
+                    for o in localized
+                ],
+            )
         if self.skipped:
-            lines += ["Not run: " + "; ".join(f"{s['scenario']} on {s['target']} ({s['reason']})"
-                                              for s in self.skipped), ""]
+            lines += [
+                "Not run: " + "; ".join(f"{s['scenario']} on {s['target']} ({s['reason']})" for s in self.skipped),
+                "",
+            ]
         if self.artifacts:
-            lines += ["## On the deployed artifacts", ""] + table(headers, self._outcome_rows(self.artifacts))
+            lines += ["## On the deployed artifacts", "", *table(headers, self._outcome_rows(self.artifacts))]
         for m in self.matrices:
             lines += [f"## {m.kind} ({m.images} images)", "", m.note, ""]
-            lines += table([""] + m.columns, [[r] + ["-" if v is None else f"{v:.3f}" for v in row]
-                                              for r, row in zip(m.rows, m.values)])
+            lines += table(
+                ["", *m.columns],
+                [[r] + ["-" if v is None else f"{v:.3f}" for v in row] for r, row in zip(m.rows, m.values)],
+            )
         if self.sweeps:
             lines += ["## Robust accuracy vs eps", ""]
-            lines += table(["target", "scenario", "eps", "n", "robust"],
-                           [[p["target"], p["scenario"], f"{p['eps_255']:g}/255", str(p["images"]),
-                             f"{p['robust_accuracy']:.1%} ± {p['robust_se']:.1%}"] for p in self.sweeps])
+            lines += table(
+                ["target", "scenario", "eps", "n", "robust"],
+                [
+                    [
+                        p["target"],
+                        p["scenario"],
+                        f"{p['eps_255']:g}/255",
+                        str(p["images"]),
+                        f"{p['robust_accuracy']:.1%} ± {p['robust_se']:.1%}",
+                    ]
+                    for p in self.sweeps
+                ],
+            )
         blocks = block_size_points(self.outcomes, self.models)
         if blocks:
             lines += ["## Accuracy vs block size", ""]
-            lines += table(["P", "model", "fine-tune", "scenario", "clean", "robust"],
-                           [[str(p["block_size"]), p["target"], p["finetune"], p["scenario"],
-                             f"{p['clean_accuracy']:.1%}", f"{p['robust_accuracy']:.1%}"]
-                            for p in sorted(blocks, key=lambda p: (p["block_size"], p["target"]))])
+            lines += table(
+                ["P", "model", "fine-tune", "scenario", "clean", "robust"],
+                [
+                    [
+                        str(p["block_size"]),
+                        p["target"],
+                        p["finetune"],
+                        p["scenario"],
+                        f"{p['clean_accuracy']:.1%}",
+                        f"{p['robust_accuracy']:.1%}",
+                    ]
+                    for p in sorted(blocks, key=lambda p: (p["block_size"], p["target"]))
+                ],
+            )
         return "\n".join(lines)
 
     def print_rich(self, console) -> None:
@@ -209,8 +295,15 @@ class RobustnessReport:
             for i in range(values.shape[0]):
                 for j in range(values.shape[1]):
                     if not np.isnan(values[i, j]):
-                        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if values[i, j] < 0.6 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{values[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if values[i, j] < 0.6 else "black",
+                        )
             ax.set_title(f"{m.kind} ({m.images} images)", fontsize=10)
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
             fig.tight_layout()
@@ -224,8 +317,14 @@ class RobustnessReport:
                 curves.setdefault((p["target"], p["scenario"]), []).append(p)
             for (target, scenario), pts in sorted(curves.items()):
                 pts.sort(key=lambda p: p["eps"])
-                ax.errorbar([p["eps_255"] for p in pts], [p["robust_accuracy"] for p in pts],
-                            yerr=[p["robust_se"] for p in pts], marker="o", capsize=3, label=f"{target}: {scenario}")
+                ax.errorbar(
+                    [p["eps_255"] for p in pts],
+                    [p["robust_accuracy"] for p in pts],
+                    yerr=[p["robust_se"] for p in pts],
+                    marker="o",
+                    capsize=3,
+                    label=f"{target}: {scenario}",
+                )
             ax.set_xlabel("eps (x/255)")
             ax.set_ylabel("robust accuracy")
             ax.set_ylim(0, 1)

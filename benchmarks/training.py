@@ -16,23 +16,25 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
 from keyedge.keys import Key
 from keyedge.lora import apply_lora, lora_settings
 from keyedge.models import build_model
+from keyedge.stats import ratio_spread
 
 VARIANTS = ("plain-full", "keyed-full", "plain-lora", "keyed-lora")
-RATIOS = {"keyed/plain (full)": ("keyed-full", "plain-full"), "keyed/plain (lora)": ("keyed-lora", "plain-lora"),
-          "lora/full (keyed)": ("keyed-lora", "keyed-full")}
+RATIOS = {
+    "keyed/plain (full)": ("keyed-full", "plain-full"),
+    "keyed/plain (lora)": ("keyed-lora", "plain-lora"),
+    "lora/full (keyed)": ("keyed-lora", "keyed-full"),
+}
 
 
 def _variant(name: str, model_name: str, size: int, key: Key):
     torch.manual_seed(0)
-    model = build_model(model_name, 10, key=key if name.startswith("keyed") else None, weights="none",
-                        image_size=size)
+    model = build_model(model_name, 10, key=key if name.startswith("keyed") else None, weights="none", image_size=size)
     if name.endswith("lora"):
         apply_lora(model, lora_settings(model.spec.family))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -67,25 +69,33 @@ def main(argv: list[str] | None = None) -> dict:
         step(name)
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for r in range(args.rounds):
-        order = VARIANTS[r % 4:] + VARIANTS[: r % 4]
+        order = VARIANTS[r % 4 :] + VARIANTS[: r % 4]
         for name in order:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(name)
             rates[name].append(args.batch * args.steps / (time.perf_counter() - start))
-    result = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "threads": args.threads,
-              "block_size": args.block_size, "rounds": args.rounds, "steps": args.steps,
-              "images_per_s": {n: statistics.median(v) for n, v in rates.items()}, "ratios": {}}
-    print(f"training benchmark: {args.model} at {args.image_size}x{args.image_size}, batch {args.batch}, "
-          f"{args.threads} threads, torch {torch.__version__}, {args.rounds} interleaved rounds x {args.steps} steps")
+    result = {
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "block_size": args.block_size,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "images_per_s": {n: statistics.median(v) for n, v in rates.items()},
+        "ratios": {},
+    }
+    print(
+        f"training benchmark: {args.model} at {args.image_size}x{args.image_size}, batch {args.batch}, "
+        f"{args.threads} threads, torch {torch.__version__}, {args.rounds} interleaved rounds x {args.steps} steps"
+    )
     for name in VARIANTS:
         print(f"  {name:>11}: {result['images_per_s'][name]:8.1f} images/s")
     for label, (a, b) in RATIOS.items():
-        per_round = [ra / rb for ra, rb in zip(rates[a], rates[b])]  # throughput ratio
-        med = statistics.median(per_round)
-        lo, hi = np.percentile(per_round, [10, 90])
-        result["ratios"][label] = {"median": med, "p10": float(lo), "p90": float(hi)}
-        print(f"  throughput {label:>19}: {med:5.3f}  [{lo:5.3f}-{hi:5.3f}]")
+        ratios = ratio_spread(rates[a], rates[b])  # throughput ratio
+        result["ratios"][label] = ratios.to_dict()
+        print(f"  throughput {label:>19}: {ratios}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

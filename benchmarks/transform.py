@@ -18,13 +18,14 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from keyedge.keys import Key
+from keyedge.stats import ratio_spread
 from keyedge.transform import BlockShuffle, HostShuffle, blockwise_shuffle
 
 CONFIGS = [(224, 1), (224, 32), (32, 1), (32, 32)]  # (image side, batch)
@@ -39,10 +40,6 @@ class Result:
     us_per_image: dict[str, float] = field(default_factory=dict)  # median over rounds
     ratio_to_gather: dict[str, float] = field(default_factory=dict)  # median of per-round ratios
     ratio_spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # p10, p90 of per-round ratios
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 def _time_call(fn: Callable[[], object], iterations: int) -> float:
@@ -72,15 +69,15 @@ def bench_config(key: Key, size: int, batch: int, rounds: int, min_round_s: floa
         iterations[name] = max(1, int(min_round_s / max(one, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in METHODS}
     for r in range(rounds):
-        order = METHODS[r % len(METHODS):] + METHODS[: r % len(METHODS)]
+        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
         for name in order:
             samples[name].append(_time_call(methods[name], iterations[name]) / batch)
     result = Result(size, batch, key.block_size)
     for name in METHODS:
         result.us_per_image[name] = statistics.median(samples[name]) * 1e6
-        ratios = [s / g for s, g in zip(samples[name], samples["gather"])]
-        result.ratio_to_gather[name] = statistics.median(ratios)
-        result.ratio_spread[name] = (_percentile(ratios, 10), _percentile(ratios, 90))
+        ratios = ratio_spread(samples[name], samples["gather"])
+        result.ratio_to_gather[name] = ratios.median
+        result.ratio_spread[name] = (ratios.p10, ratios.p90)
     return result
 
 
@@ -94,11 +91,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     key = Key.from_secret(bytes(range(32)), args.block_size)
-    print(f"transform benchmark: block size {args.block_size}, float32, torch {torch.__version__} "
-          f"({args.threads} threads), numpy {np.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.rounds} interleaved rounds")
-    header = f"{'input':>14} | " + " | ".join(f"{m + ' us/img':>14}" for m in METHODS) + " | " + " | ".join(
-        f"{m + '/gather':>22}" for m in METHODS[1:])
+    print(
+        f"transform benchmark: block size {args.block_size}, float32, torch {torch.__version__} "
+        f"({args.threads} threads), numpy {np.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.rounds} interleaved rounds"
+    )
+    header = (
+        f"{'input':>14} | "
+        + " | ".join(f"{m + ' us/img':>14}" for m in METHODS)
+        + " | "
+        + " | ".join(f"{m + '/gather':>22}" for m in METHODS[1:])
+    )
     print(header)
     print("-" * len(header))
     results = []
@@ -106,8 +109,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
         res = bench_config(key, size, batch, args.rounds, args.min_round_ms / 1000)
         results.append(res)
         times = " | ".join(f"{res.us_per_image[m]:14.2f}" for m in METHODS)
-        ratios = " | ".join(f"{res.ratio_to_gather[m]:6.2f} [{res.ratio_spread[m][0]:5.2f}-{res.ratio_spread[m][1]:5.2f}]"
-                            .rjust(22) for m in METHODS[1:])
+        ratios = " | ".join(
+            f"{res.ratio_to_gather[m]:6.2f} [{res.ratio_spread[m][0]:5.2f}-{res.ratio_spread[m][1]:5.2f}]".rjust(22)
+            for m in METHODS[1:]
+        )
         print(f"{f'{size}x{size} b{batch}':>14} | {times} | {ratios}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -10,11 +10,29 @@ of them.
 
 from __future__ import annotations
 
-from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, backend_names,
-                                    get_backend, register_backend)
-from keyedge.exporters import onnx as _onnx  # noqa: F401 - registers the backends, in this order
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    backend_names,
+    get_backend,
+    register_backend,
+)
+
+# isort: off
+# importing a backend module registers it; the import order is the order `backend_names()` lists them in
+from keyedge.exporters import onnx as _onnx  # noqa: F401
 from keyedge.exporters import openvino as _openvino  # noqa: F401
 from keyedge.exporters import coreml as _coreml  # noqa: F401
+# isort: on
 
-__all__ = ["ExportBackend", "ExportError", "ExportOptions", "GraphReport", "backend_names", "get_backend",
-           "register_backend"]
+__all__ = [
+    "ExportBackend",
+    "ExportError",
+    "ExportOptions",
+    "GraphReport",
+    "backend_names",
+    "get_backend",
+    "register_backend",
+]

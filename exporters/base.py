@@ -2,7 +2,7 @@
 
 One backend per target (``onnx``, ``openvino``, ``coreml``) implements
 :class:`ExportBackend` and registers itself with :func:`register_backend`, the
-timm/timmx registry pattern (DESIGN §8): ``get_backend("onnx").export(model,
+timm/timmx registry pattern (docs/design.md §8): ``get_backend("onnx").export(model,
 Path("out/model.onnx"), ExportOptions(batch=None))``.  A backend module imports
 its converter only when used, so listing the backends costs nothing and a missing
 converter gives a :class:`~keyedge.errors.DependencyError` naming the extra.
@@ -42,9 +42,10 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -148,7 +149,8 @@ class ExportBackend(abc.ABC):
     """One export target: write an artifact from an eval-mode module, read it back, run it.
 
     Subclasses set ``name``, ``extra``, ``suffix`` and the import names ``export_modules`` /
-    ``runtime_modules``, and implement ``_export``, ``_run``, ``inspect`` and ``describe_io``.
+    ``runtime_modules`` and ``runtime`` (the device-profile name of its runtime), and implement ``_export``,
+    ``_load`` (returning a :class:`Runner`), ``inspect`` and ``describe_io``.
     """
 
     name: str = ""
@@ -156,14 +158,23 @@ class ExportBackend(abc.ABC):
     suffix: str = ""
     export_modules: tuple[str, ...] = ()
     runtime_modules: tuple[str, ...] = ()
+    runtime: str = ""  # the runtime's name in device profiles (onnxruntime, openvino, coreml)
+    #: whether :meth:`export_from_template` can write a key's artifact from an architecture's ONNX template
+    supports_template: bool = False
 
     # ---- capability -----------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:
         """Whether this target can export here, and why (versions, or the missing dependency)."""
         return _importable(self.export_modules, self.extra)
 
-    def can_run(self) -> tuple[bool, str]:
-        """Whether artifacts of this target can run on this host, and why."""
+    def can_run(
+        self, *, device: str | None = None, providers: Sequence[str] | None = None, compute_units: str | None = None
+    ) -> tuple[bool, str]:
+        """Whether artifacts of this target can run on this host (on ``device``/``providers``...), and why.
+
+        The one availability check per backend and device: export verification, ``bench latency``
+        profiles and ``doctor`` all ask it.  Never raises.
+        """
         return _importable(self.runtime_modules, self.extra)
 
     def require(self, module: str) -> Any:
@@ -196,14 +207,25 @@ class ExportBackend(abc.ABC):
                 exc.details = quiet.text
             if isinstance(exc, KeyedgeError) or not isinstance(exc, Exception):
                 raise
-            raise ExportError(f"{self.name} export failed: {one_line(exc)}",
-                              "the converter could not handle this model; see ExportError.details",
-                              details=quiet.text) from exc
+            raise ExportError(
+                f"{self.name} export failed: {one_line(exc)}",
+                "the converter could not handle this model; see ExportError.details",
+                details=quiet.text,
+            ) from exc
         return written
 
     def planned_outputs(self, path: Path) -> list[Path]:
         """Every path an export to ``path`` writes (the artifact and its companions)."""
         return [path]
+
+    def export_from_template(
+        self, template: Any, module: torch.nn.Module, path: Path, options: ExportOptions
+    ) -> list[Path]:
+        """Write ``module``'s artifact from an :class:`~keyedge.exporters.template.OnnxTemplate` of its architecture.
+
+        Only for backends with ``supports_template``; the module must fit the template.
+        """
+        raise ExportError(f"the {self.name} target does not export from templates", "export in full")
 
     def _check_export(self, module: torch.nn.Module, path: Path, options: ExportOptions) -> None:
         if not isinstance(options, ExportOptions):
@@ -213,8 +235,10 @@ class ExportBackend(abc.ABC):
         if any(sub.training for sub in module.modules()):
             raise ExportError("the model is in training mode (dropout, batch-norm updates)", "call .eval() first")
         if path.suffix != self.suffix:
-            raise ExportError(f"a {self.name} artifact must end in {self.suffix}, got {path.name!r}",
-                              f"name it e.g. model{self.suffix}")
+            raise ExportError(
+                f"a {self.name} artifact must end in {self.suffix}, got {path.name!r}",
+                f"name it e.g. model{self.suffix}",
+            )
         for item in self.planned_outputs(path):
             if item.exists() or item.is_symlink():
                 raise OutputError(f"{item} already exists", "export into a new or empty directory")
@@ -227,29 +251,57 @@ class ExportBackend(abc.ABC):
         """Convert and write; runs with converter output captured and under ``torch.no_grad``."""
 
     # ---- inference ------------------------------------------------------------------------
-    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        """Run the artifact on ``x`` ((B, 3, S, S) float32 in [0, 1]); return float32 logits."""
+    def load(
+        self,
+        path: Path,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        compute_units: str | None = None,
+        precision: str | None = None,
+        spinning: bool | None = None,
+    ) -> Runner:
+        """Open the artifact at ``path`` for inference: the one place an artifact of this target is opened.
+
+        ``device``: the runtime's device (OpenVINO ``CPU``/``GPU``...); ``threads``: intra-op threads
+        (None: the runtime's default); ``providers``: ONNX Runtime execution providers;
+        ``compute_units``: CoreML compute units; ``precision``: inference precision (None: the
+        artifact's own); ``spinning``: ONNX Runtime's idle-thread spin-wait (None: its default).
+        A backend ignores the settings that mean nothing to it.
+        """
         path = Path(path)
         for module in self.runtime_modules:
             self.require(module)  # a missing runtime: DependencyError naming the extra
-        ok, reason = self.can_run()
+        ok, reason = self.can_run(device=device, providers=providers, compute_units=compute_units)
         if not ok:
-            raise ExportError(f"cannot run {self.name} artifacts on this host: {reason}")
+            raise ExportError(f"cannot run {self.name} artifacts here: {reason}")
         if not path.exists():
             raise ExportError(f"{path} does not exist", f"export a {self.name} artifact there first")
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        settings = {
+            "device": device,
+            "threads": threads,
+            "providers": list(providers) if providers else None,
+            "compute_units": compute_units,
+            "precision": precision,
+            "spinning": spinning,
+        }
         try:
             with Quiet():
-                out = self._run(path, x)
+                return self._load(path, **settings)
         except KeyedgeError:
             raise
         except Exception as exc:
-            raise ExportError(f"{self.name} inference on {path.name} failed: {one_line(exc)}") from exc
-        return np.asarray(out, dtype=np.float32)
+            raise ExportError(f"{self.name} cannot load {path.name}: {one_line(exc)}") from exc
 
     @abc.abstractmethod
-    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        """Inference on contiguous float32 input (check its shape with :func:`check_input_shape`)."""
+    def _load(self, path: Path, **settings: Any) -> Runner:
+        """Open the artifact (runtime present, file there); settings as :meth:`load`."""
+
+    def run(self, path: Path, x: np.ndarray) -> np.ndarray:
+        """One-off inference: load the artifact, run ``x`` ((B, 3, S, S) float32 in [0, 1]), close it."""
+        with self.load(path) as runner:
+            return runner(x)
 
     # ---- reading back ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -265,6 +317,87 @@ class ExportBackend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, suffix={self.suffix!r})"
+
+
+# ---- runners --------------------------------------------------------------------------------
+
+
+class Runner(abc.ABC):
+    """A loaded artifact: call it with an NCHW float32 batch, get float32 logits.
+
+    ``input_shape`` has None for dynamic dimensions.  :meth:`infer` is the runtime's bare call
+    (no checks, no copy of the output: what latency benchmarks time); ``runner(x)`` checks the
+    shape and returns the logits as a numpy array it owns; :meth:`predict` takes any number of
+    images, in chunks of the artifact's batch (a fixed-batch artifact gets its last chunk padded).
+    """
+
+    backend: str = ""
+    providers: list[str] | None = None  # ONNX Runtime: the providers the session actually uses
+
+    def __init__(self, path: Path, input_shape: Sequence[int | None], settings: dict[str, Any]):
+        self.path = Path(path)
+        self.input_shape = list(input_shape)
+        self.settings = {k: v for k, v in settings.items() if v is not None}
+
+    @abc.abstractmethod
+    def infer(self, x: np.ndarray) -> Any:
+        """The runtime's own inference call on contiguous float32 input of the artifact's shape."""
+
+    @abc.abstractmethod
+    def logits(self, result: Any) -> np.ndarray:
+        """The logits in what :meth:`infer` returned."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        check_input_shape(self.path, [d or -1 for d in self.input_shape], x)
+        try:
+            out = self.logits(self.infer(x))
+        except KeyedgeError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"{self.backend} inference on {self.path.name} failed: {one_line(exc)}") from exc
+        return np.array(out, dtype=np.float32, copy=True)
+
+    @property
+    def batch(self) -> int | None:
+        """The artifact's fixed batch size, or None for a dynamic batch."""
+        return self.input_shape[0] if self.input_shape else None
+
+    def predict(self, x: np.ndarray, *, chunk: int = 64) -> np.ndarray:
+        """Logits for any number of images: chunks of the fixed batch (last one padded), or of ``chunk``."""
+        x = np.asarray(x, dtype=np.float32)
+        outputs = [self(batch)[:n] for batch, n in batches(x, self.batch or chunk, pad=self.batch is not None)]
+        return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """What was loaded and how, for reports."""
+        info = {"backend": self.backend, "path": str(self.path), "input_shape": self.input_shape, **self.settings}
+        if self.providers is not None:
+            info["providers"] = self.providers
+        return info
+
+    def close(self) -> None:
+        """Release the runtime's session or compiled model."""
+        return None  # a runtime without explicit release: garbage collection frees it
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path.name!r}, input_shape={self.input_shape})"
+
+
+def batches(x: np.ndarray, size: int, *, pad: bool) -> Iterable[tuple[np.ndarray, int]]:
+    """``(chunk, n_real)`` over ``x`` in chunks of ``size``; with ``pad`` the last chunk repeats its last image."""
+    for start in range(0, len(x), size):
+        chunk = x[start : start + size]
+        n = len(chunk)
+        if pad and n < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+        yield chunk, n
 
 
 # ---- registry -----------------------------------------------------------------------------
@@ -313,10 +446,11 @@ def first_that_works(target: str, sources: Sequence[str], attempt: Callable[[str
     for source in sources:
         try:
             return attempt(source), source, errors
-        except Exception as exc:  # noqa: BLE001 - try the next source, report all if none works
+        except Exception as exc:
             errors.append(f"{source}: {one_line(exc)}")
-    raise ExportError(f"{target} export failed ({'; '.join(errors)})",
-                      "fix the first reason given, or export to another target")
+    raise ExportError(
+        f"{target} export failed ({'; '.join(errors)})", "fix the first reason given, or export to another target"
+    )
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
@@ -341,8 +475,10 @@ def check_input_shape(path: Path, expected: Sequence[int], x: np.ndarray) -> Non
     """Raise :class:`ShapeError` unless ``x`` fits ``expected`` (-1 = any size)."""
     if x.ndim != len(expected) or any(e not in (-1, g) for e, g in zip(expected, x.shape)):
         shown = "x".join("B" if e == -1 else str(e) for e in expected)
-        raise ShapeError(f"{path.name} takes input of shape {shown}, got {'x'.join(map(str, x.shape))}",
-                         "resize the images, or export with the batch size you run")
+        raise ShapeError(
+            f"{path.name} takes input of shape {shown}, got {'x'.join(map(str, x.shape))}",
+            "resize the images, or export with the batch size you run",
+        )
 
 
 def _install_hint(extra: str) -> str:
@@ -361,7 +497,7 @@ def _importable(modules: Iterable[str], extra: str) -> tuple[bool, str]:
                 require(module, extra=extra)
         except DependencyError as exc:
             return False, exc.message
-        except Exception as exc:  # noqa: BLE001 - a broken install is "not available", with the reason
+        except Exception as exc:
             return False, f"{module} fails to import ({one_line(exc)})"
         version = version_of(module)
         found.append(f"{module} {version}" if version else module)
@@ -391,7 +527,7 @@ class Quiet:
         self._saved: list[int] = []
         self._logging_disable = logging.NOTSET
 
-    def __enter__(self) -> "Quiet":
+    def __enter__(self) -> Quiet:
         stack = contextlib.ExitStack()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -447,12 +583,22 @@ def probe_inputs(options: ExportOptions) -> list[tuple[str, np.ndarray]]:
     """Inputs a traced graph must reproduce: the trace example, all zeros, all ones and a fresh random batch."""
     example = options.example_input().numpy()
     rng = np.random.default_rng(1)
-    return [("example", example), ("all-zeros", np.zeros_like(example)), ("all-ones", np.ones_like(example)),
-            ("random", rng.random(example.shape, dtype=np.float32))]
+    return [
+        ("example", example),
+        ("all-zeros", np.zeros_like(example)),
+        ("all-ones", np.ones_like(example)),
+        ("random", rng.random(example.shape, dtype=np.float32)),
+    ]
 
 
-def check_reproduces(module: torch.nn.Module, candidate: Callable[[np.ndarray], np.ndarray], options: ExportOptions,
-                     what: str, *, rtol: float = 1e-3) -> None:
+def check_reproduces(
+    module: torch.nn.Module,
+    candidate: Callable[[np.ndarray], np.ndarray],
+    options: ExportOptions,
+    what: str,
+    *,
+    rtol: float = 1e-3,
+) -> None:
     """Raise :class:`ExportError` unless ``candidate`` matches ``module`` on :func:`probe_inputs`.
 
     The tolerance is ``rtol`` times the output scale (at least 1): loose enough for converter
@@ -464,10 +610,12 @@ def check_reproduces(module: torch.nn.Module, candidate: Callable[[np.ndarray], 
         got = np.asarray(candidate(x), dtype=np.float32)
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         if not diff <= rtol * max(1.0, float(np.abs(expected).max())):
-            raise ExportError(f"{what} does not reproduce the model on the {kind} probe input "
-                              f"(max abs diff {diff:.2e}): input-dependent control flow was frozen by tracing, "
-                              f"or an op was mistranslated",
-                              "remove the data-dependent branch, or export through torch.export")
+            raise ExportError(
+                f"{what} does not reproduce the model on the {kind} probe input "
+                f"(max abs diff {diff:.2e}): input-dependent control flow was frozen by tracing, "
+                f"or an op was mistranslated",
+                "remove the data-dependent branch, or export through torch.export",
+            )
 
 
 # ---- generic graph analysis (each backend turns its format into a list of Node) ------------
@@ -491,8 +639,14 @@ def constant_signature(values: np.ndarray | None, shape: Sequence[int], dtype: s
     return text
 
 
-def analyze(nodes: Sequence[Node], graph_inputs: Sequence[str], graph_outputs: Sequence[str],
-            *, count: Callable[[Node], bool] = lambda n: True, notes: list[str] | None = None) -> GraphReport:
+def analyze(
+    nodes: Sequence[Node],
+    graph_inputs: Sequence[str],
+    graph_outputs: Sequence[str],
+    *,
+    count: Callable[[Node], bool] = lambda n: True,
+    notes: list[str] | None = None,
+) -> GraphReport:
     """Op counts, input gathers, the input path and the structure digest of a topologically ordered graph."""
     ops = Counter(n.type for n in nodes if count(n))
     producer = {out: n for n in nodes for out in n.outputs}

@@ -2,7 +2,7 @@
 
 ``coremltools.convert(..., convert_to="mlprogram")`` with float32 input and output
 types set explicitly (otherwise fp16 compute makes the traced I/O Float16,
-DESIGN §6); ``fp16`` sets ``compute_precision=FLOAT16`` (casts at the I/O),
+docs/design.md §6); ``fp16`` sets ``compute_precision=FLOAT16`` (casts at the I/O),
 ``fp32`` keeps everything in float32.
 A dynamic batch is a ``RangeDim(1, max_batch)``: ML programs need a finite
 upper bound (default 64).  The keyed model's ``index_select`` shuffle converts to one MIL ``gather``; on
@@ -22,22 +22,44 @@ coremltools 9.0's torch converter needs numpy < 2.4.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, analyze,
-                                    check_input_shape, check_reproduces, constant_signature, first_that_works,
-                                    one_line,
-                                    register_backend)
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    Node,
+    Runner,
+    analyze,
+    check_reproduces,
+    constant_signature,
+    first_that_works,
+    one_line,
+    register_backend,
+)
 
 SOURCES = ("jit.trace", "torch.export")
 MAX_DYNAMIC_BATCH = 64
-_DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "INT32": "int32", "FLOAT64": "float64",
-           "INT64": "int64", "INT16": "int16", "INT8": "int8", "UINT8": "uint8", "UINT16": "uint16", "BOOL": "bool"}
+_DTYPES = {
+    "FLOAT32": "float32",
+    "FLOAT16": "float16",
+    "DOUBLE": "float64",
+    "INT32": "int32",
+    "FLOAT64": "float64",
+    "INT64": "int64",
+    "INT16": "int16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "BOOL": "bool",
+}
 
 
 @register_backend
@@ -52,11 +74,13 @@ class CoreMLBackend(ExportBackend):
     name = "coreml"
     extra = "coreml"
     suffix = ".mlpackage"
+    runtime = "coreml"
     export_modules = ("coremltools",)
     runtime_modules = ("coremltools",)
 
-    def __init__(self, *, sources: Sequence[str] = SOURCES, max_batch: int = MAX_DYNAMIC_BATCH,
-                 compute_units: str = "CPU_ONLY"):
+    def __init__(
+        self, *, sources: Sequence[str] = SOURCES, max_batch: int = MAX_DYNAMIC_BATCH, compute_units: str = "CPU_ONLY"
+    ):
         if not sources or set(sources) - set(SOURCES):
             raise ValueError(f"sources must be taken from {SOURCES}, got {tuple(sources)}")
         if max_batch < 2:
@@ -70,9 +94,15 @@ class CoreMLBackend(ExportBackend):
             return False, f"numpy {np.__version__} breaks coremltools' torch converter (pip install 'numpy<2.4')"
         return super().available()
 
-    def can_run(self) -> tuple[bool, str]:
+    def can_run(
+        self, *, device: str | None = None, providers: Sequence[str] | None = None, compute_units: str | None = None
+    ) -> tuple[bool, str]:
         if sys.platform != "darwin":
-            return False, "CoreML prediction runs only on macOS; artifacts are checked structurally here"
+            return (
+                False,
+                f"CoreML prediction runs only on macOS (this host: {sys.platform}); artifacts are "
+                "checked structurally here",
+            )
         return super().can_run()
 
     # ---- export ---------------------------------------------------------------------------
@@ -82,19 +112,25 @@ class CoreMLBackend(ExportBackend):
         size = options.image_size
         batch = ct.RangeDim(lower_bound=1, upper_bound=self.max_batch, default=1) if options.dynamic else options.batch
         precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+
         def convert(source: str) -> Any:
             if source == "jit.trace":
                 program: Any = torch.jit.trace(module, example, check_trace=False)
-                check_reproduces(module, lambda x: program(torch.from_numpy(x)).numpy(), options,
-                                 "the TorchScript trace")
+                check_reproduces(
+                    module, lambda x: program(torch.from_numpy(x)).numpy(), options, "the TorchScript trace"
+                )
             else:
                 dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
                 program = torch.export.export(module, (example,), dynamic_shapes=dynamic).run_decompositions({})
             return ct.convert(
-                program, convert_to="mlprogram", minimum_deployment_target=ct.target.macOS13,
+                program,
+                convert_to="mlprogram",
+                minimum_deployment_target=ct.target.macOS13,
                 inputs=[ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
                 outputs=[ct.TensorType(name=options.output_name, dtype=np.float32)],
-                compute_precision=precision, skip_model_load=True)
+                compute_precision=precision,
+                skip_model_load=True,
+            )
 
         mlmodel, used, errors = first_that_works("coreml", self.sources, convert)
         meta = mlmodel.user_defined_metadata
@@ -107,13 +143,12 @@ class CoreMLBackend(ExportBackend):
         return [path]
 
     # ---- inference (macOS) ----------------------------------------------------------------
-    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        ct = self.require("coremltools")
+    def _load(self, path: Path, **settings: Any) -> Runner:
         io_spec = self.describe_io(path)
-        check_input_shape(path, io_spec["inputs"][0]["shape"], x)
-        mlmodel = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
-        result = mlmodel.predict({io_spec["inputs"][0]["name"]: x})
-        return np.asarray(result[io_spec["outputs"][0]["name"]], dtype=np.float32)
+        units = settings.get("compute_units") or self.compute_units
+        return CoreMLRunner(
+            path, _mlmodel(self.require("coremltools"), path, units), io_spec, {**settings, "compute_units": units}
+        )
 
     def compute_plan(self, path: Path, compute_units: str = "ALL") -> list[dict[str, Any]]:
         """Which device CoreML plans each operation on (macOS 14.4+): op, preferred device, supported, cost.
@@ -127,10 +162,7 @@ class CoreMLBackend(ExportBackend):
         ct = self.require("coremltools")
         from coremltools.models.compute_plan import MLComputePlan
 
-        if compute_units not in ct.ComputeUnit.__members__:
-            raise ExportError(f"unknown compute units {compute_units!r}",
-                              f"use one of {', '.join(ct.ComputeUnit.__members__)}")
-        mlmodel = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
+        mlmodel = _mlmodel(ct, path, compute_units)
         plan = MLComputePlan.load_from_path(mlmodel.get_compiled_model_path(), ct.ComputeUnit[compute_units])
         program = plan.model_structure.program
         if program is None:
@@ -139,11 +171,15 @@ class CoreMLBackend(ExportBackend):
         for op in program.functions["main"].block.operations:
             usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
             cost = plan.get_estimated_cost_for_mlprogram_operation(op)
-            rows.append({"op": op.operator_name,
-                         "output": op.outputs[0].name if op.outputs else "",
-                         "preferred": _device_name(usage.preferred_compute_device) if usage else None,
-                         "supported": [_device_name(d) for d in usage.supported_compute_devices] if usage else [],
-                         "cost": cost.weight if cost else None})
+            rows.append(
+                {
+                    "op": op.operator_name,
+                    "output": op.outputs[0].name if op.outputs else "",
+                    "preferred": _device_name(usage.preferred_compute_device) if usage else None,
+                    "supported": [_device_name(d) for d in usage.supported_compute_devices] if usage else [],
+                    "cost": cost.weight if cost else None,
+                }
+            )
         return rows
 
     # ---- reading back (any OS) ------------------------------------------------------------
@@ -154,7 +190,7 @@ class CoreMLBackend(ExportBackend):
             raise ExportError(f"{path} is not a .mlpackage", "give the path of an exported CoreML package")
         try:
             spec = ct.utils.load_spec(str(path))
-        except Exception as exc:  # noqa: BLE001 - protobuf and file errors
+        except Exception as exc:
             raise ExportError(f"cannot read the CoreML spec in {path}: {one_line(exc)}") from None
         if spec.WhichOneof("Type") != "mlProgram" or "main" not in spec.mlProgram.functions:
             raise ExportError(f"{path} holds a {spec.WhichOneof('Type')} model, not an ML program with a main function")
@@ -166,9 +202,11 @@ class CoreMLBackend(ExportBackend):
         block = main.block_specializations[main.opset]
         nodes = _block_nodes(block)
         meta = dict(spec.description.metadata.userDefined)
-        notes = [f"ML program {main.opset}, spec version {spec.specificationVersion}, "
-                 f"precision {meta.get('keyedge.precision', 'unknown')}, "
-                 f"converted from {meta.get('keyedge.source', 'unknown')}"]
+        notes = [
+            f"ML program {main.opset}, spec version {spec.specificationVersion}, "
+            f"precision {meta.get('keyedge.precision', 'unknown')}, "
+            f"converted from {meta.get('keyedge.source', 'unknown')}"
+        ]
         if "keyedge.notes" in meta:
             notes.append(meta["keyedge.notes"])
         return analyze(nodes, [i.name for i in main.inputs], list(block.outputs), notes=notes)
@@ -198,17 +236,53 @@ class CoreMLBackend(ExportBackend):
             return {"name": feature.name, "shape": shape, "dtype": _DTYPES.get(raw, raw.lower())}
 
         meta = dict(spec.description.metadata.userDefined)
-        return {"format": "coreml", "inputs": [port(f) for f in spec.description.input],
-                "outputs": [port(f) for f in spec.description.output], "precision": meta.get("keyedge.precision"),
-                "source": meta.get("keyedge.source"), "specification_version": spec.specificationVersion,
-                "ml_program_opset": main.opset}
+        return {
+            "format": "coreml",
+            "inputs": [port(f) for f in spec.description.input],
+            "outputs": [port(f) for f in spec.description.output],
+            "precision": meta.get("keyedge.precision"),
+            "source": meta.get("keyedge.source"),
+            "specification_version": spec.specificationVersion,
+            "ml_program_opset": main.opset,
+        }
+
+
+class CoreMLRunner(Runner):
+    """A CoreML ML program loaded with the requested compute units (macOS only)."""
+
+    backend = "coreml"
+
+    def __init__(self, path: Path, mlmodel: Any, io_spec: dict[str, Any], settings: dict[str, Any]):
+        self.mlmodel = mlmodel
+        self._input = io_spec["inputs"][0]["name"]
+        self._output = io_spec["outputs"][0]["name"]
+        super().__init__(path, [d if d > 0 else None for d in io_spec["inputs"][0]["shape"]], settings)
+
+    def infer(self, x: np.ndarray) -> Any:
+        return self.mlmodel.predict({self._input: x})
+
+    def logits(self, result: Any) -> np.ndarray:
+        return result[self._output]
+
+    def close(self) -> None:
+        self.mlmodel = None
+
+
+def _mlmodel(ct: Any, path: Path, compute_units: str) -> Any:
+    """The one place a CoreML package is loaded for prediction."""
+    if compute_units not in ct.ComputeUnit.__members__:
+        raise ExportError(
+            f"unknown compute units {compute_units!r}", f"use one of {', '.join(ct.ComputeUnit.__members__)}"
+        )
+    return ct.models.MLModel(str(path), compute_units=ct.ComputeUnit[compute_units])
 
 
 def _device_name(device: Any) -> str:
     """MLCPUComputeDevice -> CPU, MLGPUComputeDevice -> GPU, MLNeuralEngineComputeDevice -> NE."""
     name = type(device).__name__
     return {"MLCPUComputeDevice": "CPU", "MLGPUComputeDevice": "GPU", "MLNeuralEngineComputeDevice": "NE"}.get(
-        name, name)
+        name, name
+    )
 
 
 def _dtype_name(value_type: Any) -> tuple[str, list[int]]:
@@ -238,8 +312,9 @@ def _block_nodes(block: Any) -> list[Node]:
                     small = np.asarray(list(getattr(tensor, kind).values), dtype=np.int64)
             attrs = constant_signature(small, dims, dtype)
         else:
-            immediate = [f"{k}={a.value.SerializeToString().hex()}" for k in keys for a in op.inputs[k].arguments
-                         if not a.name]
+            immediate = [
+                f"{k}={a.value.SerializeToString().hex()}" for k in keys for a in op.inputs[k].arguments if not a.name
+            ]
             named = [f"{k}:{len(op.inputs[k].arguments)}" for k in keys]
             extra = [f"{k}={v.SerializeToString().hex()}" for k, v in sorted(op.attributes.items()) if k != "name"]
             attrs = ";".join(named + immediate + extra)
@@ -247,4 +322,3 @@ def _block_nodes(block: Any) -> list[Node]:
         for inner in op.blocks:
             nodes += _block_nodes(inner)
     return nodes
-

@@ -5,7 +5,7 @@ self-contained file; a dynamic batch is declared with ``torch.export.Dim``.
 Should the dynamo exporter fail on a model, the (deprecated) TorchScript exporter
 is tried next and the artifact's metadata says so; as it traces, its artifact is
 checked with onnxruntime against the module on probe inputs (a frozen branch is refused).  The keyed model's
-``index_select`` shuffle exports as Reshape -> Gather -> Reshape (DESIGN §6).
+``index_select`` shuffle exports as Reshape -> Gather -> Reshape (docs/design.md §6).
 
 ``fp16`` exports a half-precision copy of the model behind in-graph casts
 (``x.half()`` in, ``.float()`` out): fp16 weights and compute, float32 I/O.
@@ -19,16 +19,28 @@ and notes; :meth:`OnnxBackend.inspect` reports them.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, _remove, analyze,
-                                    check_input_shape, check_reproduces, constant_signature, one_line,
-                                    register_backend)
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    Node,
+    Runner,
+    _remove,
+    analyze,
+    check_reproduces,
+    constant_signature,
+    one_line,
+    register_backend,
+)
 
 OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
@@ -45,6 +57,43 @@ class HalfPrecision(nn.Module):
         return self.module(x.half()).float()
 
 
+class OnnxRunner(Runner):
+    """An ONNX Runtime session (the file, or model bytes) with the requested providers and threads."""
+
+    backend = "onnx"
+
+    def __init__(self, path: Path, settings: dict[str, Any], ort: Any, model: bytes | None = None):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if settings.get("threads"):
+            opts.intra_op_num_threads = settings["threads"]
+            opts.inter_op_num_threads = 1
+        # ORT's idle intra-op threads spin-wait by default: that is what deployments run with and it is
+        # ~35% faster at batch 1 on 2 cores; latency benchmarks let the spin die down between runs instead
+        if settings.get("spinning") is False:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        wanted = settings.get("providers") or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model if model is not None else str(path), opts, providers=wanted)
+        self.providers = self.session.get_providers()
+        if wanted[0] not in self.providers:
+            raise ExportError(
+                f"the ONNX Runtime session fell back to {', '.join(self.providers)}",
+                f"install an onnxruntime build with {wanted[0]}",
+            )
+        inp = self.session.get_inputs()[0]
+        self._name = inp.name
+        super().__init__(path, [d if isinstance(d, int) and d > 0 else None for d in inp.shape], settings)
+
+    def infer(self, x: np.ndarray) -> Any:
+        return self.session.run(None, {self._name: x})
+
+    def logits(self, result: Any) -> np.ndarray:
+        return result[0]
+
+    def close(self) -> None:
+        self.session = None
+
+
 @register_backend
 class OnnxBackend(ExportBackend):
     """Export to one ONNX file (opset 18) and run it with onnxruntime's CPU provider.
@@ -55,6 +104,8 @@ class OnnxBackend(ExportBackend):
     name = "onnx"
     extra = "onnx"
     suffix = ".onnx"
+    runtime = "onnxruntime"
+    supports_template = True
     export_modules = ("onnx", "onnxscript")
     runtime_modules = ("onnxruntime",)
 
@@ -79,7 +130,7 @@ class OnnxBackend(ExportBackend):
                 _torch_export(target, example, path, options, exporter)
                 if exporter == "torchscript":
                     self._check_trace(module, path, options)
-            except Exception as exc:  # noqa: BLE001 - try the next exporter, report all if none works
+            except Exception as exc:
                 errors.append(f"{exporter}: {one_line(exc)}")
                 for item in self.planned_outputs(path):
                     _remove(item)
@@ -87,19 +138,27 @@ class OnnxBackend(ExportBackend):
             used = exporter
             break
         if used is None:
-            raise ExportError(f"onnx export failed ({'; '.join(errors)})",
-                              "fix the first reason given, or export to another target")
+            raise ExportError(
+                f"onnx export failed ({'; '.join(errors)})", "fix the first reason given, or export to another target"
+            )
         if errors:
             notes.append(f"exported with the {used} exporter; {'; '.join(errors)}")
 
         model = onnx.load(str(path))
         inputs = _graph_inputs(model)
         if len(inputs) != 1 or len(model.graph.output) != 1:
-            raise ExportError(f"the exported graph has {len(inputs)} inputs and {len(model.graph.output)} outputs",
-                              "export a module taking one image tensor and returning one logits tensor")
+            raise ExportError(
+                f"the exported graph has {len(inputs)} inputs and {len(model.graph.output)} outputs",
+                "export a module taking one image tensor and returning one logits tensor",
+            )
         props = {p.key: p.value for p in model.metadata_props}
-        props.update({"keyedge.precision": options.precision, "keyedge.exporter": used,
-                      "keyedge.batch": "dynamic" if options.dynamic else str(options.batch)})
+        props.update(
+            {
+                "keyedge.precision": options.precision,
+                "keyedge.exporter": used,
+                "keyedge.batch": "dynamic" if options.dynamic else str(options.batch),
+            }
+        )
         if notes:
             props["keyedge.notes"] = " | ".join(notes)
         onnx.helper.set_model_props(model, props)
@@ -107,53 +166,73 @@ class OnnxBackend(ExportBackend):
         onnx.checker.check_model(str(path), full_check=True)
         return [p for p in self.planned_outputs(path) if p.exists()]
 
+    def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        return template.instantiate(module, path, options)
+
     def _check_trace(self, module: nn.Module, path: Path, options: ExportOptions) -> None:
         if not self.can_run()[0]:
             return  # onnxruntime ships with the onnx extra; without it the traced artifact stays unchecked
-        ort = self.require("onnxruntime")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
         rtol = 1e-3 if options.precision == "fp32" else 5e-2
-        check_reproduces(module, lambda x: session.run(None, {name: x})[0], options, "the TorchScript export",
-                         rtol=rtol)
+        with self.load(path) as runner:
+            check_reproduces(module, runner, options, "the TorchScript export", rtol=rtol)
 
     # ---- inference ------------------------------------------------------------------------
-    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        ort = self.require("onnxruntime")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (inp,), out = session.get_inputs(), session.get_outputs()[0]
-        check_input_shape(path, [d if isinstance(d, int) else -1 for d in inp.shape], x)
-        return session.run([out.name], {inp.name: x})[0]
+    def can_run(
+        self, *, device: str | None = None, providers: Sequence[str] | None = None, compute_units: str | None = None
+    ) -> tuple[bool, str]:
+        ok, reason = super().can_run()
+        if not ok or not providers:
+            return ok, reason
+        try:
+            ort = self.require("onnxruntime")
+            have = ort.get_available_providers()
+        except Exception as exc:
+            return False, f"onnxruntime fails to initialise ({one_line(exc)})"
+        missing = [p for p in providers if p not in have]
+        if missing:
+            return False, f"onnxruntime {ort.__version__} lacks {', '.join(missing)} (has {', '.join(have)})"
+        return True, reason
+
+    def _load(self, path: Path, **settings: Any) -> Runner:
+        return OnnxRunner(path, settings, self.require("onnxruntime"))
 
     # ---- reading back ---------------------------------------------------------------------
-    def _load(self, path: Path) -> Any:
+    def _read_proto(self, path: Path) -> Any:
         onnx = self.require("onnx")
         if not Path(path).is_file():
             raise ExportError(f"{path} is not a file", "give the path of an exported .onnx model")
         try:
             return onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # noqa: BLE001 - protobuf errors come in several types
+        except Exception as exc:
             raise ExportError(f"cannot read {path} as ONNX: {one_line(exc)}") from None
 
     def inspect(self, path: Path) -> GraphReport:
         onnx = self.require("onnx")
-        model = self._load(path)
+        model = self._read_proto(path)
         functions = {(f.domain, f.name): f for f in model.functions}
-        nodes = [Node("Initializer", [], [init.name], _initializer_signature(onnx, init))
-                 for init in model.graph.initializer]
+        nodes = [
+            Node("Initializer", [], [init.name], _initializer_signature(onnx, init)) for init in model.graph.initializer
+        ]
         nodes += _flatten(onnx, model.graph.node, functions)
         props = {p.key: p.value for p in model.metadata_props}
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-        notes = [f"opset {opset}, precision {props.get('keyedge.precision', 'unknown')}, "
-                 f"{props.get('keyedge.exporter', 'unknown')} exporter"]
+        notes = [
+            f"opset {opset}, precision {props.get('keyedge.precision', 'unknown')}, "
+            f"{props.get('keyedge.exporter', 'unknown')} exporter"
+        ]
         if "keyedge.notes" in props:
             notes.append(props["keyedge.notes"])
-        return analyze(nodes, _graph_inputs(model), [o.name for o in model.graph.output],
-                       count=lambda n: n.type != "Initializer", notes=notes)
+        return analyze(
+            nodes,
+            _graph_inputs(model),
+            [o.name for o in model.graph.output],
+            count=lambda n: n.type != "Initializer",
+            notes=notes,
+        )
 
     def describe_io(self, path: Path) -> dict[str, Any]:
         onnx = self.require("onnx")
-        model = self._load(path)
+        model = self._read_proto(path)
         init = {i.name for i in model.graph.initializer}
         props = {p.key: p.value for p in model.metadata_props}
 
@@ -164,21 +243,44 @@ class OnnxBackend(ExportBackend):
             return {"name": value.name, "shape": shape, "dtype": dtype}
 
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-        return {"format": "onnx", "inputs": [port(v) for v in model.graph.input if v.name not in init],
-                "outputs": [port(v) for v in model.graph.output], "precision": props.get("keyedge.precision"),
-                "opset": opset, "exporter": props.get("keyedge.exporter")}
+        return {
+            "format": "onnx",
+            "inputs": [port(v) for v in model.graph.input if v.name not in init],
+            "outputs": [port(v) for v in model.graph.output],
+            "precision": props.get("keyedge.precision"),
+            "opset": opset,
+            "exporter": props.get("keyedge.exporter"),
+        }
 
 
 def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, options: ExportOptions, exporter: str) -> None:
     names = {"input_names": [options.input_name], "output_names": [options.output_name]}
     if exporter == "dynamo":
         dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
-        torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, opset_version=OPSET,
-                          dynamic_shapes=dynamic, optimize=True, verbose=False, **names)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=OPSET,
+            dynamic_shapes=dynamic,
+            optimize=True,
+            verbose=False,
+            **names,
+        )
     else:
         axes = {options.input_name: {0: "batch"}, options.output_name: {0: "batch"}} if options.dynamic else None
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, dynamic_axes=axes,
-                          do_constant_folding=True, **names)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+            **names,
+        )
 
 
 def _graph_inputs(model: Any) -> list[str]:

@@ -3,14 +3,14 @@
 The input shape is pinned with ``input=[ov.PartialShape([B or -1, 3, S, S])]``
 (otherwise OpenVINO leaves every dimension dynamic), the I/O tensors get the
 requested names, and ``save_model`` writes fp32 weights unless ``fp16`` asks for
-``compress_to_fp16`` (DESIGN §6: the default compression costs up to ~6e-4).
+``compress_to_fp16`` (docs/design.md §6: the default compression costs up to ~6e-4).
 Converting the module traces it (``torch.jit.trace``), which freezes input-dependent
 branches: the converted model is checked against the module on probe inputs, and
 should that check or the conversion fail, the module's ``torch.export`` program
 (which refuses such branches instead of freezing them) is converted.
 
 Running: OpenVINO's CPU plugin computes in bf16 by default on CPUs with AMX or
-AVX512-BF16, which moves outputs by ~1e-3.  :meth:`OpenVinoBackend.run` therefore
+AVX512-BF16, which moves outputs by ~1e-3.  its runner (:class:`OpenVinoRunner`) therefore
 pins the inference precision to the artifact's: f32 for fp32 artifacts, f16 for
 fp16 artifacts where the CPU supports it (else f32).  The precision is recorded
 in the IR's ``rt_info`` (``keyedge/precision``).
@@ -18,19 +18,75 @@ in the IR's ``rt_info`` (``keyedge/precision``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (ExportBackend, ExportError, ExportOptions, GraphReport, Node, analyze,
-                                    check_input_shape, check_reproduces, constant_signature, first_that_works,
-                                    one_line,
-                                    register_backend)
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    Node,
+    Runner,
+    analyze,
+    check_reproduces,
+    constant_signature,
+    first_that_works,
+    one_line,
+    register_backend,
+)
 
 SOURCES = ("module", "torch.export")
+
+
+class OpenVinoRunner(Runner):
+    """An OpenVINO model compiled for a device, with one infer request.
+
+    The CPU plugin computes in bf16 by default on CPUs with AMX or AVX512-BF16, which moves
+    outputs by ~1e-3: the inference precision is pinned to the artifact's (f32 for fp32
+    artifacts, f16 for fp16 ones where the CPU supports it) unless ``precision`` says otherwise.
+    """
+
+    backend = "openvino"
+
+    def __init__(self, path: Path, core: Any, model: Any, settings: dict[str, Any]):
+        device = settings.get("device") or "CPU"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.startswith("CPU"):
+            config["INFERENCE_PRECISION_HINT"] = settings.get("precision") or inference_precision(model, core)
+            if settings.get("threads"):
+                config["INFERENCE_NUM_THREADS"] = settings["threads"]
+        self.compiled = core.compile_model(model, device, config)  # the one place an OpenVINO model is compiled
+        self.request = self.compiled.create_infer_request()
+        self._output = self.compiled.output(0)
+        shape = self.compiled.input(0).get_partial_shape()
+        super().__init__(
+            path,
+            [d.get_length() if d.is_static else None for d in shape],
+            {**settings, "device": device, "precision": config.get("INFERENCE_PRECISION_HINT")},
+        )
+
+    def infer(self, x: np.ndarray) -> Any:
+        # no copies in or out (as benchmark_app): the call times the inference, not the Python wrapping
+        return self.request.infer({0: x}, share_inputs=True, share_outputs=True)
+
+    def logits(self, result: Any) -> np.ndarray:
+        return result[self._output]
+
+    def close(self) -> None:
+        self.request = self.compiled = None
+
+
+def inference_precision(model: Any, core: Any) -> str:
+    """The CPU plugin precision matching the artifact: f32, or f16 for fp16 artifacts where supported."""
+    if _rt(model, "precision") == "fp16" and "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return "f16"
+    return "f32"
 
 
 @register_backend
@@ -43,6 +99,8 @@ class OpenVinoBackend(ExportBackend):
     name = "openvino"
     extra = "openvino"
     suffix = ".xml"
+    runtime = "openvino"
+    supports_template = True
     export_modules = ("openvino",)
     runtime_modules = ("openvino",)
 
@@ -59,12 +117,12 @@ class OpenVinoBackend(ExportBackend):
         ov = self.require("openvino")
         example = options.example_input()
         shape = ov.PartialShape(list(options.input_shape))
+
         def convert(source: str) -> Any:
             if source == "module":
                 candidate = ov.convert_model(module, example_input=example, input=[shape])
-                compiled = ov.Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-                check_reproduces(module, lambda x: compiled.create_infer_request().infer({0: x})[0].copy(),
-                                 options, "the traced OpenVINO model")
+                runner = OpenVinoRunner(Path("<converted>"), ov.Core(), candidate, {"precision": "f32"})
+                check_reproduces(module, runner, options, "the traced OpenVINO model")
                 return candidate
             dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
             program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
@@ -73,8 +131,10 @@ class OpenVinoBackend(ExportBackend):
         model, used, errors = first_that_works("openvino", self.sources, convert)
         simplify(model)
         if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ExportError(f"the converted model has {len(model.inputs)} inputs and {len(model.outputs)} outputs",
-                              "export a module taking one image tensor and returning one logits tensor")
+            raise ExportError(
+                f"the converted model has {len(model.inputs)} inputs and {len(model.outputs)} outputs",
+                "export a module taking one image tensor and returning one logits tensor",
+            )
         model.inputs[0].get_tensor().set_names({options.input_name})
         model.get_parameters()[0].set_friendly_name(options.input_name)
         model.outputs[0].get_tensor().set_names({options.output_name})
@@ -86,32 +146,42 @@ class OpenVinoBackend(ExportBackend):
         ov.save_model(model, str(path), compress_to_fp16=options.precision == "fp16")
         return self.planned_outputs(path)
 
-    # ---- inference ------------------------------------------------------------------------
-    def _run(self, path: Path, x: np.ndarray) -> np.ndarray:
-        ov = self.require("openvino")
-        core = ov.Core()
-        model = self._read(path, core)
-        check_input_shape(path, _shape(model.inputs[0]), x)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": self.inference_precision(model, core)})
-        result = compiled.create_infer_request().infer({0: x})
-        return np.array(result[compiled.output(0)], dtype=np.float32, copy=True)
+    def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        from keyedge.exporters.template import openvino_from_template
 
-    def inference_precision(self, model: Any, core: Any) -> str:
-        """The CPU plugin precision matching the artifact: f32, or f16 for fp16 artifacts where supported."""
-        if _rt(model, "precision") == "fp16" and "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            return "f16"
-        return "f32"
+        return openvino_from_template(template, module, path, options)
+
+    # ---- inference ------------------------------------------------------------------------
+    def can_run(
+        self, *, device: str | None = None, providers: Sequence[str] | None = None, compute_units: str | None = None
+    ) -> tuple[bool, str]:
+        ok, reason = super().can_run()
+        if not ok or device in (None, "AUTO"):
+            return ok, reason
+        try:
+            devices = self.require("openvino").Core().available_devices
+        except Exception as exc:
+            return False, f"openvino fails to initialise ({one_line(exc)})"
+        if not any(d == device or d.split(".")[0] == device for d in devices):
+            return False, f"OpenVINO device {device} is not available (has {', '.join(devices) or 'none'})"
+        return True, reason
+
+    def _load(self, path: Path, **settings: Any) -> Runner:
+        core = self.require("openvino").Core()
+        return OpenVinoRunner(path, core, self._read(path, core), settings)
 
     # ---- reading back ---------------------------------------------------------------------
     def _read(self, path: Path, core: Any = None) -> Any:
         ov = self.require("openvino")
         path = Path(path)
         if not path.is_file() or not path.with_suffix(".bin").is_file():
-            raise ExportError(f"{path} (with {path.with_suffix('.bin').name} beside it) not found",
-                              "give the .xml of an exported OpenVINO model")
+            raise ExportError(
+                f"{path} (with {path.with_suffix('.bin').name} beside it) not found",
+                "give the .xml of an exported OpenVINO model",
+            )
         try:
             return (core or ov.Core()).read_model(str(path))
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses
+        except Exception as exc:
             raise ExportError(f"cannot read {path} as OpenVINO IR: {one_line(exc)}") from None
 
     def inspect(self, path: Path) -> GraphReport:
@@ -120,8 +190,9 @@ class OpenVinoBackend(ExportBackend):
         nodes = [_node(op) for op in ops]
         inputs = [f"{p.get_name()}:0" for p in model.get_parameters()]
         outputs = [n.inputs[0] for n in nodes if n.type == "Result"]
-        notes = [f"precision {_rt(model, 'precision') or 'unknown'}, "
-                 f"converted from {_rt(model, 'source') or 'unknown'}"]
+        notes = [
+            f"precision {_rt(model, 'precision') or 'unknown'}, converted from {_rt(model, 'source') or 'unknown'}"
+        ]
         if _rt(model, "notes"):
             notes.append(_rt(model, "notes"))
         return analyze(nodes, inputs, outputs, notes=notes)
@@ -133,9 +204,13 @@ class OpenVinoBackend(ExportBackend):
             dtype = np.dtype(p.get_element_type().to_dtype()).name
             return {"name": p.get_any_name(), "shape": _shape(p), "dtype": dtype}
 
-        return {"format": "openvino", "inputs": [port(p) for p in model.inputs],
-                "outputs": [port(p) for p in model.outputs], "precision": _rt(model, "precision"),
-                "source": _rt(model, "source")}
+        return {
+            "format": "openvino",
+            "inputs": [port(p) for p in model.inputs],
+            "outputs": [port(p) for p in model.outputs],
+            "precision": _rt(model, "precision"),
+            "source": _rt(model, "source"),
+        }
 
 
 def simplify(model: Any) -> None:
@@ -175,8 +250,7 @@ def _rt(model: Any, key: str) -> str | None:
 def _node(op: Any) -> Node:
     kind = op.get_type_name()
     outputs = [f"{op.get_name()}:{i}" for i in range(op.get_output_size())]
-    inputs = [f"{i.get_source_output().get_node().get_name()}:{i.get_source_output().get_index()}"
-              for i in op.inputs()]
+    inputs = [f"{i.get_source_output().get_node().get_name()}:{i.get_source_output().get_index()}" for i in op.inputs()]
     if kind == "Constant":
         dtype = np.dtype(op.get_element_type().to_dtype())
         shape = list(op.get_output_shape(0))
@@ -184,5 +258,6 @@ def _node(op: Any) -> Node:
         attrs = constant_signature(np.array(op.get_data()) if small_int else None, shape, dtype.name)
     else:
         attrs = f"{op.get_type_info().version_id}|" + ",".join(
-            f"{k}:{v!r}" for k, v in sorted(op.get_attributes().items()))
+            f"{k}:{v!r}" for k, v in sorted(op.get_attributes().items())
+        )
     return Node(kind, inputs, outputs, attrs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,18 @@ import torch
 
 from keyedge import __version__
 from keyedge.deps import version_of
-from keyedge.errors import KeyedgeError
-from keyedge.fileio import write_bytes_atomic
+from keyedge.fileio import sha256_file, write_bytes_atomic
 from keyedge.keys import Key
-from keyedge.models import KeyedModel, ModelSpec, rebuild_backbone, sha256_file
+from keyedge.models import KeyedModel, ModelSpec, rebuild_backbone
+from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "keyedge.json"
 FORMAT = "keyedge-checkpoint"
 VERSION = 1
+SCHEMA = f"{FORMAT}/{VERSION}"
 
 
-class CheckpointError(KeyedgeError):
+class CheckpointError(ManifestError):
     """A checkpoint directory is missing, corrupted, or does not match the key."""
 
 
@@ -57,14 +59,27 @@ def model_tensors(model: KeyedModel) -> dict[str, torch.Tensor]:
     tensors = {f"adapter.{k}": v for k, v in adapter_state_dict(model).items()}
     base = model.backbone.get_base_model()
     persistent = set(base.state_dict())  # BN running statistics change in training: keep them
-    tensors.update({f"buffer.{k}": v for k, v in base.named_buffers()
-                    if k in persistent and "modules_to_save" not in k and "original_module" not in k})
+    tensors.update(
+        {
+            f"buffer.{k}": v
+            for k, v in base.named_buffers()
+            if k in persistent and "modules_to_save" not in k and "original_module" not in k
+        }
+    )
     return tensors
 
 
-def save_checkpoint(directory: str | Path, model: KeyedModel, *, epoch: int, finetune: dict[str, Any],
-                    data: dict[str, Any], training: dict[str, Any], metrics: dict[str, Any],
-                    state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    model: KeyedModel,
+    *,
+    epoch: int,
+    finetune: dict[str, Any],
+    data: dict[str, Any],
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    state: dict[str, Any] | None = None,
+) -> Path:
     """Write (or replace) the checkpoint in ``directory`` atomically; return the manifest path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,24 +90,27 @@ def save_checkpoint(directory: str | Path, model: KeyedModel, *, epoch: int, fin
     if state is not None:
         files["state"] = directory / f"state-{token}.pt"
         torch.save(state, files["state"])
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "epoch": epoch,
-        "model": model.spec.to_dict(),
-        "key": ({"fingerprint": model.key_fingerprint, "block_size": model.block_size} if model.keyed else None),
-        **({"defense": model.defense()} if hasattr(model, "defense") else {}),
-        "finetune": finetune,
-        "data": data,
-        "training": training,
-        "metrics": metrics,
-        "files": {role: {"file": path.name, "sha256": sha256_file(path)} for role, path in files.items()},
-        "versions": {"keyedge": __version__, "torch": torch.__version__, "timm": version_of("timm"),
-                     "peft": version_of("peft")},
-    }
-    target = write_bytes_atomic(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(),
-                                overwrite=True)
+    from keyedge.defenses import defense_of
+
+    manifest = CheckpointManifest(
+        model=model.spec,
+        key=KeyRecord(model.key_fingerprint, model.block_size) if model.keyed else None,
+        finetune=finetune,
+        files={role: FileRecord(path.name, sha256_file(path)) for role, path in files.items()},
+        epoch=epoch,
+        data=data,
+        training=training,
+        metrics=metrics,
+        defense=defense_of(model).record(model),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        versions={
+            "keyedge": __version__,
+            "torch": torch.__version__,
+            "timm": version_of("timm"),
+            "peft": version_of("peft"),
+        },
+    )
+    target = manifest.write(directory)
     keep = {p.name for p in files.values()}
     for stale in list(directory.glob("weights-*.safetensors")) + list(directory.glob("state-*.pt")):
         if stale.name not in keep:
@@ -100,117 +118,282 @@ def save_checkpoint(directory: str | Path, model: KeyedModel, *, epoch: int, fin
     return target
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+@dataclass
+class KeyRecord:
+    """The key a model was trained with, by fingerprint only."""
+
+    fingerprint: str
+    block_size: int
+
+
+@dataclass
+class FileRecord:
+    """A file of the checkpoint (a plain name inside its directory) and its SHA-256."""
+
+    file: str
+    sha256: str
+
+
+@dataclass
+class CheckpointManifest:
+    """``keyedge.json``: what a checkpoint holds (schema ``keyedge-checkpoint/1``, docs/checkpoint.schema.json).
+
+    :meth:`read` validates every field keyedge uses; a malformed, truncated, wrong-typed or
+    out-of-range field is one :class:`~keyedge.validate.ManifestError` naming the file and field.
+    """
+
+    model: ModelSpec
+    key: KeyRecord | None
+    finetune: dict[str, Any]  # {"mode": "full" | "lora", "lora": LoraSettings dict or None}
+    files: dict[str, FileRecord]  # role (weights, state) -> file
+    epoch: int
+    data: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    defense: dict[str, Any] | None = None  # another defense's record ({"name": "volumize", ...})
+    created: str = ""
+    versions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.key.fingerprint if self.key else None
+
+    @property
+    def finetune_mode(self) -> str:
+        return self.finetune["mode"]
+
+    @property
+    def defense_name(self) -> str:
+        return self.defense["name"] if self.defense else "keyed"
+
+    @property
+    def test_accuracy(self) -> float | None:
+        value = self.metrics.get("test_accuracy")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "format": FORMAT,
+            "version": VERSION,
+            "created": self.created,
+            "epoch": self.epoch,
+            "model": self.model.to_dict(),
+            "key": asdict(self.key) if self.key else None,
+            **({"defense": self.defense} if self.defense else {}),
+            "finetune": self.finetune,
+            "data": self.data,
+            "training": self.training,
+            "metrics": self.metrics,
+            "files": {role: asdict(f) for role, f in self.files.items()},
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> CheckpointManifest:
+        from keyedge.defenses import defense_names, get_defense
+
+        schema = f.str("schema", optional=True)
+        if schema is None:  # written before the schema field existed: format + version
+            if f.raw("format", None) != FORMAT:
+                raise f.error(f"{f.source} is not a keyedge checkpoint manifest", f.hint)
+            version = f.int("version", low=1)
+        else:
+            name, _, number = schema.partition("/")
+            if name != FORMAT or not number.isdigit():
+                raise f.fail("schema", f"must be {SCHEMA}, got {schema!r}")
+            version = int(number)
+        if version > VERSION:
+            raise f.error(
+                f"{f.source} has checkpoint version {version}, newer than this keyedge reads ({VERSION})",
+                "upgrade keyedge",
+            )
+        m = f.obj("model")
+        spec = ModelSpec(
+            name=m.str("name"),
+            num_classes=m.int("num_classes", low=1, high=MAX_CLASSES),
+            image_size=m.int("image_size", low=1, high=MAX_IMAGE_SIZE),
+            mean=tuple(m.floats("mean", length=3)),
+            std=tuple(m.floats("std", length=3, positive=True)),
+            family=m.str("family", default="other"),
+            weights=m.dict("weights", optional=True) or {"kind": "none"},
+        )
+        k = f.obj("key", optional=True)
+        key = (
+            None
+            if k is None
+            else KeyRecord(k.str("fingerprint", pattern=FINGERPRINT), k.int("block_size", low=1, high=spec.image_size))
+        )
+        d = f.obj("defense", optional=True)
+        defense = None
+        if d is not None:
+            defense = dict(d.data)
+            if d.str("name") not in defense_names():
+                raise d.fail(
+                    "name", f"names an unknown defense {d.data['name']!r} (known: {', '.join(defense_names())})"
+                )
+            chosen = get_defense(d.str("name"))
+            if chosen.name == "keyed":
+                raise d.fail("name", "must name a defense other than the key's (or be left out)")
+            chosen.check_record(defense, f.source)
+        owner = get_defense(defense["name"] if defense else None)
+        if key is not None and not owner.takes_key:
+            raise f.fail("key", f"must be null for a {owner.name} model, which takes no key")
+        ft = f.obj("finetune")
+        mode = ft.str("mode", choices=owner.finetune_modes)
+        lora = ft.dict("lora", optional=True)
+        if mode == "lora":
+            if lora is None:
+                raise ft.fail("lora", "is missing (a LoRA checkpoint records its adapter settings)")
+            lf = ft.obj("lora")
+            lf.int("r", low=1, high=4096)
+            lf.float("alpha", low=0.0)
+            lf.strs("targets")
+        files_f = f.obj("files")
+        files = {}
+        for role in files_f.data:
+            entry = files_f.obj(role)
+            files[role] = FileRecord(entry.file_name("file"), entry.str("sha256", pattern=SHA256))
+        if "weights" not in files:
+            raise files_f.fail("weights", "is missing")
+        return cls(
+            model=spec,
+            key=key,
+            finetune={"mode": mode, "lora": lora},
+            files=files,
+            epoch=f.int("epoch", low=0, default=0),
+            data=f.dict("data", optional=True) or {},
+            training=f.dict("training", optional=True) or {},
+            metrics=f.dict("metrics", optional=True) or {},
+            defense=defense,
+            created=f.str("created", default=""),
+            versions=f.dict("versions", optional=True) or {},
+        )
+
+    @classmethod
+    def read(cls, directory: str | Path) -> CheckpointManifest:
+        """Read and validate ``directory/keyedge.json`` (not the weights)."""
+        directory = Path(directory)
+        hint = "give a directory made by `keyedge train`"
+        if not directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {directory} not found", hint)
+        if not (directory / MANIFEST).is_file():
+            raise CheckpointError(f"{directory} has no {MANIFEST}", hint)
+        return cls.from_fields(
+            read_json(
+                directory / MANIFEST,
+                "checkpoint manifest",
+                "the checkpoint is corrupted or was hand-edited; re-train or restore it",
+                CheckpointError,
+            )
+        )
+
+    def write(self, directory: Path) -> Path:
+        """Replace ``directory/keyedge.json`` atomically."""
+        data = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+        return write_bytes_atomic(directory / MANIFEST, data, overwrite=True)
+
+
+def read_manifest(directory: str | Path) -> CheckpointManifest:
     """Read and validate a checkpoint manifest (not the weights)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} not found", "give a directory made by `keyedge train`")
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {MANIFEST}", "give a directory made by `keyedge train`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc.__class__.__name__})",
-                              "the checkpoint is corrupted") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a keyedge checkpoint manifest", "the checkpoint is corrupted")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}, newer than this keyedge "
-                              f"reads ({VERSION})", "upgrade keyedge")
-    try:
-        ModelSpec.from_dict(manifest["model"])
-        manifest["files"]["weights"]["file"]
-        manifest["finetune"]["mode"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} lacks a required field ({exc})", "the checkpoint is corrupted") from None
-    return manifest
+    return CheckpointManifest.read(directory)
 
 
-def _verified_file(directory: Path, entry: dict[str, str]) -> Path:
-    path = directory / Path(entry["file"]).name
+def _verified_file(directory: Path, entry: FileRecord) -> Path:
+    path = directory / entry.file  # a plain file name: validated when the manifest was read
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing", "the checkpoint is incomplete; re-train or restore it")
-    if sha256_file(path) != entry.get("sha256"):
-        raise CheckpointError(f"checkpoint file {path} does not match its manifest checksum",
-                              "the checkpoint is corrupted; re-train or restore it")
+        raise CheckpointError(
+            f"checkpoint file {path} is missing", "the checkpoint is incomplete; re-train or restore it"
+        )
+    if sha256_file(path) != entry.sha256:
+        raise CheckpointError(
+            f"checkpoint file {path} does not match its manifest checksum",
+            "the checkpoint is corrupted; re-train or restore it",
+        )
     return path
 
 
-def _defense_name(manifest: dict[str, Any]) -> str:
-    defense = manifest.get("defense")
-    return str(defense.get("name") if isinstance(defense, dict) else defense)
-
-
-def check_key(manifest: dict[str, Any], key: Key | None, *, allow_mismatch: bool = False) -> str | None:
+def check_key(manifest: CheckpointManifest, key: Key | None, *, allow_mismatch: bool = False) -> str | None:
     """Compare a key with the checkpoint's; return a note when they differ and that is allowed."""
-    recorded = manifest.get("key")
-    if manifest.get("defense") and key is not None:
-        raise CheckpointError(f"this checkpoint is a {_defense_name(manifest)} model, which takes no key",
-                              "drop --key-file")
+    from keyedge.defenses import get_defense
+
+    recorded = manifest.key
+    if key is not None and not get_defense(manifest.defense and manifest.defense_name).takes_key:
+        raise CheckpointError(
+            f"this checkpoint is a {manifest.defense_name} model, which takes no key", "drop --key-file"
+        )
     if recorded is None and key is None:
         return None
     if recorded is not None and key is None:
-        raise CheckpointError(f"this checkpoint is a keyed model (key {recorded['fingerprint']}, block size "
-                              f"{recorded['block_size']})", "pass its key with --key-file")
+        raise CheckpointError(
+            f"this checkpoint is a keyed model (key {recorded.fingerprint}, block size {recorded.block_size})",
+            "pass its key with --key-file",
+        )
     assert key is not None
     if recorded is None:
         note = f"the checkpoint is a plain model; its input is shuffled with key {key.fingerprint}"
-    elif recorded["fingerprint"] == key.fingerprint:
+    elif recorded.fingerprint == key.fingerprint:
         return None
     else:
-        note = (f"key {key.fingerprint} differs from the key the model was trained with ({recorded['fingerprint']})")
+        note = f"key {key.fingerprint} differs from the key the model was trained with ({recorded.fingerprint})"
     if not allow_mismatch:
-        raise CheckpointError(note + ": the model would lose most of its accuracy",
-                              "pass the right key file, or allow the mismatch deliberately")
+        raise CheckpointError(
+            note + ": the model would lose most of its accuracy",
+            "pass the right key file, or allow the mismatch deliberately (--allow-key-mismatch)",
+        )
     return note
 
 
-def load_checkpoint(directory: str | Path, key: Key | None = None, *, allow_key_mismatch: bool = False,
-                    map_location: str | torch.device = "cpu") -> tuple[KeyedModel, dict[str, Any]]:
+def load_checkpoint(
+    directory: str | Path,
+    key: Key | None = None,
+    *,
+    allow_key_mismatch: bool = False,
+    map_location: str | torch.device = "cpu",
+    manifest: CheckpointManifest | None = None,
+) -> tuple[torch.nn.Module, CheckpointManifest]:
     """Rebuild the model a checkpoint holds (LoRA adapters attached, not merged) and return it with the manifest.
 
     ``key`` must be the key the model was trained with (checked by fingerprint)
     unless ``allow_key_mismatch``: then the model is built with the given key,
-    which is the key-diversity experiment.
+    which is the key-diversity experiment.  The model is a :class:`~keyedge.models.KeyedModel`
+    or another defense's model (``keyedge.defenses``).  Pass ``manifest`` when it was read already.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from keyedge.defenses import get_defense
+
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = manifest or read_manifest(directory)
     check_key(manifest, key, allow_mismatch=allow_key_mismatch)
-    spec = ModelSpec.from_dict(manifest["model"])
-    weights = _verified_file(directory, manifest["files"]["weights"])
+    spec = manifest.model
+    weights = _verified_file(directory, manifest.files["weights"])
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}", "the checkpoint is corrupted") from None
-    defense = manifest.get("defense")
-    if defense and manifest["finetune"]["mode"] != "full":
-        raise CheckpointError(f"{directory}: a {_defense_name(manifest)} model must be fully fine-tuned",
-                              "the checkpoint is corrupted")
-    backbone = rebuild_backbone(spec) if manifest["finetune"]["mode"] == "lora" else _empty_backbone(spec)
-    if defense:
-        from keyedge.volumetric import model_from_defense
-
-        model = model_from_defense(backbone, spec, defense)
-    else:
-        model = KeyedModel(backbone, spec, key)
-    if manifest["finetune"]["mode"] == "lora":
+    lora = manifest.finetune_mode == "lora"
+    backbone = rebuild_backbone(spec) if lora else _empty_backbone(spec)
+    model = get_defense(manifest.defense and manifest.defense_name).build(backbone, spec, manifest.defense, key)
+    if lora:
         from keyedge.lora import LoraSettings, apply_lora, load_adapter_state_dict
 
         base = model.backbone
-        buffers = {k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")}
+        buffers = {k[len("buffer.") :]: v for k, v in tensors.items() if k.startswith("buffer.")}
         base.load_state_dict(buffers, strict=False)
-        apply_lora(model, LoraSettings.from_dict(manifest["finetune"]["lora"]))
-        load_adapter_state_dict(model, {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        apply_lora(model, LoraSettings.from_dict(manifest.finetune["lora"]))
+        load_adapter_state_dict(
+            model, {k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        )
     else:
         try:
             model.backbone.load_state_dict(tensors)
         except RuntimeError as exc:
-            raise CheckpointError(f"the weights in {weights} do not fit {spec.name}: {str(exc).splitlines()[0]}",
-                                  "the checkpoint is corrupted") from None
+            raise CheckpointError(
+                f"the weights in {weights} do not fit {spec.name}: {str(exc).splitlines()[0]}",
+                "the checkpoint is corrupted",
+            ) from None
     return model.to(map_location).eval(), manifest
 
 
@@ -220,12 +403,24 @@ def _empty_backbone(spec: ModelSpec) -> torch.nn.Module:
     return create_backbone(spec.name, spec.num_classes, weights="none", image_size=spec.image_size)[0]
 
 
-def load_training_state(directory: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def load_training_state(directory: str | Path, manifest: CheckpointManifest) -> dict[str, Any]:
     """The optimizer/scheduler/RNG state of a checkpoint, for --resume (loaded with weights_only=True)."""
-    entry = manifest["files"].get("state")
+    entry = manifest.files.get("state")
     if entry is None:
         raise CheckpointError(f"{directory} holds no training state", "it cannot be resumed; train anew")
     path = _verified_file(Path(directory), entry)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def find_checkpoints(runs: Path) -> list[Path]:
+    """Checkpoint directories under ``runs`` (itself, or its immediate subdirectories)."""
+    runs = Path(runs)
+    if (runs / MANIFEST).is_file():
+        return [runs]
+    found = sorted(p for p in runs.iterdir() if (p / MANIFEST).is_file()) if runs.is_dir() else []
+    if not found:
+        raise CheckpointError(
+            f"no checkpoints (directories with {MANIFEST}) in {runs}",
+            "give a directory made by `keyedge train`, or one holding several",
+        )
+    return found

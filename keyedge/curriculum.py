@@ -33,24 +33,32 @@ from keyedge.errors import ShapeError
 from keyedge.volumize import metric_scores, rank
 
 
-def patch_aggregate_loss(per_patch_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-                         ) -> torch.Tensor:
+def patch_aggregate_loss(
+    per_patch_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """PAL (Eq. 10): sum over patches of per-patch cross-entropy, mean over the batch.
 
     ``per_patch_logits`` (B, D, classes), ``labels`` (B,) -- every patch is
     trained towards its image's label.
     """
     if per_patch_logits.ndim != 3 or labels.shape != per_patch_logits.shape[:1]:
-        raise ShapeError(f"expected per-patch logits (B, D, classes) and labels (B,), got "
-                         f"{tuple(per_patch_logits.shape)} and {tuple(labels.shape)}")
+        raise ShapeError(
+            f"expected per-patch logits (B, D, classes) and labels (B,), got "
+            f"{tuple(per_patch_logits.shape)} and {tuple(labels.shape)}"
+        )
     b, d, classes = per_patch_logits.shape
-    per_patch = F.cross_entropy(per_patch_logits.reshape(b * d, classes), labels.repeat_interleave(d),
-                                reduction="none", label_smoothing=label_smoothing)
+    per_patch = F.cross_entropy(
+        per_patch_logits.reshape(b * d, classes),
+        labels.repeat_interleave(d),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
     return per_patch.view(b, d).sum(1).mean()
 
 
-def syllabus(images: torch.Tensor, metric: str = "entropy", order: str = "ascending", *, bins: int = 32
-             ) -> torch.Tensor:
+def syllabus(
+    images: torch.Tensor, metric: str = "entropy", order: str = "ascending", *, bins: int = 32
+) -> torch.Tensor:
     """The permutation (B,) putting a batch (B, C, H, W) in [0, 1] from simple to complex (``ascending``).
 
     ``images[perm]`` is the reordered batch; ties are broken by entropy, then by position.
@@ -65,17 +73,23 @@ def image_scores(dataset: Dataset, metric: str = "entropy", *, bins: int = 32, c
 
     Distance metrics use the dataset's lowest-entropy image as the reference.
     """
+
     def images(start: int, stop: int) -> torch.Tensor:
         return torch.stack([dataset[i][0] for i in range(start, stop)])
 
     n = len(dataset)
-    entropy = torch.cat([metric_scores(images(s, min(n, s + chunk)).unsqueeze(0), "entropy", bins=bins)[0]
-                         for s in range(0, n, chunk)])
+    entropy = torch.cat(
+        [metric_scores(images(s, min(n, s + chunk)).unsqueeze(0), "entropy", bins=bins)[0] for s in range(0, n, chunk)]
+    )
     if metric == "entropy":
         return entropy
     reference = dataset[int(entropy.argmin())][0]
-    return torch.cat([metric_scores(images(s, min(n, s + chunk)).unsqueeze(0), metric, reference=reference,
-                                    bins=bins)[0] for s in range(0, n, chunk)])
+    return torch.cat(
+        [
+            metric_scores(images(s, min(n, s + chunk)).unsqueeze(0), metric, reference=reference, bins=bins)[0]
+            for s in range(0, n, chunk)
+        ]
+    )
 
 
 class CurriculumBatchSampler(Sampler[list[int]]):
@@ -85,8 +99,15 @@ class CurriculumBatchSampler(Sampler[list[int]]):
     batches (seed it for reproducible epochs); the per-image scores are computed once.
     """
 
-    def __init__(self, scores: torch.Tensor, batch_size: int, *, drop_last: bool = False,
-                 generator: torch.Generator | None = None, order: str = "ascending"):
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+        order: str = "ascending",
+    ):
         self.scores = scores.double()
         self.batch_size = batch_size
         self.drop_last = drop_last
@@ -106,4 +127,3 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         for i in torch.sort(means, descending=self.descending, stable=True).indices.tolist():
             batch = batches[i]
             yield batch[torch.sort(self.scores[batch], descending=self.descending, stable=True).indices].tolist()
-

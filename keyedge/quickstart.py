@@ -51,7 +51,7 @@ class QuickstartConfig:
     latency_seconds: float = 1.0
     attack_images: int = 300
     attack_steps: int = 10
-    eps: str = "16/255"  # Fashion-MNIST needs 16/255 for white-box PGD to reach ~0 (DESIGN §9)
+    eps: str = "16/255"  # Fashion-MNIST needs 16/255 for white-box PGD to reach ~0 (docs/design.md §9)
     seed: int = 0
 
     @classmethod
@@ -76,9 +76,16 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_quickstart(out: Path, config: QuickstartConfig, *, log: Callable[[str], None] = print,
-                   progress: Any = None, overwrite: bool = False) -> dict[str, Any]:
+def run_quickstart(
+    out: Path,
+    config: QuickstartConfig,
+    *,
+    log: Callable[[str], None] = print,
+    progress: Any = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Run every stage into ``out``; return (and write) the summary."""
+    from keyedge.artifacts import ArtifactManifest
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
@@ -101,8 +108,10 @@ def run_quickstart(out: Path, config: QuickstartConfig, *, log: Callable[[str], 
     keys = {name: Key.generate(config.block_size) for name in ("k1", "k2")}
     for name, key in keys.items():
         key.save(out / "keys" / f"{name}.bin")
-    log(f"[keys] k1 {keys['k1'].fingerprint}, k2 {keys['k2'].fingerprint} (block size {config.block_size}; "
-        f"secret files in {out / 'keys'}, mode 0600)")
+    log(
+        f"[keys] k1 {keys['k1'].fingerprint}, k2 {keys['k2'].fingerprint} (block size {config.block_size}; "
+        f"secret files in {out / 'keys'}, mode 0600)"
+    )
     stage("keys", t0)
 
     # 2. training: plain, k1, k2
@@ -110,58 +119,103 @@ def run_quickstart(out: Path, config: QuickstartConfig, *, log: Callable[[str], 
     runs = {}
     for name in ("plain", "k1", "k2"):
         runs[name] = out / "runs" / name
-        log(f"[train] {name}: {config.model} ({config.weights} weights), {config.finetune}, {config.epochs} epoch(s) "
-            f"on {config.train_limit} {config.data} images at {config.image_size}px")
-        train(TrainConfig(model=config.model, data=config.data, out=str(runs[name]), weights=config.weights,
-                          key_file=str(out / "keys" / f"{name}.bin") if name != "plain" else None,
-                          image_size=config.image_size, finetune=config.finetune, epochs=config.epochs,
-                          batch_size=config.batch_size, lr=config.lr, train_limit=config.train_limit,
-                          test_limit=config.test_limit,
-                          seed=config.seed, device="cpu"),
-              progress=False, log=lambda line: log(f"  {line}"))  # epochs are logged; one live bar at a time
+        log(
+            f"[train] {name}: {config.model} ({config.weights} weights), {config.finetune}, {config.epochs} epoch(s) "
+            f"on {config.train_limit} {config.data} images at {config.image_size}px"
+        )
+        train(
+            TrainConfig(
+                model=config.model,
+                data=config.data,
+                out=str(runs[name]),
+                weights=config.weights,
+                key_file=str(out / "keys" / f"{name}.bin") if name != "plain" else None,
+                image_size=config.image_size,
+                finetune=config.finetune,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                lr=config.lr,
+                train_limit=config.train_limit,
+                test_limit=config.test_limit,
+                seed=config.seed,
+                device="cpu",
+            ),
+            progress=False,
+            log=lambda line: log(f"  {line}"),
+        )  # epochs are logged; one live bar at a time
     key_check = cross_key_accuracy(runs, keys, config)
-    log("[train] top-1 on the test images, own key vs the other key: " +
-        ", ".join(f"{n} {v['own']:.1%} vs {v['other']:.1%}" for n, v in key_check.items()))
+    log(
+        "[train] top-1 on the test images, own key vs the other key: "
+        + ", ".join(f"{n} {v['own']:.1%} vs {v['other']:.1%}" for n, v in key_check.items())
+    )
     stage("train", t0)
 
     # 3. export: each key to every target (auto: conv for CoreML), the plain model for the latency baseline
     t0 = time.perf_counter()
     artifacts = out / "artifacts"
-    keyed_dirs = export_many([ExportRequest(runs[k], keys[k]) for k in ("k1", "k2")],
-                             ExportSettings(targets=config.targets, out=artifacts, fuse="auto", batch=1,
-                                            template=False,  # full exports: the fleet template's ONNX is unoptimized
-                                            log=lambda line: log(f"  {line}")))
-    plain_dir = export_many([ExportRequest(runs["plain"], None)],
-                            ExportSettings(targets=[t for t in config.targets if t != "coreml"], out=artifacts,
-                                           batch=1, log=lambda line: log(f"  {line}")))[0]
+    keyed_dirs = export_many(
+        [ExportRequest(runs[k], keys[k]) for k in ("k1", "k2")],
+        ExportSettings(
+            targets=config.targets,
+            out=artifacts,
+            fuse="auto",
+            batch=1,
+            template=False,  # full exports: the fleet template's ONNX is unoptimized
+            log=lambda line: log(f"  {line}"),
+        ),
+    )
+    plain_dir = export_many(
+        [ExportRequest(runs["plain"], None)],
+        ExportSettings(
+            targets=[t for t in config.targets if t != "coreml"],
+            out=artifacts,
+            batch=1,
+            log=lambda line: log(f"  {line}"),
+        ),
+    )[0]
     exported = []
     for directory in [*keyed_dirs, plain_dir]:
-        manifest = json.loads((directory / "manifest.json").read_text())
-        for target, entry in manifest["targets"].items():
-            parity = entry.get("parity", {})
-            exported.append({"artifact": str(directory.relative_to(out)), "target": target, "fuse": entry.get("fuse"),
-                             "verified": bool(parity.get("passed")),
-                             "how": "numerical parity" if parity.get("ran") else
-                             f"structural ({parity.get('reason', 'not run here')})",
-                             "gathers_on_input": entry.get("graph", {}).get("gathers_on_input")})
+        manifest = ArtifactManifest.read(directory)
+        for target, entry in manifest.targets.items():
+            parity = entry.parity
+            exported.append(
+                {
+                    "artifact": str(directory.relative_to(out)),
+                    "target": target,
+                    "fuse": entry.fuse,
+                    "verified": bool(parity.get("passed")),
+                    "how": "numerical parity"
+                    if parity.get("ran")
+                    else f"structural ({parity.get('reason', 'not run here')})",
+                    "gathers_on_input": entry.graph.get("gathers_on_input"),
+                }
+            )
     stage("export", t0)
 
     # 4. latency: keyed (k1) vs plain, interleaved, on this host's runtimes
     t0 = time.perf_counter()
     (out / "report").mkdir()
-    settings = BenchSettings(min_seconds=config.latency_seconds, min_iterations=20, warmup=5, rounds=8,
-                             batch_sizes=[1])
-    latency = run_latency([keyed_dirs[0], plain_dir], builtin_profile(), settings, progress=progress,
-                          keys=[keys["k1"]])  # the key serves the PyTorch-eager reference; never recorded
+    settings = BenchSettings(min_seconds=config.latency_seconds, min_iterations=20, warmup=5, rounds=8, batch_sizes=[1])
+    latency = run_latency(
+        [keyed_dirs[0], plain_dir], builtin_profile(), settings, progress=progress, keys=[keys["k1"]]
+    )  # the key serves the PyTorch-eager reference; never recorded
     latency.to_json(out / "report" / "latency.json")
     (out / "report" / "latency.md").write_text(latency.to_markdown())
     stage("latency", t0)
 
     # 5. robustness: white-box sanity, non-adaptive, adaptive (the other key), key diversity, on the artifacts too
     t0 = time.perf_counter()
-    rob_config = RobustnessConfig(data=config.data, limit=config.attack_images, seed=config.seed, eps=config.eps,
-                                  steps=config.attack_steps, sweep_eps=[], gradient_limit=min(64, config.attack_images),
-                                  artifacts=[str(keyed_dirs[0])], device="cpu")
+    rob_config = RobustnessConfig(
+        data=config.data,
+        limit=config.attack_images,
+        seed=config.seed,
+        eps=config.eps,
+        steps=config.attack_steps,
+        sweep_eps=[],
+        gradient_limit=min(64, config.attack_images),
+        artifacts=[str(keyed_dirs[0])],
+        device="cpu",
+    )
 
     def bar(label: str, total: int):
         if progress is None:
@@ -169,13 +223,17 @@ def run_quickstart(out: Path, config: QuickstartConfig, *, log: Callable[[str], 
         task = progress.add_task(label, total=total)
         return lambda n: progress.update(task, completed=n)
 
-    robustness = run_robustness([runs["plain"], runs["k1"], runs["k2"]], list(keys.values()), rob_config,
-                                progress=bar, log=lambda line: log(f"  {line}"))
+    robustness = run_robustness(
+        [runs["plain"], runs["k1"], runs["k2"]],
+        list(keys.values()),
+        rob_config,
+        progress=bar,
+        log=lambda line: log(f"  {line}"),
+    )
     robustness.write(out / "report" / "robustness")
     stage("robustness", t0)
 
-    summary = summarize(config, keys, key_check, exported, latency, robustness, stages,
-                        time.perf_counter() - started)
+    summary = summarize(config, keys, key_check, exported, latency, robustness, stages, time.perf_counter() - started)
     (out / "report" / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report" / "quickstart.md").write_text(to_markdown(summary))
     return summary
@@ -193,33 +251,67 @@ def cross_key_accuracy(runs: dict[str, Path], keys: dict[str, Any], config: Quic
     for name, run in runs.items():
         own_model, _ = load_checkpoint(run, keys.get(name))
         other_model, _ = load_checkpoint(run, other[name], allow_key_mismatch=True)
-        result[name] = {"own": evaluate(own_model, test_set)["accuracy"],
-                        "other": evaluate(other_model, test_set)["accuracy"], "images": len(test_set)}
+        result[name] = {
+            "own": evaluate(own_model, test_set)["accuracy"],
+            "other": evaluate(other_model, test_set)["accuracy"],
+            "images": len(test_set),
+        }
     return result
 
 
-def summarize(config: QuickstartConfig, keys, key_check, exported, latency, robustness, stages,
-              total_s) -> dict[str, Any]:
+def summarize(
+    config: QuickstartConfig, keys, key_check, exported, latency, robustness, stages, total_s
+) -> dict[str, Any]:
     """The numbers a newcomer looks at first, with where the full reports are."""
-    models = {name: {"clean_accuracy": v["own"], "wrong_key_accuracy": v["other"], "images": v["images"]}
-              for name, v in key_check.items()}
-    scenarios = {f"{o.scenario}:{o.target}": {"robust_accuracy": o.robust_accuracy, "robust_se": o.robust_se,
-                                               "sources": o.sources, "images": o.images}
-                 for o in robustness.outcomes}
+    models = {
+        name: {"clean_accuracy": v["own"], "wrong_key_accuracy": v["other"], "images": v["images"]}
+        for name, v in key_check.items()
+    }
+    scenarios = {
+        f"{o.scenario}:{o.target}": {
+            "robust_accuracy": o.robust_accuracy,
+            "robust_se": o.robust_se,
+            "sources": o.sources,
+            "images": o.images,
+        }
+        for o in robustness.outcomes
+    }
     deployed = {f"{o.scenario}:{o.runtime.split(':')[0]}": o.robust_accuracy for o in robustness.artifacts}
-    ratios = {f"{c.kind} {c.runtime}": {"median": c.median, "p10": c.p10, "p90": c.p90}
-              for c in latency.comparisons if c.kind == "keyed/plain"}
-    return {"schema": SCHEMA, "config": config.to_dict(), "total_seconds": round(total_s, 1), "stages": stages,
-            "keys": {k: key.fingerprint for k, key in keys.items()},
-            "models": models, "artifacts": exported, "latency": ratios,
-            "latency_skipped": [f"{s.runtime}:{s.device}: {s.reason}" for s in latency.skipped],
-            "robustness": {"sanity_passed": robustness.sanity["passed"], "scenarios": scenarios,
-                           "deployed": deployed, "checks": [c.to_dict() for c in robustness.checks],
-                           "images": robustness.data["images"], "seed": config.seed, "eps": config.eps,
-                           "steps": config.attack_steps},
-            "files": {"report": "report/quickstart.md", "latency": "report/latency.md",
-                      "robustness": "report/robustness/robustness.md", "plots": "report/robustness/*.png",
-                      "keys": "keys/", "checkpoints": "runs/", "artifacts": "artifacts/"}}
+    ratios = {
+        f"{c.kind} {c.runtime}": {"median": c.median, "p10": c.p10, "p90": c.p90}
+        for c in latency.comparisons
+        if c.kind == "keyed/plain"
+    }
+    return {
+        "schema": SCHEMA,
+        "config": config.to_dict(),
+        "total_seconds": round(total_s, 1),
+        "stages": stages,
+        "keys": {k: key.fingerprint for k, key in keys.items()},
+        "models": models,
+        "artifacts": exported,
+        "latency": ratios,
+        "latency_skipped": [f"{s.runtime}:{s.device}: {s.reason}" for s in latency.skipped],
+        "robustness": {
+            "sanity_passed": robustness.sanity["passed"],
+            "scenarios": scenarios,
+            "deployed": deployed,
+            "checks": [c.to_dict() for c in robustness.checks],
+            "images": robustness.data["images"],
+            "seed": config.seed,
+            "eps": config.eps,
+            "steps": config.attack_steps,
+        },
+        "files": {
+            "report": "report/quickstart.md",
+            "latency": "report/latency.md",
+            "robustness": "report/robustness/robustness.md",
+            "plots": "report/robustness/*.png",
+            "keys": "keys/",
+            "checkpoints": "runs/",
+            "artifacts": "artifacts/",
+        },
+    }
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -228,34 +320,60 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     for name, m in summary["models"].items():
         label = "plain model" if name == "plain" else f"keyed model {name}"
         rows.append((f"{label}: clean accuracy ({m['images']} test images)", f"{m['clean_accuracy']:.1%}"))
-        rows.append((f"{label}: with the other key" if name != "plain" else "plain model on k1-shuffled input",
-                     f"{m['wrong_key_accuracy']:.1%}"))
+        rows.append(
+            (
+                f"{label}: with the other key" if name != "plain" else "plain model on k1-shuffled input",
+                f"{m['wrong_key_accuracy']:.1%}",
+            )
+        )
     verified = sum(a["verified"] for a in summary["artifacts"])
-    rows.append(("artifacts verified", f"{verified}/{len(summary['artifacts'])} "
-                 f"({', '.join(sorted({a['target'] for a in summary['artifacts']}))})"))
+    rows.append(
+        (
+            "artifacts verified",
+            f"{verified}/{len(summary['artifacts'])} "
+            f"({', '.join(sorted({a['target'] for a in summary['artifacts']}))})",
+        )
+    )
     for key, r in summary["latency"].items():
-        rows.append((f"latency keyed/plain {key.split(' ', 1)[1]}", f"{r['median']:.3f} [{r['p10']:.3f}-{r['p90']:.3f}]"))
+        rows.append(
+            (f"latency keyed/plain {key.split(' ', 1)[1]}", f"{r['median']:.3f} [{r['p10']:.3f}-{r['p90']:.3f}]")
+        )
     rob = summary["robustness"]
     rows.append(("white-box sanity (PGD must break every model)", "passed" if rob["sanity_passed"] else "FAILED"))
     for key, r in rob["scenarios"].items():
         scenario, target = key.split(":")
         if target == "k1" or scenario == "white-box":
-            rows.append((f"robust accuracy {scenario} on {target} (from {'+'.join(r['sources'])})",
-                         f"{r['robust_accuracy']:.1%} ± {r['robust_se']:.1%}"))
+            rows.append(
+                (
+                    f"robust accuracy {scenario} on {target} (from {'+'.join(r['sources'])})",
+                    f"{r['robust_accuracy']:.1%} ± {r['robust_se']:.1%}",
+                )
+            )
     for key, acc in rob["deployed"].items():
         rows.append((f"deployed k1 artifact, {key.replace(':', ' on ')}", f"{acc:.1%}"))
-    rows.append(("total time", f"{summary['total_seconds']:.0f} s (" +
-                 ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages"].items()) + ")"))
+    rows.append(
+        (
+            "total time",
+            f"{summary['total_seconds']:.0f} s ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages"].items())
+            + ")",
+        )
+    )
     return rows
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
     rob = summary["robustness"]
-    lines = ["# keyedge quickstart", "",
-             f"{summary['config']['model']} ({summary['config']['weights']} weights), {summary['config']['finetune']} "
-             f"fine-tuning on {summary['config']['data']}; robustness on {rob['images']} test images, PGD eps "
-             f"{rob['eps']}, {rob['steps']} steps, seed {rob['seed']}; ± is one binomial standard error.", "",
-             "| what | result |", "|---|---|"]
+    lines = [
+        "# keyedge quickstart",
+        "",
+        f"{summary['config']['model']} ({summary['config']['weights']} weights), {summary['config']['finetune']} "
+        f"fine-tuning on {summary['config']['data']}; robustness on {rob['images']} test images, PGD eps "
+        f"{rob['eps']}, {rob['steps']} steps, seed {rob['seed']}; ± is one binomial standard error.",
+        "",
+        "| what | result |",
+        "|---|---|",
+    ]
     lines += [f"| {what} | {result} |" for what, result in summary_rows(summary)]
     lines += ["", "Full reports: " + ", ".join(f"{k}: `{v}`" for k, v in summary["files"].items()), ""]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Sample photos shipped by installed packages, for demos and real-input checks offline.
 
-scikit-image ships a few public-domain photos inside its wheel (DESIGN §5);
+scikit-image ships a few public-domain photos inside its wheel (docs/design.md §5);
 the ``samples`` extra installs it.  ``python -m keyedge.samples NAME OUT.png``
 writes one to a file.
 """

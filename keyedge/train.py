@@ -23,16 +23,24 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from keyedge.checkpoint import MANIFEST, load_checkpoint, load_training_state, read_manifest, save_checkpoint
+from keyedge.checkpoint import (
+    MANIFEST,
+    CheckpointManifest,
+    load_checkpoint,
+    load_training_state,
+    read_manifest,
+    save_checkpoint,
+)
 from keyedge.curriculum import CurriculumBatchSampler, image_scores, patch_aggregate_loss
 from keyedge.errors import KeyedgeError
 from keyedge.keys import Key, load_key
@@ -164,8 +172,15 @@ def _shard(dataset: Dataset, dist_env: Distributed) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu",
-             workers: int = 0, dist_env: Distributed | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    dist_env: Distributed | None = None,
+) -> dict[str, float]:
     """Clean top-1 accuracy and mean cross-entropy on ``dataset`` (sharded across DDP ranks)."""
     dist_env = dist_env or Distributed(world=1, rank=0, local_rank=0)
     was_training = model.training
@@ -201,20 +216,28 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
     return ref.eval()
 
 
-def _check_resume(config: TrainConfig, manifest: dict[str, Any], key: Key | None) -> None:
-    recorded = {**_DEFENSE_DEFAULTS, **manifest["training"].get("config", {})}
+def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | None) -> None:
+    recorded = {**_DEFENSE_DEFAULTS, **manifest.training.get("config", {})}
     volume = ("patch", "volume_metric", "volume_order", "depth_kernel") if config.volumized else ()
     for name in ("model", "finetune", "weights", "defense", *volume):
         if recorded.get(name) != getattr(config, name):
-            raise KeyedgeError(f"cannot resume: the checkpoint was trained with {name}={recorded.get(name)!r}, "
-                               f"not {getattr(config, name)!r}", f"use the same --{name.replace('_', '-')}")
-    fingerprint = (manifest.get("key") or {}).get("fingerprint")
+            raise KeyedgeError(
+                f"cannot resume: the checkpoint was trained with {name}={recorded.get(name)!r}, "
+                f"not {getattr(config, name)!r}",
+                f"use the same --{name.replace('_', '-')}",
+            )
+    fingerprint = manifest.fingerprint
     if fingerprint != (key.fingerprint if key else None):
         raise KeyedgeError("cannot resume: the key differs from the checkpoint's", "pass the same --key-file")
 
 
-_DEFENSE_DEFAULTS = {"defense": "none", "patch": 16, "volume_metric": "entropy", "volume_order": "ascending",
-                     "depth_kernel": 1}
+_DEFENSE_DEFAULTS = {
+    "defense": "none",
+    "patch": 16,
+    "volume_metric": "entropy",
+    "volume_order": "ascending",
+    "depth_kernel": 1,
+}
 
 
 def _check_defense(config: TrainConfig) -> None:
@@ -236,41 +259,55 @@ def _check_defense(config: TrainConfig) -> None:
 def prepare_model(config: TrainConfig, key: Key | None, num_classes: int) -> nn.Module:
     """The model to fine-tune: pretrained backbone, new head, key, LoRA adapters if asked (or a volumized model)."""
     if config.volumized:
-        return build_volumized_model(config.model, num_classes, config.volumize_config(),
-                                     depth_kernel=config.depth_kernel, weights=config.weights,
-                                     image_size=config.image_size)
+        return build_volumized_model(
+            config.model,
+            num_classes,
+            config.volumize_config(),
+            depth_kernel=config.depth_kernel,
+            weights=config.weights,
+            image_size=config.image_size,
+        )
     model = build_model(config.model, num_classes, key=key, weights=config.weights, image_size=config.image_size)
     if config.finetune == "lora":
         from keyedge.lora import apply_lora, lora_settings
 
-        apply_lora(model, lora_settings(model.spec.family, r=config.lora_r, alpha=config.lora_alpha,
-                                        targets=config.lora_targets))
+        apply_lora(
+            model,
+            lora_settings(model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets),
+        )
     elif config.finetune != "full":
         raise KeyedgeError(f"unknown fine-tune mode {config.finetune!r}", "use full or lora")
     return model
 
 
-def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune per ``config``; checkpoint every epoch into ``config.out``; return the final manifest."""
+def train(
+    config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print
+) -> CheckpointManifest | None:
+    """Fine-tune per ``config``; checkpoint every epoch into ``config.out``; return the final manifest (rank 0)."""
     from keyedge.data import load_dataset
 
     dist_env = Distributed()
     device = resolve_device(config.device, dist_env)
     out = Path(config.out)
     if config.ortho_lambda and dist_env.enabled:
-        raise KeyedgeError("the orthogonality regularizer is not supported under DDP (double backward)",
-                           "train with it on one process")
+        raise KeyedgeError(
+            "the orthogonality regularizer is not supported under DDP (double backward)", "train with it on one process"
+        )
     if config.ortho_mode not in ("signed", "abs"):
         raise KeyedgeError(f"unknown --ortho-mode {config.ortho_mode!r}", "use signed or abs")
     if (out / MANIFEST).exists() and not (config.resume or config.overwrite):
-        raise KeyedgeError(f"{out} already holds a checkpoint", "pass --resume to continue it or --overwrite to "
-                           "start over")
+        raise KeyedgeError(
+            f"{out} already holds a checkpoint", "pass --resume to continue it or --overwrite to start over"
+        )
     if config.resume and not (out / MANIFEST).exists():
         raise KeyedgeError(f"--resume: {out} holds no checkpoint", "drop --resume to start a new run")
     _check_defense(config)
     if config.finetune == "lora" and config.weights == "none":
-        raise KeyedgeError("LoRA adapts pretrained weights, and --weights none gives none to adapt (nor a base "
-                           "to rebuild the model from)", "pass --weights, or use --finetune full")
+        raise KeyedgeError(
+            "LoRA adapts pretrained weights, and --weights none gives none to adapt (nor a base "
+            "to rebuild the model from)",
+            "pass --weights, or use --finetune full",
+        )
     if config.epochs < 1 or config.batch_size < 1:
         raise KeyedgeError("--epochs and --batch-size must be positive")
     key = _load_key(config.key_file)
@@ -291,11 +328,12 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         _check_resume(config, manifest, key)
         model, _ = load_checkpoint(out, key)  # the RNG state is restored from the checkpoint below
         state = load_training_state(out, manifest)
-        history = list(manifest["metrics"].get("history", []))
-        start_epoch = int(manifest["epoch"]) + 1
+        history = list(manifest.metrics.get("history", []))
+        start_epoch = manifest.epoch + 1
         if start_epoch > config.epochs:
-            raise KeyedgeError(f"{out} already finished epoch {manifest['epoch']} of {config.epochs}",
-                               "raise --epochs to train longer")
+            raise KeyedgeError(
+                f"{out} already finished epoch {manifest.epoch} of {config.epochs}", "raise --epochs to train longer"
+            )
     model.to(device)
     dist_env.setup(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -305,17 +343,26 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
         if dist_env.enabled:
             raise KeyedgeError("--curriculum orders the batches of one process", "train it without torchrun")
         log(f"curriculum: scoring {len(train_set)} training images by {config.curriculum}")
-        sampler = CurriculumBatchSampler(image_scores(train_set, config.curriculum), config.batch_size,
-                                         drop_last=drop_last, generator=torch.Generator())
+        sampler = CurriculumBatchSampler(
+            image_scores(train_set, config.curriculum),
+            config.batch_size,
+            drop_last=drop_last,
+            generator=torch.Generator(),
+        )
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers)
     else:
-        sampler = (DistributedSampler(train_set, num_replicas=dist_env.world, rank=dist_env.rank, seed=config.seed)
-                   if dist_env.enabled else RandomSampler(train_set, generator=torch.Generator()))
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-                            drop_last=drop_last)
+        sampler = (
+            DistributedSampler(train_set, num_replicas=dist_env.world, rank=dist_env.rank, seed=config.seed)
+            if dist_env.enabled
+            else RandomSampler(train_set, generator=torch.Generator())
+        )
+        loader = DataLoader(
+            train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=drop_last
+        )
     steps_per_epoch = max(1, len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch)))
+        optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
+    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -323,57 +370,100 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     ddp_model: nn.Module = model
     if dist_env.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     reference = _reference_model(config, device)
     amp = config.amp and device.type == "cuda"
     lora_info = None
     if config.finetune == "lora":
         from keyedge.lora import lora_settings
 
-        lora_info = lora_settings(model.spec.family, r=config.lora_r, alpha=config.lora_alpha,
-                                  targets=config.lora_targets).to_dict()
+        lora_info = lora_settings(
+            model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets
+        ).to_dict()
     if dist_env.main:
         trainable = sum(p.numel() for p in params)
         total = sum(p.numel() for p in model.parameters())
-        log(f"training {config.model} ({config.finetune}, {trainable:,} of {total:,} parameters trainable) "
+        log(
+            f"training {config.model} ({config.finetune}, {trainable:,} of {total:,} parameters trainable) "
             f"{_defense_note(config, key)} on {info.name}: "
             f"{len(train_set)} train / {len(test_set)} test images at {model.spec.image_size}px, device {device}"
-            + (f", {dist_env.world} processes" if dist_env.enabled else ""))
+            + (f", {dist_env.world} processes" if dist_env.enabled else "")
+        )
 
-    manifest: dict[str, Any] = {}
+    manifest: CheckpointManifest | None = None
     for epoch in range(start_epoch, config.epochs + 1):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         else:  # the order depends on (seed, epoch) only, so a resumed run sees the data a straight run would
             sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
         ddp_model.train()
-        stats = _train_epoch(ddp_model, reference, loader, optimizer, scheduler, config, device, amp,
-                             progress=progress and dist_env.main, epoch=epoch)
+        stats = _train_epoch(
+            ddp_model,
+            reference,
+            loader,
+            optimizer,
+            scheduler,
+            config,
+            device,
+            amp,
+            progress=progress and dist_env.main,
+            epoch=epoch,
+        )
         loss_sum, seen, correct, sim_sum, seconds = dist_env.all_sum(
-            stats["loss_sum"], stats["images"], stats["correct"], stats["sim_sum"], stats["seconds"])
-        test = evaluate(model, test_set, batch_size=max(config.batch_size, 128), device=device,
-                        workers=config.workers, dist_env=dist_env)
-        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                  "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                  "images_per_s": seen / max(seconds / dist_env.world, 1e-9), "lr": scheduler.get_last_lr()[0]}
+            stats["loss_sum"], stats["images"], stats["correct"], stats["sim_sum"], stats["seconds"]
+        )
+        test = evaluate(
+            model,
+            test_set,
+            batch_size=max(config.batch_size, 128),
+            device=device,
+            workers=config.workers,
+            dist_env=dist_env,
+        )
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "images_per_s": seen / max(seconds / dist_env.world, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+        }
         if reference is not None:
             record["ortho_similarity"] = sim_sum / max(seen, 1)
         history.append(record)
         if dist_env.main:
-            log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
+            log(
+                f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
                 f"test accuracy {record['test_accuracy']:.2%} ({test['images']} images), "
-                f"{record['images_per_s']:.0f} images/s")
+                f"{record['images_per_s']:.0f} images/s"
+            )
             save_checkpoint(
-                out, model, epoch=epoch,
+                out,
+                model,
+                epoch=epoch,
                 finetune={"mode": config.finetune, "lora": lora_info},
-                data={"name": info.name, "source": info.source, "classes": list(info.classes),
-                      "train_images": len(train_set), "test_images": len(test_set)},
-                training={"config": config.to_dict(), "learning_rate": config.learning_rate,
-                          "world_size": dist_env.world, "device": str(device)},
-                metrics={"history": history, "test_accuracy": record["test_accuracy"],
-                         "test_images": test["images"]},
-                state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": torch.get_rng_state(), "epoch": epoch},
+                data={
+                    "name": info.name,
+                    "source": info.source,
+                    "classes": list(info.classes),
+                    "train_images": len(train_set),
+                    "test_images": len(test_set),
+                },
+                training={
+                    "config": config.to_dict(),
+                    "learning_rate": config.learning_rate,
+                    "world_size": dist_env.world,
+                    "device": str(device),
+                },
+                metrics={"history": history, "test_accuracy": record["test_accuracy"], "test_images": test["images"]},
+                state={
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                },
             )
         dist_env.barrier()
     if dist_env.main:
@@ -383,13 +473,16 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
 def _defense_note(config: TrainConfig, key: Key | None) -> str:
     if config.volumized:
-        return (f"volumized ({config.patch}x{config.patch} patches by {config.volume_metric}, {config.volume_order}, "
-                f"depth kernel {config.depth_kernel}, curriculum {config.curriculum})")
+        return (
+            f"volumized ({config.patch}x{config.patch} patches by {config.volume_metric}, {config.volume_order}, "
+            f"depth kernel {config.depth_kernel}, curriculum {config.curriculum})"
+        )
     return "with key " + key.fingerprint if key else "without a key (plain)"
 
 
-def _logits_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_and_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Image logits and the training loss: cross-entropy, or the patch-aggregate loss of a volumized model."""
     if not config.volumized:
         logits = model(x)
@@ -409,17 +502,33 @@ def _default_size(config: TrainConfig) -> int:
     return int(timm.get_pretrained_cfg(config.model).to_dict().get("input_size", (3, 224, 224))[-1])
 
 
-def _train_epoch(model: nn.Module, reference: nn.Module | None, loader: DataLoader, optimizer, scheduler,
-                 config: TrainConfig, device: torch.device, amp: bool, *, progress: bool, epoch: int
-                 ) -> dict[str, float]:
+def _train_epoch(
+    model: nn.Module,
+    reference: nn.Module | None,
+    loader: DataLoader,
+    optimizer,
+    scheduler,
+    config: TrainConfig,
+    device: torch.device,
+    amp: bool,
+    *,
+    progress: bool,
+    epoch: int,
+) -> dict[str, float]:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from keyedge.cli._console import err_console
-
     totals = {"loss_sum": 0.0, "images": 0.0, "correct": 0.0, "sim_sum": 0.0, "seconds": 0.0}
-    bar = Progress(TextColumn(f"epoch {epoch}/{config.epochs}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err_console,
-                   disable=not progress, transient=True)
+    bar = Progress(
+        TextColumn(f"epoch {epoch}/{config.epochs}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+        disable=not progress,
+        transient=True,
+    )
     with bar:
         task = bar.add_task("train", total=len(loader), info="")
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The key-based block-wise pixel shuffle (DESIGN §1), exact and fast.
+"""The key-based block-wise pixel shuffle (docs/design.md §1), exact and fast.
 
 The transform splits a (B, C, H, W) image into non-overlapping PxP blocks
 (row-major over the block grid), flattens each block in (height, width,
@@ -20,7 +20,8 @@ runs as a single gather with a constant index vector (:func:`block_index_map`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,8 +50,9 @@ def _permute_axes(x: Any, axes: Sequence[int]) -> Any:
     return x.permute(*axes) if isinstance(x, torch.Tensor) else np.transpose(x, axes)
 
 
-def blockwise_shuffle(x: Any, permutation: Sequence[int] | np.ndarray, block_size: int,
-                      *, inverse: bool = False) -> Any:
+def blockwise_shuffle(
+    x: Any, permutation: Sequence[int] | np.ndarray, block_size: int, *, inverse: bool = False
+) -> Any:
     """The transform written as its definition: a reshape/permute chain on (B, C, H, W).
 
     Works on numpy arrays and torch tensors.  Slower than the gather; kept as the
@@ -74,8 +76,15 @@ def blockwise_shuffle(x: Any, permutation: Sequence[int] | np.ndarray, block_siz
     return _permute_axes(blocks.reshape(b, h, w, c), (0, 3, 1, 2))
 
 
-def block_index_map(channels: int, height: int, width: int, block_size: int,
-                    permutation: Sequence[int] | np.ndarray, *, inverse: bool = False) -> np.ndarray:
+def block_index_map(
+    channels: int,
+    height: int,
+    width: int,
+    block_size: int,
+    permutation: Sequence[int] | np.ndarray,
+    *,
+    inverse: bool = False,
+) -> np.ndarray:
     """Gather indices of the whole transform: ``out.flat[i] = x.flat[idx[i]]`` per (C, H, W) image."""
     ids = np.arange(channels * height * width, dtype=np.int64).reshape(1, channels, height, width)
     return np.ascontiguousarray(blockwise_shuffle(ids, permutation, block_size, inverse=inverse).reshape(-1))
@@ -105,8 +114,15 @@ class BlockShuffle(nn.Module):
 
     index: torch.Tensor
 
-    def __init__(self, permutation: Sequence[int] | np.ndarray, block_size: int,
-                 image_size: int | Sequence[int], channels: int = 3, *, inverse: bool = False):
+    def __init__(
+        self,
+        permutation: Sequence[int] | np.ndarray,
+        block_size: int,
+        image_size: int | Sequence[int],
+        channels: int = 3,
+        *,
+        inverse: bool = False,
+    ):
         super().__init__()
         height, width = _image_spec(image_size)
         check_divisible(height, width, block_size)
@@ -118,19 +134,22 @@ class BlockShuffle(nn.Module):
         self.register_buffer("index", torch.from_numpy(idx), persistent=False)
 
     @classmethod
-    def from_key(cls, key: "Key", image_size: int | Sequence[int], *, inverse: bool = False) -> "BlockShuffle":
+    def from_key(cls, key: Key, image_size: int | Sequence[int], *, inverse: bool = False) -> BlockShuffle:
         return cls(key.permutation, key.block_size, image_size, key.channels, inverse=inverse)
 
-    def inverse(self) -> "BlockShuffle":
+    def inverse(self) -> BlockShuffle:
         """The module undoing this one, exactly."""
-        return BlockShuffle(self._perm, self.block_size, self.shape[1:], self.shape[0],
-                            inverse=not self.is_inverse).to(self.index.device)
+        return BlockShuffle(self._perm, self.block_size, self.shape[1:], self.shape[0], inverse=not self.is_inverse).to(
+            self.index.device
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
-            raise ShapeError(f"expected input of shape (B, {', '.join(map(str, self.shape))}), "
-                             f"got {tuple(x.shape)}", "resize the input to the size the key transform was built for")
-        # index_select + view: exports as exactly one Gather (DESIGN §6), unlike x[:, idx].
+            raise ShapeError(
+                f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
+                "resize the input to the size the key transform was built for",
+            )
+        # index_select + view: exports as exactly one Gather (docs/design.md §6), unlike x[:, idx].
         return torch.index_select(x.flatten(1), 1, self.index).view(x.shape)
 
     def extra_repr(self) -> str:  # never the permutation
@@ -142,7 +161,7 @@ def conv_permutation_matrix(permutation: Sequence[int] | np.ndarray, block_size:
     """The 0/1 matrix ``M`` (n x n, n = C*P*P) applying the key in ``pixel_unshuffle``'s channel order.
 
     ``pixel_unshuffle`` puts element (c, i, j) of a block in channel ``c*P*P + i*P + j``;
-    the key's block layout (DESIGN §1) indexes it ``(i*P + j)*C + c``.  Output channel
+    the key's block layout (docs/design.md §1) indexes it ``(i*P + j)*C + c``.  Output channel
     of position k takes the input channel of position ``v[k]``: ``M[out, in] = 1``.
     """
     p, c = block_size, channels
@@ -166,8 +185,13 @@ class BlockShuffleConv(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, permutation: Sequence[int] | np.ndarray, block_size: int,
-                 image_size: int | Sequence[int], channels: int = 3):
+    def __init__(
+        self,
+        permutation: Sequence[int] | np.ndarray,
+        block_size: int,
+        image_size: int | Sequence[int],
+        channels: int = 3,
+    ):
         super().__init__()
         height, width = _image_spec(image_size)
         check_divisible(height, width, block_size)
@@ -177,13 +201,15 @@ class BlockShuffleConv(nn.Module):
         self.register_buffer("weight", torch.from_numpy(matrix)[:, :, None, None], persistent=False)
 
     @classmethod
-    def from_key(cls, key: "Key", image_size: int | Sequence[int]) -> "BlockShuffleConv":
+    def from_key(cls, key: Key, image_size: int | Sequence[int]) -> BlockShuffleConv:
         return cls(key.permutation, key.block_size, image_size, key.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
-            raise ShapeError(f"expected input of shape (B, {', '.join(map(str, self.shape))}), "
-                             f"got {tuple(x.shape)}", "resize the input to the size the key transform was built for")
+            raise ShapeError(
+                f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
+                "resize the input to the size the key transform was built for",
+            )
         blocks = nn.functional.pixel_unshuffle(x, self.block_size)
         blocks = nn.functional.conv2d(blocks, self.weight.to(x.dtype))
         return nn.functional.pixel_shuffle(blocks, self.block_size)
@@ -200,8 +226,15 @@ class HostShuffle:
     the layout image libraries use.
     """
 
-    def __init__(self, permutation: Sequence[int] | np.ndarray, block_size: int,
-                 image_size: int | Sequence[int], channels: int = 3, *, inverse: bool = False):
+    def __init__(
+        self,
+        permutation: Sequence[int] | np.ndarray,
+        block_size: int,
+        image_size: int | Sequence[int],
+        channels: int = 3,
+        *,
+        inverse: bool = False,
+    ):
         height, width = _image_spec(image_size)
         check_divisible(height, width, block_size)
         self.shape = (int(channels), height, width)
@@ -209,7 +242,7 @@ class HostShuffle:
         self.index = block_index_map(channels, height, width, block_size, permutation, inverse=inverse)
 
     @classmethod
-    def from_key(cls, key: "Key", image_size: int | Sequence[int], *, inverse: bool = False) -> "HostShuffle":
+    def from_key(cls, key: Key, image_size: int | Sequence[int], *, inverse: bool = False) -> HostShuffle:
         return cls(key.permutation, key.block_size, image_size, key.channels, inverse=inverse)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

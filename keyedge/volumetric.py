@@ -64,6 +64,7 @@ AGGREGATIONS = ("mean-logits", "mean-probs", "majority")
 
 # -- 3D layers ----------------------------------------------------------------------------------------------------
 
+
 class Conv3dSame(nn.Conv3d):
     """timm's ``Conv2dSame`` in 3D: TF "same" padding computed per input on H, W; fixed kd // 2 on depth."""
 
@@ -109,8 +110,10 @@ class PatchPool(nn.Module):
         super().__init__()
         kind = pool_type.lower().removeprefix("fast") or "avg"
         if kind not in ("avg", "max", "avgmax", "catavgmax"):
-            raise ModelError(f"unsupported global pool type {pool_type!r} for a volumetric model",
-                             "use avg, max, avgmax or catavgmax")
+            raise ModelError(
+                f"unsupported global pool type {pool_type!r} for a volumetric model",
+                "use avg, max, avgmax or catavgmax",
+            )
         self.pool_type, self.flatten = kind, flatten
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +139,7 @@ class PatchFlatten(nn.Module):
 
 # -- conversion ---------------------------------------------------------------------------------------------------
 
+
 def _factory(module: nn.Module) -> dict[str, Any]:
     tensor = next(iter(module.parameters()), None)
     tensor = tensor if tensor is not None else next(iter(module.buffers()), None)
@@ -151,9 +155,18 @@ def _conv3d(conv: nn.Conv2d, kd: int) -> nn.Conv3d:
     else:
         padding = (kd // 2, *_pair(conv.padding))
     cls = Conv3dSame if same else nn.Conv3d
-    conv3 = cls(conv.in_channels, conv.out_channels, (kd, *conv.kernel_size), stride=(1, *conv.stride),
-                padding=padding, dilation=(1, *conv.dilation), groups=conv.groups, bias=conv.bias is not None,
-                padding_mode=conv.padding_mode, **_factory(conv))
+    conv3 = cls(
+        conv.in_channels,
+        conv.out_channels,
+        (kd, *conv.kernel_size),
+        stride=(1, *conv.stride),
+        padding=padding,
+        dilation=(1, *conv.dilation),
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        **_factory(conv),
+    )
     with torch.no_grad():
         conv3.weight.zero_()
         conv3.weight[:, :, kd // 2] = conv.weight  # centre-slice inflation: exactly the 2D conv per patch
@@ -165,8 +178,9 @@ def _conv3d(conv: nn.Conv2d, kd: int) -> nn.Conv3d:
 def _batchnorm3d(bn: nn.BatchNorm2d) -> nn.BatchNorm3d:
     from timm.layers import BatchNormAct2d
 
-    kwargs = dict(eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats,
-                  **_factory(bn))
+    kwargs = dict(
+        eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats, **_factory(bn)
+    )
     if type(bn) is BatchNormAct2d:
         bn3: nn.BatchNorm3d = BatchNormAct3d(bn.num_features, drop=bn.drop, act=bn.act, **kwargs)
     else:
@@ -202,8 +216,14 @@ def _convert(module: nn.Module, kd: int) -> nn.Module | None:
     if kind in (nn.BatchNorm2d, tl.BatchNormAct2d):
         return _batchnorm3d(module)
     if kind is nn.MaxPool2d:
-        return nn.MaxPool3d((1, *_pair(module.kernel_size)), (1, *_pair(module.stride)), (0, *_pair(module.padding)),
-                            (1, *_pair(module.dilation)), module.return_indices, module.ceil_mode)
+        return nn.MaxPool3d(
+            (1, *_pair(module.kernel_size)),
+            (1, *_pair(module.stride)),
+            (0, *_pair(module.padding)),
+            (1, *_pair(module.dilation)),
+            module.return_indices,
+            module.ceil_mode,
+        )
     if kind is nn.AvgPool2d:  # avg_pool3d refuses ceil-mode windows larger than the input, avg_pool2d takes them
         return PerPatch(module)  # (timm ResNets' avg-down on 1x1 maps): depth window 1 by folding depth instead
     if kind is nn.AdaptiveAvgPool2d:
@@ -219,14 +239,28 @@ def _convert(module: nn.Module, kd: int) -> nn.Module | None:
     if kind in (eb.SqueezeExcite, tl.SEModule, tl.EffectiveSEModule):
         return PerPatch(module)
     if kind in (nn.Linear, nn.Identity, tl.DropPath) or kind.__module__ in (
-            "torch.nn.modules.activation", "torch.nn.modules.dropout", "timm.layers.activations",
-            "timm.layers.activations_me"):
+        "torch.nn.modules.activation",
+        "torch.nn.modules.dropout",
+        "timm.layers.activations",
+        "timm.layers.activations_me",
+    ):
         return module  # shape-agnostic: kept as is
-    if kind in (nn.Sequential, resnet.ResNet, resnet.BasicBlock, resnet.Bottleneck, efficientnet.EfficientNet,
-                eb.ConvBnAct, eb.DepthwiseSeparableConv, eb.InvertedResidual, eb.EdgeResidual):
+    if kind in (
+        nn.Sequential,
+        resnet.ResNet,
+        resnet.BasicBlock,
+        resnet.Bottleneck,
+        efficientnet.EfficientNet,
+        eb.ConvBnAct,
+        eb.DepthwiseSeparableConv,
+        eb.InvertedResidual,
+        eb.EdgeResidual,
+    ):
         return None  # verified containers: their forward works on 5D tensors once their layers are 3D
-    raise ModelError(f"to_3d does not know how to convert {kind.__name__}",
-                     "volumetric models support timm ResNets and EfficientNets")
+    raise ModelError(
+        f"to_3d does not know how to convert {kind.__name__}",
+        "volumetric models support timm ResNets and EfficientNets",
+    )
 
 
 def _walk(parent: nn.Module, kd: int, path: str) -> None:
@@ -244,8 +278,10 @@ def _walk(parent: nn.Module, kd: int, path: str) -> None:
 
 def check_depth_kernel(depth_kernel: int) -> int:
     if isinstance(depth_kernel, bool) or not isinstance(depth_kernel, int) or depth_kernel < 1 or depth_kernel % 2 == 0:
-        raise KeyedgeError(f"the depth kernel must be a positive odd integer, got {depth_kernel!r}",
-                           "use 1 (patches independent) or 3 (neighbouring patches mixed)")
+        raise KeyedgeError(
+            f"the depth kernel must be a positive odd integer, got {depth_kernel!r}",
+            "use 1 (patches independent) or 3 (neighbouring patches mixed)",
+        )
     return depth_kernel
 
 
@@ -264,6 +300,7 @@ def to_3d(model2d: nn.Module, depth_kernel: int = 1, *, inplace: bool = False) -
 
 
 # -- aggregation and the volumized classifier ---------------------------------------------------------------------
+
 
 def aggregate(per_patch_logits: torch.Tensor, how: str = "mean-logits") -> torch.Tensor:
     """One score vector per image (B, classes) from per-patch logits (B, D, classes).
@@ -307,9 +344,17 @@ class VolumizedModel(nn.Module):
 
     key_fingerprint = None
     block_size = None
+    defense_name = "volumize"  # keyedge.defenses.volumize
 
-    def __init__(self, backbone: nn.Module, spec: ModelSpec, config: VolumizeConfig | None = None, *,
-                 depth_kernel: int = 1, aggregation: str = "mean-logits"):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: ModelSpec,
+        config: VolumizeConfig | None = None,
+        *,
+        depth_kernel: int = 1,
+        aggregation: str = "mean-logits",
+    ):
         super().__init__()
         config = config or VolumizeConfig()
         check_patch(spec.image_size, spec.image_size, config.patch)
@@ -336,8 +381,12 @@ class VolumizedModel(nn.Module):
 
     def defense(self) -> dict[str, Any]:
         """What checkpoint manifests record to rebuild this model (with the backbone's spec)."""
-        return {"name": "volumize", **self.config.to_dict(), "depth_kernel": self.depth_kernel,
-                "aggregation": self.aggregation}
+        return {
+            "name": "volumize",
+            **self.config.to_dict(),
+            "depth_kernel": self.depth_kernel,
+            "aggregation": self.aggregation,
+        }
 
     def forward(self, x: torch.Tensor, per_patch: bool = False) -> torch.Tensor:
         volume = self.volumizer(x)  # (B, C, D, ph, pw), ranked on [0, 1] pixels
@@ -363,8 +412,11 @@ class RasterVolumizedModel(nn.Module):
     def __init__(self, model: VolumizedModel):
         super().__init__()
         if model.depth_kernel != 1:
-            raise KeyedgeError(f"with depth kernel {model.depth_kernel} the patch order changes the output, so the "
-                               "ranking would have to be in the graph", "export a model trained with --depth-kernel 1")
+            raise KeyedgeError(
+                f"with depth kernel {model.depth_kernel} the patch order changes the output, so the "
+                "ranking would have to be in the graph",
+                "export a model trained with --depth-kernel 1",
+            )
         self.model = model
         self.spec = model.spec
 
@@ -375,18 +427,32 @@ class RasterVolumizedModel(nn.Module):
         return aggregate(m.backbone(volume), m.aggregation)
 
 
-def volumize_model(backbone2d: nn.Module, spec: ModelSpec, config: VolumizeConfig | None = None, *,
-                   depth_kernel: int = 1, aggregation: str = "mean-logits") -> VolumizedModel:
+def volumize_model(
+    backbone2d: nn.Module,
+    spec: ModelSpec,
+    config: VolumizeConfig | None = None,
+    *,
+    depth_kernel: int = 1,
+    aggregation: str = "mean-logits",
+) -> VolumizedModel:
     """Wrap a 2D timm backbone (converted in place to 3D) as a :class:`VolumizedModel`."""
     config = config or VolumizeConfig()
     check_patch(spec.image_size, spec.image_size, config.patch)
-    return VolumizedModel(to_3d(backbone2d, depth_kernel, inplace=True), spec, config, depth_kernel=depth_kernel,
-                          aggregation=aggregation)
+    return VolumizedModel(
+        to_3d(backbone2d, depth_kernel, inplace=True), spec, config, depth_kernel=depth_kernel, aggregation=aggregation
+    )
 
 
-def build_volumized_model(name: str, num_classes: int, config: VolumizeConfig | None = None, *,
-                          depth_kernel: int = 1, aggregation: str = "mean-logits", weights: str = "hub",
-                          image_size: int | None = None) -> VolumizedModel:
+def build_volumized_model(
+    name: str,
+    num_classes: int,
+    config: VolumizeConfig | None = None,
+    *,
+    depth_kernel: int = 1,
+    aggregation: str = "mean-logits",
+    weights: str = "hub",
+    image_size: int | None = None,
+) -> VolumizedModel:
     """A volumized model from a timm name and a weights source (as :func:`keyedge.models.build_model`)."""
     backbone, spec = create_backbone(name, num_classes, weights=weights, image_size=image_size)
     return volumize_model(backbone, spec, config, depth_kernel=depth_kernel, aggregation=aggregation)
@@ -401,7 +467,9 @@ def model_from_defense(backbone2d: nn.Module, spec: ModelSpec, defense: dict[str
         config = VolumizeConfig.from_dict(defense)
         depth_kernel = int(defense.get("depth_kernel", 1))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"the checkpoint's defense record is incomplete ({exc!r})", "the checkpoint is corrupted"
-                         ) from None
-    return volumize_model(backbone2d, spec, config, depth_kernel=depth_kernel,
-                          aggregation=defense.get("aggregation", "mean-logits"))
+        raise ModelError(
+            f"the checkpoint's defense record is incomplete ({exc!r})", "the checkpoint is corrupted"
+        ) from None
+    return volumize_model(
+        backbone2d, spec, config, depth_kernel=depth_kernel, aggregation=defense.get("aggregation", "mean-logits")
+    )

@@ -90,9 +90,10 @@ def check_patch(height: int, width: int, patch: int | tuple[int, int]) -> tuple[
     if ph < 1 or pw < 1:
         raise ShapeError(f"patch size must be positive, got {ph}x{pw}")
     if height % ph or width % pw:
-        raise ShapeError(f"image is {height}x{width} (HxW): patch {ph}x{pw} does not tile it",
-                         f"use a patch size dividing both sides, or resize to {height - height % ph}x"
-                         f"{width - width % pw}")
+        raise ShapeError(
+            f"image is {height}x{width} (HxW): patch {ph}x{pw} does not tile it",
+            f"use a patch size dividing both sides, or resize to {height - height % ph}x{width - width % pw}",
+        )
     return ph, pw
 
 
@@ -118,6 +119,7 @@ def from_patches(patches: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 # -- metrics ------------------------------------------------------------------------------------------------------
 
+
 def _bin_index(values: torch.Tensor, bins: int) -> torch.Tensor:
     edges = torch.linspace(0.0, 1.0, bins + 1, device=values.device, dtype=values.dtype)[1:-1]
     return torch.bucketize(values.contiguous(), edges, right=True)  # floor(v * bins), clamped to [0, bins - 1]
@@ -141,8 +143,9 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def metric_scores(items: torch.Tensor, metric: str, *, reference: torch.Tensor | None = None,
-                  bins: int = 32) -> torch.Tensor:
+def metric_scores(
+    items: torch.Tensor, metric: str, *, reference: torch.Tensor | None = None, bins: int = 32
+) -> torch.Tensor:
     """Ranking scores (G, K) of K items per group, float64, oriented so that lower = simpler / closer.
 
     ``items`` is (G, K, ...) with values in [0, 1]: G groups (images, or one
@@ -174,8 +177,9 @@ def metric_scores(items: torch.Tensor, metric: str, *, reference: torch.Tensor |
     return je - _entropy(hist) - _entropy(ref_hist).unsqueeze(1)  # = -MI
 
 
-def _reference(flat: torch.Tensor, index: torch.Tensor | None, hist: torch.Tensor | None,
-               reference: torch.Tensor | None, bins: int):
+def _reference(
+    flat: torch.Tensor, index: torch.Tensor | None, hist: torch.Tensor | None, reference: torch.Tensor | None, bins: int
+):
     """The reference item per group (G, L), with its bin indices and histogram when the metric needs them."""
     g, _, length = flat.shape
     if reference is None:
@@ -192,8 +196,11 @@ def _reference(flat: torch.Tensor, index: torch.Tensor | None, hist: torch.Tenso
     elif ref.numel() == g * length:
         ref = ref.reshape(g, length)
     else:
-        raise ShapeError(f"the reference has shape {tuple(reference.shape)}, not the shape of one item "
-                         f"({length} values) or one per group ({g} x {length})", "give a patch-sized tensor")
+        raise ShapeError(
+            f"the reference has shape {tuple(reference.shape)}, not the shape of one item "
+            f"({length} values) or one per group ({g} x {length})",
+            "give a patch-sized tensor",
+        )
     if index is None:
         return ref, None, None
     ref_index = _bin_index(ref, bins)
@@ -201,8 +208,14 @@ def _reference(flat: torch.Tensor, index: torch.Tensor | None, hist: torch.Tenso
 
 
 @torch.no_grad()
-def rank(items: torch.Tensor, metric: str = "entropy", order: str = "ascending", *,
-         reference: torch.Tensor | None = None, bins: int = 32) -> torch.Tensor:
+def rank(
+    items: torch.Tensor,
+    metric: str = "entropy",
+    order: str = "ascending",
+    *,
+    reference: torch.Tensor | None = None,
+    bins: int = 32,
+) -> torch.Tensor:
     """The (G, K) order of the items of each group by :func:`metric_scores` (ties: entropy, then position)."""
     check_order(order)
     scores = torch.round(metric_scores(items, metric, reference=reference, bins=bins), decimals=9)
@@ -218,9 +231,16 @@ def rank(items: torch.Tensor, metric: str = "entropy", order: str = "ascending",
 
 # -- volumes ------------------------------------------------------------------------------------------------------
 
-def volumize(images: torch.Tensor, patch: int | tuple[int, int] = 16, metric: str = "entropy",
-             order: str = "ascending", *, bins: int = 32, reference: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def volumize(
+    images: torch.Tensor,
+    patch: int | tuple[int, int] = 16,
+    metric: str = "entropy",
+    order: str = "ascending",
+    *,
+    bins: int = 32,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) in [0, 1] -> (volume (N, C, D, ph, pw), order (N, D)); see the module docstring.
 
     ``reference``: a (C, ph, pw) patch, or (N, C, ph, pw) one per image, for the
@@ -237,8 +257,10 @@ def volumize(images: torch.Tensor, patch: int | tuple[int, int] = 16, metric: st
 def unvolumize(volume: torch.Tensor, order: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Put the patches of a volume back where :func:`volumize` took them from: (N, C, H, W), exactly."""
     if volume.ndim != 5 or order.shape != (volume.shape[0], volume.shape[2]):
-        raise ShapeError(f"expected a volume (N, C, D, ph, pw) and an order (N, D), got {tuple(volume.shape)} "
-                         f"and {tuple(order.shape)}")
+        raise ShapeError(
+            f"expected a volume (N, C, D, ph, pw) and an order (N, D), got {tuple(volume.shape)} "
+            f"and {tuple(order.shape)}"
+        )
     patches = volume.transpose(1, 2)  # (N, D, C, ph, pw), in ranked order
     n, d = order.shape
     inverse = torch.argsort(order, dim=1)  # patch j of the image sits at depth inverse[j]

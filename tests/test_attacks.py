@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from keyedge.benchmarks.attacks import (
     APGDCE,
     APGDDLR,
@@ -20,15 +22,16 @@ from keyedge.benchmarks.attacks import (
     AutoAttack,
     NPixel,
     Patch,
+    attack_names,
+    budget_options,
     dlr,
     make_attack,
     parse_eps,
     patch_side,
+    register,
 )
 from keyedge.benchmarks.attacks.apgd import checkpoints
 from keyedge.benchmarks.attacks.npixel import distinct_others
-from torch import nn
-
 from keyedge.errors import DependencyError
 
 EPS = 8 / 255
@@ -40,8 +43,12 @@ LINF = {  # Linf attacks with small settings for speed
     "apgd-ce": {"eps": EPS, "steps": 10},
     "apgd-dlr": {"eps": EPS, "steps": 10},
 }
-FAST = {**LINF, "pgdl2": {"eps": 0.5, "steps": 5}, "npixel": {"pixels": 3, "popsize": 12, "steps": 4},
-        "patch": {"fraction": 0.1, "steps": 5}}
+FAST = {
+    **LINF,
+    "pgdl2": {"eps": 0.5, "steps": 5},
+    "npixel": {"pixels": 3, "popsize": 12, "steps": 4},
+    "patch": {"fraction": 0.1, "steps": 5},
+}
 RANDOM = ["pgd", "pgdl2", "apgd-ce", "apgd-dlr", "npixel", "patch"]  # attacks with a random start
 
 
@@ -57,9 +64,18 @@ def one_thread():
 def small_cnn(seed: int = 0, classes: int = 10) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, classes),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 64),
+        nn.ReLU(),
+        nn.Linear(64, classes),
     )
 
 
@@ -76,7 +92,7 @@ def trained():
     try:
         x_train, y_train = _tensors("train", 3000)
         x_test, y_test = _tensors("test", 200)
-    except Exception as exc:  # noqa: BLE001 - no offline data on this machine
+    except Exception as exc:
         pytest.skip(f"Fashion-MNIST not available: {exc}")
     model = small_cnn()
     opt = torch.optim.Adam(model.parameters(), 3e-3)
@@ -85,7 +101,7 @@ def trained():
     for _ in range(4):
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(order), 64):
-            idx = order[i:i + 64]
+            idx = order[i : i + 64]
             loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -116,6 +132,7 @@ def changed_pixels(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # -- every attack: loss up, budget kept, range kept -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_attack_raises_loss_and_keeps_range(batch, name):
@@ -170,7 +187,7 @@ def test_patch_budget(batch):
     adv = Patch(model, fraction=0.1, steps=3, location=(5, 7))(x, y)
     changed = changed_pixels(adv, x)
     outside = changed.clone()
-    outside[:, 5:5 + side, 7:7 + side] = False
+    outside[:, 5 : 5 + side, 7 : 7 + side] = False
     assert not outside.any()
     assert changed.flatten(1).sum(1).max() <= side * side
     assert changed.flatten(1).sum(1).float().mean() > 0.9 * side * side  # the whole patch is optimized
@@ -185,13 +202,14 @@ def test_patch_budget(batch):
         Patch(model, fraction=0.1, location=(30, 0))(x, y)
 
 
-# -- white-box sanity (DESIGN §10) ------------------------------------------------------------------------------------
+# -- white-box sanity (docs/design.md §10) -----------------------------------------------------------------------------
+
 
 def test_white_box_pgd_breaks_undefended_model(trained):
     model, x, y = trained
     clean = accuracy(model, x, y)
     assert clean >= 0.75
-    eps = 16 / 255  # Fashion-MNIST needs more than 8/255 (DESIGN §9)
+    eps = 16 / 255  # Fashion-MNIST needs more than 8/255 (docs/design.md §9)
     fgsm = accuracy(model, FGSM(model, eps=eps)(x, y), y)
     pgd = accuracy(model, PGD(model, eps=eps, steps=20)(x, y), y)
     pgd_small = accuracy(model, PGD(model, eps=eps / 2, steps=20)(x, y), y)
@@ -212,8 +230,10 @@ def _broken(model: nn.Module, adv: torch.Tensor, y: torch.Tensor) -> torch.Tenso
         return model(adv).argmax(1) != y
 
 
-@pytest.mark.parametrize("cls, kwargs", [(PGD, {"steps": 5}), (PGDL2, {"steps": 5}), (APGDCE, {"steps": 10}),
-                                         (Patch, {"fraction": 0.05, "steps": 5})])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(PGD, {"steps": 5}), (PGDL2, {"steps": 5}), (APGDCE, {"steps": 10}), (Patch, {"fraction": 0.05, "steps": 5})],
+)
 def test_restarts_keep_every_break(trained, cls, kwargs):
     """An example broken by the first run stays broken; later runs can only add breaks."""
     model, x, y = trained
@@ -229,6 +249,7 @@ def test_restarts_keep_every_break(trained, cls, kwargs):
 
 
 # -- determinism ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", RANDOM)
 def test_same_seed_same_output_other_seed_differs(batch, name):
@@ -261,6 +282,7 @@ def test_run_batches_like_one_call(batch):
 
 # -- multi-key EoT: the loss is the sum over models ------------------------------------------------------------------
 
+
 def _ce_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     leaf = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model(leaf), y, reduction="sum"), leaf)
@@ -283,8 +305,9 @@ def test_multi_model_gradient_is_the_sum():
     loss, logits, _grad = attack.loss_and_grad(x, y)
     with torch.no_grad():
         assert torch.allclose(logits, a(x) + b(x), atol=1e-5)
-        assert torch.allclose(loss, F.cross_entropy(a(x), y, reduction="none")
-                              + F.cross_entropy(b(x), y, reduction="none"), atol=1e-5)
+        assert torch.allclose(
+            loss, F.cross_entropy(a(x), y, reduction="none") + F.cross_entropy(b(x), y, reduction="none"), atol=1e-5
+        )
 
 
 def test_multi_model_attacks_run(batch):
@@ -296,6 +319,7 @@ def test_multi_model_attacks_run(batch):
 
 
 # -- model state ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_model_state_restored_and_no_param_grads(name):
@@ -316,8 +340,21 @@ def test_model_state_restored_and_no_param_grads(name):
 
 # -- pieces -----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [("4/255", 4 / 255), ("8 / 255", 8 / 255), ("0.03", 0.03), ("8", 8.0),
-                                         (".5", 0.5), ("1e-2", 0.01), (0.25, 0.25), (2, 2.0), ("0", 0.0)])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("4/255", 4 / 255),
+        ("8 / 255", 8 / 255),
+        ("0.03", 0.03),
+        ("8", 8.0),
+        (".5", 0.5),
+        ("1e-2", 0.01),
+        (0.25, 0.25),
+        (2, 2.0),
+        ("0", 0.0),
+    ],
+)
 def test_parse_eps(text, value):
     assert parse_eps(text) == pytest.approx(value)
 
@@ -334,12 +371,13 @@ def test_parse_eps_message():
 
 
 def test_registry_and_unknown_name():
-    assert {"fgsm", "pgd", "pgdl2", "ifgsm", "mifgsm", "apgd-ce", "apgd-dlr", "autoattack", "npixel",
-            "patch"} <= set(ATTACKS)
+    assert {"fgsm", "pgd", "pgdl2", "ifgsm", "mifgsm", "apgd-ce", "apgd-dlr", "autoattack", "npixel", "patch"} <= set(
+        ATTACKS
+    )
     assert all(issubclass(cls, Attack) for cls in ATTACKS.values())
     model = small_cnn()
     assert isinstance(make_attack("PGD", model), PGD) and isinstance(make_attack("apgd_ce", model), APGDCE)
-    with pytest.raises(ValueError, match="unknown attack 'cw'.*known attacks: apgd-ce, apgd-dlr"):
+    with pytest.raises(ValueError, match=r"unknown attack 'cw'.*known attacks: apgd-ce, apgd-dlr"):
         make_attack("cw", model)
 
 
@@ -355,6 +393,82 @@ def test_describe_is_json_ready():
         json.dumps(info)
     info = PGD(model, eps=parse_eps("4/255"), steps=20, restarts=2).describe()
     assert info["eps_255"] == 4.0 and info["alpha"] == pytest.approx(2.5 * 4 / 255 / 20) and info["restarts"] == 2
+
+
+KINDS_AND_BUDGETS = {
+    "fgsm": ("single-step", ("eps",)),
+    "pgd": ("iterative", ("eps", "steps")),
+    "pgdl2": ("iterative", ("eps", "steps")),
+    "ifgsm": ("iterative", ("eps", "steps")),
+    "mifgsm": ("iterative", ("eps", "steps")),
+    "apgd-ce": ("iterative", ("eps", "steps")),
+    "apgd-dlr": ("iterative", ("eps", "steps")),
+    "autoattack": ("iterative", ("eps",)),
+    "npixel": ("localized", ("pixels",)),
+    "patch": ("localized", ("fraction",)),
+}
+
+
+def test_kinds_and_budgets_of_every_attack():
+    assert {name: (cls.kind, cls.budget) for name, cls in ATTACKS.items()} == KINDS_AND_BUDGETS
+    for cls in ATTACKS.values():
+        assert all(cls.accepts(b) for b in cls.budget) and cls.accepts("seed")
+    assert attack_names(kind="localized") == ["npixel", "patch"]
+    assert set(attack_names(kind=("single-step", "iterative"))) == set(ATTACKS) - {"npixel", "patch"}
+    assert attack_names() == list(ATTACKS)
+    with pytest.raises(AttackError, match="unknown attack kind blackbox"):
+        attack_names(kind="blackbox")
+    # what a harness passes: steps only to attacks with a step schedule, eps only to eps-ball attacks
+    assert budget_options("fgsm", eps=0.1, steps=20) == {"eps": 0.1}
+    assert budget_options("pgd", eps=0.1, steps=20) == {"eps": 0.1, "steps": 20}
+    assert budget_options("autoattack", eps=0.1, steps=20) == {"eps": 0.1}
+    assert budget_options("npixel", eps=0.1, steps=20) == {}
+
+
+def test_register_refuses_an_attack_that_misdescribes_itself():
+    class NoKind(Attack):
+        name, budget = "no-kind", ("eps",)
+
+    class WrongBudget(FGSM):
+        name, budget = "wrong-budget", ("eps", "steps")  # FGSM takes no steps
+
+    with pytest.raises(ValueError, match="kind ''"):
+        register(NoKind)
+    with pytest.raises(ValueError, match="takes no steps"):
+        register(WrongBudget)
+    assert "no-kind" not in ATTACKS and "wrong-budget" not in ATTACKS
+
+
+def test_make_attack_refuses_an_unknown_keyword():
+    model = small_cnn()
+    with pytest.raises(AttackError) as info:
+        make_attack("pgd", model, eps=EPS, stepz=5)
+    message = str(info.value)
+    assert "\n" not in message and "'stepz'" in message
+    assert "alpha, eps, random_start, restarts, seed, steps" in message
+    with pytest.raises(AttackError, match="attack fgsm takes no 'steps'"):
+        make_attack("fgsm", model, steps=10)  # FGSM reports steps=1 but takes none
+    assert make_attack("npixel", model, pixels=2, eval_batch=64).eval_batch == 64  # not a hyperparameter, still taken
+
+
+def test_label_and_kind_in_describe():
+    model = small_cnn()
+    assert NPixel(model, pixels=4).label() == "4-pixel"
+    assert Patch(model, fraction=0.25).label() == "patch 25% of the area"
+    assert PGD(model).label() == "pgd" and FGSM(model).label() == "fgsm"
+    info = NPixel(model, pixels=16).describe()
+    assert info["kind"] == "localized" and info["label"] == "16-pixel"
+    assert PGD(model).describe()["kind"] == "iterative" and "kind" not in repr(PGD(model))
+
+
+def test_report_label_falls_back_for_reports_without_one():
+    from keyedge.benchmarks.robustness_report import _attack_label
+
+    old = Patch(small_cnn(), fraction=0.05).describe()
+    assert _attack_label(old) == "patch 5% of the area"
+    del old["label"]
+    assert _attack_label(old) == "patch 5% of the area"
+    assert _attack_label({"name": "npixel", "pixels": 3}) == "3-pixel" and _attack_label({"name": "cw"}) == "cw"
 
 
 def test_bad_arguments():
@@ -397,6 +511,7 @@ def test_de_parents_are_distinct():
 
 
 # -- AutoAttack (optional package) ------------------------------------------------------------------------------------
+
 
 def test_autoattack_missing_package_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # makes `import pyautoattack` fail

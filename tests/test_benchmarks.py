@@ -18,8 +18,9 @@ def test_transform_benchmark_runs(capsys, tmp_path):
 def test_training_benchmark_runs(capsys):
     from keyedge.benchmarks import training
 
-    result = training.main(["--model", "test_efficientnet", "--image-size", "32", "--batch", "4", "--rounds", "2",
-                            "--steps", "1"])
+    result = training.main(
+        ["--model", "test_efficientnet", "--image-size", "32", "--batch", "4", "--rounds", "2", "--steps", "1"]
+    )
     assert set(result["images_per_s"]) == set(training.VARIANTS)
     assert all(v > 0 for v in result["images_per_s"].values())
     assert set(result["ratios"]) == set(training.RATIOS)
@@ -38,18 +39,26 @@ def test_export_benchmark_runs(capsys):
 def test_keyed_latency_benchmark_runs(capsys):
     from keyedge.benchmarks import keyed_latency
 
-    report = keyed_latency.main(["--models", "test_vit,test_resnet", "--image-size", "32", "--rounds", "2",
-                                 "--min-seconds", "0.05"])
+    report = keyed_latency.main(
+        ["--models", "test_vit,test_resnet", "--image-size", "32", "--rounds", "2", "--min-seconds", "0.05"]
+    )
     fuses = {(m.artifact.model, m.artifact.role, m.artifact.fuse, m.runtime) for m in report.measurements}
     vit = {(r, f) for m, r, f, rt in fuses if m == "test_vit" and rt == "openvino"}
     assert vit == {("plain", "none"), ("keyed", "gather"), ("keyed", "conv"), ("keyed", "fold"), ("plain", "fold")}
     resnet = {(r, f) for m, r, f, rt in fuses if m == "test_resnet" and rt == "onnxruntime"}
     assert resnet == {("plain", "none"), ("keyed", "gather"), ("keyed", "conv")}  # a ResNet stem does not fold
-    kinds = {m: {c.kind for c in report.comparisons if c.model == m and c.runtime.startswith("onnxruntime:CPU")
-                 and c.kind != "runtime"}
-             for m in ("test_vit", "test_resnet")}
-    assert kinds == {"test_vit": {"keyed/plain", "gather/fold", "gather/conv"},
-                     "test_resnet": {"keyed/plain", "gather/conv"}}
+    kinds = {
+        m: {
+            c.kind
+            for c in report.comparisons
+            if c.model == m and c.runtime.startswith("onnxruntime:CPU") and c.kind != "runtime"
+        }
+        for m in ("test_vit", "test_resnet")
+    }
+    assert kinds == {
+        "test_vit": {"keyed/plain", "gather/fold", "gather/conv"},
+        "test_resnet": {"keyed/plain", "gather/conv"},
+    }
     assert "keyed/plain" in capsys.readouterr().out
 
 

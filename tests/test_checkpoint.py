@@ -12,8 +12,12 @@ from keyedge.checkpoint import CheckpointError, load_checkpoint, read_manifest, 
 from keyedge.lora import apply_lora, lora_settings
 from keyedge.models import build_model
 
-INFO = dict(finetune={"mode": "full", "lora": None}, data={"name": "test"}, training={"config": {}},
-            metrics={"test_accuracy": 0.5})
+INFO = dict(
+    finetune={"mode": "full", "lora": None},
+    data={"name": "test"},
+    training={"config": {}},
+    metrics={"test_accuracy": 0.5},
+)
 
 
 def _perturb(model):
@@ -41,11 +45,11 @@ def test_full_round_trip_and_manifest(tmp_path, full_model, key4):
     save_checkpoint(tmp_path / "run", full_model, epoch=1, **INFO)
     loaded, manifest = load_checkpoint(tmp_path / "run", key4)
     assert _same_outputs(full_model, loaded) == 0.0
-    assert manifest["key"] == {"fingerprint": key4.fingerprint, "block_size": 4}
+    assert manifest.to_dict()["key"] == {"fingerprint": key4.fingerprint, "block_size": 4}
     text = (tmp_path / "run" / "keyedge.json").read_text()
     assert key4.fingerprint in text
     assert json.dumps(key4.permutation.tolist()) not in text and bytes(range(32)).hex() not in text
-    assert manifest["model"]["name"] == "test_efficientnet" and manifest["versions"]["torch"]
+    assert manifest.model.name == "test_efficientnet" and manifest.versions["torch"]
 
 
 def test_lora_round_trip_is_small_and_exact(tmp_path, key4):
@@ -53,16 +57,16 @@ def test_lora_round_trip_is_small_and_exact(tmp_path, key4):
 
     base = build_model("test_efficientnet", 10, weights="none", image_size=32).backbone
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "base.safetensors")
-    model = build_model("test_efficientnet", 10, key=key4, weights=str(tmp_path / "base.safetensors"),
-                        image_size=32)
+    model = build_model("test_efficientnet", 10, key=key4, weights=str(tmp_path / "base.safetensors"), image_size=32)
     settings = lora_settings("efficientnet")
     apply_lora(model, settings)
     _perturb(model)
     model.train()
     model(torch.rand(8, 3, 32, 32))  # move BN running statistics: they must be saved too
-    save_checkpoint(tmp_path / "lora", model, epoch=1, **{**INFO, "finetune": {"mode": "lora",
-                                                                                "lora": settings.to_dict()}})
-    loaded, manifest = load_checkpoint(tmp_path / "lora", key4)
+    save_checkpoint(
+        tmp_path / "lora", model, epoch=1, **{**INFO, "finetune": {"mode": "lora", "lora": settings.to_dict()}}
+    )
+    loaded, _manifest = load_checkpoint(tmp_path / "lora", key4)
     assert _same_outputs(model, loaded) <= 1e-6
     weights = next((tmp_path / "lora").glob("weights-*.safetensors"))
     assert weights.stat().st_size < (tmp_path / "base.safetensors").stat().st_size / 2
@@ -111,7 +115,7 @@ def test_interrupted_save_keeps_last_good_checkpoint(tmp_path, full_model, key4,
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(run, full_model, epoch=2, **INFO)
     monkeypatch.undo()
-    loaded, manifest = load_checkpoint(run, key4)
-    assert manifest["epoch"] == 1 and before == 0.0
+    _loaded, manifest = load_checkpoint(run, key4)
+    assert manifest.epoch == 1 and before == 0.0
     save_checkpoint(run, full_model, epoch=3, **INFO)  # the next save cleans up the orphan
     assert len(list(run.glob("weights-*"))) == 1

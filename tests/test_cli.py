@@ -109,11 +109,14 @@ def test_key_show_warns_on_loose_permissions(keyfile):
     assert result.exit_code == 0 and "chmod 600" in result.stderr
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty"),
-    (b"KEYEDGE\x00\x01\x00", "truncated"),
-    (b"GIF89a not a key at all", "not a keyedge key file"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty"),
+        (b"KEYEDGE\x00\x01\x00", "truncated"),
+        (b"GIF89a not a key at all", "not a keyedge key file"),
+    ],
+)
 def test_key_show_bad_files(tmp_path, content, message):
     path = tmp_path / "bad.bin"
     path.write_bytes(content)
@@ -169,8 +172,12 @@ def test_shuffle_grayscale_is_expanded(tmp_path, keyfile):
 def test_shuffle_block_size_must_divide(tmp_path, keyfile):
     odd = tmp_path / "odd.png"
     Image.fromarray(np.zeros((30, 48, 3), np.uint8)).save(odd)
-    assert_clean_error(run("shuffle", odd, "-k", keyfile, "-o", tmp_path / "o.png"),
-                       "30x48", "block size 4 does not divide its height", "28x48")
+    assert_clean_error(
+        run("shuffle", odd, "-k", keyfile, "-o", tmp_path / "o.png"),
+        "30x48",
+        "block size 4 does not divide its height",
+        "28x48",
+    )
     assert not (tmp_path / "o.png").exists()
 
 
@@ -211,8 +218,71 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     """Through a real process: `python -m keyedge` prints one line and exits 2."""
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\x00" * 100)
-    proc = subprocess.run([sys.executable, "-m", "keyedge", "key", "show", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keyedge", "key", "show", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+# -- flags mean the same everywhere -----------------------------------------------------------------------------------
+
+
+def all_commands():
+    """(path, click command) of every keyedge sub-command, nested groups included."""
+    import typer
+
+    def walk(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_device_data_force_mean_one_thing_everywhere():
+    seen = set()
+    for path, command in all_commands():
+        for option in (p for p in command.params if p.param_type_name == "option" and not p.hidden):
+            names = set(option.opts)
+            seen |= names
+            if "-d" in names:
+                assert names == {"-d", "--data"}, (path, names)
+            if "--device" in names:  # a torch device, never a profile file
+                assert option.default == "auto" and "profile" not in option.help, (path, option.help)
+            if "--profile" in names:
+                assert "rofile" in option.help and option.default is None, (path, option.help)
+            if names & {"--force", "--overwrite"}:
+                assert option.help.startswith("Replace") or option.help.startswith("Start over, replacing"), (
+                    path,
+                    option.help,
+                )
+    assert {"-d", "--data", "--device", "--profile", "--force", "--overwrite", "--allow-key-mismatch"} <= seen
+
+
+@pytest.mark.parametrize(
+    ("args", "new_flag"),
+    [
+        (["bench", "latency", "artifacts/x", "--device", "devices/cpu-x86.toml"], "--profile"),
+        (["bench", "latency", "artifacts/x", "-d", "devices/cpu-x86.toml"], "--profile"),
+        (["bench", "latency", "artifacts/x", "--device", "cuda"], "--profile"),
+        (["bench", "regress", "--current", "c.json", "--device", "devices/cpu-x86.toml"], "--profile"),
+        (["bench", "regress", "--current", "c.json", "-d", "devices/cpu-x86.toml"], "--profile"),
+        (["export", "-c", "runs/x", "-k", "k.bin", "--force"], "--allow-key-mismatch"),
+    ],
+)
+def test_old_flag_spellings_name_the_new_one(tmp_path, monkeypatch, args, new_flag):
+    monkeypatch.chdir(tmp_path)
+    assert_clean_error(run(*args), new_flag)
+    assert listing(tmp_path) == []  # refused before any work
+
+
+def test_old_gate_profile_flag_names_the_new_one(capsys):
+    from keyedge.benchmarks.gate import main
+
+    assert main(["--device", "devices/ci-cpu.toml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "--profile" in err

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -37,8 +36,15 @@ def make_checkpoint(directory: Path, model_name: str, key=None, *, finetune: str
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05)  # trained adapters: merging must matter
-    save_checkpoint(directory, model.eval(), epoch=1, finetune={"mode": finetune, "lora": lora},
-                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
+    save_checkpoint(
+        directory,
+        model.eval(),
+        epoch=1,
+        finetune={"mode": finetune, "lora": lora},
+        data={"name": "unavailable"},
+        training={"config": {}},
+        metrics={"test_accuracy": None},
+    )
     return directory
 
 
@@ -121,8 +127,9 @@ def test_efficientnet_fold_refused_auto_keeps_shuffle_in_graph(tmp_path, key4):
 
 
 def test_lora_checkpoint_is_merged(tmp_path, key4):
-    ckpt = make_checkpoint(tmp_path / "lora", "test_vit", key4, finetune="lora",
-                           weights=base_weights(tmp_path, "test_vit"))
+    ckpt = make_checkpoint(
+        tmp_path / "lora", "test_vit", key4, finetune="lora", weights=base_weights(tmp_path, "test_vit")
+    )
     manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino"])
     assert manifest["lora_merged"]
     assert all(entry["parity"]["passed"] for entry in manifest["targets"].values())
@@ -146,11 +153,11 @@ def test_manifest_has_checksums_and_no_key(tmp_path, key4):
 
 
 def test_failed_verification_leaves_nothing(tmp_path, key4, monkeypatch):
-    from keyedge.exporters.onnx import OnnxBackend
+    from keyedge.exporters.onnx import OnnxRunner
 
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
-    real_run = OnnxBackend._run
-    monkeypatch.setattr(OnnxBackend, "_run", lambda self, path, x: real_run(self, path, x) + 1e-2)
+    real_logits = OnnxRunner.logits
+    monkeypatch.setattr(OnnxRunner, "logits", lambda self, result: real_logits(self, result) + 1e-2)
     with pytest.raises(VerificationError, match="does not reproduce"):
         export(tmp_path, ckpt, key4, ["onnx"])
     assert list((tmp_path / "out").iterdir()) == []
@@ -169,7 +176,9 @@ def test_cli_refusals(tmp_path, key4, make_key):
     ok = cli("export", "-c", ckpt, "-k", key_path, "-o", out)
     assert ok.exit_code == 0, ok.output
     clean_error(cli("export", "-c", ckpt, "-k", key_path, "-o", out), "already exists", "--overwrite")
-    forced = cli("export", "-c", ckpt, "-k", wrong, "-o", out, "--force")
+    old_spelling = cli("export", "-c", ckpt, "-k", wrong, "-o", out, "--force")
+    clean_error(old_spelling, "--force no longer", "--allow-key-mismatch")
+    forced = cli("export", "-c", ckpt, "-k", wrong, "-o", out, "--allow-key-mismatch")
     assert forced.exit_code == 0, forced.output
     (wrong_dir,) = out.glob(f"*-{load_fp(wrong)}")
     assert "differs" in json.loads((wrong_dir / "manifest.json").read_text())["key_note"]
@@ -195,7 +204,8 @@ def test_many_keys_matched_by_fingerprint(tmp_path, make_key):
     result = cli("export", "--runs", runs, "--keys", keys, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        f"test_efficientnet-{fp}" for fp in fingerprints)
+        f"test_efficientnet-{fp}" for fp in fingerprints
+    )
     (keys / "k2.bin").unlink()
     clean_error(cli("export", "--runs", runs, "--keys", keys, "-o", tmp_path / "out2"), "no key with fingerprint")
 
@@ -205,8 +215,24 @@ def test_killed_export_leaves_no_artifact(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "vit", "test_vit", key4)
     key_path = key4.save(tmp_path / "k.bin")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "keyedge", "export", "-c", str(ckpt), "-k", str(key_path), "-o", str(out),
-           "-t", "onnx", "-t", "openvino", "-t", "coreml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "keyedge",
+        "export",
+        "-c",
+        str(ckpt),
+        "-k",
+        str(key_path),
+        "-o",
+        str(out),
+        "-t",
+        "onnx",
+        "-t",
+        "openvino",
+        "-t",
+        "coreml",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob(".*.tmp-*/model.onnx")):
@@ -251,8 +277,9 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
 def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
     manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="conv")
-    plain = export(tmp_path, make_checkpoint(tmp_path / "plain", "test_efficientnet"), None,
-                   ["onnx", "openvino", "coreml"])
+    plain = export(
+        tmp_path, make_checkpoint(tmp_path / "plain", "test_efficientnet"), None, ["onnx", "openvino", "coreml"]
+    )
     for target, entry in manifest["targets"].items():
         assert entry["fuse"] == "conv" and entry["graph"]["gathers_on_input"] == 0, target
         assert not any(op.lower().startswith("gather") for op in entry["graph"]["input_path"]), target
@@ -272,8 +299,10 @@ def test_coreml_compute_plan(tmp_path, key4):
     Elsewhere: a one-line refusal naming macOS, exit 2.
     """
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
-    directory = export_one(ExportRequest(ckpt, key4), ExportSettings(targets=["coreml"], out=tmp_path / "conv",
-                                                                      fuse="conv", real_inputs=0, random_inputs=2))
+    directory = export_one(
+        ExportRequest(ckpt, key4),
+        ExportSettings(targets=["coreml"], out=tmp_path / "conv", fuse="conv", real_inputs=0, random_inputs=2),
+    )
     path = directory / "model.mlpackage"
     result = cli("bench", "compute-plan", path, "--compute-units", "CPU_AND_NE", "--json")
     if sys.platform != "darwin":

@@ -151,8 +151,13 @@ def test_missing_runtime_names_the_extra(export):
 
 
 def test_options_are_validated():
-    for bad in ({"batch": 0}, {"precision": "int8"}, {"image_size": 0}, {"input_name": "a b"},
-                {"input_name": "x", "output_name": "x"}):
+    for bad in (
+        {"batch": 0},
+        {"precision": "int8"},
+        {"image_size": 0},
+        {"input_name": "a b"},
+        {"input_name": "x", "output_name": "x"},
+    ):
         with pytest.raises(ExportError):
             ExportOptions(**bad)
     assert ExportOptions(batch=None).input_shape == (-1, 3, 224, 224)
@@ -162,7 +167,7 @@ def test_export_refuses_bad_requests(models, tmp_path):
     backend = get_backend("onnx")
     options = ExportOptions(image_size=SIZE)
     model = models["effnet-plain"]
-    with pytest.raises(ExportError, match="must end in .onnx"):
+    with pytest.raises(ExportError, match=r"must end in \.onnx"):
         backend.export(model, tmp_path / "m.xml", options)
     (tmp_path / "taken.onnx").write_bytes(b"")
     with pytest.raises(OutputError, match="already exists"):
@@ -243,8 +248,13 @@ def test_converter_chatter_stays_out_of_the_output(models, tmp_path, capfd, recw
 
 
 # OpenVINO's dynamic EfficientNet is covered by test_fallback_converters (a fifth OpenVINO export costs ~4 s here)
-PARITY = [(t, m, b) for t in RUNNABLE for m in ("effnet-keyed", "vit-keyed") for b in (1, None)
-          if (t, m, b) != ("openvino", "effnet-keyed", None)]
+PARITY = [
+    (t, m, b)
+    for t in RUNNABLE
+    for m in ("effnet-keyed", "vit-keyed")
+    for b in (1, None)
+    if (t, m, b) != ("openvino", "effnet-keyed", None)
+]
 
 
 @pytest.mark.parametrize("target, model, batch", PARITY, ids=lambda v: "dynamic" if v is None else str(v))
@@ -255,7 +265,7 @@ def test_fp32_matches_pytorch(export, models, target, model, batch):
     assert io["inputs"] == [{"name": "image", "shape": [batch or -1, 3, SIZE, SIZE], "dtype": "float32"}]
     assert io["outputs"] == [{"name": "logits", "shape": [batch or -1, 10], "dtype": "float32"}]
     assert io["precision"] == "fp32"
-    for n in ([1] if batch else [1, 3]):
+    for n in [1] if batch else [1, 3]:
         x = _images(n, seed=n)
         got, expected = backend.run(path, x), _torch(models[model], x)
         assert got.dtype == np.float32 and got.shape == (n, 10)
@@ -352,8 +362,11 @@ def test_fp16_runs_with_float32_io(export, models, target):
 # ---- fallback converters -------------------------------------------------------------------------
 
 
-FALLBACKS = [OnnxBackend(exporters=("torchscript",)), OpenVinoBackend(sources=("torch.export",)),
-             CoreMLBackend(sources=("torch.export",))]
+FALLBACKS = [
+    OnnxBackend(exporters=("torchscript",)),
+    OpenVinoBackend(sources=("torch.export",)),
+    CoreMLBackend(sources=("torch.export",)),
+]
 
 
 @pytest.mark.parametrize("backend", FALLBACKS, ids=lambda b: b.name)

@@ -14,7 +14,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def keyed_forward(model, key, x, mean, std):
-    """The keyed model as DESIGN §1 defines it: f(normalize(shuffle(x)))."""
+    """The keyed model as docs/design.md §1 defines it: f(normalize(shuffle(x)))."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return model((BlockShuffle.from_key(key, x.shape[-2:])(x) - m) / s)
@@ -70,15 +70,20 @@ def test_fold_conv_without_bias_gains_one(key4):
     folded = fold_conv(conv, key4.permutation, 4, mean=(0.1, 0.2, 0.3), std=(0.9, 0.8, 0.7))
     x = torch.rand(1, 3, 16, 24)
     with torch.no_grad():
-        expected = conv((BlockShuffle.from_key(key4, (16, 24))(x) - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1))
-                        / torch.tensor([0.9, 0.8, 0.7]).view(1, 3, 1, 1))
+        expected = conv(
+            (BlockShuffle.from_key(key4, (16, 24))(x) - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1))
+            / torch.tensor([0.9, 0.8, 0.7]).view(1, 3, 1, 1)
+        )
         assert (folded(x) - expected).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name,match", [
-    ("resnet18", "conv1 .7x7 kernel, stride 2x2, padding .3, 3.. is not a patchify convolution"),
-    ("efficientnet_lite0", "conv_stem .3x3 kernel, stride 2x2"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("resnet18", "conv1 .7x7 kernel, stride 2x2, padding .3, 3.. is not a patchify convolution"),
+        ("efficientnet_lite0", "conv_stem .3x3 kernel, stride 2x2"),
+    ],
+)
 def test_fold_refused_for_non_patchify_stems(name, match, key4):
     model = timm.create_model(name, pretrained=False, num_classes=10)
     with pytest.raises(FoldError, match=match) as info:

@@ -10,8 +10,11 @@ from hypothesis import strategies as st
 from keyedge.errors import KeyFileError
 from keyedge.keys import CHECKSUM_SIZE, MAGIC, Key
 
-VALID = [Key.from_secret(bytes(range(32)), 4).to_bytes(), Key.from_seed(1234, 2).to_bytes(),
-         Key.from_secret(bytes(32), 1, derangement=False).to_bytes()]
+VALID = [
+    Key.from_secret(bytes(range(32)), 4).to_bytes(),
+    Key.from_seed(1234, 2).to_bytes(),
+    Key.from_secret(bytes(32), 1, derangement=False).to_bytes(),
+]
 
 
 def _parse(data: bytes) -> None:
@@ -55,8 +58,11 @@ def test_mutated_valid_files(valid, data):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(8, 19), st.integers(0, 255)), min_size=1, max_size=6),
-       st.binary(max_size=64))
+@given(
+    st.sampled_from(VALID),
+    st.lists(st.tuples(st.integers(8, 19), st.integers(0, 255)), min_size=1, max_size=6),
+    st.binary(max_size=64),
+)
 def test_resealed_header_mutations(valid, edits, payload_tail):
     """Mutations that carry a *valid* checksum reach the field validation: still only KeyFileError."""
     body = bytearray(valid[:-CHECKSUM_SIZE])

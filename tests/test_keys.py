@@ -13,7 +13,14 @@ import torch
 
 from keyedge.errors import KeyFileError, OutputError
 from keyedge.keys import (
-    CHECKSUM_SIZE, HEADER_SIZE, MAGIC, Key, derive_permutation, fingerprint, insecure_permissions, load_key,
+    CHECKSUM_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    Key,
+    derive_permutation,
+    fingerprint,
+    insecure_permissions,
+    load_key,
 )
 
 # Published test vectors (also in docs/key-format.md): secret, P, derangement -> first entries, fingerprint.
@@ -23,8 +30,13 @@ VECTORS = [
     (bytes(range(32)), 4, True, [35, 37, 20, 47, 42, 18, 17, 14, 25, 5, 44, 24, 9, 45, 36, 31], "a3aacf2910fa98b9"),
     (bytes(32), 4, True, [21, 33, 6, 30, 26, 31, 41, 44, 18, 43, 14, 3, 1, 24, 10, 19], "56052f761d958354"),
     (bytes(32), 4, False, [19, 27, 23, 35, 9, 18, 0, 3, 25, 20, 4, 31, 5, 47, 42, 12], "773c506c73f4908d"),
-    (b"\xff" * 32, 8, True, [35, 184, 103, 118, 135, 41, 53, 182, 131, 75, 120, 159, 17, 94, 185, 12],
-     "111b6ac2566c87e3"),
+    (
+        b"\xff" * 32,
+        8,
+        True,
+        [35, 184, 103, 118, 135, 41, 53, 182, 131, 75, 120, 159, 17, 94, 185, 12],
+        "111b6ac2566c87e3",
+    ),
 ]
 
 
@@ -91,7 +103,7 @@ def test_fingerprint_depends_on_permutation_and_block_size_only(key4):
 def test_repr_and_describe_never_leak_the_secret(key4):
     text = repr(key4) + str(key4) + json.dumps(key4.describe())
     assert key4.fingerprint in text
-    assert "permutation\"" not in json.dumps(key4.describe())
+    assert 'permutation"' not in json.dumps(key4.describe())
     assert " ".join(map(str, key4.permutation[:6])) not in text
     assert bytes(range(32)).hex() not in text
     assert key4.describe(reveal=True)["permutation"] == key4.permutation.tolist()
@@ -121,9 +133,9 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path, key4, make_key):
 def test_layout_is_as_documented(key4):
     data = key4.to_bytes()
     assert data[:8] == MAGIC
-    magic, version, p, c, kind, flags, length = struct.unpack_from("<8sHHBBHI", data)
+    _magic, version, p, c, kind, flags, length = struct.unpack_from("<8sHHBBHI", data)
     assert (version, p, c, kind, flags, length) == (1, 4, 3, 1, 1, 32)
-    assert data[HEADER_SIZE:HEADER_SIZE + 32] == bytes(range(32))
+    assert data[HEADER_SIZE : HEADER_SIZE + 32] == bytes(range(32))
     assert data[-CHECKSUM_SIZE:] == hashlib.sha256(data[:-CHECKSUM_SIZE]).digest()
     assert len(data) == HEADER_SIZE + 32 + CHECKSUM_SIZE
 
@@ -150,29 +162,32 @@ def test_legacy_import_leaves_global_rng_alone():
 
 
 def _corrupt(data: bytes, index: int) -> bytes:
-    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1:]
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
 
 
 def _reseal(body: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-@pytest.mark.parametrize("name,mutate,message", [
-    ("empty", lambda d: b"", "is empty"),
-    ("truncated-magic", lambda d: d[:5], "truncated"),
-    ("truncated-header", lambda d: d[:12], "truncated"),
-    ("truncated-payload", lambda d: d[:-10], "truncated"),
-    ("trailing", lambda d: d + b"\0", "trailing"),
-    ("foreign", lambda d: b"\x89PNG\r\n\x1a\n" + d[8:], "not a keyedge key file"),
-    ("text", lambda d: b"hello, I am a text file\n", "not a keyedge key file"),
-    ("bitflip-secret", lambda d: _corrupt(d, HEADER_SIZE + 3), "integrity check"),
-    ("bitflip-checksum", lambda d: _corrupt(d, len(d) - 1), "integrity check"),
-    ("future-version", lambda d: _reseal(d[:8] + struct.pack("<H", 2) + d[10:-32]), "newer than this keyedge"),
-    ("version-zero", lambda d: _reseal(d[:8] + struct.pack("<H", 0) + d[10:-32]), "invalid format version"),
-    ("unknown-kind", lambda d: _reseal(d[:13] + b"\x09" + d[14:-32]), "unknown key kind"),
-    ("unknown-flags", lambda d: _reseal(d[:14] + struct.pack("<H", 0x80) + d[16:-32]), "unknown flags"),
-    ("block-zero", lambda d: _reseal(d[:10] + struct.pack("<H", 0) + d[12:-32]), "out of range"),
-])
+@pytest.mark.parametrize(
+    "name,mutate,message",
+    [
+        ("empty", lambda d: b"", "is empty"),
+        ("truncated-magic", lambda d: d[:5], "truncated"),
+        ("truncated-header", lambda d: d[:12], "truncated"),
+        ("truncated-payload", lambda d: d[:-10], "truncated"),
+        ("trailing", lambda d: d + b"\0", "trailing"),
+        ("foreign", lambda d: b"\x89PNG\r\n\x1a\n" + d[8:], "not a keyedge key file"),
+        ("text", lambda d: b"hello, I am a text file\n", "not a keyedge key file"),
+        ("bitflip-secret", lambda d: _corrupt(d, HEADER_SIZE + 3), "integrity check"),
+        ("bitflip-checksum", lambda d: _corrupt(d, len(d) - 1), "integrity check"),
+        ("future-version", lambda d: _reseal(d[:8] + struct.pack("<H", 2) + d[10:-32]), "newer than this keyedge"),
+        ("version-zero", lambda d: _reseal(d[:8] + struct.pack("<H", 0) + d[10:-32]), "invalid format version"),
+        ("unknown-kind", lambda d: _reseal(d[:13] + b"\x09" + d[14:-32]), "unknown key kind"),
+        ("unknown-flags", lambda d: _reseal(d[:14] + struct.pack("<H", 0x80) + d[16:-32]), "unknown flags"),
+        ("block-zero", lambda d: _reseal(d[:10] + struct.pack("<H", 0) + d[12:-32]), "out of range"),
+    ],
+)
 def test_bad_key_files_are_rejected_clearly(tmp_path, key4, name, mutate, message):
     path = tmp_path / f"{name}.bin"
     path.write_bytes(mutate(key4.to_bytes()))
@@ -195,7 +210,7 @@ def test_future_version_is_reported_before_checksum(tmp_path, key4):
 def test_invalid_stored_permutation_is_rejected(key4):
     legacy = Key.from_permutation(key4.permutation, 4)
     body = bytearray(legacy.to_bytes()[:-CHECKSUM_SIZE])
-    body[HEADER_SIZE:HEADER_SIZE + 2] = body[HEADER_SIZE + 2:HEADER_SIZE + 4]  # duplicate an entry
+    body[HEADER_SIZE : HEADER_SIZE + 2] = body[HEADER_SIZE + 2 : HEADER_SIZE + 4]  # duplicate an entry
     with pytest.raises(KeyFileError, match="invalid permutation"):
         Key.from_bytes(_reseal(bytes(body)))
 

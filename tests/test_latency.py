@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile, parse_profile
 from keyedge.benchmarks.regress import compare
 from keyedge.benchmarks.report import SCHEMA, LatencyReport
-from typer.testing import CliRunner
-
 from keyedge.checkpoint import save_checkpoint
 from keyedge.cli import app
 from keyedge.errors import KeyedgeError
@@ -56,18 +56,31 @@ def export_model(root: Path, name: str, key: Key | None, size: int = 32, targets
     torch.manual_seed(0)
     model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=size)
     ckpt = root / f"ckpt-{name}"
-    save_checkpoint(ckpt, model.eval(), epoch=1, finetune={"mode": "full", "lora": None},
-                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
-    return export_one(ExportRequest(ckpt, key), ExportSettings(targets=list(targets), out=root / name, batch=None,
-                                                               real_inputs=0, random_inputs=2))
+    save_checkpoint(
+        ckpt,
+        model.eval(),
+        epoch=1,
+        finetune={"mode": "full", "lora": None},
+        data={"name": "unavailable"},
+        training={"config": {}},
+        metrics={"test_accuracy": None},
+    )
+    return export_one(
+        ExportRequest(ckpt, key),
+        ExportSettings(targets=list(targets), out=root / name, batch=None, real_inputs=0, random_inputs=2),
+    )
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     key = Key.from_secret(bytes(range(32)), 4)
-    return {"keyed": export_model(root, "keyed", key), "plain": export_model(root, "plain", None),
-            "slow": export_model(root, "slow", key, size=96, targets=("onnx",)), "root": root}
+    return {
+        "keyed": export_model(root, "keyed", key),
+        "plain": export_model(root, "plain", None),
+        "slow": export_model(root, "slow", key, size=96, targets=("onnx",)),
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +106,38 @@ def test_shipped_profiles_load():
         assert profile.runtimes and profile.min_iterations >= 1 and profile.thresholds.p50 > 1
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ('name = "x"\nbogus = 1\n[[runtime]]\nname = "onnxruntime"', "'bogus' is unknown"),
-    ('name = "x"\n[[runtime]]\nname = "tensorflow"', "'runtime[0].name' must be one of"),
-    ('name = "x"\n[[runtime]]\nname = "openvino"\ndevice = "TPU"', "'runtime[0].device'"),
-    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\nproviders = ["FooExecutionProvider"]', "'runtime[0].providers'"),
-    ('name = "x"\n[[runtime]]\nname = "coreml"\ncompute_units = "GPU"', "'runtime[0].compute_units'"),
-    ('name = "x"\n[[runtime]]\nname = "openvino"\nproviders = ["CPUExecutionProvider"]', "'runtime[0].providers' is unknown"),
-    ('name = "x"\nmin_iterations = "many"\n[[runtime]]\nname = "onnxruntime"', "'min_iterations' must be an integer"),
-    ('name = "x"\nthreads = true\n[[runtime]]\nname = "onnxruntime"', "'threads'"),
-    ('name = "x"\nbatch_sizes = [1, 0]\n[[runtime]]\nname = "onnxruntime"', "'batch_sizes'"),
-    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\np50 = -1', "'thresholds.p50'"),
-    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nlatency = 2', "'thresholds.latency' is unknown"),
-    ('name = "x"\n[[runtime]]\nname = "onnxruntime"\nspinning = "yes"', "'runtime[0].spinning' must be true or false"),
-    ('name = "x"\n[[runtime]]\nname = "openvino"\nspinning = false', "'runtime[0].spinning' is unknown"),
-    ('name = "x"', "'runtime' must list"),
-    ('name = "x"\n[[runtime', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('name = "x"\nbogus = 1\n[[runtime]]\nname = "onnxruntime"', "'bogus' is unknown"),
+        ('name = "x"\n[[runtime]]\nname = "tensorflow"', "'runtime[0].name' must be one of"),
+        ('name = "x"\n[[runtime]]\nname = "openvino"\ndevice = "TPU"', "'runtime[0].device'"),
+        (
+            'name = "x"\n[[runtime]]\nname = "onnxruntime"\nproviders = ["FooExecutionProvider"]',
+            "'runtime[0].providers'",
+        ),
+        ('name = "x"\n[[runtime]]\nname = "coreml"\ncompute_units = "GPU"', "'runtime[0].compute_units'"),
+        (
+            'name = "x"\n[[runtime]]\nname = "openvino"\nproviders = ["CPUExecutionProvider"]',
+            "'runtime[0].providers' is unknown",
+        ),
+        (
+            'name = "x"\nmin_iterations = "many"\n[[runtime]]\nname = "onnxruntime"',
+            "'min_iterations' must be an integer",
+        ),
+        ('name = "x"\nthreads = true\n[[runtime]]\nname = "onnxruntime"', "'threads'"),
+        ('name = "x"\nbatch_sizes = [1, 0]\n[[runtime]]\nname = "onnxruntime"', "'batch_sizes'"),
+        ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\np50 = -1', "'thresholds.p50'"),
+        ('name = "x"\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nlatency = 2', "'thresholds.latency' is unknown"),
+        (
+            'name = "x"\n[[runtime]]\nname = "onnxruntime"\nspinning = "yes"',
+            "'runtime[0].spinning' must be true or false",
+        ),
+        ('name = "x"\n[[runtime]]\nname = "openvino"\nspinning = false', "'runtime[0].spinning' is unknown"),
+        ('name = "x"', "'runtime' must list"),
+        ('name = "x"\n[[runtime', "not valid TOML"),
+    ],
+)
 def test_bad_profiles_are_one_line_errors_naming_field_and_file(tmp_path, text, fragment):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -122,7 +150,7 @@ def test_bad_profiles_are_one_line_errors_naming_field_and_file(tmp_path, text, 
 def test_bad_profile_through_the_cli_is_exit_2(tmp_path, artifacts):
     path = tmp_path / "bad.toml"
     path.write_text('name = "x"\nwarmpu = 3\n[[runtime]]\nname = "onnxruntime"')
-    result = runner.invoke(app, ["bench", "latency", str(artifacts["plain"]), "--device", str(path)])
+    result = runner.invoke(app, ["bench", "latency", str(artifacts["plain"]), "--profile", str(path)])
     assert result.exit_code == 2 and "warmpu" in result.stderr and "Traceback" not in result.output
 
 
@@ -172,20 +200,31 @@ def test_fixed_batch_artifact_is_timed_at_its_batch_only(tmp_path):
     key = Key.from_secret(bytes(range(32)), 4)
     torch.manual_seed(0)
     model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=32)
-    save_checkpoint(tmp_path / "c", model.eval(), epoch=1, finetune={"mode": "full", "lora": None},
-                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
-    directory = export_one(ExportRequest(tmp_path / "c", key),
-                           ExportSettings(targets=["onnx"], out=tmp_path / "o", batch=3, real_inputs=0, random_inputs=2))
-    rep = run_latency([directory / "model.onnx"], parse_profile({"name": "x", "runtime": [{"name": "onnxruntime"}]}),
-                      FAST)
+    save_checkpoint(
+        tmp_path / "c",
+        model.eval(),
+        epoch=1,
+        finetune={"mode": "full", "lora": None},
+        data={"name": "unavailable"},
+        training={"config": {}},
+        metrics={"test_accuracy": None},
+    )
+    directory = export_one(
+        ExportRequest(tmp_path / "c", key),
+        ExportSettings(targets=["onnx"], out=tmp_path / "o", batch=3, real_inputs=0, random_inputs=2),
+    )
+    rep = run_latency(
+        [directory / "model.onnx"], parse_profile({"name": "x", "runtime": [{"name": "onnxruntime"}]}), FAST
+    )
     assert [m.batch for m in rep.measurements] == [3] and rep.measurements[0].artifact.batch == 3
 
 
 def test_torch_eager_reference_runs_the_source_checkpoint(artifacts):
     """The torch runtime times an export's checkpoint; a keyed one needs its key, else it is skipped, not a crash."""
     key = Key.from_secret(bytes(range(32)), 4)
-    profile = parse_profile({"name": "t", "threads": 1, "runtime": [{"name": "onnxruntime"},
-                                                                     {"name": "torch", "device": "cpu"}]})
+    profile = parse_profile(
+        {"name": "t", "threads": 1, "runtime": [{"name": "onnxruntime"}, {"name": "torch", "device": "cpu"}]}
+    )
     rep = run_latency([artifacts["keyed"], artifacts["plain"]], profile, FAST, keys=[key])
     eager = [m for m in rep.measurements if m.runtime == "torch"]
     assert {(m.artifact.role, m.batch) for m in eager} == {(r, b) for r in ("keyed", "plain") for b in (1, 2)}
@@ -211,13 +250,22 @@ def test_volumized_artifact_is_its_own_role_with_a_cost_ratio(tmp_path, artifact
 
     torch.manual_seed(0)
     model = build_volumized_model("test_efficientnet", 10, VolumizeConfig((16, 16)), weights="none", image_size=32)
-    save_checkpoint(tmp_path / "ckpt", model.eval(), epoch=1, finetune={"mode": "full", "lora": None},
-                    data={"name": "unavailable"}, training={"config": {}}, metrics={"test_accuracy": None})
-    directory = export_one(ExportRequest(tmp_path / "ckpt", None),
-                           ExportSettings(targets=["onnx"], out=tmp_path / "o", batch=None, real_inputs=0,
-                                          random_inputs=2))
-    profile = parse_profile({"name": "v", "threads": 1, "runtime": [{"name": "onnxruntime"},
-                                                                     {"name": "torch", "device": "cpu"}]})
+    save_checkpoint(
+        tmp_path / "ckpt",
+        model.eval(),
+        epoch=1,
+        finetune={"mode": "full", "lora": None},
+        data={"name": "unavailable"},
+        training={"config": {}},
+        metrics={"test_accuracy": None},
+    )
+    directory = export_one(
+        ExportRequest(tmp_path / "ckpt", None),
+        ExportSettings(targets=["onnx"], out=tmp_path / "o", batch=None, real_inputs=0, random_inputs=2),
+    )
+    profile = parse_profile(
+        {"name": "v", "threads": 1, "runtime": [{"name": "onnxruntime"}, {"name": "torch", "device": "cpu"}]}
+    )
     rep = run_latency([directory, artifacts["plain"]], profile, FAST)
     roles = {(m.artifact.role, m.runtime) for m in rep.measurements}
     assert {("volumize", "onnxruntime"), ("volumize", "torch"), ("plain", "onnxruntime")} <= roles
@@ -231,20 +279,41 @@ def test_volumized_artifact_is_its_own_role_with_a_cost_ratio(tmp_path, artifact
 
 def test_cli_latency_writes_json_and_markdown(tmp_path, artifacts, profile_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    result = runner.invoke(app, ["bench", "latency", str(artifacts["keyed"]), str(artifacts["plain"]), "--device",
-                                 str(profile_path), "--threads", "2", "--min-seconds", "0.02", "--min-iterations", "5",
-                                 "--json", str(out), "--markdown", str(md)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "latency",
+            str(artifacts["keyed"]),
+            str(artifacts["plain"]),
+            "--profile",
+            str(profile_path),
+            "--threads",
+            "2",
+            "--min-seconds",
+            "0.02",
+            "--min-iterations",
+            "5",
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["schema"] == SCHEMA and data["settings"]["threads"] == 2 and data["measurements"]
-    assert "keyed/plain" in result.stdout and "skipped coreml" in result.stdout and md.read_text().startswith("# Latency")
+    assert (
+        "keyed/plain" in result.stdout and "skipped coreml" in result.stdout and md.read_text().startswith("# Latency")
+    )
 
 
 def test_gate_passes_on_identical_reports(tmp_path, report, profile_path):
     path = tmp_path / "r.json"
     report.to_json(path)
-    result = runner.invoke(app, ["bench", "regress", "--baseline", str(path), "--current", str(path),
-                                 "--device", str(profile_path)])
+    result = runner.invoke(
+        app, ["bench", "regress", "--baseline", str(path), "--current", str(path), "--profile", str(profile_path)]
+    )
     assert result.exit_code == 0, result.output
     assert "no regression" in result.stdout and "0 failed" in result.stdout
 
@@ -256,8 +325,10 @@ def test_gate_fails_on_a_real_slowdown(tmp_path, artifacts, profile_path):
     base_path, slow_path = tmp_path / "base.json", tmp_path / "cur.json"
     base.to_json(base_path)
     slow.to_json(slow_path)
-    result = runner.invoke(app, ["bench", "regress", "--baseline", str(base_path), "--current", str(slow_path),
-                                 "--device", str(profile_path)])
+    result = runner.invoke(
+        app,
+        ["bench", "regress", "--baseline", str(base_path), "--current", str(slow_path), "--profile", str(profile_path)],
+    )
     assert result.exit_code == 1, result.output
     assert "REGRESSIONS" in result.stdout and "FAIL" in result.stdout
     assert "test_efficientnet-" in result.stdout and "onnx onnxruntime:CPUExecutionProvider b1" in result.stdout
@@ -321,8 +392,10 @@ def test_ratio_gate_fails_when_the_keyed_artifact_gets_slower(tmp_path, artifact
     from keyedge.benchmarks.gate import gate
 
     profile = tmp_path / "gate.toml"
-    profile.write_text('name = "g"\nthreads = 1\nbatch_sizes = [1]\nmin_iterations = 20\nmin_seconds = 0.2\n'
-                       'rounds = 8\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nratio = 1.6\n')
+    profile.write_text(
+        'name = "g"\nthreads = 1\nbatch_sizes = [1]\nmin_iterations = 20\nmin_seconds = 0.2\n'
+        'rounds = 8\n[[runtime]]\nname = "onnxruntime"\n[thresholds]\nratio = 1.6\n'
+    )
     slow = slowed_copy(artifacts["keyed"], tmp_path / "slow")
     report, result = gate([slow, artifacts["plain"]], profile, attempts=2, out=tmp_path / "out")
     assert not result.passed and [c.kind for c in result.offenders] == ["ratio"]
@@ -336,4 +409,3 @@ def test_ratio_gate_fails_when_the_keyed_artifact_gets_slower(tmp_path, artifact
     assert cli.exit_code == 1 and "keyed/plain" in cli.stdout and "FAIL" in cli.stdout
     cli = runner.invoke(app, ["bench", "regress", "--current", str(path), "--only", "speed"])
     assert cli.exit_code == 2 and "unknown check speed" in cli.output
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -13,13 +12,13 @@ from keyedge.transform import BlockShuffle
 
 
 def test_unknown_model_suggests_close_names():
-    with pytest.raises(ModelError, match="unknown model 'vit_tiny_patch16'.*did you mean .*vit_tiny_patch16_224"):
+    with pytest.raises(ModelError, match=r"unknown model 'vit_tiny_patch16'.*did you mean .*vit_tiny_patch16_224"):
         create_backbone("vit_tiny_patch16", 10, weights="none")
 
 
 def test_hub_weights_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="not reachable.*--weights"):
+    with pytest.raises(ModelError, match=r"not reachable.*--weights"):
         create_backbone("resnet18", 10, weights="hub")
 
 
@@ -99,8 +98,15 @@ def test_block_size_must_divide_input(make_key):
         build_model("test_convnext", 10, key=make_key(8), weights="none", image_size=36)
 
 
-@pytest.mark.parametrize("name,family", [("test_vit", "vit"), ("test_convnext", "convnext"),
-                                         ("test_resnet", "resnet"), ("test_efficientnet", "efficientnet")])
+@pytest.mark.parametrize(
+    "name,family",
+    [
+        ("test_vit", "vit"),
+        ("test_convnext", "convnext"),
+        ("test_resnet", "resnet"),
+        ("test_efficientnet", "efficientnet"),
+    ],
+)
 def test_lora_defaults_apply_and_merge(name, family, key4):
     model = build_model(name, 10, key=key4, weights="none", image_size=32)
     assert model.spec.family == family

@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_layout_and_console_script(tmp_path):
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
-                            str(ROOT)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("keyedge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -24,18 +28,32 @@ def test_wheel_layout_and_console_script(tmp_path):
     assert not any(n.startswith(("exporters/", "benchmarks/", "tests/")) for n in names), "no generic top-level names"
 
     target = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": str(target)}
     script = target / "bin" / "keyedge"
     key = tmp_path / "k.bin"
     # run from an empty directory so nothing resolves to the source tree
     for args in (["keygen", "-b", "2", "-o", str(key)], ["key", "show", str(key), "--json"]):
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
-    probe = subprocess.run([sys.executable, "-c", "import keyedge, keyedge.exporters, keyedge.benchmarks.transform;"
-                            "print(keyedge.__file__)"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import keyedge, keyedge.exporters, keyedge.benchmarks.transform;print(keyedge.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip().startswith(str(target)), probe.stdout

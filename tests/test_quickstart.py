@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from keyedge.cli import app
 from keyedge.data import FASHION_MNIST_DEBIAN
 
-pytestmark = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(),
-                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
+)
 runner = CliRunner()
 
 
@@ -30,8 +31,13 @@ def test_quickstart_report_and_files(quickstart):
     for name in ("k1", "k2"):
         assert stat.S_IMODE((out / "keys" / f"{name}.bin").stat().st_mode) == 0o600
         assert (out / "runs" / name / "keyedge.json").is_file()
-    for rel in ("report/quickstart.md", "report/latency.json", "report/robustness/robustness.json",
-                "report/robustness/key-diversity.png", "report/robustness/transferability.png"):
+    for rel in (
+        "report/quickstart.md",
+        "report/latency.json",
+        "report/robustness/robustness.json",
+        "report/robustness/key-diversity.png",
+        "report/robustness/transferability.png",
+    ):
         assert (out / rel).is_file(), rel
     assert "keyed model k1" in result.stdout and "total time" in result.stdout
 

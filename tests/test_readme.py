@@ -14,14 +14,14 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def python_block(section: str) -> str:
     text = README.read_text()
-    return text[text.index(section):].split("```python\n", 1)[1].split("```", 1)[0]
+    return text[text.index(section) :].split("```python\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_python_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(python_block("## Python API"), "README.md (Python API)", "exec"), namespace)  # noqa: S102
+    exec(compile(python_block("## Python API"), "README.md (Python API)", "exec"), namespace)
     assert namespace["adversarial"].shape == (16, 3, 32, 32)
     assert (namespace["adversarial"] - namespace["images"]).abs().max() <= 16 / 255 + 1e-6
     assert (Path(namespace["artifact_dir"]) / "model.onnx").is_file() and os.stat("k1.bin").st_mode & 0o077 == 0

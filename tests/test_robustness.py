@@ -9,18 +9,19 @@ import json
 from pathlib import Path
 
 import pytest
-from keyedge.benchmarks.robustness import RobustnessConfig, load_members, run_robustness, scenario_sources
-from keyedge.benchmarks.robustness_report import SCHEMA, RobustnessReport
 from typer.testing import CliRunner
 
+from keyedge.benchmarks.robustness import RobustnessConfig, load_members, run_robustness, scenario_sources
+from keyedge.benchmarks.robustness_report import SCHEMA, RobustnessReport
 from keyedge.cli import app
 from keyedge.data import FASHION_MNIST_DEBIAN
 from keyedge.export import ExportRequest, ExportSettings, export_one
 from keyedge.keys import Key
 from keyedge.train import TrainConfig, train
 
-pytestmark = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(),
-                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
+)
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NAMES = ("plain", "m-ka", "m-kb", "m-kc")
@@ -36,26 +37,51 @@ def runs(tmp_path_factory):
         keys[name].save(root / f"{name}.bin")
     for name in NAMES:
         key = name.split("-")[-1] if name != "plain" else None
-        train(TrainConfig(model="test_resnet", data="fashion-mnist", out=str(root / name), weights="none",
-                          key_file=str(root / f"{key}.bin") if key else None, image_size=32, epochs=2,
-                          batch_size=32, train_limit=1500, test_limit=100, lr=2e-3),
-              progress=False, log=lambda _line: None)
-    export = export_one(ExportRequest(root / "m-ka", keys["ka"]),
-                        ExportSettings(targets=["onnx", "openvino"], out=root / "artifacts", batch=None,
-                                       real_inputs=0, random_inputs=2))
+        train(
+            TrainConfig(
+                model="test_resnet",
+                data="fashion-mnist",
+                out=str(root / name),
+                weights="none",
+                key_file=str(root / f"{key}.bin") if key else None,
+                image_size=32,
+                epochs=2,
+                batch_size=32,
+                train_limit=1500,
+                test_limit=100,
+                lr=2e-3,
+            ),
+            progress=False,
+            log=lambda _line: None,
+        )
+    export = export_one(
+        ExportRequest(root / "m-ka", keys["ka"]),
+        ExportSettings(
+            targets=["onnx", "openvino"], out=root / "artifacts", batch=None, real_inputs=0, random_inputs=2
+        ),
+    )
     return {"root": root, "keys": keys, "export": export}
 
 
 @pytest.fixture(scope="module")
 def report(runs):
-    config = RobustnessConfig(limit=120, steps=10, sweep_eps=["0", "4/255", "16/255"], sweep_limit=60,
-                              gradient_limit=32, artifacts=[str(runs["export"])])
+    config = RobustnessConfig(
+        limit=120,
+        steps=10,
+        sweep_eps=["0", "4/255", "16/255"],
+        sweep_limit=60,
+        gradient_limit=32,
+        artifacts=[str(runs["export"])],
+    )
     return run_robustness([runs["root"] / n for n in NAMES], list(runs["keys"].values()), config)
 
 
 def outcome(report, scenario, target, runtime="torch"):
-    return next(o for o in report.outcomes + report.artifacts
-                if o.scenario == scenario and o.target == target and o.runtime.startswith(runtime))
+    return next(
+        o
+        for o in report.outcomes + report.artifacts
+        if o.scenario == scenario and o.target == target and o.runtime.startswith(runtime)
+    )
 
 
 def test_white_box_sanity_comes_first_and_breaks_every_model(report):
@@ -91,8 +117,12 @@ def test_matrices_shapes_and_diagonals(report):
     assert all(grads.get(n, n) == pytest.approx(1.0, abs=1e-5) for n in NAMES)
     assert all(abs(grads.get(a, b)) < 0.5 for a in NAMES for b in NAMES if a != b)
     diversity = report.matrix("key-diversity")
-    assert diversity.rows == list(NAMES) and diversity.columns == ["key of m-ka", "key of m-kb", "key of m-kc",
-                                                                   "no key"]
+    assert diversity.rows == list(NAMES) and diversity.columns == [
+        "key of m-ka",
+        "key of m-kb",
+        "key of m-kc",
+        "no key",
+    ]
     for name in NAMES[1:]:
         own = diversity.get(name, f"key of {name}")
         assert own == pytest.approx(outcome(report, "white-box", name).clean_accuracy)
@@ -102,8 +132,9 @@ def test_matrices_shapes_and_diagonals(report):
 
 
 def test_eps_sweep_and_block_size_points(report):
-    curve = sorted((p for p in report.sweeps if p["target"] == "plain" and p["scenario"] == "white-box"),
-                   key=lambda p: p["eps"])
+    curve = sorted(
+        (p for p in report.sweeps if p["target"] == "plain" and p["scenario"] == "white-box"), key=lambda p: p["eps"]
+    )
     assert [p["eps_255"] for p in curve] == [0, 4, 16] and curve[0]["robust_accuracy"] > curve[-1]["robust_accuracy"]
     assert {p["scenario"] for p in report.sweeps if p["target"] == "m-ka"} == {"white-box", "non-adaptive", "adaptive"}
     blocks = report.to_dict()["sweeps"]["block_size"]
@@ -132,8 +163,14 @@ def test_report_validates_against_the_schema_and_round_trips(report, tmp_path):
         jsonschema.validate(broken, schema)
     out = report.write(tmp_path / "rep")
     names = {p.name for p in out.iterdir()}
-    assert {"robustness.json", "robustness.md", "key-diversity.png", "transferability.png",
-            "gradient-similarity.png", "eps-sweep.png"} <= names
+    assert {
+        "robustness.json",
+        "robustness.md",
+        "key-diversity.png",
+        "transferability.png",
+        "gradient-similarity.png",
+        "eps-sweep.png",
+    } <= names
     assert (out / "robustness.md").read_text().startswith("# Robustness")
     text = (out / "robustness.json").read_text()
     for key in ("ka", "kb", "kc"):
@@ -142,19 +179,37 @@ def test_report_validates_against_the_schema_and_round_trips(report, tmp_path):
 
 def test_cli_end_to_end_and_bad_input(runs, tmp_path):
     root = runs["root"]
-    args = ["bench", "robustness", str(root / "plain"), str(root / "m-ka"), str(root / "m-kb"), "--keys", str(root),
-            "--limit", "40", "--steps", "5", "--sweep-eps", "", "--gradient-limit", "8"]
-    result = runner.invoke(app, args + ["--out", str(tmp_path / "r")])
+    args = [
+        "bench",
+        "robustness",
+        str(root / "plain"),
+        str(root / "m-ka"),
+        str(root / "m-kb"),
+        "--keys",
+        str(root),
+        "--limit",
+        "40",
+        "--steps",
+        "5",
+        "--sweep-eps",
+        "",
+        "--gradient-limit",
+        "8",
+    ]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r" / "robustness.json").read_text())
     assert data["config"]["limit"] == 40 and data["checks"][0]["name"] == "white-box attack succeeds"
     assert "white-box" in result.stdout and "transferability" in result.stdout
     # the report directory exists: refused, nothing touched
-    again = runner.invoke(app, args + ["--out", str(tmp_path / "r")])
+    again = runner.invoke(app, [*args, "--out", str(tmp_path / "r")])
     assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
-    for bad, message in ((["--eps", "lots"], "eps must be a number"), (["--attack", "nope"], "unknown attack"),
-                         (["--sweep-eps", "1/0"], "divides by zero")):
-        result = runner.invoke(app, args + ["--out", str(tmp_path / "x")] + bad)
+    for bad, message in (
+        (["--eps", "lots"], "eps must be a number"),
+        (["--attack", "nope"], "unknown attack"),
+        (["--sweep-eps", "1/0"], "divides by zero"),
+    ):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), *bad])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "x").exists()
     result = runner.invoke(app, ["bench", "robustness", str(root / "m-ka"), "--out", str(tmp_path / "y")])
@@ -166,12 +221,35 @@ def test_localized_attacks_and_a_volumized_model(runs, tmp_path):
     from keyedge.volumetric import VolumizedModel
 
     root = runs["root"]
-    train(TrainConfig(model="test_resnet", data="fashion-mnist", out=str(tmp_path / "vol"), weights="none",
-                      image_size=32, epochs=2, batch_size=32, train_limit=1500, test_limit=100, lr=2e-3,
-                      defense="volumize", patch=16), progress=False, log=lambda _line: None)
-    config = RobustnessConfig(limit=60, steps=10, sweep_eps=[], gradient_limit=16,
-                              localized=["npixel:1", "npixel:8", "patch:0.25"], localized_limit=40, npixel_popsize=20,
-                              npixel_steps=5, patch_steps=20)
+    train(
+        TrainConfig(
+            model="test_resnet",
+            data="fashion-mnist",
+            out=str(tmp_path / "vol"),
+            weights="none",
+            image_size=32,
+            epochs=2,
+            batch_size=32,
+            train_limit=1500,
+            test_limit=100,
+            lr=2e-3,
+            defense="volumize",
+            patch=16,
+        ),
+        progress=False,
+        log=lambda _line: None,
+    )
+    config = RobustnessConfig(
+        limit=60,
+        steps=10,
+        sweep_eps=[],
+        gradient_limit=16,
+        localized=["npixel:1", "npixel:8", "patch:0.25"],
+        localized_limit=40,
+        npixel_popsize=20,
+        npixel_steps=5,
+        patch_steps=20,
+    )
     rep = run_robustness([root / "plain", root / "m-ka", tmp_path / "vol"], [runs["keys"]["ka"]], config)
     roles = {m["name"]: m["role"] for m in rep.models}
     assert roles == {"plain": "plain", "m-ka": "keyed", "vol": "volumize"}
@@ -181,14 +259,17 @@ def test_localized_attacks_and_a_volumized_model(runs, tmp_path):
     for o in local:
         assert o.images == 40 and o.delta == pytest.approx(o.robust_accuracy - o.clean_accuracy)
         assert o.defense_success_rate == pytest.approx(1 - o.attack_success_rate)
-    worse = {o.attack["pixels"]: o.robust_accuracy for o in local if o.target == "plain" and o.attack["name"] == "npixel"}
+    worse = {
+        o.attack["pixels"]: o.robust_accuracy for o in local if o.target == "plain" and o.attack["name"] == "npixel"
+    }
     assert worse[8] <= worse[1]  # more pixels, no better off
     diversity = rep.matrix("key-diversity")
     assert diversity.get("vol", "key of m-ka") is None and diversity.get("vol", "no key") > 0.3
     import jsonschema
 
-    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), json.loads((DOCS / "robustness-report.schema.json")
-                                                                           .read_text()))
+    jsonschema.validate(
+        json.loads(json.dumps(rep.to_dict())), json.loads((DOCS / "robustness-report.schema.json").read_text())
+    )
     assert "Localized attacks" in rep.to_markdown() and "1-pixel" in rep.to_markdown()
     assert isinstance(load_members([tmp_path / "vol"], {})[0].model, VolumizedModel)
 
@@ -196,8 +277,9 @@ def test_localized_attacks_and_a_volumized_model(runs, tmp_path):
 def test_scenario_sources_explain_what_cannot_run(runs, report):
     from keyedge.benchmarks.robustness import Member
 
-    lone = Member(name="solo", path="", arch="test_resnet", fingerprint="0" * 16, block_size=8, finetune="full",
-                  model=None)
+    lone = Member(
+        name="solo", path="", arch="test_resnet", fingerprint="0" * 16, block_size=8, finetune="full", model=None
+    )
     sources = scenario_sources(lone, [lone])
     assert sources["white-box"] == ["solo"]
     assert "no plain model" in sources["non-adaptive"] and "block size 8" in sources["adaptive"]

@@ -18,11 +18,20 @@ from keyedge.data import FASHION_MNIST_DEBIAN, load_dataset
 from keyedge.models import mean_gradient_similarity
 from keyedge.train import TrainConfig, evaluate, train, warmup_cosine
 
-pytestmark = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(),
-                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
+)
 runner = CliRunner()
-TINY = dict(model="test_efficientnet", data="fashion-mnist", weights="none", image_size=32, epochs=2,
-            batch_size=32, train_limit=128, test_limit=64)
+TINY = dict(
+    model="test_efficientnet",
+    data="fashion-mnist",
+    weights="none",
+    image_size=32,
+    epochs=2,
+    batch_size=32,
+    train_limit=128,
+    test_limit=64,
+)
 
 
 def _config(tmp_path: Path, name: str, **overrides) -> TrainConfig:
@@ -43,12 +52,12 @@ def test_schedule_warms_up_then_decays():
 def test_train_keyed_full_checkpoints_every_epoch_and_reloads(tmp_path, key4):
     key_path = key4.save(tmp_path / "k.bin")
     manifest = train(_config(tmp_path, "run", key_file=str(key_path)), progress=False, log=_quiet)
-    assert manifest["epoch"] == 2 and [h["epoch"] for h in manifest["metrics"]["history"]] == [1, 2]
-    assert manifest["key"]["fingerprint"] == key4.fingerprint
-    assert manifest["data"]["train_images"] == 128 and manifest["training"]["config"]["seed"] == 0
+    assert manifest.epoch == 2 and [h["epoch"] for h in manifest.metrics["history"]] == [1, 2]
+    assert manifest.fingerprint == key4.fingerprint
+    assert manifest.data["train_images"] == 128 and manifest.training["config"]["seed"] == 0
     model, _ = load_checkpoint(tmp_path / "run", key4)
     test_set, _ = load_dataset("fashion-mnist", "test", 32, limit=64, seed=0)
-    assert evaluate(model, test_set)["accuracy"] == pytest.approx(manifest["metrics"]["test_accuracy"])
+    assert evaluate(model, test_set)["accuracy"] == pytest.approx(manifest.test_accuracy)
 
 
 def test_resume_continues_exactly_like_a_straight_run(tmp_path, monkeypatch):
@@ -66,9 +75,9 @@ def test_resume_continues_exactly_like_a_straight_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(_config(tmp_path, "split"), progress=False, log=_quiet)
     monkeypatch.undo()
-    assert read_manifest(tmp_path / "split")["epoch"] == 1
+    assert read_manifest(tmp_path / "split").epoch == 1
     manifest = train(_config(tmp_path, "split", resume=True), progress=False, log=_quiet)
-    assert manifest["epoch"] == 2 and len(manifest["metrics"]["history"]) == 2
+    assert manifest.epoch == 2 and len(manifest.metrics["history"]) == 2
     a, _ = load_checkpoint(tmp_path / "straight")
     b, _ = load_checkpoint(tmp_path / "split")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -78,10 +87,13 @@ def test_resume_continues_exactly_like_a_straight_run(tmp_path, monkeypatch):
 def test_train_lora_stores_only_adapters(tmp_path, key4):
     key_path = key4.save(tmp_path / "k.bin")
     base = Path(_base_weights(tmp_path))
-    manifest = train(_config(tmp_path, "lora", key_file=str(key_path), finetune="lora", weights=str(base),
-                             epochs=1), progress=False, log=_quiet)
-    assert manifest["finetune"]["mode"] == "lora" and manifest["finetune"]["lora"]["r"] == 8
-    weights = tmp_path / "lora" / manifest["files"]["weights"]["file"]
+    manifest = train(
+        _config(tmp_path, "lora", key_file=str(key_path), finetune="lora", weights=str(base), epochs=1),
+        progress=False,
+        log=_quiet,
+    )
+    assert manifest.finetune_mode == "lora" and manifest.finetune["lora"]["r"] == 8
+    weights = tmp_path / "lora" / manifest.files["weights"].file
     assert weights.stat().st_size < base.stat().st_size
     model, _ = load_checkpoint(tmp_path / "lora", key4)
     assert model.keyed
@@ -106,29 +118,57 @@ def test_orthogonality_regularizer_lowers_gradient_similarity(tmp_path):
     common = dict(ortho_ref=str(tmp_path / "ref"), epochs=2, lr=2e-3, weights=base_weights)
     base = train(_config(tmp_path, "lam0", ortho_lambda=0.0, **common), progress=False, log=_quiet)
     ortho = train(_config(tmp_path, "lam10", ortho_lambda=10.0, **common), progress=False, log=_quiet)
-    assert "ortho_similarity" in ortho["metrics"]["history"][-1]
+    assert "ortho_similarity" in ortho.metrics["history"][-1]
     ref, _ = load_checkpoint(tmp_path / "ref")
     data, _ = load_dataset("fashion-mnist", "test", 32, limit=128, seed=3)
-    sims = {name: mean_gradient_similarity(load_checkpoint(tmp_path / name)[0], ref, data)
-            for name in ("lam0", "lam10")}
+    sims = {
+        name: mean_gradient_similarity(load_checkpoint(tmp_path / name)[0], ref, data) for name in ("lam0", "lam10")
+    }
     assert sims["lam10"] < sims["lam0"] - 0.05, sims
-    assert base["metrics"]["history"][-1]["ortho_similarity"] > ortho["metrics"]["history"][-1]["ortho_similarity"]
+    assert base.metrics["history"][-1]["ortho_similarity"] > ortho.metrics["history"][-1]["ortho_similarity"]
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_with_gloo(tmp_path):
     """The same command under torchrun: 2 CPU processes, gloo backend, one checkpoint."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "keyedge",
-           "train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", "32",
-           "--epochs", "1", "--batch-size", "16", "--train-limit", "96", "--test-limit", "50", "-o", str(out),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "keyedge",
+        "train",
+        "-m",
+        "test_efficientnet",
+        "-d",
+        "fashion-mnist",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-limit",
+        "96",
+        "--test-limit",
+        "50",
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(out)
-    assert manifest["training"]["world_size"] == 2
-    assert manifest["metrics"]["test_images"] == 50, "evaluation must cover each test image exactly once"
+    assert manifest.training["world_size"] == 2
+    assert manifest.metrics["test_images"] == 50, "evaluation must cover each test image exactly once"
     assert proc.stdout.count("epoch 1/1") == 1, "only rank 0 reports"
 
 
@@ -148,9 +188,29 @@ def _clean_error(result, *fragments):
 def test_cli_train_eval_and_key_diversity_note(tmp_path, key4, make_key):
     key_path = key4.save(tmp_path / "k.bin")
     other = make_key(4).save(tmp_path / "other.bin")
-    args = ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", 32,
-            "--epochs", 1, "--batch-size", 32, "--train-limit", 64, "--test-limit", 32, "-k", key_path,
-            "-o", tmp_path / "run"]
+    args = [
+        "train",
+        "-m",
+        "test_efficientnet",
+        "-d",
+        "fashion-mnist",
+        "--weights",
+        "none",
+        "--image-size",
+        32,
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--train-limit",
+        64,
+        "--test-limit",
+        32,
+        "-k",
+        key_path,
+        "-o",
+        tmp_path / "run",
+    ]
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.stdout
@@ -164,20 +224,35 @@ def test_cli_train_eval_and_key_diversity_note(tmp_path, key4, make_key):
 
 
 def test_cli_train_bad_inputs(tmp_path, make_key):
-    base = ["train", "-d", "fashion-mnist", "--weights", "none", "--epochs", 1, "--train-limit", 16,
-            "--test-limit", 16]
+    base = ["train", "-d", "fashion-mnist", "--weights", "none", "--epochs", 1, "--train-limit", 16, "--test-limit", 16]
     _clean_error(_cli(*base, "-m", "efficientnet_lite", "-o", tmp_path / "a"), "unknown model", "did you mean")
-    _clean_error(_cli(*base, "-m", "test_efficientnet", "--image-size", 36, "-k", make_key(8).save(tmp_path / "k8"),
-                      "-o", tmp_path / "b"), "block size 8 does not divide")
+    _clean_error(
+        _cli(
+            *base,
+            "-m",
+            "test_efficientnet",
+            "--image-size",
+            36,
+            "-k",
+            make_key(8).save(tmp_path / "k8"),
+            "-o",
+            tmp_path / "b",
+        ),
+        "block size 8 does not divide",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
-    _clean_error(_cli("train", "-m", "test_efficientnet", "-d", f"imagefolder:{empty}", "--weights", "none",
-                      "-o", tmp_path / "c"))
+    _clean_error(
+        _cli(
+            "train", "-m", "test_efficientnet", "-d", f"imagefolder:{empty}", "--weights", "none", "-o", tmp_path / "c"
+        )
+    )
     evil = tmp_path / "evil.pth"
     torch.save({"x": torch.zeros(1), "code": print}, evil)
     _clean_error(_cli(*base, "-m", "test_efficientnet", "--weights", evil, "-o", tmp_path / "d"), "pickled")
-    _clean_error(_cli(*base, "-m", "test_efficientnet", "--finetune", "half", "-o", tmp_path / "e"),
-                 "unknown fine-tune mode")
+    _clean_error(
+        _cli(*base, "-m", "test_efficientnet", "--finetune", "half", "-o", tmp_path / "e"), "unknown fine-tune mode"
+    )
     assert not any((tmp_path / name).exists() for name in "abcde"), "no half-written checkpoint"
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "keyedge.json").write_text("garbage")

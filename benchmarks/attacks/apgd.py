@@ -53,14 +53,26 @@ class APGD(Attack):
     """
 
     norm = "Linf"
-    paper = ("Croce & Hein 2020, Reliable evaluation of adversarial robustness with an ensemble of diverse "
-             "parameter-free attacks")
+    paper = (
+        "Croce & Hein 2020, Reliable evaluation of adversarial robustness with an ensemble of diverse "
+        "parameter-free attacks"
+    )
     hyperparameters = ("loss_name", "eps", "steps", "restarts", "rho")
+    kind = "iterative"
+    budget = ("eps", "steps")
     loss_fn: LossFn = staticmethod(cross_entropy)
     loss_name = "ce"
 
-    def __init__(self, model: Models, *, eps: float = 8 / 255, steps: int = 100, restarts: int = 1,
-                 rho: float = 0.75, seed: int = 0):
+    def __init__(
+        self,
+        model: Models,
+        *,
+        eps: float = 8 / 255,
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        seed: int = 0,
+    ):
         super().__init__(model, seed=seed)
         check_positive("eps", eps, allow_zero=True)
         check_positive("steps", steps, integer=True)
@@ -83,8 +95,9 @@ class APGD(Attack):
             out[idx], fooled[idx], best_loss[idx] = adv[better], now_fooled[better], loss[better]
         return out
 
-    def _single_run(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _single_run(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One APGD run: (adversarial images, misclassified flags, best losses)."""
         n, eps, view = x.shape[0], self.eps, (-1,) + (1,) * (x.dim() - 1)
         lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
@@ -126,7 +139,7 @@ class APGD(Attack):
 
                 if i + 1 in marks:  # checkpoint: conditions 1 and 2 of the paper (Sec. 3.2)
                     k = i + 1 - last_mark
-                    increases = (losses[last_mark + 1:i + 2] > losses[last_mark:i + 1]).sum(0)
+                    increases = (losses[last_mark + 1 : i + 2] > losses[last_mark : i + 1]).sum(0)
                     halve = (increases <= k * self.rho) | (~reduced_last & (loss_best_last >= loss_best))
                     reduced_last, loss_best_last, last_mark = halve, loss_best.clone(), i + 1
                     step = torch.where(halve.view(view), step / 2, step)

@@ -32,8 +32,10 @@ def _load() -> Any:
     try:
         import pyautoattack
     except ImportError:
-        raise DependencyError("AutoAttack needs the optional package pyautoattack",
-                              "pip install pyautoattack  (or pip install 'keyedge[autoattack]')") from None
+        raise DependencyError(
+            "AutoAttack needs the optional package pyautoattack",
+            "pip install pyautoattack  (or pip install 'keyedge[autoattack]')",
+        ) from None
     return pyautoattack
 
 
@@ -71,12 +73,17 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     norm = "Linf"
-    paper = ("Croce & Hein 2020, Reliable evaluation of adversarial robustness with an ensemble of diverse "
-             "parameter-free attacks")
+    paper = (
+        "Croce & Hein 2020, Reliable evaluation of adversarial robustness with an ensemble of diverse "
+        "parameter-free attacks"
+    )
     hyperparameters = ("eps", "version", "attacks")
+    kind = "iterative"
+    budget = ("eps",)  # parameter-free: its own step schedules
 
-    def __init__(self, model: Models, *, eps: float = 8 / 255, norm: str = "Linf", version: str = "standard",
-                 seed: int = 0):
+    def __init__(
+        self, model: Models, *, eps: float = 8 / 255, norm: str = "Linf", version: str = "standard", seed: int = 0
+    ):
         super().__init__(model, seed=seed)
         self._module = _load()
         check_positive("eps", eps, allow_zero=True)
@@ -90,8 +97,9 @@ class AutoAttack(Attack):
         self.attacks = tuple(self._make("cpu").attacks_to_run)
 
     def _make(self, device: torch.device | str) -> Any:
-        attack = self._module.AutoAttack(self._target, eps=self.eps, norm=self.norm, version=self.version,
-                                         seed=self.seed, device=device)
+        attack = self._module.AutoAttack(
+            self._target, eps=self.eps, norm=self.norm, version=self.version, seed=self.seed, device=device
+        )
         attack.verbose = False
         return attack
 

@@ -1,6 +1,6 @@
 """The base class every attack derives from, the attack registry and ``parse_eps``.
 
-Contract (DESIGN §3, §10):
+Contract (docs/design.md §3, §10):
 
 * models map [0, 1] NCHW float images to logits; keyedge's :class:`~keyedge.models.KeyedModel`
   already holds the normalization and the key's shuffle, so attacks work in pixel space;
@@ -16,9 +16,10 @@ Contract (DESIGN §3, §10):
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
@@ -35,6 +36,10 @@ Models = nn.Module | Sequence[nn.Module]
 
 class AttackError(KeyedgeError, ValueError):
     """Bad attack arguments or inputs (a :class:`ValueError`, printed as one line by the CLI)."""
+
+
+#: What an attack is, for the harness: one gradient step, many steps in an eps-ball, or a few pixels / a patch.
+KINDS = ("single-step", "iterative", "localized")
 
 
 _EPS_TEXT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+)\s*)?$")
@@ -77,8 +82,11 @@ def _as_models(model: Models) -> tuple[nn.Module, ...]:
 class Attack:
     """Base class: an attack on one model, or on the sum of several models' losses (multi-key EoT).
 
-    Subclasses set ``name`` (registry key), ``norm``, ``paper`` and ``hyperparameters`` (the
-    attribute names :meth:`describe` reports) and implement :meth:`perturb`.
+    Subclasses set ``name`` (registry key), ``norm``, ``paper``, ``hyperparameters`` (the
+    attribute names :meth:`describe` reports), ``kind`` (one of :data:`KINDS`), ``budget`` (the
+    keyword arguments that set the perturbation budget and step schedule, which a harness passes)
+    and ``label_format`` (:meth:`label`, formatted with ``name`` and the hyperparameters), and
+    implement :meth:`perturb`.  The keyword arguments an attack takes are those of its ``__init__``.
 
     Shape:
         - images: ``(N, C, H, W)`` floats in [0, 1]; labels: ``(N,)`` int64 class indices.
@@ -89,12 +97,32 @@ class Attack:
     norm: ClassVar[str] = "Linf"
     paper: ClassVar[str] = ""
     hyperparameters: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = ""
+    budget: ClassVar[tuple[str, ...]] = ()
+    label_format: ClassVar[str] = "{name}"
 
     def __init__(self, model: Models, *, seed: int = 0):
         self.models = _as_models(model)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise AttackError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = seed
+
+    # -- what the attack takes ------------------------------------------------------------------------------------
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The keyword arguments ``__init__`` takes (``seed`` included), with their defaults."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    @classmethod
+    def accepts(cls, option: str) -> bool:
+        """Whether ``option`` is a keyword argument of this attack."""
+        return option in cls.options()
+
+    def label(self) -> str:
+        """A short human name of this attack and its budget for reports, e.g. ``"4-pixel"``."""
+        return self.label_format.format(name=self.name, **{k: getattr(self, k) for k in self.hyperparameters})
 
     # -- the attack itself ------------------------------------------------------------------------------------------
 
@@ -108,8 +136,15 @@ class Attack:
         with self.prepared():
             return self._finish(self.perturb(images, labels, self.generator(images.device)), images)
 
-    def run(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 128,
-            device: torch.device | str | None = None, progress: Callable[[int], Any] | None = None) -> torch.Tensor:
+    def run(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int = 128,
+        device: torch.device | str | None = None,
+        progress: Callable[[int], Any] | None = None,
+    ) -> torch.Tensor:
         """Attack a large tensor batch by batch; returns the adversarial images on ``images``' device.
 
         ``device`` (default: the first model's) is where batches are attacked; one generator
@@ -124,17 +159,17 @@ class Attack:
         generator = self.generator(target)
         with self.prepared():
             for start in range(0, images.shape[0], batch_size):
-                x = images[start:start + batch_size].to(target)
-                y = labels[start:start + batch_size].to(target)
-                out[start:start + x.shape[0]] = self._finish(self.perturb(x, y, generator), x).to(images.device)
+                x = images[start : start + batch_size].to(target)
+                y = labels[start : start + batch_size].to(target)
+                out[start : start + x.shape[0]] = self._finish(self.perturb(x, y, generator), x).to(images.device)
                 if progress is not None:
                     progress(start + x.shape[0])
         return out
 
     def describe(self) -> dict[str, Any]:
         """The attack's settings for reports (JSON-serializable)."""
-        info: dict[str, Any] = {"name": self.name, "class": type(self).__name__, "paper": self.paper,
-                                "norm": self.norm}
+        info: dict[str, Any] = {"name": self.name, "class": type(self).__name__, "paper": self.paper, "norm": self.norm}
+        info |= {"kind": self.kind, "label": self.label()}
         for key in self.hyperparameters:
             value = getattr(self, key)
             info[key] = list(value) if isinstance(value, tuple) else value
@@ -145,7 +180,9 @@ class Attack:
         return info
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k not in ("name", "class", "paper"))
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in self.describe().items() if k not in ("name", "class", "paper", "kind", "label")
+        )
         return f"{type(self).__name__}({args})"
 
     # -- helpers for subclasses -------------------------------------------------------------------------------------
@@ -173,8 +210,9 @@ class Attack:
             grad = g if grad is None else grad.add_(g)
         return grad
 
-    def loss_and_grad(self, x: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn = cross_entropy
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss_and_grad(
+        self, x: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn = cross_entropy
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-example loss summed over models, summed logits and the input gradient, all detached."""
         loss_sum = logits_sum = grad = None
         for m in self.models:
@@ -190,8 +228,9 @@ class Attack:
                 loss_sum, logits_sum, grad = loss_sum + loss, logits_sum + logits, grad.add_(g)
         return loss_sum, logits_sum, grad
 
-    def loss(self, x: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn = cross_entropy
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn = cross_entropy
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example loss summed over models and the summed logits, without gradients."""
         with torch.no_grad():
             loss_sum = logits_sum = None
@@ -229,15 +268,21 @@ class Attack:
     @staticmethod
     def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            raise AttackError(f"images must be a float tensor of shape (N, C, H, W), got "
-                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+            raise AttackError(
+                f"images must be a float tensor of shape (N, C, H, W), got "
+                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}"
+            )
         labels = torch.as_tensor(labels, device=images.device)
         if labels.shape != images.shape[:1] or labels.dtype.is_floating_point:
-            raise AttackError(f"labels must be {images.shape[0]} integer class indices, got shape "
-                              f"{tuple(labels.shape)} ({labels.dtype})")
+            raise AttackError(
+                f"labels must be {images.shape[0]} integer class indices, got shape "
+                f"{tuple(labels.shape)} ({labels.dtype})"
+            )
         if images.numel() and (images.min() < 0 or images.max() > 1):
-            raise AttackError("images must hold pixel values in [0, 1]",
-                              "attacks run before normalization; keyedge models normalize inside")
+            raise AttackError(
+                "images must hold pixel values in [0, 1]",
+                "attacks run before normalization; keyedge models normalize inside",
+            )
         return images.detach(), labels.long()
 
     @staticmethod
@@ -261,16 +306,57 @@ A = TypeVar("A", bound=type[Attack])
 
 
 def register(cls: A) -> A:
-    """Class decorator: add an attack to :data:`ATTACKS` under its ``name``."""
+    """Class decorator: add an attack to :data:`ATTACKS` under its ``name`` (its ``kind`` and ``budget`` checked)."""
     if cls.name in ATTACKS:
         raise ValueError(f"attack name {cls.name!r} registered twice")
+    if cls.kind not in KINDS:
+        raise ValueError(f"attack {cls.name!r} has kind {cls.kind!r}, not one of {', '.join(KINDS)}")
+    missing = [b for b in cls.budget if not cls.accepts(b)]
+    if not cls.budget or missing:
+        raise ValueError(f"attack {cls.name!r} declares budget {cls.budget} but takes no {', '.join(missing)}")
     ATTACKS[cls.name] = cls
     return cls
 
 
-def make_attack(name: str, model: Models, **kwargs: Any) -> Attack:
-    """Build a registered attack by name, e.g. ``make_attack("pgd", model, eps=8/255, steps=20)``."""
+def _kinds(kind: str | Iterable[str]) -> set[str]:
+    kinds = {kind} if isinstance(kind, str) else set(kind)
+    unknown = sorted(kinds - set(KINDS))
+    if unknown:
+        raise AttackError(f"unknown attack kind {', '.join(unknown)}", f"use {', '.join(KINDS)}")
+    return kinds
+
+
+def attack_names(kind: str | Iterable[str] | None = None) -> list[str]:
+    """Registered attack names in registry order, only those of ``kind`` (a kind or several) if given."""
+    kinds = set(KINDS) if kind is None else _kinds(kind)
+    return [name for name, cls in ATTACKS.items() if cls.kind in kinds]
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The registered class of ``name`` (case and ``_``/``-`` insensitive)."""
     key = name.strip().lower().replace("_", "-")
     if key not in ATTACKS:
         raise AttackError(f"unknown attack {name!r}", f"known attacks: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[key](model, **kwargs)
+    return ATTACKS[key]
+
+
+def budget_options(name: str, **candidates: Any) -> dict[str, Any]:
+    """The ``candidates`` that are budget parameters of attack ``name``, e.g. ``steps`` only for iterative attacks."""
+    budget = attack_class(name).budget
+    return {k: v for k, v in candidates.items() if k in budget}
+
+
+def make_attack(name: str, model: Models, **kwargs: Any) -> Attack:
+    """Build a registered attack by name, e.g. ``make_attack("pgd", model, eps=8/255, steps=20)``.
+
+    A keyword the attack does not take is refused with the ones it does, not silently dropped.
+    """
+    cls = attack_class(name)
+    accepted = cls.options()
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise AttackError(
+            f"attack {cls.name} takes no {', '.join(repr(k) for k in unknown)}",
+            f"it takes {', '.join(sorted(accepted))}",
+        )
+    return cls(model, **kwargs)

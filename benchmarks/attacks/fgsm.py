@@ -12,7 +12,7 @@ class FGSM(Attack):
     r"""Fast Gradient Sign Method, 'Explaining and Harnessing Adversarial Examples' (ICLR 2015).
 
     ``x_adv = clip_[0,1](x + eps * sign(grad_x L(x, y)))``, one gradient: the single-step
-    baseline every iterative attack must beat (DESIGN §10).
+    baseline every iterative attack must beat (docs/design.md §10).
 
     Distance measure: Linf.
 
@@ -34,6 +34,8 @@ class FGSM(Attack):
     norm = "Linf"
     paper = "Goodfellow et al. 2015, Explaining and Harnessing Adversarial Examples"
     hyperparameters = ("eps", "steps")
+    kind = "single-step"
+    budget = ("eps",)
     steps = 1
 
     def __init__(self, model: Models, *, eps: float = 8 / 255, seed: int = 0):

@@ -39,9 +39,12 @@ class IFGSM(Attack):
     norm = "Linf"
     paper = "Kurakin et al. 2017, Adversarial examples in the physical world"
     hyperparameters = ("eps", "alpha", "steps")
+    kind = "iterative"
+    budget = ("eps", "steps")
 
-    def __init__(self, model: Models, *, eps: float = 8 / 255, alpha: float | None = None, steps: int = 10,
-                 seed: int = 0):
+    def __init__(
+        self, model: Models, *, eps: float = 8 / 255, alpha: float | None = None, steps: int = 10, seed: int = 0
+    ):
         super().__init__(model, seed=seed)
         check_positive("eps", eps, allow_zero=True)
         check_positive("steps", steps, integer=True)

@@ -38,9 +38,19 @@ class MIFGSM(Attack):
     norm = "Linf"
     paper = "Dong et al. 2018, Boosting Adversarial Attacks with Momentum"
     hyperparameters = ("eps", "alpha", "steps", "decay")
+    kind = "iterative"
+    budget = ("eps", "steps")
 
-    def __init__(self, model: Models, *, eps: float = 8 / 255, alpha: float | None = None, steps: int = 10,
-                 decay: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        model: Models,
+        *,
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        steps: int = 10,
+        decay: float = 1.0,
+        seed: int = 0,
+    ):
         super().__init__(model, seed=seed)
         check_positive("eps", eps, allow_zero=True)
         check_positive("steps", steps, integer=True)

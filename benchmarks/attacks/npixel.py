@@ -9,10 +9,12 @@ from .base import Attack, AttackError, Models, check_positive, register
 Region = tuple[int, int, int, int]
 
 
-def distinct_others(shape: tuple[int, int], n: int, generator: torch.Generator, device: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distinct_others(
+    shape: tuple[int, int], n: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every member ``i`` of ``shape[0]`` populations of size ``n`` (``shape[1] == n``): three
     population indices, distinct from each other and from ``i``, uniformly, without a loop."""
+
     def draw(high: int) -> torch.Tensor:
         return torch.randint(0, high, shape, generator=generator, device=device)
 
@@ -75,10 +77,24 @@ class NPixel(Attack):
     norm = "L0"
     paper = "Su et al. 2019, One pixel attack for fooling deep neural networks"
     hyperparameters = ("pixels", "popsize", "steps", "f", "crossover", "region", "early_stop")
+    kind = "localized"
+    budget = ("pixels",)
+    label_format = "{pixels}-pixel"
 
-    def __init__(self, model: Models, *, pixels: int = 1, popsize: int = 400, steps: int = 100, f: float = 0.5,
-                 crossover: float | None = None, region: Region | None = None, early_stop: bool = True,
-                 eval_batch: int = 512, seed: int = 0):
+    def __init__(
+        self,
+        model: Models,
+        *,
+        pixels: int = 1,
+        popsize: int = 400,
+        steps: int = 100,
+        f: float = 0.5,
+        crossover: float | None = None,
+        region: Region | None = None,
+        early_stop: bool = True,
+        eval_batch: int = 512,
+        seed: int = 0,
+    ):
         super().__init__(model, seed=seed)
         check_positive("pixels", pixels, integer=True)
         check_positive("steps", steps, integer=True, allow_zero=True)
@@ -121,8 +137,9 @@ class NPixel(Attack):
         out.scatter_(2, pos[:, None, :].expand(m, c, pos.shape[1]), colours.transpose(1, 2).to(out.dtype))
         return out.view(m, c, height, width)
 
-    def _fitness(self, images: torch.Tensor, labels: torch.Tensor, genes: torch.Tensor, box: Region
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fitness(
+        self, images: torch.Tensor, labels: torch.Tensor, genes: torch.Tensor, box: Region
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(fitness, misclassified) of candidates ``genes`` ``(B, P, N, 2 + C)`` for images ``(B, ...)``."""
         b, p = genes.shape[:2]
         flat = genes.reshape(b * p, *genes.shape[2:])
@@ -131,8 +148,8 @@ class NPixel(Attack):
         fooled = torch.empty(b * p, dtype=torch.bool, device=images.device)
         with torch.no_grad():
             for s in range(0, b * p, self.eval_batch):
-                idx = owner[s:s + self.eval_batch]
-                x = self._apply(images[idx], flat[s:s + self.eval_batch], box)
+                idx = owner[s : s + self.eval_batch]
+                x = self._apply(images[idx], flat[s : s + self.eval_batch], box)
                 y = labels[idx]
                 prob = logits = None
                 for m in self.models:
@@ -140,8 +157,8 @@ class NPixel(Attack):
                     pz = z.softmax(1).gather(1, y[:, None]).squeeze(1)
                     prob = pz if prob is None else prob + pz
                     logits = z if logits is None else logits + z
-                fitness[s:s + x.shape[0]] = prob
-                fooled[s:s + x.shape[0]] = logits.argmax(1) != y
+                fitness[s : s + x.shape[0]] = prob
+                fooled[s : s + x.shape[0]] = logits.argmax(1) != y
         return fitness.view(b, p), fooled.view(b, p)
 
     # -- differential evolution -----------------------------------------------------------------------------------

@@ -51,9 +51,21 @@ class Patch(Attack):
     norm = "patch"
     paper = "Brown et al. 2017, Adversarial Patch; localized attacks as in the volumization paper"
     hyperparameters = ("fraction", "steps", "alpha", "location", "locations")
+    kind = "localized"
+    budget = ("fraction",)
+    label_format = "patch {fraction:.0%} of the area"
 
-    def __init__(self, model: Models, *, fraction: float = 0.05, steps: int = 50, alpha: float = 0.05,
-                 location: tuple[int, int] | None = None, locations: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        model: Models,
+        *,
+        fraction: float = 0.05,
+        steps: int = 50,
+        alpha: float = 0.05,
+        location: tuple[int, int] | None = None,
+        locations: int = 1,
+        seed: int = 0,
+    ):
         super().__init__(model, seed=seed)
         check_positive("fraction", fraction)
         if fraction > 1:

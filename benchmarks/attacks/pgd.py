@@ -8,8 +8,15 @@ import torch.nn.functional as F
 from .base import Attack, Models, check_positive, register
 
 
-def linf_steps(attack: Attack, labels: torch.Tensor, adv: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-               alpha: float, steps: int) -> torch.Tensor:
+def linf_steps(
+    attack: Attack,
+    labels: torch.Tensor,
+    adv: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    alpha: float,
+    steps: int,
+) -> torch.Tensor:
     """``steps`` signed-gradient ascent steps on the summed cross-entropy, each projected on ``[lo, hi]``.
 
     ``lo = max(x - eps, 0)`` and ``hi = min(x + eps, 1)`` fold the Linf ball and the [0, 1] box
@@ -30,8 +37,9 @@ def linf_steps(attack: Attack, labels: torch.Tensor, adv: torch.Tensor, lo: torc
     return adv
 
 
-def keep_worst(attack: Attack, x: torch.Tensor, labels: torch.Tensor, adv: torch.Tensor, restarts: int,
-               one_run) -> torch.Tensor:
+def keep_worst(
+    attack: Attack, x: torch.Tensor, labels: torch.Tensor, adv: torch.Tensor, restarts: int, one_run
+) -> torch.Tensor:
     """Run ``one_run(x_subset, labels_subset)`` again for examples not yet misclassified, ``restarts - 1`` times.
 
     Per example the result is the first run that misclassifies it, else the run with the highest
@@ -94,9 +102,20 @@ class PGD(Attack):
     norm = "Linf"
     paper = "Madry et al. 2018, Towards Deep Learning Models Resistant to Adversarial Attacks"
     hyperparameters = ("eps", "alpha", "steps", "random_start", "restarts")
+    kind = "iterative"
+    budget = ("eps", "steps")
 
-    def __init__(self, model: Models, *, eps: float = 8 / 255, alpha: float | None = None, steps: int = 20,
-                 random_start: bool = True, restarts: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        model: Models,
+        *,
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        steps: int = 20,
+        random_start: bool = True,
+        restarts: int = 1,
+        seed: int = 0,
+    ):
         super().__init__(model, seed=seed)
         check_positive("eps", eps, allow_zero=True)
         check_positive("steps", steps, integer=True)

@@ -46,9 +46,20 @@ class PGDL2(Attack):
     norm = "L2"
     paper = "Madry et al. 2018, Towards Deep Learning Models Resistant to Adversarial Attacks"
     hyperparameters = ("eps", "alpha", "steps", "random_start", "restarts")
+    kind = "iterative"
+    budget = ("eps", "steps")
 
-    def __init__(self, model: Models, *, eps: float = 0.5, alpha: float | None = None, steps: int = 20,
-                 random_start: bool = True, restarts: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        model: Models,
+        *,
+        eps: float = 0.5,
+        alpha: float | None = None,
+        steps: int = 20,
+        random_start: bool = True,
+        restarts: int = 1,
+        seed: int = 0,
+    ):
         super().__init__(model, seed=seed)
         check_positive("eps", eps, allow_zero=True)
         check_positive("steps", steps, integer=True)
@@ -71,8 +82,9 @@ class PGDL2(Attack):
             if self.random_start:
                 direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 direction.div_(_l2(direction).clamp_min_(1e-12))
-                u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device,
-                               dtype=x.dtype)
+                u = torch.rand(
+                    (x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype
+                )
                 adv = self._project(x, adv.add_(direction.mul_(u.pow_(1.0 / x[0].numel()) * self.eps)))
             for _ in range(self.steps):
                 grad = self.input_grad(adv, y)

@@ -1,6 +1,6 @@
 """``keyedge bench``: latency of exported artifacts on a device profile, and the regression gate.
 
-``keyedge bench latency DIR...`` times every artifact of the export directories
+``keyedge bench latency DIR... [--profile devices/X.toml]`` times every artifact of the export directories
 given, interleaved, and reports keyed/plain, gather/fold and runtime ratios;
 ``keyedge bench regress --baseline B.json --current C.json`` exits 1 on a regression.
 """
@@ -12,45 +12,76 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console, err_console
+from keyedge.cli._flags import retired
 
-bench_app = typer.Typer(help="Benchmark exported artifacts on a device profile; gate latency regressions.",
-                        no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmark exported artifacts on a device profile; gate latency regressions.", no_args_is_help=True
+)
 
 
 @bench_app.command("latency")
 def latency(
-    paths: list[Path] = typer.Argument(..., help="Export directories (OUT/<model>-<fingerprint>/), artifact files, or "
-                                             "checkpoint directories (torch runtime)."),
-    device: Path | None = typer.Option(None, "--device", "-d", help="Device profile TOML (default: devices/cpu-x86.toml, "
-                                          "or a built-in CPU profile)."),
+    paths: list[Path] = typer.Argument(
+        ...,
+        help="Export directories (OUT/<model>-<fingerprint>/), artifact files, or "
+        "checkpoint directories (torch runtime).",
+    ),
+    profile_path: Path | None = typer.Option(
+        None, "--profile", help="Device profile TOML (default: devices/cpu-x86.toml, or a built-in CPU profile)."
+    ),
+    old_device: str | None = retired(
+        "--device",
+        "-d",
+        message="bench latency takes no --device (-d): device profiles are --profile",
+        hint="pass --profile devices/<device>.toml (its [[runtime]] entries choose the devices)",
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per runtime (default: the profile's)."),
-    min_seconds: float | None = typer.Option(None, "--min-seconds", min=0.0, help="Minimum timed seconds per artifact."),
-    min_iterations: int | None = typer.Option(None, "--min-iterations", min=1, help="Minimum timed inferences per artifact."),
+    min_seconds: float | None = typer.Option(
+        None, "--min-seconds", min=0.0, help="Minimum timed seconds per artifact."
+    ),
+    min_iterations: int | None = typer.Option(
+        None, "--min-iterations", min=1, help="Minimum timed inferences per artifact."
+    ),
     warmup: int | None = typer.Option(None, "--warmup", min=0, help="Untimed inferences after the first one."),
     rounds: int | None = typer.Option(None, "--rounds", min=1, help="Interleaved rounds aimed for."),
-    batch: list[int] | None = typer.Option(None, "--batch", "-b", min=1, help="Batch sizes for dynamic-batch artifacts "
-                                              "(repeatable; default: the profile's)."),
-    key_files: list[Path] | None = typer.Option(None, "--key-file", "-k", help="Key of a keyed checkpoint for the "
-                                                  "torch runtime (repeatable; matched by fingerprint, never recorded)."),
+    batch: list[int] | None = typer.Option(
+        None,
+        "--batch",
+        "-b",
+        min=1,
+        help="Batch sizes for dynamic-batch artifacts (repeatable; default: the profile's).",
+    ),
+    key_files: list[Path] | None = typer.Option(
+        None,
+        "--key-file",
+        "-k",
+        help="Key of a keyed checkpoint for the torch runtime (repeatable; matched by fingerprint, never recorded).",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the keyedge-latency/1 JSON report here."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown report here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
-    """Time artifacts (load, first inference, steady state, throughput, memory), interleaved, with keyed/plain ratios."""
+    """Time artifacts (load, first and steady inference, throughput, memory), interleaved, with keyed/plain ratios."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile, load_profile
-
     from keyedge.keys import load_key
 
-    profile = load_profile(device) if device is not None else builtin_profile()
+    profile = load_profile(profile_path) if profile_path is not None else builtin_profile()
     keys = [load_key(path) for path in key_files or []]
-    settings = BenchSettings(threads=threads, min_seconds=min_seconds, min_iterations=min_iterations, warmup=warmup,
-                             rounds=rounds, batch_sizes=list(batch) if batch else None)
+    settings = BenchSettings(
+        threads=threads,
+        min_seconds=min_seconds,
+        min_iterations=min_iterations,
+        warmup=warmup,
+        rounds=rounds,
+        batch_sizes=list(batch) if batch else None,
+    )
     if progress:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console,
-                      transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True
+        ) as bar:
             report = run_latency(paths, profile, settings, progress=bar, keys=keys)
     else:
         report = run_latency(paths, profile, settings, keys=keys)
@@ -65,13 +96,28 @@ def latency(
 
 @bench_app.command("regress")
 def regress(
-    baseline: Path | None = typer.Option(None, "--baseline", help="Baseline keyedge-latency/1 JSON report (without "
-                                         "one only the current report's keyed/plain and gather/fold ratios are gated)."),
+    baseline: Path | None = typer.Option(
+        None,
+        "--baseline",
+        help="Baseline keyedge-latency/1 JSON report (without "
+        "one only the current report's keyed/plain and gather/fold ratios are gated).",
+    ),
     current: Path = typer.Option(..., "--current", help="Current keyedge-latency/1 JSON report."),
-    device: Path | None = typer.Option(None, "--device", "-d", help="Profile whose [thresholds] apply "
-                                          "(default: those recorded in the current report)."),
-    only: list[str] | None = typer.Option(None, "--only", help="Gate only these checks (repeatable): p50, ratio, "
-                                            "accuracy. Use --only ratio across machines: absolute times differ."),
+    profile_path: Path | None = typer.Option(
+        None, "--profile", help="Profile whose [thresholds] apply (default: those recorded in the current report)."
+    ),
+    old_device: str | None = retired(
+        "--device",
+        "-d",
+        message="bench regress takes no --device (-d): the thresholds' device profile is --profile",
+        hint="pass --profile devices/<device>.toml",
+    ),
+    only: list[str] | None = typer.Option(
+        None,
+        "--only",
+        help="Gate only these checks (repeatable): p50, ratio, "
+        "accuracy. Use --only ratio across machines: absolute times differ.",
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the gate's result as JSON here."),
 ) -> None:
     """Fail (exit 1) when p50 latency, a keyed/plain ratio or accuracy regressed past the profile's thresholds."""
@@ -85,9 +131,13 @@ def regress(
     unknown = sorted(set(only or ()) - set(GATED))
     if unknown:
         raise KeyedgeError(f"unknown check {', '.join(unknown)} for --only", f"use {', '.join(GATED)}")
-    thresholds = load_profile(device).thresholds if device is not None else None
-    result = compare(LatencyReport.load(baseline) if baseline is not None else None, LatencyReport.load(current),
-                     thresholds, checks=tuple(only or GATED))
+    thresholds = load_profile(profile_path).thresholds if profile_path is not None else None
+    result = compare(
+        LatencyReport.load(baseline) if baseline is not None else None,
+        LatencyReport.load(current),
+        thresholds,
+        checks=tuple(only or GATED),
+    )
     result.print_rich(console)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -98,47 +148,65 @@ def regress(
 @bench_app.command("robustness")
 def robustness(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (or directories holding several)."),
-    key_file: list[Path] | None = typer.Option(None, "--key-file", "-k", help="Key file (repeatable); matched to "
-                                                 "checkpoints by fingerprint. Every key is also a key-diversity column."),
+    key_file: list[Path] | None = typer.Option(
+        None,
+        "--key-file",
+        "-k",
+        help="Key file (repeatable); matched to checkpoints by fingerprint. Every key is also a key-diversity column.",
+    ),
     keys: Path | None = typer.Option(None, "--keys", help="Directory of key files."),
     data: str = typer.Option("fashion-mnist", "--data", "-d", help="Test data (as for train)."),
     limit: int = typer.Option(500, "--limit", min=1, help="Test images (class-stratified, seeded)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the test subset and the attacks."),
-    attack: str = typer.Option("pgd", "--attack", help="Attack crafting the adversarial sets: pgd, apgd-ce, "
-                                                       "apgd-dlr, mifgsm, ifgsm, fgsm, pgdl2, autoattack."),
-    eps: str = typer.Option("16/255", "--eps", help="Budget, e.g. 8/255 (Fashion-MNIST needs 16/255 for white-box "
-                                                    "PGD to reach ~0)."),
+    attack: str = typer.Option(
+        "pgd",
+        "--attack",
+        help="Attack crafting the adversarial sets: pgd, apgd-ce, apgd-dlr, mifgsm, ifgsm, fgsm, pgdl2, autoattack.",
+    ),
+    eps: str = typer.Option(
+        "16/255", "--eps", help="Budget, e.g. 8/255 (Fashion-MNIST needs 16/255 for white-box PGD to reach ~0)."
+    ),
     steps: int = typer.Option(20, "--steps", min=1, help="Attack steps."),
-    sweep_eps: str = typer.Option("0,2/255,4/255,8/255,16/255", "--sweep-eps", help="Budgets of the eps sweep "
-                                                                                     "(comma-separated; '' for none)."),
+    sweep_eps: str = typer.Option(
+        "0,2/255,4/255,8/255,16/255", "--sweep-eps", help="Budgets of the eps sweep (comma-separated; '' for none)."
+    ),
     sweep_limit: int = typer.Option(200, "--sweep-limit", min=1, help="Images in the eps sweep."),
     gradient_limit: int = typer.Option(128, "--gradient-limit", min=1, help="Images for gradient similarity."),
     eot_max: int = typer.Option(0, "--eot-max", min=0, help="Surrogates summed in multi-key EoT (0: all, >= 2 used)."),
-    artifacts: list[Path] | None = typer.Option(None, "--artifacts", "-a", help="Export directories of evaluated "
-                                                   "checkpoints: classify the adversarial images with them too."),
-    localized: str = typer.Option("", "--localized", help="Localized attacks, white-box on every model, e.g. "
-                                                          "'npixel:1,npixel:4,npixel:16,patch:0.05,patch:0.25'."),
+    artifacts: list[Path] | None = typer.Option(
+        None,
+        "--artifacts",
+        "-a",
+        help="Export directories of evaluated checkpoints: classify the adversarial images with them too.",
+    ),
+    localized: str = typer.Option(
+        "",
+        "--localized",
+        help="Localized attacks, white-box on every model, e.g. 'npixel:1,npixel:4,npixel:16,patch:0.05,patch:0.25'.",
+    ),
     localized_limit: int = typer.Option(100, "--localized-limit", min=1, help="Images for the localized attacks."),
-    npixel_popsize: int = typer.Option(50, "--npixel-popsize", min=4, help="N-pixel: differential-evolution "
-                                                                           "population (Su et al.: 400)."),
+    npixel_popsize: int = typer.Option(
+        50, "--npixel-popsize", min=4, help="N-pixel: differential-evolution population (Su et al.: 400)."
+    ),
     npixel_steps: int = typer.Option(20, "--npixel-steps", min=0, help="N-pixel: generations (Su et al.: 100)."),
     batch_size: int = typer.Option(100, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, mps or auto."),
+    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:N or mps."),
     out: Path = typer.Option(Path("reports/robustness"), "--out", "-o", help="Report directory (JSON, markdown, PNG)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
 ) -> None:
     """Attack keyed models: white-box sanity, non-adaptive, adaptive, multi-key EoT; matrices, sweeps, artifacts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from keyedge.benchmarks.attacks import ATTACKS, parse_eps
+    from keyedge.benchmarks.attacks import attack_names, parse_eps
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
+    from keyedge.checkpoint import find_checkpoints
     from keyedge.errors import KeyedgeError, OutputError
-    from keyedge.export import find_checkpoints, load_keys
+    from keyedge.keys import load_keys
     from keyedge.train import resolve_device
 
-    if attack not in ATTACKS or attack in ("npixel", "patch"):
-        raise KeyedgeError(f"unknown attack {attack!r} for the scenarios",
-                           f"use one of {', '.join(a for a in ATTACKS if a not in ('npixel', 'patch'))}")
+    scenario_attacks = attack_names(kind=("single-step", "iterative"))  # localized ones go in --localized
+    if attack not in scenario_attacks:
+        raise KeyedgeError(f"unknown attack {attack!r} for the scenarios", f"use one of {', '.join(scenario_attacks)}")
     from keyedge.benchmarks.robustness import parse_localized
 
     budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
@@ -151,26 +219,50 @@ def robustness(
         raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
-    config = RobustnessConfig(data=data, limit=limit, seed=seed, attack=attack, eps=eps, steps=steps,
-                              sweep_eps=budgets, sweep_limit=sweep_limit, gradient_limit=gradient_limit, eot_max=eot_max,
-                              batch_size=batch_size, device=str(resolve_device(device)),
-                              artifacts=[str(a) for a in artifacts or []], localized=local,
-                              localized_limit=localized_limit, npixel_popsize=npixel_popsize,
-                              npixel_steps=npixel_steps)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
+    config = RobustnessConfig(
+        data=data,
+        limit=limit,
+        seed=seed,
+        attack=attack,
+        eps=eps,
+        steps=steps,
+        sweep_eps=budgets,
+        sweep_limit=sweep_limit,
+        gradient_limit=gradient_limit,
+        eot_max=eot_max,
+        batch_size=batch_size,
+        device=str(resolve_device(device)),
+        artifacts=[str(a) for a in artifacts or []],
+        localized=local,
+        localized_limit=localized_limit,
+        npixel_popsize=npixel_popsize,
+        npixel_steps=npixel_steps,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+
         def progress(label: str, total: int):
             task = bar.add_task(label, total=total)
             return lambda done: bar.update(task, completed=done)
 
-        report = run_robustness(paths, key_list, config, progress=progress,
-                                log=lambda line: err_console.print(line, markup=False))
+        report = run_robustness(
+            paths, key_list, config, progress=progress, log=lambda line: err_console.print(line, markup=False)
+        )
     report.print_rich(console)
     report.write(out, overwrite=overwrite)
     err_console.print(f"wrote {out}/robustness.json, robustness.md and plots", markup=False)
     if not report.sanity["passed"]:
-        err_console.print("warning: the white-box sanity check failed; the robust accuracies above are not "
-                          "trustworthy (see the trust checks)", markup=False)
+        err_console.print(
+            "warning: the white-box sanity check failed; the robust accuracies above are not "
+            "trustworthy (see the trust checks)",
+            markup=False,
+        )
 
 
 @bench_app.command("compute-plan")
@@ -196,8 +288,14 @@ def compute_plan(
         table.add_column(h)
     for i, r in enumerate(rows):
         if r["op"] != "const":
-            table.add_row(str(i), r["op"], r["output"], str(r["preferred"]), ",".join(r["supported"]),
-                          "-" if r["cost"] is None else f"{r['cost']:.4f}")
+            table.add_row(
+                str(i),
+                r["op"],
+                r["output"],
+                str(r["preferred"]),
+                ",".join(r["supported"]),
+                "-" if r["cost"] is None else f"{r['cost']:.4f}",
+            )
     console.print(table)
     by_device = Counter(r["preferred"] for r in rows if r["op"] != "const")
     console.print("ops per preferred device: " + ", ".join(f"{d}: {n}" for d, n in by_device.items()), markup=False)

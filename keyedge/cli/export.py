@@ -3,40 +3,58 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from keyedge.cli._console import console
+from keyedge.cli._flags import retired
 
 
 def export(
-    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable)."),
-    runs: Optional[Path] = typer.Option(None, "--runs", help="Directory of checkpoints: export each of them."),
-    key_file: Optional[List[Path]] = typer.Option(None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."),
-    keys: Optional[Path] = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
-    target: List[str] = typer.Option(["onnx"], "--target", "-t", help="onnx, openvino, coreml or all (repeatable)."),
-    fuse: str = typer.Option("gather", "--fuse", help="gather (one Gather op), fold (into a patchify first layer, when "
-                             "exact), conv (space-to-depth + 1x1 permutation conv: no gather) or auto (fold where exact, "
-                             "else conv for CoreML and gather elsewhere)."),
+    checkpoint: list[Path] | None = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable)."),
+    runs: Path | None = typer.Option(None, "--runs", help="Directory of checkpoints: export each of them."),
+    key_file: list[Path] | None = typer.Option(
+        None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."
+    ),
+    keys: Path | None = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
+    target: list[str] = typer.Option(["onnx"], "--target", "-t", help="onnx, openvino, coreml or all (repeatable)."),
+    fuse: str = typer.Option(
+        "gather",
+        "--fuse",
+        help="gather (one Gather op), fold (into a patchify first layer, when "
+        "exact), conv (space-to-depth + 1x1 permutation conv: no gather) or auto (fold where exact, "
+        "else conv for CoreML and gather elsewhere).",
+    ),
     batch: int = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (I/O stays float32)."),
-    out: Path = typer.Option(Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key."),
+    out: Path = typer.Option(
+        Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing artifact directories."),
-    force: bool = typer.Option(False, "--force", help="Export even if the key's fingerprint differs from the checkpoint's."),
+    allow_key_mismatch: bool = typer.Option(
+        False, "--allow-key-mismatch", help="Export even if the key's fingerprint differs from the checkpoint's."
+    ),
+    old_force: bool = retired(
+        "--force", message="--force no longer allows a key mismatch", hint="use --allow-key-mismatch", flag=True
+    ),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the PyTorch model (default on)."),
-    template: bool = typer.Option(True, "--template/--no-template", help="Several keys of one architecture: trace once, "
-                                  "write each key's ONNX/OpenVINO artifact from that template."),
+    template: bool = typer.Option(
+        True,
+        "--template/--no-template",
+        help="Several keys of one architecture: trace once, "
+        "write each key's ONNX/OpenVINO artifact from that template.",
+    ),
 ) -> None:
     """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
+    from keyedge.checkpoint import find_checkpoints
     from keyedge.errors import KeyedgeError
-    from keyedge.export import ExportSettings, export_many, find_checkpoints, plan_requests
+    from keyedge.export import ExportSettings, export_many, plan_requests
     from keyedge.exporters import backend_names, get_backend
 
     targets: list[str] = []
     for name in target:
-        for t in (backend_names() if name == "all" else [name]):
+        for t in backend_names() if name == "all" else [name]:
             get_backend(t)  # unknown target: a clear error before any work
             if t not in targets:
                 targets.append(t)
@@ -44,10 +62,18 @@ def export(
         raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable) or --runs DIR")
     checkpoints = list(checkpoint or []) + (find_checkpoints(runs) if runs is not None else [])
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])
-    requests = plan_requests(checkpoints, key_paths, force=force)
-    settings = ExportSettings(targets=targets, out=out, fuse=fuse, batch=None if dynamic_batch else batch,
-                              precision=precision, verify=verify, overwrite=overwrite, template=template,
-                              log=lambda line: console.print(line, markup=False))
+    requests = plan_requests(checkpoints, key_paths, allow_key_mismatch=allow_key_mismatch)
+    settings = ExportSettings(
+        targets=targets,
+        out=out,
+        fuse=fuse,
+        batch=None if dynamic_batch else batch,
+        precision=precision,
+        verify=verify,
+        overwrite=overwrite,
+        template=template,
+        log=lambda line: console.print(line, markup=False),
+    )
     export_many(requests, settings)
 
 

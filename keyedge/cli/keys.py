@@ -11,24 +11,36 @@ from rich.table import Table
 from keyedge.cli._console import console, err_console
 from keyedge.keys import Key, insecure_permissions, load_key
 
-key_app = typer.Typer(help="Inspect and import secret key files.", no_args_is_help=True,
-                      context_settings={"help_option_names": ["-h", "--help"]})
+key_app = typer.Typer(
+    help="Inspect and import secret key files.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 def _saved(key: Key, out: Path) -> None:
     moved = "all moved" if key.fixed_points == 0 else f"{key.moved_fraction:.1%} moved"
-    console.print(f"wrote [bold]{out}[/] (mode 0600): block size {key.block_size}, fingerprint "
-                  f"[bold]{key.fingerprint}[/], {key.size} values per block, {moved}")
+    console.print(
+        f"wrote [bold]{out}[/] (mode 0600): block size {key.block_size}, fingerprint "
+        f"[bold]{key.fingerprint}[/], {key.size} values per block, {moved}"
+    )
     console.print("keep this file secret: whoever holds it can attack the models made with it")
 
 
 def keygen(
     out: Path = typer.Option(..., "--out", "-o", help="Key file to create (written with mode 0600)."),
-    block_size: int = typer.Option(4, "--block-size", "-b", min=1, max=128,
-                                   help="Block size P; must divide the model's input size (and its patch size to fold)."),
+    block_size: int = typer.Option(
+        4,
+        "--block-size",
+        "-b",
+        min=1,
+        max=128,
+        help="Block size P; must divide the model's input size (and its patch size to fold).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (the old key is lost)."),
-    allow_fixed_points: bool = typer.Option(False, "--allow-fixed-points",
-                                            help="Do not require every position to move (weaker; not recommended)."),
+    allow_fixed_points: bool = typer.Option(
+        False, "--allow-fixed-points", help="Do not require every position to move (weaker; not recommended)."
+    ),
 ) -> None:
     """Generate a new secret key file from 256 bits of OS randomness."""
     key = Key.generate(block_size, derangement=not allow_fixed_points)
@@ -43,17 +55,22 @@ def show(
     """Show a key's version, block size, fingerprint and strength; never the secret unless --reveal."""
     key = load_key(key_file)
     if insecure_permissions(key_file):
-        err_console.print(f"warning: {key_file} is readable by others; run: chmod 600 {key_file}",
-                          markup=False)
+        err_console.print(f"warning: {key_file} is readable by others; run: chmod 600 {key_file}", markup=False)
     info = key.describe(reveal=reveal)
     if as_json:
         print(json.dumps(info, indent=2))
         return
     table = Table(title=str(key_file), show_header=False, title_justify="left")
     labels = {
-        "format_version": "format version", "block_size": "block size", "channels": "channels",
-        "source": "source", "fingerprint": "fingerprint", "permutation_length": "values per block",
-        "fixed_points": "fixed points", "moved_fraction": "positions moved", "key_space_bits": "key space (bits)",
+        "format_version": "format version",
+        "block_size": "block size",
+        "channels": "channels",
+        "source": "source",
+        "fingerprint": "fingerprint",
+        "permutation_length": "values per block",
+        "fixed_points": "fixed points",
+        "moved_fraction": "positions moved",
+        "key_space_bits": "key space (bits)",
     }
     for field, label in labels.items():
         value = info[field]
@@ -66,14 +83,19 @@ def show(
 def import_seed(
     seed: int = typer.Argument(..., min=0, help="Integer seed of the reference code's key."),
     out: Path = typer.Option(..., "--out", "-o", help="Key file to create (mode 0600)."),
-    block_size: int = typer.Option(..., "--block-size", "-b", min=1, max=128, help="Block size P the key was used with."),
+    block_size: int = typer.Option(
+        ..., "--block-size", "-b", min=1, max=128, help="Block size P the key was used with."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Import a reference-code key: the permutation torch.manual_seed(SEED); torch.randperm(3*P*P)."""
     key = Key.from_seed(seed, block_size)
     _saved(key, key.save(out, overwrite=force))
-    err_console.print("note: an integer seed holds at most 64 bits and small seeds are guessable; "
-                      "prefer `keyedge keygen` for new deployments", markup=False)
+    err_console.print(
+        "note: an integer seed holds at most 64 bits and small seeds are guessable; "
+        "prefer `keyedge keygen` for new deployments",
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -10,8 +10,9 @@ from keyedge.cli._console import console, err_console
 
 
 def quickstart(
-    out: Path = typer.Option(Path("quickstart"), "--out", "-o", help="Directory for keys, checkpoints, artifacts "
-                                                                      "and the report."),
+    out: Path = typer.Option(
+        Path("quickstart"), "--out", "-o", help="Directory for keys, checkpoints, artifacts and the report."
+    ),
     fast: bool = typer.Option(False, "--fast", help="Fewer images and steps: the same pipeline in about a minute."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty OUT."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
@@ -26,8 +27,14 @@ def quickstart(
     prepare_out(out, overwrite)  # fail before any work
     log = lambda line: err_console.print(line, markup=False)  # noqa: E731
     if progress:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err_console, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
             summary = run_quickstart(out, config, log=log, progress=bar, overwrite=True)
     else:
         summary = run_quickstart(out, config, log=log, overwrite=True)

@@ -31,11 +31,13 @@ def shuffle(
     result = HostShuffle.from_key(key, (height, width), inverse=inverse).image(pixels)
     write_image(out, result, overwrite=force)
     verb = "un-shuffled" if inverse else "shuffled"
-    console.print(f"wrote {out} ({width}x{height}, {verb} with key {key.fingerprint}, block size {key.block_size})",
-                  markup=False)
+    console.print(
+        f"wrote {out} ({width}x{height}, {verb} with key {key.fingerprint}, block size {key.block_size})", markup=False
+    )
     if out.suffix.lower() not in LOSSLESS_SUFFIXES:
-        err_console.print(f"note: {out.suffix} is lossy, so {out} cannot be un-shuffled exactly; use .png",
-                          markup=False)
+        err_console.print(
+            f"note: {out.suffix} is lossy, so {out} cannot be un-shuffled exactly; use .png", markup=False
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,8 @@
-"""Fleet-scale export: trace and convert once per architecture, then write each key's artifact from the template.
+"""Fleet templates: trace and convert once per architecture, then write each key's artifact from the template.
+
+A backend that can write from a template says so (``ExportBackend.supports_template``) and
+implements ``export_from_template``; :func:`keyedge.export.export_many` builds one
+:class:`OnnxTemplate` per architecture and asks each backend.
 
 One-key-one-model means exporting the same architecture for many keys.  A full
 export traces the module and runs the converter every time; but keyed models of
@@ -35,8 +39,7 @@ import torch
 from torch import nn
 
 from keyedge.deps import require
-
-TEMPLATE_TARGETS = ("onnx", "openvino")
+from keyedge.exporters.base import Quiet
 
 
 def module_tensors(module: nn.Module) -> dict[str, np.ndarray]:
@@ -56,16 +59,21 @@ class OnnxTemplate:
     output_name: str
 
     @classmethod
-    def build(cls, module: nn.Module, options) -> "OnnxTemplate":
-        from keyedge.exporters.base import Quiet
-
+    def build(cls, module: nn.Module, options) -> OnnxTemplate:
         onnx_ir = require("onnx_ir", extra="onnx")
         onnx = require("onnx", extra="onnx")
         dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
         with Quiet():
-            program = torch.onnx.export(module, (options.example_input(),), dynamo=True, optimize=False,
-                                        verbose=False, dynamic_shapes=dynamic, input_names=[options.input_name],
-                                        output_names=[options.output_name])
+            program = torch.onnx.export(
+                module,
+                (options.example_input(),),
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+                dynamic_shapes=dynamic,
+                input_names=[options.input_name],
+                output_names=[options.output_name],
+            )
         proto = onnx_ir.serde.serialize_model(program.model)
         numpy_helper = onnx.numpy_helper
         signature = {}
@@ -84,8 +92,19 @@ class OnnxTemplate:
         used = {k for k in tensors if not k.endswith("num_batches_tracked")}  # a counter no graph reads
         if not named or used - set(self.signature):
             return False
-        return all(tuple(tensors[k].shape) == shape and str(tensors[k].dtype) == dtype
-                   for k, (shape, dtype) in named.items())
+        return all(
+            tuple(tensors[k].shape) == shape and str(tensors[k].dtype) == dtype for k, (shape, dtype) in named.items()
+        )
+
+    @classmethod
+    def for_module(
+        cls, cache: dict[tuple, OnnxTemplate], ident: tuple, module: nn.Module, options
+    ) -> OnnxTemplate | None:
+        """The cached template of ``ident`` (built from ``module`` the first time), if ``module`` fits it."""
+        if ident not in cache:
+            cache[ident] = cls.build(module, options)
+        template = cache[ident]
+        return template if template.fits(module_tensors(module)) else None
 
     def instantiate(self, module: nn.Module, path: Path, options) -> list[Path]:
         """Write ``module``'s artifact at ``path``: the template with its tensors, checked."""
@@ -96,12 +115,27 @@ class OnnxTemplate:
             if init.name in tensors:
                 init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(tensors[init.name]), init.name))
         props = {p.key: p.value for p in proto.metadata_props}
-        props.update({"keyedge.precision": options.precision, "keyedge.exporter": "fleet-template",
-                      "keyedge.batch": "dynamic" if options.dynamic else str(options.batch)})
+        props.update(
+            {
+                "keyedge.precision": options.precision,
+                "keyedge.exporter": "fleet-template",
+                "keyedge.batch": "dynamic" if options.dynamic else str(options.batch),
+            }
+        )
         onnx.helper.set_model_props(proto, props)
         onnx.save(proto, str(path))
         onnx.checker.check_model(str(path))
         return [path]
+
+
+def openvino_from_template(template: OnnxTemplate, module: nn.Module, xml_path: Path, options) -> list[Path]:
+    """A key's OpenVINO IR from the template, through a scratch ONNX file beside it (removed after)."""
+    scratch = xml_path.with_name(f".{xml_path.stem}.template.onnx")
+    try:
+        template.instantiate(module, scratch, options)
+        return openvino_from_onnx(scratch, xml_path, options)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def openvino_from_onnx(onnx_path: Path, xml_path: Path, options) -> list[Path]:

@@ -1,0 +1,262 @@
+"""The export manifest (``manifest.json`` of ``OUT/<model>-<fingerprint>/``): written, read and validated here.
+
+Schema ``keyedge-artifact/1`` (``docs/artifact.schema.json``).  :meth:`ArtifactManifest.read`
+checks every field a reader uses -- types, ranges, that file paths stay inside the
+directory, that targets are known -- and raises one :class:`~keyedge.validate.ManifestError`
+naming the file and the field otherwise.  Manifests written before the ``schema`` field
+(``"format": "keyedge-artifacts", "version": 1``) read the same.  The key itself is never
+in a manifest: only its fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
+
+MANIFEST = "manifest.json"
+FORMAT = "keyedge-artifacts"  # the pre-schema spelling
+SCHEMA = "keyedge-artifact/1"
+HINT = "the artifact directory is corrupted or was hand-edited; export it again"
+MAX_BATCH = 1 << 16
+
+
+@dataclass
+class TargetRecord:
+    """One target's artifact: its files (paths relative to the directory), graph, interface and parity."""
+
+    fuse: str
+    files: list[dict[str, str]]  # {"path", "sha256"}
+    graph: dict[str, Any] = field(default_factory=dict)
+    io: dict[str, Any] = field(default_factory=dict)
+    source: str = "full-export"
+    parity: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fuse": self.fuse,
+            "files": self.files,
+            "graph": self.graph,
+            "io": self.io,
+            "source": self.source,
+            "parity": self.parity,
+        }
+
+
+@dataclass
+class ArtifactManifest:
+    """What an export directory holds, for which key (by fingerprint) and how it was verified."""
+
+    model: dict[str, Any]  # name, family, num_classes, classes, weights
+    fingerprint: str | None
+    block_size: int | None
+    fuse: str
+    precision: str
+    input: dict[str, Any]  # name, shape [B or -1, 3, S, S], dtype, layout, range, channels
+    output: dict[str, Any]
+    targets: dict[str, TargetRecord]
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # path, manifest_sha256, epoch, test_accuracy
+    defense: dict[str, Any] | None = None
+    finetune: str = "full"
+    lora_merged: bool = False
+    fuse_requested: str | None = None
+    fuse_note: str | None = None
+    key_note: str | None = None
+    normalization: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    directory: Path | None = field(default=None, compare=False)  # where it was read from (not written)
+
+    # ---- what readers ask ---------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.model["name"]
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch size, or None for a dynamic batch."""
+        first = self.input["shape"][0]
+        return first if first > 0 else None
+
+    @property
+    def image_size(self) -> int:
+        return self.input["shape"][-1]
+
+    @property
+    def defense_name(self) -> str:
+        return self.defense["name"] if self.defense else "keyed"
+
+    @property
+    def role(self) -> str:
+        from keyedge.defenses import get_defense
+
+        return get_defense(self.defense_name).role(self.fingerprint)
+
+    @property
+    def test_accuracy(self) -> float | None:
+        value = self.checkpoint.get("test_accuracy")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        value = self.checkpoint.get("path")
+        return Path(value) if isinstance(value, str) and value else None
+
+    def artifact(self, target: str) -> Path:
+        """The main file of ``target``'s artifact (``model.onnx``, ``model.xml``, ``model.mlpackage``)."""
+        from keyedge.exporters import get_backend
+
+        suffix = get_backend(target).suffix
+        files = [Path(f["path"]) for f in self.targets[target].files]
+        main = next((f for f in files if f.suffix == suffix), None)
+        if main is None:  # an .mlpackage is listed by its member files
+            main = next((Path(f.parts[0]) for f in files if Path(f.parts[0]).suffix == suffix), files[0])
+        return (self.directory or Path(".")) / main
+
+    # ---- serialization ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "created": self.created,
+            "fingerprint": self.fingerprint,
+            "block_size": self.block_size,
+            "key_note": self.key_note,
+            "defense": self.defense,
+            "model": self.model,
+            "finetune": self.finetune,
+            "lora_merged": self.lora_merged,
+            "fuse": self.fuse,
+            "fuse_requested": self.fuse_requested,
+            "fuse_note": self.fuse_note,
+            "precision": self.precision,
+            "input": self.input,
+            "output": self.output,
+            "normalization": self.normalization,
+            "checkpoint": self.checkpoint,
+            "verification": self.verification,
+            "targets": {name: t.to_dict() for name, t in self.targets.items()},
+            "versions": self.versions,
+        }
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_fields(cls, f: Fields, directory: Path | None = None) -> ArtifactManifest:
+        from keyedge.defenses import defense_names, get_defense
+        from keyedge.exporters import backend_names
+
+        schema = f.str("schema", optional=True)
+        if schema is None:
+            if f.raw("format", None) != FORMAT:
+                raise f.error(
+                    f"{f.source} is not a keyedge export manifest", "pass a directory written by `keyedge export`"
+                )
+            version = f.int("version", low=1)
+        else:
+            name, _, number = schema.partition("/")
+            if name != "keyedge-artifact" or not number.isdigit():
+                raise f.fail("schema", f"must be {SCHEMA}, got {schema!r}")
+            version = int(number)
+        if version > 1:
+            raise f.error(
+                f"{f.source} has export manifest version {version}, newer than this keyedge reads (1)",
+                "upgrade keyedge",
+            )
+        m = f.obj("model")
+        model = dict(m.data)
+        m.str("name")
+        m.int("num_classes", low=1, high=MAX_CLASSES)
+        m.strs("classes", optional=True)
+        d = f.obj("defense", optional=True)
+        defense = None
+        if d is not None:
+            defense = dict(d.data)
+            if d.str("name") not in defense_names():
+                raise d.fail(
+                    "name", f"names an unknown defense {d.data['name']!r} (known: {', '.join(defense_names())})"
+                )
+            get_defense(d.str("name"))
+        inp = f.obj("input")
+        shape = inp.ints("shape")
+        if (
+            len(shape) != 4
+            or shape[1] != 3
+            or not (shape[0] == -1 or 1 <= shape[0] <= MAX_BATCH)
+            or not (1 <= shape[2] <= MAX_IMAGE_SIZE and shape[2] == shape[3])
+        ):
+            raise inp.fail("shape", f"must be [batch or -1, 3, S, S] with 1 <= S <= {MAX_IMAGE_SIZE}, got {shape!r}")
+        inp.str("name")
+        out = f.obj("output")
+        out.str("name")
+        ck = f.obj("checkpoint", optional=True)
+        if ck is not None:
+            ck.str("path", optional=True)
+            ck.float("test_accuracy", low=0.0, high=1.0, optional=True)
+        targets_f = f.obj("targets")
+        known = backend_names()
+        targets = {}
+        for target in targets_f.data:
+            if target not in known:
+                raise targets_f.fail(target, f"is not a known target ({', '.join(known)})")
+            t = targets_f.obj(target)
+            raw_files = t.raw("files")
+            if not isinstance(raw_files, list) or not raw_files:
+                raise t.fail("files", f"must be a non-empty list, got {raw_files!r}"[:120])
+            files = []
+            for i, entry in enumerate(raw_files):
+                if not isinstance(entry, dict):
+                    raise t.fail(f"files[{i}]", "must be an object with path and sha256")
+                e = t.sub(entry, f"files[{i}].")
+                files.append({"path": e.relative_path("path"), "sha256": e.str("sha256", pattern=SHA256)})
+            targets[target] = TargetRecord(
+                fuse=t.str("fuse", choices=("gather", "fold", "conv", "none")),
+                files=files,
+                graph=t.dict("graph", optional=True) or {},
+                io=t.dict("io", optional=True) or {},
+                source=t.str("source", default="full-export"),
+                parity=t.dict("parity", optional=True) or {},
+            )
+        if not targets:
+            raise targets_f.fail("", "lists no artifact")
+        fingerprint = f.str("fingerprint", pattern=FINGERPRINT, optional=True)
+        return cls(
+            model=model,
+            fingerprint=fingerprint,
+            block_size=f.int("block_size", low=1, high=shape[2], optional=True),
+            fuse=f.str("fuse", choices=("gather", "fold", "conv", "none")),
+            precision=f.str("precision", choices=("fp32", "fp16")),
+            input=dict(inp.data),
+            output=dict(out.data),
+            targets=targets,
+            checkpoint=dict(ck.data) if ck else {},
+            defense=defense,
+            finetune=f.str("finetune", default="full"),
+            lora_merged=f.bool("lora_merged", default=False),
+            fuse_requested=f.str("fuse_requested", optional=True),
+            fuse_note=f.str("fuse_note", optional=True),
+            key_note=f.str("key_note", optional=True),
+            normalization=f.dict("normalization", optional=True) or {},
+            verification=f.dict("verification", optional=True) or {},
+            versions=f.dict("versions", optional=True) or {},
+            created=f.str("created", default=""),
+            directory=directory,
+        )
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ArtifactManifest:
+        """Read and validate ``directory/manifest.json``."""
+        directory = Path(directory)
+        if not (directory / MANIFEST).is_file():
+            raise ManifestError(f"{directory} has no {MANIFEST}", "pass a directory written by `keyedge export`")
+        return cls.from_fields(read_json(directory / MANIFEST, "export manifest", HINT), directory)
+
+
+def is_export_directory(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()

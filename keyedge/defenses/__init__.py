@@ -1,0 +1,107 @@
+"""Defenses: how a model is built from its manifest, made deployable, and counted in benchmarks.
+
+keyedge knows two defenses, each one module behind :class:`Defense` and registered by name
+(the timm registry pattern): ``keyed`` (:mod:`.keyed`, the block-wise pixel shuffle with a
+secret key; without a key the same model is the *plain* baseline) and ``volumize``
+(:mod:`.volumize`, the patch-volume defense against localized attacks).  Callers ask the
+model's defense -- ``defense_of(model)``, or ``get_defense(manifest.defense_name)`` --
+instead of testing for a defense by name: a new defense is one module here and nothing else.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from torch import nn
+
+from keyedge.errors import KeyedgeError
+
+if TYPE_CHECKING:
+    from keyedge.keys import Key
+    from keyedge.models import ModelSpec
+
+
+@dataclass
+class Deployable:
+    """The module an exporter converts, and how the defense sits in it (``gather|fold|conv|none``)."""
+
+    module: nn.Module
+    fuse: str
+    note: str | None = None
+
+
+class Defense(abc.ABC):
+    """One defense: rebuild its model from a checkpoint, make it deployable, name it in reports."""
+
+    name: ClassVar[str] = ""
+    takes_key: ClassVar[bool] = False  # whether models of this defense are built with a secret key
+    #: fine-tuning modes a model of this defense supports
+    finetune_modes: ClassVar[tuple[str, ...]] = ("full", "lora")
+
+    @abc.abstractmethod
+    def build(self, backbone: nn.Module, spec: ModelSpec, record: dict[str, Any] | None, key: Key | None) -> nn.Module:
+        """The model a checkpoint holds, around a freshly built ``backbone`` (weights are loaded after)."""
+
+    def record(self, model: nn.Module) -> dict[str, Any] | None:
+        """What a checkpoint manifest records under ``defense`` to rebuild ``model`` (None: nothing)."""
+        return None
+
+    def check_record(self, record: dict[str, Any] | None, source: str) -> None:
+        """Raise a one-line error if a manifest's ``defense`` record cannot rebuild a model."""
+        return None  # nothing recorded: nothing to check
+
+    @abc.abstractmethod
+    def deployable(self, model: nn.Module, key: Key | None, fuse: str = "gather") -> Deployable:
+        """The module to export (LoRA merged, the defense inside the graph in the requested form)."""
+
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        """The module attacks and evaluation run on (e.g. LoRA merged)."""
+        return model
+
+    @abc.abstractmethod
+    def role(self, fingerprint: str | None) -> str:
+        """The model's role in latency and robustness reports: ``keyed``, ``plain``, or the defense's name."""
+
+    @abc.abstractmethod
+    def artifact_name(self, model_name: str, fingerprint: str | None) -> str:
+        """The export directory's name: ``<model>-<fingerprint>``, ``<model>-plain``..."""
+
+
+_REGISTRY: dict[str, Defense] = {}
+D = TypeVar("D", bound=type[Defense])
+
+
+def register_defense(cls: D) -> D:
+    """Class decorator: make ``cls`` available as ``get_defense(cls.name)``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"defense {cls.name!r} has no name or is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def defense_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_defense(name: str | None) -> Defense:
+    """The defense called ``name`` (``None``: keyed); a one-line error for an unknown one."""
+    defense = _REGISTRY.get(name or "keyed")
+    if defense is None:
+        raise KeyedgeError(f"unknown defense {name!r}", f"use one of {', '.join(_REGISTRY)} (or upgrade keyedge)")
+    return defense
+
+
+def defense_of(model: nn.Module) -> Defense:
+    """The defense a model belongs to (its class's ``defense_name``; keyed models have none set)."""
+    return get_defense(getattr(model, "defense_name", None))
+
+
+# isort: off
+# importing a defense module registers it
+from keyedge.defenses import keyed as _keyed  # noqa: E402, F401
+from keyedge.defenses import volumize as _volumize  # noqa: E402, F401
+# isort: on
+
+__all__ = ["Defense", "Deployable", "defense_names", "defense_of", "get_defense", "register_defense"]
