@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyedge-installed
 
-.PHONY: setup demo shuffle-demo test gate bench clean
+.PHONY: setup demo shuffle-demo lint test gate bench clean
 
 # Offline labelled data (Debian's Fashion-MNIST package) for training tests and demos.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
@@ -29,10 +29,15 @@ demo: $(STAMP)
 shuffle-demo: $(STAMP)
 	mkdir -p demo-shuffle
 	$(BIN)/keyedge keygen --block-size 8 --out demo-shuffle/k1.bin --force
-	$(BIN)/python -m keyedge.samples astronaut demo-shuffle/astronaut.png
+	$(BIN)/python -m keyedge.data.samples astronaut demo-shuffle/astronaut.png
 	$(BIN)/keyedge shuffle demo-shuffle/astronaut.png --key-file demo-shuffle/k1.bin --out demo-shuffle/astronaut-shuffled.png --force
 	$(BIN)/keyedge shuffle demo-shuffle/astronaut-shuffled.png --key-file demo-shuffle/k1.bin --inverse --out demo-shuffle/astronaut-restored.png --force
 	$(BIN)/keyedge key show demo-shuffle/k1.bin
+
+# the rule set in pyproject.toml ([tool.ruff]); `ruff format .` and `ruff check --fix .` repair most findings
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: $(STAMP)
 	$(BIN)/pytest

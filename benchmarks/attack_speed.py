@@ -1,6 +1,6 @@
 """Attack speed: PGD-20 Linf throughput of keyedge's :class:`~keyedge.benchmarks.attacks.PGD` vs ``torchattacks.PGD``.
 
-Both attack the same model (a keyed timm model from :func:`keyedge.models.build_model`:
+Both attack the same model (a keyed timm model from :func:`keyedge.models.backbones.build_model`:
 block shuffle + normalization + backbone, random weights) on the same inputs with the
 same eps, step size, steps and random start.  Rounds are interleaved (order alternated
 each round) so machine drift hits both alike; the ratio ours/theirs is taken within a
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from keyedge.benchmarks.attacks import PGD, parse_eps
-from keyedge.keys import Key
-from keyedge.models import build_model
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread
 
 

@@ -4,7 +4,7 @@ For each model (default EfficientNet-Lite0 and ResNet-18) a plain checkpoint and
 volumized one (``--defense volumize``: patches of ``--patch`` pixels, 3D backbone with
 1-deep kernels, mean of the per-patch logits) sharing the 2D weights are exported
 through ``keyedge export`` (parity verified; the volumized graph holds no ranking, see
-:class:`keyedge.volumetric.RasterVolumizedModel`) to ONNX and OpenVINO IR and timed
+:class:`keyedge.defenses.volumetric.RasterVolumizedModel`) to ONNX and OpenVINO IR and timed
 interleaved by the latency harness; the ``volumize/plain`` ratio is the overhead.
 Weights are random: latency does not depend on them.
 
@@ -21,11 +21,10 @@ import torch
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile
-from keyedge.checkpoint import save_checkpoint
-from keyedge.export import ExportRequest, ExportSettings, export_one
-from keyedge.models import build_model
-from keyedge.volumetric import volumize_model
-from keyedge.volumize import VolumizeConfig
+from keyedge.benchmarks.workbench import export_for_timing, untrained_checkpoint
+from keyedge.defenses.volumetric import volumize_model
+from keyedge.defenses.volumizer import VolumizeConfig
+from keyedge.models.backbones import build_model
 
 
 def export_pair(model_name: str, size: int, patch: int, work: Path, targets: list[str]) -> list[Path]:
@@ -37,22 +36,8 @@ def export_pair(model_name: str, size: int, patch: int, work: Path, targets: lis
     volumized = volumize_model(twin.backbone, twin.spec, VolumizeConfig((patch, patch))).eval()
     directories = []
     for role, model in (("plain", plain), ("volumized", volumized)):
-        ckpt = work / f"{model_name}-ckpt-{role}"
-        save_checkpoint(
-            ckpt,
-            model,
-            epoch=0,
-            finetune={"mode": "full", "lora": None},
-            data={"name": "none"},
-            training={"config": {}},
-            metrics={"test_accuracy": None},
-        )
-        directories.append(
-            export_one(
-                ExportRequest(ckpt, None),
-                ExportSettings(targets=targets, out=work / role, batch=1, real_inputs=0, random_inputs=2),
-            )
-        )
+        ckpt = untrained_checkpoint(work / f"{model_name}-ckpt-{role}", model)
+        directories.append(export_for_timing(ckpt, None, work / role, targets))
     return directories
 
 

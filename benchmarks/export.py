@@ -25,8 +25,8 @@ import torch
 
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.exporters.template import OnnxTemplate, openvino_from_onnx
-from keyedge.keys import Key
-from keyedge.models import build_model
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import build_model
 
 
 def _variants(model_name: str, count: int, size: int) -> list[torch.nn.Module]:

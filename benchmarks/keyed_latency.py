@@ -30,11 +30,10 @@ import torch
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile
-from keyedge.checkpoint import save_checkpoint
-from keyedge.export import ExportRequest, ExportSettings, export_one
-from keyedge.fold import FoldError
-from keyedge.keys import Key
-from keyedge.models import build_model
+from keyedge.benchmarks.workbench import export_for_timing, untrained_checkpoint
+from keyedge.keys.fold import FoldError
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import build_model
 
 #: the benchmarks' key: fixed, so that runs are comparable (never a key to deploy with)
 BENCH_KEY = Key.from_secret(bytes(range(32)), 4)
@@ -64,24 +63,16 @@ def export_variants(
     plain.backbone.load_state_dict(keyed.backbone.state_dict())
     checkpoints = {}
     for role, model in (("plain", plain), ("keyed", keyed)):
-        checkpoints[role] = save_checkpoint(
-            work / f"{model_name}-ckpt-{role}",
-            model,
-            epoch=0,
-            finetune={"mode": "full", "lora": None},
-            data={"name": "none"},
-            training={"config": {}},
-            metrics={"test_accuracy": None},
-        ).parent
+        checkpoints[role] = untrained_checkpoint(work / f"{model_name}-ckpt-{role}", model)
     directories = []
     for variant in variants:
         role, fuse = VARIANTS[variant]
-        request = ExportRequest(checkpoints[role], key if role == "keyed" else None)
-        settings = ExportSettings(
-            targets=targets, out=work / variant, fuse=fuse, batch=batch, real_inputs=0, random_inputs=2
-        )
         try:
-            directories.append(export_one(request, settings))
+            directories.append(
+                export_for_timing(
+                    checkpoints[role], key if role == "keyed" else None, work / variant, targets, fuse=fuse, batch=batch
+                )
+            )
         except FoldError as exc:
             print(f"  {model_name}: no {variant} variant ({exc.message})")
     return directories

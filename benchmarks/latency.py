@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from keyedge.artifacts import ArtifactManifest, is_export_directory
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
+from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
 from keyedge.errors import KeyedgeError
 from keyedge.stats import ratio_spread
 
@@ -230,7 +230,7 @@ def _artifact_from_manifest(manifest: ArtifactManifest, target: str, path: Path)
 
 def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: Path | None = None) -> Artifact:
     """A training checkpoint, timed in PyTorch eager mode (the reference the exported artifacts are compared with)."""
-    from keyedge.checkpoint import read_manifest
+    from keyedge.models.checkpoint import read_manifest
 
     manifest = read_manifest(directory)
     return Artifact(
@@ -254,8 +254,8 @@ def discover(path: str | Path) -> list[Artifact]:
     An export directory also yields its source checkpoint (for the ``torch`` runtime) when that still exists;
     a checkpoint directory (``keyedge.json``) yields just that.
     """
-    from keyedge.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
     from keyedge.exporters import backend_names, get_backend
+    from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 
     path = Path(path)
     suffixes = {get_backend(name).suffix: name for name in backend_names()}
@@ -301,8 +301,8 @@ def discover(path: str | Path) -> list[Artifact]:
 def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any] | None = None):
     """Load ``artifact`` on ``spec``'s runtime through its backend; ``keys`` (by fingerprint) serve checkpoints."""
     if spec.name == "torch":
-        from keyedge.export import load_checkpoint_runner
-        from keyedge.keys import key_for
+        from keyedge.deploy.export import load_checkpoint_runner
+        from keyedge.keys.keyfile import key_for
 
         key = key_for(artifact.fingerprint, keys or {}, owner=artifact.path)
         return load_checkpoint_runner(Path(artifact.path), key, fuse=artifact.fuse, device=spec.device, threads=threads)
@@ -376,7 +376,7 @@ def environment() -> dict[str, Any]:
 class _Cell:
     artifact: Artifact
     spec: RuntimeSpec
-    runner: Any  # keyedge.exporters.base.Runner, or keyedge.export.TorchRunner
+    runner: Any  # keyedge.exporters.base.Runner, or keyedge.deploy.export.TorchRunner
     batch: int
     threads: int | None
     load_s: float
@@ -508,7 +508,7 @@ def run_latency(
     """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
 
     ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
-    ``keys``: :class:`~keyedge.keys.Key` objects for the ``torch`` runtime's keyed checkpoints (never recorded).
+    ``keys``: :class:`~keyedge.keys.keyfile.Key` objects for the ``torch`` runtime's keyed checkpoints (never recorded).
     """
     from keyedge.benchmarks.report import LatencyReport
 

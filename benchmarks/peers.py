@@ -35,7 +35,7 @@ import torch
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import parse_profile
 from keyedge.exporters import ExportOptions, get_backend
-from keyedge.models import build_model
+from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread
 
 MEDIAN = re.compile(r"Median:\s+([0-9.]+)\s*(ms|us)")

@@ -301,7 +301,7 @@ def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
     """
     try:
         if spec.name == "torch":
-            from keyedge.export import torch_available
+            from keyedge.deploy.export import torch_available
 
             return torch_available(spec.device)
         from keyedge.exporters import get_backend

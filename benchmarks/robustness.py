@@ -44,7 +44,7 @@ from torch import nn
 
 from keyedge.benchmarks.attacks import make_attack, parse_eps
 from keyedge.errors import KeyedgeError
-from keyedge.keys import Key
+from keyedge.keys.keyfile import Key
 
 SCENARIOS = ("white-box", "non-adaptive", "adaptive", "multi-key-eot", "cross-arch", "localized")
 
@@ -206,9 +206,9 @@ def binomial_se(p: float, n: int) -> float:
 
 def load_members(checkpoints: Sequence[Path], keys: dict[str, Key], device: str = "cpu") -> list[Member]:
     """Load each checkpoint with its own key (matched by fingerprint); names are the directory names."""
-    from keyedge.checkpoint import load_checkpoint, read_manifest
     from keyedge.defenses import defense_of
-    from keyedge.keys import key_for
+    from keyedge.keys.keyfile import key_for
+    from keyedge.models.checkpoint import load_checkpoint, read_manifest
 
     members, names = [], set()
     for path in checkpoints:
@@ -381,7 +381,7 @@ def run_robustness(
     """Run every scenario, matrix, sweep and check; return a :class:`RobustnessReport`."""
     from keyedge.benchmarks.latency import environment
     from keyedge.benchmarks.robustness_report import RobustnessReport
-    from keyedge.data import load_dataset
+    from keyedge.data.datasets import load_dataset
 
     eps = parse_eps(config.eps)
     sweep_eps = sorted({parse_eps(e) for e in config.sweep_eps})
@@ -524,7 +524,7 @@ def localized_outcomes(ev: Evaluation, members: Sequence[Member], config: Robust
 def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]) -> Matrix:
     """Clean accuracy of every model with every key in place of its own (and with none): paper Table 5."""
     from keyedge.defenses import get_defense
-    from keyedge.models import KeyedModel
+    from keyedge.models.backbones import KeyedModel
 
     owners: dict[str, str] = {}
     for m in members:
@@ -563,7 +563,7 @@ def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]
 
 def gradient_matrix(ev: Evaluation, members: Sequence[Member], limit: int) -> Matrix:
     """Mean cosine similarity of input gradients between every pair of models (orthogonal-deep-models Eq. 1)."""
-    from keyedge.models import gradient_similarity, input_gradient
+    from keyedge.models.backbones import gradient_similarity, input_gradient
 
     n = min(limit, ev.images.shape[0])
     grads = {}
@@ -729,7 +729,7 @@ def artifact_outcomes(
 
     Every target whose runtime runs on this host is used (CoreML only on macOS), through its backend's runner.
     """
-    from keyedge.artifacts import ArtifactManifest
+    from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.exporters import get_backend
 
     by_path = {str(Path(m.path).resolve()): m for m in members}

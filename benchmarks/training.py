@@ -19,9 +19,9 @@ import time
 import torch
 from torch import nn
 
-from keyedge.keys import Key
-from keyedge.lora import apply_lora, lora_settings
-from keyedge.models import build_model
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import build_model
+from keyedge.models.lora import apply_lora, lora_settings
 from keyedge.stats import ratio_spread
 
 VARIANTS = ("plain-full", "keyed-full", "plain-lora", "keyed-lora")

@@ -1,8 +1,8 @@
 """Transform benchmark: per-image cost of the block-wise shuffle, three ways, measured side by side.
 
-* ``gather``  -- :class:`keyedge.transform.BlockShuffle`, one ``index_select`` (what exported models run);
-* ``chain``   -- the reshape/permute chain of the definition (:func:`keyedge.transform.blockwise_shuffle`);
-* ``numpy``   -- :class:`keyedge.transform.HostShuffle`, the same gather host-side with ``np.take``.
+* ``gather``  -- :class:`keyedge.keys.transform.BlockShuffle`, one ``index_select`` (what exported models run);
+* ``chain``   -- the reshape/permute chain of the definition (:func:`keyedge.keys.transform.blockwise_shuffle`);
+* ``numpy``   -- :class:`keyedge.keys.transform.HostShuffle`, the same gather host-side with ``np.take``.
 
 The implementations are interleaved round by round (order rotated each round) so
 machine drift hits all of them alike; ratios are taken within a round, then the
@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from keyedge.keys import Key
+from keyedge.keys.keyfile import Key
+from keyedge.keys.transform import BlockShuffle, HostShuffle, blockwise_shuffle
 from keyedge.stats import ratio_spread
-from keyedge.transform import BlockShuffle, HostShuffle, blockwise_shuffle
 
 CONFIGS = [(224, 1), (224, 32), (32, 1), (32, 32)]  # (image side, batch)
 METHODS = ("gather", "chain", "numpy")

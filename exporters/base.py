@@ -177,6 +177,10 @@ class ExportBackend(abc.ABC):
         """
         return _importable(self.runtime_modules, self.extra)
 
+    def devices(self) -> list[str]:
+        """The devices (execution providers, compute units) this host's runtime offers; [] when it cannot run."""
+        return []
+
     def require(self, module: str) -> Any:
         """Import a dependency of this target quietly, or raise DependencyError naming the extra."""
         with Quiet():

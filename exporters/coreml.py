@@ -143,6 +143,9 @@ class CoreMLBackend(ExportBackend):
         return [path]
 
     # ---- inference (macOS) ----------------------------------------------------------------
+    def devices(self) -> list[str]:
+        return list(self.require("coremltools").ComputeUnit.__members__) if self.can_run()[0] else []
+
     def _load(self, path: Path, **settings: Any) -> Runner:
         io_spec = self.describe_io(path)
         units = settings.get("compute_units") or self.compute_units

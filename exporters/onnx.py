@@ -193,6 +193,9 @@ class OnnxBackend(ExportBackend):
             return False, f"onnxruntime {ort.__version__} lacks {', '.join(missing)} (has {', '.join(have)})"
         return True, reason
 
+    def devices(self) -> list[str]:
+        return list(self.require("onnxruntime").get_available_providers()) if self.can_run()[0] else []
+
     def _load(self, path: Path, **settings: Any) -> Runner:
         return OnnxRunner(path, settings, self.require("onnxruntime"))
 

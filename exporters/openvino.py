@@ -166,6 +166,9 @@ class OpenVinoBackend(ExportBackend):
             return False, f"OpenVINO device {device} is not available (has {', '.join(devices) or 'none'})"
         return True, reason
 
+    def devices(self) -> list[str]:
+        return list(self.require("openvino").Core().available_devices) if self.can_run()[0] else []
+
     def _load(self, path: Path, **settings: Any) -> Runner:
         core = self.require("openvino").Core()
         return OpenVinoRunner(path, core, self._read(path, core), settings)

@@ -1,7 +1,7 @@
 """Fleet templates: trace and convert once per architecture, then write each key's artifact from the template.
 
 A backend that can write from a template says so (``ExportBackend.supports_template``) and
-implements ``export_from_template``; :func:`keyedge.export.export_many` builds one
+implements ``export_from_template``; :func:`keyedge.deploy.export.export_many` builds one
 :class:`OnnxTemplate` per architecture and asks each backend.
 
 One-key-one-model means exporting the same architecture for many keys.  A full
@@ -26,7 +26,7 @@ one architecture differ only in constants -- the gather's index vector and the
 
 A template is used only when the module's named tensors match the template's
 initializers exactly (same names, shapes and dtypes); anything else falls back to a
-full export.  Every artifact is verified like any other (``keyedge.export``).
+full export.  Every artifact is verified like any other (``keyedge.deploy.export``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """keyedge: deploy key-based adversarially defended image classifiers on devices.
 
 Each deployed model gets its own secret key; images are block-wise shuffled by
-the key before the network sees them (see ``keyedge.transform``).  Importing
-this package is cheap: submodules (``keyedge.keys``, ``keyedge.transform``,
-``keyedge.fold``...) load torch only when needed.
+the key before the network sees them (see ``keyedge.keys.transform``).  Importing
+this package is cheap: the subpackages (``keyedge.keys``, ``keyedge.models``,
+``keyedge.defenses``, ``keyedge.deploy``...; map in docs/architecture.md) load torch
+only when needed.
 """
 
 from keyedge.errors import KeyedgeError

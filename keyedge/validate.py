@@ -18,7 +18,7 @@ from typing import Any
 from keyedge.errors import KeyedgeError
 
 _MISSING = object()
-#: 16 lower-case hex digits: a key fingerprint (keyedge.keys.fingerprint)
+#: 16 lower-case hex digits: a key fingerprint (keyedge.keys.keyfile.fingerprint)
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: bounds that no real model reaches; they keep a hand-edited value from allocating terabytes
@@ -68,6 +68,30 @@ class Fields:
 
     def sub(self, data: dict[str, Any], prefix: str) -> Fields:
         return Fields(data, self.source, self.hint, f"{self.prefix}{prefix}", error=self.error)
+
+    def schema_version(self, schema: str, legacy_format: str, what: str) -> int:
+        """The version of a ``"schema": "NAME/N"`` document (or a legacy ``format`` + ``version`` one).
+
+        ``schema`` is the newest this keyedge reads (``keyedge-checkpoint/1``); a newer version, another
+        name or a foreign document is one error naming the file.
+        """
+        family, _, newest = schema.partition("/")
+        written = self.str("schema", optional=True)
+        if written is None:  # written before the schema field existed: format + version
+            if self.raw("format", None) != legacy_format:
+                raise self.error(f"{self.source} is not a keyedge {what}", self.hint)
+            version = self.int("version", low=1)
+        else:
+            name, _, number = written.partition("/")
+            if name != family or not number.isdigit():
+                raise self.fail("schema", f"must be {schema}, got {written!r}")
+            version = int(number)
+        if version > int(newest):
+            raise self.error(
+                f"{self.source} has {what} version {version}, newer than this keyedge reads ({newest})",
+                "upgrade keyedge",
+            )
+        return version
 
     def raw(self, name: str, default: Any = _MISSING) -> Any:
         if name not in self.data:

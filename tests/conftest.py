@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from keyedge.keys import Key
+from keyedge.keys.keyfile import Key
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def small_cnn(seed: int = 0, classes: int = 10) -> nn.Module:
 
 
 def _tensors(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from keyedge.data import load_dataset
+    from keyedge.data.datasets import load_dataset
 
     dataset, _ = load_dataset("fashion-mnist", split, 32, limit=limit, seed=0)
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.as_tensor(dataset.labels)

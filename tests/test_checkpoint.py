@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import keyedge.checkpoint as ckpt
-from keyedge.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
-from keyedge.lora import apply_lora, lora_settings
-from keyedge.models import build_model
+import keyedge.models.checkpoint as ckpt
+from keyedge.models.backbones import build_model
+from keyedge.models.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+from keyedge.models.lora import apply_lora, lora_settings
 
 INFO = dict(
     finetune={"mode": "full", "lora": None},

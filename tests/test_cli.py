@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from keyedge.cli import app
-from keyedge.keys import load_key
+from keyedge.keys.keyfile import load_key
 
 runner = CliRunner()
 

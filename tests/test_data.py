@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from keyedge import data
-from keyedge.data import DatasetInfo, load_dataset
+from keyedge.data import datasets as data
+from keyedge.data.datasets import DatasetInfo, load_dataset
 from keyedge.errors import DataError, ImageError, KeyedgeError
 
 DEBIAN = data.FASHION_MNIST_DEBIAN

@@ -15,12 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from keyedge.checkpoint import save_checkpoint
 from keyedge.cli import app
+from keyedge.deploy.export import ExportRequest, ExportSettings, VerificationError, export_one
 from keyedge.errors import FoldError
-from keyedge.export import ExportRequest, ExportSettings, VerificationError, export_one
-from keyedge.lora import apply_lora, lora_settings
-from keyedge.models import build_model
+from keyedge.models.backbones import build_model
+from keyedge.models.checkpoint import save_checkpoint
+from keyedge.models.lora import apply_lora, lora_settings
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def make_checkpoint(directory: Path, model_name: str, key=None, *, finetune: str
 def base_weights(tmp_path: Path, model_name: str) -> str:
     from safetensors.torch import save_file
 
-    from keyedge.models import create_backbone
+    from keyedge.models.backbones import create_backbone
 
     torch.manual_seed(42)
     backbone, _ = create_backbone(model_name, 10, weights="none", image_size=32)
@@ -185,7 +185,7 @@ def test_cli_refusals(tmp_path, key4, make_key):
 
 
 def load_fp(path):
-    from keyedge.keys import load_key
+    from keyedge.keys.keyfile import load_key
 
     return load_key(path).fingerprint
 
@@ -249,7 +249,7 @@ def test_killed_export_leaves_no_artifact(tmp_path, key4):
 
 def test_fleet_template_matches_full_export(tmp_path, make_key):
     """Keys of one architecture: ONNX/OpenVINO from the template, verified, one shared graph."""
-    from keyedge.export import export_many
+    from keyedge.deploy.export import export_many
 
     requests = []
     for tag in (1, 2, 3):

@@ -25,9 +25,9 @@ from keyedge.exporters import ExportError, ExportOptions, backend_names, get_bac
 from keyedge.exporters.coreml import CoreMLBackend
 from keyedge.exporters.onnx import OnnxBackend
 from keyedge.exporters.openvino import OpenVinoBackend
-from keyedge.fold import fold_model
-from keyedge.keys import Key
-from keyedge.models import KeyedModel, build_model
+from keyedge.keys.fold import fold_model
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import KeyedModel, build_model
 
 SIZE = 32
 KEY_A = Key.from_secret(bytes(range(32)), 4)
@@ -429,3 +429,34 @@ def test_coreml_matches_pytorch_on_macos(export, models, model):
     assert got.shape == (1, 10)
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+# ---- runners: the one way an artifact is opened ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_runner_loads_once_and_predicts_any_number_of_images(models, export, target):
+    path = export(target, "effnet-keyed", batch=4)
+    x = _images(10)
+    with get_backend(target).load(path, threads=1) as runner:
+        assert runner.batch == 4 and runner.input_shape == [4, 3, SIZE, SIZE]
+        got = runner.predict(x)  # 4 + 4 + 2 (the last chunk padded, the padding dropped)
+        assert got.shape == (10, 10)
+        np.testing.assert_allclose(got, _torch(models["effnet-keyed"], x), atol=1e-4)
+        raw = runner.infer(np.ascontiguousarray(x[:4]))
+        np.testing.assert_allclose(runner.logits(raw), got[:4], atol=1e-6)
+        info = runner.describe()
+        assert info["backend"] == target and info["threads"] == 1 and info["path"] == str(path)
+        with pytest.raises(KeyedgeError, match="takes input of shape 4x3"):
+            runner(x[:3])
+
+
+def test_runner_refuses_an_absent_provider_in_one_line(export):
+    backend = get_backend("onnx")
+    ok, reason = backend.can_run(providers=["TensorrtExecutionProvider"])
+    assert not ok and "lacks TensorrtExecutionProvider" in reason
+    with pytest.raises(ExportError) as err:
+        backend.load(export("onnx", "effnet-keyed"), providers=["TensorrtExecutionProvider"])
+    assert "\n" not in str(err.value) and "TensorrtExecutionProvider" in str(err.value)
+    ok, reason = get_backend("openvino").can_run(device="NPU")
+    assert not ok and "NPU" in reason

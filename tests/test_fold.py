@@ -7,8 +7,8 @@ import timm
 import torch
 
 from keyedge.errors import FoldError
-from keyedge.fold import check_foldable, find_first_conv, fold_conv, fold_model
-from keyedge.transform import BlockShuffle
+from keyedge.keys.fold import check_foldable, find_first_conv, fold_conv, fold_model
+from keyedge.keys.transform import BlockShuffle
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyedge.errors import KeyFileError
-from keyedge.keys import CHECKSUM_SIZE, MAGIC, Key
+from keyedge.keys.keyfile import CHECKSUM_SIZE, MAGIC, Key
 
 VALID = [
     Key.from_secret(bytes(range(32)), 4).to_bytes(),

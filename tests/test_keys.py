@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from keyedge.errors import KeyFileError, OutputError
-from keyedge.keys import (
+from keyedge.keys.keyfile import (
     CHECKSUM_SIZE,
     HEADER_SIZE,
     MAGIC,

@@ -16,12 +16,12 @@ from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile, parse_profile
 from keyedge.benchmarks.regress import compare
 from keyedge.benchmarks.report import SCHEMA, LatencyReport
-from keyedge.checkpoint import save_checkpoint
 from keyedge.cli import app
+from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.errors import KeyedgeError
-from keyedge.export import ExportRequest, ExportSettings, export_one
-from keyedge.keys import Key
-from keyedge.models import build_model
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import build_model
+from keyedge.models.checkpoint import save_checkpoint
 
 runner = CliRunner()
 FAST = BenchSettings(min_seconds=0.05, min_iterations=10, warmup=2, rounds=5, batch_sizes=[1, 2])
@@ -245,8 +245,8 @@ def root_checkpoint(artifacts, name: str) -> Path:
 
 def test_volumized_artifact_is_its_own_role_with_a_cost_ratio(tmp_path, artifacts):
     """A volumized export is neither keyed nor plain: it gets role 'volumize' and a volumize/plain ratio."""
-    from keyedge.volumetric import build_volumized_model
-    from keyedge.volumize import VolumizeConfig
+    from keyedge.defenses.volumetric import build_volumized_model
+    from keyedge.defenses.volumizer import VolumizeConfig
 
     torch.manual_seed(0)
     model = build_volumized_model("test_efficientnet", 10, VolumizeConfig((16, 16)), weights="none", image_size=32)

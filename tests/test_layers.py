@@ -77,7 +77,7 @@ def violations(modules: dict[str, tuple[str, bool]]) -> list[str]:
             cli_rule = target.startswith("keyedge.cli") and not module.startswith(("keyedge.cli", "keyedge.__main__"))
             if there > here or cli_rule:
                 bad.append(f"{module}:{line} imports {target} ({LAYERS[here][0]} -> {LAYERS[there][0]})")
-    return bad
+    return list(dict.fromkeys(bad))  # `from x import y` resolves twice to the same module
 
 
 def tree_modules() -> dict[str, tuple[str, bool]]:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from keyedge.artifacts import ArtifactManifest
-from keyedge.checkpoint import CheckpointManifest, save_checkpoint
 from keyedge.cli import app
-from keyedge.export import ExportRequest, ExportSettings, export_one
-from keyedge.models import build_model
+from keyedge.deploy.artifacts import ArtifactManifest
+from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.models.backbones import build_model
+from keyedge.models.checkpoint import CheckpointManifest, save_checkpoint
 from keyedge.validate import Fields, ManifestError
 
 runner = CliRunner()
@@ -85,7 +85,7 @@ CHECKPOINT_CORPUS = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, request):
-    from keyedge.keys import Key
+    from keyedge.keys.keyfile import Key
 
     root = tmp_path_factory.mktemp("manifests")
     key = Key.from_secret(bytes(range(32)), 4)
@@ -223,3 +223,21 @@ def test_untampered_export_manifest_reads(exported):
         )
         == manifest
     )
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_written_manifests_follow_their_json_schemas(checkpoint, exported):
+    import jsonschema
+
+    for schema_file, document in (
+        ("checkpoint.schema.json", checkpoint[0] / "keyedge.json"),
+        ("artifact.schema.json", exported / "manifest.json"),
+    ):
+        schema = json.loads((DOCS / schema_file).read_text())
+        jsonschema.validate(json.loads(document.read_text()), schema)
+    bad = json.loads((exported / "manifest.json").read_text())
+    bad["targets"]["onnx"]["files"][0]["path"] = "../../etc/passwd"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, json.loads((DOCS / "artifact.schema.json").read_text()))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from keyedge.errors import KeyedgeError, ShapeError
-from keyedge.lora import LORA_DEFAULTS, apply_lora, is_lora, lora_settings, merge_lora
-from keyedge.models import KeyedModel, ModelError, build_model, create_backbone, read_state_dict
-from keyedge.transform import BlockShuffle
+from keyedge.keys.transform import BlockShuffle
+from keyedge.models.backbones import KeyedModel, ModelError, build_model, create_backbone, read_state_dict
+from keyedge.models.lora import LORA_DEFAULTS, apply_lora, is_lora, lora_settings, merge_lora
 
 
 def test_unknown_model_suggests_close_names():

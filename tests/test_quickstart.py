@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from keyedge.cli import app
-from keyedge.data import FASHION_MNIST_DEBIAN
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 
 pytestmark = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"

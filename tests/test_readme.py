@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keyedge.data import FASHION_MNIST_DEBIAN
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

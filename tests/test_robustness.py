@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from keyedge.benchmarks.robustness import RobustnessConfig, load_members, run_robustness, scenario_sources
 from keyedge.benchmarks.robustness_report import SCHEMA, RobustnessReport
 from keyedge.cli import app
-from keyedge.data import FASHION_MNIST_DEBIAN
-from keyedge.export import ExportRequest, ExportSettings, export_one
-from keyedge.keys import Key
-from keyedge.train import TrainConfig, train
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN
+from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.keys.keyfile import Key
+from keyedge.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
@@ -218,7 +218,7 @@ def test_cli_end_to_end_and_bad_input(runs, tmp_path):
 
 def test_localized_attacks_and_a_volumized_model(runs, tmp_path):
     """N-pixel and patch attacks white-box on a plain, a keyed and a volumized model, with δ and success rate."""
-    from keyedge.volumetric import VolumizedModel
+    from keyedge.defenses.volumetric import VolumizedModel
 
     root = runs["root"]
     train(

@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from keyedge.checkpoint import load_checkpoint, read_manifest
 from keyedge.cli import app
-from keyedge.data import FASHION_MNIST_DEBIAN, load_dataset
-from keyedge.models import mean_gradient_similarity
-from keyedge.train import TrainConfig, evaluate, train, warmup_cosine
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN, load_dataset
+from keyedge.models.backbones import mean_gradient_similarity
+from keyedge.models.checkpoint import load_checkpoint, read_manifest
+from keyedge.training.loop import TrainConfig, evaluate, train, warmup_cosine
 
 pytestmark = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
@@ -61,7 +61,7 @@ def test_train_keyed_full_checkpoints_every_epoch_and_reloads(tmp_path, key4):
 
 
 def test_resume_continues_exactly_like_a_straight_run(tmp_path, monkeypatch):
-    import keyedge.train as train_module
+    import keyedge.training.loop as train_module
 
     train(_config(tmp_path, "straight"), progress=False, log=_quiet)
     real_save = train_module.save_checkpoint
@@ -103,7 +103,7 @@ def _base_weights(tmp_path: Path) -> str:
     """One shared 'pretrained' backbone, as keyed models of one base share it."""
     from safetensors.torch import save_file
 
-    from keyedge.models import create_backbone
+    from keyedge.models.backbones import create_backbone
 
     torch.manual_seed(123)
     backbone, _ = create_backbone("test_efficientnet", 10, weights="none")

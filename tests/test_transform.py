@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from keyedge.errors import ShapeError
-from keyedge.keys import Key
-from keyedge.transform import BlockShuffle, HostShuffle, block_index_map, blockwise_shuffle
+from keyedge.keys.keyfile import Key
+from keyedge.keys.transform import BlockShuffle, HostShuffle, block_index_map, blockwise_shuffle
 
 
 def four_steps(x: np.ndarray, perm: np.ndarray, p: int) -> np.ndarray:
@@ -145,7 +145,7 @@ def test_device_move_keeps_index(key4):
 @pytest.mark.parametrize("size", [(16, 16), (32, 48), (64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_conv_formulation_equals_gather_bit_for_bit(p, size, dtype, make_key):
-    from keyedge.transform import BlockShuffleConv
+    from keyedge.keys.transform import BlockShuffleConv
 
     if size[0] % p or size[1] % p:
         pytest.skip("block size does not divide this size")
@@ -157,7 +157,7 @@ def test_conv_formulation_equals_gather_bit_for_bit(p, size, dtype, make_key):
 
 
 def test_conv_formulation_hides_key_and_checks_shape(key4):
-    from keyedge.transform import BlockShuffleConv
+    from keyedge.keys.transform import BlockShuffleConv
 
     module = BlockShuffleConv.from_key(key4, 16)
     assert module.state_dict() == {}

@@ -12,14 +12,29 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from keyedge.checkpoint import load_checkpoint
 from keyedge.cli import app
-from keyedge.curriculum import patch_aggregate_loss, syllabus
-from keyedge.data import FASHION_MNIST_DEBIAN, load_dataset
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN, load_dataset
+from keyedge.defenses.volumetric import (
+    PerPatch,
+    VolumizedModel,
+    aggregate,
+    build_volumized_model,
+    to_3d,
+    volumize_model,
+)
+from keyedge.defenses.volumizer import (
+    METRICS,
+    VolumizeConfig,
+    Volumizer,
+    metric_scores,
+    to_patches,
+    unvolumize,
+    volumize,
+)
 from keyedge.errors import KeyedgeError, ShapeError
-from keyedge.models import ModelError, count_parameters, create_backbone
-from keyedge.volumetric import PerPatch, VolumizedModel, aggregate, build_volumized_model, to_3d, volumize_model
-from keyedge.volumize import METRICS, VolumizeConfig, Volumizer, metric_scores, to_patches, unvolumize, volumize
+from keyedge.models.backbones import ModelError, count_parameters, create_backbone
+from keyedge.models.checkpoint import load_checkpoint
+from keyedge.training.curriculum import patch_aggregate_loss, syllabus
 
 DISTANCES = [m for m in METRICS if m != "entropy"]
 
@@ -327,7 +342,7 @@ def test_cli_train_volumize_then_load_and_eval(tmp_path, key4):
 
 
 def test_curriculum_batches_go_from_simple_to_complex_and_cover_the_epoch():
-    from keyedge.curriculum import CurriculumBatchSampler, image_scores
+    from keyedge.training.curriculum import CurriculumBatchSampler, image_scores
 
     torch.manual_seed(0)
     images = torch.rand(50, 3, 8, 8) * torch.linspace(0, 1, 50).view(50, 1, 1, 1)  # ever more varied images
@@ -351,8 +366,8 @@ def test_export_volumized_model_to_every_target_with_parity(tmp_path):
     """Depth kernel 1: the ranking cannot change the output, so the graph holds no sort/TopK/histogram."""
     import torch.nn as nn
 
-    from keyedge.export import ExportRequest, ExportSettings, export_one
-    from keyedge.volumetric import RasterVolumizedModel
+    from keyedge.defenses.volumetric import RasterVolumizedModel
+    from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 
     result = _cli(
         "train",

@@ -2,7 +2,7 @@
 
 Contract (docs/design.md §3, §10):
 
-* models map [0, 1] NCHW float images to logits; keyedge's :class:`~keyedge.models.KeyedModel`
+* models map [0, 1] NCHW float images to logits; keyedge's :class:`~keyedge.models.backbones.KeyedModel`
   already holds the normalization and the key's shuffle, so attacks work in pixel space;
 * several models = multi-key EoT: the loss an attack ascends is the **sum** of the
   per-model losses (so its input gradient is the sum of theirs), and success is judged

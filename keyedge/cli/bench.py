@@ -66,7 +66,7 @@ def latency(
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile, load_profile
-    from keyedge.keys import load_key
+    from keyedge.keys.keyfile import load_key
 
     profile = load_profile(profile_path) if profile_path is not None else builtin_profile()
     keys = [load_key(path) for path in key_files or []]
@@ -199,10 +199,10 @@ def robustness(
 
     from keyedge.benchmarks.attacks import attack_names, parse_eps
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
-    from keyedge.checkpoint import find_checkpoints
     from keyedge.errors import KeyedgeError, OutputError
-    from keyedge.keys import load_keys
-    from keyedge.train import resolve_device
+    from keyedge.keys.keyfile import load_keys
+    from keyedge.models.checkpoint import find_checkpoints
+    from keyedge.training.loop import resolve_device
 
     scenario_attacks = attack_names(kind=("single-step", "iterative"))  # localized ones go in --localized
     if attack not in scenario_attacks:

@@ -13,7 +13,7 @@ from keyedge.cli._console import console
 
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
     """Check which extras, export targets and runtimes work on this host."""
-    from keyedge.doctor import collect
+    from keyedge.app.doctor import collect
 
     report = collect()
     if as_json:

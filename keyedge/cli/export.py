@@ -47,10 +47,10 @@ def export(
     ),
 ) -> None:
     """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
-    from keyedge.checkpoint import find_checkpoints
+    from keyedge.deploy.export import ExportSettings, export_many, plan_requests
     from keyedge.errors import KeyedgeError
-    from keyedge.export import ExportSettings, export_many, plan_requests
     from keyedge.exporters import backend_names, get_backend
+    from keyedge.models.checkpoint import find_checkpoints
 
     targets: list[str] = []
     for name in target:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from keyedge.cli._console import console, err_console
-from keyedge.keys import Key, insecure_permissions, load_key
+from keyedge.keys.keyfile import Key, insecure_permissions, load_key
 
 key_app = typer.Typer(
     help="Inspect and import secret key files.",

@@ -21,7 +21,7 @@ def quickstart(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from keyedge.quickstart import QuickstartConfig, prepare_out, run_quickstart, summary_rows
+    from keyedge.app.quickstart import QuickstartConfig, prepare_out, run_quickstart, summary_rows
 
     config = QuickstartConfig.fast() if fast else QuickstartConfig()
     prepare_out(out, overwrite)  # fail before any work

@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console, err_console
+from keyedge.data.images import LOSSLESS_SUFFIXES, check_image_suffix, read_image, write_image
 from keyedge.fileio import check_writable
-from keyedge.images import LOSSLESS_SUFFIXES, check_image_suffix, read_image, write_image
-from keyedge.keys import load_key
+from keyedge.keys.keyfile import load_key
 
 
 def shuffle(
@@ -20,7 +20,7 @@ def shuffle(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Apply a key's block-wise pixel shuffle (or its inverse) to an image."""
-    from keyedge.transform import HostShuffle, check_divisible  # imports torch: only when needed
+    from keyedge.keys.transform import HostShuffle, check_divisible  # imports torch: only when needed
 
     check_image_suffix(out)
     check_writable(out, overwrite=force)

@@ -78,8 +78,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the checkpoint in OUT."),
 ) -> None:
     """Fine-tune a timm model: keyed (one key, one model), plain (no key) or volumized (--defense volumize)."""
-    from keyedge.train import TrainConfig
-    from keyedge.train import train as run_training
+    from keyedge.training.loop import TrainConfig
+    from keyedge.training.loop import train as run_training
 
     config = TrainConfig(
         model=model,
@@ -133,11 +133,11 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Clean top-1 accuracy of a checkpoint; with another key than its own, the key-diversity experiment."""
-    from keyedge.checkpoint import check_key, load_checkpoint, read_manifest
-    from keyedge.data import load_dataset
-    from keyedge.keys import load_key
-    from keyedge.train import evaluate as run_eval
-    from keyedge.train import resolve_device
+    from keyedge.data.datasets import load_dataset
+    from keyedge.keys.keyfile import load_key
+    from keyedge.models.checkpoint import check_key, load_checkpoint, read_manifest
+    from keyedge.training.loop import evaluate as run_eval
+    from keyedge.training.loop import resolve_device
 
     key = load_key(key_file) if key_file else None
     manifest = read_manifest(checkpoint)

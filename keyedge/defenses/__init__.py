@@ -19,8 +19,8 @@ from torch import nn
 from keyedge.errors import KeyedgeError
 
 if TYPE_CHECKING:
-    from keyedge.keys import Key
-    from keyedge.models import ModelSpec
+    from keyedge.keys.keyfile import Key
+    from keyedge.models.backbones import ModelSpec
 
 
 @dataclass
@@ -68,6 +68,31 @@ class Defense(abc.ABC):
     def artifact_name(self, model_name: str, fingerprint: str | None) -> str:
         """The export directory's name: ``<model>-<fingerprint>``, ``<model>-plain``..."""
 
+    # ---- training (keyedge.training.loop) ---------------------------------------------------------------------------
+    #: TrainConfig fields of this defense that a resumed run must repeat, with their defaults
+    training_fields: ClassVar[dict[str, Any]] = {}
+
+    def check_training(self, config: Any, image_size: int | None = None) -> None:
+        """Refuse (one line) what this defense cannot train, before any data or model is loaded."""
+        if config.finetune not in self.finetune_modes:
+            raise KeyedgeError(
+                f"--defense {config.defense} cannot --finetune {config.finetune}",
+                f"use --finetune {' or '.join(self.finetune_modes)}",
+            )
+
+    @abc.abstractmethod
+    def new_model(self, config: Any, key: Key | None, num_classes: int) -> nn.Module:
+        """The model to fine-tune: pretrained backbone, new head, and this defense around it."""
+
+    @abc.abstractmethod
+    def training_note(self, config: Any, key: Key | None) -> str:
+        """How the model is defended, for the training log."""
+
+    def logits_and_loss(self, model: nn.Module, x: Any, y: Any, config: Any) -> tuple[Any, Any]:
+        """Image logits and the training loss (cross-entropy with the configured label smoothing)."""
+        logits = model(x)
+        return logits, nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+
 
 _REGISTRY: dict[str, Defense] = {}
 D = TypeVar("D", bound=type[Defense])
@@ -86,10 +111,12 @@ def defense_names() -> list[str]:
 
 
 def get_defense(name: str | None) -> Defense:
-    """The defense called ``name`` (``None``: keyed); a one-line error for an unknown one."""
-    defense = _REGISTRY.get(name or "keyed")
+    """The defense called ``name`` (``None`` or ``"none"``: keyed); a one-line error for an unknown one."""
+    defense = _REGISTRY.get(name if name and name != "none" else "keyed")
     if defense is None:
-        raise KeyedgeError(f"unknown defense {name!r}", f"use one of {', '.join(_REGISTRY)} (or upgrade keyedge)")
+        raise KeyedgeError(
+            f"unknown defense {name!r}", "use none (the key) or " + ", ".join(n for n in _REGISTRY if n != "keyed")
+        )
     return defense
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from keyedge.defenses import Defense, Deployable, register_defense
 from keyedge.errors import FoldError, KeyedgeError
-from keyedge.keys import Key
+from keyedge.keys.keyfile import Key
 
 FUSE_MODES = ("gather", "fold", "conv", "auto")
 
@@ -34,8 +34,8 @@ class RawInputModel(nn.Module):
 
 def conv_variant(merged: nn.Module, key: Key | None) -> Deployable:
     """The keyed model with its shuffle as space-to-depth + 1x1 permutation conv + depth-to-space."""
-    from keyedge.models import KeyedModel
-    from keyedge.transform import BlockShuffleConv
+    from keyedge.keys.transform import BlockShuffleConv
+    from keyedge.models.backbones import KeyedModel
 
     assert key is not None and merged.keyed
     variant = KeyedModel(merged.backbone, merged.spec, key)  # shares the backbone; only the shuffle differs
@@ -51,18 +51,18 @@ class KeyedDefense(Defense):
     takes_key = True
 
     def build(self, backbone: nn.Module, spec: Any, record: dict[str, Any] | None, key: Key | None) -> nn.Module:
-        from keyedge.models import KeyedModel
+        from keyedge.models.backbones import KeyedModel
 
         return KeyedModel(backbone, spec, key)
 
     def evaluated(self, model: nn.Module) -> nn.Module:
-        from keyedge.lora import merge_lora
+        from keyedge.models.lora import merge_lora
 
         return merge_lora(model)
 
     def deployable(self, model: nn.Module, key: Key | None, fuse: str = "gather") -> Deployable:
-        from keyedge.fold import fold_model
-        from keyedge.lora import merge_lora
+        from keyedge.keys.fold import fold_model
+        from keyedge.models.lora import merge_lora
 
         if fuse not in FUSE_MODES:
             raise KeyedgeError(f"unknown fuse mode {fuse!r}", f"use {', '.join(FUSE_MODES)}")
@@ -87,6 +87,22 @@ class KeyedDefense(Defense):
 
     def role(self, fingerprint: str | None) -> str:
         return "keyed" if fingerprint else "plain"
+
+    def new_model(self, config: Any, key: Key | None, num_classes: int) -> nn.Module:
+        from keyedge.models.backbones import build_model
+
+        model = build_model(config.model, num_classes, key=key, weights=config.weights, image_size=config.image_size)
+        if config.finetune == "lora":
+            from keyedge.models.lora import apply_lora, lora_settings
+
+            apply_lora(
+                model,
+                lora_settings(model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets),
+            )
+        return model
+
+    def training_note(self, config: Any, key: Key | None) -> str:
+        return "with key " + key.fingerprint if key else "without a key (plain)"
 
     def artifact_name(self, model_name: str, fingerprint: str | None) -> str:
         return f"{model_name}-{fingerprint or 'plain'}"

@@ -1,7 +1,7 @@
 """The volumization defense (volumization-localized-attacks): patches ranked into a volume, a 3D backbone.
 
-The model itself lives in :mod:`keyedge.volumetric` (the 3D counterparts of timm CNNs)
-and :mod:`keyedge.volumize` (the volumizer); this module is how the rest of keyedge
+The model itself lives in :mod:`keyedge.defenses.volumetric` (the 3D counterparts of timm CNNs)
+and :mod:`keyedge.defenses.volumizer` (the volumizer); this module is how the rest of keyedge
 meets it: rebuilt from a checkpoint's ``defense`` record, exported in raster order (with
 1-deep kernels the ranking cannot change the output), reported under the role ``volumize``.
 A volumized model takes no key and is fully fine-tuned.
@@ -9,7 +9,7 @@ A volumized model takes no key and is fully fine-tuned.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -24,7 +24,7 @@ class VolumizeDefense(Defense):
     finetune_modes = ("full",)
 
     def build(self, backbone: nn.Module, spec: Any, record: dict[str, Any] | None, key: Any) -> nn.Module:
-        from keyedge.volumetric import model_from_defense
+        from keyedge.defenses.volumetric import model_from_defense
 
         if key is not None:
             raise KeyedgeError("a volumized model takes no key", "drop --key-file")
@@ -34,7 +34,7 @@ class VolumizeDefense(Defense):
         return model.defense()
 
     def check_record(self, record: dict[str, Any] | None, source: str) -> None:
-        from keyedge.volumize import VolumizeConfig
+        from keyedge.defenses.volumizer import VolumizeConfig
 
         try:
             VolumizeConfig.from_dict(record or {})
@@ -46,7 +46,7 @@ class VolumizeDefense(Defense):
             ) from None
 
     def deployable(self, model: nn.Module, key: Any, fuse: str = "gather") -> Deployable:
-        from keyedge.volumetric import RasterVolumizedModel
+        from keyedge.defenses.volumetric import RasterVolumizedModel
 
         return Deployable(
             RasterVolumizedModel(model.eval()).eval(),
@@ -57,6 +57,61 @@ class VolumizeDefense(Defense):
 
     def role(self, fingerprint: str | None) -> str:
         return "volumize"
+
+    training_fields: ClassVar[dict[str, Any]] = {
+        "patch": 16,
+        "volume_metric": "entropy",
+        "volume_order": "ascending",
+        "depth_kernel": 1,
+    }
+
+    @staticmethod
+    def _config(config: Any) -> Any:
+        from keyedge.defenses.volumizer import VolumizeConfig
+
+        return VolumizeConfig((config.patch, config.patch), config.volume_metric, config.volume_order)
+
+    def check_training(self, config: Any, image_size: int | None = None) -> None:
+        from keyedge.defenses.volumetric import check_depth_kernel
+        from keyedge.defenses.volumizer import check_patch
+
+        if config.key_file:
+            raise KeyedgeError(
+                "a volumized model takes no key", "drop --key-file, or use --defense none for a keyed model"
+            )
+        if config.finetune != "full":
+            raise KeyedgeError("--defense volumize trains the whole 3D model", "use --finetune full")
+        self._config(config)
+        check_depth_kernel(config.depth_kernel)
+        if image_size is not None:
+            check_patch(image_size, image_size, config.patch)
+
+    def new_model(self, config: Any, key: Any, num_classes: int) -> nn.Module:
+        from keyedge.defenses.volumetric import build_volumized_model
+
+        return build_volumized_model(
+            config.model,
+            num_classes,
+            self._config(config),
+            depth_kernel=config.depth_kernel,
+            weights=config.weights,
+            image_size=config.image_size,
+        )
+
+    def training_note(self, config: Any, key: Any) -> str:
+        return (
+            f"volumized ({config.patch}x{config.patch} patches by {config.volume_metric}, {config.volume_order}, "
+            f"depth kernel {config.depth_kernel}, curriculum {config.curriculum})"
+        )
+
+    def logits_and_loss(self, model: nn.Module, x: Any, y: Any, config: Any) -> tuple[Any, Any]:
+        """The aggregated logits, and the patch-aggregate loss on the per-patch logits (volumization paper)."""
+        from keyedge.defenses.volumetric import aggregate
+        from keyedge.training.curriculum import patch_aggregate_loss
+
+        patches = model(x, per_patch=True)  # through the (DDP) wrapper's forward, not .patch_logits
+        how = getattr(model, "module", model).aggregation
+        return aggregate(patches, how), patch_aggregate_loss(patches, y, config.label_smoothing)
 
     def artifact_name(self, model_name: str, fingerprint: str | None) -> str:
         return f"{model_name}-volumized"

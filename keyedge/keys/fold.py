@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from keyedge.errors import FoldError
-from keyedge.transform import BlockShuffle, _image_spec, block_index_map
+from keyedge.keys.transform import BlockShuffle, _image_spec, block_index_map
 
 if TYPE_CHECKING:
-    from keyedge.keys import Key
+    from keyedge.keys.keyfile import Key
 
 #: Where timm keeps the first layer of the families whose stem can be patchify.
 FIRST_LAYER_PATHS = ("patch_embed.proj", "stem.0", "stem.conv", "stem", "conv_stem", "conv1", "stem.conv1")

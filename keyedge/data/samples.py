@@ -1,7 +1,7 @@
 """Sample photos shipped by installed packages, for demos and real-input checks offline.
 
 scikit-image ships a few public-domain photos inside its wheel (docs/design.md §5);
-the ``samples`` extra installs it.  ``python -m keyedge.samples NAME OUT.png``
+the ``samples`` extra installs it.  ``python -m keyedge.data.samples NAME OUT.png``
 writes one to a file.
 """
 
@@ -28,12 +28,12 @@ def sample_photo(name: str = "astronaut") -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from keyedge.data.images import write_image
     from keyedge.errors import KeyedgeError
-    from keyedge.images import write_image
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m keyedge.samples NAME OUT.png", file=sys.stderr)
+        print("usage: python -m keyedge.data.samples NAME OUT.png", file=sys.stderr)
         return 2
     try:
         write_image(args[1], sample_photo(args[0]), overwrite=True)

@@ -6,7 +6,7 @@
   is (nearly) invariant to that scale.
 * :func:`syllabus` -- the permutation ordering a batch from simple to complex
   by a Table 1 metric at image level (Eqs. 11-13), exactly as the volumizer
-  orders patches (:func:`keyedge.volumize.rank`); the reference of a distance
+  orders patches (:func:`keyedge.defenses.volumizer.rank`); the reference of a distance
   metric is the batch's lowest-entropy image.
 
 * :class:`CurriculumBatchSampler` -- what ``keyedge train --curriculum METRIC`` uses.
@@ -29,8 +29,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
+from keyedge.defenses.volumizer import metric_scores, rank
 from keyedge.errors import ShapeError
-from keyedge.volumize import metric_scores, rank
 
 
 def patch_aggregate_loss(

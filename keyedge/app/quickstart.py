@@ -85,13 +85,13 @@ def run_quickstart(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run every stage into ``out``; return (and write) the summary."""
-    from keyedge.artifacts import ArtifactManifest
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
-    from keyedge.export import ExportRequest, ExportSettings, export_many
-    from keyedge.keys import Key
-    from keyedge.train import TrainConfig, train
+    from keyedge.deploy.artifacts import ArtifactManifest
+    from keyedge.deploy.export import ExportRequest, ExportSettings, export_many
+    from keyedge.keys.keyfile import Key
+    from keyedge.training.loop import TrainConfig, train
 
     out = Path(out)
     prepare_out(out, overwrite)
@@ -241,9 +241,9 @@ def run_quickstart(
 
 def cross_key_accuracy(runs: dict[str, Path], keys: dict[str, Any], config: QuickstartConfig) -> dict[str, Any]:
     """Top-1 of each model on the test images with its own key and with the other key (plain: none vs k1)."""
-    from keyedge.checkpoint import load_checkpoint
-    from keyedge.data import load_dataset
-    from keyedge.train import evaluate
+    from keyedge.data.datasets import load_dataset
+    from keyedge.models.checkpoint import load_checkpoint
+    from keyedge.training.loop import evaluate
 
     test_set, _ = load_dataset(config.data, "test", config.image_size, limit=config.test_limit, seed=config.seed)
     other = {"plain": keys["k1"], "k1": keys["k2"], "k2": keys["k1"]}

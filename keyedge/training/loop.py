@@ -12,10 +12,10 @@ With an orthogonality reference (``ortho_ref``), the loss gains
 gradients away from the frozen reference's -- the tool to test whether gradient
 misalignment stops adversarial examples transferring between keyed models.
 
-With ``defense="volumize"`` the model is a :class:`~keyedge.volumetric.VolumizedModel`
+With ``defense="volumize"`` the model is a :class:`~keyedge.defenses.volumetric.VolumizedModel`
 (patch volumes, 3D backbone; no key, no LoRA), trained with the patch-aggregate
 loss; ``curriculum`` visits each epoch's batches from simple to complex by a metric
-(:mod:`keyedge.curriculum`).
+(:mod:`keyedge.training.curriculum`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from keyedge.checkpoint import (
+from keyedge.defenses import Defense, defense_names, get_defense
+from keyedge.defenses.volumizer import check_metric
+from keyedge.errors import KeyedgeError
+from keyedge.keys.keyfile import Key, load_key
+from keyedge.models.backbones import gradient_similarity, input_gradient
+from keyedge.models.checkpoint import (
     MANIFEST,
     CheckpointManifest,
     load_checkpoint,
@@ -41,12 +46,7 @@ from keyedge.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from keyedge.curriculum import CurriculumBatchSampler, image_scores, patch_aggregate_loss
-from keyedge.errors import KeyedgeError
-from keyedge.keys import Key, load_key
-from keyedge.models import build_model, gradient_similarity, input_gradient
-from keyedge.volumetric import aggregate, build_volumized_model, check_depth_kernel
-from keyedge.volumize import VolumizeConfig, check_metric, check_patch
+from keyedge.training.curriculum import CurriculumBatchSampler, image_scores
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TrainConfig:
     ortho_mode: str = "signed"  # signed: paper's Eq. 3; abs: |cos|, pushes towards orthogonal
     defense: str = "none"  # none (keyed or plain) | volumize
     patch: int = 16  # volumize: square patch side
-    volume_metric: str = "entropy"  # volumize: patch ranking metric (keyedge.volumize.METRICS)
+    volume_metric: str = "entropy"  # volumize: patch ranking metric (keyedge.defenses.volumizer.METRICS)
     volume_order: str = "ascending"
     depth_kernel: int = 1  # volumize: depth of the 3D kernels (odd)
     curriculum: str = "none"  # none | a metric: visit each epoch's batches from simple to complex
@@ -96,11 +96,9 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite")}
 
     @property
-    def volumized(self) -> bool:
-        return self.defense == "volumize"
-
-    def volumize_config(self) -> VolumizeConfig:
-        return VolumizeConfig((self.patch, self.patch), self.volume_metric, self.volume_order)
+    def defense_impl(self) -> Defense:
+        """The defense that builds, trains and checks this model (keyedge.defenses; ``none``: the key)."""
+        return get_defense(self.defense)
 
 
 @dataclass
@@ -207,7 +205,7 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
         if config.ortho_lambda:
             raise KeyedgeError("--ortho-lambda needs a reference model", "pass --ortho-ref CHECKPOINT")
         return None
-    from keyedge.lora import merge_lora
+    from keyedge.models.lora import merge_lora
 
     ref, _ = load_checkpoint(config.ortho_ref, _load_key(config.ortho_ref_key), map_location=device)
     ref = merge_lora(ref)
@@ -218,8 +216,7 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
 
 def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | None) -> None:
     recorded = {**_DEFENSE_DEFAULTS, **manifest.training.get("config", {})}
-    volume = ("patch", "volume_metric", "volume_order", "depth_kernel") if config.volumized else ()
-    for name in ("model", "finetune", "weights", "defense", *volume):
+    for name in ("model", "finetune", "weights", "defense", *config.defense_impl.training_fields):
         if recorded.get(name) != getattr(config, name):
             raise KeyedgeError(
                 f"cannot resume: the checkpoint was trained with {name}={recorded.get(name)!r}, "
@@ -233,58 +230,29 @@ def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | 
 
 _DEFENSE_DEFAULTS = {
     "defense": "none",
-    "patch": 16,
-    "volume_metric": "entropy",
-    "volume_order": "ascending",
-    "depth_kernel": 1,
+    **{k: v for name in defense_names() for k, v in get_defense(name).training_fields.items()},
 }
 
 
 def _check_defense(config: TrainConfig) -> None:
     """Refuse what a defense cannot do, before any data or model is loaded."""
-    if config.defense not in ("none", "volumize"):
-        raise KeyedgeError(f"unknown defense {config.defense!r}", "use none or volumize")
+    if config.finetune not in ("full", "lora"):
+        raise KeyedgeError(f"unknown fine-tune mode {config.finetune!r}", "use full or lora")
     if config.curriculum != "none":
         check_metric(config.curriculum)
-    if not config.volumized:
-        return
-    if config.key_file:
-        raise KeyedgeError("a volumized model takes no key", "drop --key-file, or use --defense none for a keyed model")
-    if config.finetune != "full":
-        raise KeyedgeError("--defense volumize trains the whole 3D model", "use --finetune full")
-    config.volumize_config()
-    check_depth_kernel(config.depth_kernel)
+    config.defense_impl.check_training(config)
 
 
 def prepare_model(config: TrainConfig, key: Key | None, num_classes: int) -> nn.Module:
-    """The model to fine-tune: pretrained backbone, new head, key, LoRA adapters if asked (or a volumized model)."""
-    if config.volumized:
-        return build_volumized_model(
-            config.model,
-            num_classes,
-            config.volumize_config(),
-            depth_kernel=config.depth_kernel,
-            weights=config.weights,
-            image_size=config.image_size,
-        )
-    model = build_model(config.model, num_classes, key=key, weights=config.weights, image_size=config.image_size)
-    if config.finetune == "lora":
-        from keyedge.lora import apply_lora, lora_settings
-
-        apply_lora(
-            model,
-            lora_settings(model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets),
-        )
-    elif config.finetune != "full":
-        raise KeyedgeError(f"unknown fine-tune mode {config.finetune!r}", "use full or lora")
-    return model
+    """The model to fine-tune: pretrained backbone, new head and the defense (key, LoRA adapters, volume...)."""
+    return config.defense_impl.new_model(config, key, num_classes)
 
 
 def train(
     config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print
 ) -> CheckpointManifest | None:
     """Fine-tune per ``config``; checkpoint every epoch into ``config.out``; return the final manifest (rank 0)."""
-    from keyedge.data import load_dataset
+    from keyedge.data.datasets import load_dataset
 
     dist_env = Distributed()
     device = resolve_device(config.device, dist_env)
@@ -313,8 +281,7 @@ def train(
     key = _load_key(config.key_file)
 
     size = config.image_size or _default_size(config)
-    if config.volumized:
-        check_patch(size, size, config.patch)
+    config.defense_impl.check_training(config, size)
     train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)
     test_set, _ = load_dataset(config.data, "test", size, limit=config.test_limit, seed=config.seed)
     history: list[dict[str, Any]] = []
@@ -339,7 +306,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     drop_last = len(train_set) > config.batch_size * dist_env.world
-    if config.curriculum != "none":  # batches visited from simple to complex (keyedge.curriculum)
+    if config.curriculum != "none":  # batches visited from simple to complex (keyedge.training.curriculum)
         if dist_env.enabled:
             raise KeyedgeError("--curriculum orders the batches of one process", "train it without torchrun")
         log(f"curriculum: scoring {len(train_set)} training images by {config.curriculum}")
@@ -376,7 +343,7 @@ def train(
     amp = config.amp and device.type == "cuda"
     lora_info = None
     if config.finetune == "lora":
-        from keyedge.lora import lora_settings
+        from keyedge.models.lora import lora_settings
 
         lora_info = lora_settings(
             model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets
@@ -386,7 +353,7 @@ def train(
         total = sum(p.numel() for p in model.parameters())
         log(
             f"training {config.model} ({config.finetune}, {trainable:,} of {total:,} parameters trainable) "
-            f"{_defense_note(config, key)} on {info.name}: "
+            f"{config.defense_impl.training_note(config, key)} on {info.name}: "
             f"{len(train_set)} train / {len(test_set)} test images at {model.spec.image_size}px, device {device}"
             + (f", {dist_env.world} processes" if dist_env.enabled else "")
         )
@@ -471,32 +438,11 @@ def train(
     return manifest
 
 
-def _defense_note(config: TrainConfig, key: Key | None) -> str:
-    if config.volumized:
-        return (
-            f"volumized ({config.patch}x{config.patch} patches by {config.volume_metric}, {config.volume_order}, "
-            f"depth kernel {config.depth_kernel}, curriculum {config.curriculum})"
-        )
-    return "with key " + key.fingerprint if key else "without a key (plain)"
-
-
-def _logits_and_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image logits and the training loss: cross-entropy, or the patch-aggregate loss of a volumized model."""
-    if not config.volumized:
-        logits = model(x)
-        return logits, nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-    patches = model(x, per_patch=True)  # through the (DDP) wrapper's forward, not .patch_logits
-    how = getattr(model, "module", model).aggregation
-    return aggregate(patches, how), patch_aggregate_loss(patches, y, config.label_smoothing)
-
-
 def _default_size(config: TrainConfig) -> int:
     import timm
 
     if not timm.is_model(config.model):
-        from keyedge.models import _check_name
+        from keyedge.models.backbones import _check_name
 
         _check_name(config.model)
     return int(timm.get_pretrained_cfg(config.model).to_dict().get("input_size", (3, 224, 224))[-1])
@@ -537,7 +483,7 @@ def _train_epoch(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 if reference is not None:
                     x.requires_grad_(True)
-                    logits, loss = _logits_and_loss(model, x, y, config)
+                    logits, loss = config.defense_impl.logits_and_loss(model, x, y, config)
                     (grad,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y), x, create_graph=True)
                     ref_grad = input_gradient(reference, x.detach(), y)
                     sim = gradient_similarity(grad.float(), ref_grad.float())
@@ -545,7 +491,7 @@ def _train_epoch(
                     objective = loss + config.ortho_lambda * penalty
                     totals["sim_sum"] += sim.detach().sum().item()
                 else:
-                    logits, loss = _logits_and_loss(model, x, y, config)
+                    logits, loss = config.defense_impl.logits_and_loss(model, x, y, config)
                     objective = loss
             optimizer.zero_grad(set_to_none=True)
             objective.backward()

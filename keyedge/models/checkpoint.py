@@ -12,7 +12,7 @@ in one rename, then deletes the files the manifest no longer names: a process
 killed at any point leaves the last good checkpoint loadable.  The manifest
 records the key's **fingerprint** -- never the key -- and the SHA-256 of every
 file, checked on load.  A model with a defense other than the key (a
-:class:`~keyedge.volumetric.VolumizedModel`) adds ``"defense": {"name": ...,
+:class:`~keyedge.defenses.volumetric.VolumizedModel`) adds ``"defense": {"name": ...,
 its config}``, from which :func:`load_checkpoint` rebuilds it.
 """
 
@@ -30,8 +30,8 @@ import torch
 from keyedge import __version__
 from keyedge.deps import version_of
 from keyedge.fileio import sha256_file, write_bytes_atomic
-from keyedge.keys import Key
-from keyedge.models import KeyedModel, ModelSpec, rebuild_backbone
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import KeyedModel, ModelSpec, rebuild_backbone
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "keyedge.json"
@@ -52,7 +52,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def model_tensors(model: KeyedModel) -> dict[str, torch.Tensor]:
     """What the checkpoint stores for this model (full backbone, or adapters + head + buffers)."""
-    from keyedge.lora import adapter_state_dict, is_lora
+    from keyedge.models.lora import adapter_state_dict, is_lora
 
     if not is_lora(model):
         return dict(model.backbone.state_dict())
@@ -193,21 +193,7 @@ class CheckpointManifest:
     def from_fields(cls, f: Fields) -> CheckpointManifest:
         from keyedge.defenses import defense_names, get_defense
 
-        schema = f.str("schema", optional=True)
-        if schema is None:  # written before the schema field existed: format + version
-            if f.raw("format", None) != FORMAT:
-                raise f.error(f"{f.source} is not a keyedge checkpoint manifest", f.hint)
-            version = f.int("version", low=1)
-        else:
-            name, _, number = schema.partition("/")
-            if name != FORMAT or not number.isdigit():
-                raise f.fail("schema", f"must be {SCHEMA}, got {schema!r}")
-            version = int(number)
-        if version > VERSION:
-            raise f.error(
-                f"{f.source} has checkpoint version {version}, newer than this keyedge reads ({VERSION})",
-                "upgrade keyedge",
-            )
+        f.schema_version(SCHEMA, FORMAT, "checkpoint manifest")
         m = f.obj("model")
         spec = ModelSpec(
             name=m.str("name"),
@@ -356,7 +342,7 @@ def load_checkpoint(
 
     ``key`` must be the key the model was trained with (checked by fingerprint)
     unless ``allow_key_mismatch``: then the model is built with the given key,
-    which is the key-diversity experiment.  The model is a :class:`~keyedge.models.KeyedModel`
+    which is the key-diversity experiment.  The model is a :class:`~keyedge.models.backbones.KeyedModel`
     or another defense's model (``keyedge.defenses``).  Pass ``manifest`` when it was read already.
     """
     from safetensors import SafetensorError
@@ -377,7 +363,7 @@ def load_checkpoint(
     backbone = rebuild_backbone(spec) if lora else _empty_backbone(spec)
     model = get_defense(manifest.defense and manifest.defense_name).build(backbone, spec, manifest.defense, key)
     if lora:
-        from keyedge.lora import LoraSettings, apply_lora, load_adapter_state_dict
+        from keyedge.models.lora import LoraSettings, apply_lora, load_adapter_state_dict
 
         base = model.backbone
         buffers = {k[len("buffer.") :]: v for k, v in tensors.items() if k.startswith("buffer.")}
@@ -398,7 +384,7 @@ def load_checkpoint(
 
 
 def _empty_backbone(spec: ModelSpec) -> torch.nn.Module:
-    from keyedge.models import create_backbone
+    from keyedge.models.backbones import create_backbone
 
     return create_backbone(spec.name, spec.num_classes, weights="none", image_size=spec.image_size)[0]
 

@@ -8,7 +8,6 @@ is reported with its error, it never crashes the doctor.
 from __future__ import annotations
 
 import platform
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,32 +22,29 @@ def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
 
 
-def _onnxruntime_providers() -> str:
-    import onnxruntime
+def _export_check(target: str) -> Callable[[], str]:
+    def probe() -> str:
+        from keyedge.exporters import get_backend
 
-    return ", ".join(onnxruntime.get_available_providers())
+        ok, reason = get_backend(target).available()
+        if not ok:
+            raise RuntimeError(reason)
+        return reason
 
-
-def _openvino_devices() -> str:
-    import openvino
-
-    return ", ".join(openvino.Core().available_devices)
-
-
-def _coreml_convert() -> str:
-    import numpy
-
-    if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 4):
-        raise RuntimeError(f"numpy {numpy.__version__} breaks coremltools' torch converter; pip install 'numpy<2.4'")
-    import coremltools
-
-    return f"coremltools {coremltools.__version__}"
+    return probe
 
 
-def _coreml_predict() -> str:
-    if sys.platform != "darwin":
-        raise RuntimeError("CoreML prediction runs only on macOS; artifacts are checked structurally here")
-    return _coreml_convert()
+def _runtime_check(target: str) -> Callable[[], str]:
+    def probe() -> str:
+        from keyedge.exporters import get_backend
+
+        backend = get_backend(target)
+        ok, reason = backend.can_run()
+        if not ok:
+            raise RuntimeError(reason)
+        return ", ".join(backend.devices()) or reason
+
+    return probe
 
 
 def _cuda() -> str:
@@ -73,27 +69,15 @@ def _torch_export() -> str:
     return f"torch {torch.__version__}"
 
 
-def _onnx_export() -> str:
-    import onnx
-    import onnxscript  # noqa: F401 - the dynamo exporter needs it
-
-    return f"onnx {onnx.__version__}"
-
-
-def _openvino_convert() -> str:
-    import openvino
-
-    return f"openvino {openvino.__version__}"
-
-
 # (section, name, probe, extra that provides it)
 CHECKS: list[tuple[str, str, Callable[[], Any], str | None]] = [
-    ("export", "onnx", _onnx_export, "onnx"),
-    ("export", "openvino", _openvino_convert, "openvino"),
-    ("export", "coreml", _coreml_convert, "coreml"),
-    ("runtime", "onnxruntime", _onnxruntime_providers, "onnx"),
-    ("runtime", "openvino", _openvino_devices, "openvino"),
-    ("runtime", "coreml-predict", _coreml_predict, "coreml"),
+    # every export backend's own checks (ExportBackend.available / can_run): one availability check per backend
+    ("export", "onnx", _export_check("onnx"), "onnx"),
+    ("export", "openvino", _export_check("openvino"), "openvino"),
+    ("export", "coreml", _export_check("coreml"), "coreml"),
+    ("runtime", "onnxruntime", _runtime_check("onnx"), "onnx"),
+    ("runtime", "openvino", _runtime_check("openvino"), "openvino"),
+    ("runtime", "coreml-predict", _runtime_check("coreml"), "coreml"),
     ("runtime", "torch-cpu", _torch_export, None),
     ("runtime", "torch-cuda", _cuda, None),
     ("runtime", "torch-mps", _mps, None),

@@ -152,23 +152,7 @@ class ArtifactManifest:
         from keyedge.defenses import defense_names, get_defense
         from keyedge.exporters import backend_names
 
-        schema = f.str("schema", optional=True)
-        if schema is None:
-            if f.raw("format", None) != FORMAT:
-                raise f.error(
-                    f"{f.source} is not a keyedge export manifest", "pass a directory written by `keyedge export`"
-                )
-            version = f.int("version", low=1)
-        else:
-            name, _, number = schema.partition("/")
-            if name != "keyedge-artifact" or not number.isdigit():
-                raise f.fail("schema", f"must be {SCHEMA}, got {schema!r}")
-            version = int(number)
-        if version > 1:
-            raise f.error(
-                f"{f.source} has export manifest version {version}, newer than this keyedge reads (1)",
-                "upgrade keyedge",
-            )
+        f.schema_version(SCHEMA, FORMAT, "export manifest")
         m = f.obj("model")
         model = dict(m.data)
         m.str("name")

@@ -1,7 +1,7 @@
 """3D counterparts of timm 2D CNNs for volumized input, and the volumized classifier (volumization paper §4.2).
 
 :func:`to_3d` turns a timm CNN into one that reads a volume (B, C, D, ph, pw)
--- D patches of ph x pw stacked along depth (:mod:`keyedge.volumize`) -- and
+-- D patches of ph x pw stacked along depth (:mod:`keyedge.defenses.volumizer`) -- and
 returns per-patch class scores (B, D, classes):
 
 * ``Conv2d`` k x k (stride s, padding p, dilation d, groups g) -> ``Conv3d`` with
@@ -21,7 +21,7 @@ returns per-patch class scores (B, D, classes):
   over H, W of each patch, never across patches.
 * Activations, dropout, ``Identity``, ``DropPath``, ``Linear`` are unchanged.
 
-Any other layer raises :class:`~keyedge.models.ModelError` rather than being
+Any other layer raises :class:`~keyedge.models.backbones.ModelError` rather than being
 silently mis-converted.  Verified: timm ResNets (``resnet18``, ``test_resnet``)
 and EfficientNets (``tf_efficientnet_lite0``, ``test_efficientnet``).
 
@@ -55,9 +55,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
+from keyedge.defenses.volumizer import VolumizeConfig, Volumizer, check_patch, to_patches
 from keyedge.errors import KeyedgeError, ShapeError
-from keyedge.models import ModelError, ModelSpec, Normalize, create_backbone
-from keyedge.volumize import VolumizeConfig, Volumizer, check_patch, to_patches
+from keyedge.models.backbones import ModelError, ModelSpec, Normalize, create_backbone
 
 AGGREGATIONS = ("mean-logits", "mean-probs", "majority")
 
@@ -338,7 +338,7 @@ class VolumizedModel(nn.Module):
     per-patch logits (B, D, classes) the patch-aggregate loss trains on.  The
     volumizer ranks patches on the [0, 1] pixels (histograms over [0, 1]);
     normalization follows it -- per channel, so it commutes with the patch
-    shuffle -- using the same :class:`~keyedge.models.Normalize` as keyed models.
+    shuffle -- using the same :class:`~keyedge.models.backbones.Normalize` as keyed models.
     A volumized model takes no key (``keyed`` is False).
     """
 
@@ -453,7 +453,7 @@ def build_volumized_model(
     weights: str = "hub",
     image_size: int | None = None,
 ) -> VolumizedModel:
-    """A volumized model from a timm name and a weights source (as :func:`keyedge.models.build_model`)."""
+    """A volumized model from a timm name and a weights source (as :func:`keyedge.models.backbones.build_model`)."""
     backbone, spec = create_backbone(name, num_classes, weights=weights, image_size=image_size)
     return volumize_model(backbone, spec, config, depth_kernel=depth_kernel, aggregation=aggregation)
 

@@ -30,7 +30,7 @@ from torch import nn
 from keyedge.errors import ShapeError
 
 if TYPE_CHECKING:
-    from keyedge.keys import Key
+    from keyedge.keys.keyfile import Key
 
 
 def check_divisible(height: int, width: int, block_size: int, what: str = "image") -> None:

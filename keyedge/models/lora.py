@@ -23,7 +23,7 @@ from torch import nn
 
 from keyedge.deps import require
 from keyedge.errors import KeyedgeError
-from keyedge.models import KeyedModel, head_names
+from keyedge.models.backbones import KeyedModel, head_names
 
 
 @dataclass(frozen=True)

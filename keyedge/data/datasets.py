@@ -147,7 +147,7 @@ class ImageFileDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from keyedge.images import read_image
+        from keyedge.data.images import read_image
 
         return to_model_input(read_image(self.paths[index]), self.image_size), int(self.labels[index])
 
