@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,8 @@ from typing import Any
 
 from keyedge.benchmarks.attacks import ATTACKS
 from keyedge.benchmarks.robustness import Check, Matrix, Outcome, block_size_points
-from keyedge.errors import KeyedgeError, OutputError
+from keyedge.errors import KeyedgeError
+from keyedge.fileio import staged_directory
 
 SCHEMA = "keyedge-robustness/1"
 
@@ -356,21 +354,10 @@ class RobustnessReport:
         return written
 
     def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
-        """Write JSON, markdown and plots into ``out`` -- all of them, or nothing."""
+        """Write JSON, markdown and plots into ``out`` -- all of them, or nothing (an old ``out`` stays until then)."""
         out = Path(out)
-        if out.exists() and not overwrite:
-            raise OutputError(f"{out} already exists", "pass --overwrite, or choose another --out")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        with staged_directory(out, overwrite=overwrite, mode=0o755) as tmp:
             (tmp / "robustness.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             (tmp / "robustness.md").write_text(self.to_markdown() + "\n")
             self.plots(tmp)
-            os.chmod(tmp, 0o755)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
