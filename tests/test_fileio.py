@@ -43,3 +43,42 @@ def test_refuses_existing_and_bad_parents(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         write_bytes_atomic(tmp_path / "a" / "b", b"2")
     assert (tmp_path / "a").read_bytes() == b"1"
+
+
+def test_staged_directory_replaces_only_when_complete(tmp_path):
+    from keyedge.fileio import staged_directory
+
+    final = tmp_path / "report"
+    with staged_directory(final, overwrite=False) as staging:
+        (staging / "a.txt").write_text("one")
+    assert (final / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError), staged_directory(final, overwrite=True) as staging:
+        (staging / "a.txt").write_text("two")
+        assert (final / "a.txt").read_text() == "one", "the old directory stays while the new one is written"
+        raise RuntimeError("killed half-way")
+    assert (final / "a.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    with staged_directory(final, overwrite=True) as staging:
+        (staging / "b.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"], "no .old or .tmp directory left behind"
+    with pytest.raises(OutputError, match="already exists"), staged_directory(final, overwrite=False):
+        pass
+
+
+def test_stale_staging_of_a_live_process_is_never_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from keyedge.fileio import remove_stale_staging
+
+    live = tmp_path / f".out.tmp-{os.getpid()}-abc"
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dead = tmp_path / f".out.tmp-{dead_pid}-def"
+    other = tmp_path / f".other.tmp-{dead_pid}-xyz"
+    for d in (live, dead, other):
+        d.mkdir()
+    remove_stale_staging(tmp_path, "out")
+    assert live.exists() and not dead.exists() and other.exists()
