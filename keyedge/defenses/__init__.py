@@ -21,6 +21,7 @@ from keyedge.errors import KeyedgeError
 if TYPE_CHECKING:
     from keyedge.keys.keyfile import Key
     from keyedge.models.backbones import ModelSpec
+    from keyedge.validate import Fields
 
 
 @dataclass
@@ -120,6 +121,22 @@ def get_defense(name: str | None) -> Defense:
     return defense
 
 
+def defense_record(fields: Fields) -> dict[str, Any] | None:
+    """A manifest's ``defense`` record, validated: None (the key's defense) or a known other defense's settings."""
+    d = fields.obj("defense", optional=True)
+    if d is None:
+        return None
+    name = d.str("name")
+    others = [n for n in _REGISTRY if n != "keyed"]
+    if name not in others:
+        raise d.fail(
+            "name", f"names an unknown defense {name!r} (known: {', '.join(others)}; leave it out for the key)"
+        )
+    record = dict(d.data)
+    _REGISTRY[name].check_record(record, fields.source)
+    return record
+
+
 def defense_of(model: nn.Module) -> Defense:
     """The defense a model belongs to (its class's ``defense_name``; keyed models have none set)."""
     return get_defense(getattr(model, "defense_name", None))
@@ -131,4 +148,4 @@ from keyedge.defenses import keyed as _keyed  # noqa: E402, F401
 from keyedge.defenses import volumize as _volumize  # noqa: E402, F401
 # isort: on
 
-__all__ = ["Defense", "Deployable", "defense_names", "defense_of", "get_defense", "register_defense"]
+__all__ = ["Defense", "Deployable", "defense_names", "defense_of", "defense_record", "get_defense", "register_defense"]

@@ -149,7 +149,7 @@ class ArtifactManifest:
 
     @classmethod
     def from_fields(cls, f: Fields, directory: Path | None = None) -> ArtifactManifest:
-        from keyedge.defenses import defense_names, get_defense
+        from keyedge.defenses import defense_record
         from keyedge.exporters import backend_names
 
         f.schema_version(SCHEMA, FORMAT, "export manifest")
@@ -158,15 +158,7 @@ class ArtifactManifest:
         m.str("name")
         m.int("num_classes", low=1, high=MAX_CLASSES)
         m.strs("classes", optional=True)
-        d = f.obj("defense", optional=True)
-        defense = None
-        if d is not None:
-            defense = dict(d.data)
-            if d.str("name") not in defense_names():
-                raise d.fail(
-                    "name", f"names an unknown defense {d.data['name']!r} (known: {', '.join(defense_names())})"
-                )
-            get_defense(d.str("name"))
+        defense = defense_record(f)
         inp = f.obj("input")
         shape = inp.ints("shape")
         if (

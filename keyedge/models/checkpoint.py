@@ -191,7 +191,7 @@ class CheckpointManifest:
 
     @classmethod
     def from_fields(cls, f: Fields) -> CheckpointManifest:
-        from keyedge.defenses import defense_names, get_defense
+        from keyedge.defenses import defense_record, get_defense
 
         f.schema_version(SCHEMA, FORMAT, "checkpoint manifest")
         m = f.obj("model")
@@ -210,18 +210,7 @@ class CheckpointManifest:
             if k is None
             else KeyRecord(k.str("fingerprint", pattern=FINGERPRINT), k.int("block_size", low=1, high=spec.image_size))
         )
-        d = f.obj("defense", optional=True)
-        defense = None
-        if d is not None:
-            defense = dict(d.data)
-            if d.str("name") not in defense_names():
-                raise d.fail(
-                    "name", f"names an unknown defense {d.data['name']!r} (known: {', '.join(defense_names())})"
-                )
-            chosen = get_defense(d.str("name"))
-            if chosen.name == "keyed":
-                raise d.fail("name", "must name a defense other than the key's (or be left out)")
-            chosen.check_record(defense, f.source)
+        defense = defense_record(f)
         owner = get_defense(defense["name"] if defense else None)
         if key is not None and not owner.takes_key:
             raise f.fail("key", f"must be null for a {owner.name} model, which takes no key")
