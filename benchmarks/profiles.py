@@ -40,20 +40,19 @@ def runtime_targets() -> dict[str, str]:
     return {get_backend(name).runtime: name for name in backend_names()} | {"torch": "torch"}
 
 
-ORT_PROVIDERS = (
-    "CPUExecutionProvider",
-    "CUDAExecutionProvider",
-    "TensorrtExecutionProvider",
-    "CoreMLExecutionProvider",
-    "OpenVINOExecutionProvider",
-    "DmlExecutionProvider",
-    "ROCMExecutionProvider",
-    "QNNExecutionProvider",
-    "XnnpackExecutionProvider",
-)
-OPENVINO_DEVICES = ("CPU", "GPU", "NPU", "AUTO")
-COREML_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
-TORCH_DEVICES = ("cpu", "cuda", "mps")
+#: the torch runtime (a checkpoint timed eagerly) is no export backend: its profile options live here
+TORCH_OPTIONS: dict[str, tuple[Any, Any]] = {"device": (("cpu", "cuda", "mps"), "cpu")}
+
+
+def runtime_options(runtime: str) -> tuple[dict[str, tuple[Any, Any]], str | None]:
+    """The profile options of ``runtime`` (``(choices, default)`` each) and the one naming its device."""
+    if runtime == "torch":
+        return TORCH_OPTIONS, "device"
+    from keyedge.exporters import get_backend
+
+    backend = get_backend(runtime_targets()[runtime])
+    return backend.profile_options, backend.device_option
+
 
 _TOP_FIELDS = {
     "name",
@@ -66,12 +65,6 @@ _TOP_FIELDS = {
     "rounds",
     "runtime",
     "thresholds",
-}
-_RUNTIME_FIELDS = {
-    "onnxruntime": {"name", "providers", "threads", "spinning"},
-    "openvino": {"name", "device", "threads"},
-    "coreml": {"name", "compute_units"},
-    "torch": {"name", "device", "threads"},
 }
 _THRESHOLD_FIELDS = {"ratio", "p50", "accuracy_drop"}
 
@@ -106,24 +99,21 @@ class RuntimeSpec:
     @property
     def device_label(self) -> str:
         """The device as reported: ORT's first provider, OpenVINO's device, CoreML's compute units."""
-        if self.name == "onnxruntime":
-            return (self.providers or ["CPUExecutionProvider"])[0]
-        if self.name == "coreml":
-            return self.compute_units or "ALL"
-        return self.device or ("CPU" if self.name == "openvino" else "cpu")
+        _, option = runtime_options(self.name)
+        value = self.run_settings().get(option) if option else None
+        return str(value[0] if isinstance(value, list) else value)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     def run_settings(self) -> dict[str, Any]:
-        """Keyword arguments of ``ExportBackend.load`` for this runtime (threads aside)."""
-        if self.name == "onnxruntime":
-            return {"providers": list(self.providers or ["CPUExecutionProvider"]), "spinning": self.spinning}
-        if self.name == "coreml":
-            return {"compute_units": self.compute_units or "ALL"}
-        if self.name == "openvino":
-            return {"device": self.device or "CPU"}
-        return {"device": self.device}
+        """Keyword arguments of ``ExportBackend.load`` for this runtime (threads aside), defaults filled in."""
+        options, _ = runtime_options(self.name)
+        settings = {}
+        for option, (_, default) in options.items():
+            value = getattr(self, option)
+            settings[option] = list(value) if isinstance(value, list) else (default if value is None else value)
+        return settings
 
 
 @dataclass
@@ -195,27 +185,26 @@ def _parse_runtime(source: str, index: int, data: Any) -> RuntimeSpec:
     if not isinstance(data, dict):
         raise _fail(source, where, "must be a table ([[runtime]])")
     name = _check_str(source, f"{where}.name", data.get("name"), tuple(runtime_targets()))
-    _unknown(source, f"{where}.", data, _RUNTIME_FIELDS[name])
+    options, _ = runtime_options(name)
+    _unknown(source, f"{where}.", data, {"name", "threads", *options})
     spec = RuntimeSpec(name=name)
     if "threads" in data:
         spec.threads = _check_int(source, f"{where}.threads", data["threads"], 1)
-    if name == "onnxruntime":
-        providers = data.get("providers", ["CPUExecutionProvider"])
-        if not isinstance(providers, list) or not providers:
-            raise _fail(source, f"{where}.providers", f"must be a non-empty list, got {providers!r}")
-        spec.providers = [_check_str(source, f"{where}.providers", p, ORT_PROVIDERS) for p in providers]
-        if "spinning" in data:
-            if not isinstance(data["spinning"], bool):
-                raise _fail(source, f"{where}.spinning", f"must be true or false, got {data['spinning']!r}")
-            spec.spinning = data["spinning"]
-    elif name == "openvino":
-        spec.device = _check_str(source, f"{where}.device", data.get("device", "CPU"), OPENVINO_DEVICES)
-    elif name == "coreml":
-        spec.compute_units = _check_str(
-            source, f"{where}.compute_units", data.get("compute_units", "ALL"), COREML_COMPUTE_UNITS
-        )
-    else:
-        spec.device = _check_str(source, f"{where}.device", data.get("device", "cpu"), TORCH_DEVICES)
+    for option, (choices, default) in options.items():
+        value = data.get(option, default)
+        field_name = f"{where}.{option}"
+        if value is None:
+            continue
+        if choices is bool:
+            if not isinstance(value, bool):
+                raise _fail(source, field_name, f"must be true or false, got {value!r}")
+        elif isinstance(choices, list):  # a list of strings from choices[0]
+            if not isinstance(value, list) or not value:
+                raise _fail(source, field_name, f"must be a non-empty list, got {value!r}")
+            value = [_check_str(source, field_name, v, choices[0]) for v in value]
+        else:
+            value = _check_str(source, field_name, value, choices)
+        setattr(spec, option, value)
     return spec
 
 

@@ -45,7 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -161,6 +161,13 @@ class ExportBackend(abc.ABC):
     runtime: str = ""  # the runtime's name in device profiles (onnxruntime, openvino, coreml)
     #: whether :meth:`export_from_template` can write a key's artifact from an architecture's ONNX template
     supports_template: bool = False
+    #: whether the target's accelerators run a gather (CoreML's Neural Engine does not: ``--fuse auto`` uses conv)
+    runs_gather: bool = True
+    #: the ``[[runtime]]`` fields a device profile may set for this runtime (besides name and threads), each
+    #: ``(choices, default)``: a tuple of allowed strings (a list field holds several), ``bool``, or None (any string)
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    #: the option that names the device in reports (its first value when it is a list)
+    device_option: str | None = None
 
     # ---- capability -----------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -75,6 +75,11 @@ class CoreMLBackend(ExportBackend):
     extra = "coreml"
     suffix = ".mlpackage"
     runtime = "coreml"
+    runs_gather = False  # the Neural Engine runs no gather: it falls back to the CPU
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "compute_units": (("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"), "ALL")
+    }
+    device_option = "compute_units"
     export_modules = ("coremltools",)
     runtime_modules = ("coremltools",)
 

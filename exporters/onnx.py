@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,18 @@ from keyedge.exporters.base import (
 )
 
 OPSET = 18
+#: ONNX Runtime execution providers a device profile may name
+ORT_PROVIDERS = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "CoreMLExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DmlExecutionProvider",
+    "ROCMExecutionProvider",
+    "QNNExecutionProvider",
+    "XnnpackExecutionProvider",
+)
 EXPORTERS = ("dynamo", "torchscript")
 
 
@@ -106,6 +118,11 @@ class OnnxBackend(ExportBackend):
     suffix = ".onnx"
     runtime = "onnxruntime"
     supports_template = True
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "providers": ([ORT_PROVIDERS], ["CPUExecutionProvider"]),
+        "spinning": (bool, None),
+    }
+    device_option = "providers"
     export_modules = ("onnx", "onnxscript")
     runtime_modules = ("onnxruntime",)
 

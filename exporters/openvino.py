@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -101,6 +101,8 @@ class OpenVinoBackend(ExportBackend):
     suffix = ".xml"
     runtime = "openvino"
     supports_template = True
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU", "AUTO"), "CPU")}
+    device_option = "device"
     export_modules = ("openvino",)
     runtime_modules = ("openvino",)
 

@@ -205,12 +205,15 @@ def test_doctor_reports_targets_and_runtimes():
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report["extras"]) >= {"onnx", "openvino", "coreml", "train"}
-    checks = {c["name"]: c for c in report["checks"]}
-    assert checks["torch-cpu"]["ok"]
+    checks = {(c["section"], c["name"]): c for c in report["checks"]}
+    assert checks[("runtime", "torch-cpu")]["ok"]
     if sys.platform != "darwin":
-        assert not checks["coreml-predict"]["ok"] and "macOS" in checks["coreml-predict"]["detail"]
-    for name in ("onnx", "openvino"):  # installed by the dev extra
-        assert checks[name]["ok"], checks[name]
+        coreml = checks[("runtime", "coreml")]
+        assert not coreml["ok"] and "macOS" in coreml["detail"]
+    for name in ("onnx", "openvino", "coreml"):  # installed by the dev extra
+        assert checks[("export", name)]["ok"], checks[("export", name)]
+    for name in ("onnxruntime", "openvino"):
+        assert checks[("runtime", name)]["ok"], checks[("runtime", name)]
     assert run("doctor").exit_code == 0
 
 

@@ -69,19 +69,25 @@ def _torch_export() -> str:
     return f"torch {torch.__version__}"
 
 
-# (section, name, probe, extra that provides it)
-CHECKS: list[tuple[str, str, Callable[[], Any], str | None]] = [
-    # every export backend's own checks (ExportBackend.available / can_run): one availability check per backend
-    ("export", "onnx", _export_check("onnx"), "onnx"),
-    ("export", "openvino", _export_check("openvino"), "openvino"),
-    ("export", "coreml", _export_check("coreml"), "coreml"),
-    ("runtime", "onnxruntime", _runtime_check("onnx"), "onnx"),
-    ("runtime", "openvino", _runtime_check("openvino"), "openvino"),
-    ("runtime", "coreml-predict", _runtime_check("coreml"), "coreml"),
-    ("runtime", "torch-cpu", _torch_export, None),
-    ("runtime", "torch-cuda", _cuda, None),
-    ("runtime", "torch-mps", _mps, None),
-]
+def checks() -> list[tuple[str, str, Callable[[], Any], str | None]]:
+    """(section, name, probe, extra that provides it): every export backend's own checks, then PyTorch's devices.
+
+    ``ExportBackend.available`` / ``can_run`` are the one availability check per backend: doctor asks them.
+    """
+    from keyedge.exporters import backend_names, get_backend
+
+    out: list[tuple[str, str, Callable[[], Any], str | None]] = []
+    for name in backend_names():
+        out.append(("export", name, _export_check(name), get_backend(name).extra))
+    for name in backend_names():
+        backend = get_backend(name)
+        out.append(("runtime", backend.runtime, _runtime_check(name), backend.extra))
+    out += [
+        ("runtime", "torch-cpu", _torch_export, None),
+        ("runtime", "torch-cuda", _cuda, None),
+        ("runtime", "torch-mps", _mps, None),
+    ]
+    return out
 
 
 def collect() -> dict[str, Any]:
@@ -102,7 +108,7 @@ def collect() -> dict[str, Any]:
             "purpose": extra.purpose,
             "install": extra.install,
         }
-    for section, name, probe, extra in CHECKS:
+    for section, name, probe, extra in checks():
         ok, detail = _probe(probe)
         report["checks"].append(
             {

@@ -39,8 +39,6 @@ from keyedge.keys.keyfile import Key, key_for, load_keys
 from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.models.checkpoint import CheckpointManifest, check_key, load_checkpoint, read_manifest
 
-#: Targets whose accelerators run no gather (CoreML's Neural Engine): ``auto`` uses ``conv`` there when not folding.
-GATHERLESS_TARGETS = ("coreml",)
 FP32_ATOL = 1e-4  # times max(1, largest reference logit)
 FP16_RTOL = 2e-2  # likewise
 __all__ = [
@@ -228,7 +226,7 @@ def _export_targets(
     targets: dict[str, TargetRecord] = {}
     for backend in backends:
         target_deploy = deploy
-        if settings.fuse == "auto" and deploy.fuse == "gather" and backend.name in GATHERLESS_TARGETS:
+        if settings.fuse == "auto" and deploy.fuse == "gather" and not backend.runs_gather:
             target_deploy = conv_variant(deploy.module, request.key)  # no gather reaches the accelerator
         templated = template is not None and backend.supports_template
         settings.log(
