@@ -62,18 +62,41 @@ class QuickstartConfig:
         return asdict(self)
 
 
+#: written first into every quickstart directory: ``--overwrite`` replaces only directories that hold it
+MARKER = ".keyedge-quickstart"
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing directory unless asked (then it is cleared)."""
+    """Refuse to mix a new run into an existing directory; with ``overwrite``, clear only a quickstart's own output.
+
+    ``--overwrite`` never deletes a directory keyedge did not make (no :data:`MARKER` in it), a file,
+    the current directory or one of its parents.
+    """
     import shutil
 
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise OutputError(f"{out} already exists and is not empty", "pass --overwrite, or choose another --out")
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        resolved, here = out.resolve(), Path.cwd().resolve()
+        if resolved == here or resolved in here.parents:
+            raise OutputError(
+                f"--overwrite would delete {out}, the current directory or a parent of it",
+                "choose a new --out, e.g. --out demo",
+            )
+        if not out.is_dir() or out.is_symlink() or not (out / MARKER).is_file():
+            raise OutputError(
+                f"{out} was not made by keyedge quickstart; --overwrite only replaces a quickstart's own output",
+                "choose another --out, or empty it yourself",
+            )
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text(
+            "made by keyedge quickstart; `keyedge quickstart --overwrite` may replace this directory\n"
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out}: {exc.strerror}", "choose a writable --out") from None
 
 
 def run_quickstart(

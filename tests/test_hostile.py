@@ -1,0 +1,69 @@
+"""Promises under careless or hostile use: --overwrite never deletes what keyedge did not write (issue 19 slice)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from keyedge.app.quickstart import MARKER, prepare_out
+from keyedge.cli import app
+from keyedge.errors import OutputError
+
+runner = CliRunner()
+
+
+def _one_line(result, *fragments):
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and len(line.splitlines()) == 1 and "Traceback" not in result.output, line
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_quickstart_overwrite_never_deletes_the_current_directory_or_a_parent(tmp_path, monkeypatch, out):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "thesis.tex").write_text("years of work")
+    (tmp_path / "other.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["quickstart", "--out", out, "--overwrite", "--fast"])
+    _one_line(result, "--overwrite")
+    assert (work / "thesis.tex").read_text() == "years of work" and (tmp_path / "other.txt").exists()
+
+
+def test_quickstart_overwrite_refuses_a_directory_it_did_not_make(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    result = runner.invoke(app, ["quickstart", "--out", str(foreign), "--overwrite", "--fast"])
+    _one_line(result, "not made by keyedge quickstart")
+    assert (foreign / "cat.jpg").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    _one_line(runner.invoke(app, ["quickstart", "--out", str(a_file), "--overwrite", "--fast"]), "not made by")
+    assert a_file.read_text() == "x"
+
+
+def test_quickstart_overwrite_replaces_its_own_output(tmp_path):
+    out = tmp_path / "demo"
+    prepare_out(out, overwrite=False)
+    assert (out / MARKER).is_file()
+    (out / "report").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        prepare_out(out, overwrite=False)
+    prepare_out(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
+
+
+def test_quickstart_overwrite_refuses_a_symlink_to_a_quickstart_directory(tmp_path):
+    real = tmp_path / "real"
+    prepare_out(real, overwrite=False)
+    (real / "report").mkdir()
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    with pytest.raises(OutputError, match="not made by"):
+        prepare_out(link, overwrite=True)
+    assert (real / "report").is_dir()
