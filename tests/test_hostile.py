@@ -67,3 +67,52 @@ def test_quickstart_overwrite_refuses_a_symlink_to_a_quickstart_directory(tmp_pa
     with pytest.raises(OutputError, match="not made by"):
         prepare_out(link, overwrite=True)
     assert (real / "report").is_dir()
+
+
+@pytest.mark.slow
+def test_two_concurrent_exports_of_one_key_leave_one_complete_artifact_set(tmp_path):
+    import json
+    import stat
+    import subprocess
+    import sys
+
+    from keyedge.benchmarks.workbench import untrained_checkpoint
+    from keyedge.fileio import sha256_file
+    from keyedge.keys.keyfile import Key
+    from keyedge.models.backbones import build_model
+
+    key = Key.from_secret(bytes(range(32)), 4)
+    ckpt = untrained_checkpoint(
+        tmp_path / "ckpt", build_model("test_efficientnet", 10, key=key, weights="none", image_size=32).eval()
+    )
+    key_file = key.save(tmp_path / "k.bin")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "keyedge",
+        "export",
+        "-c",
+        str(ckpt),
+        "-k",
+        str(key_file),
+        "-o",
+        str(out),
+        "-t",
+        "onnx",
+        "-t",
+        "openvino",
+    ]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    for code, _, err in results:
+        if code == 2:
+            assert err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    (final,) = [p for p in out.iterdir()]  # no hidden staging or .old directory left behind
+    assert not final.name.startswith(".") and stat.S_IMODE(final.stat().st_mode) == 0o700
+    manifest = json.loads((final / "manifest.json").read_text())
+    for entry in manifest["targets"].values():
+        for f in entry["files"]:
+            assert sha256_file(final / f["path"]) == f["sha256"], f
