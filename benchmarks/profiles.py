@@ -24,6 +24,7 @@ exception.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,15 +161,20 @@ def _check_float(source: str, where: str, value: Any, minimum: float, *, strict:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
+        or not math.isfinite(value)
         or value < minimum
         or (strict and value == minimum)
     ):
-        raise _fail(source, where, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+        raise _fail(source, where, f"must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
     return float(value)
 
 
-def _check_str(source: str, where: str, value: Any, choices: tuple[str, ...] | None = None) -> str:
-    if not isinstance(value, str) or (choices is not None and value.split(".")[0] not in choices):
+def _check_str(
+    source: str, where: str, value: Any, choices: tuple[str, ...] | None = None, *, indexed: bool = False
+) -> str:
+    """A string from ``choices``; with ``indexed`` a device index may follow (``GPU.0``, ``cuda:1``)."""
+    base = value.replace(":", ".").split(".")[0] if indexed and isinstance(value, str) else value
+    if not isinstance(value, str) or (choices is not None and base not in choices):
         allowed = f"one of {', '.join(choices)}" if choices else "a string"
         raise _fail(source, where, f"must be {allowed}, got {value!r}")
     return value
@@ -203,7 +209,7 @@ def _parse_runtime(source: str, index: int, data: Any) -> RuntimeSpec:
                 raise _fail(source, field_name, f"must be a non-empty list, got {value!r}")
             value = [_check_str(source, field_name, v, choices[0]) for v in value]
         else:
-            value = _check_str(source, field_name, value, choices)
+            value = _check_str(source, field_name, value, choices, indexed=option == "device")
         setattr(spec, option, value)
     return spec
 

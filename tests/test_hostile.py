@@ -116,3 +116,63 @@ def test_two_concurrent_exports_of_one_key_leave_one_complete_artifact_set(tmp_p
     for entry in manifest["targets"].values():
         for f in entry["files"]:
             assert sha256_file(final / f["path"]) == f["sha256"], f
+
+
+# ---- one-line errors for bad input, never a traceback or a panel ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["export", "--bogus"], "No such option: --bogus"),
+        (["keygen"], "Missing option '--out'"),
+        (["bench", "latency"], "Missing argument"),
+        (["bench", "latency", "--threads", "x", "dir"], "Invalid value for '--threads'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["bench", "robustness", "ckpt", "--eps", "8"], "more than the whole [0, 1] pixel range"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path, monkeypatch, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    _one_line(runner.invoke(app, args), fragment)
+
+
+def test_file_names_are_never_markup(tmp_path):
+    (tmp_path / "k[").mkdir()
+    out = tmp_path / "k[/x].bin"  # rich would read "[/x]" as a closing tag and fail after the key was written
+    result = runner.invoke(app, ["keygen", "-b", "4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.stdout and out.is_file()
+    shown = runner.invoke(app, ["key", "show", str(out)])
+    assert shown.exit_code == 0 and str(out) in shown.stdout, shown.output
+
+
+@pytest.mark.parametrize(
+    "runtime, extra, fragment",
+    [
+        ('name = "onnxruntime.x"', "", "runtime[0].name"),
+        ('name = "openvino"\ndevice = "TPU"', "", "runtime[0].device"),
+        ('name = "onnxruntime"', "min_seconds = inf", "min_seconds"),
+        ('name = "onnxruntime"\nspinning = "yes"', "", "runtime[0].spinning"),
+    ],
+)
+def test_bad_profiles_are_one_line(tmp_path, runtime, extra, fragment):
+    profile = tmp_path / "p.toml"
+    profile.write_text(f'name = "p"\n{extra}\n[[runtime]]\n{runtime}\n')
+    (tmp_path / "a.onnx").write_bytes(b"not onnx")
+    _one_line(runner.invoke(app, ["bench", "latency", str(tmp_path / "a.onnx"), "--profile", str(profile)]), fragment)
+
+
+def test_a_key_given_for_a_plain_checkpoint_is_not_silently_ignored(tmp_path):
+    from keyedge.benchmarks.workbench import untrained_checkpoint
+    from keyedge.keys.keyfile import Key
+    from keyedge.models.backbones import build_model
+
+    ckpt = untrained_checkpoint(
+        tmp_path / "plain", build_model("test_efficientnet", 10, weights="none", image_size=32).eval()
+    )
+    key_file = Key.generate(4).save(tmp_path / "k.bin")
+    result = runner.invoke(app, ["export", "-c", str(ckpt), "-k", str(key_file), "-o", str(tmp_path / "out")])
+    _one_line(result, "plain model", "--allow-key-mismatch")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

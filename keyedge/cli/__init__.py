@@ -9,6 +9,11 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
+try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - depends on the typer release
+    from click.exceptions import NoArgsIsHelpError, UsageError
+
 from keyedge.cli._console import err_console
 from keyedge.errors import KeyedgeError
 
@@ -25,6 +30,15 @@ class _KeyedgeGroup(TyperGroup):
         except KeyboardInterrupt:
             err_console.print("interrupted: nothing was written", markup=False, highlight=False)
             raise typer.Exit(130) from None
+        except NoArgsIsHelpError:
+            raise  # `keyedge bench` alone: its help, as asked
+        except UsageError as exc:  # a bad option or argument of a sub-command: one line too, not a panel
+            command = exc.ctx.command_path if exc.ctx is not None else "keyedge"
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            err_console.print(
+                f"error: {message}; see '{command} --help'", markup=False, highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

@@ -80,7 +80,11 @@ def latency(
     )
     if progress:
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
         ) as bar:
             report = run_latency(paths, profile, settings, progress=bar, keys=keys)
     else:
@@ -197,7 +201,7 @@ def robustness(
     """Attack keyed models: white-box sanity, non-adaptive, adaptive, multi-key EoT; matrices, sweeps, artifacts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from keyedge.benchmarks.attacks import attack_names, parse_eps
+    from keyedge.benchmarks.attacks import attack_class, attack_names, parse_eps
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
     from keyedge.errors import KeyedgeError, OutputError
     from keyedge.keys.keyfile import load_keys
@@ -210,8 +214,14 @@ def robustness(
     from keyedge.benchmarks.robustness import parse_localized
 
     budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
+    linf = attack_class(attack).norm == "Linf"
     for text in [eps, *budgets]:
-        parse_eps(text)  # a bad budget fails now, not after an hour of attacks
+        value = parse_eps(text)  # a bad budget fails now, not after an hour of attacks
+        if linf and value > 1:
+            raise KeyedgeError(
+                f"--eps {text} is more than the whole [0, 1] pixel range for an Linf attack",
+                f"write it as a fraction of the range, e.g. {text}/255",
+            )
     local = [spec.strip() for spec in localized.split(",") if spec.strip()]
     for spec in local:
         parse_localized(spec)
@@ -239,7 +249,7 @@ def robustness(
         npixel_steps=npixel_steps,
     )
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),

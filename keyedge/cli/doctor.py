@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from keyedge.cli._console import console
 
@@ -28,8 +28,12 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         extras.add_column(column)
     for name, info in report["extras"].items():
         packages = ", ".join(f"{dist} {ver or '-'}" for dist, ver in info["packages"].items())
-        status = "[green]installed[/]" if info["installed"] else f"[yellow]missing[/]: {escape(info['install'])}"
-        extras.add_row(name, escape(packages), escape(info["purpose"]), status)
+        status = (
+            Text("installed", style="green")
+            if info["installed"]
+            else Text.assemble(("missing", "yellow"), f": {info['install']}")
+        )
+        extras.add_row(name, packages, info["purpose"], status)
     console.print(extras)
 
     for section, title in (("export", "export targets"), ("runtime", "runtimes on this host")):
@@ -40,7 +44,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
             if check["section"] != section:
                 continue
             detail = check["detail"] + (f" -> {check['fix']}" if check["fix"] else "")
-            table.add_row(check["name"], "[green]yes[/]" if check["ok"] else "[red]no[/]", escape(detail))
+            table.add_row(check["name"], Text("yes", style="green") if check["ok"] else Text("no", style="red"), detail)
         console.print(table)
 
 

@@ -21,8 +21,8 @@ key_app = typer.Typer(
 def _saved(key: Key, out: Path) -> None:
     moved = "all moved" if key.fixed_points == 0 else f"{key.moved_fraction:.1%} moved"
     console.print(
-        f"wrote [bold]{out}[/] (mode 0600): block size {key.block_size}, fingerprint "
-        f"[bold]{key.fingerprint}[/], {key.size} values per block, {moved}"
+        f"wrote {out} (mode 0600): block size {key.block_size}, fingerprint "
+        f"{key.fingerprint}, {key.size} values per block, {moved}"
     )
     console.print("keep this file secret: whoever holds it can attack the models made with it")
 

@@ -28,7 +28,7 @@ def quickstart(
     log = lambda line: err_console.print(line, markup=False)  # noqa: E731
     if progress:
         with Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),

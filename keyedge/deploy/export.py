@@ -409,12 +409,7 @@ def plan_requests(
     requests = []
     for ckpt in checkpoints:
         manifest = read_manifest(ckpt)
-        if (
-            manifest.fingerprint is not None
-            and manifest.fingerprint not in keys
-            and len(checkpoints) == 1
-            and (len(keys) == 1)
-        ):
+        if manifest.fingerprint not in keys and len(checkpoints) == 1 and (len(keys) == 1):
             request = ExportRequest(ckpt, next(iter(keys.values())), allow_key_mismatch, manifest)
             check_key(manifest, request.key, allow_mismatch=allow_key_mismatch)
         else:

@@ -470,7 +470,7 @@ def _train_epoch(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         console=Console(stderr=True),
         disable=not progress,
         transient=True,
