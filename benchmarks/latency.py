@@ -497,6 +497,25 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
         tick(min(progress, 1.0))
 
 
+def _refuse_unloadable(
+    artifacts: list[Artifact], usable: list[RuntimeSpec], cells: list[_Cell], skipped: list[Skipped]
+) -> None:
+    """An artifact file that no runtime of this host could open is bad input (exit 2), not a skip.
+
+    ("skipped" is for runtimes absent on this host, and for the PyTorch reference of an export directory.)
+    """
+    loaded = {c.artifact.path for c in cells}
+    for artifact in artifacts:
+        tried = [s for s in usable if s.target == artifact.target]
+        if artifact.target == "torch" or not tried or artifact.path in loaded:
+            continue
+        reason = next((k.reason for k in skipped if k.artifact == artifact.path), "it cannot be loaded")
+        raise KeyedgeError(
+            f"cannot load {artifact.path}: {reason}",
+            "check that the file is an artifact written by `keyedge export`, or export it again",
+        )
+
+
 def run_latency(
     paths: list[str | Path],
     profile: DeviceProfile,
@@ -556,6 +575,7 @@ def run_latency(
             batches = [fixed] if fixed else resolved["batch_sizes"]
             for batch in batches:
                 cells.append(_Cell(artifact, spec, runner, batch, threads, load_s))
+    _refuse_unloadable(artifacts, usable, cells, skipped)
     measurements: list[Measurement] = []
     comparisons: list[Comparison] = []
     for batch in sorted({c.batch for c in cells}):

@@ -66,8 +66,10 @@ class LatencyReport:
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
+        if path is not None:  # all or nothing: a killed run never leaves half a report
+            from keyedge.fileio import write_bytes_atomic
+
+            write_bytes_atomic(path, text.encode(), overwrite=True)
         return text
 
     @classmethod

@@ -176,3 +176,19 @@ def test_a_key_given_for_a_plain_checkpoint_is_not_silently_ignored(tmp_path):
     result = runner.invoke(app, ["export", "-c", str(ckpt), "-k", str(key_file), "-o", str(tmp_path / "out")])
     _one_line(result, "plain model", "--allow-key-mismatch")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bench_latency_refuses_an_artifact_it_cannot_load_and_never_clobbers_a_report(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("not a model")
+    _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--no-progress"]), "cannot load", "model.onnx")
+    report = tmp_path / "r.json"
+    report.write_text("precious")
+    _one_line(
+        runner.invoke(app, ["bench", "latency", str(bad), "--json", str(report)]), "already exists", "--overwrite"
+    )
+    assert report.read_text() == "precious"
+    (tmp_path / "dir").mkdir()
+    _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--markdown", str(tmp_path / "dir")]), "a directory")
+    missing = tmp_path / "no" / "such" / "r.json"
+    _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--json", str(missing)]), "does not exist")

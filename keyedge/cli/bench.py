@@ -59,6 +59,7 @@ def latency(
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the keyedge-latency/1 JSON report here."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown report here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json / --markdown files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Time artifacts (load, first and steady inference, throughput, memory), interleaved, with keyed/plain ratios."""
@@ -66,8 +67,12 @@ def latency(
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile, load_profile
+    from keyedge.fileio import check_writable, write_bytes_atomic
     from keyedge.keys.keyfile import load_key
 
+    for out in (json_out, markdown_out):
+        if out is not None:  # an unwritable report path fails now, not after the measurement
+            check_writable(out, overwrite=overwrite, flag="--overwrite")
     profile = load_profile(profile_path) if profile_path is not None else builtin_profile()
     keys = [load_key(path) for path in key_files or []]
     settings = BenchSettings(
@@ -90,12 +95,10 @@ def latency(
     else:
         report = run_latency(paths, profile, settings, keys=keys)
     report.print_rich(console)
-    if json_out is not None:
-        report.to_json(json_out)
-        err_console.print(f"wrote {json_out}", markup=False)
-    if markdown_out is not None:
-        markdown_out.write_text(report.to_markdown())
-        err_console.print(f"wrote {markdown_out}", markup=False)
+    for out, text in ((json_out, report.to_json()), (markdown_out, report.to_markdown())):
+        if out is not None:
+            write_bytes_atomic(out, text.encode(), overwrite=overwrite, flag="--overwrite")
+            err_console.print(f"wrote {out}", markup=False)
 
 
 @bench_app.command("regress")
@@ -123,6 +126,7 @@ def regress(
         "accuracy. Use --only ratio across machines: absolute times differ.",
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the gate's result as JSON here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
 ) -> None:
     """Fail (exit 1) when p50 latency, a keyed/plain ratio or accuracy regressed past the profile's thresholds."""
     import json
@@ -131,7 +135,10 @@ def regress(
     from keyedge.benchmarks.regress import GATED, compare
     from keyedge.benchmarks.report import LatencyReport
     from keyedge.errors import KeyedgeError
+    from keyedge.fileio import check_writable, write_bytes_atomic
 
+    if json_out is not None:
+        check_writable(json_out, overwrite=overwrite, flag="--overwrite")
     unknown = sorted(set(only or ()) - set(GATED))
     if unknown:
         raise KeyedgeError(f"unknown check {', '.join(unknown)} for --only", f"use {', '.join(GATED)}")
@@ -144,7 +151,9 @@ def regress(
     )
     result.print_rich(console)
     if json_out is not None:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_bytes_atomic(
+            json_out, (json.dumps(result.to_dict(), indent=2) + "\n").encode(), overwrite=overwrite, flag="--overwrite"
+        )
     if not result.passed:
         raise typer.Exit(1)
 
