@@ -42,7 +42,7 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -168,6 +168,8 @@ class ExportBackend(abc.ABC):
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {}
     #: the option that names the device in reports (its first value when it is a list)
     device_option: str | None = None
+    #: whether keyedge seals this target's files (``export --seal``) and its runner loads them from memory
+    sealable: bool = False
 
     # ---- capability -----------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:
@@ -194,15 +196,19 @@ class ExportBackend(abc.ABC):
             return require(module, extra=self.extra)
 
     # ---- export ---------------------------------------------------------------------------
-    def export(self, module: torch.nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+    def export(
+        self, module: torch.nn.Module, path: Path, options: ExportOptions, *, placeholders: bool = False
+    ) -> list[Path]:
         """Write the artifact for ``module`` at ``path``; return every file or directory written.
 
         ``module`` must be in eval mode and map (B, 3, S, S) float32 in [0, 1] to (B, classes)
         logits.  ``path`` must end in :attr:`suffix` and must not exist yet; its directory must.
+        With ``placeholders`` the planned outputs exist already and are written through (the
+        in-memory files of a sealed export, :class:`keyedge.fileio.MemoryFiles`).
         On failure whatever was written is removed and :class:`ExportError` is raised.
         """
         path = Path(path)
-        self._check_export(module, path, options)
+        self._check_export(module, path, options, placeholders=placeholders)
         ok, reason = self.available()
         if not ok:
             raise DependencyError(f"cannot export to {self.name}: {reason}", _install_hint(self.extra))
@@ -238,7 +244,9 @@ class ExportBackend(abc.ABC):
         """
         raise ExportError(f"the {self.name} target does not export from templates", "export in full")
 
-    def _check_export(self, module: torch.nn.Module, path: Path, options: ExportOptions) -> None:
+    def _check_export(
+        self, module: torch.nn.Module, path: Path, options: ExportOptions, *, placeholders: bool = False
+    ) -> None:
         if not isinstance(options, ExportOptions):
             raise ExportError(f"options must be ExportOptions, got {type(options).__name__}")
         if not isinstance(module, torch.nn.Module):
@@ -250,7 +258,7 @@ class ExportBackend(abc.ABC):
                 f"a {self.name} artifact must end in {self.suffix}, got {path.name!r}",
                 f"name it e.g. model{self.suffix}",
             )
-        for item in self.planned_outputs(path):
+        for item in [] if placeholders else self.planned_outputs(path):
             if item.exists() or item.is_symlink():
                 raise OutputError(f"{item} already exists", "export into a new or empty directory")
         parent = path.parent if str(path.parent) else Path(".")
@@ -272,6 +280,7 @@ class ExportBackend(abc.ABC):
         compute_units: str | None = None,
         precision: str | None = None,
         spinning: bool | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> Runner:
         """Open the artifact at ``path`` for inference: the one place an artifact of this target is opened.
 
@@ -279,7 +288,9 @@ class ExportBackend(abc.ABC):
         (None: the runtime's default); ``providers``: ONNX Runtime execution providers;
         ``compute_units``: CoreML compute units; ``precision``: inference precision (None: the
         artifact's own); ``spinning``: ONNX Runtime's idle-thread spin-wait (None: its default).
-        A backend ignores the settings that mean nothing to it.
+        A backend ignores the settings that mean nothing to it.  ``files``: the artifact's files held in
+        memory, by file name (a sealed artifact, decrypted by :mod:`keyedge.runtime`); ``path`` then
+        only names it and need not exist.
         """
         path = Path(path)
         for module in self.runtime_modules:
@@ -287,7 +298,9 @@ class ExportBackend(abc.ABC):
         ok, reason = self.can_run(device=device, providers=providers, compute_units=compute_units)
         if not ok:
             raise ExportError(f"cannot run {self.name} artifacts here: {reason}")
-        if not path.exists():
+        if files is not None and not self.sealable:
+            raise ExportError(f"{self.name} artifacts cannot be loaded from memory by keyedge")
+        if files is None and not path.exists():
             raise ExportError(f"{path} does not exist", f"export a {self.name} artifact there first")
         settings = {
             "device": device,
@@ -299,7 +312,7 @@ class ExportBackend(abc.ABC):
         }
         try:
             with Quiet():
-                return self._load(path, **settings)
+                return self._load(path, **settings) if files is None else self._load(path, files=files, **settings)
         except KeyedgeError:
             raise
         except Exception as exc:
@@ -307,7 +320,7 @@ class ExportBackend(abc.ABC):
 
     @abc.abstractmethod
     def _load(self, path: Path, **settings: Any) -> Runner:
-        """Open the artifact (runtime present, file there); settings as :meth:`load`."""
+        """Open the artifact (runtime present, file there, or ``files`` given); settings as :meth:`load`."""
 
     def run(self, path: Path, x: np.ndarray) -> np.ndarray:
         """One-off inference: load the artifact, run ``x`` ((B, 3, S, S) float32 in [0, 1]), close it."""
@@ -516,8 +529,12 @@ def _importable(modules: Iterable[str], extra: str) -> tuple[bool, str]:
 
 
 def _remove(path: Path) -> None:
+    """Remove what an export wrote at ``path``; a placeholder link (an in-memory file) is emptied, not removed."""
     with contextlib.suppress(FileNotFoundError):
-        if path.is_dir() and not path.is_symlink():
+        if path.is_symlink():
+            with open(path, "wb"):  # so that a retry writes into memory again, never onto the disk
+                pass
+        elif path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()

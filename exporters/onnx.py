@@ -123,6 +123,7 @@ class OnnxBackend(ExportBackend):
         "spinning": (bool, None),
     }
     device_option = "providers"
+    sealable = True
     export_modules = ("onnx", "onnxscript")
     runtime_modules = ("onnxruntime",)
 
@@ -213,8 +214,9 @@ class OnnxBackend(ExportBackend):
     def devices(self) -> list[str]:
         return list(self.require("onnxruntime").get_available_providers()) if self.can_run()[0] else []
 
-    def _load(self, path: Path, **settings: Any) -> Runner:
-        return OnnxRunner(path, settings, self.require("onnxruntime"))
+    def _load(self, path: Path, *, files: dict[str, bytes] | None = None, **settings: Any) -> Runner:
+        model = files[path.name] if files is not None else None  # a sealed artifact: the session reads bytes
+        return OnnxRunner(path, settings, self.require("onnxruntime"), model)
 
     # ---- reading back ---------------------------------------------------------------------
     def _read_proto(self, path: Path) -> Any:

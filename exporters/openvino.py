@@ -103,6 +103,7 @@ class OpenVinoBackend(ExportBackend):
     supports_template = True
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU", "AUTO"), "CPU")}
     device_option = "device"
+    sealable = True
     export_modules = ("openvino",)
     runtime_modules = ("openvino",)
 
@@ -171,9 +172,17 @@ class OpenVinoBackend(ExportBackend):
     def devices(self) -> list[str]:
         return list(self.require("openvino").Core().available_devices) if self.can_run()[0] else []
 
-    def _load(self, path: Path, **settings: Any) -> Runner:
+    def _load(self, path: Path, *, files: dict[str, bytes] | None = None, **settings: Any) -> Runner:
         core = self.require("openvino").Core()
-        return OpenVinoRunner(path, core, self._read(path, core), settings)
+        if files is None:
+            return OpenVinoRunner(path, core, self._read(path, core), settings)
+        # a sealed artifact, decrypted in memory: the IR text and the weights as a tensor over the bytes
+        ov = self.require("openvino")
+        xml, weights = files[path.name], files[path.with_suffix(".bin").name]
+        model = core.read_model(xml, ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+        runner = OpenVinoRunner(path, core, model, settings)
+        runner._buffers = (xml, weights)  # the weights tensor views these bytes: keep them alive with the model
+        return runner
 
     # ---- reading back ---------------------------------------------------------------------
     def _read(self, path: Path, core: Any = None) -> Any:

@@ -41,6 +41,7 @@ EXTRAS: dict[str, Extra] = {
         ),
         Extra("plots", ("matplotlib",), "PNG plots of the robustness reports"),
         Extra("autoattack", ("pyautoattack",), "AutoAttack's reference implementation as an attack"),
+        Extra("seal", ("cryptography",), "sealed artifacts: AES-256-GCM encryption at rest"),
     )
 }
 

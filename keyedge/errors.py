@@ -49,3 +49,7 @@ class DependencyError(KeyedgeError):
 
 class DataError(KeyedgeError):
     """A dataset is missing, malformed, or cannot be downloaded."""
+
+
+class SealError(KeyedgeError):
+    """A sealed artifact cannot be opened: wrong sealing key, another artifact set, or tampering."""

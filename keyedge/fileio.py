@@ -168,3 +168,78 @@ def staged_directory(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# ---- files that never reach a disk -------------------------------------------------------------------------------
+
+
+def memory_files_supported() -> tuple[bool, str]:
+    """Whether :class:`MemoryFiles` works here (Linux: ``memfd_create`` and ``/proc/<pid>/fd``), and why not."""
+    if not hasattr(os, "memfd_create"):
+        return False, "this OS has no in-memory files (memfd_create is Linux-only)"
+    if not Path(f"/proc/{os.getpid()}/fd").is_dir():
+        return False, "/proc is not mounted, so in-memory files cannot be reached by path"
+    return True, "memfd"
+
+
+class MemoryFiles:
+    """Named files that live only in this process's memory, reachable by path for tools that write to paths.
+
+    Converters (``onnx.save``, OpenVINO's ``save_model``...) write to file names.  Each name here is a
+    symlink, in a private 0700 directory, to an anonymous in-memory file (Linux ``memfd``) as
+    ``/proc/<pid>/fd/<n>``: whatever is written through the path stays in RAM and vanishes with the
+    process; the directory on disk holds only the links.  :meth:`read` refuses a name whose link a
+    tool replaced by a real file (that file is removed), so a converter that writes through a
+    temporary file and renames it cannot put plaintext on disk unnoticed.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.directory: Path | None = None
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> MemoryFiles:
+        ok, why = memory_files_supported()
+        if not ok:
+            raise OutputError(f"cannot keep files in memory: {why}", "seal on Linux")
+        self.directory = Path(tempfile.mkdtemp(prefix="keyedge-memory-"))
+        try:
+            for name in self.names:
+                fd = os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 0))
+                self._fds[name] = fd
+                os.symlink(self._target(name), self.directory / name)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _target(self, name: str) -> str:
+        return f"/proc/{os.getpid()}/fd/{self._fds[name]}"
+
+    def path(self, name: str) -> Path:
+        assert self.directory is not None, "use MemoryFiles as a context manager"
+        return self.directory / name
+
+    def read(self, name: str) -> bytes:
+        """The bytes written to ``name``; :class:`OutputError` when a tool bypassed the in-memory file."""
+        link = self.path(name)
+        if not link.is_symlink() or os.readlink(link) != self._target(name):
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            raise OutputError(
+                f"a converter replaced {name} with a file on disk instead of writing it in memory (it was removed)",
+                "report this as a bug; export without sealing meanwhile",
+            )
+        fd, chunks, offset = self._fds[name], [], 0
+        while chunk := os.pread(fd, 1 << 26, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -10,11 +10,13 @@ in a manifest: only its fingerprint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "manifest.json"
@@ -69,7 +71,26 @@ class ArtifactManifest:
     verification: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    #: sealed sets (``keyedge export --seal``): format, cipher, the sealing key's fingerprint, a random set id
+    seal: dict[str, Any] | None = None
     directory: Path | None = field(default=None, compare=False)  # where it was read from (not written)
+    raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the JSON as read
+
+    # ---- sealing ------------------------------------------------------------------------------------------------
+    def binding(self) -> bytes:
+        """The digest a sealed set's files are bound to (docs/sealed-format.md).
+
+        SHA-256 of the manifest's canonical JSON (sorted keys, no spaces) with the files' digests left
+        out -- they are digests of the sealed files, which depend on this -- so any edit of any other
+        field (or a sealed file moved into another set) makes every sealed file fail to open.
+        """
+        data = json.loads(json.dumps(self.raw if self.raw is not None else self.to_dict()))
+        for target in data.get("targets", {}).values():
+            for entry in target.get("files", []) if isinstance(target, dict) else []:
+                if isinstance(entry, dict):
+                    entry.pop("sha256", None)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(b"keyedge/sealed-manifest/v1\x00" + canonical.encode()).digest()
 
     # ---- what readers ask ---------------------------------------------------------------------------------------
     @property
@@ -112,7 +133,7 @@ class ArtifactManifest:
 
         suffix = get_backend(target).suffix
         files = [Path(f["path"]) for f in self.targets[target].files]
-        main = next((f for f in files if f.suffix == suffix), None)
+        main = next((f for f in files if Path(f.name.removesuffix(SEALED_SUFFIX)).suffix == suffix), None)
         if main is None:  # an .mlpackage is listed by its member files
             main = next((Path(f.parts[0]) for f in files if Path(f.parts[0]).suffix == suffix), files[0])
         return (self.directory or Path(".")) / main
@@ -140,7 +161,7 @@ class ArtifactManifest:
             "verification": self.verification,
             "targets": {name: t.to_dict() for name, t in self.targets.items()},
             "versions": self.versions,
-        }
+        } | ({"seal": self.seal} if self.seal is not None else {})
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -202,6 +223,15 @@ class ArtifactManifest:
         if not targets:
             raise targets_f.fail("", "lists no artifact")
         fingerprint = f.str("fingerprint", pattern=FINGERPRINT, optional=True)
+        sealed = f.obj("seal", optional=True)
+        if sealed is not None:
+            sealed.str("format", choices=(SEALED_FORMAT,))
+            sealed.str("cipher", choices=(CIPHER,))
+            sealed.str("sealkey", pattern=FINGERPRINT)
+            sealed.str("set", pattern=FINGERPRINT)
+            for target, record in targets.items():
+                if not all(entry["path"].endswith(SEALED_SUFFIX) for entry in record.files):
+                    raise targets_f.fail(target, "lists a file that is not sealed, in a sealed set")
         return cls(
             model=model,
             fingerprint=fingerprint,
@@ -222,7 +252,9 @@ class ArtifactManifest:
             verification=f.dict("verification", optional=True) or {},
             versions=f.dict("versions", optional=True) or {},
             created=f.str("created", default=""),
+            seal=dict(sealed.data) if sealed is not None else None,
             directory=directory,
+            raw=f.data,
         )
 
     @classmethod

@@ -18,6 +18,9 @@ embeds its key, so it is a secret at rest (docs/design.md §3).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +37,9 @@ from keyedge.defenses.keyed import FUSE_MODES, conv_variant
 from keyedge.deploy.artifacts import ArtifactManifest, TargetRecord
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, OutputError
-from keyedge.fileio import sha256_file, staged_directory
+from keyedge.fileio import MemoryFiles, memory_files_supported, sha256_file, staged_directory, write_bytes_atomic
 from keyedge.keys.keyfile import Key, key_for, load_keys
+from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX, SealKey, seal
 from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.models.checkpoint import CheckpointManifest, check_key, load_checkpoint, read_manifest
 
@@ -145,6 +149,7 @@ class ExportSettings:
     random_inputs: int = 8
     real_inputs: int = 8
     template: bool = True  # fleet export: trace once per architecture (keyedge.exporters.template)
+    seal: SealKey | None = None  # write every model file sealed (AES-256-GCM), never in plaintext on disk
     log: Callable[[str], None] = field(default=lambda _line: None)
 
     def __post_init__(self) -> None:
@@ -189,19 +194,60 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         ok, reason = backend.available()
         if not ok:
             raise KeyedgeError(f"cannot export to {backend.name}: {reason}")
+    if settings.seal is not None:
+        check_sealable(backends)
     deploy = defense.deployable(model, request.key, settings.fuse)
     options = ExportOptions(batch=settings.batch, precision=settings.precision, image_size=model.spec.image_size)
     with staged_directory(final, overwrite=settings.overwrite) as staging:  # 0700: artifacts embed their key
         template = None
-        if templates is not None and settings.template and options.precision == "fp32":
+        if templates is not None and settings.template and options.precision == "fp32" and settings.seal is None:
             from keyedge.exporters.template import OnnxTemplate
 
             spec = model.spec
             ident = (spec.name, spec.image_size, spec.num_classes, deploy.fuse, options.batch, options.precision)
             template = OnnxTemplate.for_module(templates, ident, deploy.module, options)
-        record = _export_targets(model, deploy, backends, options, staging, manifest, request, settings, note, template)
+        plaintexts: dict[str, dict[str, bytes]] = {}
+        record = _export_targets(
+            model, deploy, backends, options, staging, manifest, request, settings, note, template, plaintexts
+        )
+        if settings.seal is not None:
+            _seal_targets(record, plaintexts, settings.seal, staging)
+            settings.log(f"  sealed with sealing key {settings.seal.fingerprint} ({CIPHER})")
         record.write(staging)
     return final
+
+
+def check_sealable(backends: Sequence) -> None:
+    """Refuse ``--seal`` (one line) for targets keyedge does not seal, or where files cannot stay in memory."""
+    unsealable = [b.name for b in backends if not b.sealable]
+    if unsealable:
+        raise KeyedgeError(
+            f"keyedge does not seal {', '.join(unsealable)} artifacts (CoreML models are encrypted by Xcode)",
+            "export them without --seal and see docs/sealed-format.md; seal onnx and openvino",
+        )
+    ok, why = memory_files_supported()
+    if not ok:
+        raise KeyedgeError(f"cannot seal on this machine: {why}", "export sealed artifacts on Linux")
+
+
+def _seal_targets(
+    record: ArtifactManifest, plaintexts: dict[str, dict[str, bytes]], sealkey: SealKey, staging: Path
+) -> None:
+    """Encrypt each verified model file (held in memory) into ``NAME.sealed``, bound to the finished manifest."""
+    record.seal = {
+        "format": SEALED_FORMAT,
+        "cipher": CIPHER,
+        "sealkey": sealkey.fingerprint,
+        "set": secrets.token_hex(8),
+    }
+    for target, files in plaintexts.items():
+        record.targets[target].files = [{"path": name + SEALED_SUFFIX, "sha256": ""} for name in files]
+    binding = record.binding()  # the manifest as written, without the files' digests
+    for target, files in plaintexts.items():
+        for entry, (name, data) in zip(record.targets[target].files, files.items()):
+            sealed = seal(data, sealkey, binding, name)
+            write_bytes_atomic(staging / entry["path"], sealed, mode=0o600)
+            entry["sha256"] = hashlib.sha256(sealed).hexdigest()
 
 
 def _export_targets(
@@ -215,7 +261,10 @@ def _export_targets(
     settings: ExportSettings,
     key_note: str | None,
     template: Any = None,
+    plaintexts: dict[str, dict[str, bytes]] | None = None,
 ) -> ArtifactManifest:
+    """Export, inspect and verify every target; a sealed export keeps each target's files in memory only,
+    returned in ``plaintexts`` (target -> file name -> bytes) for sealing."""
     generator = torch.Generator().manual_seed(0)
     size = model.spec.image_size
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=generator).numpy()
@@ -233,25 +282,33 @@ def _export_targets(
             f"  {backend.name}: exporting ({target_deploy.fuse}{', from the fleet template' if templated else ''})"
         )
         path = staging / f"model{backend.suffix}"
-        if templated:
-            written = backend.export_from_template(template, target_deploy.module, path, options)
-        else:
-            written = backend.export(target_deploy.module, path, options)
-        graph = backend.inspect(path)
-        io = backend.describe_io(path)
-        _check_graph(backend.name, graph, target_deploy.fuse)
-        record = TargetRecord(
-            fuse=target_deploy.fuse,
-            files=_files(written, staging),
-            graph=graph.to_dict(),
-            io=io,
-            source="fleet-template" if templated else "full-export",
-        )
-        if settings.verify:
-            record.parity = _verify(backend, path, inputs, reference, options, io, model.spec.num_classes)
-            settings.log(f"  {backend.name}: " + _parity_line(record.parity))
-        else:
-            record.parity = {"skipped": "--no-verify"}
+        with contextlib.ExitStack() as stack:
+            memory = None
+            if settings.seal is not None:  # converters write through links into memory-only files
+                memory = stack.enter_context(MemoryFiles([p.name for p in backend.planned_outputs(path)]))
+                path = memory.path(path.name)
+            if templated:
+                written = backend.export_from_template(template, target_deploy.module, path, options)
+            else:
+                written = backend.export(target_deploy.module, path, options, placeholders=memory is not None)
+            graph = backend.inspect(path)
+            io = backend.describe_io(path)
+            _check_graph(backend.name, graph, target_deploy.fuse)
+            record = TargetRecord(
+                fuse=target_deploy.fuse,
+                files=_files(written, staging) if memory is None else [],
+                graph=graph.to_dict(),
+                io=io,
+                source="fleet-template" if templated else "full-export",
+            )
+            if settings.verify:  # a sealed artifact is verified from memory, like any other
+                record.parity = _verify(backend, path, inputs, reference, options, io, model.spec.num_classes)
+                settings.log(f"  {backend.name}: " + _parity_line(record.parity))
+            else:
+                record.parity = {"skipped": "--no-verify"}
+            if memory is not None and plaintexts is not None:
+                contents = {p.name: memory.read(p.name) for p in written}
+                plaintexts[backend.name] = {n: d for n, d in contents.items() if d or n == path.name}
         targets[backend.name] = record
     spec = model.spec
     return ArtifactManifest(

@@ -46,6 +46,7 @@ CHECKSUM_SIZE = 32  # SHA-256 of everything before it
 
 KIND_SECRET = 1  # payload: the secret; the permutation is derived from it
 KIND_PERMUTATION = 2  # payload: [u64 seed if FLAG_SEED] + the permutation as u16le (imported keys)
+KIND_SEAL = 3  # payload: a 256-bit AES key that seals artifacts at rest (keyedge.keys.seal); no block geometry
 FLAG_DERANGEMENT = 0x1  # derivation required a permutation without fixed points
 FLAG_SEED = 0x2  # the payload starts with the reference code's integer seed
 _KNOWN_FLAGS = FLAG_DERANGEMENT | FLAG_SEED
@@ -122,6 +123,47 @@ def fingerprint(permutation: Sequence[int] | np.ndarray, block_size: int, channe
 def _validate_permutation(perm: np.ndarray, n: int) -> None:
     if perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n)):
         raise KeyFileError(f"the permutation is not a permutation of 0..{n - 1}", "the key file is corrupted")
+
+
+def read_container(data: bytes, name: str, not_key: str) -> tuple[int, int, int, int, int, bytes]:
+    """Check a key file's envelope (magic, version, length, checksum); return its header fields and body.
+
+    ``(version, block_size, channels, kind, flags, body)``, ``body`` being everything before the
+    checksum (header and payload).  Shared by shuffle keys and sealing keys: one file format.
+    """
+    data = bytes(data)
+    if not data:
+        raise KeyFileError(f"{name} is empty", not_key)
+    if not MAGIC.startswith(data[: len(MAGIC)]):
+        raise KeyFileError(f"{name} is not a keyedge key file", not_key)
+    if len(data) < HEADER_SIZE:
+        raise KeyFileError(f"{name} is truncated ({len(data)} bytes)", "restore it from a backup")
+    _, version, block_size, channels, kind, flags, length = _HEADER.unpack_from(data)
+    if version > FORMAT_VERSION:
+        raise KeyFileError(
+            f"{name} uses key format version {version}, newer than this keyedge reads (up to {FORMAT_VERSION})",
+            "upgrade keyedge",
+        )
+    if version < 1:
+        raise KeyFileError(f"{name} has an invalid format version {version}", "the key file is corrupted")
+    expected = HEADER_SIZE + length + CHECKSUM_SIZE
+    if len(data) < expected:
+        raise KeyFileError(f"{name} is truncated ({len(data)} of {expected} bytes)", "restore it from a backup")
+    if len(data) > expected:
+        raise KeyFileError(
+            f"{name} has {len(data) - expected} unexpected trailing bytes",
+            "the key file is corrupted; restore it from a backup",
+        )
+    body, checksum = data[:-CHECKSUM_SIZE], data[-CHECKSUM_SIZE:]
+    if hashlib.sha256(body).digest() != checksum:
+        raise KeyFileError(f"{name} failed its integrity check", "the key file is corrupted; restore it from a backup")
+    return version, block_size, channels, kind, flags, body
+
+
+def pack_container(block_size: int, channels: int, kind: int, flags: int, payload: bytes) -> bytes:
+    """A key file's bytes: header, payload, SHA-256 checksum (``docs/key-format.md``)."""
+    body = _HEADER.pack(MAGIC, FORMAT_VERSION, block_size, channels, kind, flags, len(payload)) + payload
+    return body + hashlib.sha256(body).digest()
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -266,41 +308,17 @@ class Key:
                 flags |= FLAG_SEED
                 payload += struct.pack("<Q", self.seed)
             payload += self._permutation.astype("<u2").tobytes()
-        header = _HEADER.pack(MAGIC, FORMAT_VERSION, self.block_size, self.channels, self.kind, flags, len(payload))
-        body = header + payload
-        return body + hashlib.sha256(body).digest()
+        return pack_container(self.block_size, self.channels, self.kind, flags, payload)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "key file") -> Key:
         """Parse and validate a key file's bytes; any problem raises :class:`KeyFileError`."""
-        data = bytes(data)
         not_key = "create one with `keyedge keygen` or import a seed with `keyedge key import-seed`"
-        if not data:
-            raise KeyFileError(f"{name} is empty", not_key)
-        if not MAGIC.startswith(data[: len(MAGIC)]):
-            raise KeyFileError(f"{name} is not a keyedge key file", not_key)
-        if len(data) < HEADER_SIZE:
-            raise KeyFileError(f"{name} is truncated ({len(data)} bytes)", "restore it from a backup")
-        _, version, block_size, channels, kind, flags, length = _HEADER.unpack_from(data)
-        if version > FORMAT_VERSION:
+        _, block_size, channels, kind, flags, body = read_container(data, name, not_key)
+        length = len(body) - HEADER_SIZE
+        if kind == KIND_SEAL:
             raise KeyFileError(
-                f"{name} uses key format version {version}, newer than this keyedge reads (up to {FORMAT_VERSION})",
-                "upgrade keyedge",
-            )
-        if version < 1:
-            raise KeyFileError(f"{name} has an invalid format version {version}", "the key file is corrupted")
-        expected = HEADER_SIZE + length + CHECKSUM_SIZE
-        if len(data) < expected:
-            raise KeyFileError(f"{name} is truncated ({len(data)} of {expected} bytes)", "restore it from a backup")
-        if len(data) > expected:
-            raise KeyFileError(
-                f"{name} has {len(data) - expected} unexpected trailing bytes",
-                "the key file is corrupted; restore it from a backup",
-            )
-        body, checksum = data[:-CHECKSUM_SIZE], data[-CHECKSUM_SIZE:]
-        if hashlib.sha256(body).digest() != checksum:
-            raise KeyFileError(
-                f"{name} failed its integrity check", "the key file is corrupted; restore it from a backup"
+                f"{name} is a sealing key, not a shuffle key", "pass it with --seal; shuffle keys come from keygen"
             )
         # The checksum matches: anything odd below is a file written by broken or hostile software.
         try:
@@ -339,19 +357,26 @@ class Key:
 def load_key(path: str | os.PathLike) -> Key:
     """Read and validate a key file; every problem raises :class:`KeyFileError` with a fix."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"key file {path} not found", "check the path, or create one with `keyedge keygen`"
-        ) from None
-    except IsADirectoryError:
-        raise KeyFileError(f"key file {path} is a directory", "give the path of a key file") from None
-    except PermissionError:
-        raise KeyFileError(f"key file {path} is not readable", "check its permissions") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    data = read_key_file(path, "key file", "check the path, or create one with `keyedge keygen`")
     return Key.from_bytes(data, name=f"key file {path}")
+
+
+def read_key_file(path: Path, what: str, missing_hint: str) -> bytes:
+    """A key file's bytes (at most 1 MiB: no key is larger), or a one-line :class:`KeyFileError`."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(1 << 20)
+            if fh.read(1):
+                raise KeyFileError(f"{what} {path} is far larger than any key file", "give the path of a key file")
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {path} not found", missing_hint) from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{what} {path} is a directory", "give the path of a key file") from None
+    except PermissionError:
+        raise KeyFileError(f"{what} {path} is not readable", "check its permissions") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return data
 
 
 def insecure_permissions(path: str | os.PathLike) -> bool:
