@@ -31,7 +31,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,8 @@ import numpy as np
 
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
-from keyedge.errors import KeyedgeError
+from keyedge.errors import KeyedgeError, SealError
+from keyedge.runtime import artifact_target
 from keyedge.stats import ratio_spread
 
 #: untimed pause after each pair's turn in a round: spinning runtime threads park before the next pair runs
@@ -273,7 +274,7 @@ def discover(path: str | Path) -> list[Artifact]:
             with contextlib.suppress(KeyedgeError):  # a checkpoint gone bad since the export: artifacts still timed
                 artifacts.append(_checkpoint_artifact(source, manifest.fuse, path))
         return artifacts
-    target = suffixes.get(path.suffix)
+    target = artifact_target(path)
     if target is None:
         raise KeyedgeError(
             f"{path}: unknown artifact type {path.suffix!r}", f"expected {', '.join(suffixes)}, or an export directory"
@@ -298,17 +299,28 @@ def discover(path: str | Path) -> list[Artifact]:
 # --------------------------------------------------------------------------- runners
 
 
-def load_runner(artifact: Artifact, spec: RuntimeSpec, threads: int | None, keys: dict[str, Any] | None = None):
-    """Load ``artifact`` on ``spec``'s runtime through its backend; ``keys`` (by fingerprint) serve checkpoints."""
+def load_runner(
+    artifact: Artifact,
+    spec: RuntimeSpec,
+    threads: int | None,
+    keys: dict[str, Any] | None = None,
+    sealkeys: Sequence[Any] = (),
+):
+    """Load ``artifact`` on ``spec``'s runtime (:func:`keyedge.runtime.open_artifact`).
+
+    ``keys`` (by fingerprint) serve checkpoints; ``sealkeys`` open sealed artifacts (decrypted in memory,
+    inside the timed load)."""
     if spec.name == "torch":
         from keyedge.deploy.export import load_checkpoint_runner
         from keyedge.keys.keyfile import key_for
 
         key = key_for(artifact.fingerprint, keys or {}, owner=artifact.path)
         return load_checkpoint_runner(Path(artifact.path), key, fuse=artifact.fuse, device=spec.device, threads=threads)
-    from keyedge.exporters import get_backend
+    from keyedge.runtime import open_artifact
 
-    return get_backend(spec.target).load(Path(artifact.path), threads=threads, **spec.run_settings())
+    return open_artifact(
+        Path(artifact.path), spec.target, sealkey=list(sealkeys), threads=threads, **spec.run_settings()
+    )
 
 
 def peak_rss_mb() -> float:
@@ -523,11 +535,13 @@ def run_latency(
     *,
     progress: Any = None,
     keys: Any = (),
+    sealkeys: Any = (),
 ) -> Any:
     """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
 
     ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
     ``keys``: :class:`~keyedge.keys.keyfile.Key` objects for the ``torch`` runtime's keyed checkpoints (never recorded).
+    ``sealkeys``: :class:`~keyedge.keys.seal.SealKey` objects for sealed artifacts (matched by fingerprint).
     """
     from keyedge.benchmarks.report import LatencyReport
 
@@ -558,8 +572,10 @@ def run_latency(
             threads = spec.threads or resolved["threads"]
             try:
                 start = time.perf_counter()
-                runner = load_runner(artifact, spec, threads, {k.fingerprint: k for k in keys})
+                runner = load_runner(artifact, spec, threads, {k.fingerprint: k for k in keys}, sealkeys)
                 load_s = time.perf_counter() - start
+            except SealError:
+                raise  # a missing or wrong sealing key, or a tampered file: bad input, said as it is
             except Exception as exc:
                 skipped.append(
                     Skipped(

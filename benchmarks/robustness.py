@@ -377,8 +377,11 @@ def run_robustness(
     *,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     log: Callable[[str], None] = lambda _line: None,
+    sealkeys: Sequence[Any] = (),
 ):
-    """Run every scenario, matrix, sweep and check; return a :class:`RobustnessReport`."""
+    """Run every scenario, matrix, sweep and check; return a :class:`RobustnessReport`.
+
+    ``sealkeys`` open sealed artifact sets among ``config.artifacts`` (never recorded)."""
     from keyedge.benchmarks.latency import environment
     from keyedge.benchmarks.robustness_report import RobustnessReport
     from keyedge.data.datasets import load_dataset
@@ -440,7 +443,9 @@ def run_robustness(
     gradients = gradient_matrix(ev, members, config.gradient_limit)
     sweeps = eps_sweep(ev, members, sweep_eps, config) if sweep_eps else []
     checks += sweep_checks(sweeps)
-    artifacts = artifact_outcomes(ev, members, config.artifacts, outcomes, adv_sets) if config.artifacts else []
+    artifacts = (
+        artifact_outcomes(ev, members, config.artifacts, outcomes, adv_sets, sealkeys) if config.artifacts else []
+    )
     return RobustnessReport(
         environment=environment(),
         config=config.to_dict(),
@@ -724,13 +729,16 @@ def artifact_outcomes(
     directories: Sequence[str],
     outcomes: Sequence[Outcome],
     adv_sets: dict[str, torch.Tensor],
+    sealkeys: Sequence[Any] = (),
 ) -> list[Outcome]:
     """Classify the scenario's adversarial images with the exported artifacts of each target model.
 
-    Every target whose runtime runs on this host is used (CoreML only on macOS), through its backend's runner.
+    Every target whose runtime runs on this host is used (CoreML only on macOS), through its backend's
+    runner; sealed sets are opened with the matching one of ``sealkeys`` (decrypted in memory).
     """
     from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.exporters import get_backend
+    from keyedge.runtime import open_artifact
 
     by_path = {str(Path(m.path).resolve()): m for m in members}
     results = []
@@ -748,7 +756,7 @@ def artifact_outcomes(
             if not backend.can_run()[0]:
                 continue
             path = manifest.artifact(target)
-            with backend.load(path) as runner:
+            with open_artifact(path, target, sealkey=list(sealkeys)) as runner:
                 for o in outcomes:
                     if o.target != member.name or len(o.sources) != 1:
                         continue

@@ -13,6 +13,7 @@ Everything that runs artifacts (``bench latency``, ``bench robustness --artifact
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,13 @@ def open_artifact(
     path: str | os.PathLike,
     target: str | None = None,
     *,
-    sealkey: SealKey | str | os.PathLike | None = None,
+    sealkey: SealKey | str | os.PathLike | Sequence[SealKey] | None = None,
     **settings: Any,
 ) -> Runner:
     """A runner for an export directory (its ``target``, or its only one) or one artifact file, sealed or not.
 
-    ``sealkey`` (a :class:`SealKey` or a sealing key file) opens sealed sets; ``settings`` are
+    ``sealkey`` (a :class:`SealKey`, a sealing key file, or several keys: the one whose fingerprint the
+    manifest names is used) opens sealed sets; ``settings`` are
     :meth:`~keyedge.exporters.base.ExportBackend.load`'s (threads, device, providers...).
     """
     from keyedge.exporters import get_backend
@@ -89,11 +91,26 @@ def open_artifact(
             f"{manifest.directory} is sealed (sealing key {manifest.seal['sealkey']})",
             "pass the device's sealing key (--seal FILE)",
         )
-    files = unseal_target(manifest, target, as_sealkey(sealkey))
+    files = unseal_target(manifest, target, _matching(sealkey, manifest))
     plain = main.with_name(main.name.removesuffix(SEALED_SUFFIX))
     runner = backend.load(plain, files=files, **settings)
     runner.path = main
     return runner
+
+
+def _matching(sealkey: Any, manifest: ArtifactManifest) -> SealKey:
+    if isinstance(sealkey, (SealKey, str, os.PathLike)):
+        return as_sealkey(sealkey)
+    wanted = manifest.seal["sealkey"]
+    keys = list(sealkey)
+    found = next((k for k in keys if k.fingerprint == wanted), None)
+    if found is None:
+        given = ", ".join(k.fingerprint for k in keys) or "none"
+        raise SealError(
+            f"{manifest.directory} is sealed with sealing key {wanted}; the given sealing keys are {given}",
+            "pass the device's sealing key (--seal FILE)",
+        )
+    return found
 
 
 def open_sealed(path: str | os.PathLike, sealkey: SealKey | str | os.PathLike, **settings: Any) -> Runner:

@@ -4,7 +4,7 @@ Layers, lowest first; a module may import its own layer and the ones below, neve
 
 0. foundation  -- keyedge.errors, deps, fileio, stats, validate
 1. domain      -- keyedge.keys, models, defenses, data, training
-2. deploy      -- keyedge.deploy and keyedge.exporters (writing, reading and running artifacts)
+2. deploy      -- keyedge.deploy, keyedge.exporters and keyedge.runtime (writing, reading and running artifacts)
 3. benchmarks  -- keyedge.benchmarks (latency, robustness, attacks)
 4. application -- keyedge.app (quickstart, doctor) and keyedge.cli (the command line), keyedge.__main__
 
@@ -26,7 +26,7 @@ TREES = {
 LAYERS = [
     ("foundation", ("keyedge.errors", "keyedge.deps", "keyedge.fileio", "keyedge.stats", "keyedge.validate")),
     ("domain", ("keyedge.keys", "keyedge.models", "keyedge.defenses", "keyedge.data", "keyedge.training")),
-    ("deploy", ("keyedge.deploy", "keyedge.exporters")),
+    ("deploy", ("keyedge.deploy", "keyedge.exporters", "keyedge.runtime")),
     ("benchmarks", ("keyedge.benchmarks",)),
     ("application", ("keyedge.app", "keyedge.cli", "keyedge.__main__")),
 ]

@@ -19,6 +19,13 @@ bench_app = typer.Typer(
 )
 
 
+def _sealkeys(paths: list[Path] | None) -> list:
+    """The sealing keys given with --seal (each refused now if invalid or readable by others)."""
+    from keyedge.keys.seal import load_sealkey
+
+    return [load_sealkey(path) for path in paths or []]
+
+
 @bench_app.command("latency")
 def latency(
     paths: list[Path] = typer.Argument(
@@ -57,6 +64,9 @@ def latency(
         "-k",
         help="Key of a keyed checkpoint for the torch runtime (repeatable; matched by fingerprint, never recorded).",
     ),
+    seal: list[Path] | None = typer.Option(
+        None, "--seal", help="Sealing key file of sealed artifacts (repeatable; matched by fingerprint)."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the keyedge-latency/1 JSON report here."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown report here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json / --markdown files."),
@@ -75,6 +85,7 @@ def latency(
             check_writable(out, overwrite=overwrite, flag="--overwrite")
     profile = load_profile(profile_path) if profile_path is not None else builtin_profile()
     keys = [load_key(path) for path in key_files or []]
+    sealkeys = _sealkeys(seal)
     settings = BenchSettings(
         threads=threads,
         min_seconds=min_seconds,
@@ -91,9 +102,9 @@ def latency(
             console=err_console,
             transient=True,
         ) as bar:
-            report = run_latency(paths, profile, settings, progress=bar, keys=keys)
+            report = run_latency(paths, profile, settings, progress=bar, keys=keys, sealkeys=sealkeys)
     else:
-        report = run_latency(paths, profile, settings, keys=keys)
+        report = run_latency(paths, profile, settings, keys=keys, sealkeys=sealkeys)
     report.print_rich(console)
     for out, text in ((json_out, report.to_json()), (markdown_out, report.to_markdown())):
         if out is not None:
@@ -192,6 +203,9 @@ def robustness(
         "-a",
         help="Export directories of evaluated checkpoints: classify the adversarial images with them too.",
     ),
+    seal: list[Path] | None = typer.Option(
+        None, "--seal", help="Sealing key file of sealed --artifacts (repeatable; matched by fingerprint)."
+    ),
     localized: str = typer.Option(
         "",
         "--localized",
@@ -238,6 +252,7 @@ def robustness(
         raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
+    sealkeys = _sealkeys(seal)
     config = RobustnessConfig(
         data=data,
         limit=limit,
@@ -271,7 +286,12 @@ def robustness(
             return lambda done: bar.update(task, completed=done)
 
         report = run_robustness(
-            paths, key_list, config, progress=progress, log=lambda line: err_console.print(line, markup=False)
+            paths,
+            key_list,
+            config,
+            progress=progress,
+            log=lambda line: err_console.print(line, markup=False),
+            sealkeys=sealkeys,
         )
     report.print_rich(console)
     report.write(out, overwrite=overwrite)

@@ -45,6 +45,12 @@ def export(
         help="Several keys of one architecture: trace once, "
         "write each key's ONNX/OpenVINO artifact from that template.",
     ),
+    seal: Path | None = typer.Option(
+        None,
+        "--seal",
+        help="Sealing key file (keyedge sealkey new): write the model files encrypted (AES-256-GCM), "
+        "never in plaintext on disk; ONNX and OpenVINO, on Linux.",
+    ),
 ) -> None:
     """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
     from keyedge.deploy.export import ExportSettings, export_many, plan_requests
@@ -60,6 +66,13 @@ def export(
                 targets.append(t)
     if not checkpoint and runs is None:
         raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable) or --runs DIR")
+    sealkey = None
+    if seal is not None:
+        from keyedge.deploy.export import check_sealable
+        from keyedge.keys.seal import load_sealkey
+
+        sealkey = load_sealkey(seal)
+        check_sealable([get_backend(t) for t in targets])
     checkpoints = list(checkpoint or []) + (find_checkpoints(runs) if runs is not None else [])
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])
     requests = plan_requests(checkpoints, key_paths, allow_key_mismatch=allow_key_mismatch)
@@ -72,6 +85,7 @@ def export(
         verify=verify,
         overwrite=overwrite,
         template=template,
+        seal=sealkey,
         log=lambda line: console.print(line, markup=False),
     )
     export_many(requests, settings)

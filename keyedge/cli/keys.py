@@ -1,4 +1,4 @@
-"""``keyedge keygen`` and ``keyedge key show|import-seed``: create, inspect and import secret keys."""
+"""``keyedge keygen``, ``keyedge key show|import-seed`` and ``keyedge sealkey new|show``: create and inspect keys."""
 
 from __future__ import annotations
 
@@ -98,8 +98,46 @@ def import_seed(
     )
 
 
+sealkey_app = typer.Typer(
+    help="Device sealing keys: encrypt exported artifacts at rest (export --seal).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def sealkey_new(
+    out: Path = typer.Option(..., "--out", "-o", help="Sealing key file to create (written with mode 0600)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (artifacts sealed with it are lost)."),
+) -> None:
+    """Generate a device sealing key (256 random bits) for `keyedge export --seal`."""
+    from keyedge.keys.seal import SealKey
+
+    key = SealKey.generate()
+    path = key.save(out, overwrite=force)
+    console.print(f"wrote {path} (mode 0600): sealing key, fingerprint {key.fingerprint}", markup=False)
+    console.print("keep it on the device (or in its secure store) only: it opens the artifacts sealed with it")
+
+
+def sealkey_show(
+    key_file: Path = typer.Argument(..., help="Sealing key file to inspect."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Show a sealing key's fingerprint and cipher (never the key)."""
+    from keyedge.keys.seal import load_sealkey
+
+    info = load_sealkey(key_file).describe()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for field, value in info.items():
+        console.print(f"{field.replace('_', ' ')}: {value}", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("keygen")(keygen)
     key_app.command("show")(show)
     key_app.command("import-seed")(import_seed)
     app.add_typer(key_app, name="key")
+    sealkey_app.command("new")(sealkey_new)
+    sealkey_app.command("show")(sealkey_show)
+    app.add_typer(sealkey_app, name="sealkey")

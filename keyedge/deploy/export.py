@@ -223,7 +223,7 @@ def check_sealable(backends: Sequence) -> None:
     if unsealable:
         raise KeyedgeError(
             f"keyedge does not seal {', '.join(unsealable)} artifacts (CoreML models are encrypted by Xcode)",
-            "export them without --seal and see docs/sealed-format.md; seal onnx and openvino",
+            "seal -t onnx -t openvino; export CoreML without --seal (docs/sealed-format.md, CoreML)",
         )
     ok, why = memory_files_supported()
     if not ok:
