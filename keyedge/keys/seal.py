@@ -174,7 +174,8 @@ def unseal(data: bytes, key: SealKey, binding: bytes, name: str, *, where: str) 
         )
     exc_type = require("cryptography.exceptions", extra="seal").InvalidTag
     try:
-        return _aead()(key._secret).decrypt(header.nonce, data[HEADER_SIZE:], _aad(data[:HEADER_SIZE], name))
+        body = memoryview(data)[HEADER_SIZE:]  # no copy of the ciphertext
+        return _aead()(key._secret).decrypt(header.nonce, body, _aad(bytes(data[:HEADER_SIZE]), name))
     except exc_type:
         raise SealError(
             f"{where} failed its integrity check: the file was tampered with, corrupted or renamed",
