@@ -202,7 +202,12 @@ class MemoryFiles:
         ok, why = memory_files_supported()
         if not ok:
             raise OutputError(f"cannot keep files in memory: {why}", "seal on Linux")
-        self.directory = Path(tempfile.mkdtemp(prefix="keyedge-memory-"))
+        root = Path(tempfile.gettempdir())
+        for stale in root.glob("keyedge-memory-*-*"):  # links left by killed processes (their memory is gone)
+            pid = stale.name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)) and stale.is_dir() and stale.stat().st_uid == os.getuid():
+                shutil.rmtree(stale, ignore_errors=True)
+        self.directory = Path(tempfile.mkdtemp(prefix=f"keyedge-memory-{os.getpid()}-", dir=root))
         try:
             for name in self.names:
                 fd = os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 0))

@@ -16,7 +16,9 @@ from keyedge.benchmarks.robustness_report import SCHEMA, RobustnessReport
 from keyedge.cli import app
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.fileio import memory_files_supported
 from keyedge.keys.keyfile import Key
+from keyedge.keys.seal import SealKey
 from keyedge.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(
@@ -29,7 +31,8 @@ NAMES = ("plain", "m-ka", "m-kb", "m-kc")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A plain and three keyed (P=4) models, ~80% clean accuracy, and an ONNX export of one keyed model."""
+    """A plain and three keyed (P=4) models, ~80% clean accuracy, an ONNX + OpenVINO export of one keyed model
+    and a sealed one of another (``--seal``)."""
     root = tmp_path_factory.mktemp("runs")
     keys = {}
     for i, name in enumerate(("ka", "kb", "kc")):
@@ -60,7 +63,14 @@ def runs(tmp_path_factory):
             targets=["onnx", "openvino"], out=root / "artifacts", batch=None, real_inputs=0, random_inputs=2
         ),
     )
-    return {"root": root, "keys": keys, "export": export}
+    sealkey = SealKey.generate()
+    sealed = export_one(
+        ExportRequest(root / "m-kb", keys["kb"]),
+        ExportSettings(targets=["onnx", "openvino"], out=root / "sealed", seal=sealkey, real_inputs=0, random_inputs=2)
+        if memory_files_supported()[0]
+        else ExportSettings(targets=["onnx"], out=root / "sealed", real_inputs=0, random_inputs=2),
+    )
+    return {"root": root, "keys": keys, "export": export, "sealed": sealed, "sealkey": sealkey}
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +81,11 @@ def report(runs):
         sweep_eps=["0", "4/255", "16/255"],
         sweep_limit=60,
         gradient_limit=32,
-        artifacts=[str(runs["export"])],
+        artifacts=[str(runs["export"]), str(runs["sealed"])],
     )
-    return run_robustness([runs["root"] / n for n in NAMES], list(runs["keys"].values()), config)
+    return run_robustness(
+        [runs["root"] / n for n in NAMES], list(runs["keys"].values()), config, sealkeys=[runs["sealkey"]]
+    )
 
 
 def outcome(report, scenario, target, runtime="torch"):
@@ -146,6 +158,15 @@ def test_deployed_artifacts_see_the_same_attacks(report):
         for scenario in ("white-box", "non-adaptive", "adaptive"):
             deployed, source = outcome(report, scenario, "m-ka", runtime), outcome(report, scenario, "m-ka")
             assert deployed.images == source.images
+            assert abs(deployed.robust_accuracy - source.robust_accuracy) <= 2 / source.images, (runtime, scenario)
+
+
+@pytest.mark.skipif(not memory_files_supported()[0], reason="sealed export needs Linux memfd")
+def test_sealed_artifacts_classify_like_their_model(report):
+    for runtime in ("onnx", "openvino"):
+        for scenario in ("white-box", "non-adaptive", "adaptive"):
+            deployed, source = outcome(report, scenario, "m-kb", runtime), outcome(report, scenario, "m-kb")
+            assert deployed.runtime.endswith(".sealed")
             assert abs(deployed.robust_accuracy - source.robust_accuracy) <= 2 / source.images, (runtime, scenario)
 
 

@@ -277,3 +277,44 @@ def test_memory_files_stay_off_disk_and_refuse_a_bypass(tmp_path):
             memory.read("model.bin")
         assert not memory.path("model.bin").exists()
     assert not directory.exists()
+
+
+def test_links_left_by_a_killed_process_are_cleaned_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / "keyedge-memory-999999999-abc"  # no such PID
+    dead.mkdir()
+    os.symlink("/proc/999999999/fd/5", dead / "model.onnx")
+    alive = tmp_path / f"keyedge-memory-{os.getppid()}-abc"
+    alive.mkdir()
+    with MemoryFiles(["model.onnx"]) as memory:
+        assert memory.directory.parent == tmp_path
+    assert not dead.exists() and alive.exists()
+
+
+def test_killed_sealed_export_leaves_no_plaintext(sealed_set, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    key_file = sealed_set["key"].save(tmp_path / "k1.bin")
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    cmd = [sys.executable, "-m", "keyedge", "export", "-c", sealed_set["checkpoint"], "-k", key_file]
+    cmd += ["-t", "onnx", "-t", "openvino", "--seal", sealed_set["sealkey_path"], "-o", out]
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(scratch.glob("keyedge-memory-*/model.xml")):
+        time.sleep(0.02)
+    assert list(scratch.glob("keyedge-memory-*/model.xml")), "the export never reached OpenVINO"
+    proc.send_signal(signal.SIGKILL)  # the ONNX artifact is verified and held in memory by now
+    proc.wait(timeout=30)
+    marks = [*sealed_set["marks"], *PLAINTEXT_MARKS]
+    assert _plaintext_in([out, scratch], marks) == []
+    assert not any(p.name.endswith(".sealed") for p in out.rglob("*"))  # sealing comes after every target verified
+    result = cli(
+        "export", "-c", sealed_set["checkpoint"], "-k", key_file, "--seal", sealed_set["sealkey_path"], "-o", out
+    )
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == [sealed_set["sealed"].name]
