@@ -53,12 +53,15 @@ def open_artifact(
     target: str | None = None,
     *,
     sealkey: SealKey | str | os.PathLike | Sequence[SealKey] | None = None,
+    verify_key: Any = None,
     **settings: Any,
 ) -> Runner:
     """A runner for an export directory (its ``target``, or its only one) or one artifact file, sealed or not.
 
     ``sealkey`` (a :class:`SealKey`, a sealing key file, or several keys: the one whose fingerprint the
-    manifest names is used) opens sealed sets; ``settings`` are
+    manifest names is used) opens sealed sets; ``verify_key`` (a :class:`~keyedge.keys.signing.VerifyKey`
+    or its file) refuses a set whose manifest is not signed by it or whose files do not match it;
+    ``settings`` are
     :meth:`~keyedge.exporters.base.ExportBackend.load`'s (threads, device, providers...).
     """
     from keyedge.exporters import get_backend
@@ -82,6 +85,8 @@ def open_artifact(
         main = path
         manifest = ArtifactManifest.read(path.parent) if main.name.endswith(SEALED_SUFFIX) else None
     backend = get_backend(target)
+    if verify_key is not None:
+        _check_signed(path if manifest is None else manifest.directory, target, verify_key)
     if manifest is None or manifest.seal is None:
         if main.name.endswith(SEALED_SUFFIX):
             raise SealError(f"{main} is sealed but its manifest.json says nothing of it", "copy the artifact set again")
@@ -96,6 +101,17 @@ def open_artifact(
     runner = backend.load(plain, files=files, **settings)
     runner.path = main
     return runner
+
+
+def _check_signed(where: Path | None, target: str, verify_key: Any) -> None:
+    from keyedge.deploy.verify import check_files
+    from keyedge.keys.signing import VerifyKey, check_signature, load_verify_key
+
+    directory = where if where is not None and where.is_dir() else Path(where or ".").parent
+    if not is_export_directory(directory):
+        raise SealError(f"{where} has no manifest.json beside it to check a signature of", "open an export directory")
+    check_signature(directory, verify_key if isinstance(verify_key, VerifyKey) else load_verify_key(verify_key))
+    check_files(ArtifactManifest.read(directory), [target])
 
 
 def _matching(sealkey: Any, manifest: ArtifactManifest) -> SealKey:

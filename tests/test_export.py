@@ -319,3 +319,22 @@ def test_auto_uses_conv_for_coreml_and_gather_elsewhere(tmp_path, key4):
     manifest = export(tmp_path, ckpt, key4, ["onnx", "coreml"], fuse="auto")
     assert manifest["targets"]["onnx"]["fuse"] == "gather" and manifest["targets"]["coreml"]["fuse"] == "conv"
     assert manifest["targets"]["coreml"]["graph"]["gathers_on_input"] == 0
+
+
+def test_design_card_line_finds_the_keys_checkpoint_under_runs(tmp_path, key4, make_key, monkeypatch):
+    """`keyedge export --key-file k1.bin --target coreml`, verbatim, where the key's model was trained."""
+    monkeypatch.chdir(tmp_path)
+    make_checkpoint(tmp_path / "runs" / "k1", "test_vit", key4)
+    make_checkpoint(tmp_path / "runs" / "plain", "test_vit")
+    key4.save(tmp_path / "k1.bin")
+    result = cli("export", "--key-file", "k1.bin", "--target", "coreml")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "artifacts" / f"test_vit-{key4.fingerprint}" / "manifest.json").read_text())
+    assert manifest["checkpoint"]["path"] == str((tmp_path / "runs" / "k1").resolve())
+    other = make_key(4, tag=9)
+    other.save(tmp_path / "k2.bin")
+    clean_error(cli("export", "--key-file", "k2.bin"), f"trained with key {other.fingerprint}", "runs/k1 (key")
+    make_checkpoint(tmp_path / "runs" / "k1-again", "test_vit", key4)
+    clean_error(cli("export", "--key-file", "k1.bin"), "2 checkpoints under runs were trained with key", "--checkpoint")
+    monkeypatch.chdir(tmp_path / "runs")
+    clean_error(cli("export", "--key-file", "../k1.bin"), "no runs/ directory here")

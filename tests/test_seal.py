@@ -318,3 +318,48 @@ def test_killed_sealed_export_leaves_no_plaintext(sealed_set, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert [p.name for p in out.iterdir()] == [sealed_set["sealed"].name]
+
+
+# ---- signed manifests and `keyedge verify` ----------------------------------------------------------------------
+
+
+def test_signed_set_verifies_and_a_swapped_model_is_refused(sealed_set, tmp_path):
+    from keyedge.deploy.verify import verify_set
+    from keyedge.fileio import sha256_file
+    from keyedge.keys.signing import SigningKey, load_signing_key, load_verify_key
+
+    result = cli("signkey", "new", "--out", tmp_path / "signer.key")
+    assert result.exit_code == 0, result.output
+    signer, public = load_signing_key(tmp_path / "signer.key"), load_verify_key(tmp_path / "signer.pub")
+    assert signer._seed.hex() not in result.output and signer.fingerprint == public.fingerprint
+    directory = export_one(
+        ExportRequest(sealed_set["checkpoint"], sealed_set["key"]),
+        ExportSettings(targets=TARGETS, out=tmp_path / "out", sign=signer, real_inputs=0),
+    )
+    checked = verify_set(directory, verify_key=public, key=sealed_set["key"])
+    assert checked["files"] == 3 and checked["signed_by"] == signer.fingerprint
+    assert all(checked["parity"][t]["passed"] for t in TARGETS)
+    key_file = sealed_set["key"].save(tmp_path / "k1.bin")
+    ok = cli("verify", directory, "--verify-key", tmp_path / "signer.pub", "-k", key_file)
+    assert ok.exit_code == 0 and "signature valid" in ok.stdout and "onnx parity" in ok.stdout, ok.output
+    # an unsigned set, another signer
+    clean_error(cli("verify", sealed_set["plain"], "--verify-key", tmp_path / "signer.pub"), "is not signed")
+    SigningKey.generate().verify_key().save(tmp_path / "other.pub")
+    clean_error(cli("verify", directory, "--verify-key", tmp_path / "other.pub"), f"signed by {signer.fingerprint}")
+    # swap the model (a plain model of the same architecture) and fix up its hash in the manifest
+    other = export_one(
+        ExportRequest(make_checkpoint(tmp_path / "plain-ckpt", "resnet18"), None),
+        ExportSettings(targets=["onnx"], out=tmp_path / "other", real_inputs=0),
+    )
+    swapped = _copy(directory, tmp_path / "swapped")
+    shutil.copy(other / "model.onnx", swapped / "model.onnx")
+    clean_error(cli("verify", swapped), "does not match its SHA-256")
+    manifest = json.loads((swapped / "manifest.json").read_text())
+    manifest["targets"]["onnx"]["files"][0]["sha256"] = sha256_file(swapped / "model.onnx")
+    (swapped / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    assert cli("verify", swapped).exit_code == 0  # hashes alone authenticate nothing...
+    clean_error(cli("verify", swapped, "--verify-key", tmp_path / "signer.pub"), "the signature does not match")
+    with pytest.raises(SealError, match="the signature does not match"):  # ...the signature does, in the loader too
+        open_artifact(swapped, "onnx", verify_key=public)
+    with open_artifact(directory, "onnx", verify_key=tmp_path / "signer.pub") as runner:
+        assert runner.backend == "onnx"

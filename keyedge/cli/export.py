@@ -12,7 +12,12 @@ from keyedge.cli._flags import retired
 
 def export(
     checkpoint: list[Path] | None = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable)."),
-    runs: Path | None = typer.Option(None, "--runs", help="Directory of checkpoints: export each of them."),
+    runs: Path | None = typer.Option(
+        None,
+        "--runs",
+        help="Directory of checkpoints: export each of them. With only --key-file: the key's checkpoint is "
+        "looked up (by fingerprint) under ./runs.",
+    ),
     key_file: list[Path] | None = typer.Option(
         None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."
     ),
@@ -45,6 +50,12 @@ def export(
         help="Several keys of one architecture: trace once, "
         "write each key's ONNX/OpenVINO artifact from that template.",
     ),
+    sign_key: Path | None = typer.Option(
+        None,
+        "--sign-key",
+        help="Signing key file (keyedge signkey new): sign each manifest (manifest.sig, Ed25519) so that "
+        "`keyedge verify --verify-key` and loaders can refuse a swapped model.",
+    ),
     seal: Path | None = typer.Option(
         None,
         "--seal",
@@ -53,7 +64,7 @@ def export(
     ),
 ) -> None:
     """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
-    from keyedge.deploy.export import ExportSettings, export_many, plan_requests
+    from keyedge.deploy.export import ExportSettings, checkpoints_for_keys, export_many, plan_requests
     from keyedge.errors import KeyedgeError
     from keyedge.exporters import backend_names, get_backend
     from keyedge.models.checkpoint import find_checkpoints
@@ -64,8 +75,9 @@ def export(
             get_backend(t)  # unknown target: a clear error before any work
             if t not in targets:
                 targets.append(t)
-    if not checkpoint and runs is None:
-        raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable) or --runs DIR")
+    key_paths = list(key_file or []) + ([keys] if keys is not None else [])
+    if not checkpoint and runs is None and not key_paths:
+        raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable), --runs DIR, or the --key-file")
     sealkey = None
     if seal is not None:
         from keyedge.deploy.export import check_sealable
@@ -73,8 +85,15 @@ def export(
 
         sealkey = load_sealkey(seal)
         check_sealable([get_backend(t) for t in targets])
-    checkpoints = list(checkpoint or []) + (find_checkpoints(runs) if runs is not None else [])
-    key_paths = list(key_file or []) + ([keys] if keys is not None else [])
+    signer = None
+    if sign_key is not None:
+        from keyedge.keys.signing import load_signing_key
+
+        signer = load_signing_key(sign_key)
+    if checkpoint or runs is not None:
+        checkpoints = list(checkpoint or []) + (find_checkpoints(runs) if runs is not None else [])
+    else:  # `keyedge export --key-file k1.bin`: the model that key trained, found under ./runs
+        checkpoints = checkpoints_for_keys(key_paths)
     requests = plan_requests(checkpoints, key_paths, allow_key_mismatch=allow_key_mismatch)
     settings = ExportSettings(
         targets=targets,
@@ -86,10 +105,39 @@ def export(
         overwrite=overwrite,
         template=template,
         seal=sealkey,
+        sign=signer,
         log=lambda line: console.print(line, markup=False),
     )
     export_many(requests, settings)
 
 
+def verify(
+    directories: list[Path] = typer.Argument(..., help="Export directories (OUT/<model>-<fingerprint>/)."),
+    verify_key: Path | None = typer.Option(
+        None, "--verify-key", help="Verify key (signer.pub): require a valid manifest signature by it."
+    ),
+    key_file: list[Path] | None = typer.Option(
+        None, "--key-file", "-k", help="Key of a keyed set (repeatable): re-run parity against its checkpoint."
+    ),
+    seal: list[Path] | None = typer.Option(None, "--seal", help="Sealing key of sealed sets (repeatable)."),
+) -> None:
+    """Check artifact sets: every file's SHA-256, the manifest signature, and parity with the checkpoint."""
+    from keyedge.deploy.verify import describe, verify_set
+    from keyedge.keys.keyfile import load_keys
+    from keyedge.keys.seal import load_sealkey
+    from keyedge.keys.signing import load_verify_key
+
+    public = load_verify_key(verify_key) if verify_key is not None else None
+    keys = load_keys(list(key_file or []))
+    sealkeys = [load_sealkey(p) for p in seal or []]
+    for directory in directories:
+        from keyedge.deploy.artifacts import ArtifactManifest
+
+        fingerprint = ArtifactManifest.read(directory).fingerprint
+        result = verify_set(directory, verify_key=public, key=keys.get(fingerprint or ""), sealkey=sealkeys)
+        console.print(describe(result), markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
+    app.command("verify")(verify)

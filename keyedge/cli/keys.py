@@ -133,6 +133,35 @@ def sealkey_show(
         console.print(f"{field.replace('_', ' ')}: {value}", markup=False)
 
 
+signkey_app = typer.Typer(
+    help="Manifest signing keys (Ed25519): export --sign-key, verify --verify-key.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def signkey_new(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Signing key file to create (0600); OUT.pub gets the public key."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace existing files."),
+) -> None:
+    """Generate an Ed25519 signing key (private, 0600) and its verify key (OUT with .pub, shareable)."""
+    from keyedge.fileio import check_writable
+    from keyedge.keys.signing import SigningKey
+
+    public_path = out.with_suffix(".pub")
+    check_writable(public_path, overwrite=force)
+    key = SigningKey.generate()
+    path = key.save(out, overwrite=force)
+    key.verify_key().save(public_path, overwrite=force)
+    console.print(
+        f"wrote {path} (mode 0600, keep it secret) and {public_path} (give it to devices): "
+        f"signing key {key.fingerprint}",
+        markup=False,
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.command("keygen")(keygen)
     key_app.command("show")(show)
@@ -141,3 +170,5 @@ def register(app: typer.Typer) -> None:
     sealkey_app.command("new")(sealkey_new)
     sealkey_app.command("show")(sealkey_show)
     app.add_typer(sealkey_app, name="sealkey")
+    signkey_app.command("new")(signkey_new)
+    app.add_typer(signkey_app, name="signkey")

@@ -14,6 +14,10 @@ Everything is written into a hidden temporary directory beside the result and
 renamed into place only when all targets verified: a failure or a killed process
 leaves no artifact set behind.  The directory is created 0700: an artifact
 embeds its key, so it is a secret at rest (docs/design.md §3).
+
+With a sealing key (``ExportSettings.seal``, ``--seal``) each target is written into in-memory
+files (:class:`keyedge.fileio.MemoryFiles`), inspected and verified there, and only its sealed
+form (:mod:`keyedge.keys.seal`, bound to the finished manifest) reaches the disk.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from keyedge.fileio import MemoryFiles, memory_files_supported, sha256_file, sta
 from keyedge.keys.keyfile import Key, key_for, load_keys
 from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX, SealKey, seal
 from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from keyedge.models.checkpoint import CheckpointManifest, check_key, load_checkpoint, read_manifest
+from keyedge.models.checkpoint import CheckpointManifest, check_key, find_checkpoints, load_checkpoint, read_manifest
 
 FP32_ATOL = 1e-4  # times max(1, largest reference logit)
 FP16_RTOL = 2e-2  # likewise
@@ -50,6 +54,7 @@ __all__ = [
     "ExportRequest",
     "ExportSettings",
     "VerificationError",
+    "checkpoints_for_keys",
     "deployable",
     "export_many",
     "export_one",
@@ -150,6 +155,7 @@ class ExportSettings:
     real_inputs: int = 8
     template: bool = True  # fleet export: trace once per architecture (keyedge.exporters.template)
     seal: SealKey | None = None  # write every model file sealed (AES-256-GCM), never in plaintext on disk
+    sign: Any = None  # a keyedge.keys.signing.SigningKey: write manifest.sig (Ed25519) beside the manifest
     log: Callable[[str], None] = field(default=lambda _line: None)
 
     def __post_init__(self) -> None:
@@ -214,6 +220,11 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
             _seal_targets(record, plaintexts, settings.seal, staging)
             settings.log(f"  sealed with sealing key {settings.seal.fingerprint} ({CIPHER})")
         record.write(staging)
+        if settings.sign is not None:
+            from keyedge.keys.signing import sign_manifest
+
+            sign_manifest(staging, settings.sign)
+            settings.log(f"  signed the manifest with signing key {settings.sign.fingerprint}")
     return final
 
 
@@ -473,6 +484,47 @@ def plan_requests(
             request = ExportRequest(ckpt, key_for(manifest.fingerprint, keys, owner=ckpt), False, manifest)
         requests.append(request)
     return requests
+
+
+DEFAULT_RUNS = Path("runs")  # where `keyedge train` and the quickstart put checkpoints
+
+
+def checkpoints_for_keys(key_paths: Sequence[Path], runs: Path = DEFAULT_RUNS) -> list[Path]:
+    """The checkpoint each key trained, found by fingerprint under ``runs`` (``export --key-file k1.bin`` alone).
+
+    No match, or several, is a one-line error listing what ``runs`` holds.
+    """
+    keys = load_keys(key_paths)
+    if not runs.is_dir():
+        raise KeyedgeError(
+            f"nothing to export: no --checkpoint given, and no {runs}/ directory here to find the key's model in",
+            "pass --checkpoint DIR, or --runs DIR (where `keyedge train --out` wrote it)",
+        )
+    by_fingerprint: dict[str | None, list[Path]] = {}
+    for checkpoint in find_checkpoints(runs):
+        try:
+            by_fingerprint.setdefault(read_manifest(checkpoint).fingerprint, []).append(checkpoint)
+        except KeyedgeError:
+            continue  # a broken checkpoint is reported when it is the one asked for, not here
+    shown = ", ".join(
+        f"{c} ({f'key {fp}' if fp else 'plain'})" for fp, paths in by_fingerprint.items() for c in paths[:4]
+    )
+    chosen = []
+    for fingerprint in keys:
+        matches = by_fingerprint.get(fingerprint, [])
+        if not matches:
+            raise KeyedgeError(
+                f"no checkpoint under {runs} was trained with key {fingerprint} (found: {shown or 'none readable'})",
+                "pass --checkpoint DIR, or --runs DIR where that key's model is",
+            )
+        if len(matches) > 1:
+            raise KeyedgeError(
+                f"{len(matches)} checkpoints under {runs} were trained with key {fingerprint}: "
+                + ", ".join(map(str, matches)),
+                "pick one with --checkpoint DIR",
+            )
+        chosen.append(matches[0])
+    return chosen
 
 
 # ---- the PyTorch reference runner ------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ CHECKSUM_SIZE = 32  # SHA-256 of everything before it
 KIND_SECRET = 1  # payload: the secret; the permutation is derived from it
 KIND_PERMUTATION = 2  # payload: [u64 seed if FLAG_SEED] + the permutation as u16le (imported keys)
 KIND_SEAL = 3  # payload: a 256-bit AES key that seals artifacts at rest (keyedge.keys.seal); no block geometry
+KIND_SIGN = 4  # payload: an Ed25519 private key (32-byte seed) that signs manifests (keyedge.keys.signing)
+KIND_VERIFY = 5  # payload: the matching Ed25519 public key (shareable)
+#: what each kind is, for "X is <kind>, not ..." messages
+KIND_NAMES = {
+    KIND_SECRET: "a shuffle key",
+    KIND_PERMUTATION: "a shuffle key",
+    KIND_SEAL: "a sealing key",
+    KIND_SIGN: "a manifest signing key",
+    KIND_VERIFY: "a manifest verify key",
+}
 FLAG_DERANGEMENT = 0x1  # derivation required a permutation without fixed points
 FLAG_SEED = 0x2  # the payload starts with the reference code's integer seed
 _KNOWN_FLAGS = FLAG_DERANGEMENT | FLAG_SEED
@@ -319,6 +329,10 @@ class Key:
         if kind == KIND_SEAL:
             raise KeyFileError(
                 f"{name} is a sealing key, not a shuffle key", "pass it with --seal; shuffle keys come from keygen"
+            )
+        if kind in (KIND_SIGN, KIND_VERIFY):
+            raise KeyFileError(
+                f"{name} is a manifest signing key, not a shuffle key", "pass it with --sign-key or --verify-key"
             )
         # The checksum matches: anything odd below is a file written by broken or hostile software.
         try:

@@ -26,7 +26,14 @@ from pathlib import Path
 from keyedge.deps import require
 from keyedge.errors import KeyFileError, SealError
 from keyedge.fileio import write_bytes_atomic
-from keyedge.keys.keyfile import FORMAT_VERSION, KIND_SEAL, insecure_permissions, pack_container, read_container
+from keyedge.keys.keyfile import (
+    FORMAT_VERSION,
+    KIND_NAMES,
+    KIND_SEAL,
+    insecure_permissions,
+    pack_container,
+    read_container,
+)
 from keyedge.keys.keyfile import HEADER_SIZE as KEY_HEADER_SIZE
 
 SEALKEY_SIZE = 32  # AES-256
@@ -69,9 +76,8 @@ class SealKey:
     def from_bytes(cls, data: bytes, *, name: str = "sealing key file") -> SealKey:
         _, block_size, channels, kind, flags, body = read_container(data, name, _NOT_SEALKEY)
         if kind != KIND_SEAL:
-            raise KeyFileError(
-                f"{name} is a shuffle key, not a sealing key", "pass a sealing key: `keyedge sealkey new --out FILE`"
-            )
+            what = KIND_NAMES.get(kind, f"of unknown kind {kind}")
+            raise KeyFileError(f"{name} is {what}, not a sealing key", "pass a sealing key: `keyedge sealkey new`")
         payload = body[KEY_HEADER_SIZE:]
         if block_size or channels or flags or len(payload) != SEALKEY_SIZE:
             raise KeyFileError(f"{name} has an invalid sealing-key payload", "the key file is invalid")

@@ -1,0 +1,184 @@
+"""Signing keys: Ed25519 signatures over artifact manifests, so a device can refuse a swapped model.
+
+A manifest's SHA-256 values authenticate nothing by themselves -- whoever swaps a model file can
+update its hash too.  ``keyedge export --sign-key signer.key`` writes ``manifest.sig`` beside the
+manifest: an Ed25519 signature (the ``cryptography`` package, extra ``seal``) over
+``"keyedge/manifest-signature/v1\\0" || SHA-256(manifest.json's bytes)``.  The manifest lists every
+file's SHA-256, so the signature covers every file; ``keyedge verify DIR --verify-key signer.pub``
+and :func:`keyedge.runtime.open_artifact` (``verify_key=``) check it.
+
+Key files use the container of :mod:`keyedge.keys.keyfile`: kind 4 holds the 32-byte private seed
+(written 0600, refused when others can read it), kind 5 the 32-byte public key (shareable).  Both
+are fingerprinted by the public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keyedge.deps import require
+from keyedge.errors import KeyFileError, SealError
+from keyedge.fileio import write_bytes_atomic
+from keyedge.keys.keyfile import (
+    HEADER_SIZE,
+    KIND_NAMES,
+    KIND_SIGN,
+    KIND_VERIFY,
+    insecure_permissions,
+    pack_container,
+    read_container,
+    read_key_file,
+)
+
+SIGNATURE_FILE = "manifest.sig"
+SIGNATURE_SCHEMA = "keyedge-signature/1"
+_DOMAIN = b"keyedge/manifest-signature/v1\x00"
+_FP_DOMAIN = b"keyedge/signkey/v1\x00"
+_HINT = "create a pair with `keyedge signkey new --out signer.key` (it writes signer.pub too)"
+
+
+def _ed25519():
+    return require("cryptography.hazmat.primitives.asymmetric.ed25519", extra="seal")
+
+
+def _fingerprint(public: bytes) -> str:
+    return hashlib.sha256(_FP_DOMAIN + public).hexdigest()[:16]
+
+
+def _payload(data: bytes, name: str, kind: int) -> bytes:
+    _, block_size, channels, found, flags, body = read_container(data, name, _HINT)
+    if found != kind:
+        what = KIND_NAMES.get(found, f"of unknown kind {found}")
+        raise KeyFileError(f"{name} is {what}, not {KIND_NAMES[kind]}", _HINT)
+    payload = body[HEADER_SIZE:]
+    if block_size or channels or flags or len(payload) != 32:
+        raise KeyFileError(f"{name} has an invalid key payload", "the key file is invalid")
+    return payload
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class VerifyKey:
+    """An Ed25519 public key that checks manifest signatures; safe to share."""
+
+    public: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.public)
+
+    def to_bytes(self) -> bytes:
+        return pack_container(0, 0, KIND_VERIFY, 0, self.public)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        return write_bytes_atomic(path, self.to_bytes(), mode=0o644, overwrite=overwrite)
+
+    def verify(self, signature: bytes, message: bytes, *, where: str) -> None:
+        exc_type = require("cryptography.exceptions", extra="seal").InvalidSignature
+        try:
+            _ed25519().Ed25519PublicKey.from_public_bytes(self.public).verify(signature, message)
+        except exc_type:
+            raise SealError(
+                f"{where}: the signature does not match (a file or the manifest was changed after signing)",
+                "do not deploy this set; export and sign it again",
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"VerifyKey(fingerprint={self.fingerprint!r})"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SigningKey:
+    """An Ed25519 private key that signs artifact manifests.  ``repr()`` shows only the fingerprint."""
+
+    _seed: bytes = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        private = _ed25519().Ed25519PrivateKey.generate()
+        raw = require("cryptography.hazmat.primitives.serialization", extra="seal")
+        return cls(private.private_bytes(raw.Encoding.Raw, raw.PrivateFormat.Raw, raw.NoEncryption()))
+
+    def _private(self):
+        return _ed25519().Ed25519PrivateKey.from_private_bytes(self._seed)
+
+    def verify_key(self) -> VerifyKey:
+        raw = require("cryptography.hazmat.primitives.serialization", extra="seal")
+        return VerifyKey(self._private().public_key().public_bytes(raw.Encoding.Raw, raw.PublicFormat.Raw))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.verify_key().fingerprint
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private().sign(message)
+
+    def to_bytes(self) -> bytes:
+        return pack_container(0, 0, KIND_SIGN, 0, self._seed)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        return write_bytes_atomic(path, self.to_bytes(), mode=0o600, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        return f"SigningKey(fingerprint={self.fingerprint!r})"
+
+
+def load_signing_key(path: str | os.PathLike) -> SigningKey:
+    """Read a signing key file; refused when missing, invalid, or readable by group or others."""
+    path = Path(path)
+    key = SigningKey(_payload(read_key_file(path, "signing key file", _HINT), f"signing key file {path}", KIND_SIGN))
+    if insecure_permissions(path):
+        raise KeyFileError(
+            f"signing key file {path} is readable or writable by others", f"restrict it first: chmod 600 {path}"
+        )
+    return key
+
+
+def load_verify_key(path: str | os.PathLike) -> VerifyKey:
+    """Read a verify (public) key file."""
+    path = Path(path)
+    data = read_key_file(path, "verify key file", _HINT)
+    return VerifyKey(_payload(data, f"verify key file {path}", KIND_VERIFY))
+
+
+# ---- manifest signatures ---------------------------------------------------------------------------------------------
+
+
+def _message(manifest_bytes: bytes) -> bytes:
+    return _DOMAIN + hashlib.sha256(manifest_bytes).digest()
+
+
+def sign_manifest(directory: Path, key: SigningKey) -> Path:
+    """Write ``directory/manifest.sig`` for the ``manifest.json`` there."""
+    manifest = (Path(directory) / "manifest.json").read_bytes()
+    record = {
+        "schema": SIGNATURE_SCHEMA,
+        "algorithm": "Ed25519",
+        "signer": key.fingerprint,
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "signature": base64.b64encode(key.sign(_message(manifest))).decode(),
+    }
+    return write_bytes_atomic(Path(directory) / SIGNATURE_FILE, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def check_signature(directory: Path, key: VerifyKey) -> str:
+    """Raise :class:`SealError` unless ``directory``'s manifest carries a valid signature by ``key``; the signer."""
+    directory = Path(directory)
+    where = str(directory / SIGNATURE_FILE)
+    try:
+        record = json.loads((directory / SIGNATURE_FILE).read_text())
+        signer, signature = record["signer"], base64.b64decode(record["signature"], validate=True)
+        if record.get("schema") != SIGNATURE_SCHEMA or not isinstance(signer, str):
+            raise ValueError
+    except FileNotFoundError:
+        raise SealError(f"{directory} is not signed (no {SIGNATURE_FILE})", "export it with --sign-key") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SealError(f"{where} is not a keyedge signature file", "export and sign the set again") from None
+    if signer != key.fingerprint:
+        raise SealError(f"{directory} was signed by {signer}, not by {key.fingerprint}", "pass the signer's verify key")
+    key.verify(signature, _message((directory / "manifest.json").read_bytes()), where=where)
+    return signer
