@@ -304,3 +304,17 @@ def test_scenario_sources_explain_what_cannot_run(runs, report):
     sources = scenario_sources(lone, [lone])
     assert sources["white-box"] == ["solo"]
     assert "no plain model" in sources["non-adaptive"] and "block size 8" in sources["adaptive"]
+
+
+@pytest.mark.parametrize(
+    ("standing", "images", "passed"),
+    [(0, 64, True), (4, 64, True), (7, 64, False), (45, 64, False), (15, 300, True), (25, 300, False)],
+)
+def test_white_box_sanity_allows_sampling_not_a_broken_attack(standing, images, passed):
+    """<= 5% within 2 standard errors of 5%: one image more on 64 passes; a broken attack (~clean accuracy) fails."""
+    from keyedge.benchmarks.robustness import Matrix, Outcome, trust_checks
+
+    white = Outcome("white-box", "m", ["m"], {}, images, 0.8, standing / images, None, None, 0)
+    transfer = Matrix("transferability", [], [], [], images)
+    config = RobustnessConfig(fgsm_check=False)
+    assert trust_checks(None, [white], transfer, 16 / 255, config)[0].passed is passed
