@@ -62,7 +62,9 @@ def test_quickstart_correct_key_beats_wrong_key_and_white_box_succeeds(quickstar
     assert summary["models"]["plain"]["clean_accuracy"] > summary["models"]["plain"]["wrong_key_accuracy"]
     rob = summary["robustness"]
     assert rob["sanity_passed"]
-    assert rob["scenarios"]["white-box:k1"]["robust_accuracy"] <= 0.05
+    white = rob["scenarios"]["white-box:k1"]
+    # the sanity check's limit: 5% within two standard errors on the images attacked (10.4% on the fast run's 64)
+    assert white["robust_accuracy"] <= 0.05 + 2 * (0.05 * 0.95 / white["images"]) ** 0.5
     assert rob["scenarios"]["adaptive:k1"]["sources"] == ["k2"]
     assert set(rob["deployed"]) >= {"white-box:onnx", "non-adaptive:openvino", "adaptive:onnx"}
     report = json.dumps(summary)
