@@ -91,7 +91,7 @@ def open_artifact(
         if main.name.endswith(SEALED_SUFFIX):
             raise SealError(f"{main} is sealed but its manifest.json says nothing of it", "copy the artifact set again")
         return backend.load(main, **settings)
-    if sealkey is None:
+    if sealkey is None or (isinstance(sealkey, (list, tuple)) and not sealkey):
         raise SealError(
             f"{manifest.directory} is sealed (sealing key {manifest.seal['sealkey']})",
             "pass the device's sealing key (--seal FILE)",
