@@ -176,6 +176,24 @@ def pack_container(block_size: int, channels: int, kind: int, flags: int, payloa
     return body + hashlib.sha256(body).digest()
 
 
+def raw_key_payload(data: bytes, name: str, kind: int, hint: str, size: int = 32) -> bytes:
+    """The ``size``-byte payload of a key file of ``kind`` 3-5 (no block geometry), or one :class:`KeyFileError`."""
+    _, block_size, channels, found, flags, body = read_container(data, name, hint)
+    if found != kind:
+        what = KIND_NAMES.get(found, f"of unknown kind {found}")
+        raise KeyFileError(f"{name} is {what}, not {KIND_NAMES[kind]}", hint)
+    payload = body[HEADER_SIZE:]
+    if block_size or channels or flags or len(payload) != size:
+        raise KeyFileError(f"{name} has an invalid key payload", "the key file is invalid")
+    return payload
+
+
+def refuse_loose_permissions(path: Path, what: str) -> None:
+    """Raise :class:`KeyFileError` when a private key file is readable or writable by group or others."""
+    if insecure_permissions(path):
+        raise KeyFileError(f"{what} {path} is readable or writable by others", f"restrict it first: chmod 600 {path}")
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class Key:
     """One secret key: block size, channels and the permutation of a block's values.

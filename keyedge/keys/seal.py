@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyedge.deps import require
-from keyedge.errors import KeyFileError, SealError
+from keyedge.errors import SealError
 from keyedge.fileio import write_bytes_atomic
 from keyedge.keys.keyfile import (
     FORMAT_VERSION,
-    KIND_NAMES,
     KIND_SEAL,
-    insecure_permissions,
     pack_container,
-    read_container,
+    raw_key_payload,
+    read_key_file,
+    refuse_loose_permissions,
 )
-from keyedge.keys.keyfile import HEADER_SIZE as KEY_HEADER_SIZE
 
 SEALKEY_SIZE = 32  # AES-256
 SEALED_SUFFIX = ".sealed"
@@ -74,14 +73,7 @@ class SealKey:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "sealing key file") -> SealKey:
-        _, block_size, channels, kind, flags, body = read_container(data, name, _NOT_SEALKEY)
-        if kind != KIND_SEAL:
-            what = KIND_NAMES.get(kind, f"of unknown kind {kind}")
-            raise KeyFileError(f"{name} is {what}, not a sealing key", "pass a sealing key: `keyedge sealkey new`")
-        payload = body[KEY_HEADER_SIZE:]
-        if block_size or channels or flags or len(payload) != SEALKEY_SIZE:
-            raise KeyFileError(f"{name} has an invalid sealing-key payload", "the key file is invalid")
-        return cls(payload)
+        return cls(raw_key_payload(data, name, KIND_SEAL, "pass a sealing key: `keyedge sealkey new`", SEALKEY_SIZE))
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the sealing key atomically, readable and writable by its owner only (0600)."""
@@ -110,15 +102,10 @@ class SealKey:
 
 def load_sealkey(path: str | os.PathLike) -> SealKey:
     """Read a sealing key file; refused (one line) when missing, invalid, or readable by group or others."""
-    from keyedge.keys.keyfile import read_key_file
-
     path = Path(path)
     data = read_key_file(path, "sealing key file", _NOT_SEALKEY)
     key = SealKey.from_bytes(data, name=f"sealing key file {path}")
-    if insecure_permissions(path):
-        raise KeyFileError(
-            f"sealing key file {path} is readable or writable by others", f"restrict it first: chmod 600 {path}"
-        )
+    refuse_loose_permissions(path, "sealing key file")
     return key
 
 

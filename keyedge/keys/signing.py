@@ -22,17 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyedge.deps import require
-from keyedge.errors import KeyFileError, SealError
+from keyedge.errors import SealError
 from keyedge.fileio import write_bytes_atomic
 from keyedge.keys.keyfile import (
-    HEADER_SIZE,
-    KIND_NAMES,
     KIND_SIGN,
     KIND_VERIFY,
-    insecure_permissions,
     pack_container,
-    read_container,
+    raw_key_payload,
     read_key_file,
+    refuse_loose_permissions,
 )
 
 SIGNATURE_FILE = "manifest.sig"
@@ -48,17 +46,6 @@ def _ed25519():
 
 def _fingerprint(public: bytes) -> str:
     return hashlib.sha256(_FP_DOMAIN + public).hexdigest()[:16]
-
-
-def _payload(data: bytes, name: str, kind: int) -> bytes:
-    _, block_size, channels, found, flags, body = read_container(data, name, _HINT)
-    if found != kind:
-        what = KIND_NAMES.get(found, f"of unknown kind {found}")
-        raise KeyFileError(f"{name} is {what}, not {KIND_NAMES[kind]}", _HINT)
-    payload = body[HEADER_SIZE:]
-    if block_size or channels or flags or len(payload) != 32:
-        raise KeyFileError(f"{name} has an invalid key payload", "the key file is invalid")
-    return payload
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -130,11 +117,9 @@ class SigningKey:
 def load_signing_key(path: str | os.PathLike) -> SigningKey:
     """Read a signing key file; refused when missing, invalid, or readable by group or others."""
     path = Path(path)
-    key = SigningKey(_payload(read_key_file(path, "signing key file", _HINT), f"signing key file {path}", KIND_SIGN))
-    if insecure_permissions(path):
-        raise KeyFileError(
-            f"signing key file {path} is readable or writable by others", f"restrict it first: chmod 600 {path}"
-        )
+    data = read_key_file(path, "signing key file", _HINT)
+    key = SigningKey(raw_key_payload(data, f"signing key file {path}", KIND_SIGN, _HINT))
+    refuse_loose_permissions(path, "signing key file")
     return key
 
 
@@ -142,7 +127,7 @@ def load_verify_key(path: str | os.PathLike) -> VerifyKey:
     """Read a verify (public) key file."""
     path = Path(path)
     data = read_key_file(path, "verify key file", _HINT)
-    return VerifyKey(_payload(data, f"verify key file {path}", KIND_VERIFY))
+    return VerifyKey(raw_key_payload(data, f"verify key file {path}", KIND_VERIFY, _HINT))
 
 
 # ---- manifest signatures ---------------------------------------------------------------------------------------------
