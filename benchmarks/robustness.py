@@ -42,11 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from keyedge.benchmarks.attacks import make_attack, parse_eps
+from keyedge.benchmarks.attacks import attack_class, make_attack, parse_eps
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key
 
-SCENARIOS = ("white-box", "non-adaptive", "adaptive", "multi-key-eot", "cross-arch", "localized")
+SCENARIOS = ("white-box", "non-adaptive", "adaptive", "multi-key-eot", "cross-arch", "localized", "noise", "query")
+#: Scenarios that need the target's key (its own gradients): not open to an attacker who lacks it.
+KEYED_ONLY = ("white-box", "localized")
 
 
 # --------------------------------------------------------------------------- data
@@ -119,6 +121,11 @@ class RobustnessConfig:
     npixel_popsize: int = 50  # differential evolution (Su et al. use 400 x 100; CPU-sized here)
     npixel_steps: int = 20
     patch_steps: int = 50
+    # query attacks on every target (or on query_targets), PyTorch and artifacts: "square:5000", "hsj:1000"
+    query: list[str] = field(default_factory=list)
+    query_budgets: list[int] = field(default_factory=lambda: [100, 1000, 5000])  # robust accuracy read off at
+    query_limit: int = 100
+    query_targets: list[str] = field(default_factory=list)  # model names (empty: all)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +146,7 @@ class Outcome:
     fooling_ratio: float | None  # the same over images source(s) and target both got right (orthogonal §IV)
     fooling_images: int  # how many images the fooling ratio is over
     runtime: str = "torch"  # or onnx:<file> / openvino:<file> for deployed artifacts
+    queries: dict[str, Any] | None = None  # query attacks: budget, median queries to success, successes
 
     @property
     def robust_se(self) -> float:
@@ -302,6 +310,16 @@ class Evaluation:
                 )
         return self._adv[cache_key], atk.describe()
 
+    def noise(self, eps: float, norm: str, n: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The random-noise control at ``eps`` (sign noise for Linf, Gaussian of norm eps for L2), one set for all."""
+        n = n or self.images.shape[0]
+        any_model = next(iter(self.members.values())).model  # not queried: noise sees no model
+        atk = make_attack("noise", any_model, eps=eps, norm=norm, seed=self.config.seed)
+        cache_key = ("noise", round(eps, 8), norm, n)
+        if cache_key not in self._adv:
+            self._adv[cache_key] = atk.run(self.images[:n], self.labels[:n], batch_size=self.config.batch_size)
+        return self._adv[cache_key], atk.describe()
+
     def outcome(
         self,
         scenario: str,
@@ -313,10 +331,23 @@ class Evaluation:
         runtime: str = "torch",
     ) -> Outcome:
         n = adv.shape[0]
+        pred = predictions if predictions is not None else self.predict(self.members[target].model, adv)
+        return self.scored(scenario, target, sources, pred == self.labels[:n], attack, runtime)
+
+    def scored(
+        self,
+        scenario: str,
+        target: str,
+        sources: Sequence[str],
+        adv_ok: torch.Tensor,
+        attack: dict[str, Any],
+        runtime: str = "torch",
+        queries: dict[str, Any] | None = None,
+    ) -> Outcome:
+        """The metrics of one set from which of its first ``len(adv_ok)`` images the target still gets right."""
+        n = adv_ok.shape[0]
         y = self.labels[:n]
         clean_ok = self.clean[target][:n] == y
-        pred = predictions if predictions is not None else self.predict(self.members[target].model, adv)
-        adv_ok = pred == y
         both = clean_ok.clone()
         for s in sources:
             both &= self.clean[s][:n] == y
@@ -334,6 +365,7 @@ class Evaluation:
             fooling_ratio=fooling,
             fooling_images=int(both.sum()),
             runtime=runtime,
+            queries=queries,
         )
 
 
@@ -390,6 +422,10 @@ def run_robustness(
     sweep_eps = sorted({parse_eps(e) for e in config.sweep_eps})
     key_map = {k.fingerprint: k for k in keys}
     members = load_members(checkpoints, key_map, config.device)
+    for spec in config.query:  # a bad spec, an unknown target or a missing package fails now, not after the attacks
+        name, queries = parse_query(spec)
+        make_attack(name, nn.Identity(), queries=queries)
+    query_targets(members, config)
     spec = members[0].model.spec
     dataset, info = load_dataset(config.data, "test", spec.image_size, limit=config.limit, seed=config.seed)
     if info.num_classes != spec.num_classes:
@@ -423,8 +459,11 @@ def run_robustness(
     )
 
     outcomes: list[Outcome] = []
+    classified: list[tuple[Outcome, torch.Tensor]] = []  # (outcome, its images): what the artifacts classify too
     skipped: list[dict[str, str]] = []
     members_sorted = sorted(members, key=lambda m: (m.keyed, m.finetune != "full"))
+    norm = attack_class(config.attack).norm
+    noise_adv, noise_info = ev.noise(eps, norm)
     for target in members_sorted:
         for scenario, sources in scenario_sources(target, members, config.eot_max).items():
             if isinstance(sources, str):
@@ -433,18 +472,26 @@ def run_robustness(
             if len(sources) == 1:
                 adv, pred = adv_sets[sources[0]], transfer_predictions[(sources[0], target.name)]
                 outcomes.append(ev.outcome(scenario, target.name, sources, adv, attack_info, pred))
+                classified.append((outcomes[-1], adv))
             else:
                 adv, info_ = ev.adversarial(sources, eps)
                 outcomes.append(ev.outcome(scenario, target.name, sources, adv, info_))
+        outcomes.append(ev.outcome("noise", target.name, [], noise_adv, noise_info))
+        classified.append((outcomes[-1], noise_adv))
 
     outcomes += localized_outcomes(ev, members, config)
+    for target in query_targets(members, config):
+        outcomes += query_outcomes(ev, target.name, target.model, config, eps, norm)
     checks = trust_checks(ev, outcomes, transfer, eps, config)
+    checks.append(noise_check(outcomes))
     diversity = key_diversity(ev, members, keys)
     gradients = gradient_matrix(ev, members, config.gradient_limit)
     sweeps = eps_sweep(ev, members, sweep_eps, config) if sweep_eps else []
     checks += sweep_checks(sweeps)
     artifacts = (
-        artifact_outcomes(ev, members, config.artifacts, outcomes, adv_sets, sealkeys) if config.artifacts else []
+        artifact_outcomes(ev, members, config.artifacts, classified, sealkeys, eps=eps, norm=norm)
+        if config.artifacts
+        else []
     )
     return RobustnessReport(
         environment=environment(),
@@ -463,6 +510,7 @@ def run_robustness(
         sweeps=sweeps,
         checks=checks,
         artifacts=artifacts,
+        headline=headline(outcomes + artifacts, members),
     )
 
 
@@ -602,13 +650,17 @@ def eps_sweep(
     keyed = sorted([m for m in members if m.keyed], key=lambda m: m.finetune != "full")[: config.sweep_targets]
     targets = [m for m in members if m.plain][:1] + keyed
     n = min(config.sweep_limit, ev.images.shape[0])
+    norm = attack_class(config.attack).norm
     points = []
     for target in targets:
-        for scenario, sources in scenario_sources(target, members).items():
-            if isinstance(sources, str) or scenario not in ("white-box", "non-adaptive", "adaptive"):
+        sets = {
+            s: v for s, v in scenario_sources(target, members).items() if s in ("white-box", "non-adaptive", "adaptive")
+        }
+        for scenario, sources in [*sets.items(), ("noise", [])]:
+            if isinstance(sources, str):
                 continue
             for eps in eps_values:
-                adv, info = ev.adversarial(sources, eps, n=n)
+                adv, info = ev.noise(eps, norm, n) if scenario == "noise" else ev.adversarial(sources, eps, n=n)
                 o = ev.outcome(scenario, target.name, sources, adv, info)
                 points.append(
                     {
@@ -632,7 +684,7 @@ def block_size_points(outcomes: Sequence[Outcome], models: Sequence[dict[str, An
     points = []
     for o in outcomes:
         m = by_name.get(o.target, {})
-        if m.get("block_size") and o.runtime == "torch" and o.scenario != "localized":
+        if m.get("block_size") and o.runtime == "torch" and o.scenario not in ("localized", "query"):
             points.append(
                 {
                     "block_size": m["block_size"],
@@ -730,20 +782,25 @@ def artifact_outcomes(
     ev: Evaluation,
     members: Sequence[Member],
     directories: Sequence[str],
-    outcomes: Sequence[Outcome],
-    adv_sets: dict[str, torch.Tensor],
+    classified: Sequence[tuple[Outcome, torch.Tensor]],
     sealkeys: Sequence[Any] = (),
+    *,
+    eps: float,
+    norm: str = "Linf",
 ) -> list[Outcome]:
-    """Classify the scenario's adversarial images with the exported artifacts of each target model.
+    """Classify the scenarios' images (transfer sets and the noise control) with the exported artifacts of each
+    target model, and run the query attacks on the artifacts themselves (through their runners, no gradients).
 
     Every target whose runtime runs on this host is used (CoreML only on macOS), through its backend's
     runner; sealed sets are opened with the matching one of ``sealkeys`` (decrypted in memory).
     """
+    from keyedge.benchmarks.attacks import Queried
     from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.exporters import get_backend
     from keyedge.runtime import open_artifact
 
     by_path = {str(Path(m.path).resolve()): m for m in members}
+    queried = {m.name for m in query_targets(members, ev.config)}
     results = []
     for directory in directories:
         manifest = ArtifactManifest.read(directory)
@@ -759,21 +816,152 @@ def artifact_outcomes(
             if not backend.can_run()[0]:
                 continue
             path = manifest.artifact(target)
+            runtime = f"{target}:{Path(directory).name}/{path.name}"
             with open_artifact(path, target, sealkey=list(sealkeys)) as runner:
-                for o in outcomes:
-                    if o.target != member.name or len(o.sources) != 1:
+                for o, adv in classified:
+                    if o.target != member.name:
                         continue
-                    adv = adv_sets[o.sources[0]]
                     pred = torch.from_numpy(runner.predict(adv.numpy())).argmax(1)
-                    results.append(
-                        ev.outcome(
-                            o.scenario,
-                            o.target,
-                            o.sources,
-                            adv,
-                            o.attack,
-                            pred,
-                            runtime=f"{target}:{Path(directory).name}/{path.name}",
-                        )
-                    )
+                    results.append(ev.outcome(o.scenario, o.target, o.sources, adv, o.attack, pred, runtime=runtime))
+                if member.name in queried:
+                    model = Queried(runner, runtime)
+                    results += query_outcomes(ev, member.name, model, ev.config, eps, norm, runtime=runtime)
     return results
+
+
+# --------------------------------------------------------------------------- query attacks, noise, headline
+
+
+def parse_query(spec: str) -> tuple[str, int]:
+    """``square:5000`` -> ("square", 5000); ``hsj`` -> ("hsj", its default budget)."""
+    from keyedge.benchmarks.attacks import attack_names
+
+    names = attack_names(kind="query")
+    hint = "write " + " or ".join(f"{n}[:QUERIES]" for n in names) + ", e.g. square:5000"
+    name, _, text = spec.strip().partition(":")
+    if name not in names:
+        raise KeyedgeError(f"bad query attack {spec!r}", hint)
+    try:
+        queries = int(text) if text else int(attack_class(name).options()["queries"])
+    except ValueError:
+        raise KeyedgeError(f"bad query attack {spec!r} (queries must be an integer)", hint) from None
+    if queries < 1:
+        raise KeyedgeError(f"bad query attack {spec!r} (queries must be >= 1)", hint)
+    return name, queries
+
+
+def query_targets(members: Sequence[Member], config: RobustnessConfig) -> list[Member]:
+    """The models the query attacks run on: ``config.query_targets`` by name, or every model."""
+    if not config.query:
+        return []
+    names = {m.name for m in members}
+    unknown = sorted(set(config.query_targets) - names)
+    if unknown:
+        raise KeyedgeError(
+            f"no evaluated model named {', '.join(unknown)} for the query attacks", f"use {', '.join(sorted(names))}"
+        )
+    return [m for m in members if not config.query_targets or m.name in config.query_targets]
+
+
+def query_outcomes(
+    ev: Evaluation,
+    target: str,
+    model: nn.Module,
+    config: RobustnessConfig,
+    eps: float,
+    norm: str,
+    runtime: str = "torch",
+) -> list[Outcome]:
+    """Each query attack of ``config.query`` on one model (a PyTorch model or a :class:`Queried` artifact):
+    one outcome per query budget, read off one run (robust = not broken within that many queries)."""
+    n = min(config.query_limit, ev.images.shape[0])
+    clean_ok = ev.clean[target][:n] == ev.labels[:n]
+    out = []
+    for spec in config.query:
+        name, queries = parse_query(spec)
+        attack = make_attack(name, model, eps=eps, queries=queries, norm=norm, seed=config.seed)
+        tick = ev.progress(f"{attack.label()} on {target} ({runtime.split(':')[0]})", n)
+        _, used = attack.run_queries(
+            ev.images[:n], ev.labels[:n], batch_size=config.batch_size, device=config.device, progress=tick
+        )
+        info = attack.describe()
+        for budget in sorted({b for b in config.query_budgets if 0 < b < queries} | {queries}):
+            broken = used <= budget
+            won = broken & clean_ok  # images the target got right, broken within the budget
+            median = float(used[won].median()) if won.any() else None
+            record = {"budget": budget, "max": queries, "median_to_success": median, "successes": int(won.sum())}
+            out.append(ev.scored("query", target, [target], ~broken, info, runtime, record))
+    return out
+
+
+def noise_check(outcomes: Sequence[Outcome]) -> Check:
+    """Every attack scenario must leave at most as many images standing as random noise of its budget."""
+    noise = {o.target: o for o in outcomes if o.scenario == "noise"}
+    weaker, compared = [], 0
+    for o in outcomes:
+        ref = noise.get(o.target)
+        if ref is None or o.scenario in ("noise", "localized"):
+            continue
+        if o.queries and o.queries["budget"] != o.queries["max"]:  # a query attack at its full budget only
+            continue
+        compared += 1
+        if o.robust_accuracy > ref.robust_accuracy + 2 * math.hypot(o.robust_se, ref.robust_se) + 1e-9:
+            label = attack_label(o.attack)
+            source = f" from {'+'.join(o.sources)}" if o.sources and o.sources != [o.target] else ""
+            weaker.append(
+                f"{o.scenario} ({label}{source}) on {o.target}: {o.robust_accuracy:.1%} "
+                f"> noise {ref.robust_accuracy:.1%}"
+            )
+    detail = (
+        "; ".join(weaker) + ": these attacks are weaker than random noise of the same budget for those models "
+        "(the headline robust accuracy takes the worst case, noise included)"
+        if weaker
+        else f"all {compared} attack outcomes leave at most as many images standing as noise (within 2 standard errors)"
+    )
+    return Check("every attack does at least as well as random noise", not weaker, detail)
+
+
+def attack_label(attack: dict[str, Any]) -> str:
+    """The attack's ``label`` from its ``describe()``; for older reports without one, its class's ``label_format``."""
+    from keyedge.benchmarks.attacks import ATTACKS
+
+    if "label" in attack:
+        return str(attack["label"])
+    cls = ATTACKS.get(str(attack.get("name")))
+    try:
+        return cls.label_format.format_map(attack)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return str(attack.get("name"))
+
+
+def headline(outcomes: Sequence[Outcome], members: Sequence[Member]) -> list[dict[str, Any]]:
+    """Per model, the worst robust accuracy over everything an attacker without its key can run at the budget.
+
+    Keyed models: transfer (non-adaptive, adaptive, multi-key EoT, cross-arch), the noise control and the query
+    attacks, on PyTorch and on the deployed artifacts; not white-box (it needs the key). Models without a key
+    (plain, volumized): white-box too -- the attacker holds everything.  Localized attacks have another budget
+    (pixels, area) and are reported on their own.
+    """
+    rows = []
+    for m in members:
+        excluded = set(KEYED_ONLY) if m.keyed else {"localized"}
+        candidates = [o for o in outcomes if o.target == m.name and o.scenario not in excluded]
+        if not candidates:
+            continue
+        worst = min(candidates, key=lambda o: (o.robust_accuracy, -o.images))
+        rows.append(
+            {
+                "target": m.name,
+                "role": m.role,
+                "robust_accuracy": worst.robust_accuracy,
+                "robust_se": worst.robust_se,
+                "images": worst.images,
+                "scenario": worst.scenario,
+                "sources": worst.sources,
+                "attack": worst.attack["name"] if worst.queries else attack_label(worst.attack),
+                "queries": worst.queries["budget"] if worst.queries else None,
+                "runtime": worst.runtime,
+                "over": sorted({o.scenario for o in candidates}),
+            }
+        )
+    return rows

@@ -5,7 +5,7 @@
 * ``robustness.json``  -- the whole report (schema in ``docs/robustness-report.md``),
 * ``robustness.md``    -- the same as tables, trust checks and white-box sanity first,
 * ``key-diversity.png``, ``transferability.png``, ``gradient-similarity.png`` -- heatmaps,
-* ``eps-sweep.png``, ``block-size.png`` -- curves (when there is something to draw).
+* ``eps-sweep.png``, ``block-size.png``, ``queries.png`` -- curves (when there is something to draw).
 """
 
 from __future__ import annotations
@@ -16,23 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyedge.benchmarks.attacks import ATTACKS
-from keyedge.benchmarks.robustness import Check, Matrix, Outcome, block_size_points
+from keyedge.benchmarks.robustness import Check, Matrix, Outcome, attack_label, block_size_points
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import staged_directory
 
 SCHEMA = "keyedge-robustness/1"
-
-
-def _attack_label(attack: dict[str, Any]) -> str:
-    """The attack's ``label`` from its ``describe()``; for older reports without one, its class's ``label_format``."""
-    if "label" in attack:
-        return str(attack["label"])
-    cls = ATTACKS.get(str(attack.get("name")))
-    try:
-        return cls.label_format.format_map(attack)
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return str(attack.get("name"))
 
 
 @dataclass
@@ -47,6 +35,7 @@ class RobustnessReport:
     sweeps: list[dict[str, Any]] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     artifacts: list[Outcome] = field(default_factory=list)
+    headline: list[dict[str, Any]] = field(default_factory=list)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     schema: str = SCHEMA
 
@@ -66,6 +55,7 @@ class RobustnessReport:
             "schema": self.schema,
             "created": self.created,
             "sanity": self.sanity,
+            "headline": self.headline,
             "environment": self.environment,
             "config": self.config,
             "data": self.data,
@@ -103,6 +93,7 @@ class RobustnessReport:
                 sweeps=data["sweeps"]["eps"],
                 checks=[Check(**c) for c in data["checks"]],
                 artifacts=[outcome(o) for o in data.get("artifacts", [])],
+                headline=data.get("headline", []),
                 created=data.get("created", ""),
             )
         except (KeyError, TypeError) as exc:
@@ -141,11 +132,48 @@ class RobustnessReport:
 
     def _header(self) -> str:
         c, d = self.config, self.data
+        queries = f"; query attacks {', '.join(c['query'])} on {c['query_limit']} images" if c.get("query") else ""
         return (
             f"{d['images']} {d['name']} test images at {d['image_size']}px (seed {c['seed']}); attack "
-            f"{c['attack']} eps {c['eps']}, {c['steps']} steps, seed {c['seed']}; "
+            f"{c['attack']} eps {c['eps']}, {c['steps']} steps, seed {c['seed']}{queries}; "
             f"± is one binomial standard error"
         )
+
+    def _headline_rows(self) -> list[list[str]]:
+        return [
+            [
+                h["target"],
+                h["role"],
+                f"{h['robust_accuracy']:.1%} ± {h['robust_se']:.1%}",
+                h["scenario"] + (f" ({h['queries']} queries)" if h.get("queries") else ""),
+                h["attack"]
+                + (f" from {'+'.join(h['sources'])}" if h["sources"] and h["sources"] != [h["target"]] else ""),
+                h["runtime"],
+                str(h["images"]),
+                ", ".join(h["over"]),
+            ]
+            for h in self.headline
+        ]
+
+    def _query_rows(self, outcomes: list[Outcome]) -> list[list[str]]:
+        def median(q: dict[str, Any]) -> str:
+            return "-" if q["median_to_success"] is None else f"{q['median_to_success']:g}"
+
+        return [
+            [
+                o.target,
+                o.runtime,
+                attack_label(o.attack).split(" ")[0],
+                str(o.queries["budget"]),
+                str(o.images),
+                f"{o.clean_accuracy:.1%}",
+                f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}",
+                "-" if o.attack_success_rate is None else f"{o.attack_success_rate:.1%}",
+                median(o.queries),
+            ]
+            for o in outcomes
+            if o.scenario == "query"
+        ]
 
     def to_markdown(self) -> str:
         def table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -156,6 +184,17 @@ class RobustnessReport:
             )
 
         lines = ["# Robustness", "", self._header(), ""]
+        if self.headline:
+            lines += [
+                "## Headline: the worst case over everything an attacker without the key can run",
+                "",
+                "Keyed models: transfer attacks, the random-noise control and query attacks (PyTorch and deployed); "
+                "not white-box, which needs the key. Models without a key: white-box too.",
+                "",
+            ]
+            lines += table(
+                ["model", "role", "robust", "worst scenario", "attack", "runtime", "n", "over"], self._headline_rows()
+            )
         lines += ["## Trust checks (white-box sanity first)", ""]
         lines += table(
             ["check", "passed", "detail"], [[c.name, "yes" if c.passed else "**NO**", c.detail] for c in self.checks]
@@ -171,8 +210,21 @@ class RobustnessReport:
             "attack success",
             "fooling ratio",
         ]
-        gradient = [o for o in self.outcomes if o.scenario != "localized"]
+        gradient = [o for o in self.outcomes if o.scenario not in ("localized", "query")]
         lines += ["## Scenarios", "", *table(headers, self._outcome_rows(gradient))]
+        queried = self._query_rows(self.outcomes + self.artifacts)
+        if queried:
+            lines += [
+                "## Query attacks (the target's outputs only: no gradients, no key)",
+                "",
+                "Robust accuracy after at most `budget` queries per image, read off one run; median queries: "
+                "of the images the target got right and the attack broke within the budget.",
+                "",
+            ]
+            lines += table(
+                ["target", "runtime", "attack", "budget", "n", "clean", "robust", "attack success", "median queries"],
+                queried,
+            )
         localized = [o for o in self.outcomes if o.scenario == "localized"]
         if localized:
             lines += [
@@ -187,7 +239,7 @@ class RobustnessReport:
                 [
                     [
                         o.target,
-                        _attack_label(o.attack),
+                        attack_label(o.attack),
                         str(o.images),
                         f"{o.clean_accuracy:.1%}",
                         f"{o.robust_accuracy:.1%} ± {o.robust_se:.1%}",
@@ -202,8 +254,9 @@ class RobustnessReport:
                 "Not run: " + "; ".join(f"{s['scenario']} on {s['target']} ({s['reason']})" for s in self.skipped),
                 "",
             ]
-        if self.artifacts:
-            lines += ["## On the deployed artifacts", "", *table(headers, self._outcome_rows(self.artifacts))]
+        deployed = [o for o in self.artifacts if o.scenario != "query"]
+        if deployed:
+            lines += ["## On the deployed artifacts", "", *table(headers, self._outcome_rows(deployed))]
         for m in self.matrices:
             lines += [f"## {m.kind} ({m.images} images)", "", m.note, ""]
             lines += table(
@@ -251,6 +304,13 @@ class RobustnessReport:
 
         console = wide(console)
         console.print(self._header(), markup=False)
+        if self.headline:
+            head = Table(title="headline: worst case without the key")
+            for h in ("model", "role", "robust", "worst scenario", "attack", "runtime", "n", "over"):
+                head.add_column(h, overflow="fold")
+            for row in self._headline_rows():
+                head.add_row(*row)
+            console.print(head)
         checks = Table(title="trust checks")
         for h in ("check", "passed", "detail"):
             checks.add_column(h, overflow="fold")
@@ -260,9 +320,17 @@ class RobustnessReport:
         table = Table(title="scenarios")
         for h in ("scenario", "target", "source(s)", "runtime", "n", "clean", "robust", "attack success", "fooling"):
             table.add_column(h)
-        for row in self._outcome_rows(self.outcomes + self.artifacts):
+        for row in self._outcome_rows([o for o in self.outcomes + self.artifacts if o.scenario != "query"]):
             table.add_row(*row)
         console.print(table)
+        queried = self._query_rows(self.outcomes + self.artifacts)
+        if queried:
+            q = Table(title="query attacks")
+            for h in ("target", "runtime", "attack", "budget", "n", "clean", "robust", "success", "median queries"):
+                q.add_column(h)
+            for row in queried:
+                q.add_row(*row)
+            console.print(q)
         for m in self.matrices:
             t = Table(title=f"{m.kind} ({m.images} images)")
             t.add_column("")
@@ -349,6 +417,32 @@ class RobustnessReport:
             ax.legend(fontsize=7)
             fig.tight_layout()
             written.append(directory / "block-size.png")
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+        queried: dict[tuple, list[Outcome]] = {}
+        for o in self.outcomes + self.artifacts:
+            if o.scenario == "query":
+                queried.setdefault((o.target, o.runtime, attack_label(o.attack).split(" ")[0]), []).append(o)
+        if queried:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for (target, runtime, name), pts in sorted(queried.items()):
+                pts.sort(key=lambda o: o.queries["budget"])
+                ax.errorbar(
+                    [o.queries["budget"] for o in pts],
+                    [o.robust_accuracy for o in pts],
+                    yerr=[o.robust_se for o in pts],
+                    marker="o",
+                    capsize=3,
+                    label=f"{target} ({runtime.split(':')[0]}): {name}",
+                )
+            ax.set_xscale("log")
+            ax.set_xlabel("queries per image")
+            ax.set_ylabel("robust accuracy")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+            ax.set_title(f"query attacks, eps {self.config['eps']}", fontsize=10)
+            fig.tight_layout()
+            written.append(directory / "queries.png")
             fig.savefig(written[-1], dpi=120)
             plt.close(fig)
         return written

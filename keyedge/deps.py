@@ -41,6 +41,11 @@ EXTRAS: dict[str, Extra] = {
         ),
         Extra("plots", ("matplotlib",), "PNG plots of the robustness reports"),
         Extra("autoattack", ("pyautoattack",), "AutoAttack's reference implementation as an attack"),
+        Extra(
+            "query",
+            ("pyautoattack", "adversarial-robustness-toolbox"),
+            "query attacks (Square, HopSkipJump) on models and deployed artifacts",
+        ),
         Extra("seal", ("cryptography",), "sealed artifacts: AES-256-GCM encryption at rest"),
     )
 }
@@ -54,6 +59,11 @@ def version_of(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
+
+
+def installed(extra: str) -> bool:
+    """Whether every distribution of ``extra`` is installed (without importing anything)."""
+    return all(version_of(d) is not None for d in EXTRAS[extra].distributions)
 
 
 def require(module: str, *, extra: str) -> ModuleType:

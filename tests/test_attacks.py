@@ -406,6 +406,9 @@ KINDS_AND_BUDGETS = {
     "autoattack": ("iterative", ("eps",)),
     "npixel": ("localized", ("pixels",)),
     "patch": ("localized", ("fraction",)),
+    "noise": ("random", ("eps",)),
+    "square": ("query", ("eps", "queries")),
+    "hsj": ("query", ("eps", "queries")),
 }
 
 
@@ -414,7 +417,14 @@ def test_kinds_and_budgets_of_every_attack():
     for cls in ATTACKS.values():
         assert all(cls.accepts(b) for b in cls.budget) and cls.accepts("seed")
     assert attack_names(kind="localized") == ["npixel", "patch"]
-    assert set(attack_names(kind=("single-step", "iterative"))) == set(ATTACKS) - {"npixel", "patch"}
+    assert attack_names(kind="query") == ["square", "hsj"] and attack_names(kind="random") == ["noise"]
+    assert set(attack_names(kind=("single-step", "iterative"))) == set(ATTACKS) - {
+        "npixel",
+        "patch",
+        "noise",
+        "square",
+        "hsj",
+    }
     assert attack_names() == list(ATTACKS)
     with pytest.raises(AttackError, match="unknown attack kind blackbox"):
         attack_names(kind="blackbox")
@@ -462,13 +472,13 @@ def test_label_and_kind_in_describe():
 
 
 def test_report_label_falls_back_for_reports_without_one():
-    from keyedge.benchmarks.robustness_report import _attack_label
+    from keyedge.benchmarks.robustness import attack_label
 
     old = Patch(small_cnn(), fraction=0.05).describe()
-    assert _attack_label(old) == "patch 5% of the area"
+    assert attack_label(old) == "patch 5% of the area"
     del old["label"]
-    assert _attack_label(old) == "patch 5% of the area"
-    assert _attack_label({"name": "npixel", "pixels": 3}) == "3-pixel" and _attack_label({"name": "cw"}) == "cw"
+    assert attack_label(old) == "patch 5% of the area"
+    assert attack_label({"name": "npixel", "pixels": 3}) == "3-pixel" and attack_label({"name": "cw"}) == "cw"
 
 
 def test_bad_arguments():
@@ -530,3 +540,91 @@ def test_autoattack_runs(batch):
     assert torch.equal(torch.get_rng_state(), state)
     assert (adv - x).abs().max() <= 64 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert accuracy(model, adv, y) == 0.0
+
+
+# ---------------------------------------------------------------- the noise control and the query attacks
+
+
+def test_noise_is_a_seeded_corner_of_the_budget_and_sees_no_model(batch):
+    from keyedge.benchmarks.attacks import Noise
+
+    model, x, y = batch
+    x = x.clamp(0.1, 0.9)  # away from the clamp, the perturbation is exactly what was drawn
+    adv = Noise(model, eps=EPS).run(x, y)
+    assert torch.allclose((adv - x).abs(), torch.full_like(x, EPS), atol=1e-6)  # every value moved by +-eps
+    assert torch.equal(adv, Noise(nn.Identity(), eps=EPS).run(x, y))  # the model plays no part
+    assert not torch.equal(adv, Noise(model, eps=EPS, seed=1).run(x, y))
+    l2 = Noise(model, eps=0.5, norm="L2").run(x, y)
+    assert torch.allclose((l2 - x).flatten(1).norm(dim=1), torch.full((x.shape[0],), 0.5), atol=1e-4)
+    with pytest.raises(AttackError, match="Linf or L2"):
+        Noise(model, norm="L1")
+
+
+@pytest.mark.parametrize("name", ["square", "hsj"])
+def test_query_attacks_count_queries_and_a_smaller_budget_is_a_prefix(trained, name):
+    """Queries-to-success are exact: an image is broken within B queries of a long run iff a run with budget B
+    breaks it; every broken image is misclassified within eps, every other one left as it was."""
+    model, x, y = trained
+    x, y = x[:16], y[:16]
+    long_adv, long_q = make_attack(name, model, eps=16 / 255, queries=150).run_queries(x, y, batch_size=8)
+    short_adv, short_q = make_attack(name, model, eps=16 / 255, queries=40).run_queries(x, y, batch_size=8)
+    assert torch.equal(short_q <= 40, long_q <= 40)
+    assert torch.equal(short_q[short_q <= 40], long_q[long_q <= 40])
+    assert torch.equal(short_adv[short_q <= 40], long_adv[long_q <= 40])  # the very image that broke it
+    broken = long_q <= 150
+    with torch.no_grad():
+        wrong = model(long_adv).argmax(1) != y
+    assert torch.equal(wrong, broken) and 0 < int(broken.sum()) < 16, long_q
+    assert float((long_adv - x).abs().amax()) <= 16 / 255 + 1e-6
+    assert torch.equal(long_adv[~broken], x[~broken])
+    clean_wrong = accuracy_mask(model, x, y).logical_not()
+    assert torch.equal(long_q[clean_wrong], torch.ones(int(clean_wrong.sum())))  # one query: the clean one
+    again_adv, again_q = make_attack(name, model, eps=16 / 255, queries=150).run_queries(x, y, batch_size=8)
+    assert torch.equal(again_q, long_q) and torch.equal(again_adv, long_adv)  # seeded
+
+
+def accuracy_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+class RowScaled(nn.Module):
+    """The same decisions, other scores: each query's logits scaled by a random positive factor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.gen = model, torch.Generator().manual_seed(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * torch.rand((x.shape[0], 1), generator=self.gen).add_(0.01)
+
+
+def test_hopskipjump_sees_labels_only_and_square_the_scores(trained):
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    _, plain_q = make_attack("hsj", model, eps=16 / 255, queries=100).run_queries(x, y)
+    _, scaled_q = make_attack("hsj", RowScaled(model), eps=16 / 255, queries=100).run_queries(x, y)
+    assert torch.equal(plain_q, scaled_q)  # decision-based: nothing but the top-1 label reaches it
+    assert int((plain_q > 1).logical_and(plain_q.isfinite()).sum()) >= 1  # and it did break an image by queries
+
+
+def test_query_attacks_on_a_forward_only_runner(trained):
+    """Through :class:`Queried` (numpy in, logits out, no autograd) the attack matches the torch model's run."""
+    from keyedge.benchmarks.attacks import Queried
+
+    model, x, y = trained
+    x, y = x[:12], y[:12]
+
+    class Runner:
+        def predict(self, images):
+            with torch.no_grad():
+                return model(torch.from_numpy(images)).numpy()
+
+    for name in ("square", "hsj"):
+        adv, q = make_attack(name, model, eps=16 / 255, queries=60).run_queries(x, y)
+        adv_r, q_r = make_attack(name, Queried(Runner()), eps=16 / 255, queries=60).run_queries(x, y)
+        assert torch.equal(q, q_r) and torch.allclose(adv, adv_r)
+    with pytest.raises(AttackError, match="queries one model"):
+        make_attack("square", [model, model])
+    with pytest.raises(AttackError, match="queries must be an integer > 0"):
+        make_attack("hsj", model, queries=0)

@@ -8,7 +8,7 @@ private.  Build one by class or by name::
     adv = PGD(model, eps=8/255, steps=20)(images, labels)
     adv = make_attack("apgd-ce", [keyed_a, keyed_b], eps=parse_eps("4/255")).run(images, labels)
 
-Each attack class says what it is for the harness: ``kind`` (single-step, iterative or localized),
+Each attack class says what it is for the harness: ``kind`` (single-step, iterative, localized, random or query),
 ``budget`` (the keyword arguments setting its budget and step schedule) and ``label()``;
 ``attack_names(kind=...)`` lists the registry by kind, ``budget_options`` keeps a harness's candidates.
 
@@ -25,6 +25,9 @@ apgd-dlr  :class:`APGDDLR`            Auto-PGD on the DLR loss, Linf
 autoattack :class:`AutoAttack`        AutoAttack via the optional ``pyautoattack``
 npixel    :class:`NPixel`             N-pixel attack by differential evolution, L0
 patch     :class:`Patch`              square adversarial patch of a given area
+noise     :class:`Noise`              random sign (Linf) or Gaussian (L2) noise: the control
+square    :class:`Square`             Square Attack, score-based queries (``pyautoattack``)
+hsj       :class:`HopSkipJump`        HopSkipJump, decision-based queries (ART)
 ========  ==========================  =====================================================
 """
 
@@ -46,10 +49,12 @@ from .fgsm import FGSM
 from .ifgsm import IFGSM
 from .losses import cross_entropy, dlr
 from .mifgsm import MIFGSM
+from .noise import Noise
 from .npixel import NPixel
 from .patch import Patch, patch_side
 from .pgd import PGD
 from .pgdl2 import PGDL2
+from .query import HopSkipJump, Queried, QueryAttack, Square
 
 __all__ = [
     "APGD",
@@ -65,8 +70,13 @@ __all__ = [
     "Attack",
     "AttackError",
     "AutoAttack",
+    "HopSkipJump",
     "NPixel",
+    "Noise",
     "Patch",
+    "Queried",
+    "QueryAttack",
+    "Square",
     "attack_class",
     "attack_names",
     "budget_options",

@@ -38,8 +38,9 @@ class AttackError(KeyedgeError, ValueError):
     """Bad attack arguments or inputs (a :class:`ValueError`, printed as one line by the CLI)."""
 
 
-#: What an attack is, for the harness: one gradient step, many steps in an eps-ball, or a few pixels / a patch.
-KINDS = ("single-step", "iterative", "localized")
+#: What an attack is, for the harness: one gradient step, many steps in an eps-ball, a few pixels / a patch,
+#: random noise (the control: no model, no key, no query) or queries of the target's outputs (no gradients).
+KINDS = ("single-step", "iterative", "localized", "random", "query")
 
 
 _EPS_TEXT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+)\s*)?$")

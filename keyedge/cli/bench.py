@@ -216,12 +216,26 @@ def robustness(
         50, "--npixel-popsize", min=4, help="N-pixel: differential-evolution population (Su et al.: 400)."
     ),
     npixel_steps: int = typer.Option(20, "--npixel-steps", min=0, help="N-pixel: generations (Su et al.: 100)."),
+    query: str = typer.Option(
+        "",
+        "--query",
+        help="Query attacks (outputs only, no key, no gradients) on the models and the --artifacts, e.g. "
+        "'square:5000,hsj:1000' (QUERIES per image).",
+    ),
+    query_budgets: str = typer.Option(
+        "100,1000,5000", "--query-budgets", help="Query budgets robust accuracy is read off at (comma-separated)."
+    ),
+    query_limit: int = typer.Option(100, "--query-limit", min=1, help="Images for the query attacks."),
+    query_target: list[str] | None = typer.Option(
+        None, "--query-target", help="Model (directory name) to run the query attacks on (repeatable; default: all)."
+    ),
     batch_size: int = typer.Option(100, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:N or mps."),
     out: Path = typer.Option(Path("reports/robustness"), "--out", "-o", help="Report directory (JSON, markdown, PNG)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
 ) -> None:
-    """Attack keyed models: white-box sanity, non-adaptive, adaptive, multi-key EoT; matrices, sweeps, artifacts."""
+    """Attack keyed models: white-box sanity, transfer (non-adaptive, adaptive, multi-key EoT), the noise control,
+    query attacks; the worst case without the key as headline; matrices, sweeps, deployed artifacts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from keyedge.benchmarks.attacks import attack_class, attack_names, parse_eps
@@ -234,7 +248,7 @@ def robustness(
     scenario_attacks = attack_names(kind=("single-step", "iterative"))  # localized ones go in --localized
     if attack not in scenario_attacks:
         raise KeyedgeError(f"unknown attack {attack!r} for the scenarios", f"use one of {', '.join(scenario_attacks)}")
-    from keyedge.benchmarks.robustness import parse_localized
+    from keyedge.benchmarks.robustness import parse_localized, parse_query
 
     budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
     linf = attack_class(attack).norm == "Linf"
@@ -248,6 +262,16 @@ def robustness(
     local = [spec.strip() for spec in localized.split(",") if spec.strip()]
     for spec in local:
         parse_localized(spec)
+    queries = [spec.strip() for spec in query.split(",") if spec.strip()]
+    for spec in queries:
+        parse_query(spec)
+    budgets_q = []
+    for text in (b.strip() for b in query_budgets.split(",") if b.strip()):
+        if not text.isdigit() or int(text) < 1:
+            raise KeyedgeError(
+                f"bad query budget {text!r} in --query-budgets", "write positive integers, e.g. 100,1000"
+            )
+        budgets_q.append(int(text))
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
@@ -271,6 +295,10 @@ def robustness(
         localized_limit=localized_limit,
         npixel_popsize=npixel_popsize,
         npixel_steps=npixel_steps,
+        query=queries,
+        query_budgets=budgets_q,
+        query_limit=query_limit,
+        query_targets=list(query_target or []),
     )
     with Progress(
         TextColumn("{task.description}", markup=False),
