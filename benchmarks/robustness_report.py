@@ -431,7 +431,8 @@ class RobustnessReport:
                     [o.queries["budget"] for o in pts],
                     [o.robust_accuracy for o in pts],
                     yerr=[o.robust_se for o in pts],
-                    marker="o",
+                    marker="o" if runtime == "torch" else "x",
+                    linestyle="-" if runtime == "torch" else "--",
                     capsize=3,
                     label=f"{target} ({runtime.split(':')[0]}): {name}",
                 )

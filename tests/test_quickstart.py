@@ -55,7 +55,7 @@ def test_quickstart_artifacts_exist_and_are_verified(quickstart):
 
 
 def test_quickstart_correct_key_beats_wrong_key_and_white_box_succeeds(quickstart):
-    _, _, summary = quickstart
+    out, _, summary = quickstart
     for name in ("k1", "k2"):
         m = summary["models"][name]
         assert m["clean_accuracy"] > m["wrong_key_accuracy"], (name, m)  # the correct key beats the wrong key
@@ -66,7 +66,17 @@ def test_quickstart_correct_key_beats_wrong_key_and_white_box_succeeds(quickstar
     # the sanity check's limit: 5% within two standard errors on the images attacked (10.4% on the fast run's 64)
     assert white["robust_accuracy"] <= 0.05 + 2 * (0.05 * 0.95 / white["images"]) ** 0.5
     assert rob["scenarios"]["adaptive:k1"]["sources"] == ["k2"]
-    assert set(rob["deployed"]) >= {"white-box:onnx", "non-adaptive:openvino", "adaptive:onnx"}
+    assert set(rob["deployed"]) >= {"white-box:onnx", "non-adaptive:openvino", "adaptive:onnx", "noise:onnx"}
+    # Square on the plain model, k1 and k1's deployed artifacts; the headline is the worst case without the key
+    square = {(q["target"], q["runtime"]) for q in rob["queries"] if q["attack"] == "square" and q["queries"] == 200}
+    assert square == {("plain", "torch"), ("k1", "torch"), ("k1", "onnx"), ("k1", "openvino")}
+    headline = {h["target"]: h for h in rob["headline"]}
+    keyless = [r["robust_accuracy"] for k, r in rob["scenarios"].items() if k.endswith(":k1") and "white-box" not in k]
+    keyless += [q["robust_accuracy"] for q in rob["queries"] if q["target"] == "k1"]
+    assert headline["k1"]["scenario"] != "white-box" and headline["k1"]["robust_accuracy"] == min(keyless)
+    assert (
+        "square query attack, 200 queries, on deployed k1 artifact (onnx)" in (out / "report/quickstart.md").read_text()
+    )
     report = json.dumps(summary)
     for name in ("k1", "k2"):  # fingerprints only: no key material in the summary
         assert summary["keys"][name] in report

@@ -407,3 +407,35 @@ def test_headline_is_the_worst_case_without_the_key(report):
     assert "query" in rows["m-ka"]["over"] and "query" not in rows["m-kb"]["over"]
     markdown = report.to_markdown()
     assert markdown.index("## Headline") < markdown.index("## Trust checks") < markdown.index("## Query attacks")
+
+
+def test_key_recovery_probe_recovers_the_key_with_the_oracle_and_reports_the_attackers_share(runs, tmp_path, capsys):
+    """The probe's matching is exact when the reference is the device's own network (the oracle); the real
+    attacker's references are scored against the key, which is never printed or written."""
+    from keyedge.benchmarks.key_recovery import main
+
+    root = runs["root"]
+    args = [str(root / "m-ka"), "-k", str(root / "ka.bin"), "--reference", str(root / "plain")]
+    args += ["--surrogate", str(root / "m-kb"), "--surrogate-key", str(root / "kb.bin"), "--repeats", "2"]
+    assert main([*args, "--artifact", str(runs["export"]), "--json", str(tmp_path / "r.json")]) == 0
+    rows = {r["reference"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert rows["oracle (h itself)"]["recovered"] == 48 and rows["oracle (h itself)"]["queries"] == 96
+    assert {r["runtime"] for r in rows.values()} == {"onnx:model.onnx"}
+    assert 0 <= rows["plain reference"]["recovered_fraction"] <= 1 and "surrogate h (own key)" in rows
+    printed = capsys.readouterr().out + (tmp_path / "r.json").read_text()
+    permutation = runs["keys"]["ka"].permutation.tolist()
+    assert "48/48 positions" in printed and str(permutation)[1:-1] not in printed and str(permutation) not in printed
+    assert (
+        main(
+            [
+                str(root / "m-ka"),
+                "-k",
+                str(root / "ka.bin"),
+                "--reference",
+                str(root / "plain"),
+                "--surrogate",
+                str(root / "m-kb"),
+            ]
+        )
+        == 2
+    )
