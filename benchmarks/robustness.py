@@ -12,13 +12,17 @@ keys, on ``n`` seeded, class-stratified test images:
   - ``adaptive``      crafted on a surrogate keyed model: same architecture and block size, another key,
   - ``multi-key EoT`` crafted on the sum of the losses of all such surrogates (>= 2),
   - ``cross-arch``    crafted on models of another architecture;
+  - ``noise``         the random-noise control: sign noise of the budget (no model, no key, no query);
+  - ``query``         Square / HopSkipJump querying the target's outputs only, on PyTorch and on the artifacts;
+
+* **headline**: per model, the worst robust accuracy over everything an attacker without its key can run;
 
 * **key diversity**: every model with every key (and none), clean accuracy (paper Table 5);
 * **gradient similarity**: mean cosine of input gradients between models (orthogonal-deep-models Eq. 1);
 * **sweeps**: robust accuracy vs eps (white-box, non-adaptive, adaptive), and vs block size;
 * **deployed artifacts**: the same adversarial images classified by the exported ONNX / OpenVINO files;
 * **trust checks** (docs/design.md §10): white-box near zero, PGD <= FGSM, transfer never beats white-box,
-  accuracy non-increasing in eps -- each shown with its numbers, not only passed silently.
+  every attack at least as strong as noise, accuracy non-increasing in eps -- each shown with its numbers.
 
 Metrics per (scenario, target): clean and robust accuracy with binomial standard errors, attack
 success rate (of the images the target got right, the share it gets wrong after the attack), and
