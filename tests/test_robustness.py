@@ -241,6 +241,7 @@ def test_cli_end_to_end_and_bad_input(runs, tmp_path):
         (["--attack", "nope"], "unknown attack"),
         (["--sweep-eps", "1/0"], "divides by zero"),
         (["--query", "sqare"], "bad query attack"),
+        (["--attack", "square"], "run it with --query square"),
         (["--query", "square:many"], "queries must be an integer"),
         (["--query-budgets", "0"], "bad query budget"),
         (["--query", "hsj:10", "--query-target", "nobody"], "no evaluated model named nobody"),

@@ -246,6 +246,10 @@ def robustness(
     from keyedge.training.loop import resolve_device
 
     scenario_attacks = attack_names(kind=("single-step", "iterative"))  # localized ones go in --localized
+    if attack in attack_names(kind="query"):
+        raise KeyedgeError(
+            f"{attack} is a query attack, not one that crafts transfer sets", f"run it with --query {attack}"
+        )
     if attack not in scenario_attacks:
         raise KeyedgeError(f"unknown attack {attack!r} for the scenarios", f"use one of {', '.join(scenario_attacks)}")
     from keyedge.benchmarks.robustness import parse_localized, parse_query
