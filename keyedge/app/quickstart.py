@@ -412,7 +412,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         if target == "k1" or scenario == "white-box":
             rows.append(
                 (
-                    f"robust accuracy {scenario} on {target} (from {'+'.join(r['sources'])})",
+                    f"robust accuracy {scenario} on {target}"
+                    + (f" (from {'+'.join(r['sources'])})" if r["sources"] else " (random signs, no model)"),
                     f"{r['robust_accuracy']:.1%} ± {r['robust_se']:.1%}",
                 )
             )
