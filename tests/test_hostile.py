@@ -192,3 +192,24 @@ def test_bench_latency_refuses_an_artifact_it_cannot_load_and_never_clobbers_a_r
     _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--markdown", str(tmp_path / "dir")]), "a directory")
     missing = tmp_path / "no" / "such" / "r.json"
     _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--json", str(missing)]), "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "0"),
+        ("--weight-decay", "nan"),
+        ("--warmup-epochs", "inf"),
+        ("--label-smoothing", "nan"),
+        ("--ortho-lambda", "nan"),
+    ],
+)
+def test_train_refuses_nan_and_infinite_settings_before_writing(tmp_path, flag, value):
+    """typer's min/max let NaN through; torch then raised a traceback (issue 19: `--lr nan`)."""
+    out = tmp_path / "run"
+    args = ["train", "-m", "test_resnet", "--weights", "none", "-d", "fashion-mnist", "--image-size", "32"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "-o", str(out), flag, value])
+    _one_line(result, flag)  # typer refuses some itself (its range check), keyedge the rest
+    assert not out.exists()

@@ -101,6 +101,20 @@ class TrainConfig:
         return get_defense(self.defense)
 
 
+def _check_numbers(config: TrainConfig) -> None:
+    """Refuse NaN, infinite or out-of-range optimizer settings before anything is written (typer lets nan through)."""
+    checks = (
+        ("--lr", config.learning_rate, lambda v: v > 0, "a finite number > 0, e.g. 5e-4"),
+        ("--weight-decay", config.weight_decay, lambda v: v >= 0, "a finite number >= 0, e.g. 0.05"),
+        ("--warmup-epochs", config.warmup_epochs, lambda v: v >= 0, "a finite number >= 0, e.g. 0.3"),
+        ("--label-smoothing", config.label_smoothing, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1"),
+        ("--ortho-lambda", config.ortho_lambda, lambda v: v >= 0, "a finite number >= 0, e.g. 1.0"),
+    )
+    for flag, value, ok, hint in checks:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise KeyedgeError(f"{flag} {value!r} is not a usable value", f"pass {hint}")
+
+
 @dataclass
 class Distributed:
     """torchrun's environment: world size, ranks; DDP is on when the world is larger than one."""
@@ -278,6 +292,7 @@ def train(
         )
     if config.epochs < 1 or config.batch_size < 1:
         raise KeyedgeError("--epochs and --batch-size must be positive")
+    _check_numbers(config)
     key = _load_key(config.key_file)
 
     size = config.image_size or _default_size(config)
