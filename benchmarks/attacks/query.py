@@ -63,7 +63,7 @@ class QueryAttack(Attack):
     kind = "query"
     queries: int
 
-    def __init__(self, model: Models, *, queries: int, seed: int = 0):
+    def __init__(self, model: Models, *, eps: float, queries: int, norm: str, seed: int = 0):
         super().__init__(model, seed=seed)
         if len(self.models) != 1:
             raise AttackError(
@@ -71,7 +71,10 @@ class QueryAttack(Attack):
                 "a query attacker holds one device; run it once per target",
             )
         check_positive("queries", queries, integer=True)
-        self.queries = int(queries)
+        check_positive("eps", eps, allow_zero=True)
+        if norm not in ("Linf", "L2"):
+            raise AttackError(f"{type(self).__name__} norm must be Linf or L2, got {norm!r}")
+        self.eps, self.queries, self.norm = float(eps), int(queries), norm
         self._record: list[torch.Tensor] | None = None
 
     def attack_queries(
@@ -159,13 +162,10 @@ class Square(QueryAttack):
         p_init: float = 0.8,
         seed: int = 0,
     ):
-        super().__init__(model, queries=queries, seed=seed)
-        check_positive("eps", eps, allow_zero=True)
-        if norm not in ("Linf", "L2"):
-            raise AttackError(f"Square norm must be Linf or L2, got {norm!r}")
+        super().__init__(model, eps=eps, queries=queries, norm=norm, seed=seed)
         if not 0 < p_init <= 1:
             raise AttackError(f"Square p_init must be in (0, 1], got {p_init!r}")
-        self.eps, self.norm, self.p_init = float(eps), norm, float(p_init)
+        self.p_init = float(p_init)
         self._square = require("pyautoattack.square", extra="query").SquareAttack
 
     def attack_queries(
@@ -277,13 +277,10 @@ class HopSkipJump(QueryAttack):
         max_eval: int = 500,
         seed: int = 0,
     ):
-        super().__init__(model, queries=queries, seed=seed)
-        check_positive("eps", eps, allow_zero=True)
+        super().__init__(model, eps=eps, queries=queries, norm=norm, seed=seed)
         check_positive("init_eval", init_eval, integer=True)
         check_positive("max_eval", max_eval, integer=True)
-        if norm not in ("Linf", "L2"):
-            raise AttackError(f"HopSkipJump norm must be Linf or L2, got {norm!r}")
-        self.eps, self.norm, self.init_eval, self.max_eval = float(eps), norm, int(init_eval), int(max_eval)
+        self.init_eval, self.max_eval = int(init_eval), int(max_eval)
         evasion = require("art.attacks.evasion", extra="query")
         self._art = (evasion.HopSkipJump, require("art.estimators.classification", extra="query").BlackBoxClassifier)
 
