@@ -8,27 +8,70 @@ never leaves a truncated file (or clobbers the previous good one).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from keyedge.errors import OutputError
 
+# ---- what a command has kept, for an honest message when it is interrupted ---------------------------------------
+
+_kept: dict[Path, str] = {}
+
+
+def note_kept(path: str | os.PathLike, what: str = "") -> None:
+    """Record that ``path`` is now complete output (a committed file or directory), described by ``what``.
+
+    Writers here note every commit; callers add what it is (a checkpoint after epoch 2 and how to resume it).
+    """
+    path = Path(path)
+    _kept[path] = what or _kept.get(path, "")
+
+
+def kept_outputs() -> list[str]:
+    """What this process has kept, outermost first: ``path (what)`` for each that still exists.
+
+    Files inside a kept directory are left out, and so is anything since removed (a staging
+    directory's files vanish with it).
+    """
+    alive = [p for p in _kept if p.exists() or p.is_symlink()]
+    outer = [p for p in alive if not any(q != p and q in p.parents for q in alive)]
+    return [f"{p} ({_kept[p]})" if _kept[p] else str(p) for p in outer]
+
+
+def forget_kept() -> None:
+    """Start a new ledger (one per command; tests run several in one process)."""
+    _kept.clear()
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, but a dangling symlink counts, and a name the OS refuses is a one-line error."""
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent...
+        raise OutputError(f"cannot use output path {path}: {exc.strerror}", "choose a shorter or valid path") from None
+
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool, flag: str = "--force") -> Path:
-    """Validate an output path before any work is done; return it as a ``Path``."""
+    """Validate an output path before any work is done; return it as a ``Path``.
+
+    A symlink at ``path`` (even a dangling one) is an existing output: it is replaced only with ``flag``.
+    """
     path = Path(path)
+    exists = _exists(path)
     if path.is_dir():
         raise OutputError(f"output path {path} is a directory", "give a file name")
-    if path.exists() and not overwrite:
+    if exists and not overwrite:
         raise OutputError(f"{path} already exists", f"choose another path or pass {flag} to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    if _exists(parent) and not parent.is_dir():
+        raise OutputError(f"output directory {parent} is a file", "choose a path inside a directory")
     if not parent.is_dir():
         raise OutputError(f"output directory {parent} does not exist", "create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -47,9 +90,12 @@ def atomic_output(
     exception the temporary file is removed and ``path`` is left untouched.
     """
     path = check_writable(path, overwrite=overwrite, flag=flag)
+    parent = path.parent if str(path.parent) else Path(".")
     try:
+        for line in remove_stale_staging(parent):
+            _stderr(line)
         fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent if str(path.parent) else "."
+            prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp" + path.suffix, dir=parent
         )
     except OSError as exc:
         raise OutputError(f"cannot write to {path.parent}: {exc.strerror}", "choose a writable location") from None
@@ -58,9 +104,10 @@ def atomic_output(
         os.fchmod(fd, mode)
         os.close(fd)
         yield tmp
-        if not overwrite and path.exists():
+        if not overwrite and (path.exists() or path.is_symlink()):
             raise OutputError(f"{path} appeared while writing", f"pass {flag} to replace it")
         os.replace(tmp, path)
+        note_kept(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -93,7 +140,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 # ---- directories -------------------------------------------------------------------------------------------------
 
-_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-z_]+$")
+#: ``.NAME.tmp-PID-RANDOM`` (staging directory or temporary file, the latter ending ``.tmp`` + NAME's suffix)
+#: and ``.NAME.old-PID-RANDOM`` (an output renamed aside while being replaced)
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-z_]+(?P<file>\.tmp(\.[^.]+)?)?$")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:
@@ -108,12 +161,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(parent: Path, name: str) -> None:
-    """Remove ``.NAME.tmp-PID-*`` directories left by killed processes (never one whose process still runs)."""
-    for entry in parent.glob(f".{glob.escape(name)}.tmp-*"):
+def remove_stale_staging(parent: Path) -> list[str]:
+    """Clean up after keyedge processes killed while writing into ``parent``; return what was done, one line each.
+
+    ``.NAME.tmp-PID-*`` (an unfinished output, which may hold a keyed model) is removed;
+    ``.NAME.old-PID-*`` (the previous output, renamed aside while being replaced) is put back
+    as ``NAME`` when the kill came before the new one was in place, and removed otherwise.
+    A directory whose process still runs is never touched.
+    """
+    done = []
+    for entry in sorted(parent.glob(".*.*-*-*")):
         match = _STAGING.match(entry.name)
-        if match and match["name"] == name and not _alive(int(match["pid"])) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+        if not match or entry.is_symlink() or _alive(int(match["pid"])):
+            continue
+        if match["file"]:  # a temporary file of atomic_output (a key file, a manifest...)
+            if entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    done.append(
+                        f"removed {entry}, the unfinished file of a killed keyedge process (pid {match['pid']})"
+                    )
+            continue
+        if not entry.is_dir():
+            continue
+        final = parent / match["name"]
+        if match["kind"] == "old" and not (final.exists() or final.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.rename(entry, final)
+                done.append(f"restored {final}, which a killed keyedge process (pid {match['pid']}) was replacing")
+                continue
+        shutil.rmtree(entry, ignore_errors=True)
+        what = "unfinished output" if match["kind"] == "tmp" else "replaced output"
+        done.append(f"removed {entry}, the {what} of a killed keyedge process (pid {match['pid']})")
+    return done
 
 
 def commit_directory(staging: Path, final: Path, *, overwrite: bool, flag: str = "--overwrite") -> None:
@@ -121,11 +201,13 @@ def commit_directory(staging: Path, final: Path, *, overwrite: bool, flag: str =
 
     Replacing: the old directory is renamed aside, the new one renamed into place, then the
     old one removed -- at no moment is there no ``final`` that was once complete (if the
-    second rename fails, the old directory is put back).
+    second rename fails, the old directory is put back; if the process is killed between
+    the two, the next writer puts it back: :func:`remove_stale_staging`).
     """
     if not final.exists() and not final.is_symlink():
         try:
             os.rename(staging, final)
+            note_kept(final)
             return
         except OSError as exc:  # another process committed first (ENOTEMPTY/EEXIST)
             if not final.exists():
@@ -139,25 +221,46 @@ def commit_directory(staging: Path, final: Path, *, overwrite: bool, flag: str =
     except BaseException:
         os.rename(old, final)
         raise
+    note_kept(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """``mkdir -p directory``; return the directories it created, deepest first (to remove them again)."""
+    made = []
+    for d in [directory, *directory.parents]:
+        if d.exists():
+            break
+        made.append(d)
+    directory.mkdir(parents=True, exist_ok=True)
+    return made
 
 
 @contextlib.contextmanager
 def staged_directory(
-    final: str | os.PathLike, *, overwrite: bool, mode: int = 0o700, flag: str = "--overwrite"
+    final: str | os.PathLike,
+    *,
+    overwrite: bool,
+    mode: int = 0o700,
+    flag: str = "--overwrite",
+    log: Callable[[str], None] | None = None,
 ) -> Iterator[Path]:
     """Yield a fresh hidden directory beside ``final``; on success it replaces ``final`` (:func:`commit_directory`).
 
-    On any exception (or Ctrl-C) the staging directory is removed and ``final`` is left as it was.
-    The name carries this process's PID, so clean-up of stale ones never touches a live writer's.
+    On any exception (or Ctrl-C) the staging directory is removed, so are the parent directories
+    made for it, and ``final`` is left as it was.  The name carries this process's PID, so clean-up
+    of stale ones (said through ``log``) never touches a live writer's.
     """
     final = Path(final)
-    if (final.exists() or final.is_symlink()) and not overwrite:
+    if _exists(final) and not overwrite:
         raise OutputError(f"{final} already exists", f"pass {flag} to replace it, or choose another location")
     parent = final.parent
+    if _exists(parent) and not parent.is_dir():
+        raise OutputError(f"output directory {parent} is a file", "choose a path inside a directory")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(parent, final.name)
+        made = _make_parents(parent)
+        for line in remove_stale_staging(parent):
+            (log or _stderr)(line)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=parent))
         os.chmod(staging, mode)
     except OSError as exc:
@@ -167,6 +270,9 @@ def staged_directory(
         commit_directory(staging, final, overwrite=overwrite, flag=flag)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if still empty
         raise
 
 

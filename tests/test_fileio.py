@@ -40,9 +40,16 @@ def test_refuses_existing_and_bad_parents(tmp_path):
     write_bytes_atomic(tmp_path / "a", b"1")
     with pytest.raises(OutputError, match="--force"):
         write_bytes_atomic(tmp_path / "a", b"2")
-    with pytest.raises(OutputError, match="does not exist"):
+    with pytest.raises(OutputError, match="is a file"):
         write_bytes_atomic(tmp_path / "a" / "b", b"2")
-    assert (tmp_path / "a").read_bytes() == b"1"
+    with pytest.raises(OutputError, match="does not exist"):
+        write_bytes_atomic(tmp_path / "no" / "b", b"2")
+    with pytest.raises(OutputError, match=r"cannot use output path .* too long"):
+        write_bytes_atomic(tmp_path / ("x" * 300), b"2")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # a dangling symlink is an existing output too
+    with pytest.raises(OutputError, match="--force"):
+        write_bytes_atomic(tmp_path / "link", b"2")
+    assert (tmp_path / "a").read_bytes() == b"1" and not (tmp_path / "nowhere").exists()
 
 
 def test_staged_directory_replaces_only_when_complete(tmp_path):
@@ -65,20 +72,57 @@ def test_staged_directory_replaces_only_when_complete(tmp_path):
         pass
 
 
-def test_stale_staging_of_a_live_process_is_never_removed(tmp_path):
-    import os
+def _dead_pid() -> str:
     import subprocess
     import sys
 
-    from keyedge.fileio import remove_stale_staging
-
-    live = tmp_path / f".out.tmp-{os.getpid()}-abc"
-    dead_pid = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+def test_stale_staging_of_a_live_process_is_never_removed_and_a_dead_ones_is_said(tmp_path):
+    import os
+
+    from keyedge.fileio import remove_stale_staging
+
+    dead_pid = _dead_pid()
+    live = tmp_path / f".out.tmp-{os.getpid()}-abc"
     dead = tmp_path / f".out.tmp-{dead_pid}-def"
     other = tmp_path / f".other.tmp-{dead_pid}-xyz"
+    key_tmp = tmp_path / f".k1.bin.tmp-{dead_pid}-q1w2e3.tmp.bin"  # a killed keygen's half-written key
+    live_tmp = tmp_path / f".k2.bin.tmp-{os.getpid()}-q1w2e3.tmp.bin"
     for d in (live, dead, other):
         d.mkdir()
-    remove_stale_staging(tmp_path, "out")
-    assert live.exists() and not dead.exists() and other.exists()
+    key_tmp.write_bytes(b"secret")
+    live_tmp.write_bytes(b"secret")
+    (tmp_path / ".not-ours").mkdir()
+    said = remove_stale_staging(tmp_path)
+    assert live.exists() and live_tmp.exists() and (tmp_path / ".not-ours").exists()
+    assert not dead.exists() and not other.exists() and not key_tmp.exists()
+    assert len(said) == 3 and all(f"killed keyedge process (pid {dead_pid})" in line for line in said), said
+
+
+def test_an_output_renamed_aside_by_a_killed_writer_is_put_back(tmp_path):
+    from keyedge.fileio import remove_stale_staging, staged_directory
+
+    dead_pid = _dead_pid()
+    old = tmp_path / f".report.old-{dead_pid}-a1b2c3"  # killed between the two renames of a replace
+    old.mkdir()
+    (old / "a.txt").write_text("previous")
+    said = []
+    with staged_directory(tmp_path / "other", overwrite=False, log=said.append) as staging:
+        (staging / "x").write_text("x")
+    assert (tmp_path / "report" / "a.txt").read_text() == "previous" and not old.exists()
+    assert said and "restored" in said[0]
+    # once the new output is in place, a leftover old copy is simply removed
+    (tmp_path / f".report.old-{dead_pid}-d4e5f6").mkdir()
+    assert "removed" in remove_stale_staging(tmp_path)[0] and (tmp_path / "report" / "a.txt").exists()
+
+
+def test_a_failed_staged_directory_removes_the_parents_it_made(tmp_path):
+    from keyedge.fileio import staged_directory
+
+    with pytest.raises(KeyboardInterrupt), staged_directory(tmp_path / "a" / "b" / "out", overwrite=False):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

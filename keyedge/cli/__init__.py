@@ -1,10 +1,19 @@
 """The ``keyedge`` command line: one Typer sub-command per verb.
 
 Every :class:`~keyedge.errors.KeyedgeError` raised by a command becomes one
-line on stderr (``error: what is wrong; how to fix it``) and exit code 2.
+line on stderr (``error: what is wrong; how to fix it``) and exit code 2; so
+does an operating-system error no check caught (a full disk, a read-only file
+system), and a usage error.  Ctrl-C, ``kill`` (SIGTERM) and a closed terminal
+(SIGHUP) stop the command through the same clean-up path, and the message
+says truthfully what was kept.  ``KEYEDGE_TRACEBACK=1`` shows tracebacks.
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
 
 import typer
 from typer.core import TyperGroup
@@ -16,20 +25,72 @@ except ImportError:  # pragma: no cover - depends on the typer release
 
 from keyedge.cli._console import err_console
 from keyedge.errors import KeyedgeError
+from keyedge.fileio import forget_kept, kept_outputs
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the signal arrives so every clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise Terminated(signum)
+
+
+def _say(line: str) -> None:
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The message and exit code for a stopped command: the complete outputs it kept, or that it kept none."""
+    if isinstance(exc, Terminated):
+        what, code = f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum
+    else:
+        what, code = "interrupted", 130
+    kept = kept_outputs()
+    if not kept:
+        return f"{what}: nothing was written", code
+    shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+    return f"{what}: unfinished output was removed; kept what was complete: {shown}", code
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    reason = (exc.strerror or str(exc)).lower()
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space, or write somewhere else"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "choose a writable location"
+    elif exc.errno == errno.ENAMETOOLONG:
+        hint = "choose a shorter path"
+    else:
+        hint = "check the path, free space and permissions"
+    return f"error: {reason}{where}; {hint}"
 
 
 class _KeyedgeGroup(TyperGroup):
     """Turns keyedge's errors into a one-line message and exit code 2, never a traceback."""
 
     def invoke(self, ctx):  # type: ignore[override]
+        forget_kept()
         try:
             return super().invoke(ctx)
         except KeyedgeError as exc:
-            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            _say(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: nothing was written", markup=False, highlight=False)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            line, code = interrupted_line(exc)
+            _say(line)
+            raise typer.Exit(code) from None
+        except OSError as exc:  # the OS refused what no check foresaw: a full disk, a read-only mount, stdout closed
+            if os.environ.get("KEYEDGE_TRACEBACK"):
+                raise
+            _stdout_gone(exc)
+            _say(_os_error_line(exc))
+            raise typer.Exit(2) from None
         except NoArgsIsHelpError:
             raise  # `keyedge bench` alone: its help, as asked
         except UsageError as exc:  # a bad option or argument of a sub-command: one line too, not a panel
@@ -68,6 +129,20 @@ _bench.register(app)
 _quickstart.register(app)
 
 
+def _stdout_gone(exc: OSError) -> None:
+    """After a failed write to stdout (``| head``, ``> /dev/full``), make sure exiting does not fail again."""
+    if exc.errno in (errno.EPIPE, errno.ENOSPC) or isinstance(exc, BrokenPipeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: SIGTERM and SIGHUP stop a command as Ctrl-C does (clean-up, honest message)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _terminate)
+    try:
+        app()
+    except BrokenPipeError:  # stdout closed by the reader (`keyedge ... | head`): nothing more to say
+        _stdout_gone(BrokenPipeError(errno.EPIPE, "broken pipe"))
+        sys.exit(141)

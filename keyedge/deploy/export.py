@@ -204,7 +204,7 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         check_sealable(backends)
     deploy = defense.deployable(model, request.key, settings.fuse)
     options = ExportOptions(batch=settings.batch, precision=settings.precision, image_size=model.spec.image_size)
-    with staged_directory(final, overwrite=settings.overwrite) as staging:  # 0700: artifacts embed their key
+    with staged_directory(final, overwrite=settings.overwrite, log=settings.log) as staging:  # 0700: keyed files
         template = None
         if templates is not None and settings.template and options.precision == "fp32" and settings.seal is None:
             from keyedge.exporters.template import OnnxTemplate

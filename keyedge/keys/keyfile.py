@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from keyedge.errors import KeyFileError
-from keyedge.fileio import write_bytes_atomic
+from keyedge.fileio import note_kept, write_bytes_atomic
 
 MAGIC = b"KEYEDGE\x00"
 FORMAT_VERSION = 1
@@ -383,7 +383,9 @@ class Key:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the key file atomically, readable and writable by its owner only (0600)."""
-        return write_bytes_atomic(path, self.to_bytes(), mode=0o600, overwrite=overwrite)
+        written = write_bytes_atomic(path, self.to_bytes(), mode=0o600, overwrite=overwrite)
+        note_kept(written, "key file")
+        return written
 
 
 def load_key(path: str | os.PathLike) -> Key:

@@ -40,10 +40,12 @@ def check_divisible(height: int, width: int, block_size: int, what: str = "image
     if height % block_size or width % block_size:
         side = "height" if height % block_size else "width"
         fit_h, fit_w = height - height % block_size, width - width % block_size
-        raise ShapeError(
-            f"{what} is {height}x{width} (HxW): block size {block_size} does not divide its {side}",
-            f"crop or resize it to a multiple of {block_size}, e.g. {fit_h}x{fit_w}",
-        )
+        if fit_h and fit_w:
+            hint = f"crop or resize it to a multiple of {block_size}, e.g. {fit_h}x{fit_w}"
+        else:  # smaller than one block: cropping cannot help
+            up_h, up_w = -(-height // block_size) * block_size, -(-width // block_size) * block_size
+            hint = f"resize or pad it to a multiple of {block_size}, e.g. {up_h}x{up_w}"
+        raise ShapeError(f"{what} is {height}x{width} (HxW): block size {block_size} does not divide its {side}", hint)
 
 
 def _permute_axes(x: Any, axes: Sequence[int]) -> Any:

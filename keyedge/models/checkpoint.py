@@ -18,6 +18,7 @@ its config}``, from which :func:`load_checkpoint` rebuilds it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -29,7 +30,7 @@ import torch
 
 from keyedge import __version__
 from keyedge.deps import version_of
-from keyedge.fileio import sha256_file, write_bytes_atomic
+from keyedge.fileio import note_kept, sha256_file, write_bytes_atomic
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import KeyedModel, ModelSpec, rebuild_backbone
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
@@ -80,15 +81,52 @@ def save_checkpoint(
     metrics: dict[str, Any],
     state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write (or replace) the checkpoint in ``directory`` atomically; return the manifest path."""
+    """Write (or replace) the checkpoint in ``directory`` atomically; return the manifest path.
+
+    Weights that are not finite (a diverged run) are refused, never saved.  Interrupted before
+    the manifest is replaced, the new files are removed again: the directory holds the last
+    good checkpoint, or nothing it did not hold before.
+    """
     directory = Path(directory)
+    tensors = model_tensors(model)
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"epoch {epoch} produced non-finite weights ({bad}): training diverged, nothing was saved",
+            "lower --lr (or raise --warmup-epochs) and train again",
+        )
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     token = f"e{epoch:03d}-{secrets.token_hex(3)}"
-    weights = directory / f"weights-{token}.safetensors"
-    _save_tensors(weights, model_tensors(model))
-    files = {"weights": weights}
+    files = {"weights": directory / f"weights-{token}.safetensors"}
     if state is not None:
         files["state"] = directory / f"state-{token}.pt"
+    try:
+        target = _write_checkpoint(directory, model, tensors, files, state, epoch, finetune, data, training, metrics)
+    except BaseException:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    keep = {p.name for p in files.values()}
+    for stale in list(directory.glob("weights-*.safetensors")) + list(directory.glob("state-*.pt")):
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+    note_kept(directory, f"checkpoint after epoch {epoch}; `keyedge train ... --resume` continues it")
+    return target
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str:
+    """The first floating-point tensors holding NaN or Inf, by name (empty when all are finite)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
+def _write_checkpoint(directory, model, tensors, files, state, epoch, finetune, data, training, metrics) -> Path:
+    _save_tensors(files["weights"], tensors)
+    if state is not None:
         torch.save(state, files["state"])
     from keyedge.defenses import defense_of
 
@@ -110,12 +148,7 @@ def save_checkpoint(
             "peft": version_of("peft"),
         },
     )
-    target = manifest.write(directory)
-    keep = {p.name for p in files.values()}
-    for stale in list(directory.glob("weights-*.safetensors")) + list(directory.glob("state-*.pt")):
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
-    return target
+    return manifest.write(directory)
 
 
 @dataclass
@@ -348,6 +381,11 @@ def load_checkpoint(
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}", "the checkpoint is corrupted") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{weights} holds non-finite weights ({bad})", "the model is broken; train it again or restore a good copy"
+        )
     lora = manifest.finetune_mode == "lora"
     backbone = rebuild_backbone(spec) if lora else _empty_backbone(spec)
     model = get_defense(manifest.defense and manifest.defense_name).build(backbone, spec, manifest.defense, key)
@@ -384,7 +422,13 @@ def load_training_state(directory: str | Path, manifest: CheckpointManifest) -> 
     if entry is None:
         raise CheckpointError(f"{directory} holds no training state", "it cannot be resumed; train anew")
     path = _verified_file(Path(directory), entry)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickled objects (refused, never run) or a damaged file
+        raise CheckpointError(
+            f"{path} is not a plain tensor file (pickled objects are refused, never unpickled)",
+            "the training state was tampered with or damaged; train anew with --overwrite",
+        ) from None
 
 
 def find_checkpoints(runs: Path) -> list[Path]:

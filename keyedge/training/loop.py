@@ -160,8 +160,20 @@ def resolve_device(name: str, dist_env: Distributed | None = None) -> torch.devi
         device = torch.device(name)
     except RuntimeError:
         raise KeyedgeError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KeyedgeError("--device cuda asked for, but torch sees no CUDA device", "use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KeyedgeError(f"--device {name} asked for, but torch sees no CUDA device", "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KeyedgeError(
+                f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)", "use cuda:0 or --device auto"
+            )
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise KeyedgeError(
+                f"--device {name} asked for, but this torch has no usable MPS (Apple GPU)", "use --device cpu"
+            )
+    elif device.type != "cpu":
+        raise KeyedgeError(f"--device {name}: keyedge runs on cpu, cuda or mps", "use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
