@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -224,6 +225,12 @@ class ExportBackend(abc.ABC):
                 exc.details = quiet.text
             if isinstance(exc, KeyedgeError) or not isinstance(exc, Exception):
                 raise
+            env = environment_error(exc)
+            if env is not None:
+                raise OutputError(
+                    f"cannot write the {self.name} artifact in {path.parent}: {(env.strerror or str(env)).lower()}",
+                    "free some space or choose a writable --out, then export again",
+                ) from None
             raise ExportError(
                 f"{self.name} export failed: {one_line(exc)}",
                 "the converter could not handle this model; see ExportError.details",
@@ -475,6 +482,22 @@ def first_that_works(target: str, sources: Sequence[str], attempt: Callable[[str
     raise ExportError(
         f"{target} export failed ({'; '.join(errors)})", "fix the first reason given, or export to another target"
     )
+
+
+#: OS errors that no converter option can fix: the disk or the permissions are the problem
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENAMETOOLONG}
+
+
+def environment_error(exc: BaseException) -> OSError | None:
+    """The full-disk / read-only / permission OSError behind ``exc`` (a converter may wrap it), if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _ENVIRONMENT:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:

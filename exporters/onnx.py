@@ -38,6 +38,7 @@ from keyedge.exporters.base import (
     analyze,
     check_reproduces,
     constant_signature,
+    environment_error,
     one_line,
     register_backend,
 )
@@ -149,6 +150,8 @@ class OnnxBackend(ExportBackend):
                 if exporter == "torchscript":
                     self._check_trace(module, path, options)
             except Exception as exc:
+                if environment_error(exc) is not None:  # a full or read-only disk: another exporter cannot help
+                    raise
                 errors.append(f"{exporter}: {one_line(exc)}")
                 for item in self.planned_outputs(path):
                     _remove(item)

@@ -85,7 +85,10 @@ class _KeyedgeGroup(TyperGroup):
             line, code = interrupted_line(exc)
             _say(line)
             raise typer.Exit(code) from None
-        except OSError as exc:  # the OS refused what no check foresaw: a full disk, a read-only mount, stdout closed
+        except BrokenPipeError:  # stdout closed by its reader (`keyedge ... | head`): nothing more to say
+            _stdout_gone(BrokenPipeError(errno.EPIPE, "broken pipe"))
+            raise typer.Exit(141) from None
+        except OSError as exc:  # the OS refused what no check foresaw: a full disk, a read-only mount
             if os.environ.get("KEYEDGE_TRACEBACK"):
                 raise
             _stdout_gone(exc)
