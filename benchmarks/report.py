@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from keyedge.benchmarks.latency import Artifact, Comparison, Measurement, Skipped, Stats
+from keyedge.benchmarks.profiles import Thresholds
 from keyedge.errors import KeyedgeError
+from keyedge.validate import Fields, read_dataclass
 
 SCHEMA = "keyedge-latency/1"
 
@@ -29,12 +31,7 @@ def wide(console):
     return Console(width=220, highlight=False, soft_wrap=True, stderr=console.stderr)
 
 
-def _measurement_from_dict(d: dict[str, Any]) -> Measurement:
-    d = dict(d)
-    art = {k: v for k, v in d["artifact"].items() if k != "role"}
-    d["artifact"] = Artifact(**art)
-    d["steady"] = Stats(**d["steady"])
-    return Measurement(**d)
+_NESTED = {"Artifact": Artifact, "Stats": Stats}
 
 
 @dataclass
@@ -80,19 +77,24 @@ class LatencyReport:
                 f"{source} is not a {SCHEMA} report (schema: {schema!r})",
                 "pass a JSON file written by `keyedge bench latency --json`",
             )
-        try:
-            return cls(
-                environment=data["environment"],
-                profile=data["profile"],
-                settings=data["settings"],
-                measurements=[_measurement_from_dict(m) for m in data["measurements"]],
-                skipped=[Skipped(**s) for s in data.get("skipped", [])],
-                comparisons=[Comparison(**c) for c in data.get("comparisons", [])],
-                created=data.get("created", ""),
-                schema=schema,
-            )
-        except (KeyError, TypeError) as exc:
-            raise KeyedgeError(f"{source}: malformed {SCHEMA} report ({type(exc).__name__}: {exc})") from None
+        f = Fields(data, source, "pass a JSON file written by `keyedge bench latency --json`")
+        profile, environment = f.obj("profile"), f.obj("environment")
+        if "thresholds" in profile.data:  # what `bench regress` gates with
+            read_dataclass(Thresholds, profile.obj("thresholds"))
+        if "versions" in environment.data:
+            environment.dict("versions")
+        return cls(
+            environment=f.dict("environment"),
+            profile=f.dict("profile"),
+            settings=f.dict("settings"),
+            measurements=[read_dataclass(Measurement, m, nested=_NESTED) for m in f.objs("measurements")],
+            skipped=[read_dataclass(Skipped, m) for m in (f.objs("skipped") if f.has("skipped") else [])],
+            comparisons=[
+                read_dataclass(Comparison, m) for m in (f.objs("comparisons") if f.has("comparisons") else [])
+            ],
+            created=f.str("created", default=""),
+            schema=schema,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyReport:

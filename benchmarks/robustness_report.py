@@ -19,8 +19,74 @@ from typing import Any
 from keyedge.benchmarks.robustness import Check, Matrix, Outcome, attack_label, block_size_points
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import staged_directory
+from keyedge.validate import Fields, read_dataclass
 
 SCHEMA = "keyedge-robustness/1"
+
+
+# the fields of the report's plain-dict rows that its text and plots read: name -> (type, optional)
+_MODEL = {"name": (str, False), "role": (str, False), "finetune": (str, False), "block_size": (int, True)}
+_SWEEP = {
+    "target": (str, False),
+    "scenario": (str, False),
+    "eps_255": (float, False),
+    "images": (int, False),
+    "robust_accuracy": (float, False),
+    "robust_se": (float, False),
+}
+_HEADLINE = {
+    **{k: v for k, v in _SWEEP.items() if k != "eps_255"},
+    "role": (str, False),
+    "attack": (str, False),
+    "runtime": (str, False),
+    "sources": (list, False),
+    "over": (list, False),
+    "queries": (int, True),
+}
+_QUERIES = {"budget": (int, False), "median_to_success": (float, True)}
+_DATA = {"images": (int, False), "name": (str, False), "image_size": (int, False)}
+_CONFIG = {
+    "seed": (object, False),
+    "attack": (object, False),
+    "eps": (object, False),
+    "steps": (object, False),
+    "query": (list, True),
+    "query_limit": (int, True),
+}
+_SKIPPED = {"scenario": (str, False), "target": (str, False), "reason": (str, False)}
+
+
+def _matrix(m: Fields) -> Matrix:
+    matrix = read_dataclass(Matrix, m)
+    values = matrix.values
+    if len(values) != len(matrix.rows) or not all(
+        isinstance(row, list)
+        and len(row) == len(matrix.columns)
+        and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in row)
+        for row in values
+    ):
+        raise m.fail("values", "must be one list of numbers (or null) per row, one per column")
+    return matrix
+
+
+def _rows(f: Fields, name: str, spec: dict[str, tuple[type, bool]], *, single: bool = False) -> Any:
+    """Check the fields ``spec`` names in the list of objects ``name`` (or the one object, ``single``)."""
+    rows = [f.obj(name)] if single else f.objs(name)
+    for row in rows:
+        for key, (kind, optional) in spec.items():
+            if optional and row.raw(key, None) is None:
+                continue
+            if kind is str:
+                row.str(key)
+            elif kind is int:
+                row.int(key)
+            elif kind is float:
+                row.float(key)
+            elif kind is list:
+                row.strs(key)
+            else:  # shown as it is: only needs to be there
+                row.raw(key)
+    return rows[0].data if single else [row.data for row in rows]
 
 
 @dataclass
@@ -76,28 +142,33 @@ class RobustnessReport:
                 f"{source} is not a {SCHEMA} report (schema: {schema!r})",
                 "pass a robustness.json written by `keyedge bench robustness`",
             )
-        try:
+        f = Fields(data, source, "pass a robustness.json written by `keyedge bench robustness`")
+        derived = ("robust_se", "clean_se", "delta", "defense_success_rate")
 
-            def outcome(d: dict[str, Any]) -> Outcome:
-                derived = ("robust_se", "clean_se", "delta", "defense_success_rate")
-                return Outcome(**{k: v for k, v in d.items() if k not in derived})
+        def outcome(o: Fields) -> Outcome:
+            o.obj("attack").str("name")
+            if o.has("queries"):
+                _rows(o, "queries", _QUERIES, single=True)
+            return read_dataclass(Outcome, o, skip=derived)
 
-            return cls(
-                environment=data["environment"],
-                config=data["config"],
-                data=data["data"],
-                models=data["models"],
-                outcomes=[outcome(o) for o in data["outcomes"]],
-                skipped=data.get("skipped", []),
-                matrices=[Matrix(**m) for m in data["matrices"]],
-                sweeps=data["sweeps"]["eps"],
-                checks=[Check(**c) for c in data["checks"]],
-                artifacts=[outcome(o) for o in data.get("artifacts", [])],
-                headline=data.get("headline", []),
-                created=data.get("created", ""),
-            )
-        except (KeyError, TypeError) as exc:
-            raise KeyedgeError(f"{source}: malformed {SCHEMA} report ({type(exc).__name__}: {exc})") from None
+        def outcomes(name: str) -> list[Outcome]:
+            return [outcome(o) for o in f.objs(name)] if f.has(name) else []
+
+        sweeps = f.obj("sweeps")
+        return cls(
+            environment=f.dict("environment"),
+            config=_rows(f, "config", _CONFIG, single=True),
+            data=_rows(f, "data", _DATA, single=True),
+            models=_rows(f, "models", _MODEL),
+            outcomes=outcomes("outcomes"),
+            skipped=_rows(f, "skipped", _SKIPPED) if f.has("skipped") else [],
+            matrices=[_matrix(m) for m in f.objs("matrices")],
+            sweeps=_rows(sweeps, "eps", _SWEEP),
+            checks=[read_dataclass(Check, c) for c in f.objs("checks")],
+            artifacts=outcomes("artifacts"),
+            headline=_rows(f, "headline", _HEADLINE) if f.has("headline") else [],
+            created=f.str("created", default=""),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> RobustnessReport:

@@ -219,6 +219,13 @@ class Fields:
             raise self.fail(name, f"must be an object, got {_shown(value)}")
         return value
 
+    def objs(self, name: str) -> list[Fields]:
+        """A list of objects, each as :class:`Fields` (``name[3].field`` in errors)."""
+        value = self.raw(name)
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(name, f"must be a list of objects, got {_shown(value)}")
+        return [self.sub(v, f"{name}[{i}].") for i, v in enumerate(value)]
+
     def file_name(self, name: str) -> str:
         """A plain file name inside the manifest's directory: no separators, no '..', no hidden tricks."""
         value = self.str(name)
@@ -251,3 +258,53 @@ def is_plain_name(name: str) -> bool:
 def _shown(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_dataclass(cls: type, fields: Fields, *, nested: dict[str, type] | None = None, skip: Sequence[str] = ()):
+    """Build dataclass ``cls`` from ``fields``, checking each value against its annotation.
+
+    Handles ``float``, ``int``, ``str``, ``bool``, ``list[str]``, ``list[float]``, ``dict[...]``,
+    ``X | None`` and, through ``nested`` (name -> class), dataclass fields and ``list[Name]``.
+    A field with a default may be absent; ``skip`` names fields derived from the others.
+    """
+    import dataclasses
+
+    nested = nested or {}
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        name, annotation = field.name, str(field.type).replace(" ", "")
+        if name in skip or not field.init:
+            continue
+        has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        if name not in fields.data and has_default:
+            continue
+        optional = annotation.endswith("|None")
+        base = annotation.removesuffix("|None")
+        if optional and fields.raw(name) is None:
+            values[name] = None
+        elif base == "float":
+            values[name] = fields.float(name)
+        elif base == "int":
+            values[name] = fields.int(name)
+        elif base == "str":
+            values[name] = fields.str(name)
+        elif base == "bool":
+            values[name] = fields.bool(name)
+        elif base == "list[str]":
+            values[name] = fields.strs(name)
+        elif base == "list[float]":
+            values[name] = fields.floats(name)
+        elif base.startswith("dict["):
+            values[name] = fields.dict(name)
+        elif base in nested:
+            values[name] = read_dataclass(nested[base], fields.obj(name), nested=nested)
+        elif base.startswith("list[") and base[5:-1] in nested:
+            values[name] = [read_dataclass(nested[base[5:-1]], item, nested=nested) for item in fields.objs(name)]
+        elif base.startswith("list["):
+            items = fields.raw(name)
+            if not isinstance(items, list):
+                raise fields.fail(name, f"must be a list, got {_shown(items)}")
+            values[name] = items
+        else:
+            values[name] = fields.raw(name)
+    return cls(**values)

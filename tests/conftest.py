@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import copy
 
+import pytest
+from hypothesis import strategies as st
+
+from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key
 
 
@@ -18,3 +22,54 @@ def make_key():
         return Key.from_secret(bytes([tag]) * 32, block_size, channels)
 
     return make
+
+
+# ---- fuzzing readers of JSON documents (manifests, reports) ------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | st.floats() | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _paths(node, prefix=()):
+    """Every path (tuple of keys / indices) into a JSON document."""
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+def _edit(document, path, value, drop):
+    doc = copy.deepcopy(document)
+    if not path:
+        return value
+    node = doc
+    for step in path[:-1]:
+        node = node[step]
+    if drop and isinstance(node, dict):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+def _fuzz(reader, document: dict, data) -> None:
+    """Edit one field anywhere in ``document`` (or drop it); ``reader`` must read it or raise one-line ManifestError."""
+    paths = list(_paths(document))
+    path = data.draw(st.sampled_from(paths))
+    doc = _edit(document, path, data.draw(json_values), data.draw(st.booleans()))
+    try:
+        reader(doc)
+    except KeyedgeError as exc:
+        assert "\n" not in str(exc)
+
+
+@pytest.fixture
+def fuzz_document():
+    """``fuzz_document(reader, document, data)`` with hypothesis's ``data``: one random edit, read back."""
+    return _fuzz

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
@@ -409,3 +411,19 @@ def test_ratio_gate_fails_when_the_keyed_artifact_gets_slower(tmp_path, artifact
     assert cli.exit_code == 1 and "keyed/plain" in cli.stdout and "FAIL" in cli.stdout
     cli = runner.invoke(app, ["bench", "regress", "--current", str(path), "--only", "speed"])
     assert cli.exit_code == 2 and "unknown check speed" in cli.output
+
+
+# --------------------------------------------------------------------------- the report reader, fuzzed
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_latency_report_reader_never_crashes(report, data, fuzz_document):
+    """Any one edit of a real report reads (and gates and renders) or is one KeyedgeError (issue 19)."""
+
+    def read(doc):
+        rep = LatencyReport.from_dict(doc, "r.json")
+        compare(rep, rep)
+        rep.to_markdown()
+
+    fuzz_document(read, json.loads(json.dumps(report.to_dict())), data)

@@ -1,5 +1,8 @@
 """Fuzzing the manifest readers: any JSON edit of a valid manifest reads, or fails as one ManifestError.
 
+(The report readers are fuzzed the same way beside their reports, in test_latency.py and
+test_robustness.py; the edit strategy is the ``fuzz_document`` fixture of conftest.py.)
+
 Hypothesis replaces a field anywhere in a real checkpoint or export manifest (or drops it) with
 arbitrary JSON; :class:`CheckpointManifest` and :class:`ArtifactManifest` must never raise anything
 else (no TypeError, KeyError, RecursionError...), whatever the value.
@@ -7,7 +10,6 @@ else (no TypeError, KeyError, RecursionError...), whatever the value.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -18,37 +20,6 @@ from hypothesis import strategies as st
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.models.checkpoint import CheckpointManifest
 from keyedge.validate import Fields, ManifestError
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20) | st.floats() | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
-    max_leaves=12,
-)
-
-
-def _paths(node, prefix=()):
-    """Every path (tuple of keys / indices) into a JSON document."""
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
-def _edit(document, path, value, drop):
-    doc = copy.deepcopy(document)
-    if not path:
-        return value
-    node = doc
-    for step in path[:-1]:
-        node = node[step]
-    if drop and isinstance(node, dict):
-        del node[path[-1]]
-    else:
-        node[path[-1]] = value
-    return doc
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +44,6 @@ def artifact_document(checkpoint_document, tmp_path_factory):
     return json.loads((directory / "manifest.json").read_text())
 
 
-def _fuzz(reader, document: dict, data) -> None:
-    paths = list(_paths(document))
-    path = data.draw(st.sampled_from(paths))
-    doc = _edit(document, path, data.draw(json_values), data.draw(st.booleans()))
-    try:
-        reader(doc)
-    except ManifestError as exc:
-        assert "\n" not in str(exc)
-
-
 def _read_checkpoint(doc) -> None:
     if not isinstance(doc, dict):
         raise ManifestError("not an object")
@@ -97,11 +58,11 @@ def _read_artifact(doc) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_checkpoint_manifest_reader_never_crashes(checkpoint_document, data):
-    _fuzz(_read_checkpoint, checkpoint_document[0], data)
+def test_checkpoint_manifest_reader_never_crashes(checkpoint_document, data, fuzz_document):
+    fuzz_document(_read_checkpoint, checkpoint_document[0], data)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_artifact_manifest_reader_never_crashes(artifact_document, data):
-    _fuzz(_read_artifact, artifact_document, data)
+def test_artifact_manifest_reader_never_crashes(artifact_document, data, fuzz_document):
+    fuzz_document(_read_artifact, artifact_document, data)

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from keyedge.benchmarks.robustness import RobustnessConfig, load_members, run_robustness, scenario_sources
@@ -440,3 +442,14 @@ def test_key_recovery_probe_recovers_the_key_with_the_oracle_and_reports_the_att
         )
         == 2
     )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_robustness_report_reader_never_crashes(report, data, fuzz_document):
+    """Any one edit of a real report reads (and renders) or is one KeyedgeError (issue 19)."""
+
+    def read(doc):
+        RobustnessReport.from_dict(doc, "robustness.json").to_markdown()
+
+    fuzz_document(read, json.loads(json.dumps(report.to_dict())), data)
