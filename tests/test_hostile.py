@@ -213,3 +213,221 @@ def test_train_refuses_nan_and_infinite_settings_before_writing(tmp_path, flag, 
     result = runner.invoke(app, [*args, "--epochs", "1", "-o", str(out), flag, value])
     _one_line(result, flag)  # typer refuses some itself (its range check), keyedge the rest
     assert not out.exists()
+
+
+# ---- the wider corpus: every command, fed what a careless or hostile user would feed it (issue 19) ----------------
+
+
+@pytest.fixture(scope="module")
+def keyed_ckpt(tmp_path_factory):
+    """A small keyed checkpoint and its key file (test_efficientnet, 32x32, untrained)."""
+    from keyedge.benchmarks.workbench import untrained_checkpoint
+    from keyedge.keys.keyfile import Key
+    from keyedge.models.backbones import build_model
+
+    root = tmp_path_factory.mktemp("corpus")
+    key = Key.from_secret(bytes(range(32)), 4)
+    model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=32).eval()
+    return untrained_checkpoint(root / "ckpt", model), key.save(root / "k.bin")
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims ``width`` x ``height`` (a decompression bomb needs no more to be refused)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: _png_header_only(d / "bomb.png", 30000, 30000), "decompression bomb"),
+        (lambda d: (d / "t.png").write_text("not an image") and d / "t.png", "not an image file"),
+        (lambda d: (d / "sub").mkdir() or d / "sub", "is a directory"),
+        (lambda d: d / "missing.png", "not found"),
+    ],
+    ids=["bomb", "text-as-png", "directory", "missing"],
+)
+def test_shuffle_refuses_what_is_not_a_sane_image(tmp_path, keyed_ckpt, make, fragment):
+    image = make(tmp_path)
+    out = tmp_path / "s.png"
+    _one_line(runner.invoke(app, ["shuffle", str(image), "-k", str(keyed_ckpt[1]), "-o", str(out)]), fragment)
+    assert not out.exists()
+
+
+def test_deep_and_float_images_are_scaled_or_refused_never_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from keyedge.data.images import read_image
+    from keyedge.errors import ImageError
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520: a 16-bit gradient
+    Image.fromarray(ramp).save(tmp_path / "16.png")
+    got = read_image(tmp_path / "16.png")
+    assert got.shape == (64, 64, 3) and (got == 255).mean() < 0.01  # was 99.6% white when clipped
+    assert np.abs(got[..., 0].astype(float) - ramp / 257).max() <= 0.5
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    assert (read_image(tmp_path / "f.tif") == 128).all()  # a float image in [0, 1], not black
+    Image.fromarray(np.full((8, 8), 7.0, np.float32)).save(tmp_path / "g.tif")
+    with pytest.raises(ImageError, match="outside"):
+        read_image(tmp_path / "g.tif")
+
+
+def test_a_tiny_image_gets_a_hint_that_can_work(tmp_path, keyed_ckpt):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "tiny.png")
+    result = runner.invoke(app, ["shuffle", str(tmp_path / "tiny.png"), "-k", str(keyed_ckpt[1]), "-o", "x.png"])
+    _one_line(result, "4x4")
+    assert "0x0" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [("x" * 300 + ".bin", "too long"), ("file/k.bin", "is a file"), ("dangling", "already exists")],
+)
+def test_keygen_refuses_bad_output_paths(tmp_path, name, fragment):
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _one_line(runner.invoke(app, ["keygen", "-b", "4", "-o", str(tmp_path / name)]), fragment)
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(b"", "empty"), (b"\0" * 10, ""), (bytes(range(256)) * 4, ""), (b"x" * (1 << 21), "far larger")],
+    ids=["empty", "zeros", "noise", "huge"],
+)
+def test_key_show_refuses_what_is_not_a_key(tmp_path, content, fragment):
+    (tmp_path / "k.bin").write_bytes(content)
+    result = runner.invoke(app, ["key", "show", str(tmp_path / "k.bin")])
+    _one_line(result, fragment)
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("device", ["mps", "cuda", "cuda:7", "xla", "meta", "bogus"])
+def test_eval_refuses_a_device_this_host_lacks(keyed_ckpt, device):
+    ckpt, key_file = keyed_ckpt
+    _one_line(runner.invoke(app, ["eval", "-c", str(ckpt), "-k", str(key_file), "-d", "x", "--device", device]), device)
+
+
+EDITS = {
+    "key-not-object": lambda d: d.__setitem__("key", "abc"),
+    "no-fingerprint": lambda d: d["key"].pop("fingerprint"),
+    "int-file-name": lambda d: d["files"]["weights"].__setitem__("file", 5),
+    "path-escape": lambda d: d["files"]["weights"].__setitem__("file", "../../etc/passwd"),
+    "huge-classes": lambda d: d["model"].__setitem__("num_classes", 10**12),
+    "negative-size": lambda d: d["model"].__setitem__("image_size", -5),
+    "huge-size": lambda d: d["model"].__setitem__("image_size", 10**6),
+    "lora-without-settings": lambda d: d["finetune"].update(mode="lora", lora=None),
+    "list-manifest": lambda d: d.clear() or d.setdefault("x", [1]),
+    "newer-schema": lambda d: d.__setitem__("schema", "keyedge-checkpoint/99"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
+def test_a_hand_edited_checkpoint_manifest_is_one_line(tmp_path, keyed_ckpt, edit):
+    import json
+    import shutil
+
+    ckpt, key_file = keyed_ckpt
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    doc = json.loads((copy / "keyedge.json").read_text())
+    EDITS[edit](doc)
+    (copy / "keyedge.json").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    _one_line(runner.invoke(app, ["export", "-c", str(copy), "-k", str(key_file), "-o", str(out)]), "keyedge.json")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_non_finite_weights_are_refused_on_load_and_never_saved(tmp_path, keyed_ckpt):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from keyedge.fileio import sha256_file
+    from keyedge.models.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
+
+    ckpt, key_file = keyed_ckpt
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    manifest = read_manifest(copy)
+    weights = copy / manifest.files["weights"].file
+    tensors = load_file(str(weights))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(weights))
+    text = (copy / "keyedge.json").read_text().replace(manifest.files["weights"].sha256, sha256_file(weights))
+    (copy / "keyedge.json").write_text(text)  # the hash is updated too: only the values are wrong
+    _one_line(
+        runner.invoke(app, ["export", "-c", str(copy), "-k", str(key_file), "-o", str(tmp_path / "o")]), "non-finite"
+    )
+    from keyedge.keys.keyfile import load_key
+
+    model, _ = load_checkpoint(ckpt, load_key(key_file))
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.is_floating_point()).fill_(float("inf"))
+    with pytest.raises(CheckpointError, match="diverged"):
+        save_checkpoint(tmp_path / "new", model, epoch=1, finetune={"mode": "full"}, data={}, training={}, metrics={})
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_pickled_training_state_is_refused_without_suggesting_to_unpickle(tmp_path, keyed_ckpt):
+    import pickle
+    import shutil
+
+    from keyedge.fileio import sha256_file
+    from keyedge.models.checkpoint import CheckpointError, load_training_state, read_manifest
+
+    ckpt, _ = keyed_ckpt
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    manifest = read_manifest(copy)
+    state = copy / "state-e000-evil.pt"
+    state.write_bytes(pickle.dumps({"x": print}))  # a pickled callable: would run on load without weights_only
+    import json
+
+    doc = json.loads((copy / "keyedge.json").read_text())
+    doc["files"]["state"] = {"file": state.name, "sha256": sha256_file(state)}
+    (copy / "keyedge.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(copy, read_manifest(copy))
+    assert "weights_only=False" not in str(info.value) and "refused" in str(info.value)
+    assert manifest.files["weights"].file
+
+
+_LATENCY = '{"schema": "keyedge-latency/1", "environment": {}, "profile": {}, "settings": {}, "measurements": []}'
+
+
+@pytest.mark.parametrize(
+    "report, fragment",
+    [
+        ("[1, 2]", "keyedge-latency/1"),
+        (_LATENCY.replace('"measurements": []', '"measurements": 5'), "measurements"),
+        (_LATENCY.replace('"profile": {}', '"profile": {"thresholds": {"ratio": null}}'), "thresholds.ratio"),
+        ("{not json", "not readable JSON"),
+    ],
+    ids=["list", "measurements-int", "threshold-null", "not-json"],
+)
+def test_bench_regress_refuses_malformed_reports(tmp_path, report, fragment):
+    (tmp_path / "r.json").write_text(report)
+    _one_line(runner.invoke(app, ["bench", "regress", "--current", str(tmp_path / "r.json")]), fragment)
+
+
+def test_artifact_manifest_that_is_a_list_is_one_line_for_verify_and_bench(tmp_path):
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("[]")
+    for args in (["verify", str(tmp_path / "art")], ["bench", "latency", str(tmp_path / "art"), "--no-progress"]):
+        _one_line(runner.invoke(app, args), "manifest.json")
