@@ -416,7 +416,7 @@ def test_ratio_gate_fails_when_the_keyed_artifact_gets_slower(tmp_path, artifact
 # --------------------------------------------------------------------------- the report reader, fuzzed
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_latency_report_reader_never_crashes(report, data, fuzz_document):
     """Any one edit of a real report reads (and gates and renders) or is one KeyedgeError (issue 19)."""

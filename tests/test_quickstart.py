@@ -88,3 +88,22 @@ def test_quickstart_refuses_a_non_empty_out(tmp_path):
     result = runner.invoke(app, ["quickstart", "--fast", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "already exists" in result.output
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_the_device_size_latency_leg_times_keyed_against_plain_and_leaves_no_keyed_file(tmp_path, monkeypatch):
+    """The quickstart's 224x224 leg (left out by --fast), here on a small model: ratios with their spread."""
+    import tempfile
+
+    from keyedge.app.quickstart import QuickstartConfig, latency_at_size
+    from keyedge.benchmarks.latency import BenchSettings
+    from keyedge.keys.keyfile import Key
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its temporary artifacts go: watched below
+    config = QuickstartConfig(model="test_efficientnet", latency_size=64)
+    settings = BenchSettings(min_seconds=0.05, min_iterations=5, warmup=1, rounds=2, batch_sizes=[1])
+    report = latency_at_size(config, Key.from_secret(bytes(range(32)), 4), settings, None)
+    ratios = [c for c in report.comparisons if c.kind == "keyed/plain"]
+    assert {c.runtime.split(":")[0] for c in ratios} == {"onnxruntime", "openvino"}
+    assert all(c.rounds >= 12 and c.p10 <= c.median <= c.p90 for c in ratios)
+    assert {m.artifact.image_size for m in report.measurements} == {64}
+    assert not list(tmp_path.glob("keyedge-latency-*")), "the keyed artifacts of the timing leg are removed"

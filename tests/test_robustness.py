@@ -444,7 +444,7 @@ def test_key_recovery_probe_recovers_the_key_with_the_oracle_and_reports_the_att
     )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_robustness_report_reader_never_crashes(report, data, fuzz_document):
     """Any one edit of a real report reads (and renders) or is one KeyedgeError (issue 19)."""

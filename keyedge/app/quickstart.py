@@ -50,6 +50,9 @@ class QuickstartConfig:
     lr: float = 2e-3  # measured: 61% after one epoch on 2000 images, vs 49% at 1e-3 (EfficientNet-Lite0, 32 px)
     targets: list[str] = field(default_factory=lambda: ["onnx", "openvino", "coreml"])
     latency_seconds: float = 1.0
+    # keyed/plain timed again at a size a device runs (random weights: latency does not depend on them);
+    # at 32x32 one inference is ~1 ms and the ratio is noise.  0: leave out
+    latency_size: int = 224
     attack_images: int = 300
     attack_steps: int = 10
     eps: str = "16/255"  # Fashion-MNIST needs 16/255 for white-box PGD to reach ~0 (docs/design.md §9)
@@ -65,6 +68,7 @@ class QuickstartConfig:
             train_limit=1500,
             test_limit=300,
             latency_seconds=0.2,
+            latency_size=0,
             attack_images=64,
             attack_steps=10,
             query="square:200",
@@ -77,6 +81,40 @@ class QuickstartConfig:
 
 #: written first into every quickstart directory: ``--overwrite`` replaces only directories that hold it
 MARKER = ".keyedge-quickstart"
+
+
+def latency_at_size(config: QuickstartConfig, key, settings, progress):
+    """Keyed (``key``) vs plain ``config.model`` at ``config.latency_size``, timed interleaved on ORT and OpenVINO.
+
+    The weights are random (latency does not depend on them) and the artifacts live in a temporary
+    directory, removed afterwards: they embed the key and are not models anyone should deploy.
+    """
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from keyedge.benchmarks.latency import run_latency
+    from keyedge.benchmarks.profiles import builtin_profile
+    from keyedge.benchmarks.workbench import export_for_timing, untrained_checkpoint
+    from keyedge.models.backbones import build_model
+
+    size = config.latency_size
+    torch.manual_seed(config.seed)
+    keyed = build_model(config.model, 10, key=key, weights="none", image_size=size).eval()
+    plain = build_model(config.model, 10, weights="none", image_size=size).eval()
+    plain.backbone.load_state_dict(keyed.backbone.state_dict())
+    timed = dataclasses.replace(settings, min_seconds=max(settings.min_seconds, 2.0), rounds=max(settings.rounds, 12))
+    with tempfile.TemporaryDirectory(prefix="keyedge-latency-") as work:
+        work = Path(work)
+        directories = [
+            export_for_timing(untrained_checkpoint(work / f"ckpt-{role}", model), k, work / role, ["onnx", "openvino"])
+            for role, model, k in (("keyed", keyed, key), ("plain", plain, None))
+        ]
+        profile = dataclasses.replace(
+            builtin_profile(), runtimes=[r for r in builtin_profile().runtimes if r.name != "torch"]
+        )
+        return run_latency(directories, profile, timed, progress=progress, keys=[key])
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -238,6 +276,12 @@ def run_quickstart(
     )  # the key serves the PyTorch-eager reference; never recorded
     latency.to_json(out / "report" / "latency.json")
     (out / "report" / "latency.md").write_text(latency.to_markdown())
+    device_latency = None
+    if config.latency_size:
+        log(f"[latency] k1 vs plain at {config.latency_size}x{config.latency_size} (random weights), onnx + openvino")
+        device_latency = latency_at_size(config, keys["k1"], settings, progress)
+        device_latency.to_json(out / "report" / f"latency-{config.latency_size}.json")
+        (out / "report" / f"latency-{config.latency_size}.md").write_text(device_latency.to_markdown())
     stage("latency", t0)
 
     # 5. robustness: white-box sanity, non-adaptive, adaptive (the other key), noise, Square queries, key diversity,
@@ -279,7 +323,9 @@ def run_quickstart(
     robustness.write(out / "report" / "robustness")
     stage("robustness", t0)
 
-    summary = summarize(config, keys, key_check, exported, latency, robustness, stages, time.perf_counter() - started)
+    summary = summarize(
+        config, keys, key_check, exported, latency, robustness, stages, time.perf_counter() - started, device_latency
+    )
     (out / "report" / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report" / "quickstart.md").write_text(to_markdown(summary))
     return summary
@@ -306,7 +352,7 @@ def cross_key_accuracy(runs: dict[str, Path], keys: dict[str, Any], config: Quic
 
 
 def summarize(
-    config: QuickstartConfig, keys, key_check, exported, latency, robustness, stages, total_s
+    config: QuickstartConfig, keys, key_check, exported, latency, robustness, stages, total_s, device_latency=None
 ) -> dict[str, Any]:
     """The numbers a newcomer looks at first, with where the full reports are."""
     models = {
@@ -342,11 +388,15 @@ def summarize(
         for o in robustness.outcomes + robustness.artifacts
         if o.scenario == "query"
     ]
-    ratios = {
-        f"{c.kind} {c.runtime}": {"median": c.median, "p10": c.p10, "p90": c.p90}
-        for c in latency.comparisons
-        if c.kind == "keyed/plain"
-    }
+
+    def keyed_plain(report) -> dict[str, dict[str, float]]:
+        return {
+            f"{c.kind} {c.runtime}": {"median": c.median, "p10": c.p10, "p90": c.p90, "rounds": c.rounds}
+            for c in report.comparisons
+            if c.kind == "keyed/plain"
+        }
+
+    ratios = keyed_plain(latency)
     return {
         "schema": SCHEMA,
         "config": config.to_dict(),
@@ -356,6 +406,9 @@ def summarize(
         "models": models,
         "artifacts": exported,
         "latency": ratios,
+        "latency_at_size": (
+            {"image_size": config.latency_size, "ratios": keyed_plain(device_latency)} if device_latency else None
+        ),
         "latency_skipped": [f"{s.runtime}:{s.device}: {s.reason}" for s in latency.skipped],
         "robustness": {
             "sanity_passed": robustness.sanity["passed"],
@@ -401,10 +454,21 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             f"({', '.join(sorted({a['target'] for a in summary['artifacts']}))})",
         )
     )
-    for key, r in summary["latency"].items():
-        rows.append(
-            (f"latency keyed/plain {key.split(' ', 1)[1]}", f"{r['median']:.3f} [{r['p10']:.3f}-{r['p90']:.3f}]")
-        )
+    size = summary["config"]["image_size"]
+    at = summary.get("latency_at_size")
+    for label, ratios in [(f"{size}x{size}, the trained models", summary["latency"])] + (
+        [(f"{at['image_size']}x{at['image_size']}, random weights", at["ratios"])] if at else []
+    ):
+        for key, r in ratios.items():
+            rows.append(
+                (
+                    f"latency keyed/plain {key.split(' ', 1)[1]} at {label}",
+                    f"{r['median']:.3f} (p10-p90 of {r.get('rounds', '?')} interleaved rounds: "
+                    f"{r['p10']:.3f}-{r['p90']:.3f})",
+                )
+            )
+    if not at:
+        rows.append(("latency keyed/plain at a device size", "not measured (--fast: the 224x224 leg is left out)"))
     rob = summary["robustness"]
     rows.append(("white-box sanity (PGD must break every model)", "passed" if rob["sanity_passed"] else "FAILED"))
     for key, r in rob["scenarios"].items():
