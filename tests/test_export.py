@@ -272,6 +272,20 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
     assert reference["targets"]["onnx"]["parity"]["passed"]
     hashes = {m["targets"]["onnx"]["files"][0]["sha256"] for m in manifests}
     assert len(hashes) == 3, "each key's artifact holds its own constants"
+    # the ONNX template artifact of key 3 is the graph its full export writes: optimized alike (issue 14)
+    # (OpenVINO's comes through OpenVINO's ONNX frontend, the full export through its torch frontend)
+    template_graph, full_graph = manifests[2]["targets"]["onnx"]["graph"], reference["targets"]["onnx"]["graph"]
+    assert template_graph["ops"] == full_graph["ops"] and template_graph["structure"] == full_graph["structure"]
+    import onnx
+
+    def graph(directory):
+        model = onnx.load(str(directory / "model.onnx"))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        return [n.op_type for n in model.graph.node], inits
+
+    (ops_t, inits_t), (ops_f, inits_f) = graph(fleet[2]), graph(full)
+    assert ops_t == ops_f and "BatchNormalization" not in ops_t
+    assert sorted(v.shape for v in inits_t.values()) == sorted(v.shape for v in inits_f.values())
 
 
 def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):

@@ -37,6 +37,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, _frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one kills outright; the next run cleans up after it
     raise Terminated(signum)
 
 
