@@ -6,7 +6,9 @@ run: ``full`` (trace + convert per key, what a single export does) and
 ``template`` (trace once, then per key substitute the constants: keyedge.exporters.template;
 the one-time template build is counted, spread over the N keys).  Outputs of both
 artifacts of every key are compared on the same input (they must agree to float
-precision); verification itself (identical for both) is not timed.
+precision); verification itself (identical for both) is not timed.  For the last key
+the two artifacts' node counts are compared and their inference latency is timed
+interleaved (batch 1, 2 threads, onnxruntime and OpenVINO): template/full must be ~1.
 
 Run: ``python -m keyedge.benchmarks.export [--keys 10] [--models vit_tiny_patch16_224,tf_efficientnet_lite0]``
 """
@@ -78,8 +80,10 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
         for name, backend, suffix in (("onnx", onnx_b, "m.onnx"), ("openvino", ov_b, "m.xml")):
             a, b = backend.run(full_dir / suffix, x), backend.run(tmpl_dir / suffix, x)
             worst[name] = max(worst[name], float(np.abs(a - b).max()), float(np.abs(b - ref).max()))
-        shutil.rmtree(full_dir)
-        shutil.rmtree(tmpl_dir)
+        if i < count - 1:
+            shutil.rmtree(full_dir)
+            shutil.rmtree(tmpl_dir)
+    nodes, latency = _compare_artifacts(full_dir, tmpl_dir, x)
     result = {
         "model": model_name,
         "keys": count,
@@ -88,6 +92,8 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
         "max_abs_diff": worst,
         "per_key_s": {},
         "speedup": {},
+        "onnx_nodes": nodes,
+        "latency_template_over_full": latency,
     }
     for target in ("onnx", "openvino"):
         full = float(np.mean(times["full"][target]))
@@ -96,6 +102,50 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
         result["per_key_s"][target] = {"full": full, "template": tmpl}
         result["speedup"][target] = full / tmpl
     return result
+
+
+def _compare_artifacts(full_dir: Path, tmpl_dir: Path, x: np.ndarray, rounds: int = 15, calls: int = 20):
+    """ONNX node counts of both artifacts; per runtime, the template/full latency ratio over interleaved rounds."""
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+
+    nodes = {
+        name: len(onnx.load(str(d / "m.onnx")).graph.node) for name, d in (("full", full_dir), ("template", tmpl_dir))
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    runners = {"onnxruntime": {}, "openvino": {}}
+    for name, d in (("full", full_dir), ("template", tmpl_dir)):
+        session = ort.InferenceSession(str(d / "m.onnx"), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        runners["onnxruntime"][name] = lambda s=session, f=feed: s.run(None, f)
+        compiled = ov.Core().compile_model(str(d / "m.xml"), "CPU", {"INFERENCE_NUM_THREADS": 2})
+        request = compiled.create_infer_request()
+        runners["openvino"][name] = lambda r=request: r.infer([x])
+    latency = {}
+    for runtime, pair in runners.items():
+        for run in pair.values():
+            for _ in range(5):
+                run()
+        ratios = []
+        for _ in range(rounds):
+            per = {}
+            for name in ("full", "template") if len(ratios) % 2 == 0 else ("template", "full"):
+                samples = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    pair[name]()
+                    samples.append(time.perf_counter() - t)
+                per[name] = float(np.median(samples))
+            ratios.append(per["template"] / per["full"])
+        latency[runtime] = {
+            "median": float(np.median(ratios)),
+            "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90)),
+            "rounds": rounds,
+        }
+    return nodes, latency
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -119,6 +169,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(
                     f"  {model_name:>24} {target:>8}: full {s['full']:6.2f} s/key, template {s['template']:6.2f} "
                     f"s/key -> {res['speedup'][target]:5.1f}x  (outputs agree to {res['max_abs_diff'][target]:.1e})"
+                )
+            n = res["onnx_nodes"]
+            print(f"  {model_name:>24}    nodes: full {n['full']}, template {n['template']} (ONNX)")
+            for runtime, r in res["latency_template_over_full"].items():
+                print(
+                    f"  {model_name:>24} latency template/full {runtime}: {r['median']:.3f} "
+                    f"(p10-p90 {r['p10']:.3f}-{r['p90']:.3f}, {r['rounds']} interleaved rounds)"
                 )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

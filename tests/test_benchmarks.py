@@ -33,6 +33,10 @@ def test_export_benchmark_runs(capsys):
     (result,) = export.main(["--models", "test_efficientnet", "--keys", "2", "--image-size", "32"])
     assert set(result["speedup"]) == {"onnx", "openvino"} and all(v > 0 for v in result["speedup"].values())
     assert max(result["max_abs_diff"].values()) < 1e-3, "template and full exports must agree"
+    assert result["onnx_nodes"]["template"] == result["onnx_nodes"]["full"], (
+        "the template is optimized like a full export"
+    )
+    assert set(result["latency_template_over_full"]) == {"onnxruntime", "openvino"}
     assert "s/key" in capsys.readouterr().out
 
 
