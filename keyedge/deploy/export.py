@@ -23,6 +23,7 @@ form (:mod:`keyedge.keys.seal`, bound to the finished manifest) reaches the disk
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import secrets
 import time
@@ -82,11 +83,19 @@ def _files(paths: Sequence[Path], root: Path) -> list[dict[str, str]]:
 
 
 def real_inputs(manifest: CheckpointManifest, image_size: int, count: int = 8) -> tuple[np.ndarray | None, str]:
-    """Real images for parity checks: the checkpoint's test data, else scikit-image's photos."""
+    """Real images for parity checks: the checkpoint's test data, else scikit-image's photos.
+
+    Read once per (dataset, size, count) in a process: a fleet's keys share their data (issue 14).
+    """
+    data = manifest.data
+    images, source = _real_inputs(data.get("name"), data.get("source"), image_size, count)
+    return (None if images is None else images.copy()), source
+
+
+@functools.lru_cache(maxsize=8)
+def _real_inputs(name: str | None, source: str | None, image_size: int, count: int) -> tuple[np.ndarray | None, str]:
     from keyedge.data.datasets import load_dataset
 
-    data = manifest.data
-    name, source = data.get("name"), data.get("source")
     candidates = [c for c in (name, f"{name}:{source}" if name and source else None, source) if c]
     for spec in candidates:
         try:
