@@ -242,9 +242,11 @@ def test_killed_export_leaves_no_artifact(tmp_path, key4):
     proc.wait(timeout=30)
     final = out / f"test_vit-{key4.fingerprint}"
     assert not final.exists(), "a killed export must not leave an artifact set"
+    (staging,) = list(out.glob(".*.tmp-*"))  # holds the keyed model.onnx until someone cleans it
     result = cli("export", "-c", ckpt, "-k", key_path, "-o", out, "-t", "onnx")
     assert result.exit_code == 0, result.output
     assert [p.name for p in out.iterdir()] == [final.name], "the next export cleans up the killed one's leftovers"
+    assert f"removed {staging}" in result.output and f"killed keyedge process (pid {proc.pid})" in result.output
 
 
 def test_fleet_template_matches_full_export(tmp_path, make_key):
