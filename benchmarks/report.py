@@ -80,7 +80,11 @@ class LatencyReport:
         f = Fields(data, source, "pass a JSON file written by `keyedge bench latency --json`")
         profile, environment = f.obj("profile"), f.obj("environment")
         if "thresholds" in profile.data:  # what `bench regress` gates with
-            read_dataclass(Thresholds, profile.obj("thresholds"))
+            thresholds = profile.obj("thresholds")
+            read_dataclass(Thresholds, thresholds)
+            unknown = sorted(set(thresholds.data) - set(Thresholds.__dataclass_fields__))
+            if unknown:
+                raise thresholds.fail(unknown[0], "is not a threshold (ratio, p50, accuracy_drop)")
         if "versions" in environment.data:
             environment.dict("versions")
         return cls(

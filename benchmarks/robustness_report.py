@@ -43,7 +43,7 @@ _HEADLINE = {
     "over": (list, False),
     "queries": (int, True),
 }
-_QUERIES = {"budget": (int, False), "median_to_success": (float, True)}
+_QUERIES = {"budget": (int, False), "max": (int, False), "median_to_success": (float, True)}
 _DATA = {"images": (int, False), "name": (str, False), "image_size": (int, False)}
 _CONFIG = {
     "seed": (object, False),
@@ -147,7 +147,7 @@ class RobustnessReport:
 
         def outcome(o: Fields) -> Outcome:
             o.obj("attack").str("name")
-            if o.has("queries"):
+            if o.has("queries") or o.raw("scenario") == "query":  # a query attack's outcome needs its budgets
                 _rows(o, "queries", _QUERIES, single=True)
             return read_dataclass(Outcome, o, skip=derived)
 
@@ -155,9 +155,12 @@ class RobustnessReport:
             return [outcome(o) for o in f.objs(name)] if f.has(name) else []
 
         sweeps = f.obj("sweeps")
+        config = _rows(f, "config", _CONFIG, single=True)
+        if config.get("query"):  # the header names the images query attacks ran on
+            f.obj("config").int("query_limit")
         return cls(
             environment=f.dict("environment"),
-            config=_rows(f, "config", _CONFIG, single=True),
+            config=config,
             data=_rows(f, "data", _DATA, single=True),
             models=_rows(f, "models", _MODEL),
             outcomes=outcomes("outcomes"),
