@@ -54,12 +54,17 @@ def export_variants(
     targets: list[str],
     batch: int = 1,
     variants: tuple[str, ...] = tuple(VARIANTS),
+    *,
+    key: Key = BENCH_KEY,
+    num_classes: int = 1000,
 ) -> list[Path]:
-    """Export formulations of one architecture; return the export directories (fold skipped where inexact)."""
-    key = BENCH_KEY
+    """Export formulations of one architecture, random weights shared by all; return the export directories.
+
+    (fold is skipped where inexact.)  ``key`` serves the keyed variants: the quickstart times its own.
+    """
     torch.manual_seed(0)
-    keyed = build_model(model_name, 1000, key=key, weights="none", image_size=size).eval()
-    plain = build_model(model_name, 1000, weights="none", image_size=size).eval()
+    keyed = build_model(model_name, num_classes, key=key, weights="none", image_size=size).eval()
+    plain = build_model(model_name, num_classes, weights="none", image_size=size).eval()
     plain.backbone.load_state_dict(keyed.backbone.state_dict())
     checkpoints = {}
     for role, model in (("plain", plain), ("keyed", keyed)):

@@ -16,6 +16,18 @@ def key4() -> Key:
     return Key.from_secret(bytes(range(32)), 4)
 
 
+@pytest.fixture(scope="session")
+def small_keyed_checkpoint(tmp_path_factory):
+    """A small keyed checkpoint and its key file (test_efficientnet, 32x32, untrained): (directory, key file)."""
+    from keyedge.benchmarks.workbench import untrained_checkpoint
+    from keyedge.models.backbones import build_model
+
+    root = tmp_path_factory.mktemp("keyed")
+    key = Key.from_secret(bytes(range(32)), 4)
+    model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=32).eval()
+    return untrained_checkpoint(root / "ckpt", model), key.save(root / "k.bin")
+
+
 @pytest.fixture
 def make_key():
     def make(block_size: int, channels: int = 3, tag: int = 7) -> Key:

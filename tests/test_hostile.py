@@ -218,19 +218,6 @@ def test_train_refuses_nan_and_infinite_settings_before_writing(tmp_path, flag, 
 # ---- the wider corpus: every command, fed what a careless or hostile user would feed it (issue 19) ----------------
 
 
-@pytest.fixture(scope="module")
-def keyed_ckpt(tmp_path_factory):
-    """A small keyed checkpoint and its key file (test_efficientnet, 32x32, untrained)."""
-    from keyedge.benchmarks.workbench import untrained_checkpoint
-    from keyedge.keys.keyfile import Key
-    from keyedge.models.backbones import build_model
-
-    root = tmp_path_factory.mktemp("corpus")
-    key = Key.from_secret(bytes(range(32)), 4)
-    model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=32).eval()
-    return untrained_checkpoint(root / "ckpt", model), key.save(root / "k.bin")
-
-
 def _png_header_only(path, width, height):
     """A PNG whose header claims ``width`` x ``height`` (a decompression bomb needs no more to be refused)."""
     import struct
@@ -256,10 +243,12 @@ def _png_header_only(path, width, height):
     ],
     ids=["bomb", "text-as-png", "directory", "missing"],
 )
-def test_shuffle_refuses_what_is_not_a_sane_image(tmp_path, keyed_ckpt, make, fragment):
+def test_shuffle_refuses_what_is_not_a_sane_image(tmp_path, small_keyed_checkpoint, make, fragment):
     image = make(tmp_path)
     out = tmp_path / "s.png"
-    _one_line(runner.invoke(app, ["shuffle", str(image), "-k", str(keyed_ckpt[1]), "-o", str(out)]), fragment)
+    _one_line(
+        runner.invoke(app, ["shuffle", str(image), "-k", str(small_keyed_checkpoint[1]), "-o", str(out)]), fragment
+    )
     assert not out.exists()
 
 
@@ -282,12 +271,14 @@ def test_deep_and_float_images_are_scaled_or_refused_never_clipped(tmp_path):
         read_image(tmp_path / "g.tif")
 
 
-def test_a_tiny_image_gets_a_hint_that_can_work(tmp_path, keyed_ckpt):
+def test_a_tiny_image_gets_a_hint_that_can_work(tmp_path, small_keyed_checkpoint):
     import numpy as np
     from PIL import Image
 
     Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "tiny.png")
-    result = runner.invoke(app, ["shuffle", str(tmp_path / "tiny.png"), "-k", str(keyed_ckpt[1]), "-o", "x.png"])
+    result = runner.invoke(
+        app, ["shuffle", str(tmp_path / "tiny.png"), "-k", str(small_keyed_checkpoint[1]), "-o", "x.png"]
+    )
     _one_line(result, "4x4")
     assert "0x0" not in result.stderr
 
@@ -316,8 +307,8 @@ def test_key_show_refuses_what_is_not_a_key(tmp_path, content, fragment):
 
 
 @pytest.mark.parametrize("device", ["mps", "cuda", "cuda:7", "xla", "meta", "bogus"])
-def test_eval_refuses_a_device_this_host_lacks(keyed_ckpt, device):
-    ckpt, key_file = keyed_ckpt
+def test_eval_refuses_a_device_this_host_lacks(small_keyed_checkpoint, device):
+    ckpt, key_file = small_keyed_checkpoint
     _one_line(runner.invoke(app, ["eval", "-c", str(ckpt), "-k", str(key_file), "-d", "x", "--device", device]), device)
 
 
@@ -336,11 +327,11 @@ EDITS = {
 
 
 @pytest.mark.parametrize("edit", list(EDITS), ids=list(EDITS))
-def test_a_hand_edited_checkpoint_manifest_is_one_line(tmp_path, keyed_ckpt, edit):
+def test_a_hand_edited_checkpoint_manifest_is_one_line(tmp_path, small_keyed_checkpoint, edit):
     import json
     import shutil
 
-    ckpt, key_file = keyed_ckpt
+    ckpt, key_file = small_keyed_checkpoint
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     doc = json.loads((copy / "keyedge.json").read_text())
@@ -351,7 +342,7 @@ def test_a_hand_edited_checkpoint_manifest_is_one_line(tmp_path, keyed_ckpt, edi
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_non_finite_weights_are_refused_on_load_and_never_saved(tmp_path, keyed_ckpt):
+def test_non_finite_weights_are_refused_on_load_and_never_saved(tmp_path, small_keyed_checkpoint):
     import shutil
 
     import torch
@@ -360,7 +351,7 @@ def test_non_finite_weights_are_refused_on_load_and_never_saved(tmp_path, keyed_
     from keyedge.fileio import sha256_file
     from keyedge.models.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 
-    ckpt, key_file = keyed_ckpt
+    ckpt, key_file = small_keyed_checkpoint
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     manifest = read_manifest(copy)
@@ -384,14 +375,14 @@ def test_non_finite_weights_are_refused_on_load_and_never_saved(tmp_path, keyed_
     assert not (tmp_path / "new").exists()
 
 
-def test_a_pickled_training_state_is_refused_without_suggesting_to_unpickle(tmp_path, keyed_ckpt):
+def test_a_pickled_training_state_is_refused_without_suggesting_to_unpickle(tmp_path, small_keyed_checkpoint):
     import pickle
     import shutil
 
     from keyedge.fileio import sha256_file
     from keyedge.models.checkpoint import CheckpointError, load_training_state, read_manifest
 
-    ckpt, _ = keyed_ckpt
+    ckpt, _ = small_keyed_checkpoint
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
     manifest = read_manifest(copy)

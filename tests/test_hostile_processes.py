@@ -35,21 +35,8 @@ def _visible_and_hidden(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob("*")) if directory.exists() else []
 
 
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory):
-    """A small keyed checkpoint (test_efficientnet, 32x32) and its key file."""
-    from keyedge.benchmarks.workbench import untrained_checkpoint
-    from keyedge.keys.keyfile import Key
-    from keyedge.models.backbones import build_model
-
-    root = tmp_path_factory.mktemp("keyed")
-    key = Key.from_secret(bytes(range(32)), 4)
-    model = build_model("test_efficientnet", 10, key=key, weights="none", image_size=32).eval()
-    return untrained_checkpoint(root / "ckpt", model), key.save(root / "k.bin")
-
-
-def _export_cmd(keyed, out: Path, *targets: str) -> list[str]:
-    ckpt, key_file = keyed
+def _export_cmd(small_keyed_checkpoint, out: Path, *targets: str) -> list[str]:
+    ckpt, key_file = small_keyed_checkpoint
     return [*KEYEDGE, "export", "-c", str(ckpt), "-k", str(key_file), "-o", str(out)] + [
         a for t in targets or ("onnx",) for a in ("-t", t)
     ]
@@ -74,9 +61,9 @@ def _start_and_wait_for(cmd: list[str], marker: str, timeout: float = 300) -> su
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGINT: the training case below
-def test_a_stopped_export_stops_promptly_and_leaves_nothing(keyed, tmp_path, signum):
+def test_a_stopped_export_stops_promptly_and_leaves_nothing(small_keyed_checkpoint, tmp_path, signum):
     out = tmp_path / "out"
-    proc = _start_and_wait_for(_export_cmd(keyed, out, "onnx", "openvino"), "onnx: exporting")
+    proc = _start_and_wait_for(_export_cmd(small_keyed_checkpoint, out, "onnx", "openvino"), "onnx: exporting")
     proc.send_signal(signum)
     started = time.monotonic()
     rest = proc.communicate(timeout=120)[0]
@@ -160,32 +147,34 @@ def test_keygen_on_a_full_or_read_only_disk(tmp_path, kind, fragment):
 
 
 @needs_mounts
-def test_an_export_that_fills_the_disk_leaves_nothing(keyed, tmp_path):
+def test_an_export_that_fills_the_disk_leaves_nothing(small_keyed_checkpoint, tmp_path):
     mount = tmp_path / "mnt"
-    proc, left = _split_left(_on_small_fs(mount, _export_cmd(keyed, mount / "d" / "out"), size="160k"))
+    proc, left = _split_left(_on_small_fs(mount, _export_cmd(small_keyed_checkpoint, mount / "d" / "out"), size="160k"))
     _one_line_error(proc, "no space left on device")
     assert left == "", f"left behind: {left}"  # no artifact, no staging directory, not even the parent it made
 
 
 @needs_mounts
-def test_an_export_to_a_read_only_disk_fails_before_any_work(keyed, tmp_path):
+def test_an_export_to_a_read_only_disk_fails_before_any_work(small_keyed_checkpoint, tmp_path):
     mount = tmp_path / "mnt"
     started = time.monotonic()
-    proc, left = _split_left(_on_small_fs(mount, _export_cmd(keyed, mount / "d" / "out"), size="64k", read_only=True))
+    proc, left = _split_left(
+        _on_small_fs(mount, _export_cmd(small_keyed_checkpoint, mount / "d" / "out"), size="64k", read_only=True)
+    )
     _one_line_error(proc, "read-only file system")
     assert left == "" and "exporting (gather)" not in proc.stdout, proc.stdout
     assert time.monotonic() - started < 120
 
 
-def test_a_full_stdout_is_one_line_on_stderr(keyed):
-    _, key_file = keyed
+def test_a_full_stdout_is_one_line_on_stderr(small_keyed_checkpoint):
+    _, key_file = small_keyed_checkpoint
     with open("/dev/full", "w") as full:
         proc = subprocess.run([*KEYEDGE, "key", "show", str(key_file)], stdout=full, stderr=subprocess.PIPE, text=True)
     _one_line_error(proc, "no space left on device")
 
 
-def test_a_closed_stdout_pipe_is_not_a_traceback(keyed):
-    _, key_file = keyed
+def test_a_closed_stdout_pipe_is_not_a_traceback(small_keyed_checkpoint):
+    _, key_file = small_keyed_checkpoint
     proc = subprocess.Popen([*KEYEDGE, "key", "show", str(key_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # like `keyedge key show k.bin | head -0`
     err = proc.stderr.read().decode()

@@ -92,27 +92,22 @@ def latency_at_size(config: QuickstartConfig, key, settings, progress):
     import dataclasses
     import tempfile
 
-    import torch
-
+    from keyedge.benchmarks.keyed_latency import export_variants
     from keyedge.benchmarks.latency import run_latency
     from keyedge.benchmarks.profiles import builtin_profile
-    from keyedge.benchmarks.workbench import export_for_timing, untrained_checkpoint
-    from keyedge.models.backbones import build_model
 
-    size = config.latency_size
-    torch.manual_seed(config.seed)
-    keyed = build_model(config.model, 10, key=key, weights="none", image_size=size).eval()
-    plain = build_model(config.model, 10, weights="none", image_size=size).eval()
-    plain.backbone.load_state_dict(keyed.backbone.state_dict())
     timed = dataclasses.replace(settings, min_seconds=max(settings.min_seconds, 2.0), rounds=max(settings.rounds, 12))
+    profile = builtin_profile()
+    profile = dataclasses.replace(profile, runtimes=[r for r in profile.runtimes if r.name != "torch"])
     with tempfile.TemporaryDirectory(prefix="keyedge-latency-") as work:
-        work = Path(work)
-        directories = [
-            export_for_timing(untrained_checkpoint(work / f"ckpt-{role}", model), k, work / role, ["onnx", "openvino"])
-            for role, model, k in (("keyed", keyed, key), ("plain", plain, None))
-        ]
-        profile = dataclasses.replace(
-            builtin_profile(), runtimes=[r for r in builtin_profile().runtimes if r.name != "torch"]
+        directories = export_variants(
+            config.model,
+            config.latency_size,
+            Path(work),
+            ["onnx", "openvino"],
+            variants=("gather", "plain"),
+            key=key,
+            num_classes=10,
         )
         return run_latency(directories, profile, timed, progress=progress, keys=[key])
 
