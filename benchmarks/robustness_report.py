@@ -24,7 +24,8 @@ from keyedge.validate import Fields, read_dataclass
 SCHEMA = "keyedge-robustness/1"
 
 
-# the fields of the report's plain-dict rows that its text and plots read: name -> (type, optional)
+# the fields of the report's plain-dict rows that its text and plots read: name -> (type, optional: False,
+# True (may be absent or null) or "null" (must be present, may be null))
 _MODEL = {"name": (str, False), "role": (str, False), "finetune": (str, False), "block_size": (int, True)}
 _SWEEP = {
     "target": (str, False),
@@ -43,7 +44,7 @@ _HEADLINE = {
     "over": (list, False),
     "queries": (int, True),
 }
-_QUERIES = {"budget": (int, False), "max": (int, False), "median_to_success": (float, True)}
+_QUERIES = {"budget": (int, False), "max": (int, False), "median_to_success": (float, "null")}
 _DATA = {"images": (int, False), "name": (str, False), "image_size": (int, False)}
 _CONFIG = {
     "seed": (object, False),
@@ -69,13 +70,13 @@ def _matrix(m: Fields) -> Matrix:
     return matrix
 
 
-def _rows(f: Fields, name: str, spec: dict[str, tuple[type, bool]], *, single: bool = False) -> Any:
+def _rows(f: Fields, name: str, spec: dict[str, tuple[type, bool | str]], *, single: bool = False) -> Any:
     """Check the fields ``spec`` names in the list of objects ``name`` (or the one object, ``single``)."""
     rows = [f.obj(name)] if single else f.objs(name)
     for row in rows:
         for key, (kind, optional) in spec.items():
-            if optional and row.raw(key, None) is None:
-                continue
+            if optional and (row.raw(key) if optional == "null" else row.raw(key, None)) is None:
+                continue  # True: may be absent or null; "null": must be there, may be null
             if kind is str:
                 row.str(key)
             elif kind is int:
