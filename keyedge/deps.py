@@ -47,6 +47,7 @@ EXTRAS: dict[str, Extra] = {
             "query attacks (Square, HopSkipJump) on models and deployed artifacts",
         ),
         Extra("seal", ("cryptography",), "sealed artifacts: AES-256-GCM encryption at rest"),
+        Extra("ray", ("ray",), "fleet jobs (`keyedge fleet --engine ray`) as Ray tasks on a cluster"),
     )
 }
 

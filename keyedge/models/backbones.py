@@ -80,7 +80,8 @@ def family_of(model: nn.Module) -> str:
     return _FAMILIES.get(type(model).__name__, "other")
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, suggesting close ones (one line)."""
     import timm
 
     if timm.is_model(name):
@@ -169,7 +170,7 @@ def create_backbone(
     import timm
     import timm.data
 
-    _check_name(name)
+    check_model_name(name)
     if num_classes < 1:
         raise ModelError(f"number of classes must be positive, got {num_classes}")
     source: dict[str, Any]

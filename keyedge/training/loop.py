@@ -469,9 +469,9 @@ def _default_size(config: TrainConfig) -> int:
     import timm
 
     if not timm.is_model(config.model):
-        from keyedge.models.backbones import _check_name
+        from keyedge.models.backbones import check_model_name
 
-        _check_name(config.model)
+        check_model_name(config.model)
     return int(timm.get_pretrained_cfg(config.model).to_dict().get("input_size", (3, 224, 224))[-1])
 
 

@@ -1,0 +1,244 @@
+"""``keyedge fleet`` (issue 14): a fleet of tiny keys end to end on a local Ray instance, retries and failures,
+a killed driver, resumption that redoes nothing finished, one command per fleet at a time, no key material in any
+manifest, and one-line errors for a hand-edited fleet.json."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from keyedge.app.fleet import Fleet, fleet_lock
+from keyedge.cli import app
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN
+from keyedge.errors import KeyedgeError
+from keyedge.fileio import sha256_file
+from keyedge.keys.keyfile import load_key
+
+needs_data = pytest.mark.skipif(
+    not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
+)
+KEYEDGE = [sys.executable, "-m", "keyedge"]
+RECIPE = ["-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", "32"]
+RECIPE += ["--epochs", "1", "--batch-size", "32", "--test-limit", "32"]
+runner = CliRunner()
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _init(directory: Path, devices: int = 3, train_limit: int = 64) -> Path:
+    result = _cli("fleet", "init", directory, "-n", devices, *RECIPE, "--train-limit", train_limit)
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def _secrets(directory: Path) -> list[str]:
+    """Every way a device's key could leak into text: its secret in hex, its permutation as a list."""
+    out = []
+    for key_file in sorted((directory / "keys").glob("*.bin")):
+        key = load_key(key_file)
+        out.append(key._secret.hex())
+        out.append(json.dumps([int(v) for v in key.permutation]))
+        out.append(", ".join(str(int(v)) for v in key.permutation[:12]))
+    return out
+
+
+def _checkpoint_shas(directory: Path) -> dict[str, str]:
+    return {p.parent.name: sha256_file(p) for p in sorted((directory / "runs").glob("*/keyedge.json"))}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@needs_data
+@pytest.mark.slow
+def test_fleet_end_to_end_on_local_ray(tmp_path, local_ray):
+    fleet_dir = _init(tmp_path / "fleet")
+    assert (fleet_dir / "keys" / "device-000.bin").stat().st_mode & 0o777 == 0o600
+    train = _cli("fleet", "train", fleet_dir, "--engine", "ray")
+    assert train.exit_code == 0, train.output
+    assert "Ray (2 CPUs" in train.output and "fleet train: 3 done now, 0 already done" in train.output
+    export = _cli("fleet", "export", fleet_dir, "--engine", "ray", "-t", "onnx")
+    assert export.exit_code == 0 and "fleet export: 3 done now" in export.output, export.output
+    verify = _cli("fleet", "verify", fleet_dir, "--engine", "ray")
+    assert verify.exit_code == 0 and "fleet verify: 3 done now" in verify.output, verify.output
+    report = _cli("fleet", "report", fleet_dir, "--engine", "ray")
+    assert report.exit_code == 0, report.output
+
+    fleet = Fleet.read(fleet_dir)
+    for device in fleet.devices:  # the manifest maps name <-> fingerprint <-> checkpoint <-> artifacts
+        assert load_key(fleet_dir / device.key_file).fingerprint == device.fingerprint
+        assert device.trained["sha256"] == sha256_file(fleet_dir / device.checkpoint / "keyedge.json")
+        artifacts = fleet_dir / device.exported["path"]
+        assert json.loads((artifacts / "manifest.json").read_text())["fingerprint"] == device.fingerprint
+        assert device.verified["sha256"] == sha256_file(artifacts / "manifest.json")
+        assert device.exported["sources"] == {"onnx": "fleet-template"}
+        assert 0.0 <= device.other_key["accuracy"] <= 1.0 and device.failed is None
+    table = json.loads((fleet_dir / "report" / "fleet-report.json").read_text())
+    rows = {row["device"]: row for row in table["devices"]}
+    assert sorted(rows) == ["device-000", "device-001", "device-002"]
+    for row in rows.values():
+        assert row["artifacts"]["verified"] and row["artifacts"]["parity"]["onnx"] <= 1e-4
+        assert row["keyed_over_plain"]["median"] > 0 and row["accuracy_other_key"] is not None
+    markdown = (fleet_dir / "report" / "fleet-report.md").read_text()
+    assert markdown.count("| device-0") == 3
+
+    # nothing of any key in the manifests, the report or the logs
+    texts = [p.read_text() for p in fleet_dir.rglob("*") if p.suffix in (".json", ".md", ".log")]
+    texts += [train.output, export.output, verify.output, report.output]
+    for secret in _secrets(fleet_dir):
+        assert not any(secret in text for text in texts)
+
+    # everything is current: a rerun of each stage does nothing
+    before = _checkpoint_shas(fleet_dir)
+    for stage in ("train", "export", "verify"):
+        again = _cli("fleet", stage, fleet_dir, *(["-t", "onnx"] if stage == "export" else []))
+        assert again.exit_code == 0 and "0 done now, 3 already done" in again.output, again.output
+    assert _checkpoint_shas(fleet_dir) == before
+
+    # a changed artifact file is stale: only that device is exported again
+    onnx_file = fleet_dir / fleet.devices[1].exported["path"] / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    again = _cli("fleet", "export", fleet_dir, "-t", "onnx")
+    assert "fleet export: 1 done now, 2 already done" in again.output, again.output
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_failing_key_is_retried_then_reported_while_the_others_finish(tmp_path, local_ray):
+    fleet_dir = _init(tmp_path / "fleet")
+    (fleet_dir / "runs").mkdir()
+    (fleet_dir / "runs" / "device-001").write_text("not a directory")  # its checkpoint cannot be written
+    result = _cli("fleet", "train", fleet_dir, "--engine", "ray", "--retries", "1")
+    assert result.exit_code == 1, result.output
+    assert "fleet train: 2 done now, 0 already done, 1 failed (device-001)" in result.output
+    assert "Traceback" not in result.output
+    failure = Fleet.read(fleet_dir).device("device-001").failed["train"]
+    assert failure["attempts"] == 2 and "device-001" in failure["error"]
+    assert sorted(_checkpoint_shas(fleet_dir)) == ["device-000", "device-002"]
+
+    before = _checkpoint_shas(fleet_dir)
+    (fleet_dir / "runs" / "device-001").unlink()  # the cause is gone: the rerun trains only that key
+    rerun = _cli("fleet", "train", fleet_dir, "--engine", "ray")
+    assert rerun.exit_code == 0 and "fleet train: 1 done now, 2 already done" in rerun.output, rerun.output
+    after = _checkpoint_shas(fleet_dir)
+    assert {k: after[k] for k in before} == before and "device-001" in after
+    assert Fleet.read(fleet_dir).device("device-001").failed is None
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_killed_driver_is_resumed_without_redoing_finished_keys(tmp_path):
+    fleet_dir = _init(tmp_path / "fleet", devices=3, train_limit=1500)
+    proc = subprocess.Popen(
+        [*KEYEDGE, "fleet", "train", str(fleet_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "device-000: done" in line:
+            break
+    else:
+        raise AssertionError("".join(seen))
+    time.sleep(1.0)  # device-001 is now mid-training
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = _checkpoint_shas(fleet_dir)
+    assert "device-000" in finished and "device-002" not in finished
+    assert Fleet.read(fleet_dir).device("device-000").trained is not None  # recorded as soon as it finished
+
+    rerun = subprocess.run([*KEYEDGE, "fleet", "train", str(fleet_dir)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    done_now = 3 - len(finished)
+    assert f"fleet train: {done_now} done now, {len(finished)} already done" in rerun.stdout, rerun.stdout
+    after = _checkpoint_shas(fleet_dir)
+    assert {k: after[k] for k in finished} == finished and len(after) == 3
+    leftovers = [p.name for p in (fleet_dir / "runs").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "the killed job's unfinished checkpoint was cleaned up"
+
+
+def test_one_fleet_command_at_a_time(tmp_path):
+    fleet_dir = _init(tmp_path / "fleet", devices=2)
+    with fleet_lock(fleet_dir):  # another command holds the fleet
+        result = subprocess.run([*KEYEDGE, "fleet", "train", str(fleet_dir)], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: another keyedge fleet command (pid ") and len(line.splitlines()) == 1, line
+
+
+def test_fleet_bad_input_is_one_line(tmp_path):
+    def one_line(result, *fragments):
+        assert result.exit_code == 2, result.output
+        line = result.output.strip().splitlines()[-1]
+        assert line.startswith("error: ") and "Traceback" not in result.output, result.output
+        for fragment in fragments:
+            assert fragment in line, line
+
+    one_line(
+        _cli("fleet", "init", tmp_path / "a", "-n", 2, *RECIPE[:1], "tf_efficientnet_lit0", *RECIPE[2:]),
+        "unknown model",
+    )
+    assert not (tmp_path / "a").exists()
+    one_line(_cli("fleet", "init", tmp_path / "b", "--name", "a/b", *RECIPE), "not usable as a file name")
+    one_line(_cli("fleet", "init", tmp_path / "c", *RECIPE), "at least one device")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    one_line(_cli("fleet", "init", busy, "-n", 1, *RECIPE), "is not empty")
+    one_line(_cli("fleet", "train", tmp_path / "nowhere"), "is not a fleet directory")
+    fleet_dir = _init(tmp_path / "fleet", devices=2)
+    one_line(_cli("fleet", "init", fleet_dir, "-n", 1, *RECIPE), "already holds a fleet")
+    one_line(_cli("fleet", "train", fleet_dir, "--engine", "slurm"), "unknown engine")
+    one_line(_cli("fleet", "train", fleet_dir, "--address", "auto"), "--address is for --engine ray")
+    one_line(_cli("fleet", "export", fleet_dir, "-t", "tensorrt"), "tensorrt")
+    document = json.loads((fleet_dir / "fleet.json").read_text())
+    document["devices"][0]["checkpoint"] = "../../etc"
+    (fleet_dir / "fleet.json").write_text(json.dumps(document))
+    one_line(_cli("fleet", "train", fleet_dir), "devices[0].checkpoint", "inside the fleet directory")
+    (fleet_dir / "fleet.json").write_text('{"format": "keyedge-fleet/1", "devi')
+    one_line(_cli("fleet", "status", fleet_dir), "fleet.json")
+
+
+@pytest.fixture(scope="module")
+def fleet_document(tmp_path_factory):
+    directory = _init(tmp_path_factory.mktemp("fleet-doc") / "fleet", devices=2)
+    document = json.loads((directory / "fleet.json").read_text())
+    document["devices"][0]["trained"] = {"sha256": "0" * 64, "epoch": 1, "test_accuracy": 0.5}
+    document["devices"][0]["failed"] = {"export": {"error": "no space left on device", "attempts": 2}}
+    return document
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fleet_manifest_reader_never_crashes(fleet_document, data, fuzz_document, tmp_path):
+    def read(document):
+        (tmp_path / "fleet.json").write_text(json.dumps(document))
+        fleet = Fleet.read(tmp_path)
+        from keyedge.app.fleet import status_rows
+
+        status_rows(fleet)  # what `fleet status` shows of it
+
+    fuzz_document(read, fleet_document, data)
+
+
+def test_fleet_reader_names_a_bad_field(fleet_document, tmp_path):
+    document = json.loads(json.dumps(fleet_document))
+    document["devices"][1]["fingerprint"] = document["devices"][0]["fingerprint"][:8]
+    (tmp_path / "fleet.json").write_text(json.dumps(document))
+    with pytest.raises(KeyedgeError, match=r"devices\[1\]\.fingerprint"):
+        Fleet.read(tmp_path)
