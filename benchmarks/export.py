@@ -10,7 +10,14 @@ precision); verification itself (identical for both) is not timed.  For the last
 the two artifacts' node counts are compared and their inference latency is timed
 interleaved (batch 1, 2 threads, onnxruntime and OpenVINO): template/full must be ~1.
 
+With ``--end-to-end`` it times what ``keyedge export --runs --keys`` does for N keys instead:
+checkpoints on disk, each loaded, exported, inspected and verified (random and real images), per
+target and for ONNX + OpenVINO together, full vs template; CoreML is converted in full either way
+(timed once).  From the per-key cost it projects a fleet of ``--project-keys`` on ``--project-workers``
+Ray workers (each builds its own template once).
+
 Run: ``python -m keyedge.benchmarks.export [--keys 10] [--models vit_tiny_patch16_224,tf_efficientnet_lite0]``
+``[--end-to-end --targets onnx,openvino,coreml]``
 """
 
 from __future__ import annotations
@@ -104,6 +111,30 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
     return result
 
 
+def end_to_end(model_name: str, count: int, size: int, targets: list[str], work: Path) -> dict:
+    """Seconds per key of ``export_many`` over ``count`` checkpoints, verification included: full vs template."""
+    from keyedge.benchmarks.workbench import untrained_checkpoint
+    from keyedge.deploy.export import ExportRequest, ExportSettings, export_many
+
+    requests = []
+    for i, model in enumerate(_variants(model_name, count, size)):
+        checkpoint = untrained_checkpoint(work / f"ckpt-{i}", model)
+        requests.append(ExportRequest(checkpoint, Key.from_secret(bytes([i + 1]) * 32, 4)))
+    runs = [[t] for t in targets] + ([["onnx", "openvino"]] if {"onnx", "openvino"} <= set(targets) else [])
+    result: dict = {"model": model_name, "keys": count, "image_size": size, "per_key_s": {}}
+    for run in runs:
+        label = "+".join(run)
+        result["per_key_s"][label] = {}
+        modes = ("full",) if run == ["coreml"] else ("full", "template")  # CoreML is never templated
+        for mode in modes:
+            settings = ExportSettings(targets=run, out=work / f"out-{label}-{mode}", template=mode == "template")
+            start = time.perf_counter()
+            export_many(requests, settings)
+            result["per_key_s"][label][mode] = (time.perf_counter() - start) / count
+            shutil.rmtree(settings.out)
+    return result
+
+
 def _compare_artifacts(full_dir: Path, tmpl_dir: Path, x: np.ndarray, rounds: int = 15, calls: int = 20):
     """ONNX node counts of both artifacts; per runtime, the template/full latency ratio over interleaved rounds."""
     import onnx
@@ -154,7 +185,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--keys", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--end-to-end", action="store_true", help="time export_many with verification (see above)")
+    parser.add_argument("--targets", default="onnx,openvino,coreml", help="--end-to-end: targets to time")
+    parser.add_argument("--project-keys", type=int, default=1000)
+    parser.add_argument("--project-workers", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.end_to_end:
+        return _main_end_to_end(args)
     print(
         f"export benchmark: {args.keys} keys per model, {args.image_size}x{args.image_size}, batch 1, fp32, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -177,6 +214,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"  {model_name:>24} latency template/full {runtime}: {r['median']:.3f} "
                     f"(p10-p90 {r['p10']:.3f}-{r['p90']:.3f}, {r['rounds']} interleaved rounds)"
                 )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _main_end_to_end(args) -> list[dict]:
+    from keyedge.exporters import get_backend
+
+    targets = [t for t in args.targets.split(",") if get_backend(t).available()[0]]
+    print(
+        f"end-to-end export: {args.keys} checkpoints per model, {args.image_size}x{args.image_size}, batch 1, fp32, "
+        f"verified on 8 random + 8 real images, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"targets {', '.join(targets)}"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in args.models.split(","):
+            work = Path(tmp) / model_name
+            work.mkdir()
+            res = end_to_end(model_name, args.keys, args.image_size, targets, work)
+            results.append(res)
+            for label, modes in res["per_key_s"].items():
+                shown = ", ".join(f"{mode} {s:5.2f} s/key" for mode, s in modes.items())
+                print(f"  {model_name:>24} {label:>15}: {shown}")
+            per_key = sum(
+                modes.get("template", modes["full"])
+                for label, modes in res["per_key_s"].items()
+                if "+" not in label and label != "onnx" and label != "openvino"
+            ) + res["per_key_s"].get("onnx+openvino", {}).get("template", 0.0)
+            hours = per_key * args.project_keys / args.project_workers / 3600
+            res["projection"] = {"keys": args.project_keys, "workers": args.project_workers, "hours": hours}
+            print(
+                f"  {model_name:>24} projection: {args.project_keys} keys x {per_key:.2f} s/key (all targets, "
+                f"template where it applies) / {args.project_workers} workers = {hours * 60:.1f} min "
+                "(one such worker per Ray job; training not included)"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
