@@ -12,8 +12,8 @@ interleaved (batch 1, 2 threads, onnxruntime and OpenVINO): template/full must b
 
 With ``--end-to-end`` it times what ``keyedge export --runs --keys`` does for N keys instead:
 checkpoints on disk, each loaded, exported, inspected and verified (random and real images), per
-target and for ONNX + OpenVINO together, full vs template; CoreML is converted in full either way
-(timed once).  From the per-key cost it projects a fleet of ``--project-keys`` on ``--project-workers``
+target and for all targets together, full vs template.  From the per-key cost (all targets,
+template) it projects a fleet of ``--project-keys`` on ``--project-workers``
 Ray workers (each builds its own template once).
 
 Run: ``python -m keyedge.benchmarks.export [--keys 10] [--models vit_tiny_patch16_224,tf_efficientnet_lite0]``
@@ -120,13 +120,12 @@ def end_to_end(model_name: str, count: int, size: int, targets: list[str], work:
     for i, model in enumerate(_variants(model_name, count, size)):
         checkpoint = untrained_checkpoint(work / f"ckpt-{i}", model)
         requests.append(ExportRequest(checkpoint, Key.from_secret(bytes([i + 1]) * 32, 4)))
-    runs = [[t] for t in targets] + ([["onnx", "openvino"]] if {"onnx", "openvino"} <= set(targets) else [])
+    runs = [[t] for t in targets] + ([list(targets)] if len(targets) > 1 else [])  # each alone, then together
     result: dict = {"model": model_name, "keys": count, "image_size": size, "per_key_s": {}}
     for run in runs:
         label = "+".join(run)
         result["per_key_s"][label] = {}
-        modes = ("full",) if run == ["coreml"] else ("full", "template")  # CoreML is never templated
-        for mode in modes:
+        for mode in ("full", "template"):
             settings = ExportSettings(targets=run, out=work / f"out-{label}-{mode}", template=mode == "template")
             start = time.perf_counter()
             export_many(requests, settings)
@@ -238,16 +237,12 @@ def _main_end_to_end(args) -> list[dict]:
             for label, modes in res["per_key_s"].items():
                 shown = ", ".join(f"{mode} {s:5.2f} s/key" for mode, s in modes.items())
                 print(f"  {model_name:>24} {label:>15}: {shown}")
-            per_key = sum(
-                modes.get("template", modes["full"])
-                for label, modes in res["per_key_s"].items()
-                if "+" not in label and label != "onnx" and label != "openvino"
-            ) + res["per_key_s"].get("onnx+openvino", {}).get("template", 0.0)
+            per_key = res["per_key_s"]["+".join(targets)]["template"]
             hours = per_key * args.project_keys / args.project_workers / 3600
             res["projection"] = {"keys": args.project_keys, "workers": args.project_workers, "hours": hours}
             print(
                 f"  {model_name:>24} projection: {args.project_keys} keys x {per_key:.2f} s/key (all targets, "
-                f"template where it applies) / {args.project_workers} workers = {hours * 60:.1f} min "
+                f"template) / {args.project_workers} workers = {hours * 60:.1f} min "
                 "(one such worker per Ray job; training not included)"
             )
     if args.json:

@@ -160,7 +160,8 @@ class ExportBackend(abc.ABC):
     export_modules: tuple[str, ...] = ()
     runtime_modules: tuple[str, ...] = ()
     runtime: str = ""  # the runtime's name in device profiles (onnxruntime, openvino, coreml)
-    #: whether :meth:`export_from_template` can write a key's artifact from an architecture's ONNX template
+    #: whether :meth:`template_for` / :meth:`export_from_template` write a key's artifact from its architecture's
+    #: fleet template (keyedge.exporters.template)
     supports_template: bool = False
     #: whether the target's accelerators run a gather (CoreML's Neural Engine does not: ``--fuse auto`` uses conv)
     runs_gather: bool = True
@@ -242,13 +243,15 @@ class ExportBackend(abc.ABC):
         """Every path an export to ``path`` writes (the artifact and its companions)."""
         return [path]
 
+    def template_for(self, cache: dict, ident: tuple, module: torch.nn.Module, options: ExportOptions) -> Any:
+        """The fleet template of ``module``'s architecture ``ident`` (built into ``cache`` the first time), or None
+        when ``module`` does not fit it: then the key is exported in full."""
+        return None
+
     def export_from_template(
         self, template: Any, module: torch.nn.Module, path: Path, options: ExportOptions
     ) -> list[Path]:
-        """Write ``module``'s artifact from an :class:`~keyedge.exporters.template.OnnxTemplate` of its architecture.
-
-        Only for backends with ``supports_template``; the module must fit the template.
-        """
+        """Write ``module``'s artifact from the template :meth:`template_for` returned for it."""
         raise ExportError(f"the {self.name} target does not export from templates", "export in full")
 
     def _check_export(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,6 +74,7 @@ class CoreMLBackend(ExportBackend):
 
     name = "coreml"
     extra = "coreml"
+    supports_template = True  # MilTemplate: trace and frontend once per architecture
     suffix = ".mlpackage"
     runtime = "coreml"
     runs_gather = False  # the Neural Engine runs no gather: it falls back to the CPU
@@ -111,33 +113,43 @@ class CoreMLBackend(ExportBackend):
         return super().can_run()
 
     # ---- export ---------------------------------------------------------------------------
+    def _convert_options(self, options: ExportOptions) -> dict[str, Any]:
+        """``coremltools.convert``'s options of a keyedge export (one place: full exports and fleet templates)."""
+        ct = self.require("coremltools")
+        size = options.image_size
+        batch = ct.RangeDim(lower_bound=1, upper_bound=self.max_batch, default=1) if options.dynamic else options.batch
+        return {
+            "minimum_deployment_target": ct.target.macOS13,
+            "inputs": [ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
+            "outputs": [ct.TensorType(name=options.output_name, dtype=np.float32)],
+            "compute_precision": ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32,
+        }
+
+    def _trace(self, module: nn.Module, options: ExportOptions) -> Any:
+        """The TorchScript trace of ``module``, checked against it on probe inputs (tracing freezes branches)."""
+        with torch.no_grad():
+            program: Any = torch.jit.trace(module, options.example_input(), check_trace=False)
+            check_reproduces(module, lambda x: program(torch.from_numpy(x)).numpy(), options, "the TorchScript trace")
+        return program
+
     def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
         ct = self.require("coremltools")
         example = options.example_input()
-        size = options.image_size
-        batch = ct.RangeDim(lower_bound=1, upper_bound=self.max_batch, default=1) if options.dynamic else options.batch
-        precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
 
         def convert(source: str) -> Any:
             if source == "jit.trace":
-                program: Any = torch.jit.trace(module, example, check_trace=False)
-                check_reproduces(
-                    module, lambda x: program(torch.from_numpy(x)).numpy(), options, "the TorchScript trace"
-                )
+                program = self._trace(module, options)
             else:
                 dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
                 program = torch.export.export(module, (example,), dynamic_shapes=dynamic).run_decompositions({})
-            return ct.convert(
-                program,
-                convert_to="mlprogram",
-                minimum_deployment_target=ct.target.macOS13,
-                inputs=[ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
-                outputs=[ct.TensorType(name=options.output_name, dtype=np.float32)],
-                compute_precision=precision,
-                skip_model_load=True,
-            )
+            return ct.convert(program, convert_to="mlprogram", skip_model_load=True, **self._convert_options(options))
 
         mlmodel, used, errors = first_that_works("coreml", self.sources, convert)
+        return self._save(mlmodel, path, options, used, errors)
+
+    def _save(
+        self, mlmodel: Any, path: Path, options: ExportOptions, used: str, errors: Sequence[str] = ()
+    ) -> list[Path]:
         meta = mlmodel.user_defined_metadata
         meta["keyedge.precision"] = options.precision
         meta["keyedge.source"] = used
@@ -146,6 +158,20 @@ class CoreMLBackend(ExportBackend):
             meta["keyedge.notes"] = f"converted from {used}; " + "; ".join(errors)
         mlmodel.save(str(path))
         return [path]
+
+    # ---- fleet templates --------------------------------------------------------------------
+    def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
+        key = ("coreml", *ident)
+        if key not in cache:
+            try:
+                cache[key] = MilTemplate.build(self, module, options)
+            except ExportError:
+                cache[key] = None  # the trace does not reproduce the module: each key in full (torch.export)
+        template = cache[key]
+        return template if template is not None and template.fits(module) else None
+
+    def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        return template.instantiate(self, module, path, options)
 
     # ---- inference (macOS) ----------------------------------------------------------------
     def devices(self) -> list[str]:
@@ -330,3 +356,101 @@ def _block_nodes(block: Any) -> list[Node]:
         for inner in op.blocks:
             nodes += _block_nodes(inner)
     return nodes
+
+
+@dataclass
+class MilTemplate:
+    """One architecture's MIL program as coremltools' torch frontend writes it, before any optimization pass.
+
+    Its ``const`` ops are named after the module's parameters and buffers (``shuffle.index``,
+    ``backbone.conv_stem.weight``...).  A key's package is a copy of the program with its own tensors
+    substituted by name, then ``coremltools.convert`` with the default pass pipeline -- the passes a
+    full conversion runs after the same frontend.  Measured (EfficientNet-Lite0): ``weights/weight.bin``
+    is byte-for-byte the full conversion's and the program differs only in the names coremltools
+    generates for folded constants (``const_39`` / ``const_0_1``); the trace and the frontend, about
+    40% of a full conversion, run once per architecture.
+    """
+
+    program: Any
+    signature: dict[str, tuple[tuple[int, ...], str]]  # const name -> (shape, dtype)
+
+    @classmethod
+    def build(cls, backend: CoreMLBackend, module: nn.Module, options: ExportOptions) -> MilTemplate:
+        ct = backend.require("coremltools")
+        program = ct.convert(
+            backend._trace(module, options),
+            convert_to="milinternal",
+            pass_pipeline=ct.PassPipeline.EMPTY,
+            **backend._convert_options(options),
+        )
+        signature = {
+            op.name: (tuple(np.shape(op.outputs[0].val)), str(np.asarray(op.outputs[0].val).dtype))
+            for op in _consts(program)
+        }
+        return cls(program, signature)
+
+    def fits(self, module: nn.Module) -> bool:
+        """True when every tensor ``module`` computes with is a named const of the same shape and dtype."""
+        from keyedge.exporters.template import module_tensors
+
+        tensors = {k: v for k, v in module_tensors(module).items() if not k.endswith("num_batches_tracked")}
+        return bool(tensors) and all(k in self.signature and self._value(k, v) is not None for k, v in tensors.items())
+
+    def _value(self, name: str, tensor: np.ndarray) -> np.ndarray | None:
+        """``tensor`` as the template's const ``name`` holds it: same shape, in its dtype (the frontend stores
+        int64 indices as int32) when that is exact; None otherwise."""
+        shape, dtype = self.signature[name]
+        if tuple(tensor.shape) != shape:
+            return None
+        value = np.ascontiguousarray(tensor).astype(dtype, copy=False)
+        return value if value.dtype == tensor.dtype or np.array_equal(value, tensor) else None
+
+    def instantiate(self, backend: CoreMLBackend, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        from keyedge.exporters.template import module_tensors
+
+        ct = backend.require("coremltools")
+        tensors = module_tensors(module)
+        program = _copy_program(self.program)
+        for op in _consts(program):
+            if op.name in tensors:
+                value = self._value(op.name, tensors[op.name])
+                op.val._sym_val.val = value  # the const's attribute and its output, as the frontend set them
+                op.outputs[0]._sym_val.val = value
+        options_ = {k: v for k, v in backend._convert_options(options).items() if k not in ("inputs", "outputs")}
+        mlmodel = ct.convert(program, convert_to="mlprogram", skip_model_load=True, **options_)
+        meta = mlmodel.user_defined_metadata  # what a full conversion records
+        meta["com.github.apple.coremltools.source"] = f"torch=={torch.__version__}"
+        meta["com.github.apple.coremltools.source_dialect"] = "TorchScript"
+        return backend._save(mlmodel, path, options, "jit.trace+fleet-template")
+
+
+def _consts(program: Any) -> list[Any]:
+    return [op for function in program.functions.values() for op in function.operations if op.op_type == "const"]
+
+
+def _copy_program(program: Any) -> Any:
+    """A deep copy of a MIL program: its op graph nests as deep as the network, so copy in a thread with a big stack."""
+    import copy
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["program"] = copy.deepcopy(program)
+        except BaseException as exc:  # re-raised in the caller's thread
+            result["error"] = exc
+
+    limit, size = sys.getrecursionlimit(), threading.stack_size()
+    sys.setrecursionlimit(max(limit, 1_000_000))
+    threading.stack_size(1 << 30)  # virtual: only the pages the copy touches are used
+    try:
+        thread = threading.Thread(target=work, name="keyedge-copy-mil")
+        thread.start()
+    finally:
+        threading.stack_size(size)
+    thread.join()
+    sys.setrecursionlimit(limit)
+    if "error" in result:
+        raise ExportError(f"cannot copy the CoreML fleet template ({one_line(result['error'])})", "export in full")
+    return result["program"]

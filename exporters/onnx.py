@@ -187,6 +187,11 @@ class OnnxBackend(ExportBackend):
         onnx.checker.check_model(str(path), full_check=True)
         return [p for p in self.planned_outputs(path) if p.exists()]
 
+    def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
+        from keyedge.exporters.template import OnnxTemplate
+
+        return OnnxTemplate.for_module(cache, ("onnx", *ident), module, options)  # one for ONNX and OpenVINO
+
     def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
         return template.instantiate(module, path, options)
 

@@ -149,6 +149,11 @@ class OpenVinoBackend(ExportBackend):
         ov.save_model(model, str(path), compress_to_fp16=options.precision == "fp16")
         return self.planned_outputs(path)
 
+    def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
+        from keyedge.exporters.template import OnnxTemplate
+
+        return OnnxTemplate.for_module(cache, ("onnx", *ident), module, options)  # one for ONNX and OpenVINO
+
     def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
         from keyedge.exporters.template import openvino_from_template
 

@@ -22,9 +22,10 @@ one architecture differ only in constants -- the gather's index vector and the
 * **OpenVINO**: read from the key's ONNX artifact (``Core.read_model``: OpenVINO's ONNX
   frontend, without ``convert_model``'s offline passes, which the CPU plugin applies
   when compiling) and saved as IR; not traced from torch again.
-* **CoreML**: not templated: an ``.mlpackage`` stores weights in a blob whose layout
-  the converter decides, and coremltools offers no supported way to swap them, so
-  each key is converted in full.
+* **CoreML**: :class:`keyedge.exporters.coreml.MilTemplate`: the torch frontend's MIL program
+  (before any pass; its consts are named after the module's tensors) is made once, and each key's
+  package is a copy with the key's tensors, run through the default pass pipeline -- the weight
+  blob is byte-for-byte a full conversion's (tested).
 
 A template is used only when the module's named tensors match the template's
 initializers exactly (same names, shapes and dtypes); anything else falls back to a

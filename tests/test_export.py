@@ -25,8 +25,10 @@ from keyedge.models.lora import apply_lora, lora_settings
 runner = CliRunner()
 
 
-def make_checkpoint(directory: Path, model_name: str, key=None, *, finetune: str = "full", weights: str = "none"):
-    torch.manual_seed(0)
+def make_checkpoint(
+    directory: Path, model_name: str, key=None, *, finetune: str = "full", weights: str = "none", seed: int = 0
+):
+    torch.manual_seed(seed)  # the random weights: another seed, other "fine-tuned" weights
     model = build_model(model_name, 10, key=key, weights=weights, image_size=32)
     lora = None
     if finetune == "lora":
@@ -256,8 +258,8 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
     requests = []
     for tag in (1, 2, 3):
         key = make_key(4, tag=tag)
-        torch.manual_seed(tag)  # different fine-tuned weights per key
-        requests.append(ExportRequest(make_checkpoint(tmp_path / f"k{tag}", "test_efficientnet", key), key))
+        checkpoint = make_checkpoint(tmp_path / f"k{tag}", "test_efficientnet", key, seed=tag)  # own weights per key
+        requests.append(ExportRequest(checkpoint, key))
     fleet = export_many(requests, ExportSettings(targets=["openvino", "onnx"], out=tmp_path / "fleet"))
     full = export_one(requests[2], ExportSettings(targets=["onnx", "openvino"], out=tmp_path / "full"))
     manifests = [json.loads((d / "manifest.json").read_text()) for d in fleet]
@@ -288,6 +290,39 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
     (ops_t, inits_t), (ops_f, inits_f) = graph(fleet[2]), graph(full)
     assert ops_t == ops_f and "BatchNormalization" not in ops_t
     assert sorted(v.shape for v in inits_t.values()) == sorted(v.shape for v in inits_f.values())
+
+
+@pytest.mark.slow
+def test_coreml_fleet_template_writes_the_full_conversions_weights(tmp_path, make_key):
+    """CoreML keys from the MIL template: the weight blob a full conversion writes, byte for byte, the same program."""
+    pytest.importorskip("coremltools")
+    from coremltools.proto import Model_pb2
+
+    from keyedge.deploy.export import export_many
+
+    requests = []
+    for tag in (1, 2):
+        key = make_key(4, tag=tag)
+        checkpoint = make_checkpoint(tmp_path / f"k{tag}", "test_efficientnet", key, seed=tag)
+        requests.append(ExportRequest(checkpoint, key))
+    fleet = export_many(requests, ExportSettings(targets=["coreml"], out=tmp_path / "fleet"))
+    full = export_one(requests[1], ExportSettings(targets=["coreml"], out=tmp_path / "full"))
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (*fleet, full)]
+    assert [m["targets"]["coreml"]["source"] for m in manifests] == ["fleet-template", "fleet-template", "full-export"]
+    assert all(m["targets"]["coreml"]["graph"]["gathers_on_input"] == 1 for m in manifests)
+
+    def package(directory):
+        data = directory / "model.mlpackage" / "Data" / "com.apple.CoreML"
+        spec = Model_pb2.Model()
+        spec.ParseFromString((data / "model.mlmodel").read_bytes())
+        main = spec.mlProgram.functions["main"]
+        ops = [op.type for op in main.block_specializations[main.opset].operations]
+        return ops, (data / "weights" / "weight.bin").read_bytes()
+
+    (ops_t, blob_t), (ops_f, blob_f), (_, blob_other) = package(fleet[1]), package(full), package(fleet[0])
+    assert ops_t == ops_f and len(ops_t) > 50
+    assert blob_t == blob_f, "the template writes the weights a full conversion of the same key writes"
+    assert blob_other != blob_t, "each key's package holds its own weights"
 
 
 def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):

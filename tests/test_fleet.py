@@ -242,3 +242,25 @@ def test_fleet_reader_names_a_bad_field(fleet_document, tmp_path):
     (tmp_path / "fleet.json").write_text(json.dumps(document))
     with pytest.raises(KeyedgeError, match=r"devices\[1\]\.fingerprint"):
         Fleet.read(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_lost_ray_worker_is_a_failed_attempt(local_ray):
+    """A worker that dies mid-job (killed, out of memory) is retried, then reported; the other jobs are unaffected."""
+    import functools
+    import os
+
+    from keyedge.app.engine import Job, RayEngine
+
+    engine = RayEngine(None, cpus_per_job=1)  # joins the test's Ray instance
+    seen = []
+    outcomes = engine.run(
+        [Job("dies", functools.partial(os._exit, 3), {}), Job("works", dict, {"answer": 42})],
+        retries=1,
+        on_done=seen.append,
+    )
+    by_name = {o.name: o for o in outcomes}
+    assert by_name["works"].ok and by_name["works"].result == {"answer": 42}
+    assert not by_name["dies"].ok and by_name["dies"].attempts == 2 and "worker was lost" in by_name["dies"].error
+    assert [o.name for o in seen] == [o.name for o in outcomes]
+    assert not engine.started  # it joined the running instance: closing it must not stop that

@@ -374,20 +374,24 @@ def verify_job(directory: str, key_file: str, log_file: str):
     return {"sha256": sha256_file(Path(directory) / "manifest.json"), "files": result["files"], "parity": parity}
 
 
-def other_key_job(checkpoint: str, other_key_file: str | None, block_size: int, log_file: str):
-    """Top-1 of one device's model when its inputs are shuffled with another key (the key-diversity check)."""
+def other_key_job(
+    checkpoint: str,
+    other_key_file: str | None,
+    block_size: int,
+    data: str,
+    test_limit: int | None,
+    seed: int,
+    log_file: str,
+):
+    """Top-1 of one device's model on the recipe's test images shuffled with another key (key diversity)."""
     from keyedge.data.datasets import load_dataset
     from keyedge.keys.keyfile import Key, load_key
-    from keyedge.models.checkpoint import MANIFEST, load_checkpoint, read_manifest
+    from keyedge.models.checkpoint import MANIFEST, load_checkpoint
     from keyedge.training.loop import evaluate
 
     other = load_key(other_key_file) if other_key_file else Key.generate(block_size)  # a one-device fleet
-    manifest = read_manifest(checkpoint)
-    config = manifest.training.get("config", {})
     model, _ = load_checkpoint(checkpoint, other, allow_key_mismatch=True)
-    data, _ = load_dataset(
-        config["data"], "test", model.spec.image_size, limit=config.get("test_limit"), seed=config.get("seed", 0)
-    )
+    data, _ = load_dataset(data, "test", model.spec.image_size, limit=test_limit, seed=seed)
     accuracy = evaluate(model, data)["accuracy"]
     _logger(log_file)(f"top-1 with key {other.fingerprint}: {accuracy:.2%} on {len(data)} test images")
     return {
@@ -480,6 +484,7 @@ def train_stage(fleet: Fleet, engine, *, retries: int = 1, device: str = "auto",
             result.skipped.append(d.name)
         elif state == "blocked":
             result.failed[d.name] = detail
+            d.failed = {**(d.failed or {}), "train": {"error": detail, "attempts": 0}}
         else:
             kwargs = {
                 "checkpoint": str(fleet.path(d.checkpoint).resolve()),
@@ -643,6 +648,9 @@ def report_stage(
             "checkpoint": str(fleet.path(d.checkpoint).resolve()),
             "other_key_file": str(fleet.path(other.key_file).resolve()) if other is not d else None,
             "block_size": fleet.block_size,
+            "data": fleet.recipe.data,
+            "test_limit": fleet.recipe.test_limit,
+            "seed": fleet.recipe.seed,
             "log_file": _log_file(fleet, d, "report"),
         }
         jobs.append(Job(d.name, other_key_job, kwargs))

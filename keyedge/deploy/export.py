@@ -214,16 +214,11 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
     deploy = defense.deployable(model, request.key, settings.fuse)
     options = ExportOptions(batch=settings.batch, precision=settings.precision, image_size=model.spec.image_size)
     with staged_directory(final, overwrite=settings.overwrite, log=settings.log) as staging:  # 0700: keyed files
-        template = None
-        if templates is not None and settings.template and options.precision == "fp32" and settings.seal is None:
-            from keyedge.exporters.template import OnnxTemplate
-
-            spec = model.spec
-            ident = (spec.name, spec.image_size, spec.num_classes, deploy.fuse, options.batch, options.precision)
-            template = OnnxTemplate.for_module(templates, ident, deploy.module, options)
+        use_templates = settings.template and options.precision == "fp32" and settings.seal is None
+        fleet = templates if use_templates else None
         plaintexts: dict[str, dict[str, bytes]] = {}
         record = _export_targets(
-            model, deploy, backends, options, staging, manifest, request, settings, note, template, plaintexts
+            model, deploy, backends, options, staging, manifest, request, settings, note, fleet, plaintexts
         )
         if settings.seal is not None:
             _seal_targets(record, plaintexts, settings.seal, staging)
@@ -280,11 +275,15 @@ def _export_targets(
     request: ExportRequest,
     settings: ExportSettings,
     key_note: str | None,
-    template: Any = None,
+    templates: dict[tuple, Any] | None = None,
     plaintexts: dict[str, dict[str, bytes]] | None = None,
 ) -> ArtifactManifest:
     """Export, inspect and verify every target; a sealed export keeps each target's files in memory only,
-    returned in ``plaintexts`` (target -> file name -> bytes) for sealing."""
+    returned in ``plaintexts`` (target -> file name -> bytes) for sealing.
+
+    With a fleet's ``templates`` cache, a backend that supports templates writes the key's artifact from its
+    architecture's template (built once per architecture, fuse and batch) when the module fits it.
+    """
     generator = torch.Generator().manual_seed(0)
     size = model.spec.image_size
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=generator).numpy()
@@ -297,7 +296,12 @@ def _export_targets(
         target_deploy = deploy
         if settings.fuse == "auto" and deploy.fuse == "gather" and not backend.runs_gather:
             target_deploy = conv_variant(deploy.module, request.key)  # no gather reaches the accelerator
-        templated = template is not None and backend.supports_template
+        template = None
+        if templates is not None and backend.supports_template:
+            spec = model.spec
+            ident = (spec.name, spec.image_size, spec.num_classes, target_deploy.fuse, options.batch, options.precision)
+            template = backend.template_for(templates, ident, target_deploy.module, options)
+        templated = template is not None
         settings.log(
             f"  {backend.name}: exporting ({target_deploy.fuse}{', from the fleet template' if templated else ''})"
         )
