@@ -290,6 +290,22 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
     (ops_t, inits_t), (ops_f, inits_f) = graph(fleet[2]), graph(full)
     assert ops_t == ops_f and "BatchNormalization" not in ops_t
     assert sorted(v.shape for v in inits_t.values()) == sorted(v.shape for v in inits_f.values())
+    # OpenVINO: the template's IR is OpenVINO's ONNX frontend on that same graph, op for op
+    import collections
+
+    import openvino as ov
+
+    from keyedge.exporters import ExportOptions
+    from keyedge.exporters.template import openvino_from_onnx
+
+    reference_xml = openvino_from_onnx(
+        full / "model.onnx", tmp_path / "ref.xml", ExportOptions(batch=1, image_size=32)
+    )[0]
+
+    def ov_ops(path):
+        return collections.Counter(n.get_type_name() for n in ov.Core().read_model(str(path)).get_ordered_ops())
+
+    assert ov_ops(fleet[2] / "model.xml") == ov_ops(reference_xml)
 
 
 @pytest.mark.slow
