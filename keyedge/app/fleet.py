@@ -182,6 +182,10 @@ def init_fleet(directory: Path, names: list[str], block_size: int, recipe: Recip
     check_model_name(recipe.model)  # a typo is said now, not after N keys were made
     if recipe.epochs < 1 or recipe.batch_size < 1:
         raise KeyedgeError("--epochs and --batch-size must be positive")
+    if recipe.finetune == "lora" and recipe.weights == "none":
+        raise KeyedgeError(
+            "LoRA adapts pretrained weights, and --weights none gives none", "pass --weights, or --finetune full"
+        )
     if (directory / FLEET_MANIFEST).exists():
         raise OutputError(
             f"{directory} already holds a fleet", "continue it with `keyedge fleet train`, or choose another directory"
@@ -461,7 +465,8 @@ def _run(
             result.done.append(device.name)
         else:
             failures[stage] = {"error": outcome.error, "attempts": outcome.attempts}
-            result.failed[device.name] = f"{outcome.error} (after {outcome.attempts} attempts)"
+            tries = f"{outcome.attempts} attempt{'s' if outcome.attempts != 1 else ''}"
+            result.failed[device.name] = f"{outcome.error} (after {tries})"
         device.failed = failures or None
         fleet.write()
         on_event("done", outcome)
@@ -481,11 +486,13 @@ def train_stage(fleet: Fleet, engine, *, retries: int = 1, device: str = "auto",
         state, detail = checkpoint_state(fleet, d)
         if state == "done":
             _record_trained(fleet, d)
+            _clear_failure(d, "train")
             result.skipped.append(d.name)
         elif state == "blocked":
             result.failed[d.name] = detail
             d.failed = {**(d.failed or {}), "train": {"error": detail, "attempts": 0}}
         else:
+            d.trained = None  # what is on disk is not (or no longer) a finished checkpoint
             kwargs = {
                 "checkpoint": str(fleet.path(d.checkpoint).resolve()),
                 "key_file": str(fleet.path(d.key_file).resolve()),
@@ -503,6 +510,12 @@ def train_stage(fleet: Fleet, engine, *, retries: int = 1, device: str = "auto",
     _run(fleet, "train", jobs, engine, retries, result, record, on_event)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _clear_failure(d: Device, stage: str) -> None:
+    """A stage found done on disk has no failure left to report."""
+    if d.failed and stage in d.failed:
+        d.failed = {k: v for k, v in d.failed.items() if k != stage} or None
 
 
 def _record_trained(fleet: Fleet, d: Device) -> None:
@@ -540,6 +553,7 @@ def export_stage(
         state, detail = export_state(fleet, d, targets, fuse, precision, sets)
         if state == "done":
             _record_exported(fleet, d, sets[d.fingerprint])
+            _clear_failure(d, "export")
             result.skipped.append(d.name)
         elif state == "waiting":
             result.waiting[d.name] = detail

@@ -136,11 +136,20 @@ def train(
     cpus_per_job: float = CPUS,
     gpus_per_job: float = GPUS,
     retries: int = RETRIES,
-    device: str = typer.Option("auto", "--device", help="Torch device of each job (local engine)."),
+    device: str = typer.Option(
+        "auto", "--device", help="Torch device of each job (local engine; on Ray: --gpus-per-job decides)."
+    ),
 ) -> None:
     """Fine-tune one model per key; finished keys are left alone, unfinished ones resumed."""
     from keyedge.app.fleet import train_stage
 
+    if engine == "ray" and device not in ("auto", "cpu") and not gpus_per_job:
+        from keyedge.errors import KeyedgeError
+
+        raise KeyedgeError(
+            f"--device {device} with --engine ray: Ray gives a job a GPU only when asked",
+            "pass --gpus-per-job 1 (jobs then train on the GPU Ray assigns)",
+        )
     with _session(directory, engine, address, cpus_per_job, gpus_per_job) as (fleet, runner), _progress("train") as ev:
         chosen = device if engine == "local" else ("cuda" if gpus_per_job > 0 else "cpu")
         result = train_stage(fleet, runner, retries=retries, device=chosen, on_event=ev)
