@@ -37,7 +37,7 @@ from typing import Any
 
 from keyedge.app.engine import Job, Outcome
 from keyedge.errors import KeyedgeError, OutputError
-from keyedge.fileio import sha256_file, staged_directory, write_bytes_atomic
+from keyedge.fileio import note_kept, sha256_file, staged_directory, write_bytes_atomic
 from keyedge.validate import FINGERPRINT, SHA256, read_dataclass, read_json
 
 FLEET_FORMAT = "keyedge-fleet/1"
@@ -506,6 +506,7 @@ def train_stage(fleet: Fleet, engine, *, retries: int = 1, device: str = "auto",
 
     def record(d: Device, outcome: Outcome) -> None:
         d.trained = {**outcome.result, "seconds": round(outcome.seconds, 2)}
+        note_kept(fleet.path(d.checkpoint).resolve(), f"{d.name}'s checkpoint; a rerun leaves it as it is")
 
     _run(fleet, "train", jobs, engine, retries, result, record, on_event)
     result.seconds = time.perf_counter() - started
@@ -583,6 +584,7 @@ def export_stage(
         r["path"] = os.path.relpath(r["path"], fleet.directory.resolve())
         d.exported = {**r, "seconds": round(outcome.seconds, 2)}
         d.verified = None  # a new set: verify it again
+        note_kept(fleet.directory.resolve() / r["path"], f"{d.name}'s artifact set")
 
     _run(fleet, "export", jobs, engine, retries, result, record, on_event)
     result.seconds = time.perf_counter() - started
