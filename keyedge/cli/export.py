@@ -48,7 +48,7 @@ def export(
         True,
         "--template/--no-template",
         help="Several keys of one architecture: trace once, "
-        "write each key's ONNX/OpenVINO artifact from that template.",
+        "write each key's ONNX/OpenVINO/CoreML artifact from that template.",
     ),
     sign_key: Path | None = typer.Option(
         None,

@@ -162,7 +162,7 @@ class ExportSettings:
     overwrite: bool = False
     random_inputs: int = 8
     real_inputs: int = 8
-    template: bool = True  # fleet export: trace once per architecture (keyedge.exporters.template)
+    template: bool = True  # fleet export: trace once per architecture (keyedge.exporters.template, MilTemplate)
     seal: SealKey | None = None  # write every model file sealed (AES-256-GCM), never in plaintext on disk
     sign: Any = None  # a keyedge.keys.signing.SigningKey: write manifest.sig (Ed25519) beside the manifest
     log: Callable[[str], None] = field(default=lambda _line: None)
