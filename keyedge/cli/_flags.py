@@ -1,4 +1,4 @@
-"""Retired flag spellings: hidden options that fail with one line naming the flag to use instead."""
+"""Flags shared by commands: retired spellings (hidden, one-line refusal) and the --target list."""
 
 from __future__ import annotations
 
@@ -17,3 +17,16 @@ def retired(*names: str, message: str, hint: str, flag: bool = False) -> Any:
             raise KeyedgeError(message, hint)
 
     return typer.Option(False if flag else None, *names, hidden=True, is_eager=True, callback=refuse)
+
+
+def expand_targets(names: list[str]) -> list[str]:
+    """``--target`` values in order, ``all`` expanded to every backend, duplicates dropped; unknown: one line."""
+    from keyedge.exporters import backend_names, get_backend
+
+    targets: list[str] = []
+    for name in names:
+        for target in backend_names() if name == "all" else [name]:
+            get_backend(target)  # unknown target: a clear error before any work
+            if target not in targets:
+                targets.append(target)
+    return targets

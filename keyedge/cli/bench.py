@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from keyedge.cli._console import console, err_console
+from keyedge.cli._console import console, err_console, progress_bar
 from keyedge.cli._flags import retired
 
 bench_app = typer.Typer(
@@ -73,7 +73,6 @@ def latency(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Time artifacts (load, first and steady inference, throughput, memory), interleaved, with keyed/plain ratios."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile, load_profile
@@ -95,13 +94,7 @@ def latency(
         batch_sizes=list(batch) if batch else None,
     )
     if progress:
-        with Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as bar:
+        with progress_bar(counts=False) as bar:
             report = run_latency(paths, profile, settings, progress=bar, keys=keys, sealkeys=sealkeys)
     else:
         report = run_latency(paths, profile, settings, keys=keys, sealkeys=sealkeys)
@@ -236,7 +229,6 @@ def robustness(
 ) -> None:
     """Attack keyed models: white-box sanity, transfer (non-adaptive, adaptive, multi-key EoT), the noise control,
     query attacks; the worst case without the key as headline; matrices, sweeps, deployed artifacts."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from keyedge.benchmarks.attacks import attack_class, attack_names, parse_eps
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
@@ -304,14 +296,7 @@ def robustness(
         query_limit=query_limit,
         query_targets=list(query_target or []),
     )
-    with Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with progress_bar() as bar:
 
         def progress(label: str, total: int):
             task = bar.add_task(label, total=total)

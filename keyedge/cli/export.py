@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console
-from keyedge.cli._flags import retired
+from keyedge.cli._flags import expand_targets, retired
 
 
 def export(
@@ -66,15 +66,10 @@ def export(
     """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
     from keyedge.deploy.export import ExportSettings, checkpoints_for_keys, export_many, plan_requests
     from keyedge.errors import KeyedgeError
-    from keyedge.exporters import backend_names, get_backend
+    from keyedge.exporters import get_backend
     from keyedge.models.checkpoint import find_checkpoints
 
-    targets: list[str] = []
-    for name in target:
-        for t in backend_names() if name == "all" else [name]:
-            get_backend(t)  # unknown target: a clear error before any work
-            if t not in targets:
-                targets.append(t)
+    targets = expand_targets(target)
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])
     if not checkpoint and runs is None and not key_paths:
         raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable), --runs DIR, or the --key-file")

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from keyedge.cli._console import console, err_console
+from keyedge.cli._console import console, err_console, progress_bar
 
 fleet_app = typer.Typer(
     help="A fleet of devices, one key and one model each: init, train, export, verify, report (resumable).",
@@ -48,16 +48,7 @@ def _session(directory: Path, engine: str, address, cpus: float, gpus: float):
 @contextlib.contextmanager
 def _progress(stage: str):
     """A progress bar over keys, and the ``on_event`` callback that drives it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(f"{stage}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
+    with progress_bar() as bar:
         task: dict[str, Any] = {}
 
         def on_event(kind: str, payload: Any) -> None:
@@ -170,13 +161,9 @@ def export(
 ) -> None:
     """Export every trained key to every target, verified; current artifact sets are left alone."""
     from keyedge.app.fleet import export_stage
-    from keyedge.exporters import backend_names, get_backend
+    from keyedge.cli._flags import expand_targets
 
-    targets: list[str] = []
-    for name in target:
-        for t in backend_names() if name == "all" else [name]:
-            get_backend(t)
-            targets.append(t) if t not in targets else None
+    targets = expand_targets(target)
     with _session(directory, engine, address, cpus_per_job, gpus_per_job) as (fleet, runner), _progress("export") as ev:
         result = export_stage(
             fleet, runner, targets=targets, fuse=fuse, precision=precision, retries=retries, on_event=ev

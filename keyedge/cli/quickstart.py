@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from keyedge.cli._console import console, err_console
+from keyedge.cli._console import console, err_console, progress_bar
 
 
 def quickstart(
@@ -18,7 +18,6 @@ def quickstart(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Two keys -> plain + keyed LoRA models on real data -> ONNX/OpenVINO/CoreML -> latency -> attacks -> report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from keyedge.app.quickstart import QuickstartConfig, prepare_out, run_quickstart, summary_rows
@@ -27,14 +26,7 @@ def quickstart(
     prepare_out(out, overwrite)  # fail before any work
     log = lambda line: err_console.print(line, markup=False)  # noqa: E731
     if progress:
-        with Progress(
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as bar:
+        with progress_bar() as bar:
             summary = run_quickstart(out, config, log=log, progress=bar, overwrite=True)
     else:
         summary = run_quickstart(out, config, log=log, overwrite=True)
