@@ -57,10 +57,12 @@ def export_variants(
     *,
     key: Key = BENCH_KEY,
     num_classes: int = 1000,
+    int8: tuple[str, ...] = (),
 ) -> list[Path]:
     """Export formulations of one architecture, random weights shared by all; return the export directories.
 
     (fold is skipped where inexact.)  ``key`` serves the keyed variants: the quickstart times its own.
+    ``int8``: the variants also exported at int8 (``bench latency`` then reports int8/fp32 per variant).
     """
     torch.manual_seed(0)
     keyed = build_model(model_name, num_classes, key=key, weights="none", image_size=size).eval()
@@ -70,12 +72,19 @@ def export_variants(
     for role, model in (("plain", plain), ("keyed", keyed)):
         checkpoints[role] = untrained_checkpoint(work / f"{model_name}-ckpt-{role}", model)
     directories = []
-    for variant in variants:
+    jobs = [(v, "fp32") for v in variants] + [(v, "int8") for v in int8]
+    for variant, precision in jobs:
         role, fuse = VARIANTS[variant]
         try:
             directories.append(
                 export_for_timing(
-                    checkpoints[role], key if role == "keyed" else None, work / variant, targets, fuse=fuse, batch=batch
+                    checkpoints[role],
+                    key if role == "keyed" else None,
+                    work / variant,
+                    targets,
+                    fuse=fuse,
+                    batch=batch,
+                    precision=precision,
                 )
             )
         except FoldError as exc:
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--min-seconds", type=float, default=4.0, help="timed seconds per artifact and runtime")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--targets", default="onnx,openvino", help="onnx, openvino, coreml (macOS to time)")
+    parser.add_argument(
+        "--int8", default="", help="variants also exported at int8, e.g. plain,gather: int8/fp32 ratios (issue 15)"
+    )
     parser.add_argument("--out", help="keep the export directories here (default: a temporary directory)")
     parser.add_argument("--json", help="write the keyedge-latency/1 report here")
     parser.add_argument("--markdown", help="write the markdown report here")
@@ -112,8 +124,11 @@ def main(argv: list[str] | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out) if args.out else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        int8 = tuple(v for v in args.int8.split(",") if v)
         directories = [
-            d for m in args.models.split(",") for d in export_variants(m, args.image_size, work, targets, args.batch)
+            d
+            for m in args.models.split(",")
+            for d in export_variants(m, args.image_size, work, targets, args.batch, int8=int8)
         ]
         report = run_latency(directories, profile, settings, keys=[BENCH_KEY])
     from rich.console import Console

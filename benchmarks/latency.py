@@ -112,9 +112,13 @@ class Artifact:
 
     @property
     def label(self) -> str:
-        return f"{self.model}-{self.fingerprint or self.role}" + (
-            f"[{self.fuse}]" if self.fuse in ("fold", "conv") else ""
-        )
+        tags = [t for t in (self.fuse if self.fuse in ("fold", "conv") else None, self.quantized) if t]
+        return f"{self.model}-{self.fingerprint or self.role}" + (f"[{','.join(tags)}]" if tags else "")
+
+    @property
+    def quantized(self) -> str | None:
+        """``int8`` for a quantized artifact (its own cell and gate entry beside the fp32 one), else None."""
+        return "int8" if self.precision == "int8" else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,7 +144,8 @@ class Measurement:
     def key(self) -> tuple:
         """What the regression gate matches on: model, role, fuse, target, runtime, device, batch."""
         a = self.artifact
-        return (a.model, a.fingerprint or a.role, a.fuse, a.target, self.runtime, self.device, self.batch)
+        key = (a.model, a.fingerprint or a.role, a.fuse, a.target, self.runtime, self.device, self.batch)
+        return key + ((a.quantized,) if a.quantized else ())  # fp32/fp16 keys stay as baselines recorded them
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -166,7 +171,7 @@ class Skipped:
 class Comparison:
     """``numerator / denominator`` steady latency, from per-round ratios of interleaved rounds."""
 
-    kind: str  # keyed/plain, gather/fold, gather/conv, runtime
+    kind: str  # keyed/plain, gather/fold, gather/conv, int8/fp32, runtime
     numerator: str
     denominator: str
     model: str
@@ -450,6 +455,16 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                 for b in same:
                     if b.artifact.fingerprint == a.artifact.fingerprint and b.artifact.fuse in ("fold", "conv"):
                         add(f"gather/{b.artifact.fuse}", a, b, a.runtime_label)
+        if a.artifact.precision == "int8":  # what quantizing bought: the same key, fuse and target in fp32
+            for b in cells:
+                if (
+                    b.spec is a.spec
+                    and b.artifact.precision == "fp32"
+                    and (b.artifact.model, b.artifact.target, b.artifact.fingerprint, b.artifact.fuse, b.artifact.role)
+                    == (a.artifact.model, a.artifact.target, a.artifact.fingerprint, a.artifact.fuse, a.artifact.role)
+                ):
+                    add("int8/fp32", a, b, a.runtime_label)
+                    break
     # runtimes vs each other: the same export directory on two runtimes/devices (first profile runtime on top)
     order = {id(c.spec): i for i, c in enumerate(cells)}
     for a in cells:

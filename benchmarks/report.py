@@ -209,6 +209,7 @@ class LatencyReport:
 
     def print_rich(self, console) -> None:
         """Steady-state, ratio and skipped tables on a rich console."""
+        from rich.markup import escape
         from rich.table import Table
 
         console.print(self._header_line(), markup=False)
@@ -217,14 +218,14 @@ class LatencyReport:
         for h in self.HEADERS:
             table.add_column(h, justify="right" if h not in ("artifact", "target", "runtime", "device") else "left")
         for row in self._rows():
-            table.add_row(*row)
+            table.add_row(*map(escape, row))  # labels such as model-fp[conv,int8] are text, not markup
         console.print(table)
         if self.comparisons:
             ratios = Table(title="ratios: median, p10-p90 of per-round ratios")
             for h in self.RATIO_HEADERS:
                 ratios.add_column(h)
             for row in self._ratio_rows():
-                ratios.add_row(*row)
+                ratios.add_row(*map(escape, row))
             console.print(ratios)
         for s in self.skipped:
             console.print(

@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ class Outcome:
     fooling_images: int  # how many images the fooling ratio is over
     runtime: str = "torch"  # or onnx:<file> / openvino:<file> for deployed artifacts
     queries: dict[str, Any] | None = None  # query attacks: budget, median queries to success, successes
+    precision: str = "fp32"  # of the model classifying: fp32 (PyTorch), or the deployed artifact's (fp16, int8)
 
     @property
     def robust_se(self) -> float:
@@ -821,16 +822,42 @@ def artifact_outcomes(
                 continue
             path = manifest.artifact(target)
             runtime = f"{target}:{Path(directory).name}/{path.name}"
+            found = []
             with open_artifact(path, target, sealkey=list(sealkeys)) as runner:
                 for o, adv in classified:
                     if o.target != member.name:
                         continue
                     pred = torch.from_numpy(runner.predict(adv.numpy())).argmax(1)
-                    results.append(ev.outcome(o.scenario, o.target, o.sources, adv, o.attack, pred, runtime=runtime))
+                    found.append(ev.outcome(o.scenario, o.target, o.sources, adv, o.attack, pred, runtime=runtime))
                 if member.name in queried:
                     model = Queried(runner, runtime)
-                    results += query_outcomes(ev, member.name, model, ev.config, eps, norm, runtime=runtime)
+                    found += query_outcomes(ev, member.name, model, ev.config, eps, norm, runtime=runtime)
+            results += [replace(o, precision=manifest.precision) for o in found]
     return results
+
+
+def precision_pairs(outcomes: Sequence[Outcome], artifacts: Sequence[Outcome]) -> list[tuple[Outcome, Outcome]]:
+    """Each quantized artifact's outcome beside its fp32 counterpart: the fp32 artifact of the same target
+    and runtime classifying the same set where it was evaluated too, else the PyTorch model.
+
+    The sets were crafted on the differentiable fp32 models: an int8 artifact's white-box figure is a transfer
+    from fp32 (it has no gradients); its query attacks ran on the artifact itself.
+    """
+
+    def same(o: Outcome) -> tuple:
+        budget = o.queries["budget"] if o.queries else None
+        return (o.scenario, o.target, tuple(o.sources), attack_label(o.attack), budget)
+
+    fp32 = {(same(o), o.runtime.split(":")[0]): o for o in artifacts if o.precision == "fp32"}
+    torch_ = {same(o): o for o in outcomes if o.runtime == "torch"}
+    pairs = []
+    for o in artifacts:
+        if o.precision == "fp32":
+            continue
+        match = fp32.get((same(o), o.runtime.split(":")[0])) or torch_.get(same(o))
+        if match is not None:
+            pairs.append((match, o))
+    return pairs
 
 
 # --------------------------------------------------------------------------- query attacks, noise, headline

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyedge.benchmarks.robustness import Check, Matrix, Outcome, attack_label, block_size_points
+from keyedge.benchmarks.robustness import Check, Matrix, Outcome, attack_label, block_size_points, precision_pairs
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import staged_directory
 from keyedge.validate import Fields, read_dataclass
@@ -133,6 +133,10 @@ class RobustnessReport:
             "matrices": [m.to_dict() for m in self.matrices],
             "sweeps": {"eps": self.sweeps, "block_size": block_size_points(self.outcomes, self.models)},
             "artifacts": [o.to_dict() for o in self.artifacts],
+            "precision_pairs": [
+                {"fp32": f.to_dict(), "quantized": q.to_dict()}
+                for f, q in precision_pairs(self.outcomes, self.artifacts)
+            ],
         }
 
     @classmethod
@@ -228,6 +232,23 @@ class RobustnessReport:
                 ", ".join(h["over"]),
             ]
             for h in self.headline
+        ]
+
+    def _precision_rows(self) -> list[list[str]]:
+        return [
+            [
+                q.scenario,
+                q.target,
+                "+".join(q.sources),
+                attack_label(q.attack) + (f" ({q.queries['budget']} queries)" if q.queries else ""),
+                str(q.images),
+                f.runtime,
+                f"{f.robust_accuracy:.1%} ± {f.robust_se:.1%}",
+                f"{q.runtime} ({q.precision})",
+                f"{q.robust_accuracy:.1%} ± {q.robust_se:.1%}",
+                f"{100 * (q.robust_accuracy - f.robust_accuracy):+.1f} points",
+            ]
+            for f, q in precision_pairs(self.outcomes, self.artifacts)
         ]
 
     def _query_rows(self, outcomes: list[Outcome]) -> list[list[str]]:
@@ -332,6 +353,32 @@ class RobustnessReport:
         deployed = [o for o in self.artifacts if o.scenario != "query"]
         if deployed:
             lines += ["## On the deployed artifacts", "", *table(headers, self._outcome_rows(deployed))]
+        pairs = self._precision_rows()
+        if pairs:
+            lines += [
+                "## Quantized artifacts beside fp32",
+                "",
+                "The same adversarial sets, classified by each quantized artifact and by its fp32 counterpart (the "
+                "fp32 artifact of the same runtime, else PyTorch). The sets were crafted on the differentiable fp32 "
+                "models: a quantized artifact has no gradients, so its white-box figure is a transfer from fp32; "
+                "query attacks ran on the quantized artifact itself.",
+                "",
+            ]
+            lines += table(
+                [
+                    "scenario",
+                    "target",
+                    "source(s)",
+                    "attack",
+                    "n",
+                    "fp32 on",
+                    "fp32 robust",
+                    "quantized on",
+                    "quantized robust",
+                    "difference",
+                ],
+                pairs,
+            )
         for m in self.matrices:
             lines += [f"## {m.kind} ({m.images} images)", "", m.note, ""]
             lines += table(

@@ -30,9 +30,38 @@ def untrained_checkpoint(directory: Path, model: nn.Module) -> Path:
     return directory
 
 
+#: int8 timing exports calibrate on these (a benchmark checkpoint has no data of its own; latency does not
+#: depend on the images, only on there being calibrated ranges)
+TIMING_CALIBRATION = "fashion-mnist"
+
+
 def export_for_timing(
-    checkpoint: Path, key: Key | None, out: Path, targets: list[str], *, fuse: str = "gather", batch: int | None = 1
+    checkpoint: Path,
+    key: Key | None,
+    out: Path,
+    targets: list[str],
+    *,
+    fuse: str = "gather",
+    batch: int | None = 1,
+    precision: str = "fp32",
 ) -> Path:
-    """Export a benchmark checkpoint (verified on two random inputs, no real images); return its directory."""
-    settings = ExportSettings(targets=targets, out=out, fuse=fuse, batch=batch, real_inputs=0, random_inputs=2)
+    """Export a benchmark checkpoint (verified on two random inputs, no real images); return its directory.
+
+    ``int8``: calibrated on 32 :data:`TIMING_CALIBRATION` images; agreement is measured on sample photos and
+    recorded, not enforced (random weights have no margins to keep).
+    """
+    settings = ExportSettings(
+        targets=targets,
+        out=out,
+        fuse=fuse,
+        batch=batch,
+        real_inputs=0,
+        random_inputs=2,
+        precision=precision,
+        calibration_data=TIMING_CALIBRATION,
+        calibration_size=32,
+        min_agreement=0.0,
+        max_accuracy_drop=100.0,
+        agreement_images=8,
+    )
     return export_one(ExportRequest(checkpoint, key), settings)

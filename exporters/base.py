@@ -44,7 +44,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -54,12 +54,28 @@ import torch
 from keyedge.deps import require
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 #: Ops that only re-lay out or re-type the data (followed when tracing from the graph input), lower case.
 LAYOUT_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"})
 #: Gather-like ops (ONNX, OpenVINO and MIL spellings), lower case.
 GATHER_OPS = frozenset({"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis"})
+#: Ops that only move pixels: the shuffle's gather and its conv form's space-to-depth / depth-to-space, lower case.
+SHUFFLE_OPS = (
+    LAYOUT_OPS
+    | GATHER_OPS
+    | {
+        "transpose",
+        "spacetodepth",
+        "depthtospace",
+        "space_to_depth",
+        "depth_to_space",
+        "pixel_shuffle",
+        "pixel_unshuffle",
+    }
+)
+#: Convolution spellings (ONNX, OpenVINO, MIL), lower case: the conv form's 1x1 permutation
+CONV_OPS = frozenset({"conv", "convolution"})
 
 
 class ExportError(KeyedgeError):
@@ -78,7 +94,9 @@ class ExportOptions:
     """What to export: batch (``None`` = dynamic), precision, the square input size and the I/O names.
 
     Inputs are [0, 1] float32 NCHW images with 3 channels; outputs are float32 logits
-    in both precisions (``fp16`` puts weights and compute in half where the target can).
+    in every precision (``fp16`` puts weights and compute in half where the target can;
+    ``int8`` is static post-training quantization, calibrated on ``calibration``: (N, 3, S, S)
+    float32 images as the artifact receives them, i.e. before the in-graph shuffle).
     """
 
     batch: int | None = 1
@@ -86,6 +104,7 @@ class ExportOptions:
     image_size: int = 224
     input_name: str = "image"
     output_name: str = "logits"
+    calibration: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
@@ -99,6 +118,14 @@ class ExportOptions:
                 raise ExportError(f"{what} name {name!r} is not a plain identifier", "use letters, digits and _")
         if self.input_name == self.output_name:
             raise ExportError(f"input and output are both named {self.input_name!r}", "give them different names")
+        if self.precision == "int8":
+            shape = None if self.calibration is None else tuple(np.shape(self.calibration))
+            if shape is None or len(shape) != 4 or shape[0] < 1 or shape[1:] != (3, self.image_size, self.image_size):
+                raise ExportError(
+                    f"int8 needs calibration images of shape (N, 3, {self.image_size}, {self.image_size}), "
+                    f"got {'none' if shape is None else shape}",
+                    "pass calibration=images (keyedge export draws them from the checkpoint's training data)",
+                )
 
     @property
     def dynamic(self) -> bool:
@@ -114,8 +141,14 @@ class ExportOptions:
         generator = torch.Generator().manual_seed(0)
         return torch.rand(self.batch or 2, 3, self.image_size, self.image_size, generator=generator)
 
+    def as_fp32(self) -> ExportOptions:
+        """The same export in float32 (the graph an int8 artifact is quantized from)."""
+        return replace(self, precision="fp32", calibration=None)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("calibration")
+        return d
 
 
 @dataclass
@@ -633,6 +666,15 @@ def _flush_c_stdio() -> None:
 # ---- checking traced graphs ------------------------------------------------------------------
 
 
+def calibration_batches(options: ExportOptions) -> list[np.ndarray]:
+    """The calibration images in the artifact's batch size (a fixed batch is filled by repeating images)."""
+    images = np.ascontiguousarray(options.calibration, dtype=np.float32)
+    size = options.batch or min(16, len(images))
+    if len(images) < size:
+        images = np.concatenate([images] * -(-size // len(images)))
+    return [images[i : i + size] for i in range(0, len(images) - size + 1, size)]
+
+
 def probe_inputs(options: ExportOptions) -> list[tuple[str, np.ndarray]]:
     """Inputs a traced graph must reproduce: the trace example, all zeros, all ones and a fresh random batch."""
     example = options.example_input().numpy()
@@ -683,6 +725,37 @@ class Node:
     inputs: list[str]
     outputs: list[str]
     attrs: str = ""  # a value-free description of attributes (and, for constants, shape/dtype)
+    name: str = ""  # the op's name in its format (what a quantizer's exclusion list takes)
+
+
+def is_permutation_matrix(weight: np.ndarray | None) -> bool:
+    """Whether a (C, C, 1, 1) conv weight is a 0/1 permutation: the conv form's shuffle, exactly."""
+    if weight is None or weight.ndim != 4 or weight.shape[2:] != (1, 1) or weight.shape[0] != weight.shape[1]:
+        return False
+    w = weight[:, :, 0, 0]
+    return bool(np.isin(w, (0.0, 1.0)).all() and (w.sum(0) == 1).all() and (w.sum(1) == 1).all())
+
+
+def shuffle_prefix(
+    nodes: Sequence[Node], graph_inputs: Sequence[str], weight_of: Callable[[Node], np.ndarray | None]
+) -> list[Node]:
+    """The ops that only move the input's pixels, up to the first op that computes: the key's shuffle.
+
+    Walking forward from the graph input through :data:`SHUFFLE_OPS` and, once, a conv whose weight
+    (``weight_of``) is a 0/1 permutation (the conv form).  A quantizer must leave these ops alone, so
+    that an int8 artifact permutes exactly the pixels the fp32 one does (issue 15).
+    """
+    reached, prefix, conv_seen = set(graph_inputs), [], False
+    for node in nodes:
+        if not node.inputs or node.inputs[0] not in reached:
+            continue
+        kind = node.type.lower()
+        is_perm = kind in CONV_OPS and not conv_seen and is_permutation_matrix(weight_of(node))
+        if kind in SHUFFLE_OPS or is_perm:
+            conv_seen |= is_perm
+            prefix.append(node)
+            reached.update(node.outputs)
+    return prefix
 
 
 def constant_signature(values: np.ndarray | None, shape: Sequence[int], dtype: str) -> str:

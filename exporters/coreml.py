@@ -13,6 +13,12 @@ The TorchScript trace is checked against the module on probe inputs before
 conversion (tracing freezes input-dependent branches); if that fails, the
 ``torch.export`` program is converted instead.
 
+``int8`` converts with float16 compute and then quantizes the weights to int8 with
+``coremltools.optimize.coreml.linear_quantize_weights`` (per-channel, symmetric): W8A16, what
+the Neural Engine runs.  Activations stay float16 -- coremltools calibrates activations only by
+running the model, which needs macOS.  The conv form's permutation weights are excluded (they
+stay an exact 0/1 permutation); a gather's indices are integers, which no weight quantizer touches.
+
 Prediction needs Apple's CoreML framework, so :meth:`CoreMLBackend.run` works on
 macOS only; elsewhere the package is checked structurally from its spec
 (:meth:`~CoreMLBackend.inspect`, :meth:`~CoreMLBackend.describe_io`), nothing run.
@@ -42,6 +48,7 @@ from keyedge.exporters.base import (
     check_reproduces,
     constant_signature,
     first_that_works,
+    is_permutation_matrix,
     one_line,
     register_backend,
 )
@@ -122,7 +129,7 @@ class CoreMLBackend(ExportBackend):
             "minimum_deployment_target": ct.target.macOS13,
             "inputs": [ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
             "outputs": [ct.TensorType(name=options.output_name, dtype=np.float32)],
-            "compute_precision": ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32,
+            "compute_precision": ct.precision.FLOAT32 if options.precision == "fp32" else ct.precision.FLOAT16,
         }
 
     def _trace(self, module: nn.Module, options: ExportOptions) -> Any:
@@ -145,7 +152,31 @@ class CoreMLBackend(ExportBackend):
             return ct.convert(program, convert_to="mlprogram", skip_model_load=True, **self._convert_options(options))
 
         mlmodel, used, errors = first_that_works("coreml", self.sources, convert)
+        if options.precision == "int8":
+            mlmodel = self._quantize_weights(mlmodel)
         return self._save(mlmodel, path, options, used, errors)
+
+    def _quantize_weights(self, mlmodel: Any) -> Any:
+        """int8 per-channel weights (coremltools.optimize), the conv form's permutation left exact."""
+        ct = self.require("coremltools")
+        from coremltools.optimize import coreml as cto
+
+        main = mlmodel._mil_program.functions["main"]
+        keep = [
+            op.name
+            for op in main.operations
+            if op.op_type == "conv" and op.weight.val is not None and is_permutation_matrix(np.asarray(op.weight.val))
+        ]
+        config = cto.OptimizationConfig(
+            global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel"),
+            op_name_configs=dict.fromkeys(keep),
+        )
+        quantized = cto.linear_quantize_weights(mlmodel, config)
+        quantized.user_defined_metadata["keyedge.quantization"] = (
+            f"coremltools {ct.__version__} int8 per-channel weights, float16 activations (activation "
+            f"calibration needs macOS); {len(keep)} permutation conv(s) kept exact"
+        )
+        return quantized
 
     def _save(
         self, mlmodel: Any, path: Path, options: ExportOptions, used: str, errors: Sequence[str] = ()
@@ -241,8 +272,7 @@ class CoreMLBackend(ExportBackend):
             f"precision {meta.get('keyedge.precision', 'unknown')}, "
             f"converted from {meta.get('keyedge.source', 'unknown')}"
         ]
-        if "keyedge.notes" in meta:
-            notes.append(meta["keyedge.notes"])
+        notes += [meta[k] for k in ("keyedge.quantization", "keyedge.notes") if k in meta]
         return analyze(nodes, [i.name for i in main.inputs], list(block.outputs), notes=notes)
 
     def describe_io(self, path: Path) -> dict[str, Any]:

@@ -9,6 +9,13 @@ branches: the converted model is checked against the module on probe inputs, and
 should that check or the conversion fail, the module's ``torch.export`` program
 (which refuses such branches instead of freezing them) is converted.
 
+``int8`` quantizes the converted fp32 model with NNCF (``nncf.quantize``: FakeQuantize
+ops, per-channel int8 weights, calibrated on ``ExportOptions.calibration``; the transformer
+model type where the graph has a Softmax).  The ops that only move the input's pixels
+(:func:`~keyedge.exporters.base.shuffle_prefix`: the key's gather, or the conv form's
+permutation conv) are in NNCF's ignored scope, so the shuffle stays exact and the first
+FakeQuantize follows it.
+
 Running: OpenVINO's CPU plugin computes in bf16 by default on CPUs with AMX or
 AVX512-BF16, which moves outputs by ~1e-3.  its runner (:class:`OpenVinoRunner`) therefore
 pins the inference precision to the artifact's: f32 for fp32 artifacts, f16 for
@@ -32,13 +39,16 @@ from keyedge.exporters.base import (
     ExportOptions,
     GraphReport,
     Node,
+    Quiet,
     Runner,
     analyze,
+    calibration_batches,
     check_reproduces,
     constant_signature,
     first_that_works,
     one_line,
     register_backend,
+    shuffle_prefix,
 )
 
 SOURCES = ("module", "torch.export")
@@ -133,6 +143,8 @@ class OpenVinoBackend(ExportBackend):
 
         model, used, errors = first_that_works("openvino", self.sources, convert)
         simplify(model)
+        if options.precision == "int8":
+            model = self._quantize(model, options)
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise ExportError(
                 f"the converted model has {len(model.inputs)} inputs and {len(model.outputs)} outputs",
@@ -148,6 +160,37 @@ class OpenVinoBackend(ExportBackend):
             model.set_rt_info(f"converted from {used}; " + "; ".join(errors), ["keyedge", "notes"])
         ov.save_model(model, str(path), compress_to_fp16=options.precision == "fp16")
         return self.planned_outputs(path)
+
+    def _quantize(self, model: Any, options: ExportOptions) -> Any:
+        """NNCF post-training quantization of the fp32 model, the key's shuffle in the ignored scope."""
+        from keyedge.deps import require
+
+        with Quiet():
+            nncf = require("nncf", extra="int8")
+        nodes = [_node(op) for op in model.get_ordered_ops()]
+        constants = {n.outputs[0]: op for n, op in zip(nodes, model.get_ordered_ops()) if n.type == "Constant"}
+
+        def weight_of(node: Node) -> np.ndarray | None:
+            op = constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+            return None if op is None else np.array(op.get_data())
+
+        inputs = [f"{p.get_name()}:0" for p in model.get_parameters()]
+        shuffle = [n.name for n in shuffle_prefix(nodes, inputs, weight_of)]
+        transformer = any(n.type == "Softmax" for n in nodes)
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(calibration_batches(options)),
+            subset_size=len(options.calibration),
+            fast_bias_correction=False,  # measured: top-1 agreement with fp32 94% vs 91% (Lite0, 32 px)
+            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+            ignored_scope=nncf.IgnoredScope(names=shuffle) if shuffle else None,
+        )
+        quantized.set_rt_info(
+            f"nncf {nncf.__version__} post-training quantization ({'transformer' if transformer else 'default'} "
+            f"model type), {len(options.calibration)} calibration images; {len(shuffle)} shuffle op(s) ignored",
+            ["keyedge", "quantization"],
+        )
+        return quantized
 
     def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
         from keyedge.exporters.template import OnnxTemplate
@@ -212,8 +255,9 @@ class OpenVinoBackend(ExportBackend):
         notes = [
             f"precision {_rt(model, 'precision') or 'unknown'}, converted from {_rt(model, 'source') or 'unknown'}"
         ]
-        if _rt(model, "notes"):
-            notes.append(_rt(model, "notes"))
+        for extra in ("quantization", "notes"):
+            if _rt(model, extra):
+                notes.append(_rt(model, extra))
         return analyze(nodes, inputs, outputs, notes=notes)
 
     def describe_io(self, path: Path) -> dict[str, Any]:
@@ -279,4 +323,4 @@ def _node(op: Any) -> Node:
         attrs = f"{op.get_type_info().version_id}|" + ",".join(
             f"{k}:{v!r}" for k, v in sorted(op.get_attributes().items())
         )
-    return Node(kind, inputs, outputs, attrs)
+    return Node(kind, inputs, outputs, attrs, name=op.get_friendly_name())

@@ -48,6 +48,7 @@ EXTRAS: dict[str, Extra] = {
         ),
         Extra("seal", ("cryptography",), "sealed artifacts: AES-256-GCM encryption at rest"),
         Extra("ray", ("ray",), "fleet jobs (`keyedge fleet --engine ray`) as Ray tasks on a cluster"),
+        Extra("int8", ("nncf",), "OpenVINO INT8 artifacts (`keyedge export --precision int8 -t openvino`, NNCF)"),
     )
 }
 

@@ -46,8 +46,13 @@ def test_quickstart_artifacts_exist_and_are_verified(quickstart):
     out, _, summary = quickstart
     targets = {(a["artifact"].split("-")[-1] == "plain", a["target"]) for a in summary["artifacts"]}
     assert targets == {(False, "onnx"), (False, "openvino"), (False, "coreml"), (True, "onnx"), (True, "openvino")}
+    int8 = {a["target"]: a for a in summary["artifacts"] if a["precision"] == "int8"}
+    assert set(int8) == {"onnx", "openvino"}  # k1 at int8 for ONNX Runtime and OpenVINO
+    for a in int8.values():
+        assert a["artifact"].endswith("-int8") and 0.5 < a["agreement"] <= 1 and a["accuracy"] is not None
+    assert {k.split(" ")[1].split(":")[0] for k in summary["latency_int8"]} == {"onnxruntime", "openvino"}
     for a in summary["artifacts"]:
-        assert a["verified"], a
+        assert a["verified"] or a["precision"] == "int8", a  # int8: judged by the default rule, reported
         assert (out / a["artifact"] / "manifest.json").is_file()
         if a["target"] == "coreml":
             assert a["fuse"] == "conv" and a["gathers_on_input"] == 0  # auto: no gather for the Neural Engine
@@ -69,7 +74,15 @@ def test_quickstart_correct_key_beats_wrong_key_and_white_box_succeeds(quickstar
     assert set(rob["deployed"]) >= {"white-box:onnx", "non-adaptive:openvino", "adaptive:onnx", "noise:onnx"}
     # Square on the plain model, k1 and k1's deployed artifacts; the headline is the worst case without the key
     square = {(q["target"], q["runtime"]) for q in rob["queries"] if q["attack"] == "square" and q["queries"] == 200}
-    assert square == {("plain", "torch"), ("k1", "torch"), ("k1", "onnx"), ("k1", "openvino")}
+    assert square == {
+        ("plain", "torch"),
+        ("k1", "torch"),
+        ("k1", "onnx"),
+        ("k1", "openvino"),
+        ("k1", "onnx int8"),
+        ("k1", "openvino int8"),
+    }
+    assert "Quantized artifacts beside fp32" in (out / "report/robustness/robustness.md").read_text()
     headline = {h["target"]: h for h in rob["headline"]}
     keyless = [r["robust_accuracy"] for k, r in rob["scenarios"].items() if k.endswith(":k1") and "white-box" not in k]
     keyless += [q["robust_accuracy"] for q in rob["queries"] if q["target"] == "k1"]

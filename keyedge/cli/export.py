@@ -32,7 +32,27 @@ def export(
     ),
     batch: int = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (I/O stays float32)."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="fp32, fp16 or int8 (I/O stays float32). int8: static quantization calibrated on the checkpoint's "
+        "training images, the key's shuffle kept exact, verified by top-1 agreement; written to "
+        "OUT/<model>-<fingerprint>-int8/.",
+    ),
+    calibration_data: str | None = typer.Option(
+        None,
+        "--calibration-data",
+        help="int8: calibrate on this dataset (as `keyedge train --data` takes) or image directory instead of "
+        "the checkpoint's training data.",
+    ),
+    calibration_size: int = typer.Option(300, "--calibration-size", min=1, help="int8: calibration images."),
+    calibration_seed: int = typer.Option(0, "--calibration-seed", min=0, help="int8: seed drawing them."),
+    min_agreement: float = typer.Option(
+        0.98, "--min-agreement", min=0.0, max=1.0, help="int8: least top-1 agreement with the fp32 model."
+    ),
+    max_accuracy_drop: float = typer.Option(
+        1.0, "--max-accuracy-drop", min=0.0, help="int8: most test-accuracy drop, in points."
+    ),
     out: Path = typer.Option(
         Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key."
     ),
@@ -96,6 +116,11 @@ def export(
         fuse=fuse,
         batch=None if dynamic_batch else batch,
         precision=precision,
+        calibration_data=calibration_data,
+        calibration_size=calibration_size,
+        calibration_seed=calibration_seed,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
         verify=verify,
         overwrite=overwrite,
         template=template,

@@ -20,6 +20,7 @@ from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")  # keyedge.exporters.base.PRECISIONS (the deploy layer reads, never imports it)
 FORMAT = "keyedge-artifacts"  # the pre-schema spelling
 SCHEMA = "keyedge-artifact/1"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"
@@ -237,7 +238,7 @@ class ArtifactManifest:
             fingerprint=fingerprint,
             block_size=f.int("block_size", low=1, high=shape[2], optional=True),
             fuse=f.str("fuse", choices=("gather", "fold", "conv", "none")),
-            precision=f.str("precision", choices=("fp32", "fp16")),
+            precision=f.str("precision", choices=PRECISIONS),
             input=dict(inp.data),
             output=dict(out.data),
             targets=targets,

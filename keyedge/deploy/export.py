@@ -15,6 +15,13 @@ renamed into place only when all targets verified: a failure or a killed process
 leaves no artifact set behind.  The directory is created 0700: an artifact
 embeds its key, so it is a secret at rest (docs/design.md §3).
 
+``--precision int8`` quantizes each target statically, calibrated on the checkpoint's own training
+images (``calibration_images``), the key's shuffle kept exact (:mod:`keyedge.exporters`); such an
+artifact cannot match fp32 to 1e-4, so it is verified by agreement instead (:func:`check_agreement`):
+top-1 agreement with the fp32 keyed model on the checkpoint's real test images (default >= 98%) and
+an accuracy drop of at most 1 point, both recorded in the manifest.  Its set is
+``OUT/<model>-<fingerprint>-int8/``, beside the fp32 one.
+
 With a sealing key (``ExportSettings.seal``, ``--seal``) each target is written into in-memory
 files (:class:`keyedge.fileio.MemoryFiles`), inspected and verified there, and only its sealed
 form (:mod:`keyedge.keys.seal`, bound to the finished manifest) reaches the disk.
@@ -39,7 +46,7 @@ from torch import nn
 from keyedge import __version__
 from keyedge.defenses import Deployable, defense_of
 from keyedge.defenses.keyed import FUSE_MODES, conv_variant
-from keyedge.deploy.artifacts import ArtifactManifest, TargetRecord
+from keyedge.deploy.artifacts import PRECISIONS, ArtifactManifest, TargetRecord
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, OutputError
 from keyedge.fileio import MemoryFiles, memory_files_supported, sha256_file, staged_directory, write_bytes_atomic
@@ -50,6 +57,8 @@ from keyedge.models.checkpoint import CheckpointManifest, check_key, find_checkp
 
 FP32_ATOL = 1e-4  # times max(1, largest reference logit)
 FP16_RTOL = 2e-2  # likewise
+MIN_AGREEMENT = 0.98  # int8: top-1 agreement with the fp32 keyed model on real test images
+MAX_ACCURACY_DROP = 1.0  # int8: percentage points of test accuracy
 __all__ = [
     "FUSE_MODES",
     "ExportRequest",
@@ -92,17 +101,31 @@ def real_inputs(manifest: CheckpointManifest, image_size: int, count: int = 8) -
     return (None if images is None else images.copy()), source
 
 
-@functools.lru_cache(maxsize=8)
-def _real_inputs(name: str | None, source: str | None, image_size: int, count: int) -> tuple[np.ndarray | None, str]:
+def _dataset_specs(data: dict[str, Any]) -> list[str]:
+    """The dataset specs a checkpoint's data may be loaded by, in order (its name, then where it came from)."""
+    name, source = data.get("name"), data.get("source")
+    return [str(c) for c in (name, f"{name}:{source}" if name and source else None, source) if c]
+
+
+def _load_images(specs: Sequence[str], split: str, image_size: int, count: int, seed: int):
+    """The first of ``specs`` that loads: ``(images, labels, info)``, or None when none does."""
     from keyedge.data.datasets import load_dataset
 
-    candidates = [c for c in (name, f"{name}:{source}" if name and source else None, source) if c]
-    for spec in candidates:
+    for spec in specs:
         try:
-            dataset, info = load_dataset(str(spec), "test", image_size, limit=count, seed=0)
-            return np.stack([dataset[i][0].numpy() for i in range(len(dataset))]), f"{info.name} test images"
+            dataset, info = load_dataset(spec, split, image_size, limit=count, seed=seed)
         except KeyedgeError:
             continue
+        items = [dataset[i] for i in range(len(dataset))]
+        return np.stack([x.numpy() for x, _ in items]), np.array([int(y) for _, y in items]), info
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _real_inputs(name: str | None, source: str | None, image_size: int, count: int) -> tuple[np.ndarray | None, str]:
+    loaded = _load_images(_dataset_specs({"name": name, "source": source}), "test", image_size, count, 0)
+    if loaded is not None:
+        return loaded[0], f"{loaded[2].name} test images"
     try:
         from keyedge.data.datasets import to_model_input
         from keyedge.data.samples import PHOTOS, sample_photo
@@ -111,6 +134,66 @@ def _real_inputs(name: str | None, source: str | None, image_size: int, count: i
         return np.stack(photos), "scikit-image photos"
     except KeyedgeError:
         return None, "no real images available (install keyedge[samples])"
+
+
+def labelled_test_images(manifest: CheckpointManifest, image_size: int, count: int):
+    """The checkpoint's real test images with labels, ``(images, labels, source)``, or None when not here."""
+    loaded = _load_images(_dataset_specs(manifest.data), "test", image_size, count, 0)
+    return None if loaded is None else (loaded[0], loaded[1], f"{loaded[2].name} test images")
+
+
+def calibration_images(
+    manifest: CheckpointManifest, image_size: int, data: str | None, count: int, seed: int
+) -> tuple[np.ndarray, str]:
+    """int8 calibration images: ``count`` training images (class-stratified, ``seed``) of the checkpoint's data.
+
+    They are the raw [0, 1] images the artifact receives: its in-graph shuffle turns them into what the
+    keyed model was trained on, so every quantized layer is calibrated on shuffled data.  ``data``
+    (``--calibration-data``: a dataset spec as ``keyedge train --data`` takes, or an image directory)
+    overrides the checkpoint's.
+    """
+    if data is not None:
+        specs = [f"imagefolder:{data}" if Path(data).expanduser().is_dir() and ":" not in data else data]
+    else:
+        specs = _dataset_specs(manifest.data)
+    loaded = _load_images(specs, "train", image_size, count, seed)
+    if loaded is None:
+        what = (
+            f"--calibration-data {data}" if data is not None else f"the checkpoint's data ({manifest.data.get('name')})"
+        )
+        raise KeyedgeError(
+            f"int8 needs calibration images, and {what} cannot be loaded here",
+            "pass --calibration-data with a dataset (as `keyedge train --data` takes) or a directory of images",
+        )
+    return loaded[0], f"{len(loaded[0])} {loaded[2].name} training images (seed {seed})"
+
+
+def check_agreement(
+    reference: np.ndarray,
+    got: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    min_agreement: float = MIN_AGREEMENT,
+    max_drop: float = MAX_ACCURACY_DROP,
+) -> dict[str, Any]:
+    """The int8 rule: top-1 agreement with the fp32 reference, and (with labels) the accuracy drop in points."""
+    ref_top, got_top = reference.argmax(1), got.argmax(1)
+    result: dict[str, Any] = {
+        "images": len(reference),
+        "top1_agreement": float((ref_top == got_top).mean()),
+        "min_agreement": min_agreement,
+        "max_abs_diff": float(np.abs(reference - got).max()),
+    }
+    passed = result["top1_agreement"] >= min_agreement
+    if labels is not None:
+        fp32, int8 = float((ref_top == labels).mean()), float((got_top == labels).mean())
+        drop = round(100 * (fp32 - int8), 6)
+        result |= {"accuracy_fp32": fp32, "accuracy": int8, "accuracy_drop_points": drop, "max_drop_points": max_drop}
+        passed &= drop <= max_drop
+    else:
+        result["accuracy"] = None  # no labelled test data here: agreement only
+    result["passed"] = bool(passed)
+    return result
 
 
 def check_parity(reference: np.ndarray, got: np.ndarray, precision: str) -> dict[str, Any]:
@@ -163,12 +246,43 @@ class ExportSettings:
     random_inputs: int = 8
     real_inputs: int = 8
     template: bool = True  # fleet export: trace once per architecture (keyedge.exporters.template, MilTemplate)
+    # int8 only: the calibration images (None: the checkpoint's training data), how many, drawn with which seed,
+    # and the verification rule: top-1 agreement and accuracy drop on (up to) agreement_images real test images
+    calibration_data: str | None = None
+    calibration_size: int = 300
+    calibration_seed: int = 0
+    min_agreement: float = MIN_AGREEMENT
+    max_accuracy_drop: float = MAX_ACCURACY_DROP
+    agreement_images: int = 500
     seal: SealKey | None = None  # write every model file sealed (AES-256-GCM), never in plaintext on disk
     sign: Any = None  # a keyedge.keys.signing.SigningKey: write manifest.sig (Ed25519) beside the manifest
     log: Callable[[str], None] = field(default=lambda _line: None)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)  # a str from library callers
+        if self.precision not in PRECISIONS:
+            raise KeyedgeError(f"unknown precision {self.precision!r}", f"use {', '.join(PRECISIONS)}")
+        if self.precision == "int8":
+            if self.calibration_size < 1 or self.agreement_images < 1:
+                raise KeyedgeError(
+                    "--calibration-size and the agreement images must be at least 1", "e.g. --calibration-size 300"
+                )
+            if not 0.0 <= self.min_agreement <= 1.0 or self.max_accuracy_drop < 0:
+                raise KeyedgeError(
+                    f"--min-agreement must be in [0, 1] and --max-accuracy-drop >= 0 (points), got "
+                    f"{self.min_agreement} and {self.max_accuracy_drop}",
+                    "e.g. --min-agreement 0.98 --max-accuracy-drop 1",
+                )
+            if self.seal is not None:
+                raise KeyedgeError(
+                    "keyedge does not seal int8 artifacts yet: the quantizers write their intermediate models to disk",
+                    "export int8 without --seal, or seal the fp32/fp16 set",
+                )
+
+
+def artifact_directory(out: Path, name: str, precision: str) -> Path:
+    """``OUT/<model>-<fingerprint>/``; an int8 set sits beside its fp32 one as ``...-int8/``."""
+    return out / (name + ("-int8" if precision == "int8" else ""))
 
 
 def export_many(requests: Sequence[ExportRequest], settings: ExportSettings) -> list[Path]:
@@ -201,7 +315,9 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         request.checkpoint, request.key, allow_key_mismatch=request.allow_key_mismatch, manifest=manifest
     )
     defense = defense_of(model)
-    final = settings.out / defense.artifact_name(model.spec.name, model.key_fingerprint)
+    final = artifact_directory(
+        settings.out, defense.artifact_name(model.spec.name, model.key_fingerprint), settings.precision
+    )
     if final.exists() and not settings.overwrite:
         raise OutputError(f"{final} already exists", "pass --overwrite to replace it, or choose another --out")
     backends = sorted((get_backend(t) for t in settings.targets), key=lambda b: b.name != "onnx")  # onnx first
@@ -212,7 +328,16 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
     if settings.seal is not None:
         check_sealable(backends)
     deploy = defense.deployable(model, request.key, settings.fuse)
-    options = ExportOptions(batch=settings.batch, precision=settings.precision, image_size=model.spec.image_size)
+    calibration, calibration_source = None, None
+    if settings.precision == "int8":
+        size = model.spec.image_size
+        calibration, calibration_source = calibration_images(
+            manifest, size, settings.calibration_data, settings.calibration_size, settings.calibration_seed
+        )
+        settings.log(f"  int8: calibrating on {calibration_source}")
+    options = ExportOptions(
+        batch=settings.batch, precision=settings.precision, image_size=model.spec.image_size, calibration=calibration
+    )
     with staged_directory(final, overwrite=settings.overwrite, log=settings.log) as staging:  # 0700: keyed files
         use_templates = settings.template and options.precision == "fp32" and settings.seal is None
         fleet = templates if use_templates else None
@@ -220,6 +345,13 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         record = _export_targets(
             model, deploy, backends, options, staging, manifest, request, settings, note, fleet, plaintexts
         )
+        if calibration_source is not None:
+            record.verification["calibration"] = {
+                "source": calibration_source,
+                "images": len(calibration),
+                "seed": settings.calibration_seed,
+                "data": settings.calibration_data or "the checkpoint's training data",
+            }
         if settings.seal is not None:
             _seal_targets(record, plaintexts, settings.seal, staging)
             settings.log(f"  sealed with sealing key {settings.seal.fingerprint} ({CIPHER})")
@@ -287,10 +419,24 @@ def _export_targets(
     generator = torch.Generator().manual_seed(0)
     size = model.spec.image_size
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=generator).numpy()
-    real_x, real_source = real_inputs(manifest, size, settings.real_inputs)
-    inputs = {"random": random_x} | ({"real": real_x} if real_x is not None else {})
+    labels = None
+    if options.precision == "int8":  # agreement on the real test images (labelled where the data is here)
+        labelled = labelled_test_images(manifest, size, settings.agreement_images)
+        if labelled is not None:
+            real_x, labels, real_source = labelled
+        else:
+            real_x, real_source = real_inputs(manifest, size, settings.agreement_images)
+        if real_x is None:
+            raise VerificationError(
+                "an int8 artifact is verified on real images, and none are here (no test data, no sample photos)",
+                "install keyedge[samples], make the checkpoint's data available, or pass --no-verify",
+            )
+        inputs = {"real": real_x}
+    else:
+        real_x, real_source = real_inputs(manifest, size, settings.real_inputs)
+        inputs = {"random": random_x} | ({"real": real_x} if real_x is not None else {})
     with torch.no_grad():
-        reference = {kind: model(torch.from_numpy(x)).numpy() for kind, x in inputs.items()}
+        reference = {kind: _logits(model, x) for kind, x in inputs.items()}
     targets: dict[str, TargetRecord] = {}
     for backend in backends:
         target_deploy = deploy
@@ -326,7 +472,9 @@ def _export_targets(
                 source="fleet-template" if templated else "full-export",
             )
             if settings.verify:  # a sealed artifact is verified from memory, like any other
-                record.parity = _verify(backend, path, inputs, reference, options, io, model.spec.num_classes)
+                record.parity = _verify(
+                    backend, path, inputs, reference, options, io, model.spec.num_classes, labels, settings
+                )
                 settings.log(f"  {backend.name}: " + _parity_line(record.parity))
             else:
                 record.parity = {"skipped": "--no-verify"}
@@ -384,7 +532,17 @@ def _export_targets(
             "real_source": real_source,
             "seed": 0,
             "fp32_atol": FP32_ATOL,
-        },
+        }
+        | (
+            {
+                "rule": "int8: top-1 agreement with the fp32 keyed model, and the test accuracy drop",
+                "min_agreement": settings.min_agreement,
+                "max_accuracy_drop_points": settings.max_accuracy_drop,
+                "labelled": labels is not None,
+            }
+            if options.precision == "int8"
+            else {}
+        ),
         targets=targets,
         versions={
             "keyedge": __version__,
@@ -415,6 +573,10 @@ def _check_graph(target: str, graph, fuse: str) -> None:
             )
 
 
+def _logits(model: nn.Module, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    return np.concatenate([model(torch.from_numpy(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)])
+
+
 def _verify(
     backend,
     path: Path,
@@ -423,15 +585,33 @@ def _verify(
     options,
     io: dict[str, Any],
     num_classes: int,
+    labels: np.ndarray | None = None,
+    settings: ExportSettings | None = None,
 ) -> dict[str, Any]:
     can_run, why = backend.can_run()
     if not can_run:
         structural = _check_io(backend.name, io, options, num_classes)
         return {"ran": False, "reason": why, "structural": structural, "passed": True}
     with backend.load(path) as runner:
-        results = {
-            kind: check_parity(reference[kind], runner.predict(x), options.precision) for kind, x in inputs.items()
-        }
+        got = {kind: runner.predict(x) for kind, x in inputs.items()}
+    if options.precision == "int8":
+        rule = {"min_agreement": settings.min_agreement, "max_drop": settings.max_accuracy_drop} if settings else {}
+        result = check_agreement(reference["real"], got["real"], labels, **rule)
+        if not result["passed"]:
+            drop = result.get("accuracy_drop_points")
+            raise VerificationError(
+                f"the int8 {backend.name} artifact agrees with the fp32 model on {result['top1_agreement']:.1%} "
+                f"of {result['images']} real images (needs {result['min_agreement']:.0%})"
+                + (
+                    f", accuracy drop {drop:.1f} points (at most {result['max_drop_points']:g})"
+                    if drop is not None
+                    else ""
+                ),
+                "nothing was written; calibrate on more images (--calibration-size), or loosen "
+                "--min-agreement / --max-accuracy-drop knowingly",
+            )
+        return {"ran": True, "kind": "agreement", "real": result, "passed": True}
+    results = {kind: check_parity(reference[kind], got[kind], options.precision) for kind, x in inputs.items()}
     passed = all(r["passed"] for r in results.values())
     if not passed:
         bad = next(k for k, r in results.items() if not r["passed"])
@@ -467,6 +647,12 @@ def _check_io(target: str, io: dict[str, Any], options, num_classes: int) -> dic
 def _parity_line(parity: dict[str, Any]) -> str:
     if not parity.get("ran"):
         return f"checked structurally ({parity['reason']})"
+    if parity.get("kind") == "agreement":
+        r = parity["real"]
+        accuracy = (
+            f", accuracy {r['accuracy']:.1%} vs fp32 {r['accuracy_fp32']:.1%}" if r.get("accuracy") is not None else ""
+        )
+        return f"verified (top-1 agreement with fp32 {r['top1_agreement']:.1%} on {r['images']} real images{accuracy})"
     parts = [
         f"{k}: max abs diff {v['max_abs_diff']:.1e}, top-1 {v['top1_agreement']:.0%}"
         for k, v in parity.items()

@@ -9,7 +9,9 @@ Three checks, each one line when it fails (:class:`~keyedge.deploy.export.Verifi
    manifest alone do not (whoever swaps a file can update its hash);
 3. **parity** (when the source checkpoint is still there, with its key for a keyed set): each target
    whose runtime runs here reproduces the PyTorch model on random inputs within the export's tolerance
-   (:func:`keyedge.deploy.export.check_parity`); a sealed set needs its sealing key.
+   (:func:`keyedge.deploy.export.check_parity`); a sealed set needs its sealing key.  An int8 set is
+   checked by its export's rule instead: top-1 agreement with the checkpoint (and the accuracy drop) on
+   its real test images (:func:`keyedge.deploy.export.check_agreement`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from keyedge.deploy.artifacts import ArtifactManifest
-from keyedge.deploy.export import VerificationError, check_parity
+from keyedge.deploy.export import VerificationError, check_agreement, check_parity, labelled_test_images, real_inputs
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key
 from keyedge.keys.signing import VerifyKey, check_signature
@@ -73,10 +75,22 @@ def verify_set(
     if sha256_file(checkpoint / CHECKPOINT_MANIFEST) != manifest.checkpoint.get("manifest_sha256"):
         result["parity"] = {"skipped": f"{checkpoint} changed since this set was exported"}
         return result
-    model, _ = load_checkpoint(checkpoint, key)
-    x = torch.rand(inputs, 3, manifest.image_size, manifest.image_size, generator=torch.Generator().manual_seed(1))
+    model, ckpt = load_checkpoint(checkpoint, key)
+    labels = None
+    if manifest.precision == "int8":  # the export's agreement rule, on its real images
+        count = int(manifest.verification.get("inputs", {}).get("real", 500))
+        labelled = labelled_test_images(ckpt, manifest.image_size, count)
+        x_np = labelled[0] if labelled is not None else real_inputs(ckpt, manifest.image_size, count)[0]
+        if labelled is not None:
+            labels = labelled[1]
+        if x_np is None:
+            result["parity"] = {"skipped": "an int8 set is checked on real images, and none are here"}
+            return result
+        x = torch.from_numpy(x_np)
+    else:
+        x = torch.rand(inputs, 3, manifest.image_size, manifest.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = model(x).numpy()
+        reference = np.concatenate([model(x[i : i + 64]).numpy() for i in range(0, len(x), 64)])
     from keyedge.exporters import get_backend
 
     for target in manifest.targets:
@@ -86,6 +100,24 @@ def verify_set(
             continue
         with open_artifact(directory, target, sealkey=sealkey) as runner:
             got = runner.predict(x.numpy())
+        if manifest.precision == "int8":
+            rule = manifest.verification
+            outcome = check_agreement(
+                reference,
+                np.asarray(got),
+                labels,
+                min_agreement=float(rule.get("min_agreement", 0.98)),
+                max_drop=float(rule.get("max_accuracy_drop_points", 1.0)),
+            )
+            if not outcome["passed"]:
+                raise VerificationError(
+                    f"{directory}: the int8 {target} artifact no longer agrees with its checkpoint "
+                    f"(top-1 agreement {outcome['top1_agreement']:.1%}, needs {outcome['min_agreement']:.0%}, "
+                    f"or the accuracy dropped more than the export allowed)",
+                    "do not deploy it; export again",
+                )
+            parity[target] = outcome
+            continue
         outcome = check_parity(reference, np.asarray(got), manifest.precision)
         if not outcome["passed"]:
             raise VerificationError(
@@ -109,7 +141,9 @@ def describe(result: dict[str, Any]) -> str:
     if "skipped" in parity:
         parts.append(f"parity not re-run ({parity['skipped']})")
     for target, outcome in parity.items():
-        if isinstance(outcome, dict) and "passed" in outcome:
+        if isinstance(outcome, dict) and "min_agreement" in outcome:
+            parts.append(f"{target} int8 agreement {outcome['top1_agreement']:.1%} on {outcome['images']} real images")
+        elif isinstance(outcome, dict) and "passed" in outcome:
             parts.append(f"{target} parity: max abs diff {outcome['max_abs_diff']:.1e}")
         elif isinstance(outcome, dict):
             parts.append(f"{target} parity not run ({outcome['skipped']})")
