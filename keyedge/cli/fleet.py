@@ -162,7 +162,13 @@ def export(
     """Export every trained key to every target, verified; current artifact sets are left alone."""
     from keyedge.app.fleet import export_stage
     from keyedge.cli._flags import expand_targets
+    from keyedge.errors import KeyedgeError
 
+    if precision not in ("fp32", "fp16"):  # a fleet keeps one set per device; int8 sets sit beside them
+        raise KeyedgeError(
+            f"fleet export takes --precision fp32 or fp16, not {precision!r}",
+            "export int8 per key: keyedge export --runs FLEET/runs --keys FLEET/keys --precision int8",
+        )
     targets = expand_targets(target)
     with _session(directory, engine, address, cpus_per_job, gpus_per_job) as (fleet, runner), _progress("export") as ev:
         result = export_stage(
