@@ -142,6 +142,17 @@ def labelled_test_images(manifest: CheckpointManifest, image_size: int, count: i
     return None if loaded is None else (loaded[0], loaded[1], f"{loaded[2].name} test images")
 
 
+def agreement_inputs(
+    manifest: CheckpointManifest, image_size: int, count: int
+) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """The images an int8 artifact is checked on: labelled test images, else unlabelled real ones (or none)."""
+    labelled = labelled_test_images(manifest, image_size, count)
+    if labelled is not None:
+        return labelled
+    images, source = real_inputs(manifest, image_size, count)
+    return images, None, source
+
+
 def calibration_images(
     manifest: CheckpointManifest, image_size: int, data: str | None, count: int, seed: int
 ) -> tuple[np.ndarray, str]:
@@ -421,11 +432,7 @@ def _export_targets(
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=generator).numpy()
     labels = None
     if options.precision == "int8":  # agreement on the real test images (labelled where the data is here)
-        labelled = labelled_test_images(manifest, size, settings.agreement_images)
-        if labelled is not None:
-            real_x, labels, real_source = labelled
-        else:
-            real_x, real_source = real_inputs(manifest, size, settings.agreement_images)
+        real_x, labels, real_source = agreement_inputs(manifest, size, settings.agreement_images)
         if real_x is None:
             raise VerificationError(
                 "an int8 artifact is verified on real images, and none are here (no test data, no sample photos)",

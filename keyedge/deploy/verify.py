@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from keyedge.deploy.artifacts import ArtifactManifest
-from keyedge.deploy.export import VerificationError, check_agreement, check_parity, labelled_test_images, real_inputs
+from keyedge.deploy.export import VerificationError, agreement_inputs, check_agreement, check_parity
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key
 from keyedge.keys.signing import VerifyKey, check_signature
@@ -79,10 +79,7 @@ def verify_set(
     labels = None
     if manifest.precision == "int8":  # the export's agreement rule, on its real images
         count = int(manifest.verification.get("inputs", {}).get("real", 500))
-        labelled = labelled_test_images(ckpt, manifest.image_size, count)
-        x_np = labelled[0] if labelled is not None else real_inputs(ckpt, manifest.image_size, count)[0]
-        if labelled is not None:
-            labels = labelled[1]
+        x_np, labels, _ = agreement_inputs(ckpt, manifest.image_size, count)
         if x_np is None:
             result["parity"] = {"skipped": "an int8 set is checked on real images, and none are here"}
             return result
