@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device no longer names the device profile; use --profile PROFILE.toml", file=sys.stderr)
         return 2
     profile = load_profile(args.profile)
-    targets = sorted({r.target for r in profile.runtimes if r.target in ("onnx", "openvino", "coreml")})
+    targets = sorted({r.target for r in profile.runtimes if r.target not in (None, "torch")})
     with tempfile.TemporaryDirectory() as tmp:
         directories = export_variants(args.model, args.image_size, Path(tmp), targets, variants=("plain", "gather"))
         _, result = gate(directories, args.profile, baseline=args.baseline, attempts=args.attempts, out=args.out)

@@ -381,7 +381,10 @@ def environment() -> dict[str, Any]:
         "versions": {
             "keyedge": __version__,
             "numpy": np.__version__,
-            **{name: version_of(name) for name in ("onnxruntime", "openvino", "coremltools", "torch")},
+            **{
+                name: version_of(name)
+                for name in ("onnxruntime", "openvino", "coremltools", "ai-edge-litert", "executorch", "torch")
+            },
         },
     }
 

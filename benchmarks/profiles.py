@@ -285,6 +285,8 @@ def builtin_profile() -> DeviceProfile:
         runtimes=[
             RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"]),
             RuntimeSpec("openvino", device="CPU"),
+            RuntimeSpec("litert", device="CPU"),
+            RuntimeSpec("executorch", device="CPU"),
         ],
     )
 

@@ -57,9 +57,12 @@ from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeErro
 PRECISIONS = ("fp32", "fp16", "int8")
 
 #: Ops that only re-lay out or re-type the data (followed when tracing from the graph input), lower case.
-LAYOUT_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"})
-#: Gather-like ops (ONNX, OpenVINO and MIL spellings), lower case.
-GATHER_OPS = frozenset({"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis"})
+LAYOUT_OPS = frozenset(
+    {"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"}
+    | {"view_copy", "squeeze_copy", "unsqueeze_copy", "xnnstaticreshape"}  # ExecuTorch: portable and XNNPACK
+)
+#: Gather-like ops (ONNX, OpenVINO, MIL, LiteRT and ExecuTorch spellings), lower case.
+GATHER_OPS = frozenset({"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis", "index_select"})
 #: Ops that only move pixels: the shuffle's gather and its conv form's space-to-depth / depth-to-space, lower case.
 SHUFFLE_OPS = (
     LAYOUT_OPS
@@ -72,10 +75,14 @@ SHUFFLE_OPS = (
         "depth_to_space",
         "pixel_shuffle",
         "pixel_unshuffle",
+        "permute_copy",
+        "xnnstatictranspose",
+        "xnnspacetodepth",
+        "xnndepthtospace",
     }
 )
 #: Convolution spellings (ONNX, OpenVINO, MIL), lower case: the conv form's 1x1 permutation
-CONV_OPS = frozenset({"conv", "convolution"})
+CONV_OPS = frozenset({"conv", "convolution", "conv_2d", "xnnconv2d"})
 
 
 class ExportError(KeyedgeError):
@@ -205,6 +212,9 @@ class ExportBackend(abc.ABC):
     device_option: str | None = None
     #: whether keyedge seals this target's files (``export --seal``) and its runner loads them from memory
     sealable: bool = False
+    #: the precisions this target exports, and why the others are not (one line with its fix)
+    precisions: tuple[str, ...] = PRECISIONS
+    precision_refusal: tuple[str, str] = ("", "")
 
     # ---- capability -----------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:
@@ -287,11 +297,18 @@ class ExportBackend(abc.ABC):
         """Write ``module``'s artifact from the template :meth:`template_for` returned for it."""
         raise ExportError(f"the {self.name} target does not export from templates", "export in full")
 
+    def check_precision(self, precision: str) -> None:
+        """Raise a one-line :class:`ExportError` when this target does not export ``precision``."""
+        if precision not in self.precisions:
+            why, fix = self.precision_refusal
+            raise ExportError(f"the {self.name} target does not export {precision}: {why}", fix)
+
     def _check_export(
         self, module: torch.nn.Module, path: Path, options: ExportOptions, *, placeholders: bool = False
     ) -> None:
         if not isinstance(options, ExportOptions):
             raise ExportError(f"options must be ExportOptions, got {type(options).__name__}")
+        self.check_precision(options.precision)
         if not isinstance(module, torch.nn.Module):
             raise ExportError(f"can only export a torch.nn.Module, got {type(module).__name__}")
         if any(sub.training for sub in module.modules()):
@@ -582,7 +599,7 @@ def _importable(modules: Iterable[str], extra: str) -> tuple[bool, str]:
             return False, exc.message
         except Exception as exc:
             return False, f"{module} fails to import ({one_line(exc)})"
-        version = version_of(module)
+        version = version_of(module.split(".")[0])
         found.append(f"{module} {version}" if version else module)
     return True, ", ".join(found)
 
@@ -712,6 +729,36 @@ def check_reproduces(
                 f"or an op was mistranslated",
                 "remove the data-dependent branch, or export through torch.export",
             )
+
+
+def static_graph(module: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """``module`` as a ``torch.export`` graph with its parameter-only work computed once (for one input size).
+
+    A ViT built for any image size (timm's ``dynamic_img_size``) resamples its position embedding
+    on every call (bicubic, antialiased), which neither LiteRT nor ExecuTorch has a kernel for;
+    with the input size fixed, that result is a constant.  ``torch.fx``'s constant folding
+    (``split_const_subgraphs``) computes such subgraphs and stores their results as weights.
+    """
+    from torch.fx.experimental.const_fold import split_const_subgraphs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(module, (example,), strict=False).module()
+        folded = split_const_subgraphs(graph)
+        folded.run_folding()
+    return Unpacked(folded).eval()
+
+
+class Unpacked(torch.nn.Module):
+    """A graph module returning a one-tensor tuple, returning the tensor (what the exporters' wrappers expect)."""
+
+    def __init__(self, graph: torch.nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.graph(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 # ---- generic graph analysis (each backend turns its format into a list of Node) ------------

@@ -9,6 +9,7 @@ needs one calls :func:`require`, which names the extra instead of raising a raw
 from __future__ import annotations
 
 import importlib
+import itertools
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
@@ -48,11 +49,58 @@ EXTRAS: dict[str, Extra] = {
         ),
         Extra("seal", ("cryptography",), "sealed artifacts: AES-256-GCM encryption at rest"),
         Extra("ray", ("ray",), "fleet jobs (`keyedge fleet --engine ray`) as Ray tasks on a cluster"),
+        Extra("litert", ("litert-torch", "ai-edge-litert"), "export to LiteRT (.tflite, Android) and run it here"),
+        Extra("executorch", ("executorch",), "export to ExecuTorch (.pte, Android/iOS, XNNPACK) and run it here"),
         Extra("int8", ("nncf",), "OpenVINO INT8 artifacts (`keyedge export --precision int8 -t openvino`, NNCF)"),
     )
 }
 
 CORE = ("torch", "timm", "numpy", "typer", "rich", "pillow")
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two installed distributions that do not work together: ``other`` must be below version ``below``."""
+
+    distribution: str
+    other: str
+    below: tuple[int, ...]
+    why: str
+
+    @property
+    def fix(self) -> str:
+        return f"pip install '{self.other}<{'.'.join(map(str, self.below))}'"
+
+    def found(self) -> str | None:
+        """What is wrong on this host (one line), or None when the pair is fine or not both installed."""
+        mine, theirs = version_of(self.distribution), version_of(self.other)
+        if mine is None or theirs is None or release(theirs) < self.below:
+            return None
+        return f"{self.distribution} {mine} with {self.other} {theirs}: {self.why}"
+
+
+#: Known conflicts between extras' dependencies (``keyedge doctor`` checks them; ``make test`` installs one good set).
+CONFLICTS = (
+    Conflict(
+        "coremltools",
+        "numpy",
+        (2, 4),
+        "coremltools 9.0's torch converter breaks with numpy 2.4 (installed alone, the executorch extra takes 2.4)",
+    ),
+)
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string: ``"2.3.5rc1"`` -> ``(2, 3, 5)``."""
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) < len(piece):
+            break
+    return tuple(parts)
 
 
 def version_of(distribution: str) -> str | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keyedge import __version__
-from keyedge.deps import CORE, EXTRAS, version_of
+from keyedge.deps import CONFLICTS, CORE, EXTRAS, Conflict, version_of
 
 
 def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
@@ -69,6 +69,19 @@ def _torch_export() -> str:
     return f"torch {torch.__version__}"
 
 
+def _compatible(conflict: Conflict) -> Callable[[], str]:
+    def probe() -> str:
+        problem = conflict.found()
+        if problem:
+            raise RuntimeError(f"{problem}; fix: {conflict.fix}")
+        mine, theirs = version_of(conflict.distribution), version_of(conflict.other)
+        if mine is None:
+            return f"{conflict.distribution} not installed"
+        return f"{conflict.other} {theirs} with {conflict.distribution} {mine}: fine"
+
+    return probe
+
+
 def checks() -> list[tuple[str, str, Callable[[], Any], str | None]]:
     """(section, name, probe, extra that provides it): every export backend's own checks, then PyTorch's devices.
 
@@ -87,6 +100,7 @@ def checks() -> list[tuple[str, str, Callable[[], Any], str | None]]:
         ("runtime", "torch-cuda", _cuda, None),
         ("runtime", "torch-mps", _mps, None),
     ]
+    out += [("compatibility", f"{c.distribution}/{c.other}", _compatible(c), None) for c in CONFLICTS]
     return out
 
 

@@ -20,12 +20,17 @@ def retired(*names: str, message: str, hint: str, flag: bool = False) -> Any:
 
 
 def expand_targets(names: list[str]) -> list[str]:
-    """``--target`` values in order, ``all`` expanded to every backend, duplicates dropped; unknown: one line."""
+    """``--target`` values in order, duplicates dropped; unknown: one line.
+
+    ``all`` is every backend whose extra is installed (every backend when none is: the export then names the extra).
+    """
+    from keyedge.deps import installed
     from keyedge.exporters import backend_names, get_backend
 
+    present = [t for t in backend_names() if installed(get_backend(t).extra)] or backend_names()
     targets: list[str] = []
     for name in names:
-        for target in backend_names() if name == "all" else [name]:
+        for target in present if name == "all" else [name]:
             get_backend(target)  # unknown target: a clear error before any work
             if target not in targets:
                 targets.append(target)

@@ -36,7 +36,12 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         extras.add_row(name, packages, info["purpose"], status)
     console.print(extras)
 
-    for section, title in (("export", "export targets"), ("runtime", "runtimes on this host")):
+    sections = (
+        ("export", "export targets"),
+        ("runtime", "runtimes on this host"),
+        ("compatibility", "known conflicts"),
+    )
+    for section, title in sections:
         table = Table(title=title, title_justify="left")
         for column in ("name", "works", "detail"):
             table.add_column(column)

@@ -336,6 +336,7 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         ok, reason = backend.available()
         if not ok:
             raise KeyedgeError(f"cannot export to {backend.name}: {reason}")
+        backend.check_precision(settings.precision)
     if settings.seal is not None:
         check_sealable(backends)
     deploy = defense.deployable(model, request.key, settings.fuse)
@@ -380,8 +381,9 @@ def check_sealable(backends: Sequence) -> None:
     unsealable = [b.name for b in backends if not b.sealable]
     if unsealable:
         raise KeyedgeError(
-            f"keyedge does not seal {', '.join(unsealable)} artifacts (CoreML models are encrypted by Xcode)",
-            "seal -t onnx -t openvino; export CoreML without --seal (docs/sealed-format.md, CoreML)",
+            f"keyedge does not seal {', '.join(unsealable)} artifacts (CoreML models are encrypted by Xcode; "
+            "LiteRT and ExecuTorch files are not sealed yet)",
+            "seal -t onnx -t openvino; export the other targets without --seal (docs/sealed-format.md)",
         )
     ok, why = memory_files_supported()
     if not ok:
@@ -559,6 +561,9 @@ def _export_targets(
             "onnxruntime": version_of("onnxruntime"),
             "openvino": version_of("openvino"),
             "coremltools": version_of("coremltools"),
+            "litert-torch": version_of("litert-torch"),
+            "ai-edge-litert": version_of("ai-edge-litert"),
+            "executorch": version_of("executorch"),
         },
     )
 

@@ -1,0 +1,310 @@
+"""ExecuTorch target (PyTorch's on-device runtime, Android and iOS): ``.pte`` programs, XNNPACK-delegated.
+
+``torch.export`` -> :func:`constant_prop_pass` (folds parameter-only work such as a ViT's
+position-embedding resampling, which ExecuTorch has no kernel for) ->
+``to_edge_transform_and_lower`` with the XNNPACK partitioner -> ``to_executorch``.
+XNNPACK takes every op it supports; the rest run on ExecuTorch's portable kernels.  The
+key's shuffle is ``aten::index_select`` with int64 indices on a portable kernel (XNNPACK has
+no gather: a delegate that rejects it is not the issue, there is none that takes it), fed
+by an XNNPACK reshape; the conv form and fold delegate entirely.
+
+``int8`` is PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (symmetric,
+per-channel int8 weights, int8 activations), calibrated on ``ExportOptions.calibration``;
+the key's shuffle modules are excluded so their pixels move exactly.  ``fp16`` is refused
+(the program would take half inputs; XNNPACK picks fp16 kernels on the phone itself).
+
+Reading back (:func:`program_nodes`) parses the ``.pte`` flatbuffer and each XNNPACK
+delegate's own flatbuffer (with the ``flatc`` ExecuTorch ships), so the graph report lists
+portable and delegated ops alike (``XNN*`` names) and the shuffle's indices come from the
+file's constant buffer.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    Node,
+    Runner,
+    analyze,
+    calibration_batches,
+    check_reproduces,
+    constant_signature,
+    one_line,
+    register_backend,
+    shuffle_prefix,
+)
+
+#: ExecuTorch ScalarType codes -> numpy dtypes (executorch/runtime/core/portable_type/scalar_type.h)
+SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64"}
+SHUFFLE_KERNELS = ("index_select", "gather")
+
+
+class ExecuTorchRunner(Runner):
+    """A ``.pte`` program's ``forward`` method loaded in ExecuTorch's runtime (XNNPACK + portable kernels)."""
+
+    backend = "executorch"
+
+    def __init__(self, path: Path, program: Any, shape: list[int], settings: dict[str, Any]):
+        self.method = program.load_method("forward")
+        self._program = program
+        super().__init__(path, shape, {**settings, "device": "CPU"})
+
+    def infer(self, x: np.ndarray) -> Any:
+        return self.method.execute([torch.from_numpy(x)])
+
+    def logits(self, result: Any) -> np.ndarray:
+        return result[0].numpy()
+
+    def close(self) -> None:
+        self.method = self._program = None
+
+
+@register_backend
+class ExecuTorchBackend(ExportBackend):
+    """Export to an ExecuTorch program (``model.pte``, XNNPACK delegate) and run it in ExecuTorch's runtime."""
+
+    name = "executorch"
+    extra = "executorch"
+    suffix = ".pte"
+    runtime = "executorch"
+    export_modules = ("executorch.exir",)
+    runtime_modules = ("executorch.runtime",)
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU",), "CPU")}
+    device_option = "device"
+    precisions = ("fp32", "int8")
+    precision_refusal = (
+        "an fp16 program would take half-precision input, and XNNPACK picks fp16 kernels on the phone itself",
+        "export fp32 (or int8)",
+    )
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        if options.dynamic:
+            raise ExportError(
+                "ExecuTorch artifacts have a fixed batch here", "export with --batch 1 (what a phone runs)"
+            )
+        exir = self.require("executorch.exir")
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+        example = options.example_input()
+        source = self._quantize(module, options) if options.precision == "int8" else module
+        program = constant_prop_pass(torch.export.export(source, (example,), strict=False))
+        edge = exir.to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        buffer = edge.to_executorch().buffer
+        if options.precision == "fp32":
+            check_reproduces(
+                module, _bytes_runner(self, buffer, list(options.input_shape)), options, "the .pte program"
+            )
+        path.write_bytes(buffer)
+        return [path]
+
+    def _quantize(self, module: nn.Module, options: ExportOptions) -> nn.Module:
+        """PT2E int8 with XNNPACKQuantizer, calibrated; the shuffle modules are left unquantized."""
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        from keyedge.keys.transform import BlockShuffle, BlockShuffleConv
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        for kind in (BlockShuffle, BlockShuffleConv):
+            quantizer.set_module_type(kind, None)
+        captured = torch.export.export(module, (options.example_input(),), strict=False).module()
+        prepared = prepare_pt2e(captured, quantizer)
+        for batch in calibration_batches(options):
+            prepared(torch.from_numpy(batch))
+        return convert_pt2e(prepared)
+
+    # ---- inference ------------------------------------------------------------------------
+    def devices(self) -> list[str]:
+        return ["CPU"] if self.can_run()[0] else []
+
+    def _load(self, path: Path, **settings: Any) -> Runner:
+        program = _runtime(self, settings.get("threads")).load_program(Path(path))
+        return ExecuTorchRunner(path, program, _io(self, path)[0][0]["shape"], settings)
+
+    # ---- reading back ---------------------------------------------------------------------
+    def inspect(self, path: Path) -> GraphReport:
+        nodes, inputs, outputs, notes = program_nodes(self, path)
+        return analyze(nodes, inputs, outputs, notes=notes)
+
+    def describe_io(self, path: Path) -> dict[str, Any]:
+        inputs, outputs = _io(self, path)
+        quantized = program_nodes(self, path)[3][0].startswith("int8")
+        return {
+            "format": "executorch",
+            "inputs": inputs,
+            "outputs": outputs,
+            "precision": "int8" if quantized else "fp32",
+        }
+
+
+def shuffle_indices(path: Path) -> np.ndarray | None:
+    """The index map of the program's input gather (``index_select`` on the flattened image), or None."""
+    backend = ExecuTorchBackend()
+    nodes, inputs, _, _ = program_nodes(backend, path)
+    plan, program = _plan(backend, path)
+    for node in shuffle_prefix(nodes, inputs, lambda n: None):
+        if node.type in SHUFFLE_KERNELS:
+            return _constant(program, plan.values[int(node.inputs[2][1:])].val)
+    return None
+
+
+# ---- the .pte file ---------------------------------------------------------------------------
+
+
+def _runtime(backend: ExecuTorchBackend, threads: int | None = None) -> Any:
+    runtime = backend.require("executorch.runtime").Runtime.get()
+    if threads:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(int(threads))
+    return runtime
+
+
+def _bytes_runner(backend: ExecuTorchBackend, buffer: bytes, shape: list[int]) -> ExecuTorchRunner:
+    program = _runtime(backend).load_program(buffer)
+    return ExecuTorchRunner(Path("<converted>"), program, shape, {})
+
+
+def _plan(backend: ExecuTorchBackend, path: Path) -> tuple[Any, Any]:
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} not found", "give the .pte of an exported ExecuTorch program")
+    backend.require("executorch.exir")
+    try:
+        program = deserialize_pte_binary(path.read_bytes()).program
+        plan = next(p for p in program.execution_plan if p.name == "forward")
+    except Exception as exc:
+        raise ExportError(f"cannot read {path} as an ExecuTorch program: {one_line(exc)}") from None
+    return plan, program
+
+
+def _tensor_port(value: Any, name: str) -> dict[str, Any]:
+    return {"name": name, "shape": list(value.sizes), "dtype": SCALAR_TYPES.get(int(value.scalar_type), "unknown")}
+
+
+def _io(backend: ExecuTorchBackend, path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    plan, _ = _plan(backend, path)
+    inputs = [_tensor_port(plan.values[i].val, "image" if n == 0 else f"input{n}") for n, i in enumerate(plan.inputs)]
+    outputs = [
+        _tensor_port(plan.values[i].val, "logits" if n == 0 else f"output{n}") for n, i in enumerate(plan.outputs)
+    ]
+    return inputs, outputs
+
+
+def _constant(program: Any, tensor: Any) -> np.ndarray | None:
+    """A constant tensor's values from the program's constant buffer (None when it is not stored there)."""
+    if not getattr(tensor, "data_buffer_idx", 0):
+        return None
+    storage = program.constant_buffer[tensor.data_buffer_idx].storage
+    dtype = np.dtype(SCALAR_TYPES[int(tensor.scalar_type)])
+    return np.frombuffer(bytes(storage), dtype=dtype).reshape(list(tensor.sizes)).copy()
+
+
+def _xnn_graph(program: Any, delegate: Any) -> dict[str, Any]:
+    """An XNNPACK delegate's payload as JSON (its flatbuffer decoded with ExecuTorch's flatc)."""
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+
+    blob = program.backend_delegate_data[delegate.processed.index].data
+    header = XNNHeader.from_bytes(blob[: XNNHeader.EXPECTED_LENGTH])
+    flatbuffer = blob[header.flatbuffer_offset : header.flatbuffer_offset + header.flatbuffer_size]
+    schema = importlib.resources.files("executorch.backends.xnnpack.serialization").joinpath("schema.fbs")
+    with tempfile.TemporaryDirectory(prefix="keyedge-pte-") as tmp, importlib.resources.as_file(schema) as fbs:
+        (Path(tmp) / "graph.bin").write_bytes(flatbuffer)
+        _flatc_decompile(tmp, str(fbs), str(Path(tmp) / "graph.bin"))
+        return json.loads((Path(tmp) / "graph.json").read_text())
+
+
+def program_nodes(backend: ExecuTorchBackend, path: Path) -> tuple[list[Node], list[str], list[str], list[str]]:
+    """The program's ops in execution order -- portable kernels and every XNNPACK delegate's ops -- as nodes.
+
+    Values are named ``v<id>`` (the program's value table); a delegate's internal values ``d<k>.<id>``,
+    its external ones mapped to the call's arguments.  A kernel's arguments not yet written by an
+    earlier instruction (nor graph inputs, nor constants) are its outputs: ExecuTorch's out variants.
+    """
+    plan, program = _plan(backend, path)
+    written = {f"v{i}" for i in plan.inputs}
+    nodes: list[Node] = []
+    delegated = portable = quantized = 0
+
+    def describe(value_id: int) -> str:
+        val = plan.values[value_id].val
+        if type(val).__name__ == "Tensor":
+            data = _constant(program, val)
+            return constant_signature(data, list(val.sizes), SCALAR_TYPES.get(int(val.scalar_type), "?"))
+        return type(val).__name__
+
+    for instruction in plan.chains[0].instructions:
+        args = instruction.instr_args
+        kind = type(args).__name__
+        if kind == "KernelCall":
+            operator = plan.operators[args.op_index]
+            names = [f"v{a}" for a in args.args]
+            ins = [n for n in names if n in written or not _is_buffer(plan, int(n[1:]))]
+            outs = [n for n in names if n not in ins]
+            written.update(outs)
+            attrs = ";".join(describe(int(n[1:])) for n in ins if n not in written)
+            nodes.append(
+                Node(operator.name.split("::")[-1], ins, outs, f"{operator.overload}|{attrs}", name=operator.name)
+            )
+            portable += 1
+        elif kind == "DelegateCall":
+            delegate = plan.delegates[args.delegate_index]
+            if delegate.id != "XnnpackBackend":
+                names = [f"v{a}" for a in args.args]
+                ins = [n for n in names if n in written]
+                outs = [n for n in names if n not in ins]
+                written.update(outs)
+                nodes.append(Node(f"delegate:{delegate.id}", ins, outs, name=delegate.id))
+                continue
+            graph = _xnn_graph(program, delegate)
+            external = {}
+            for value in graph.get("xvalues", []):
+                inner = value.get("xvalue_union", {})
+                quantized += "Quantized" in value.get("xvalue_union_type", "")
+                inner = inner.get("tensor_value", inner)
+                if inner.get("flags", 0) & 3:  # XNN_VALUE_FLAG_EXTERNAL_INPUT | _OUTPUT
+                    external[inner["id_out"]] = f"v{args.args[inner['external_id']]}"
+            prefix = f"d{args.delegate_index}."
+            for xnode in graph.get("xnodes", []):
+                fields = xnode.get("xnode_union", {})
+                ids = {k: v for k, v in fields.items() if k.endswith("_id") and isinstance(v, int)}
+                outs = [external.get(v, f"{prefix}{v}") for k, v in ids.items() if k.startswith("output")]
+                ins = [external.get(v, f"{prefix}{v}") for k, v in ids.items() if not k.startswith("output")]
+                written.update(outs)
+                attrs = ",".join(f"{k}:{v}" for k, v in sorted(fields.items()) if not k.endswith("_id"))
+                nodes.append(Node(xnode["xnode_union_type"], ins, outs, attrs, name=f"{prefix}{len(nodes)}"))
+                delegated += 1
+    quantized += sum(o.name.startswith("quantized_decomposed") for o in plan.operators)
+    notes = [
+        ("int8 quantized; " if quantized else "float32; ")
+        + f"{len(plan.delegates)} XNNPACK delegate call(s) holding {delegated} op(s); "
+        f"{portable} portable kernel call(s): {', '.join(sorted({o.name for o in plan.operators})) or 'none'}"
+    ]
+    return nodes, [f"v{i}" for i in plan.inputs], [f"v{i}" for i in plan.outputs], notes
+
+
+def _is_buffer(plan: Any, value_id: int) -> bool:
+    """Whether a value is a memory-planned tensor (an activation, not a constant or a scalar argument)."""
+    val = plan.values[value_id].val
+    return type(val).__name__ == "Tensor" and not getattr(val, "data_buffer_idx", 0)

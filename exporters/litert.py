@@ -1,0 +1,270 @@
+"""LiteRT target (TensorFlow Lite's successor, Android's default runtime): ``.tflite`` via ``litert-torch``.
+
+``litert_torch.convert`` exports the module with ``torch.export`` and lowers it to a
+TFLite flatbuffer; the module is wrapped so that the signature's input and output carry
+the requested names (``serving_default`` signature, ``image`` -> ``logits``).  The key's
+shuffle becomes one ``GATHER_ND`` with int32 indices (TFLite kernels and the GPU delegate
+take int32 indices; the XNNPACK CPU delegate takes no gather, so the shuffle runs on
+LiteRT's builtin kernel and everything after it on XNNPACK), the conv form a 1x1
+``CONV_2D`` between reshape/transpose pixel moves, fold no gather at all.  LiteRT's graph is
+NHWC inside: the converter puts one ``TRANSPOSE`` after normalization, not on the shuffle.
+
+Batch is fixed (the phone runs batch 1).  ``fp16`` is refused: litert-torch writes float32
+graphs and a phone's delegates choose half precision at run time (the GPU delegate by
+default, XNNPACK with ``--use_xnnpack_fp16``); export fp32.  ``int8`` is full-integer
+static quantization with ai-edge-quantizer (``static_wi8_ai8``: int8 weights and
+activations, float I/O), calibrated on ``ExportOptions.calibration``, the shuffle's ops left
+in float so that the key's pixels move exactly.
+
+Running here: ``ai_edge_litert.interpreter.Interpreter`` with its default XNNPACK delegate
+(the CPU path of a phone); on-phone GPU/NPU delegates are not available on this host.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    GraphReport,
+    Node,
+    Runner,
+    analyze,
+    calibration_batches,
+    check_reproduces,
+    constant_signature,
+    one_line,
+    register_backend,
+    shuffle_prefix,
+    static_graph,
+)
+
+SIGNATURE = "serving_default"
+#: the ops that carry the key's shuffle in a .tflite graph (the data input first)
+GATHERS = ("GATHER_ND", "GATHER")
+
+
+class Named(nn.Module):
+    """``module`` behind a keyword input and a dict output: LiteRT names the signature's tensors after them."""
+
+    def __init__(self, module: nn.Module, input_name: str, output_name: str):
+        super().__init__()
+        self.module, self.input_name, self.output_name = module, input_name, output_name
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.output_name: self.module(inputs[self.input_name])}
+
+
+class LiteRTRunner(Runner):
+    """A ``.tflite`` model in LiteRT's interpreter, XNNPACK delegate on (as on a phone's CPU path)."""
+
+    backend = "litert"
+
+    def __init__(self, path: Path, interpreter: Any, settings: dict[str, Any]):
+        self.interpreter = interpreter
+        interpreter.allocate_tensors()
+        (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        self._input, self._output = inp["index"], outputs[0]["index"]
+        super().__init__(path, [int(d) for d in inp["shape"]], {**settings, "device": "CPU", "delegate": "XNNPACK"})
+
+    def infer(self, x: np.ndarray) -> Any:
+        self.interpreter.set_tensor(self._input, x)
+        self.interpreter.invoke()
+        return None
+
+    def logits(self, result: Any) -> np.ndarray:
+        return self.interpreter.get_tensor(self._output)
+
+    def close(self) -> None:
+        self.interpreter = None
+
+
+@register_backend
+class LiteRTBackend(ExportBackend):
+    """Export to a LiteRT flatbuffer (``model.tflite``) and run it with LiteRT's interpreter."""
+
+    name = "litert"
+    extra = "litert"
+    suffix = ".tflite"
+    runtime = "litert"
+    export_modules = ("litert_torch",)
+    runtime_modules = ("ai_edge_litert.interpreter",)
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU"), "CPU")}
+    device_option = "device"
+    precisions = ("fp32", "int8")
+    precision_refusal = (
+        "litert-torch writes float32 graphs and a phone's delegate picks fp16 at run time",
+        "export fp32 (the GPU delegate runs it in fp16; XNNPACK with --use_xnnpack_fp16)",
+    )
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        if options.dynamic:
+            raise ExportError("LiteRT artifacts have a fixed batch", "export with --batch 1 (what a phone runs)")
+        litert_torch = self.require("litert_torch")
+        example = options.example_input()
+        named = Named(static_graph(module, example), options.input_name, options.output_name).eval()
+        converted = litert_torch.convert(named, sample_kwargs={options.input_name: example})
+        content = converted.model_content
+        flatbuffer = bytes(content() if callable(content) else content)
+        check_reproduces(module, _bytes_runner(self, flatbuffer), options, "the LiteRT model")
+        if options.precision == "int8":
+            flatbuffer = self._quantize(flatbuffer, options)
+        path.write_bytes(flatbuffer)
+        return [path]
+
+    def _quantize(self, flatbuffer: bytes, options: ExportOptions) -> bytes:
+        """ai-edge-quantizer static int8 (weights and activations), the shuffle's ops left in float32."""
+        from ai_edge_quantizer import qtyping, quantizer, recipe
+
+        with tempfile.TemporaryDirectory(prefix="keyedge-litert-") as tmp:
+            source = Path(tmp) / "fp32.tflite"
+            source.write_bytes(flatbuffer)
+            nodes, interpreter = _read_nodes(self, source)
+            shuffle = shuffle_prefix(nodes, _inputs(interpreter), lambda n: _weight(interpreter, n))
+            q = quantizer.Quantizer(str(source))
+            q.load_quantization_recipe(recipe.static_wi8_ai8())
+            float32 = [(re.escape(node.name), qtyping.TFLOperationName.ALL_SUPPORTED) for node in shuffle]
+            float32 += [(".*", qtyping.TFLOperationName.INPUT), (".*", qtyping.TFLOperationName.OUTPUT)]
+            for regex, operation in float32:  # the shuffle's ops (by output tensor name) and the I/O stay float32
+                q.update_quantization_recipe(regex=regex, operation_name=operation, algorithm_key="no_quantize")
+            data = [{options.input_name: batch} for batch in calibration_batches(options)]
+            calibration = q.calibrate({SIGNATURE: data})
+            return bytes(q.quantize(calibration).quantized_model)
+
+    # ---- inference ------------------------------------------------------------------------
+    def can_run(
+        self, *, device: str | None = None, providers: Sequence[str] | None = None, compute_units: str | None = None
+    ) -> tuple[bool, str]:
+        ok, reason = super().can_run()
+        if ok and device not in (None, "CPU"):
+            return False, (
+                f"LiteRT's {device} delegate runs on the phone only (time it there: benchmark_model "
+                f"--graph=model.tflite {'--use_gpu=true' if device == 'GPU' else '--use_nnapi=true'})"
+            )
+        return ok, reason
+
+    def devices(self) -> list[str]:
+        return ["CPU"] if self.can_run()[0] else []
+
+    def _load(self, path: Path, **settings: Any) -> Runner:
+        interpreter = _interpreter(self, path, settings.get("threads"))
+        return LiteRTRunner(path, interpreter, settings)
+
+    # ---- reading back ---------------------------------------------------------------------
+    def inspect(self, path: Path) -> GraphReport:
+        nodes, interpreter = _read_nodes(self, path)
+        shuffle = shuffle_indices(path)
+        notes = [f"signature {', '.join(interpreter.get_signature_list()) or 'none'}; {_quantized(interpreter)}"]
+        if shuffle is not None:
+            notes.append(f"shuffle gather indices int32, {shuffle.size} entries")
+        outputs = [str(d["index"]) for d in interpreter.get_output_details()]
+        return analyze(nodes, _inputs(interpreter), outputs, notes=notes)
+
+    def describe_io(self, path: Path) -> dict[str, Any]:
+        interpreter = _interpreter(self, path)
+        signature = interpreter.get_signature_list().get(SIGNATURE, {})
+
+        def port(detail: dict[str, Any], name: str) -> dict[str, Any]:
+            return {"name": name, "shape": [int(d) for d in detail["shape"]], "dtype": np.dtype(detail["dtype"]).name}
+
+        (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        return {
+            "format": "litert",
+            "inputs": [port(inp, (signature.get("inputs") or [inp["name"]])[0])],
+            "outputs": [port(o, n) for o, n in zip(outputs, signature.get("outputs") or [o["name"] for o in outputs])],
+            "precision": "int8" if "int8" in _quantized(interpreter) else "fp32",
+        }
+
+
+def shuffle_indices(path: Path) -> np.ndarray | None:
+    """The flat source index of every output element of the input's gather (the key's index map), or None."""
+    backend = LiteRTBackend()
+    nodes, interpreter = _read_nodes(backend, path)
+    details = {str(t["index"]): t for t in interpreter.get_tensor_details()}
+    for node in shuffle_prefix(nodes, _inputs(interpreter), lambda n: None):
+        if node.type in GATHERS:
+            return np.asarray(interpreter.get_tensor(details[node.inputs[1]]["index"])).reshape(-1).astype(np.int64)
+    return None
+
+
+def _interpreter(backend: LiteRTBackend, path: Path, threads: int | None = None, *, delegate: bool = True) -> Any:
+    """LiteRT's interpreter on ``path``: with its default XNNPACK delegate (to run), or without (to read its ops)."""
+    interpreter_module = backend.require("ai_edge_litert.interpreter")
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} not found", "give the .tflite of an exported LiteRT model")
+    resolver = interpreter_module.OpResolverType
+    try:
+        interpreter = interpreter_module.Interpreter(
+            model_path=str(path),
+            num_threads=threads,
+            experimental_op_resolver_type=resolver.AUTO if delegate else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        interpreter.allocate_tensors()
+    except Exception as exc:
+        raise ExportError(f"cannot read {path} as a LiteRT model: {one_line(exc)}") from None
+    return interpreter
+
+
+def _bytes_runner(backend: LiteRTBackend, flatbuffer: bytes):
+    """Run a flatbuffer held in memory (the export's own parity probe, before anything is written)."""
+    interpreter = backend.require("ai_edge_litert.interpreter").Interpreter(model_content=flatbuffer)
+    runner = LiteRTRunner(Path("<converted>"), interpreter, {})
+    return runner
+
+
+def _inputs(interpreter: Any) -> list[str]:
+    return [str(d["index"]) for d in interpreter.get_input_details()]
+
+
+def _read_nodes(backend: LiteRTBackend, path: Path) -> tuple[list[Node], Any]:
+    """The .tflite graph as format-neutral nodes, in execution order (constants described, not valued)."""
+    interpreter = _interpreter(backend, path, delegate=False)
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    variable = {d["index"] for d in interpreter.get_input_details()}
+    nodes = []
+    for op in interpreter._get_ops_details():
+        inputs = [int(i) for i in op["inputs"] if i >= 0]
+        produced = {o for n in nodes for o in n.outputs}
+        signature = []
+        for i in inputs:
+            t = details.get(i)
+            if t is not None and str(i) not in produced and i not in variable:
+                signature.append(constant_signature(None, [int(d) for d in t["shape"]], np.dtype(t["dtype"]).name))
+        nodes.append(
+            Node(
+                op["op_name"],
+                [str(i) for i in inputs],
+                [str(int(o)) for o in op["outputs"]],
+                ";".join(signature),
+                name=details[int(op["outputs"][0])]["name"] if len(op["outputs"]) else "",
+            )
+        )
+    return nodes, interpreter
+
+
+def _weight(interpreter: Any, node: Node) -> np.ndarray | None:
+    """A conv's weight in OIHW (LiteRT stores OHWI), for the permutation check; None when not constant."""
+    if node.type != "CONV_2D" or len(node.inputs) < 2:
+        return None
+    try:
+        weight = np.asarray(interpreter.get_tensor(int(node.inputs[1])))
+    except Exception:
+        return None
+    return weight.transpose(0, 3, 1, 2) if weight.ndim == 4 else None
+
+
+def _quantized(interpreter: Any) -> str:
+    kinds = {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    return "int8 quantized" if "int8" in kinds else "float32"
