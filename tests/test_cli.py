@@ -210,10 +210,11 @@ def test_doctor_reports_targets_and_runtimes():
     if sys.platform != "darwin":
         coreml = checks[("runtime", "coreml")]
         assert not coreml["ok"] and "macOS" in coreml["detail"]
-    for name in ("onnx", "openvino", "coreml"):  # installed by the dev extra
+    for name in ("onnx", "openvino", "coreml", "litert", "executorch"):  # installed by the dev extra
         assert checks[("export", name)]["ok"], checks[("export", name)]
-    for name in ("onnxruntime", "openvino"):
+    for name in ("onnxruntime", "openvino", "litert", "executorch"):
         assert checks[("runtime", name)]["ok"], checks[("runtime", name)]
+    assert checks[("compatibility", "coremltools/numpy")]["ok"]  # make test installs one working set
     assert run("doctor").exit_code == 0
 
 

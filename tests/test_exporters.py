@@ -102,9 +102,9 @@ def _non_constant(ops: dict[str, int]) -> Counter:
 # ---- registry and interface ------------------------------------------------------------------
 
 
-def test_registry_lists_the_three_targets():
-    assert backend_names() == ["onnx", "openvino", "coreml"]
-    suffixes = {"onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage"}
+def test_registry_lists_the_five_targets():
+    assert backend_names() == ["onnx", "openvino", "coreml", "litert", "executorch"]
+    suffixes = {"onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage", "litert": ".tflite", "executorch": ".pte"}
     for name in backend_names():
         backend = get_backend(name)
         assert (backend.name, backend.suffix) == (name, suffixes[name])
@@ -114,7 +114,7 @@ def test_registry_lists_the_three_targets():
 def test_unknown_target_is_a_keyedge_error():
     with pytest.raises(KeyedgeError) as err:
         get_backend("tflite")
-    assert str(err.value) == "unknown export target 'tflite'; use onnx, openvino or coreml"
+    assert str(err.value) == "unknown export target 'tflite'; use onnx, openvino, coreml, litert or executorch"
 
 
 def test_availability_here():

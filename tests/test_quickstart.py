@@ -45,7 +45,11 @@ def test_quickstart_report_and_files(quickstart):
 def test_quickstart_artifacts_exist_and_are_verified(quickstart):
     out, _, summary = quickstart
     targets = {(a["artifact"].split("-")[-1] == "plain", a["target"]) for a in summary["artifacts"]}
-    assert targets == {(False, "onnx"), (False, "openvino"), (False, "coreml"), (True, "onnx"), (True, "openvino")}
+    expected = {(False, "onnx"), (False, "openvino"), (False, "coreml"), (True, "onnx"), (True, "openvino")}
+    expected |= {(plain, t) for plain in (False, True) for t in ("litert", "executorch")}  # the dev extra has them
+    assert targets == expected
+    mobile = {a["target"]: a for a in summary["artifacts"] if a["artifact"].startswith("artifacts/mobile/")}
+    assert set(mobile) == {"litert", "executorch"} and all(a["verified"] for a in mobile.values())
     int8 = {a["target"]: a for a in summary["artifacts"] if a["precision"] == "int8"}
     assert set(int8) == {"onnx", "openvino"}  # k1 at int8 for ONNX Runtime and OpenVINO
     for a in int8.values():
@@ -57,6 +61,7 @@ def test_quickstart_artifacts_exist_and_are_verified(quickstart):
         if a["target"] == "coreml":
             assert a["fuse"] == "conv" and a["gathers_on_input"] == 0  # auto: no gather for the Neural Engine
     assert any(key.startswith("keyed/plain onnxruntime") for key in summary["latency"])
+    assert {"litert:CPU", "executorch:CPU"} <= {key.split(" ")[1] for key in summary["latency"]}, summary["latency"]
 
 
 def test_quickstart_correct_key_beats_wrong_key_and_white_box_succeeds(quickstart):

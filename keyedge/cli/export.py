@@ -22,7 +22,12 @@ def export(
         None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."
     ),
     keys: Path | None = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
-    target: list[str] = typer.Option(["onnx"], "--target", "-t", help="onnx, openvino, coreml or all (repeatable)."),
+    target: list[str] = typer.Option(
+        ["onnx"],
+        "--target",
+        "-t",
+        help="onnx, openvino, coreml, litert, executorch or all (installed ones; repeatable).",
+    ),
     fuse: str = typer.Option(
         "gather",
         "--fuse",
@@ -83,7 +88,7 @@ def export(
         "never in plaintext on disk; ONNX and OpenVINO, on Linux.",
     ),
 ) -> None:
-    """Export keyed models to ONNX, OpenVINO and CoreML: one self-contained, verified artifact set per key."""
+    """Export keyed models to ONNX, OpenVINO, CoreML, LiteRT and ExecuTorch: one verified artifact set per key."""
     from keyedge.deploy.export import ExportSettings, checkpoints_for_keys, export_many, plan_requests
     from keyedge.errors import KeyedgeError
     from keyedge.exporters import get_backend

@@ -150,7 +150,12 @@ def train(
 @fleet_app.command("export")
 def export(
     directory: Path = typer.Argument(..., help="Fleet directory."),
-    target: list[str] = typer.Option(["onnx"], "--target", "-t", help="onnx, openvino, coreml or all (repeatable)."),
+    target: list[str] = typer.Option(
+        ["onnx"],
+        "--target",
+        "-t",
+        help="onnx, openvino, coreml, litert, executorch or all (installed ones; repeatable).",
+    ),
     fuse: str = typer.Option("gather", "--fuse", help="gather, fold, conv or auto (as for `keyedge export`)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
     engine: str = ENGINE,

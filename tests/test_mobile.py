@@ -1,0 +1,198 @@
+"""LiteRT (.tflite) and ExecuTorch (.pte) targets (issue 16): real conversions, read back from the files, run here.
+
+Each form of the shuffle is checked in the file itself: the gather form holds exactly one gather
+on the input whose indices are the key's index map (LiteRT: ``GATHER_ND`` with int32 indices;
+ExecuTorch: ``aten::index_select`` on a portable kernel between XNNPACK delegates), the conv form
+and fold none.  Outputs are compared with PyTorch in LiteRT's interpreter and ExecuTorch's
+runtime, and int8 artifacts keep the shuffle in float32 ahead of the first quantize.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from keyedge.cli import app
+from keyedge.data.datasets import FASHION_MNIST_DEBIAN
+from keyedge.defenses import defense_of
+from keyedge.exporters import ExportError, ExportOptions, get_backend
+from keyedge.exporters import executorch as et
+from keyedge.exporters import litert as lt
+from keyedge.keys.keyfile import Key
+from keyedge.models.backbones import build_model
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("executorch")
+
+runner = CliRunner()
+KEY_A = Key.from_secret(bytes(range(32)), 4)
+KEY_B = Key.from_secret(bytes(range(100, 132)), 4)
+SIZE = 32
+TARGETS = ("litert", "executorch")
+FORMS = [("test_efficientnet", "gather"), ("test_efficientnet", "conv"), ("test_vit", "fold")]
+READ_INDICES = {"litert": lt.shuffle_indices, "executorch": et.shuffle_indices}
+needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+
+
+def _module(name: str, fuse: str, key: Key = KEY_A):
+    torch.manual_seed(0)
+    model = build_model(name, 10, key=key, weights="none", image_size=SIZE).eval()
+    return defense_of(model).deployable(model, key, fuse).module.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Export (once per module) a form to a target: ``(module, path)``."""
+    root = tmp_path_factory.mktemp("mobile")
+    cache: dict[tuple, tuple] = {}
+
+    def get(target: str, name: str, fuse: str, key: Key = KEY_A, precision: str = "fp32"):
+        ident = (target, name, fuse, key.fingerprint, precision)
+        if ident not in cache:
+            backend = get_backend(target)
+            module = _module(name, fuse, key)
+            calibration = None
+            if precision == "int8":
+                calibration = torch.rand(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).numpy()
+            options = ExportOptions(batch=1, image_size=SIZE, precision=precision, calibration=calibration)
+            path = root / f"{'-'.join(ident)}{backend.suffix}"
+            assert backend.export(module, path, options) == [path] and path.is_file()
+            cache[ident] = (module, path)
+        return cache[ident]
+
+    return get
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(("name", "fuse"), FORMS)
+def test_each_form_reproduces_pytorch_and_holds_the_keys_shuffle(exported, target, name, fuse):
+    module, path = exported(target, name, fuse)
+    backend = get_backend(target)
+    graph = backend.inspect(path)
+    indices = READ_INDICES[target](path)
+    if fuse == "gather":
+        assert graph.gathers_on_input == 1, graph.input_path
+        assert indices is not None and np.array_equal(indices, module.shuffle.index.numpy())
+    else:
+        assert graph.gathers_on_input == 0 and indices is None, graph.input_path
+    images = np.random.default_rng(1).random((3, 3, SIZE, SIZE), dtype=np.float32)
+    with backend.load(path, threads=2) as run:
+        got = run.predict(images)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images)).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    io = backend.describe_io(path)
+    assert io["inputs"] == [{"name": "image", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}]
+    assert io["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}] and io["precision"] == "fp32"
+
+
+def test_litert_gather_is_one_gather_nd_with_int32_indices(exported):
+    _, path = exported("litert", "test_efficientnet", "gather")
+    nodes, interpreter = lt._read_nodes(get_backend("litert"), path)
+    gathers = [n for n in nodes if n.type in lt.GATHERS]
+    assert [n.type for n in gathers] == ["GATHER_ND"]
+    dtypes = {str(t["index"]): np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    assert dtypes[gathers[0].inputs[1]] == "int32"  # what LiteRT's kernels and GPU delegate take
+    assert [n.type for n in nodes[:4]] == ["RESHAPE", "GATHER_ND", "RESHAPE", "SUB"]
+
+
+def test_executorch_delegates_everything_but_the_gather(exported):
+    _, path = exported("executorch", "test_efficientnet", "gather")
+    nodes, *_ = et.program_nodes(get_backend("executorch"), path)
+    portable = [n.type for n in nodes if not n.type.startswith("XNN")]
+    assert portable == ["index_select"]  # XNNPACK has no gather: it runs on the portable kernel, int64 indices
+    assert [n.type for n in nodes[:4]] == ["XNNStaticReshape", "index_select", "XNNStaticReshape", "XNNSubtract"]
+    _, conv = exported("executorch", "test_efficientnet", "conv")
+    assert all(n.type.startswith("XNN") for n in et.program_nodes(get_backend("executorch"), conv)[0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_folded_models_of_two_keys_have_the_same_graph(exported, target):
+    graphs = [get_backend(target).inspect(exported(target, "test_vit", "fold", key)[1]) for key in (KEY_A, KEY_B)]
+    assert graphs[0].structure == graphs[1].structure and graphs[0].ops == graphs[1].ops
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fp16_and_a_dynamic_batch_are_refused_in_one_line(tmp_path, target):
+    backend = get_backend(target)
+    module = _module("test_efficientnet", "gather")
+    for options, fragment in (
+        (ExportOptions(batch=1, image_size=SIZE, precision="fp16"), "does not export fp16"),
+        (ExportOptions(batch=None, image_size=SIZE), "fixed batch"),
+    ):
+        with pytest.raises(ExportError, match=fragment) as err:
+            backend.export(module, tmp_path / f"m{backend.suffix}", options)
+        assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_int8_keeps_the_shuffle_in_float_before_the_first_quantize(exported, target):
+    module, path = exported(target, "test_efficientnet", "gather", precision="int8")
+    backend = get_backend(target)
+    assert backend.describe_io(path)["precision"] == "int8"
+    assert np.array_equal(READ_INDICES[target](path), module.shuffle.index.numpy())
+    if target == "litert":
+        nodes, _ = lt._read_nodes(backend, path)
+        types = [n.type for n in nodes]
+        assert types.index("GATHER_ND") < types.index("QUANTIZE"), types[:8]
+    else:
+        types = [n.type for n in et.program_nodes(backend, path)[0]]
+        assert types.index("index_select") < types.index("XNNConvert"), types[:8]
+    with backend.load(path) as run:
+        images = np.random.default_rng(2).random((4, 3, SIZE, SIZE), dtype=np.float32)
+        assert run.predict(images).shape == (4, 10)
+
+
+def test_litert_int8_conv_form_keeps_its_01_permutation(exported):
+    module, path = exported("litert", "test_efficientnet", "conv", precision="int8")
+    nodes, interpreter = lt._read_nodes(get_backend("litert"), path)
+    first_conv = next(n for n in nodes if n.type == "CONV_2D")
+    weight = lt._weight(interpreter, first_conv)
+    assert weight is not None and weight.dtype == np.float32, "the permutation conv must stay float"
+    assert np.array_equal(weight[:, :, 0, 0], module.shuffle.weight.numpy()[:, :, 0, 0])
+    types = [n.type for n in nodes]
+    assert types.index("CONV_2D") < types.index("QUANTIZE")
+
+
+@needs_fmnist
+def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
+    """What a user runs: train, export to both (verified, in the manifest), int8 by agreement, bench latency."""
+    key_path = KEY_A.save(tmp_path / "k1.bin")
+    args = ["train", "--model", "test_efficientnet", "--data", "fashion-mnist", "--weights", "none"]
+    args += ["--image-size", "32", "--epochs", "1", "--train-limit", "300", "--test-limit", "100"]
+    assert runner.invoke(app, [*args, "--key-file", str(key_path), "--out", str(tmp_path / "k1")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0
+    out = tmp_path / "art"
+    base = ["export", "-t", "litert", "-t", "executorch", "-o", str(out)]
+    result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path)])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, [*base, "-c", str(tmp_path / "plain")]).exit_code == 0
+    keyed = out / f"test_efficientnet-{KEY_A.fingerprint}"
+    manifest = json.loads((keyed / "manifest.json").read_text())
+    assert sorted(manifest["targets"]) == ["executorch", "litert"]
+    for entry in manifest["targets"].values():
+        assert entry["graph"]["gathers_on_input"] == 1 and entry["source"] == "full-export"
+        for kind in ("random", "real"):
+            assert entry["parity"][kind]["max_abs_diff"] <= 1e-4
+    assert KEY_A.fingerprint in json.dumps(manifest) and bytes(range(32)).hex() not in json.dumps(manifest)
+
+    rule = ["--calibration-size", "64", "--min-agreement", "0", "--max-accuracy-drop", "100"]
+    result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path), "--precision", "int8", *rule])
+    assert result.exit_code == 0, result.output
+    int8 = json.loads((out / f"test_efficientnet-{KEY_A.fingerprint}-int8" / "manifest.json").read_text())
+    assert {t: e["parity"]["kind"] for t, e in int8["targets"].items()} == {
+        "litert": "agreement",
+        "executorch": "agreement",
+    }
+
+    report = tmp_path / "latency.json"
+    bench = ["bench", "latency", str(keyed), str(out / "test_efficientnet-plain"), "--min-seconds", "0.05"]
+    result = runner.invoke(app, [*bench, "--min-iterations", "5", "--batch", "1", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    ratios = json.loads(report.read_text())["comparisons"]
+    runtimes = {r["runtime"] for r in ratios if r["kind"] == "keyed/plain"}
+    assert {"litert:CPU", "executorch:CPU"} <= runtimes, runtimes
