@@ -752,12 +752,12 @@ def static_graph(module: torch.nn.Module, example: torch.Tensor) -> torch.nn.Mod
 class Unpacked(torch.nn.Module):
     """A graph module returning a one-tensor tuple, returning the tensor (what the exporters' wrappers expect)."""
 
-    def __init__(self, graph: torch.nn.Module):
+    def __init__(self, graph_module: torch.fx.GraphModule):
         super().__init__()
-        self.graph = graph
+        self.graph_module = graph_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.graph(x)
+        out = self.graph_module(x)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 

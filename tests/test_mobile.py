@@ -196,3 +196,24 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     ratios = json.loads(report.read_text())["comparisons"]
     runtimes = {r["runtime"] for r in ratios if r["kind"] == "keyed/plain"}
     assert {"litert:CPU", "executorch:CPU"} <= runtimes, runtimes
+
+
+def test_all_targets_take_the_phone_runtimes_when_installed_and_only_at_precisions_they_export():
+    from keyedge.cli._flags import expand_targets
+
+    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch"]
+    assert expand_targets(["all"], "fp16") == ["onnx", "openvino", "coreml"]  # fp16 is refused by both
+    assert expand_targets(["litert", "all"], "fp16")[0] == "litert"  # named: kept, and refused in one line later
+
+
+def test_litert_gather_at_a_device_size_is_the_bare_gather(tmp_path):
+    """At 224x224 litert-torch leaves index_select's in-bounds mask (REDUCE_ALL + SELECT_V2 per pixel) unfolded:
+    the exporter rewrites the gather so the file holds RESHAPE -> GATHER_ND -> RESHAPE and nothing more."""
+    torch.manual_seed(0)
+    model = build_model("test_efficientnet", 10, key=KEY_A, weights="none", image_size=224).eval()
+    module = defense_of(model).deployable(model, KEY_A, "gather").module.eval()
+    backend = get_backend("litert")
+    path = backend.export(module, tmp_path / "m.tflite", ExportOptions(batch=1, image_size=224))[0]
+    types = [n.type for n in lt._read_nodes(backend, path)[0]]
+    assert types[:2] == ["RESHAPE", "GATHER_ND"] and not {"SELECT_V2", "REDUCE_ALL"} & set(types), types[:6]
+    assert np.array_equal(lt.shuffle_indices(path), module.shuffle.index.numpy())

@@ -19,15 +19,17 @@ def retired(*names: str, message: str, hint: str, flag: bool = False) -> Any:
     return typer.Option(False if flag else None, *names, hidden=True, is_eager=True, callback=refuse)
 
 
-def expand_targets(names: list[str]) -> list[str]:
+def expand_targets(names: list[str], precision: str = "fp32") -> list[str]:
     """``--target`` values in order, duplicates dropped; unknown: one line.
 
-    ``all`` is every backend whose extra is installed (every backend when none is: the export then names the extra).
+    ``all`` is every backend whose extra is installed and that exports ``precision`` (every backend when none
+    is installed: the export then names the extra); a target named explicitly is kept, and refused later.
     """
     from keyedge.deps import installed
     from keyedge.exporters import backend_names, get_backend
 
     present = [t for t in backend_names() if installed(get_backend(t).extra)] or backend_names()
+    present = [t for t in present if precision in get_backend(t).precisions]
     targets: list[str] = []
     for name in names:
         for target in present if name == "all" else [name]:

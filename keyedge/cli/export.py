@@ -94,7 +94,7 @@ def export(
     from keyedge.exporters import get_backend
     from keyedge.models.checkpoint import find_checkpoints
 
-    targets = expand_targets(target)
+    targets = expand_targets(target, precision)
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])
     if not checkpoint and runs is None and not key_paths:
         raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable), --runs DIR, or the --key-file")

@@ -174,7 +174,7 @@ def export(
             f"fleet export takes --precision fp32 or fp16, not {precision!r}",
             "export int8 per key: keyedge export --runs FLEET/runs --keys FLEET/keys --precision int8",
         )
-    targets = expand_targets(target)
+    targets = expand_targets(target, precision)
     with _session(directory, engine, address, cpus_per_job, gpus_per_job) as (fleet, runner), _progress("export") as ev:
         result = export_stage(
             fleet, runner, targets=targets, fuse=fuse, precision=precision, retries=retries, on_event=ev
