@@ -194,7 +194,8 @@ def index_gathers(graph_module: torch.fx.GraphModule) -> int:
 
     litert-torch lowers ``index_select`` with an in-bounds mask (``REDUCE_ALL`` + ``SELECT_V2`` over every
     output element) that its constant folding leaves in the graph past some size -- seen at 224x224, not at
-    32x32 -- costing 18% of EfficientNet-Lite0 on XNNPACK; ``index.Tensor`` lowers to the bare ``GATHER_ND``.
+    32x32; ``index.Tensor`` lowers to the bare ``GATHER_ND``, so the file holds exactly the one gather the
+    graph check promises (measured: keyed/plain 1.18 with the mask, 1.16 without on EfficientNet-Lite0).
     """
     graph, count = graph_module.graph, 0
     for node in list(graph.nodes):
