@@ -50,6 +50,32 @@ def forget_kept() -> None:
     _kept.clear()
 
 
+# ---- a stop that was asked for, even where the exception it raised was swallowed ------------------------------------
+
+_stops: list[BaseException] = []
+
+
+def ask_stop(exc: BaseException) -> None:
+    """Record a Ctrl-C / SIGTERM (the signal handler calls this, then raises ``exc``).
+
+    CPython drops an exception raised inside a weakref callback or ``__del__`` ("Exception ignored in"),
+    so a signal that lands there (seen during ExecuTorch's lowering) would be lost and the command would
+    go on to commit its output.  Every commit asks :func:`raise_if_stopped` first.
+    """
+    _stops.append(exc)
+
+
+def raise_if_stopped() -> None:
+    """Raise the recorded stop again, if one was asked for: nothing is committed after a Ctrl-C."""
+    if _stops:
+        raise _stops[0]
+
+
+def forget_stops() -> None:
+    """Start a new command (tests run several in one process)."""
+    _stops.clear()
+
+
 def _exists(path: Path) -> bool:
     """``path.exists()``, but a dangling symlink counts, and a name the OS refuses is a one-line error."""
     try:
@@ -104,6 +130,7 @@ def atomic_output(
         os.fchmod(fd, mode)
         os.close(fd)
         yield tmp
+        raise_if_stopped()
         if not overwrite and (path.exists() or path.is_symlink()):
             raise OutputError(f"{path} appeared while writing", f"pass {flag} to replace it")
         os.replace(tmp, path)
@@ -267,6 +294,7 @@ def staged_directory(
         raise OutputError(f"cannot write to {parent}: {exc.strerror}", "choose a writable location") from None
     try:
         yield staging
+        raise_if_stopped()
         commit_directory(staging, final, overwrite=overwrite, flag=flag)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

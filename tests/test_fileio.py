@@ -126,3 +126,20 @@ def test_a_failed_staged_directory_removes_the_parents_it_made(tmp_path):
     with pytest.raises(KeyboardInterrupt), staged_directory(tmp_path / "a" / "b" / "out", overwrite=False):
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_swallowed_by_a_library_still_stops_the_commit(tmp_path):
+    """CPython drops a KeyboardInterrupt raised inside a weakref callback: the recorded stop still blocks commits."""
+    from keyedge.fileio import ask_stop, forget_stops, staged_directory, write_bytes_atomic
+
+    ask_stop(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with staged_directory(tmp_path / "set", overwrite=False) as staging:
+                (staging / "model.bin").write_bytes(b"x")  # the converter finished, the interrupt was lost
+        with pytest.raises(KeyboardInterrupt):
+            write_bytes_atomic(tmp_path / "file.bin", b"x")
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        forget_stops()
+    write_bytes_atomic(tmp_path / "file.bin", b"x")  # a new command commits again

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the typer release
 
 from keyedge.cli._console import err_console
 from keyedge.errors import KeyedgeError
-from keyedge.fileio import forget_kept, kept_outputs
+from keyedge.fileio import ask_stop, forget_kept, forget_stops, kept_outputs, raise_if_stopped
 
 
 class Terminated(KeyboardInterrupt):
@@ -38,7 +38,13 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, _frame):
     signal.signal(signum, signal.SIG_DFL)  # a second one kills outright; the next run cleans up after it
+    ask_stop(Terminated(signum))
     raise Terminated(signum)
+
+
+def _interrupt(_signum, _frame):
+    ask_stop(KeyboardInterrupt())  # remembered: an interrupt swallowed by a library still stops the command
+    raise KeyboardInterrupt
 
 
 def _say(line: str) -> None:
@@ -77,8 +83,11 @@ class _KeyedgeGroup(TyperGroup):
 
     def invoke(self, ctx):  # type: ignore[override]
         forget_kept()
+        forget_stops()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            raise_if_stopped()  # a stop some library swallowed: say so, and exit as stopped
+            return result
         except KeyedgeError as exc:
             _say(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
@@ -147,6 +156,8 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is signal.SIG_DFL:
             signal.signal(signum, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except BrokenPipeError:  # stdout closed by the reader (`keyedge ... | head`): nothing more to say
