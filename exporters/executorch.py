@@ -136,8 +136,9 @@ class ExecuTorchBackend(ExportBackend):
         return ["CPU"] if self.can_run()[0] else []
 
     def _load(self, path: Path, **settings: Any) -> Runner:
+        shape = _io(self, path)[0][0]["shape"]  # read in Python first: the C++ runtime aborts on a broken file
         program = _runtime(self, settings.get("threads")).load_program(Path(path))
-        return ExecuTorchRunner(path, program, _io(self, path)[0][0]["shape"], settings)
+        return ExecuTorchRunner(path, program, shape, settings)
 
     # ---- reading back ---------------------------------------------------------------------
     def inspect(self, path: Path) -> GraphReport:

@@ -217,3 +217,18 @@ def test_litert_gather_at_a_device_size_is_the_bare_gather(tmp_path):
     types = [n.type for n in lt._read_nodes(backend, path)[0]]
     assert types[:2] == ["RESHAPE", "GATHER_ND"] and not {"SELECT_V2", "REDUCE_ALL"} & set(types), types[:6]
     assert np.array_equal(lt.shuffle_indices(path), module.shuffle.index.numpy())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_broken_file_is_a_one_line_error_not_a_crash(exported, tmp_path, target):
+    """ExecuTorch's C++ runtime aborts the process on a malformed program: the file is read in Python first."""
+    _, good = exported(target, "test_efficientnet", "gather")
+    backend = get_backend(target)
+    data = good.read_bytes()
+    for name, content in (("garbage", np.random.default_rng(0).bytes(1000)), ("truncated", data[: len(data) // 2])):
+        path = tmp_path / f"{name}{backend.suffix}"
+        path.write_bytes(content)
+        for action in (backend.load, backend.inspect):
+            with pytest.raises(ExportError, match="cannot read") as err:
+                action(path)
+            assert "\n" not in str(err.value)
