@@ -42,9 +42,25 @@ def _export_cmd(small_keyed_checkpoint, out: Path, *targets: str) -> list[str]:
     ]
 
 
+def _ctrl_c_as_from_a_terminal() -> None:
+    """In the child: SIGINT at its default, as a terminal's Ctrl-C finds it.
+
+    A test run started as a shell's background job (``cmd &`` without job control) ignores SIGINT, and
+    every process it starts inherits that: the command under test would rightly ignore Ctrl-C too.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait_for(cmd: list[str], marker: str, timeout: float = 300) -> subprocess.Popen:
     """Start ``cmd`` and return once its output shows ``marker`` (the process is then mid-work)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        preexec_fn=_ctrl_c_as_from_a_terminal,
+    )
     deadline = time.monotonic() + timeout
     seen = []
     for line in proc.stdout:
