@@ -2,7 +2,8 @@
 
 ``litert_torch.convert`` exports the module with ``torch.export`` and lowers it to a
 TFLite flatbuffer; the module is wrapped so that the signature's input and output carry
-the requested names (``serving_default`` signature, ``image`` -> ``logits``).  The key's
+the requested names (``serving_default`` signature, ``image`` -> ``logits``), after
+:func:`~keyedge.exporters.base.static_graph` and :func:`index_gathers`.  The key's
 shuffle becomes one ``GATHER_ND`` with int32 indices (TFLite kernels and the GPU delegate
 take int32 indices; the XNNPACK CPU delegate takes no gather, so the shuffle runs on
 LiteRT's builtin kernel and everything after it on XNNPACK), the conv form a 1x1
