@@ -21,6 +21,7 @@ file's constant buffer.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import tempfile
@@ -242,8 +243,22 @@ def program_nodes(backend: ExecuTorchBackend, path: Path) -> tuple[list[Node], l
     Values are named ``v<id>`` (the program's value table); a delegate's internal values ``d<k>.<id>``,
     its external ones mapped to the call's arguments.  A kernel's arguments not yet written by an
     earlier instruction (nor graph inputs, nor constants) are its outputs: ExecuTorch's out variants.
+    Decoding runs flatc once per delegate, so the result is kept per file state (export verification
+    reads a file's graph, interface and indices in turn).
     """
-    plan, program = _plan(backend, path)
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} not found", "give the .pte of an exported ExecuTorch program")
+    backend.require("executorch.exir")
+    stat = path.stat()
+    nodes, inputs, outputs, notes = _decoded(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return list(nodes), list(inputs), list(outputs), list(notes)
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[Node, ...], tuple, tuple, tuple]:
+    backend = ExecuTorchBackend()
+    plan, program = _plan(backend, Path(path))
     written = {f"v{i}" for i in plan.inputs}
     nodes: list[Node] = []
     delegated = portable = quantized = 0
@@ -302,7 +317,7 @@ def program_nodes(backend: ExecuTorchBackend, path: Path) -> tuple[list[Node], l
         + f"{len(plan.delegates)} XNNPACK delegate call(s) holding {delegated} op(s); "
         f"{portable} portable kernel call(s): {', '.join(sorted({o.name for o in plan.operators})) or 'none'}"
     ]
-    return nodes, [f"v{i}" for i in plan.inputs], [f"v{i}" for i in plan.outputs], notes
+    return tuple(nodes), tuple(f"v{i}" for i in plan.inputs), tuple(f"v{i}" for i in plan.outputs), tuple(notes)
 
 
 def _is_buffer(plan: Any, value_id: int) -> bool:

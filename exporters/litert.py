@@ -167,7 +167,7 @@ class LiteRTBackend(ExportBackend):
     # ---- reading back ---------------------------------------------------------------------
     def inspect(self, path: Path) -> GraphReport:
         nodes, interpreter = _read_nodes(self, path)
-        shuffle = shuffle_indices(path)
+        shuffle = _gather_indices(nodes, interpreter)
         notes = [f"signature {', '.join(interpreter.get_signature_list()) or 'none'}; {_quantized(interpreter)}"]
         if shuffle is not None:
             notes.append(f"shuffle gather indices int32, {shuffle.size} entries")
@@ -216,8 +216,10 @@ def index_gathers(graph_module: torch.fx.GraphModule) -> int:
 
 def shuffle_indices(path: Path) -> np.ndarray | None:
     """The flat source index of every output element of the input's gather (the key's index map), or None."""
-    backend = LiteRTBackend()
-    nodes, interpreter = _read_nodes(backend, path)
+    return _gather_indices(*_read_nodes(LiteRTBackend(), path))
+
+
+def _gather_indices(nodes: list[Node], interpreter: Any) -> np.ndarray | None:
     details = {str(t["index"]): t for t in interpreter.get_tensor_details()}
     for node in shuffle_prefix(nodes, _inputs(interpreter), lambda n: None):
         if node.type in GATHERS:
