@@ -628,49 +628,58 @@ class Quiet:
         self._stack: contextlib.ExitStack | None = None
         self._py = io.StringIO()
         self._sink: Any = None
-        self._saved: list[int] = []
+        self._saved: list[tuple[int, int]] = []
         self._logging_disable = logging.NOTSET
 
     def __enter__(self) -> Quiet:
-        stack = contextlib.ExitStack()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        try:
-            self._sink = tempfile.TemporaryFile(mode="w+b")
-            self._saved = [os.dup(1), os.dup(2)]
-            os.dup2(self._sink.fileno(), 1)
-            os.dup2(self._sink.fileno(), 2)
-        except OSError:  # no usable descriptors (embedded interpreters): Python-level capture only
-            self._restore_fds()
-        stack.enter_context(contextlib.redirect_stdout(self._py))
-        stack.enter_context(contextlib.redirect_stderr(self._py))
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        self._logging_disable = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-        self._stack = stack
+        self._stack = stack = contextlib.ExitStack()
+        try:  # a Ctrl-C or SIGTERM may land on any line: then undo what was done, so keyedge can still speak
+            try:
+                self._sink = tempfile.TemporaryFile(mode="w+b")
+                for fd in (1, 2):
+                    self._saved.append((fd, os.dup(fd)))
+                    os.dup2(self._sink.fileno(), fd)
+            except OSError:  # no usable descriptors (embedded interpreters): Python-level capture only
+                self._restore_fds()
+            stack.enter_context(contextlib.redirect_stdout(self._py))
+            stack.enter_context(contextlib.redirect_stderr(self._py))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            self._logging_disable = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        logging.disable(self._logging_disable)
-        if self._stack is not None:
-            self._stack.close()
-        _flush_c_stdio()
-        self._restore_fds()
-        captured = ""
-        if self._sink is not None:
-            self._sink.seek(0)
-            captured = self._sink.read().decode("utf-8", "replace")
-            self._sink.close()
-            self._sink = None
-        self.text = (self._py.getvalue() + captured)[-20000:]
+        try:
+            try:
+                logging.disable(self._logging_disable)
+            finally:
+                if self._stack is not None:
+                    self._stack.close()
+            _flush_c_stdio()
+        finally:  # even when a signal interrupts the lines above: the terminal is given back
+            self._restore_fds()
+            captured = ""
+            if self._sink is not None:
+                self._sink.seek(0)
+                captured = self._sink.read().decode("utf-8", "replace")
+                self._sink.close()
+                self._sink = None
+            self.text = (self._py.getvalue() + captured)[-20000:]
 
     def _restore_fds(self) -> None:
-        for fd, saved in zip((1, 2), self._saved):
+        """Point descriptors 1 and 2 back where they were; each one only once, so a retry after an interrupt is safe."""
+        while self._saved:
+            fd, saved = self._saved[-1]
             os.dup2(saved, fd)
+            self._saved.pop()
             os.close(saved)
-        self._saved = []
 
 
 def _flush_c_stdio() -> None:

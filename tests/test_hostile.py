@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -422,3 +423,37 @@ def test_artifact_manifest_that_is_a_list_is_one_line_for_verify_and_bench(tmp_p
     (tmp_path / "art" / "manifest.json").write_text("[]")
     for args in (["verify", str(tmp_path / "art")], ["bench", "latency", str(tmp_path / "art"), "--no-progress"]):
         _one_line(runner.invoke(app, args), "manifest.json")
+
+
+def _where(fd: int) -> tuple[int, int]:
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
+
+
+@pytest.mark.parametrize("where", ["entering", "leaving"])
+def test_a_signal_while_converter_output_is_captured_gives_the_terminal_back(monkeypatch, where):
+    """A Ctrl-C that lands inside the capture's own set-up or tear-down (seen in CI as a silent SIGTERM exit)."""
+    import logging
+
+    from exporters import base
+
+    before = (_where(1), _where(2), sys.stdout, sys.stderr)
+    real_disable = logging.disable
+
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    def interrupted_once(level):
+        monkeypatch.setattr(logging, "disable", real_disable)
+        raise KeyboardInterrupt
+
+    if where == "entering":  # after descriptors 1 and 2 were pointed at the capture file
+        monkeypatch.setattr(logging, "disable", interrupted_once)
+    else:  # after the Python streams were given back, before the descriptors were
+        monkeypatch.setattr(base, "_flush_c_stdio", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with base.Quiet():
+            print("converter chatter")
+    monkeypatch.undo()
+    assert (_where(1), _where(2), sys.stdout, sys.stderr) == before
+    assert logging.root.manager.disable == logging.NOTSET

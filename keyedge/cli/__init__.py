@@ -10,6 +10,7 @@ says truthfully what was kept.  ``KEYEDGE_TRACEBACK=1`` shows tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -47,7 +48,25 @@ def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
+_terminal: list[tuple[int, int]] = []  # (fd, a duplicate of it as main() found it): the process's own stdout/stderr
+
+
+def _reclaim_terminal() -> None:
+    """Before the last word: stdout and stderr back to where the process started.
+
+    A signal can land while a converter's output is being captured (descriptors 1 and 2 pointed at a
+    temporary file); the capture undoes itself, but this makes sure the message is seen whatever happened.
+    """
+    if not _terminal:
+        return  # not started by main() (tests, an embedding program): their streams are theirs
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    for fd, saved in _terminal:
+        with contextlib.suppress(OSError):
+            os.dup2(saved, fd)
+
+
 def _say(line: str) -> None:
+    _reclaim_terminal()
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -153,6 +172,8 @@ def _stdout_gone(exc: OSError) -> None:
 
 def main() -> None:
     """Console-script entry point: SIGTERM and SIGHUP stop a command as Ctrl-C does (clean-up, honest message)."""
+    with contextlib.suppress(OSError):
+        _terminal[:] = [(fd, os.dup(fd)) for fd in (1, 2)]
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is signal.SIG_DFL:
             signal.signal(signum, _terminate)
