@@ -69,6 +69,7 @@ class Member:
     block_size: int | None
     finetune: str  # full / lora
     model: nn.Module = field(repr=False)
+    recipe: str = ""  # the checkpoint's fine-tune recipe, in one line
     key: Key | None = field(default=None, repr=False)
     defense: str | None = None  # another defense than a key (volumize)
 
@@ -94,6 +95,7 @@ class Member:
             "fingerprint": self.fingerprint,
             "block_size": self.block_size,
             "finetune": self.finetune,
+            "recipe": self.recipe,
             "role": self.role,
         }
 
@@ -240,6 +242,7 @@ def load_members(checkpoints: Sequence[Path], keys: dict[str, Key], device: str 
                 fingerprint=manifest.fingerprint,
                 block_size=key.block_size if key else None,
                 finetune=manifest.finetune_mode,
+                recipe=manifest.recipe,
                 model=defense_of(model).evaluated(model).eval().to(device),
                 key=key,
                 defense=manifest.defense and manifest.defense_name,

@@ -26,7 +26,13 @@ SCHEMA = "keyedge-robustness/1"
 
 # the fields of the report's plain-dict rows that its text and plots read: name -> (type, optional: False,
 # True (may be absent or null) or "null" (must be present, may be null))
-_MODEL = {"name": (str, False), "role": (str, False), "finetune": (str, False), "block_size": (int, True)}
+_MODEL = {
+    "name": (str, False),
+    "role": (str, False),
+    "finetune": (str, False),
+    "block_size": (int, True),
+    "recipe": (str, True),
+}
 _SWEEP = {
     "target": (str, False),
     "scenario": (str, False),
@@ -280,6 +286,20 @@ class RobustnessReport:
             )
 
         lines = ["# Robustness", "", self._header(), ""]
+        lines += ["## Models and how each was fine-tuned", ""]
+        lines += table(
+            ["model", "role", "architecture", "block size", "fine-tune recipe"],
+            [
+                [
+                    m["name"],
+                    m["role"],
+                    str(m.get("arch", "-")),
+                    "-" if m.get("block_size") is None else str(m["block_size"]),
+                    m.get("recipe") or m["finetune"],
+                ]
+                for m in self.models
+            ],
+        )
         if self.headline:
             lines += [
                 "## Headline: the worst case over everything an attacker without the key can run",

@@ -41,6 +41,38 @@ def _variant(name: str, model_name: str, size: int, key: Key):
     return model.train(), optimizer
 
 
+def interleaved_rates(
+    runs: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rounds: int,
+    steps: int,
+) -> dict[str, list[float]]:
+    """Training images/s of each (model, optimizer), per round: ``steps`` real optimizer steps each, the order rotated
+    every round so drift hits all alike.  One warm-up step each first."""
+
+    def step(name: str) -> None:
+        model, optimizer = runs[name]
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    names = list(runs)
+    for name in names:
+        step(name)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            rates[name].append(len(x) * steps / (time.perf_counter() - start))
+    return rates
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tf_efficientnet_lite0")
@@ -58,23 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(1))
     runs = {name: _variant(name, args.model, args.image_size, key) for name in VARIANTS}
 
-    def step(name: str) -> None:
-        model, optimizer = runs[name]
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for name in VARIANTS:  # warm-up
-        step(name)
-    rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for r in range(args.rounds):
-        order = VARIANTS[r % 4 :] + VARIANTS[: r % 4]
-        for name in order:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(name)
-            rates[name].append(args.batch * args.steps / (time.perf_counter() - start))
+    rates = interleaved_rates(runs, x, y, rounds=args.rounds, steps=args.steps)
     result = {
         "model": args.model,
         "image_size": args.image_size,

@@ -8,7 +8,7 @@ import torch
 from keyedge.errors import KeyedgeError, ShapeError
 from keyedge.keys.transform import BlockShuffle
 from keyedge.models.backbones import KeyedModel, ModelError, build_model, create_backbone, read_state_dict
-from keyedge.models.lora import LORA_DEFAULTS, apply_lora, is_lora, lora_settings, merge_lora
+from keyedge.models.lora import LORA_DEFAULTS, LoraSettings, apply_lora, is_lora, lora_settings, merge_lora
 
 
 def test_unknown_model_suggests_close_names():
@@ -115,12 +115,21 @@ def test_lora_defaults_apply_and_merge(name, family, key4):
     apply_lora(model, settings)
     assert is_lora(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable), trainable[:5]
+    base = model.backbone.get_base_model()
+    full = {f"{layer}.{n}" for layer in settings.full for n, _ in base.get_submodule(layer).named_parameters()}
+    assert full, "the recipe trains the first layer fully"
+    in_full = [n for n in trainable if n.split("base_model.model.", 1)[-1] in full]
+    assert len(in_full) == len(full), (sorted(full), trainable[:8])
+    others = [n for n in trainable if n not in in_full]
+    assert others and all("lora_" in n or "modules_to_save" in n for n in others), others[:5]
     assert any("modules_to_save" in n for n in trainable), "the classifier head must be trained too"
+    on_full = [n for n in trainable if "lora_" in n and any(f".model.{layer}." in n for layer in settings.full)]
+    assert not on_full, f"no adapter on a fully trained layer: {on_full[:3]}"
+
     torch.manual_seed(0)
     for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)  # make the adapters matter
+        if "lora_B" in n or n in in_full:
+            p.data.add_(torch.randn_like(p) * 0.05)  # make the adapters and the fully trained layers matter
     merged = merge_lora(model)
     assert not is_lora(merged)
     assert not any(type(m).__module__.startswith("peft") for m in merged.modules())
@@ -130,10 +139,30 @@ def test_lora_defaults_apply_and_merge(name, family, key4):
     assert diff <= 1e-5
 
 
-def test_vit_lora_is_the_papers_setting():
+def test_vit_lora_is_the_papers_setting_with_a_fully_trained_patch_embedding():
     s = lora_settings("vit")
-    assert (s.r, s.alpha, set(s.targets)) == (16, 16, {"qkv", "patch_embed.proj"})
+    assert (s.r, s.alpha, s.targets, s.full) == (16, 16, ("qkv",), ("patch_embed.proj",))
     assert lora_settings("vit", r=8).alpha == 8 and lora_settings("vit", r=8, alpha=32).alpha == 32
+    assert lora_settings("vit", full=[]).full == ()
+
+
+def test_adapters_only_thaws_nothing_of_the_base_and_a_wrong_full_layer_is_one_line(key4):
+    model = build_model("test_resnet", 10, key=key4, weights="none", image_size=32)
+    apply_lora(model, lora_settings("resnet", full=[]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any(n.endswith("conv1.0.lora_A.default.weight") for n in trainable), "the stem is adapted instead"
+    fresh = build_model("test_resnet", 10, key=key4, weights="none", image_size=32)
+    with pytest.raises(KeyedgeError, match="no layer named 'stem'") as caught:
+        apply_lora(fresh, lora_settings("resnet", full=["stem"]))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_lora_record_from_before_the_recipes_still_loads():
+    old = {"r": 8, "alpha": 8.0, "targets": ["conv_stem", "conv_pw", "conv_pwl"], "dropout": 0.0}
+    settings = LoraSettings.from_dict(old)
+    assert settings.full == () and settings.targets == ("conv_stem", "conv_pw", "conv_pwl")
+    assert "no full layers" in settings.label()
 
 
 def test_lora_needs_targets_for_unknown_family():

@@ -205,7 +205,11 @@ def test_report_validates_against_the_schema_and_round_trips(report, tmp_path):
         "eps-sweep.png",
         "queries.png",
     } <= names
-    assert (out / "robustness.md").read_text().startswith("# Robustness")
+    markdown = (out / "robustness.md").read_text()
+    assert markdown.startswith("# Robustness")
+    for model in data["models"]:  # each model's fine-tune recipe is named, as its checkpoint records it
+        assert model["recipe"].startswith(("full fine-tune", "LoRA r")), model
+        assert f"| {model['name']} | {model['role']} |" in markdown and model["recipe"] in markdown
     text = (out / "robustness.json").read_text()
     for key in ("ka", "kb", "kc"):
         assert bytes([("ka", "kb", "kc").index(key) + 1]).hex() * 32 not in text  # no secret in the report

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from keyedge.cli import app
@@ -97,6 +98,35 @@ def test_train_lora_stores_only_adapters(tmp_path, key4):
     assert weights.stat().st_size < base.stat().st_size
     model, _ = load_checkpoint(tmp_path / "lora", key4)
     assert model.keyed
+    # the recipe that trained it is recorded: the family's default, first layer trained fully, its learning rate
+    recipe = manifest.finetune["lora"]
+    assert recipe["full"] == ["conv_stem", "bn1"] and recipe["lr"] == manifest.training["learning_rate"] == 1e-2
+    assert manifest.recipe.startswith("LoRA r8/a8 on conv_pw+conv_pwl, full conv_stem+bn1, lr 0.01, 1 epoch")
+    stem = model.backbone.get_base_model().conv_stem.weight
+    base_stem = load_file(str(base))["conv_stem.weight"]
+    assert not torch.equal(stem, base_stem), "the fully trained stem was saved and loaded, not the base's"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert manifest.training["trainable_parameters"] == trainable
+
+
+def test_train_lora_without_full_layers_and_a_wrong_layer_name(tmp_path, key4):
+    key_path = key4.save(tmp_path / "k.bin")
+    base = _base_weights(tmp_path)
+    config = _config(tmp_path, "adapters", key_file=str(key_path), finetune="lora", weights=base, epochs=1)
+    config.lora_full, config.lora_targets, config.lr = [], ["conv_stem", "conv_pw"], 1e-3
+    manifest = train(config, progress=False, log=_quiet)
+    assert (
+        manifest.finetune["lora"]["full"] == []
+        and "no full layers" in manifest.recipe
+        and "lr 0.001" in manifest.recipe
+    )
+    result = CliRunner().invoke(
+        app,
+        ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", base, "--finetune", "lora",
+         "--lora-full", "stem", "--image-size", "32", "--train-limit", "20", "-o", str(tmp_path / "bad")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "no layer named 'stem'" in result.stderr, result.output
+    assert not (tmp_path / "bad").exists()
 
 
 def _base_weights(tmp_path: Path) -> str:

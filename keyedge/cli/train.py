@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console, err_console
+from keyedge.models.recipes import FULL_LR, LORA_DEFAULTS
 
 
 def train(
@@ -25,13 +26,24 @@ def train(
     image_size: int | None = typer.Option(
         None, "--image-size", min=8, help="Square input size (default: the model's)."
     ),
-    finetune: str = typer.Option("full", "--finetune", help="full or lora."),
+    finetune: str = typer.Option(
+        "full",
+        "--finetune",
+        help="full, or lora: adapters plus a fully trained first layer (defaults per family: below).",
+    ),
     lora_r: int | None = typer.Option(None, "--lora-r", min=1, help="LoRA rank (default per family)."),
     lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank)."),
     lora_targets: list[str] | None = typer.Option(None, "--lora-targets", help="Layer names to adapt (repeatable)."),
+    lora_full: list[str] | None = typer.Option(
+        None,
+        "--lora-full",
+        help="Exact layer names a LoRA run trains fully (repeatable; 'none': adapters only; default per family).",
+    ),
     epochs: int = typer.Option(3, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 5e-4 full, 2e-3 LoRA)."),
+    lr: float | None = typer.Option(
+        None, "--lr", help=f"Peak learning rate (default {FULL_LR:g} full; LoRA: the family's, see --finetune)."
+    ),
     weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0),
     warmup_epochs: float = typer.Option(0.3, "--warmup-epochs", min=0.0),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99),
@@ -92,6 +104,7 @@ def train(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_targets=list(lora_targets) if lora_targets else None,
+        lora_full=None if not lora_full else [] if list(lora_full) == ["none"] else list(lora_full),
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -175,6 +188,12 @@ def evaluate(
         )
 
 
+def lora_epilog() -> str:
+    """The LoRA recipe of each family, one line each, under ``keyedge train --help``."""
+    lines = [f"{family}: {settings.label()}, lr {settings.lr:g}" for family, settings in LORA_DEFAULTS.items()]
+    return "LoRA defaults (--finetune lora; python -m keyedge.benchmarks.lora measured them):\n\n" + "\n\n".join(lines)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    app.command("train", epilog=lora_epilog())(train)
     app.command("eval")(evaluate)

@@ -93,12 +93,9 @@ class KeyedDefense(Defense):
 
         model = build_model(config.model, num_classes, key=key, weights=config.weights, image_size=config.image_size)
         if config.finetune == "lora":
-            from keyedge.models.lora import apply_lora, lora_settings
+            from keyedge.models.lora import apply_lora
 
-            apply_lora(
-                model,
-                lora_settings(model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets),
-            )
+            apply_lora(model, config.lora_recipe(model.spec.family))
         return model
 
     def training_note(self, config: Any, key: Key | None) -> str:

@@ -196,6 +196,19 @@ class CheckpointManifest:
         return self.finetune["mode"]
 
     @property
+    def recipe(self) -> str:
+        """How the model was fine-tuned, in one line (recorded since the LoRA recipes; derived for older ones)."""
+        if self.finetune.get("recipe"):
+            return self.finetune["recipe"]
+        lr = self.training.get("learning_rate")
+        at = f", lr {lr:g}" if isinstance(lr, (int, float)) else ""
+        if self.finetune_mode != "lora":
+            return f"{self.finetune_mode} fine-tune{at}"
+        from keyedge.models.recipes import LoraSettings
+
+        return LoraSettings.from_dict(self.finetune["lora"]).label() + at
+
+    @property
     def defense_name(self) -> str:
         return self.defense["name"] if self.defense else "keyed"
 
@@ -257,6 +270,9 @@ class CheckpointManifest:
             lf.int("r", low=1, high=4096)
             lf.float("alpha", low=0.0)
             lf.strs("targets")
+            lf.strs("full", optional=True)
+            lf.float("lr", low=0.0, optional=True)
+        recipe = ft.str("recipe", optional=True)
         files_f = f.obj("files")
         files = {}
         for role in files_f.data:
@@ -267,7 +283,7 @@ class CheckpointManifest:
         return cls(
             model=spec,
             key=key,
-            finetune={"mode": mode, "lora": lora},
+            finetune={"mode": mode, "lora": lora, **({"recipe": recipe} if recipe else {})},
             files=files,
             epoch=f.int("epoch", low=0, default=0),
             data=f.dict("data", optional=True) or {},

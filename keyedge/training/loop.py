@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,10 @@ class TrainConfig:
     lora_r: int | None = None
     lora_alpha: float | None = None
     lora_targets: list[str] | None = None
+    lora_full: list[str] | None = None  # layers trained fully in a LoRA run (None: the family's; []: none)
     epochs: int = 3
     batch_size: int = 64
-    lr: float | None = None  # default: 5e-4 full, 2e-3 LoRA
+    lr: float | None = None  # default: 5e-4 full; LoRA: the family's recipe (keyedge.models.recipes)
     weight_decay: float = 0.05
     warmup_epochs: float = 0.3
     label_smoothing: float = 0.1
@@ -88,9 +89,32 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
 
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-3 if self.finetune == "lora" else 5e-4)
+    def learning_rate(self, family: str) -> float:
+        """The peak learning rate: ``--lr``, else the default of the fine-tune mode and the model family."""
+        from keyedge.models.recipes import default_lr
+
+        return self.lr if self.lr is not None else default_lr(self.finetune, family)
+
+    def lora_recipe(self, family: str):
+        """The LoRA recipe of this run: the family's defaults, overridden by the --lora-* flags given."""
+        from keyedge.models.recipes import lora_settings
+
+        settings = lora_settings(
+            family, r=self.lora_r, alpha=self.lora_alpha, targets=self.lora_targets, full=self.lora_full
+        )
+        return replace(settings, lr=self.learning_rate(family))
+
+    def recipe(self, family: str) -> dict[str, Any]:
+        """What the checkpoint records of how it was fine-tuned: mode, LoRA settings and a one-line label."""
+        epochs = f", {self.epochs} epoch{'s' if self.epochs != 1 else ''}, batch {self.batch_size}"
+        if self.finetune != "lora":
+            return {
+                "mode": self.finetune,
+                "lora": None,
+                "recipe": f"full fine-tune, lr {self.learning_rate(family):g}{epochs}",
+            }
+        settings = self.lora_recipe(family)
+        return {"mode": "lora", "lora": settings.to_dict(), "recipe": f"{settings.label()}, lr {settings.lr:g}{epochs}"}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite")}
@@ -104,7 +128,7 @@ class TrainConfig:
 def _check_numbers(config: TrainConfig) -> None:
     """Refuse NaN, infinite or out-of-range optimizer settings before anything is written (typer lets nan through)."""
     checks = (
-        ("--lr", config.learning_rate, lambda v: v > 0, "a finite number > 0, e.g. 5e-4"),
+        ("--lr", 5e-4 if config.lr is None else config.lr, lambda v: v > 0, "a finite number > 0, e.g. 5e-4"),
         ("--weight-decay", config.weight_decay, lambda v: v >= 0, "a finite number >= 0, e.g. 0.05"),
         ("--warmup-epochs", config.warmup_epochs, lambda v: v >= 0, "a finite number >= 0, e.g. 0.3"),
         ("--label-smoothing", config.label_smoothing, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1"),
@@ -331,7 +355,9 @@ def train(
     model.to(device)
     dist_env.setup(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    family = getattr(getattr(model, "spec", None), "family", "other")
+    recipe = config.recipe(family)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(family), weight_decay=config.weight_decay)
     drop_last = len(train_set) > config.batch_size * dist_env.world
     if config.curriculum != "none":  # batches visited from simple to complex (keyedge.training.curriculum)
         if dist_env.enabled:
@@ -368,18 +394,11 @@ def train(
         )
     reference = _reference_model(config, device)
     amp = config.amp and device.type == "cuda"
-    lora_info = None
-    if config.finetune == "lora":
-        from keyedge.models.lora import lora_settings
-
-        lora_info = lora_settings(
-            model.spec.family, r=config.lora_r, alpha=config.lora_alpha, targets=config.lora_targets
-        ).to_dict()
     if dist_env.main:
         trainable = sum(p.numel() for p in params)
         total = sum(p.numel() for p in model.parameters())
         log(
-            f"training {config.model} ({config.finetune}, {trainable:,} of {total:,} parameters trainable) "
+            f"training {config.model} ({recipe['recipe']}; {trainable:,} of {total:,} parameters trainable) "
             f"{config.defense_impl.training_note(config, key)} on {info.name}: "
             f"{len(train_set)} train / {len(test_set)} test images at {model.spec.image_size}px, device {device}"
             + (f", {dist_env.world} processes" if dist_env.enabled else "")
@@ -437,7 +456,7 @@ def train(
                 out,
                 model,
                 epoch=epoch,
-                finetune={"mode": config.finetune, "lora": lora_info},
+                finetune=recipe,
                 data={
                     "name": info.name,
                     "source": info.source,
@@ -447,7 +466,8 @@ def train(
                 },
                 training={
                     "config": config.to_dict(),
-                    "learning_rate": config.learning_rate,
+                    "learning_rate": config.learning_rate(family),
+                    "trainable_parameters": sum(p.numel() for p in params),
                     "world_size": dist_env.world,
                     "device": str(device),
                 },
