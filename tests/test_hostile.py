@@ -435,7 +435,7 @@ def test_a_signal_while_converter_output_is_captured_gives_the_terminal_back(mon
     """A Ctrl-C that lands inside the capture's own set-up or tear-down (seen in CI as a silent SIGTERM exit)."""
     import logging
 
-    from exporters import base
+    from keyedge.exporters import base
 
     before = (_where(1), _where(2), sys.stdout, sys.stderr)
     real_disable = logging.disable
