@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ class Budget:
     seed: int = 0
     pretrain_images: int = 10000
     pretrain_epochs: int = 3
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _quiet(_line: str) -> None:
@@ -204,7 +203,6 @@ def run_variant(
         test_limit=budget.test_limit,
         device="cpu",
         **options,
-        **budget.extra,
     )
     started = time.perf_counter()
     done = (out / MANIFEST).exists() and read_manifest(out).epoch >= budget.epochs
@@ -307,11 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown family or variant {unknown[0]!r}")
 
-    import torch
-
     from keyedge.keys.keyfile import Key, load_key
 
-    torch.set_num_threads(torch.get_num_threads())
     budget = Budget(
         args.data, args.train_limit, args.test_limit, args.epochs, args.batch, args.block_size, args.seed,
         args.pretrain_images, args.pretrain_epochs,
