@@ -81,6 +81,8 @@ VARIANTS = {
         Variant("lora-first-lr5e-3", lr=5e-3),
         Variant("lora-first-lr1e-2", lr=1e-2),
         Variant("lora-first-rx4-lr5e-3", lr=5e-3, r=-4),  # r: the family's rank times 4
+        Variant("lora-default"),  # the family's recipe (keyedge.models.recipes), as `train --finetune lora` runs it
+        Variant("lora-adapters-default", adapters_only=True),  # the family's learning rate, no full layers
     )
 }
 DEFAULT_GRID = (
@@ -180,15 +182,26 @@ def _base_weights(family: str, budget: Budget, work: Path, base: str, log) -> st
 
 
 def run_variant(
-    family: str, variant: Variant, keyed: bool, budget: Budget, work: Path, weights: str, key_file: Path
+    family: str,
+    variant: Variant,
+    keyed: bool,
+    budget: Budget,
+    work: Path,
+    weights: str,
+    key_file: Path,
+    *,
+    tag: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> Row:
-    """Train one (family, variant, keyed/plain) at the shared budget; reuse a finished run in ``work``."""
+    """Train one (family, variant, keyed/plain) at the shared budget; reuse a finished run in ``work``.
+
+    ``tag`` names runs that differ beyond the variant (another key, block size or ``extra`` train options)."""
     from keyedge.models.checkpoint import MANIFEST, read_manifest
     from keyedge.training.loop import TrainConfig, train
 
     model, size, _ = FAMILIES[family]
-    out = work / "runs" / family / f"{variant.name}-{'keyed' if keyed else 'plain'}"
-    options = variant.options(family)
+    out = work / "runs" / family / f"{variant.name}{tag}-{'keyed' if keyed else 'plain'}"
+    options = variant.options(family) | (extra or {})
     config = TrainConfig(
         model=model,
         data=budget.data,

@@ -287,3 +287,42 @@ def test_cli_train_bad_inputs(tmp_path, make_key):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "keyedge.json").write_text("garbage")
     _clean_error(_cli("eval", "-c", tmp_path / "bad", "-d", "fashion-mnist"), "not valid JSON")
+
+
+def test_transfer_guard_replaces_a_share_of_the_batch_with_examples_that_fool_the_guard_model(tmp_path, make_key):
+    from keyedge.training.guard import TransferGuard
+
+    ref_key = make_key(4, tag=9).save(tmp_path / "d1.bin")
+    train(_config(tmp_path, "d1", key_file=str(ref_key), epochs=1), progress=False, log=_quiet)
+    eps = 16 / 255
+    guard = TransferGuard.load([str(tmp_path / "d1")], [str(ref_key)], eps, 3, 0.5, "cpu")
+    data, _ = load_dataset("fashion-mnist", "test", 32, limit=32, seed=0)
+    x = torch.stack([data[i][0] for i in range(32)])
+    y = torch.as_tensor([int(data[i][1]) for i in range(32)])
+    out = guard(x, y)
+    assert torch.equal(out[16:], x[16:]), "the rest of the batch stays clean"
+    moved = (out[:16] - x[:16]).abs()
+    assert moved.max() <= eps + 1e-6 and moved.mean() > eps / 4 and out.min() >= 0 and out.max() <= 1
+    loss = torch.nn.functional.cross_entropy
+    model = guard.models[0]
+    with torch.no_grad():
+        assert loss(model(out[:16]), y[:16]) > loss(model(x[:16]), y[:16]) + 0.05, "PGD ascends the guard's loss"
+
+
+def test_train_with_a_transfer_guard_records_it_in_the_recipe_and_refuses_bad_settings(tmp_path, key4, make_key):
+    ref_key = make_key(4, tag=9).save(tmp_path / "d1.bin")
+    train(_config(tmp_path, "d1", key_file=str(ref_key), epochs=1), progress=False, log=_quiet)
+    key_path = key4.save(tmp_path / "k.bin")
+    args = ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", 32,
+            "--epochs", 1, "--train-limit", 64, "--test-limit", 32, "-k", key_path]  # fmt: skip
+    result = _cli(*args, "-o", tmp_path / "guarded", "--guard-model", tmp_path / "d1", "--guard-key", ref_key,
+                  "--guard-eps", "8/255", "--guard-steps", 2)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "guarded")
+    assert "transfer guard (1 other-key models, eps 8/255, 2 PGD steps, 50% of each batch)" in manifest.recipe
+    assert manifest.training["config"]["guard_eps"] == pytest.approx(8 / 255)
+    _clean_error(_cli(*args, "-o", tmp_path / "a", "--guard-model", tmp_path / "d1"), "no key with fingerprint")
+    _clean_error(_cli(*args, "-o", tmp_path / "b", "--guard-key", ref_key), "--guard-key needs --guard-model")
+    _clean_error(_cli(*args, "-o", tmp_path / "c", "--guard-model", tmp_path / "d1", "--guard-eps", "x"), "--guard-eps")
+    _clean_error(_cli(*args, "-o", tmp_path / "e", "--guard-model", tmp_path / "d1", "--guard-share", 0), "--guard-share")
+    assert not any((tmp_path / name).exists() for name in "abce"), "no half-written checkpoint"

@@ -61,6 +61,16 @@ def train(
     ),
     ortho_lambda: float = typer.Option(0.0, "--ortho-lambda", min=0.0, help="Weight of the gradient-similarity term."),
     ortho_mode: str = typer.Option("signed", "--ortho-mode", help="signed (paper Eq. 3) or abs (|cos|)."),
+    guard_model: list[Path] | None = typer.Option(
+        None,
+        "--guard-model",
+        help="Transfer guard: a model fine-tuned with another key of yours (repeatable); a share of every "
+        "batch is replaced by PGD examples crafted on them, in turn.",
+    ),
+    guard_key: list[Path] | None = typer.Option(None, "--guard-key", help="The guard models' key files (repeatable)."),
+    guard_eps: str = typer.Option("16/255", "--guard-eps", help="Transfer guard: Linf budget, e.g. 16/255."),
+    guard_steps: int = typer.Option(3, "--guard-steps", help="Transfer guard: PGD steps per batch."),
+    guard_share: float = typer.Option(0.5, "--guard-share", help="Transfer guard: share of each batch replaced."),
     defense: str = typer.Option(
         "none",
         "--defense",
@@ -121,6 +131,11 @@ def train(
         ortho_ref_key=str(ortho_ref_key) if ortho_ref_key else None,
         ortho_lambda=ortho_lambda,
         ortho_mode=ortho_mode,
+        guard_models=[str(p) for p in guard_model or []],
+        guard_keys=[str(p) for p in guard_key or []],
+        guard_eps=_fraction("--guard-eps", guard_eps),
+        guard_steps=guard_steps,
+        guard_share=guard_share,
         defense=defense,
         patch=patch,
         volume_metric=volume_metric,
@@ -133,6 +148,17 @@ def train(
     manifest = run_training(config, log=lambda line: console.print(line, markup=False))
     if manifest:
         console.print(f"checkpoint: {out} (test accuracy {manifest.test_accuracy:.2%})", markup=False)
+
+
+def _fraction(flag: str, text: str) -> float:
+    """``16/255`` or ``0.0627`` as a float; a one-line error otherwise."""
+    from keyedge.errors import KeyedgeError
+
+    top, _, bottom = text.partition("/")
+    try:
+        return float(top) / (float(bottom) if bottom else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise KeyedgeError(f"{flag} {text!r} is not a number", "pass a number or a fraction like 16/255") from None
 
 
 def evaluate(

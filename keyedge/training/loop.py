@@ -80,6 +80,12 @@ class TrainConfig:
     ortho_ref_key: str | None = None
     ortho_lambda: float = 0.0
     ortho_mode: str = "signed"  # signed: paper's Eq. 3; abs: |cos|, pushes towards orthogonal
+    # transfer guard (keyedge.training.guard): train on PGD examples crafted on these other-key models
+    guard_models: list[str] = field(default_factory=list)
+    guard_keys: list[str] = field(default_factory=list)  # their key files
+    guard_eps: float = 16 / 255
+    guard_steps: int = 3
+    guard_share: float = 0.5  # of each batch
     defense: str = "none"  # none (keyed or plain) | volumize
     patch: int = 16  # volumize: square patch side
     volume_metric: str = "entropy"  # volumize: patch ranking metric (keyedge.defenses.volumizer.METRICS)
@@ -111,10 +117,22 @@ class TrainConfig:
             return {
                 "mode": self.finetune,
                 "lora": None,
-                "recipe": f"full fine-tune, lr {self.learning_rate(family):g}{epochs}",
+                "recipe": f"full fine-tune, lr {self.learning_rate(family):g}{epochs}{self._guard_label()}",
             }
         settings = self.lora_recipe(family)
-        return {"mode": "lora", "lora": settings.to_dict(), "recipe": f"{settings.label()}, lr {settings.lr:g}{epochs}"}
+        return {
+            "mode": "lora",
+            "lora": settings.to_dict(),
+            "recipe": f"{settings.label()}, lr {settings.lr:g}{epochs}{self._guard_label()}",
+        }
+
+    def _guard_label(self) -> str:
+        if not self.guard_models:
+            return ""
+        return (
+            f", transfer guard ({len(self.guard_models)} other-key models, eps {self.guard_eps * 255:.3g}/255, "
+            f"{self.guard_steps} PGD steps, {self.guard_share:.0%} of each batch)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite")}
@@ -133,10 +151,15 @@ def _check_numbers(config: TrainConfig) -> None:
         ("--warmup-epochs", config.warmup_epochs, lambda v: v >= 0, "a finite number >= 0, e.g. 0.3"),
         ("--label-smoothing", config.label_smoothing, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1"),
         ("--ortho-lambda", config.ortho_lambda, lambda v: v >= 0, "a finite number >= 0, e.g. 1.0"),
+        ("--guard-eps", config.guard_eps, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.0627 (16/255)"),
+        ("--guard-steps", config.guard_steps, lambda v: v >= 1, "an integer >= 1, e.g. 3"),
+        ("--guard-share", config.guard_share, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"),
     )
     for flag, value, ok, hint in checks:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
             raise KeyedgeError(f"{flag} {value!r} is not a usable value", f"pass {hint}")
+    if config.guard_keys and not config.guard_models:
+        raise KeyedgeError("--guard-key needs --guard-model", "pass the guard's checkpoints with --guard-model")
 
 
 @dataclass
@@ -262,6 +285,22 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
+
+
+def _guard(config: TrainConfig, device: torch.device):
+    if not config.guard_models:
+        return None
+    from keyedge.training.guard import TransferGuard
+
+    return TransferGuard.load(
+        config.guard_models,
+        config.guard_keys,
+        config.guard_eps,
+        config.guard_steps,
+        config.guard_share,
+        device,
+        seed=config.seed,
+    )
 
 
 def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | None) -> None:
@@ -393,6 +432,7 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     reference = _reference_model(config, device)
+    guard = _guard(config, device)
     amp = config.amp and device.type == "cuda"
     if dist_env.main:
         trainable = sum(p.numel() for p in params)
@@ -422,6 +462,7 @@ def train(
             amp,
             progress=progress and dist_env.main,
             epoch=epoch,
+            guard=guard,
         )
         loss_sum, seen, correct, sim_sum, seconds = dist_env.all_sum(
             stats["loss_sum"], stats["images"], stats["correct"], stats["sim_sum"], stats["seconds"]
@@ -507,6 +548,7 @@ def _train_epoch(
     *,
     progress: bool,
     epoch: int,
+    guard=None,
 ) -> dict[str, float]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -527,6 +569,8 @@ def _train_epoch(
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            if guard is not None:
+                x = guard(x, y)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 if reference is not None:
                     x.requires_grad_(True)

@@ -1,0 +1,72 @@
+"""Transfer guard: fine-tune a keyed model on the adversarial examples that other keys' models make.
+
+The adaptive attacker of a key-based defense has no key, so it fine-tunes the same public model
+with a key of its own and crafts examples on that surrogate; they transfer to the target when both
+models rely on the same (shared, pretrained) features -- the suspected reason LoRA keyed models
+fall (the frozen base is common to all of them).  The guard gives the defender the attacker's tool:
+it trains a few surrogates with keys of its own (never deployed), and every training batch has a
+share of its images replaced by PGD examples crafted on one of them, in turn -- ensemble
+adversarial training (Tramer et al. 2018) with keyed surrogates as the static models.  It does
+not use the target's own gradients, so it is not (white-box) adversarial training: the target
+keeps its clean accuracy budget for learning its key.
+
+Evaluate it only against surrogates with other keys than the guard's (the attacker's keys are
+not the defender's): ``python -m keyedge.benchmarks.lora_robustness`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keyedge.errors import KeyedgeError
+
+
+class TransferGuard:
+    """PGD (Linf, random start) on one guard model per batch, in turn; replaces the first ``share`` of the batch."""
+
+    def __init__(self, models: list[nn.Module], eps: float, steps: int, share: float, seed: int = 0):
+        if not models:
+            raise KeyedgeError("the transfer guard needs at least one model", "pass --guard-model CHECKPOINT")
+        self.models, self.eps, self.steps, self.share = models, eps, steps, share
+        self.generator = torch.Generator().manual_seed(seed)
+        self.turn = 0
+
+    @classmethod
+    def load(
+        cls, paths: list[str], keys: list[str], eps: float, steps: int, share: float, device, seed: int = 0
+    ) -> TransferGuard:
+        """The guard models from checkpoints (``keys``: one key file per keyed model, in order), frozen, merged."""
+        from keyedge.keys.keyfile import key_for, load_key
+        from keyedge.models.checkpoint import load_checkpoint, read_manifest
+        from keyedge.models.lora import merge_lora
+
+        loaded = {k.fingerprint: k for k in (load_key(p) for p in keys)}
+        models = []
+        for path in paths:
+            key = key_for(read_manifest(path).fingerprint, loaded, owner=path)
+            model, _ = load_checkpoint(path, key, map_location=device)
+            model = merge_lora(model).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            models.append(model)
+        return cls(models, eps, steps, share, seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x`` with its first ``share`` images replaced by examples crafted on the next guard model."""
+        n = max(1, round(self.share * x.shape[0]))
+        model = self.models[self.turn % len(self.models)]
+        self.turn += 1
+        clean = x[:n].detach()
+        lo, hi = (clean - self.eps).clamp(0, 1), (clean + self.eps).clamp(0, 1)
+        noise = (torch.rand(clean.shape, generator=self.generator) * 2 - 1).to(clean.device)
+        adv = (clean + noise * self.eps).clamp(lo, hi)
+        alpha = 2.5 * self.eps / self.steps
+        for _ in range(self.steps):
+            adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(adv), y[:n], reduction="sum")
+            (grad,) = torch.autograd.grad(loss, adv)
+            adv = (adv.detach() + alpha * grad.sign()).clamp(lo, hi)
+        return torch.cat([adv.detach(), x[n:]])
