@@ -323,6 +323,7 @@ def test_train_with_a_transfer_guard_records_it_in_the_recipe_and_refuses_bad_se
     assert manifest.training["config"]["guard_eps"] == pytest.approx(8 / 255)
     _clean_error(_cli(*args, "-o", tmp_path / "a", "--guard-model", tmp_path / "d1"), "no key with fingerprint")
     _clean_error(_cli(*args, "-o", tmp_path / "b", "--guard-key", ref_key), "--guard-key needs --guard-model")
-    _clean_error(_cli(*args, "-o", tmp_path / "c", "--guard-model", tmp_path / "d1", "--guard-eps", "x"), "--guard-eps")
-    _clean_error(_cli(*args, "-o", tmp_path / "e", "--guard-model", tmp_path / "d1", "--guard-share", 0), "--guard-share")
+    guard = ["--guard-model", tmp_path / "d1"]
+    _clean_error(_cli(*args, "-o", tmp_path / "c", *guard, "--guard-eps", "x"), "--guard-eps")
+    _clean_error(_cli(*args, "-o", tmp_path / "e", *guard, "--guard-share", 0), "--guard-share")
     assert not any((tmp_path / name).exists() for name in "abce"), "no half-written checkpoint"
