@@ -11,6 +11,8 @@ With an orthogonality reference (``ortho_ref``), the loss gains
 (orthogonal-deep-models §III, Eq. 3 / Alg. 1), pushing the model's input
 gradients away from the frozen reference's -- the tool to test whether gradient
 misalignment stops adversarial examples transferring between keyed models.
+With guard models (``guard_models``), a share of every batch is replaced by PGD examples
+crafted on them (:mod:`keyedge.training.guard`): the tool that does stop it (docs/lora.md).
 
 With ``defense="volumize"`` the model is a :class:`~keyedge.defenses.volumetric.VolumizedModel`
 (patch volumes, 3D backbone; no key, no LoRA), trained with the patch-aggregate
