@@ -327,3 +327,28 @@ def test_train_with_a_transfer_guard_records_it_in_the_recipe_and_refuses_bad_se
     _clean_error(_cli(*args, "-o", tmp_path / "c", *guard, "--guard-eps", "x"), "--guard-eps")
     _clean_error(_cli(*args, "-o", tmp_path / "e", *guard, "--guard-share", 0), "--guard-share")
     assert not any((tmp_path / name).exists() for name in "abce"), "no half-written checkpoint"
+
+
+def test_a_resumed_guarded_run_crafts_and_learns_what_a_straight_one_does(tmp_path, make_key, monkeypatch):
+    import keyedge.training.loop as train_module
+
+    ref_key = make_key(4, tag=9).save(tmp_path / "d1.bin")
+    train(_config(tmp_path, "d1", key_file=str(ref_key), epochs=1), progress=False, log=_quiet)
+    guard = dict(guard_models=[str(tmp_path / "d1")], guard_keys=[str(ref_key)], guard_steps=2)
+    train(_config(tmp_path, "straight", **guard), progress=False, log=_quiet)
+    real_save = train_module.save_checkpoint
+
+    def killed_in_epoch_2(directory, model, *, epoch, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_save(directory, model, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "split", **guard), progress=False, log=_quiet)
+    monkeypatch.undo()
+    train(_config(tmp_path, "split", resume=True, **guard), progress=False, log=_quiet)
+    a, _ = load_checkpoint(tmp_path / "straight")
+    b, _ = load_checkpoint(tmp_path / "split")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(pa.float(), pb.float(), atol=1e-5), name

@@ -424,17 +424,20 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
     )
+    reference = _reference_model(config, device)  # built before the RNG state is restored: building draws from it
+    guard = _guard(config, device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if guard is not None and "guard_rng" in state:  # a resumed run crafts what a straight one would
+            guard.generator.set_state(state["guard_rng"])
+            guard.turn = int(state["guard_turn"])
     ddp_model: nn.Module = model
     if dist_env.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    reference = _reference_model(config, device)
-    guard = _guard(config, device)
     amp = config.amp and device.type == "cuda"
     if dist_env.main:
         trainable = sum(p.numel() for p in params)
@@ -519,6 +522,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
+                    **({"guard_rng": guard.generator.get_state(), "guard_turn": guard.turn} if guard else {}),
                     "epoch": epoch,
                 },
             )
