@@ -326,7 +326,9 @@ def test_train_with_a_transfer_guard_records_it_in_the_recipe_and_refuses_bad_se
     guard = ["--guard-model", tmp_path / "d1"]
     _clean_error(_cli(*args, "-o", tmp_path / "c", *guard, "--guard-eps", "x"), "--guard-eps")
     _clean_error(_cli(*args, "-o", tmp_path / "e", *guard, "--guard-share", 0), "--guard-share")
-    assert not any((tmp_path / name).exists() for name in "abce"), "no half-written checkpoint"
+    own = ["--guard-model", tmp_path / "guarded", "--guard-key", key_path]
+    _clean_error(_cli(*args, "-o", tmp_path / "f", *own), "has the key of the model being trained")
+    assert not any((tmp_path / name).exists() for name in "abcef"), "no half-written checkpoint"
 
 
 def test_a_resumed_guarded_run_crafts_and_learns_what_a_straight_one_does(tmp_path, make_key, monkeypatch):

@@ -35,9 +35,20 @@ class TransferGuard:
 
     @classmethod
     def load(
-        cls, paths: list[str], keys: list[str], eps: float, steps: int, share: float, device, seed: int = 0
+        cls,
+        paths: list[str],
+        keys: list[str],
+        eps: float,
+        steps: int,
+        share: float,
+        device,
+        seed: int = 0,
+        own: str | None = None,
     ) -> TransferGuard:
-        """The guard models from checkpoints (``keys``: one key file per keyed model, in order), frozen, merged."""
+        """The guard models from checkpoints (``keys``: their key files), frozen, merged.
+
+        ``own``: the fingerprint of the model being trained -- a guard model with that key is refused
+        (examples from the target's own key are white-box adversarial training, not a transfer guard)."""
         from keyedge.keys.keyfile import key_for, load_key
         from keyedge.models.checkpoint import load_checkpoint, read_manifest
         from keyedge.models.lora import merge_lora
@@ -45,7 +56,13 @@ class TransferGuard:
         loaded = {k.fingerprint: k for k in (load_key(p) for p in keys)}
         models = []
         for path in paths:
-            key = key_for(read_manifest(path).fingerprint, loaded, owner=path)
+            fingerprint = read_manifest(path).fingerprint
+            if own is not None and fingerprint == own:
+                raise KeyedgeError(
+                    f"guard model {path} has the key of the model being trained",
+                    "guard with models fine-tuned with other keys of yours",
+                )
+            key = key_for(fingerprint, loaded, owner=path)
             model, _ = load_checkpoint(path, key, map_location=device)
             model = merge_lora(model).eval()
             for p in model.parameters():

@@ -289,7 +289,7 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
     return ref.eval()
 
 
-def _guard(config: TrainConfig, device: torch.device):
+def _guard(config: TrainConfig, device: torch.device, own: str | None):
     if not config.guard_models:
         return None
     from keyedge.training.guard import TransferGuard
@@ -302,6 +302,7 @@ def _guard(config: TrainConfig, device: torch.device):
         config.guard_share,
         device,
         seed=config.seed,
+        own=own,
     )
 
 
@@ -425,7 +426,7 @@ def train(
         optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
     )
     reference = _reference_model(config, device)  # built before the RNG state is restored: building draws from it
-    guard = _guard(config, device)
+    guard = _guard(config, device, key.fingerprint if key else None)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
