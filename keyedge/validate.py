@@ -64,7 +64,10 @@ class Fields:
         self.data, self.source, self.hint, self.prefix, self.error = data, source, hint, prefix, error
 
     def fail(self, name: str, problem: str) -> ManifestError:
-        return self.error(f"{self.source}: field '{self.prefix}{name}' {problem}", self.hint)
+        path = f"{self.prefix}{name}"
+        if not path.isprintable():  # a hand-edited key with a newline or control character: keep the error one line
+            path = repr(path)[1:-1]
+        return self.error(f"{self.source}: field '{path}' {problem}", self.hint)
 
     def sub(self, data: dict[str, Any], prefix: str) -> Fields:
         return Fields(data, self.source, self.hint, f"{self.prefix}{prefix}", error=self.error)

@@ -241,3 +241,11 @@ def test_written_manifests_follow_their_json_schemas(checkpoint, exported):
     bad["targets"]["onnx"]["files"][0]["path"] = "../../etc/passwd"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, json.loads((DOCS / "artifact.schema.json").read_text()))
+
+
+def test_a_field_name_with_a_newline_is_named_on_one_line():
+    """A hand-edited key (found by the fleet-manifest fuzzer: a stage named '\\n') keeps the error one line."""
+    from keyedge.validate import Fields
+
+    error = Fields({}, "fleet.json", "recreate it").fail("devices[0].failed.\n", "must be an object")
+    assert "\n" not in str(error) and "failed.\\n" in str(error)
