@@ -47,7 +47,7 @@ gate: $(STAMP)
 	$(BIN)/python -m keyedge.benchmarks.gate --out build/gate
 
 bench: $(STAMP)
-	$(BIN)/python -m keyedge.benchmarks.transform
+	$(BIN)/python -m keyedge.benchmarks.experiments.transform
 
 clean:
 	rm -rf $(VENV) demo demo-shuffle build dist *.egg-info .pytest_cache .hypothesis

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from keyedge.benchmarks.keyed_latency import BENCH_KEY, export_variants
 from keyedge.benchmarks.latency import run_latency
 from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile
 from keyedge.benchmarks.regress import GATED, RegressionResult, compare
 from keyedge.benchmarks.report import LatencyReport
+from keyedge.benchmarks.workbench import BENCH_KEY, export_variants
 
 
 def gate(

@@ -3,7 +3,7 @@
 The measurement protocol follows optimum-benchmark (model load, first inference and
 steady state timed separately; warm-up, then at least ``min_iterations`` *and*
 ``min_seconds``; mean/p50/p90/p95/p99/stdev; throughput; peak memory) and the
-side-by-side idea of :mod:`keyedge.benchmarks.keyed_latency`: every artifact of one
+side-by-side idea of :mod:`keyedge.benchmarks.experiments.keyed_latency`: every artifact of one
 batch size -- all runtimes, all export directories -- is loaded, then timed in many
 short *rounds* whose order is rotated each round, so drift on a shared machine
 cancels out of the per-round ratios.  Ratios are reported as the median and the
@@ -236,7 +236,7 @@ def _artifact_from_manifest(manifest: ArtifactManifest, target: str, path: Path)
 
 def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: Path | None = None) -> Artifact:
     """A training checkpoint, timed in PyTorch eager mode (the reference the exported artifacts are compared with)."""
-    from keyedge.models.checkpoint import read_manifest
+    from keyedge.checkpoints import read_manifest
 
     manifest = read_manifest(directory)
     return Artifact(
@@ -260,11 +260,11 @@ def discover(path: str | Path) -> list[Artifact]:
     An export directory also yields its source checkpoint (for the ``torch`` runtime) when that still exists;
     a checkpoint directory (``keyedge.json``) yields just that.
     """
-    from keyedge.exporters import backend_names, get_backend
-    from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+    from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
+    from keyedge.exporters import get_backend, list_backends
 
     path = Path(path)
-    suffixes = {get_backend(name).suffix: name for name in backend_names()}
+    suffixes = {get_backend(name).suffix: name for name in list_backends()}
     if not path.exists():
         raise KeyedgeError(f"{path} does not exist", "pass an export directory or an .onnx/.xml/.mlpackage file")
     if path.is_dir() and (path / CHECKPOINT_MANIFEST).is_file():

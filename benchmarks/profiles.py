@@ -36,9 +36,9 @@ from keyedge.errors import KeyedgeError
 
 def runtime_targets() -> dict[str, str]:
     """Runtime name -> the target it runs: each export backend's runtime, plus ``torch`` (checkpoints)."""
-    from keyedge.exporters import backend_names, get_backend
+    from keyedge.exporters import get_backend, list_backends
 
-    return {get_backend(name).runtime: name for name in backend_names()} | {"torch": "torch"}
+    return {get_backend(name).runtime: name for name in list_backends()} | {"torch": "torch"}
 
 
 #: the torch runtime (a checkpoint timed eagerly) is no export backend: its profile options live here

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from keyedge.benchmarks.attacks import attack_class, make_attack, parse_eps
+from keyedge.attacks import get_attack, make_attack, parse_eps
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key
 
@@ -221,9 +221,9 @@ def binomial_se(p: float, n: int) -> float:
 
 def load_members(checkpoints: Sequence[Path], keys: dict[str, Key], device: str = "cpu") -> list[Member]:
     """Load each checkpoint with its own key (matched by fingerprint); names are the directory names."""
+    from keyedge.checkpoints import load_checkpoint, read_manifest
     from keyedge.defenses import defense_of
     from keyedge.keys.keyfile import key_for
-    from keyedge.models.checkpoint import load_checkpoint, read_manifest
 
     members, names = [], set()
     for path in checkpoints:
@@ -288,7 +288,7 @@ class Evaluation:
 
     def attack_for(self, sources: Sequence[str], eps: float, name: str | None = None):
         models = [self.members[s].model for s in sources]
-        from keyedge.benchmarks.attacks import budget_options
+        from keyedge.attacks import budget_options
 
         name = name or self.config.attack
         # the budget the attack declares: steps unless attack_options set them, eps always
@@ -470,7 +470,7 @@ def run_robustness(
     classified: list[tuple[Outcome, torch.Tensor]] = []  # (outcome, its images): what the artifacts classify too
     skipped: list[dict[str, str]] = []
     members_sorted = sorted(members, key=lambda m: (m.keyed, m.finetune != "full"))
-    norm = attack_class(config.attack).norm
+    norm = get_attack(config.attack).norm
     noise_adv, noise_info = ev.noise(eps, norm)
     for target in members_sorted:
         for scenario, sources in scenario_sources(target, members, config.eot_max).items():
@@ -530,19 +530,19 @@ def parse_localized(spec: str) -> tuple[str, dict[str, Any]]:
 
     Any localized attack with one budget parameter is ``NAME:VALUE``; the attack itself checks the value.
     """
-    from keyedge.benchmarks.attacks import attack_class, attack_names
+    from keyedge.attacks import get_attack, list_attacks
 
     types = {int: "an integer", float: "a number"}
     forms = {}
-    for localized in sorted(attack_names(kind="localized")):
-        budget = attack_class(localized).budget
+    for localized in sorted(list_attacks(kind="localized")):
+        budget = get_attack(localized).budget
         if len(budget) == 1:
             forms[localized] = budget[0]
     hint = "write " + " or ".join(f"{n}:{p.upper()}" for n, p in forms.items())
     name, _, text = spec.partition(":")
     if name not in forms:
         raise KeyedgeError(f"bad localized attack {spec!r}", hint)
-    cls, parameter = attack_class(name), forms[name]
+    cls, parameter = get_attack(name), forms[name]
     default = cls.options()[parameter]
     try:
         value = type(default)(text) if type(default) in types else text
@@ -558,13 +558,13 @@ def localized_outcomes(ev: Evaluation, members: Sequence[Member], config: Robust
 
     A config field ``<attack>_<option>`` (``npixel_popsize``, ``patch_steps``...) sets that attack's option.
     """
-    from keyedge.benchmarks.attacks import attack_class
+    from keyedge.attacks import get_attack
 
     n = min(config.localized_limit, ev.images.shape[0])
     out = []
     for spec in config.localized:
         name, options = parse_localized(spec)
-        cls = attack_class(name)
+        cls = get_attack(name)
         prefix = f"{name.replace('-', '_')}_"
         for option, value in config.to_dict().items():
             if option.startswith(prefix) and cls.accepts(option[len(prefix) :]):
@@ -624,7 +624,7 @@ def key_diversity(ev: Evaluation, members: Sequence[Member], keys: Sequence[Key]
 
 def gradient_matrix(ev: Evaluation, members: Sequence[Member], limit: int) -> Matrix:
     """Mean cosine similarity of input gradients between every pair of models (orthogonal-deep-models Eq. 1)."""
-    from keyedge.models.backbones import gradient_similarity, input_gradient
+    from keyedge.attacks.gradients import gradient_similarity, input_gradient
 
     n = min(limit, ev.images.shape[0])
     grads = {}
@@ -658,7 +658,7 @@ def eps_sweep(
     keyed = sorted([m for m in members if m.keyed], key=lambda m: m.finetune != "full")[: config.sweep_targets]
     targets = [m for m in members if m.plain][:1] + keyed
     n = min(config.sweep_limit, ev.images.shape[0])
-    norm = attack_class(config.attack).norm
+    norm = get_attack(config.attack).norm
     points = []
     for target in targets:
         sets = {
@@ -802,7 +802,7 @@ def artifact_outcomes(
     Every target whose runtime runs on this host is used (CoreML only on macOS), through its backend's
     runner; sealed sets are opened with the matching one of ``sealkeys`` (decrypted in memory).
     """
-    from keyedge.benchmarks.attacks import Queried
+    from keyedge.attacks import Queried
     from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.exporters import get_backend
     from keyedge.runtime import open_artifact
@@ -868,15 +868,15 @@ def precision_pairs(outcomes: Sequence[Outcome], artifacts: Sequence[Outcome]) -
 
 def parse_query(spec: str) -> tuple[str, int]:
     """``square:5000`` -> ("square", 5000); ``hsj`` -> ("hsj", its default budget)."""
-    from keyedge.benchmarks.attacks import attack_names
+    from keyedge.attacks import list_attacks
 
-    names = attack_names(kind="query")
+    names = list_attacks(kind="query")
     hint = "write " + " or ".join(f"{n}[:QUERIES]" for n in names) + ", e.g. square:5000"
     name, _, text = spec.strip().partition(":")
     if name not in names:
         raise KeyedgeError(f"bad query attack {spec!r}", hint)
     try:
-        queries = int(text) if text else int(attack_class(name).options()["queries"])
+        queries = int(text) if text else int(get_attack(name).options()["queries"])
     except ValueError:
         raise KeyedgeError(f"bad query attack {spec!r} (queries must be an integer)", hint) from None
     if queries < 1:
@@ -957,14 +957,14 @@ def noise_check(outcomes: Sequence[Outcome]) -> Check:
 
 def attack_label(attack: dict[str, Any]) -> str:
     """The attack's ``label`` from its ``describe()``; for older reports without one, its class's ``label_format``."""
-    from keyedge.benchmarks.attacks import ATTACKS
+    from keyedge.attacks import ATTACKS
 
     if "label" in attack:
         return str(attack["label"])
-    cls = ATTACKS.get(str(attack.get("name")))
+    name = ATTACKS.resolve(str(attack.get("name")))
     try:
-        return cls.label_format.format_map(attack)
-    except (AttributeError, KeyError, TypeError, ValueError):
+        return ATTACKS.get(name).label_format.format_map(attack)
+    except (AttributeError, KeyError, TypeError, ValueError):  # an unknown name is a ValueError
         return str(attack.get("name"))
 
 

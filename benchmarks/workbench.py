@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from keyedge.checkpoints import save_checkpoint
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.keys.fold import FoldError
 from keyedge.keys.keyfile import Key
-from keyedge.models.checkpoint import save_checkpoint
+from keyedge.models.backbones import build_model
 
 
 def untrained_checkpoint(directory: Path, model: nn.Module) -> Path:
@@ -65,3 +68,60 @@ def export_for_timing(
         agreement_images=8,
     )
     return export_one(ExportRequest(checkpoint, key), settings)
+
+
+#: the benchmarks' key: fixed, so that runs are comparable (never a key to deploy with)
+BENCH_KEY = Key.from_secret(bytes(range(32)), 4)
+#: variant -> (checkpoint role, fuse mode)
+VARIANTS = {
+    "plain": ("plain", "gather"),
+    "gather": ("keyed", "gather"),
+    "conv": ("keyed", "conv"),
+    "fold": ("keyed", "fold"),
+    "plain-fold": ("plain", "fold"),
+}
+
+
+def export_variants(
+    model_name: str,
+    size: int,
+    work: Path,
+    targets: list[str],
+    batch: int = 1,
+    variants: tuple[str, ...] = tuple(VARIANTS),
+    *,
+    key: Key = BENCH_KEY,
+    num_classes: int = 1000,
+    int8: tuple[str, ...] = (),
+) -> list[Path]:
+    """Export formulations of one architecture, random weights shared by all; return the export directories.
+
+    (fold is skipped where inexact.)  ``key`` serves the keyed variants: the quickstart times its own.
+    ``int8``: the variants also exported at int8 (``bench latency`` then reports int8/fp32 per variant).
+    """
+    torch.manual_seed(0)
+    keyed = build_model(model_name, num_classes, key=key, weights="none", image_size=size).eval()
+    plain = build_model(model_name, num_classes, weights="none", image_size=size).eval()
+    plain.backbone.load_state_dict(keyed.backbone.state_dict())
+    checkpoints = {}
+    for role, model in (("plain", plain), ("keyed", keyed)):
+        checkpoints[role] = untrained_checkpoint(work / f"{model_name}-ckpt-{role}", model)
+    directories = []
+    jobs = [(v, "fp32") for v in variants] + [(v, "int8") for v in int8]
+    for variant, precision in jobs:
+        role, fuse = VARIANTS[variant]
+        try:
+            directories.append(
+                export_for_timing(
+                    checkpoints[role],
+                    key if role == "keyed" else None,
+                    work / variant,
+                    targets,
+                    fuse=fuse,
+                    batch=batch,
+                    precision=precision,
+                )
+            )
+        except FoldError as exc:
+            print(f"  {model_name}: no {variant} variant ({exc.message})")
+    return directories

@@ -11,17 +11,19 @@ of them.
 from __future__ import annotations
 
 from keyedge.exporters.base import (
+    BACKENDS,
     ExportBackend,
     ExportError,
     ExportOptions,
     GraphReport,
-    backend_names,
     get_backend,
+    is_backend,
+    list_backends,
     register_backend,
 )
 
 # isort: off
-# importing a backend module registers it; the import order is the order `backend_names()` lists them in
+# importing a backend module registers it; the import order is the order `list_backends()` lists them in
 from keyedge.exporters import onnx as _onnx  # noqa: F401
 from keyedge.exporters import openvino as _openvino  # noqa: F401
 from keyedge.exporters import coreml as _coreml  # noqa: F401
@@ -30,11 +32,13 @@ from keyedge.exporters import executorch as _executorch  # noqa: F401
 # isort: on
 
 __all__ = [
+    "BACKENDS",
     "ExportBackend",
     "ExportError",
     "ExportOptions",
     "GraphReport",
-    "backend_names",
     "get_backend",
+    "is_backend",
+    "list_backends",
     "register_backend",
 ]

@@ -53,6 +53,7 @@ import torch
 
 from keyedge.deps import require
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
+from keyedge.registry import Registry
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -486,33 +487,29 @@ def batches(x: np.ndarray, size: int, *, pad: bool) -> Iterable[tuple[np.ndarray
 
 # ---- registry -----------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[ExportBackend]] = {}
+#: Registry: target name -> backend class (filled by :func:`register_backend` when ``keyedge.exporters`` is imported)
+BACKENDS: Registry[type[ExportBackend]] = Registry("export target", ExportBackend)
 B = TypeVar("B", bound=type[ExportBackend])
 
 
 def register_backend(cls: B) -> B:
     """Class decorator: make ``cls`` available as ``get_backend(cls.name)``."""
-    if not (isinstance(cls, type) and issubclass(cls, ExportBackend)) or not cls.name:
-        raise TypeError(f"{cls!r} is not an ExportBackend subclass with a name")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"an export backend named {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return BACKENDS.register(cls)
 
 
-def backend_names() -> list[str]:
+def list_backends() -> list[str]:
     """Registered target names, in registration order."""
-    return list(_REGISTRY)
+    return BACKENDS.names()
+
+
+def is_backend(name: str) -> bool:
+    """Whether ``name`` is a registered export target."""
+    return name in BACKENDS
 
 
 def get_backend(name: str) -> ExportBackend:
     """A fresh backend for target ``name``; :class:`KeyedgeError` for an unknown one."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        names = backend_names()
-        choices = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-        raise KeyedgeError(f"unknown export target {name!r}", f"use {choices}")
-    return cls()
+    return BACKENDS.get(name)()
 
 
 # ---- helpers ------------------------------------------------------------------------------

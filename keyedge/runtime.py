@@ -27,10 +27,10 @@ __all__ = ["artifact_target", "open_artifact", "open_sealed", "unseal_target"]
 
 def artifact_target(path: Path) -> str | None:
     """The target an artifact file belongs to, from its name (``model.xml.sealed`` -> openvino); None if unknown."""
-    from keyedge.exporters import backend_names, get_backend
+    from keyedge.exporters import get_backend, list_backends
 
     suffix = Path(Path(path).name.removesuffix(SEALED_SUFFIX)).suffix
-    return next((name for name in backend_names() if get_backend(name).suffix == suffix), None)
+    return next((name for name in list_backends() if get_backend(name).suffix == suffix), None)
 
 
 def unseal_target(manifest: ArtifactManifest, target: str, sealkey: SealKey) -> dict[str, bytes]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keyedge.benchmarks import transform
+from keyedge.benchmarks.experiments import transform
 
 
 def test_transform_benchmark_runs(capsys, tmp_path):
@@ -16,7 +16,7 @@ def test_transform_benchmark_runs(capsys, tmp_path):
 
 
 def test_training_benchmark_runs(capsys):
-    from keyedge.benchmarks import training
+    from keyedge.benchmarks.experiments import training
 
     result = training.main(
         ["--model", "test_efficientnet", "--image-size", "32", "--batch", "4", "--rounds", "2", "--steps", "1"]
@@ -28,7 +28,7 @@ def test_training_benchmark_runs(capsys):
 
 
 def test_export_benchmark_runs(capsys):
-    from keyedge.benchmarks import export
+    from keyedge.benchmarks.experiments import export
 
     (result,) = export.main(["--models", "test_efficientnet", "--keys", "2", "--image-size", "32"])
     assert set(result["speedup"]) == {"onnx", "openvino"} and all(v > 0 for v in result["speedup"].values())
@@ -41,7 +41,7 @@ def test_export_benchmark_runs(capsys):
 
 
 def test_keyed_latency_benchmark_runs(capsys):
-    from keyedge.benchmarks import keyed_latency
+    from keyedge.benchmarks.experiments import keyed_latency
 
     report = keyed_latency.main(
         ["--models", "test_vit,test_resnet", "--image-size", "32", "--rounds", "2", "--min-seconds", "0.05"]
@@ -67,7 +67,7 @@ def test_keyed_latency_benchmark_runs(capsys):
 
 
 def test_defense_latency_benchmark_runs():
-    from keyedge.benchmarks import defense_latency
+    from keyedge.benchmarks.experiments import defense_latency
 
     report = defense_latency.main(["--models", "test_efficientnet", "--min-seconds", "0.05", "--rounds", "2"])
     kinds = {(c.kind, c.runtime.split(":")[0]) for c in report.comparisons}

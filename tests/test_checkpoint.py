@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import keyedge.models.checkpoint as ckpt
+import keyedge.checkpoints as ckpt
+from keyedge.checkpoints import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from keyedge.models.backbones import build_model
-from keyedge.models.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from keyedge.models.lora import apply_lora, lora_settings
 
 INFO = dict(

@@ -15,11 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from keyedge.checkpoints import save_checkpoint
 from keyedge.cli import app
 from keyedge.deploy.export import ExportRequest, ExportSettings, VerificationError, export_one
 from keyedge.errors import FoldError
 from keyedge.models.backbones import build_model
-from keyedge.models.checkpoint import save_checkpoint
 from keyedge.models.lora import apply_lora, lora_settings
 
 runner = CliRunner()

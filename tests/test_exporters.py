@@ -21,7 +21,7 @@ from torch import nn
 
 from keyedge.deps import EXTRAS
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
-from keyedge.exporters import ExportError, ExportOptions, backend_names, get_backend
+from keyedge.exporters import ExportError, ExportOptions, get_backend, list_backends
 from keyedge.exporters.coreml import CoreMLBackend
 from keyedge.exporters.onnx import OnnxBackend
 from keyedge.exporters.openvino import OpenVinoBackend
@@ -103,9 +103,9 @@ def _non_constant(ops: dict[str, int]) -> Counter:
 
 
 def test_registry_lists_the_five_targets():
-    assert backend_names() == ["onnx", "openvino", "coreml", "litert", "executorch"]
+    assert list_backends() == ["onnx", "openvino", "coreml", "litert", "executorch"]
     suffixes = {"onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage", "litert": ".tflite", "executorch": ".pte"}
-    for name in backend_names():
+    for name in list_backends():
         backend = get_backend(name)
         assert (backend.name, backend.suffix) == (name, suffixes[name])
         assert backend.extra in EXTRAS

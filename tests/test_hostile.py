@@ -349,8 +349,8 @@ def test_non_finite_weights_are_refused_on_load_and_never_saved(tmp_path, small_
     import torch
     from safetensors.torch import load_file, save_file
 
+    from keyedge.checkpoints import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
     from keyedge.fileio import sha256_file
-    from keyedge.models.checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 
     ckpt, key_file = small_keyed_checkpoint
     copy = tmp_path / "ckpt"
@@ -380,8 +380,8 @@ def test_a_pickled_training_state_is_refused_without_suggesting_to_unpickle(tmp_
     import pickle
     import shutil
 
+    from keyedge.checkpoints import CheckpointError, load_training_state, read_manifest
     from keyedge.fileio import sha256_file
-    from keyedge.models.checkpoint import CheckpointError, load_training_state, read_manifest
 
     ckpt, _ = small_keyed_checkpoint
     copy = tmp_path / "ckpt"

@@ -102,7 +102,7 @@ def test_an_interrupted_training_says_which_checkpoint_it_kept(tmp_path):
     last = rest.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and "nothing was written" not in last, last
     assert f"{out} (checkpoint after epoch" in last and "--resume" in last, last
-    from keyedge.models.checkpoint import read_manifest
+    from keyedge.checkpoints import read_manifest
 
     epoch = read_manifest(out).epoch  # the kept checkpoint is complete and is the one the message names
     assert f"checkpoint after epoch {epoch};" in last

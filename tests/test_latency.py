@@ -18,12 +18,12 @@ from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile, parse_profile
 from keyedge.benchmarks.regress import compare
 from keyedge.benchmarks.report import SCHEMA, LatencyReport
+from keyedge.checkpoints import save_checkpoint
 from keyedge.cli import app
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
-from keyedge.models.checkpoint import save_checkpoint
 
 runner = CliRunner()
 FAST = BenchSettings(min_seconds=0.05, min_iterations=10, warmup=2, rounds=5, batch_sizes=[1, 2])

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from keyedge.benchmarks import lora, lora_robustness
+from keyedge.benchmarks.experiments import lora, lora_robustness
+from keyedge.checkpoints import read_manifest
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN
-from keyedge.models.checkpoint import read_manifest
 
 pytestmark = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"

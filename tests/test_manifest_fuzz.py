@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from keyedge.checkpoints import CheckpointManifest
 from keyedge.deploy.artifacts import ArtifactManifest
-from keyedge.models.checkpoint import CheckpointManifest
 from keyedge.validate import Fields, ManifestError
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from keyedge.checkpoints import CheckpointManifest, save_checkpoint
 from keyedge.cli import app
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.models.backbones import build_model
-from keyedge.models.checkpoint import CheckpointManifest, save_checkpoint
 from keyedge.validate import Fields, ManifestError
 
 runner = CliRunner()

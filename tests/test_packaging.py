@@ -48,7 +48,7 @@ def test_wheel_layout_and_console_script(tmp_path):
         [
             sys.executable,
             "-c",
-            "import keyedge, keyedge.exporters, keyedge.benchmarks.transform;print(keyedge.__file__)",
+            "import keyedge, keyedge.exporters, keyedge.benchmarks.experiments.transform;print(keyedge.__file__)",
         ],
         capture_output=True,
         text=True,

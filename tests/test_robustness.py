@@ -419,7 +419,7 @@ def test_headline_is_the_worst_case_without_the_key(report):
 def test_key_recovery_probe_recovers_the_key_with_the_oracle_and_reports_the_attackers_share(runs, tmp_path, capsys):
     """The probe's matching is exact when the reference is the device's own network (the oracle); the real
     attacker's references are scored against the key, which is never printed or written."""
-    from keyedge.benchmarks.key_recovery import main
+    from keyedge.benchmarks.experiments.key_recovery import main
 
     root = runs["root"]
     args = [str(root / "m-ka"), "-k", str(root / "ka.bin"), "--reference", str(root / "plain")]

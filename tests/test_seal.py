@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_export import clean_error, cli, make_checkpoint
 
+from keyedge.checkpoints import load_checkpoint
 from keyedge.deploy.export import ExportRequest, ExportSettings, deployable, export_one
 from keyedge.errors import KeyFileError, OutputError, SealError
 from keyedge.exporters import get_backend
@@ -20,7 +21,6 @@ from keyedge.exporters.template import module_tensors
 from keyedge.fileio import MemoryFiles, memory_files_supported
 from keyedge.keys.keyfile import Key, load_key
 from keyedge.keys.seal import SealKey, load_sealkey
-from keyedge.models.checkpoint import load_checkpoint
 from keyedge.runtime import open_artifact, open_sealed
 
 pytest.importorskip("cryptography")

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from keyedge.attacks.gradients import mean_gradient_similarity
+from keyedge.checkpoints import load_checkpoint, read_manifest
 from keyedge.cli import app
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN, load_dataset
-from keyedge.models.backbones import mean_gradient_similarity
-from keyedge.models.checkpoint import load_checkpoint, read_manifest
 from keyedge.training.loop import TrainConfig, evaluate, train, warmup_cosine
 
 pytestmark = pytest.mark.skipif(

@@ -12,6 +12,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
+from keyedge.checkpoints import load_checkpoint
 from keyedge.cli import app
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN, load_dataset
 from keyedge.defenses.volumetric import (
@@ -19,6 +20,7 @@ from keyedge.defenses.volumetric import (
     VolumizedModel,
     aggregate,
     build_volumized_model,
+    patch_aggregate_loss,
     to_3d,
     volumize_model,
 )
@@ -33,8 +35,7 @@ from keyedge.defenses.volumizer import (
 )
 from keyedge.errors import KeyedgeError, ShapeError
 from keyedge.models.backbones import ModelError, count_parameters, create_backbone
-from keyedge.models.checkpoint import load_checkpoint
-from keyedge.training.curriculum import patch_aggregate_loss, syllabus
+from keyedge.training.curriculum import syllabus
 
 DISTANCES = [m for m in METRICS if m != "entropy"]
 

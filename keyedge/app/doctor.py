@@ -87,12 +87,12 @@ def checks() -> list[tuple[str, str, Callable[[], Any], str | None]]:
 
     ``ExportBackend.available`` / ``can_run`` are the one availability check per backend: doctor asks them.
     """
-    from keyedge.exporters import backend_names, get_backend
+    from keyedge.exporters import get_backend, list_backends
 
     out: list[tuple[str, str, Callable[[], Any], str | None]] = []
-    for name in backend_names():
+    for name in list_backends():
         out.append(("export", name, _export_check(name), get_backend(name).extra))
-    for name in backend_names():
+    for name in list_backends():
         backend = get_backend(name)
         out.append(("runtime", backend.runtime, _runtime_check(name), backend.extra))
     out += [

@@ -238,7 +238,7 @@ def fleet_lock(directory: Path) -> Iterator[None]:
 
 def checkpoint_state(fleet: Fleet, device: Device) -> tuple[str, str]:
     """(``done`` | ``resume`` | ``new`` | ``blocked``, detail) for one device's checkpoint."""
-    from keyedge.models.checkpoint import MANIFEST, read_manifest
+    from keyedge.checkpoints import MANIFEST, read_manifest
 
     directory = fleet.path(device.checkpoint)
     if not (directory / MANIFEST).is_file():
@@ -274,9 +274,9 @@ def export_state(
     fleet: Fleet, device: Device, targets: list[str], fuse: str, precision: str, sets: dict[str, Path]
 ) -> tuple[str, str]:
     """(``done`` | ``stale`` | ``new`` | ``waiting``, detail) for one device's artifact set."""
+    from keyedge.checkpoints import MANIFEST
     from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.deploy.verify import check_files
-    from keyedge.models.checkpoint import MANIFEST
 
     state, _ = checkpoint_state(fleet, device)
     if state != "done":
@@ -313,7 +313,7 @@ def _logger(log_file: str) -> Callable[[str], None]:
 
 def train_job(checkpoint: str, key_file: str, recipe: dict[str, Any], resume: bool, device: str, log_file: str):
     """Fine-tune one device's model (or continue it); the checkpoint manifest's SHA-256 and accuracy."""
-    from keyedge.models.checkpoint import MANIFEST
+    from keyedge.checkpoints import MANIFEST
     from keyedge.training.loop import TrainConfig, train
 
     config = TrainConfig(out=checkpoint, key_file=key_file, device=device, resume=resume, **recipe)
@@ -388,9 +388,9 @@ def other_key_job(
     log_file: str,
 ):
     """Top-1 of one device's model on the recipe's test images shuffled with another key (key diversity)."""
+    from keyedge.checkpoints import MANIFEST, load_checkpoint
     from keyedge.data.datasets import load_dataset
     from keyedge.keys.keyfile import Key, load_key
-    from keyedge.models.checkpoint import MANIFEST, load_checkpoint
     from keyedge.training.loop import evaluate
 
     other = load_key(other_key_file) if other_key_file else Key.generate(block_size)  # a one-device fleet
@@ -520,7 +520,7 @@ def _clear_failure(d: Device, stage: str) -> None:
 
 
 def _record_trained(fleet: Fleet, d: Device) -> None:
-    from keyedge.models.checkpoint import MANIFEST, read_manifest
+    from keyedge.checkpoints import MANIFEST, read_manifest
 
     directory = fleet.path(d.checkpoint)
     sha = sha256_file(directory / MANIFEST)
@@ -646,7 +646,7 @@ def report_stage(
     fleet: Fleet, engine, *, retries: int = 0, latency: bool = True, on_event=lambda *_: None, log=print
 ) -> tuple[StageResult, dict[str, Any]]:
     """Per-device accuracy with another key (jobs, once per checkpoint), then the fleet table: md, JSON, plot."""
-    from keyedge.models.checkpoint import MANIFEST
+    from keyedge.checkpoints import MANIFEST
 
     started = time.perf_counter()
     result = StageResult("report")
@@ -691,11 +691,11 @@ def _fleet_latency(fleet: Fleet, sets: dict[str, Path], log) -> dict[str, Any]:
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import parse_profile
     from keyedge.benchmarks.workbench import export_for_timing, untrained_checkpoint
+    from keyedge.checkpoints import load_checkpoint
     from keyedge.deploy.artifacts import ArtifactManifest
     from keyedge.exporters import get_backend
     from keyedge.keys.keyfile import load_key
     from keyedge.models.backbones import build_model
-    from keyedge.models.checkpoint import load_checkpoint
 
     onnx_sets = {fp: d for fp, d in sets.items() if "onnx" in ArtifactManifest.read(d).targets}
     if not onnx_sets:

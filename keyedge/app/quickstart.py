@@ -41,7 +41,7 @@ class QuickstartConfig:
     data: str = "fashion-mnist"
     image_size: int = 32
     block_size: int = 4
-    # full fine-tuning: per step only ~1/1.19 the speed of LoRA here (keyedge.benchmarks.training), but it
+    # full fine-tuning: per step only ~1/1.19 the speed of LoRA here (keyedge.benchmarks.experiments.training), but it
     # learns the shuffled input far faster per image, which is what a few-minute run needs
     finetune: str = "full"
     epochs: int = 2
@@ -109,9 +109,9 @@ def latency_at_size(config: QuickstartConfig, key, settings, progress):
     import dataclasses
     import tempfile
 
-    from keyedge.benchmarks.keyed_latency import export_variants
     from keyedge.benchmarks.latency import run_latency
     from keyedge.benchmarks.profiles import builtin_profile
+    from keyedge.benchmarks.workbench import export_variants
 
     timed = dataclasses.replace(settings, min_seconds=max(settings.min_seconds, 2.0), rounds=max(settings.rounds, 12))
     profile = builtin_profile()
@@ -395,8 +395,8 @@ def _verified(parity: dict[str, Any]) -> dict[str, Any]:
 
 def cross_key_accuracy(runs: dict[str, Path], keys: dict[str, Any], config: QuickstartConfig) -> dict[str, Any]:
     """Top-1 of each model on the test images with its own key and with the other key (plain: none vs k1)."""
+    from keyedge.checkpoints import load_checkpoint
     from keyedge.data.datasets import load_dataset
-    from keyedge.models.checkpoint import load_checkpoint
     from keyedge.training.loop import evaluate
 
     test_set, _ = load_dataset(config.data, "test", config.image_size, limit=config.test_limit, seed=config.seed)

@@ -26,9 +26,9 @@ def expand_targets(names: list[str], precision: str = "fp32") -> list[str]:
     is installed: the export then names the extra); a target named explicitly is kept, and refused later.
     """
     from keyedge.deps import installed
-    from keyedge.exporters import backend_names, get_backend
+    from keyedge.exporters import get_backend, list_backends
 
-    present = [t for t in backend_names() if installed(get_backend(t).extra)] or backend_names()
+    present = [t for t in list_backends() if installed(get_backend(t).extra)] or list_backends()
     present = [t for t in present if precision in get_backend(t).precisions]
     targets: list[str] = []
     for name in names:

@@ -230,15 +230,15 @@ def robustness(
     """Attack keyed models: white-box sanity, transfer (non-adaptive, adaptive, multi-key EoT), the noise control,
     query attacks; the worst case without the key as headline; matrices, sweeps, deployed artifacts."""
 
-    from keyedge.benchmarks.attacks import attack_class, attack_names, parse_eps
+    from keyedge.attacks import get_attack, list_attacks, parse_eps
     from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
+    from keyedge.checkpoints import find_checkpoints
     from keyedge.errors import KeyedgeError, OutputError
     from keyedge.keys.keyfile import load_keys
-    from keyedge.models.checkpoint import find_checkpoints
     from keyedge.training.loop import resolve_device
 
-    scenario_attacks = attack_names(kind=("single-step", "iterative"))  # localized ones go in --localized
-    if attack in attack_names(kind="query"):
+    scenario_attacks = list_attacks(kind=("single-step", "iterative"))  # localized ones go in --localized
+    if attack in list_attacks(kind="query"):
         raise KeyedgeError(
             f"{attack} is a query attack, not one that crafts transfer sets", f"run it with --query {attack}"
         )
@@ -247,7 +247,7 @@ def robustness(
     from keyedge.benchmarks.robustness import parse_localized, parse_query
 
     budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
-    linf = attack_class(attack).norm == "Linf"
+    linf = get_attack(attack).norm == "Linf"
     for text in [eps, *budgets]:
         value = parse_eps(text)  # a bad budget fails now, not after an hour of attacks
         if linf and value > 1:

@@ -89,10 +89,10 @@ def export(
     ),
 ) -> None:
     """Export keyed models to ONNX, OpenVINO, CoreML, LiteRT and ExecuTorch: one verified artifact set per key."""
+    from keyedge.checkpoints import find_checkpoints
     from keyedge.deploy.export import ExportSettings, checkpoints_for_keys, export_many, plan_requests
     from keyedge.errors import KeyedgeError
     from keyedge.exporters import get_backend
-    from keyedge.models.checkpoint import find_checkpoints
 
     targets = expand_targets(target, precision)
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])

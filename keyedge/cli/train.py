@@ -172,9 +172,9 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Clean top-1 accuracy of a checkpoint; with another key than its own, the key-diversity experiment."""
+    from keyedge.checkpoints import check_key, load_checkpoint, read_manifest
     from keyedge.data.datasets import load_dataset
     from keyedge.keys.keyfile import load_key
-    from keyedge.models.checkpoint import check_key, load_checkpoint, read_manifest
     from keyedge.training.loop import evaluate as run_eval
     from keyedge.training.loop import resolve_device
 
@@ -217,7 +217,10 @@ def evaluate(
 def lora_epilog() -> str:
     """The LoRA recipe of each family, one line each, under ``keyedge train --help``."""
     lines = [f"{family}: {settings.label()}, lr {settings.lr:g}" for family, settings in LORA_DEFAULTS.items()]
-    return "LoRA defaults (--finetune lora; python -m keyedge.benchmarks.lora measured them):\n\n" + "\n\n".join(lines)
+    return (
+        "LoRA defaults (--finetune lora; python -m keyedge.benchmarks.experiments.lora measured them):\n\n"
+        + "\n\n".join(lines)
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from torch import nn
 
 from keyedge.errors import KeyedgeError
+from keyedge.registry import Registry
 
 if TYPE_CHECKING:
     from keyedge.keys.keyfile import Key
@@ -95,30 +96,29 @@ class Defense(abc.ABC):
         return logits, nn.functional.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
 
 
-_REGISTRY: dict[str, Defense] = {}
+#: Registry: defense name -> class (filled by :func:`register_defense`); ``none`` names the key's defense
+DEFENSES: Registry[type[Defense]] = Registry("defense", Defense, aliases={"none": "keyed"})
 D = TypeVar("D", bound=type[Defense])
 
 
 def register_defense(cls: D) -> D:
     """Class decorator: make ``cls`` available as ``get_defense(cls.name)``."""
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"defense {cls.name!r} has no name or is registered twice")
-    _REGISTRY[cls.name] = cls()
-    return cls
+    return DEFENSES.register(cls)
 
 
-def defense_names() -> list[str]:
-    return list(_REGISTRY)
+def list_defenses() -> list[str]:
+    """Registered defense names (``keyed`` first)."""
+    return DEFENSES.names()
+
+
+def is_defense(name: str) -> bool:
+    """Whether ``name`` (``none`` included: the key's defense) is a registered defense."""
+    return name in DEFENSES
 
 
 def get_defense(name: str | None) -> Defense:
     """The defense called ``name`` (``None`` or ``"none"``: keyed); a one-line error for an unknown one."""
-    defense = _REGISTRY.get(name if name and name != "none" else "keyed")
-    if defense is None:
-        raise KeyedgeError(
-            f"unknown defense {name!r}", "use none (the key) or " + ", ".join(n for n in _REGISTRY if n != "keyed")
-        )
-    return defense
+    return DEFENSES.get(name or "none")()
 
 
 def defense_record(fields: Fields) -> dict[str, Any] | None:
@@ -127,13 +127,13 @@ def defense_record(fields: Fields) -> dict[str, Any] | None:
     if d is None:
         return None
     name = d.str("name")
-    others = [n for n in _REGISTRY if n != "keyed"]
+    others = [n for n in DEFENSES if n != "keyed"]
     if name not in others:
         raise d.fail(
             "name", f"names an unknown defense {name!r} (known: {', '.join(others)}; leave it out for the key)"
         )
     record = dict(d.data)
-    _REGISTRY[name].check_record(record, fields.source)
+    get_defense(name).check_record(record, fields.source)
     return record
 
 
@@ -148,4 +148,14 @@ from keyedge.defenses import keyed as _keyed  # noqa: E402, F401
 from keyedge.defenses import volumize as _volumize  # noqa: E402, F401
 # isort: on
 
-__all__ = ["Defense", "Deployable", "defense_names", "defense_of", "defense_record", "get_defense", "register_defense"]
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "Deployable",
+    "defense_of",
+    "defense_record",
+    "get_defense",
+    "is_defense",
+    "list_defenses",
+    "register_defense",
+]

@@ -473,3 +473,28 @@ def model_from_defense(backbone2d: nn.Module, spec: ModelSpec, defense: dict[str
     return volumize_model(
         backbone2d, spec, config, depth_kernel=depth_kernel, aggregation=defense.get("aggregation", "mean-logits")
     )
+
+
+def patch_aggregate_loss(
+    per_patch_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """PAL (volumization paper Eq. 10): sum over patches of per-patch cross-entropy, mean over the batch.
+
+    It is D times the mean patch loss, so its scale grows with D; AdamW's update is (nearly) invariant to that.
+
+    ``per_patch_logits`` (B, D, classes), ``labels`` (B,) -- every patch is
+    trained towards its image's label.
+    """
+    if per_patch_logits.ndim != 3 or labels.shape != per_patch_logits.shape[:1]:
+        raise ShapeError(
+            f"expected per-patch logits (B, D, classes) and labels (B,), got "
+            f"{tuple(per_patch_logits.shape)} and {tuple(labels.shape)}"
+        )
+    b, d, classes = per_patch_logits.shape
+    per_patch = F.cross_entropy(
+        per_patch_logits.reshape(b * d, classes),
+        labels.repeat_interleave(d),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    return per_patch.view(b, d).sum(1).mean()

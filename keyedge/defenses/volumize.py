@@ -106,8 +106,7 @@ class VolumizeDefense(Defense):
 
     def logits_and_loss(self, model: nn.Module, x: Any, y: Any, config: Any) -> tuple[Any, Any]:
         """The aggregated logits, and the patch-aggregate loss on the per-patch logits (volumization paper)."""
-        from keyedge.defenses.volumetric import aggregate
-        from keyedge.training.curriculum import patch_aggregate_loss
+        from keyedge.defenses.volumetric import aggregate, patch_aggregate_loss
 
         patches = model(x, per_patch=True)  # through the (DDP) wrapper's forward, not .patch_logits
         how = getattr(model, "module", model).aggregation

@@ -172,7 +172,7 @@ class ArtifactManifest:
     @classmethod
     def from_fields(cls, f: Fields, directory: Path | None = None) -> ArtifactManifest:
         from keyedge.defenses import defense_record
-        from keyedge.exporters import backend_names
+        from keyedge.exporters import list_backends
 
         f.schema_version(SCHEMA, FORMAT, "export manifest")
         m = f.obj("model")
@@ -198,7 +198,7 @@ class ArtifactManifest:
             ck.str("path", optional=True)
             ck.float("test_accuracy", low=0.0, high=1.0, optional=True)
         targets_f = f.obj("targets")
-        known = backend_names()
+        known = list_backends()
         targets = {}
         for target in targets_f.data:
             if target not in known:

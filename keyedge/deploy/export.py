@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from keyedge import __version__
+from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
+from keyedge.checkpoints import CheckpointManifest, check_key, find_checkpoints, load_checkpoint, read_manifest
 from keyedge.defenses import Deployable, defense_of
 from keyedge.defenses.keyed import FUSE_MODES, conv_variant
 from keyedge.deploy.artifacts import PRECISIONS, ArtifactManifest, TargetRecord
@@ -52,8 +54,6 @@ from keyedge.errors import KeyedgeError, OutputError
 from keyedge.fileio import MemoryFiles, memory_files_supported, sha256_file, staged_directory, write_bytes_atomic
 from keyedge.keys.keyfile import Key, key_for, load_keys
 from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX, SealKey, seal
-from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from keyedge.models.checkpoint import CheckpointManifest, check_key, find_checkpoints, load_checkpoint, read_manifest
 
 FP32_ATOL = 1e-4  # times max(1, largest reference logit)
 FP16_RTOL = 2e-2  # likewise

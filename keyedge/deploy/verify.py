@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import VerificationError, agreement_inputs, check_agreement, check_parity
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key
 from keyedge.keys.signing import VerifyKey, check_signature
-from keyedge.models.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 
 
 def check_files(manifest: ArtifactManifest, targets: list[str] | None = None) -> int:
@@ -57,7 +57,7 @@ def verify_set(
     inputs: int = 8,
 ) -> dict[str, Any]:
     """Run the checks on one export directory; return what was checked (raises on the first failure)."""
-    from keyedge.models.checkpoint import load_checkpoint
+    from keyedge.checkpoints import load_checkpoint
     from keyedge.runtime import open_artifact
 
     directory = Path(directory)

@@ -320,46 +320,5 @@ def head_names(model: nn.Module) -> list[str]:
     return list(_head_prefixes(model))
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
-    """Gradient of the cross-entropy loss w.r.t. the [0, 1] input (for attacks and gradient similarity)."""
-    x = x.detach().requires_grad_(True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
-    return grad
-
-
-def gradient_similarity(grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
-    """Per-image cosine of two input gradients (orthogonal-deep-models Eq. 1): shape (B,)."""
-    return nn.functional.cosine_similarity(grad_a.flatten(1), grad_b.flatten(1), dim=1, eps=1e-12)
-
-
 def count_parameters(model: nn.Module, *, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
-
-
-def mean_gradient_similarity(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    dataset,
-    *,
-    batch_size: int = 64,
-    limit: int | None = None,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Mean cosine between two models' input gradients over ``dataset`` (orthogonal-deep-models Eq. 1)."""
-    from torch.utils.data import DataLoader
-
-    total, count = 0.0, 0
-    modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        x, y = x.to(device), torch.as_tensor(y).to(device)
-        sims = gradient_similarity(input_gradient(model_a, x, y), input_gradient(model_b, x, y))
-        total += sims.sum().item()
-        count += sims.numel()
-        if limit and count >= limit:
-            break
-    model_a.train(modes[0])
-    model_b.train(modes[1])
-    return total / max(count, 1)

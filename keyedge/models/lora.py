@@ -5,7 +5,7 @@ small adapter, its own classifier head -- and its own *first layer*, trained
 fully.  The key permutes the pixels of every block, a full-rank change of what
 the first layer sees that a rank-r update cannot express (arXiv 2507.11943: LoRA
 on block-encrypted images matches full fine-tuning only with a trainable patch
-embedding).  The defaults per family were chosen by ``python -m keyedge.benchmarks.lora``
+embedding).  The defaults per family were chosen by ``python -m keyedge.benchmarks.experiments.lora``
 (docs/lora.md has its table):
 
 * ViT: LoRA on ``qkv``, r = 16, alpha = 16 (the paper's setting); ``patch_embed.proj`` trained fully;

@@ -1,7 +1,7 @@
 """Fine-tuning recipes: what a LoRA run adapts, trains fully and at which learning rate, per model family.
 
 Pure data (no torch import), so ``keyedge train --help`` can print the defaults without loading
-PyTorch.  The defaults come from ``python -m keyedge.benchmarks.lora`` (docs/lora.md has the
+PyTorch.  The defaults come from ``python -m keyedge.benchmarks.experiments.lora`` (docs/lora.md has the
 table); :mod:`keyedge.models.lora` applies a recipe to a model.
 """
 

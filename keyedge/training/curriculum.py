@@ -1,9 +1,6 @@
-"""Patch-aggregate loss and batch syllabus of the volumization defense (volumization paper §4.2 Eq. 10, §4.3).
+"""Batch syllabus of the volumization defense (volumization paper §4.3; its patch-aggregate loss, Eq. 10, is
+:func:`keyedge.defenses.volumetric.patch_aggregate_loss`).
 
-* :func:`patch_aggregate_loss` -- PAL = sum over the D patches of each patch's
-  cross-entropy against the image's label (Eq. 10), averaged over the batch.
-  It is D times the mean patch loss, so its scale grows with D; AdamW's update
-  is (nearly) invariant to that scale.
 * :func:`syllabus` -- the permutation ordering a batch from simple to complex
   by a Table 1 metric at image level (Eqs. 11-13), exactly as the volumizer
   orders patches (:func:`keyedge.defenses.volumizer.rank`); the reference of a distance
@@ -26,34 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
 from keyedge.defenses.volumizer import metric_scores, rank
 from keyedge.errors import ShapeError
-
-
-def patch_aggregate_loss(
-    per_patch_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """PAL (Eq. 10): sum over patches of per-patch cross-entropy, mean over the batch.
-
-    ``per_patch_logits`` (B, D, classes), ``labels`` (B,) -- every patch is
-    trained towards its image's label.
-    """
-    if per_patch_logits.ndim != 3 or labels.shape != per_patch_logits.shape[:1]:
-        raise ShapeError(
-            f"expected per-patch logits (B, D, classes) and labels (B,), got "
-            f"{tuple(per_patch_logits.shape)} and {tuple(labels.shape)}"
-        )
-    b, d, classes = per_patch_logits.shape
-    per_patch = F.cross_entropy(
-        per_patch_logits.reshape(b * d, classes),
-        labels.repeat_interleave(d),
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )
-    return per_patch.view(b, d).sum(1).mean()
 
 
 def syllabus(

@@ -11,26 +11,42 @@ not use the target's own gradients, so it is not (white-box) adversarial trainin
 keeps its clean accuracy budget for learning its key.
 
 Evaluate it only against surrogates with other keys than the guard's (the attacker's keys are
-not the defender's): ``python -m keyedge.benchmarks.lora_robustness`` does.
+not the defender's): ``python -m keyedge.benchmarks.experiments.lora_robustness`` does.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from keyedge.attacks import PGD
+from keyedge.checkpoints import load_checkpoint, read_manifest
 from keyedge.errors import KeyedgeError
+from keyedge.keys.keyfile import key_for, load_key
+from keyedge.models.lora import merge_lora
 
 
 class TransferGuard:
-    """PGD (Linf, random start) on one guard model per batch, in turn; replaces the first ``share`` of the batch."""
+    """PGD (:class:`keyedge.attacks.PGD`: Linf, random start) on one guard model per batch, in turn.
 
-    def __init__(self, models: list[nn.Module], eps: float, steps: int, share: float, seed: int = 0):
+    Replaces the first ``share`` of each batch.  ``generator`` (on ``device``) draws every random start, so
+    its state is what a resumed run restores.
+    """
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        eps: float,
+        steps: int,
+        share: float,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
         if not models:
             raise KeyedgeError("the transfer guard needs at least one model", "pass --guard-model CHECKPOINT")
         self.models, self.eps, self.steps, self.share = models, eps, steps, share
-        self.generator = torch.Generator().manual_seed(seed)
+        self.attacks = [PGD(m, eps=eps, steps=steps) for m in models]
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.turn = 0
 
     @classmethod
@@ -49,10 +65,6 @@ class TransferGuard:
 
         ``own``: the fingerprint of the model being trained -- a guard model with that key is refused
         (examples from the target's own key are white-box adversarial training, not a transfer guard)."""
-        from keyedge.keys.keyfile import key_for, load_key
-        from keyedge.models.checkpoint import load_checkpoint, read_manifest
-        from keyedge.models.lora import merge_lora
-
         loaded = {k.fingerprint: k for k in (load_key(p) for p in keys)}
         models = []
         for path in paths:
@@ -68,22 +80,13 @@ class TransferGuard:
             for p in model.parameters():
                 p.requires_grad_(False)
             models.append(model)
-        return cls(models, eps, steps, share, seed)
+        return cls(models, eps, steps, share, seed, device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x`` with its first ``share`` images replaced by examples crafted on the next guard model."""
         n = max(1, round(self.share * x.shape[0]))
-        model = self.models[self.turn % len(self.models)]
+        attack = self.attacks[self.turn % len(self.attacks)]
         self.turn += 1
-        clean = x[:n].detach()
-        lo, hi = (clean - self.eps).clamp(0, 1), (clean + self.eps).clamp(0, 1)
-        noise = (torch.rand(clean.shape, generator=self.generator) * 2 - 1).to(clean.device)
-        adv = (clean + noise * self.eps).clamp(lo, hi)
-        alpha = 2.5 * self.eps / self.steps
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(adv), y[:n], reduction="sum")
-            (grad,) = torch.autograd.grad(loss, adv)
-            adv = (adv.detach() + alpha * grad.sign()).clamp(lo, hi)
+        with attack.prepared():
+            adv = attack.perturb(x[:n].detach(), y[:n], self.generator)
         return torch.cat([adv.detach(), x[n:]])

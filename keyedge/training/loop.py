@@ -35,12 +35,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
-from keyedge.defenses import Defense, defense_names, get_defense
-from keyedge.defenses.volumizer import check_metric
-from keyedge.errors import KeyedgeError
-from keyedge.keys.keyfile import Key, load_key
-from keyedge.models.backbones import gradient_similarity, input_gradient
-from keyedge.models.checkpoint import (
+from keyedge.attacks.gradients import gradient_similarity, input_gradient
+from keyedge.checkpoints import (
     MANIFEST,
     CheckpointManifest,
     load_checkpoint,
@@ -48,6 +44,10 @@ from keyedge.models.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
+from keyedge.defenses import Defense, get_defense, list_defenses
+from keyedge.defenses.volumizer import check_metric
+from keyedge.errors import KeyedgeError
+from keyedge.keys.keyfile import Key, load_key
 from keyedge.training.curriculum import CurriculumBatchSampler, image_scores
 
 
@@ -322,7 +322,7 @@ def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | 
 
 _DEFENSE_DEFAULTS = {
     "defense": "none",
-    **{k: v for name in defense_names() for k, v in get_defense(name).training_fields.items()},
+    **{k: v for name in list_defenses() for k, v in get_defense(name).training_fields.items()},
 }
 
 

@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from keyedge import __version__
+from keyedge.defenses import defense_of, defense_record, get_defense
 from keyedge.deps import version_of
 from keyedge.fileio import note_kept, sha256_file, write_bytes_atomic
 from keyedge.keys.keyfile import Key
-from keyedge.models.backbones import KeyedModel, ModelSpec, rebuild_backbone
+from keyedge.models.backbones import KeyedModel, ModelSpec, create_backbone, rebuild_backbone
+from keyedge.models.lora import LoraSettings, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "keyedge.json"
@@ -53,7 +55,6 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def model_tensors(model: KeyedModel) -> dict[str, torch.Tensor]:
     """What the checkpoint stores for this model (full backbone, or adapters + head + buffers)."""
-    from keyedge.models.lora import adapter_state_dict, is_lora
 
     if not is_lora(model):
         return dict(model.backbone.state_dict())
@@ -128,7 +129,6 @@ def _write_checkpoint(directory, model, tensors, files, state, epoch, finetune, 
     _save_tensors(files["weights"], tensors)
     if state is not None:
         torch.save(state, files["state"])
-    from keyedge.defenses import defense_of
 
     manifest = CheckpointManifest(
         model=model.spec,
@@ -204,7 +204,6 @@ class CheckpointManifest:
         at = f", lr {lr:g}" if isinstance(lr, (int, float)) else ""
         if self.finetune_mode != "lora":
             return f"{self.finetune_mode} fine-tune{at}"
-        from keyedge.models.recipes import LoraSettings
 
         return LoraSettings.from_dict(self.finetune["lora"]).label() + at
 
@@ -237,7 +236,6 @@ class CheckpointManifest:
 
     @classmethod
     def from_fields(cls, f: Fields) -> CheckpointManifest:
-        from keyedge.defenses import defense_record, get_defense
 
         f.schema_version(SCHEMA, FORMAT, "checkpoint manifest")
         m = f.obj("model")
@@ -339,7 +337,6 @@ def _verified_file(directory: Path, entry: FileRecord) -> Path:
 
 def check_key(manifest: CheckpointManifest, key: Key | None, *, allow_mismatch: bool = False) -> str | None:
     """Compare a key with the checkpoint's; return a note when they differ and that is allowed."""
-    from keyedge.defenses import get_defense
 
     recorded = manifest.key
     if key is not None and not get_defense(manifest.defense and manifest.defense_name).takes_key:
@@ -386,8 +383,6 @@ def load_checkpoint(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from keyedge.defenses import get_defense
-
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
     check_key(manifest, key, allow_mismatch=allow_key_mismatch)
@@ -406,8 +401,6 @@ def load_checkpoint(
     backbone = rebuild_backbone(spec) if lora else _empty_backbone(spec)
     model = get_defense(manifest.defense and manifest.defense_name).build(backbone, spec, manifest.defense, key)
     if lora:
-        from keyedge.models.lora import LoraSettings, apply_lora, load_adapter_state_dict
-
         base = model.backbone
         buffers = {k[len("buffer.") :]: v for k, v in tensors.items() if k.startswith("buffer.")}
         base.load_state_dict(buffers, strict=False)
@@ -427,7 +420,6 @@ def load_checkpoint(
 
 
 def _empty_backbone(spec: ModelSpec) -> torch.nn.Module:
-    from keyedge.models.backbones import create_backbone
 
     return create_backbone(spec.name, spec.num_classes, weights="none", image_size=spec.image_size)[0]
 

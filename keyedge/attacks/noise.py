@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, AttackError, Models, check_positive, register
+from .base import Attack, AttackError, Models, check_positive, register_attack
 
 
-@register
+@register_attack
 class Noise(Attack):
     r"""Random noise at the budget: what an attacker with *nothing* -- no model, no key, no query -- does.
 

@@ -8,7 +8,7 @@ The implementations are interleaved round by round (order rotated each round) so
 machine drift hits all of them alike; ratios are taken within a round, then the
 median and the 10th-90th percentile spread over rounds are reported.
 
-Run: ``python -m keyedge.benchmarks.transform [--rounds 30] [--threads 2] [--json out.json]``
+Run: ``python -m keyedge.benchmarks.experiments.transform [--rounds 30] [--threads 2] [--json out.json]``
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, Models, check_positive, register
+from .base import Attack, Models, check_positive, register_attack
 
 
 def linf_steps(
@@ -65,7 +65,7 @@ def keep_worst(
     return adv
 
 
-@register
+@register_attack
 class PGD(Attack):
     r"""Projected Gradient Descent, Linf: 'Towards Deep Learning Models Resistant to Adversarial Attacks'
     (Madry et al., ICLR 2018).

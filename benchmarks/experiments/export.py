@@ -17,7 +17,8 @@ goes first; the template's one-time build is counted in the first key's time).  
 template) it projects a fleet of ``--project-keys`` on ``--project-workers``
 Ray workers (each builds its own template once).
 
-Run: ``python -m keyedge.benchmarks.export [--keys 10] [--models vit_tiny_patch16_224,tf_efficientnet_lite0]``
+Run: ``python -m keyedge.benchmarks.experiments.export``
+``[--keys 10] [--models vit_tiny_patch16_224,tf_efficientnet_lite0]``
 ``[--end-to-end --targets onnx,openvino,coreml]``
 """
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Models, check_positive, register
+from .base import Attack, Models, check_positive, register_attack
 
 
-@register
+@register_attack
 class FGSM(Attack):
     r"""Fast Gradient Sign Method, 'Explaining and Harnessing Adversarial Examples' (ICLR 2015).
 

@@ -1,4 +1,4 @@
-"""Attack speed: PGD-20 Linf throughput of keyedge's :class:`~keyedge.benchmarks.attacks.PGD` vs ``torchattacks.PGD``.
+"""Attack speed: PGD-20 Linf throughput of keyedge's :class:`~keyedge.attacks.PGD` vs ``torchattacks.PGD``.
 
 Both attack the same model (a keyed timm model from :func:`keyedge.models.backbones.build_model`:
 block shuffle + normalization + backbone, random weights) on the same inputs with the
@@ -8,7 +8,7 @@ round, then its median and 10th-90th percentile spread over rounds are reported.
 ``torchattacks`` is optional (`pip install --no-deps torchattacks`: its requests pin would downgrade requests);
 without it only ours is measured.
 
-Run: ``python -m keyedge.benchmarks.attack_speed [--rounds 10] [--batch-size 32] [--image-size 32]
+Run: ``python -m keyedge.benchmarks.experiments.attack_speed [--rounds 10] [--batch-size 32] [--image-size 32]
 [--model resnet18] [--threads 2] [--json out.json]``
 """
 
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from keyedge.benchmarks.attacks import PGD, parse_eps
+from keyedge.attacks import PGD, parse_eps
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread

@@ -7,7 +7,8 @@ one CPU per job); with ``--repeats`` > 1 the order alternates.  On a
 machine with C cores, Ray runs C jobs at once with one thread each, the local engine one job
 with C threads: the ratio says which wins for this job size.
 
-Run: ``python -m keyedge.benchmarks.fleet [--keys 4] [--model test_efficientnet] [--train-limit 512] [--repeats 1]``
+Run: ``python -m keyedge.benchmarks.experiments.fleet``
+``[--keys 4] [--model test_efficientnet] [--train-limit 512] [--repeats 1]``
 """
 
 from __future__ import annotations

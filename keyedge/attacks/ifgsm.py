@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Models, check_positive, register
+from .base import Attack, Models, check_positive, register_attack
 from .pgd import linf_steps
 
 
-@register
+@register_attack
 class IFGSM(Attack):
     r"""Iterative FGSM (Basic Iterative Method), 'Adversarial examples in the physical world'
     (Kurakin et al., ICLR 2017 workshop).

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from keyedge.errors import KeyedgeError
+from keyedge.registry import Registry
 
+from .gradients import LossFn, input_gradient, loss_and_input_gradient
 from .losses import cross_entropy
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Models = nn.Module | Sequence[nn.Module]
 
 
@@ -204,10 +205,7 @@ class Attack:
         """Gradient w.r.t. ``x`` of ``sum over models and examples of loss_fn(model(x), labels)``."""
         grad = None
         for m in self.models:  # one graph at a time: memory of one model, gradients summed
-            leaf = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = loss_fn(m(leaf), labels).sum()
-            (g,) = torch.autograd.grad(loss, leaf)
+            g = input_gradient(m, x, labels, loss_fn)
             grad = g if grad is None else grad.add_(g)
         return grad
 
@@ -217,12 +215,7 @@ class Attack:
         """Per-example loss summed over models, summed logits and the input gradient, all detached."""
         loss_sum = logits_sum = grad = None
         for m in self.models:
-            leaf = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = m(leaf)
-                loss = loss_fn(logits, labels)
-            (g,) = torch.autograd.grad(loss.sum(), leaf)
-            loss, logits = loss.detach(), logits.detach()
+            loss, logits, g = loss_and_input_gradient(m, x, labels, loss_fn)
             if grad is None:
                 loss_sum, logits_sum, grad = loss, logits, g
             else:
@@ -300,23 +293,23 @@ def check_positive(name: str, value: float, *, integer: bool = False, allow_zero
         raise AttackError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-#: Registry: attack name -> class (filled by :func:`register` when ``keyedge.benchmarks.attacks`` is imported).
-ATTACKS: dict[str, type[Attack]] = {}
-
-A = TypeVar("A", bound=type[Attack])
-
-
-def register(cls: A) -> A:
-    """Class decorator: add an attack to :data:`ATTACKS` under its ``name`` (its ``kind`` and ``budget`` checked)."""
-    if cls.name in ATTACKS:
-        raise ValueError(f"attack name {cls.name!r} registered twice")
+def _check_class(cls: type[Attack]) -> None:
     if cls.kind not in KINDS:
         raise ValueError(f"attack {cls.name!r} has kind {cls.kind!r}, not one of {', '.join(KINDS)}")
     missing = [b for b in cls.budget if not cls.accepts(b)]
     if not cls.budget or missing:
         raise ValueError(f"attack {cls.name!r} declares budget {cls.budget} but takes no {', '.join(missing)}")
-    ATTACKS[cls.name] = cls
-    return cls
+
+
+#: Registry: attack name -> class (filled by :func:`register_attack` when ``keyedge.attacks`` is imported).
+ATTACKS: Registry[type[Attack]] = Registry("attack", Attack, error=AttackError, check=_check_class)
+
+A = TypeVar("A", bound=type[Attack])
+
+
+def register_attack(cls: A) -> A:
+    """Class decorator: add an attack to :data:`ATTACKS` under its ``name`` (its ``kind`` and ``budget`` checked)."""
+    return ATTACKS.register(cls)
 
 
 def _kinds(kind: str | Iterable[str]) -> set[str]:
@@ -327,23 +320,25 @@ def _kinds(kind: str | Iterable[str]) -> set[str]:
     return kinds
 
 
-def attack_names(kind: str | Iterable[str] | None = None) -> list[str]:
+def list_attacks(kind: str | Iterable[str] | None = None) -> list[str]:
     """Registered attack names in registry order, only those of ``kind`` (a kind or several) if given."""
     kinds = set(KINDS) if kind is None else _kinds(kind)
-    return [name for name, cls in ATTACKS.items() if cls.kind in kinds]
+    return ATTACKS.names(lambda cls: cls.kind in kinds)
 
 
-def attack_class(name: str) -> type[Attack]:
+def is_attack(name: str) -> bool:
+    """Whether ``name`` (case and ``_``/``-`` folded) is a registered attack."""
+    return name in ATTACKS
+
+
+def get_attack(name: str) -> type[Attack]:
     """The registered class of ``name`` (case and ``_``/``-`` insensitive)."""
-    key = name.strip().lower().replace("_", "-")
-    if key not in ATTACKS:
-        raise AttackError(f"unknown attack {name!r}", f"known attacks: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[key]
+    return ATTACKS.get(name)
 
 
 def budget_options(name: str, **candidates: Any) -> dict[str, Any]:
     """The ``candidates`` that are budget parameters of attack ``name``, e.g. ``steps`` only for iterative attacks."""
-    budget = attack_class(name).budget
+    budget = get_attack(name).budget
     return {k: v for k, v in candidates.items() if k in budget}
 
 
@@ -352,7 +347,7 @@ def make_attack(name: str, model: Models, **kwargs: Any) -> Attack:
 
     A keyword the attack does not take is refused with the ones it does, not silently dropped.
     """
-    cls = attack_class(name)
+    cls = get_attack(name)
     accepted = cls.options()
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:

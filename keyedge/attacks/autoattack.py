@@ -9,7 +9,7 @@ from torch import nn
 
 from keyedge.errors import DependencyError
 
-from .base import Attack, AttackError, Models, check_positive, register
+from .base import Attack, AttackError, Models, check_positive, register_attack
 
 VERSIONS = ("standard", "plus", "rand")
 
@@ -39,7 +39,7 @@ def _load() -> Any:
     return pyautoattack
 
 
-@register
+@register_attack
 class AutoAttack(Attack):
     r"""AutoAttack, 'Reliable evaluation of adversarial robustness with an ensemble of diverse
     parameter-free attacks' (Croce & Hein, ICML 2020), run by the reference implementation

@@ -1,16 +1,18 @@
-"""Attacks for keyedge's robustness benchmarks: one attack per module behind :class:`Attack`.
+"""Adversarial attacks: one attack per module behind :class:`Attack` (the domain layer, so that the
+robustness harness, the transfer guard in training and any adversarial training share one PGD).
 
 All attacks take a model -- or several, whose losses are summed (multi-key EoT) -- mapping
 [0, 1] images to logits, and return adversarial images in [0, 1]; randomness is seeded and
 private.  Build one by class or by name::
 
-    from keyedge.benchmarks.attacks import PGD, make_attack
+    from keyedge.attacks import PGD, make_attack
     adv = PGD(model, eps=8/255, steps=20)(images, labels)
     adv = make_attack("apgd-ce", [keyed_a, keyed_b], eps=parse_eps("4/255")).run(images, labels)
 
 Each attack class says what it is for the harness: ``kind`` (single-step, iterative, localized, random or query),
 ``budget`` (the keyword arguments setting its budget and step schedule) and ``label()``;
-``attack_names(kind=...)`` lists the registry by kind, ``budget_options`` keeps a harness's candidates.
+``list_attacks(kind=...)`` lists the registry by kind (:mod:`keyedge.registry`), ``budget_options`` keeps a
+harness's candidates.
 
 ========  ==========================  =====================================================
 name      class                       attack
@@ -38,12 +40,13 @@ from .base import (
     KINDS,
     Attack,
     AttackError,
-    attack_class,
-    attack_names,
     budget_options,
+    get_attack,
+    is_attack,
+    list_attacks,
     make_attack,
     parse_eps,
-    register,
+    register_attack,
 )
 from .fgsm import FGSM
 from .ifgsm import IFGSM
@@ -77,13 +80,14 @@ __all__ = [
     "Queried",
     "QueryAttack",
     "Square",
-    "attack_class",
-    "attack_names",
     "budget_options",
     "cross_entropy",
     "dlr",
+    "get_attack",
+    "is_attack",
+    "list_attacks",
     "make_attack",
     "parse_eps",
     "patch_side",
-    "register",
+    "register_attack",
 ]

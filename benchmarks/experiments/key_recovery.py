@@ -20,7 +20,7 @@ in ``3 P^2``); it is never printed.  With the device's own network without its k
 attacker who somehow holds ``h``: the ``oracle``), the probe must recover the key exactly -- the check that
 the probe itself works.
 
-    python -m keyedge.benchmarks.key_recovery RUN_DIR --key-file k1.bin --reference runs/plain \\
+    python -m keyedge.benchmarks.experiments.key_recovery RUN_DIR --key-file k1.bin --reference runs/plain \\
         [--artifact artifacts/<model>-<fp>] [--repeats 1,4,16] [--json out.json]
 """
 
@@ -119,10 +119,10 @@ def probe(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from keyedge.checkpoints import load_checkpoint
     from keyedge.errors import KeyedgeError
     from keyedge.keys.keyfile import load_key
     from keyedge.models.backbones import KeyedModel
-    from keyedge.models.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="the keyed checkpoint (the device's model)")
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device: nn.Module | Forward = model
         runtime = "torch"
         if args.artifact is not None:
-            from keyedge.benchmarks.attacks import Queried
+            from keyedge.attacks import Queried
             from keyedge.deploy.artifacts import ArtifactManifest
             from keyedge.runtime import open_artifact
 

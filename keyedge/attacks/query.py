@@ -28,7 +28,7 @@ from torch import nn
 
 from keyedge.deps import require
 
-from .base import Attack, AttackError, Models, check_positive, register
+from .base import Attack, AttackError, Models, check_positive, register_attack
 
 
 class Queried(nn.Module):
@@ -118,7 +118,7 @@ def _seed_from(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
 
 
-@register
+@register_attack
 class Square(QueryAttack):
     r"""Square Attack, 'Square Attack: a query-efficient black-box adversarial attack via random search'
     (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), run by the reference implementation in
@@ -233,7 +233,7 @@ class _Ledger:
         return np.eye(self.classes, dtype=np.float32)[top]  # labels only: the attacker sees no scores
 
 
-@register
+@register_attack
 class HopSkipJump(QueryAttack):
     r"""HopSkipJumpAttack, 'HopSkipJumpAttack: a query-efficient decision-based attack' (Chen, Jordan &
     Wainwright, IEEE S&P 2020), run by the Adversarial Robustness Toolbox (``art.attacks.evasion.HopSkipJump``).

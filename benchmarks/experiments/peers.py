@@ -13,7 +13,8 @@ and OpenVINO IR, then timed in alternating rounds (order rotated each round) by
 The per-round ratio of each pair's p50 (ours / theirs) is reported as median and 10th-90th percentile;
 within 5% means the harness adds no overhead of its own and measures what the runtime's tools measure.
 
-Run: ``python -m keyedge.benchmarks.peers [--model tf_efficientnet_lite0] [--rounds 5] [--seconds 5] [--threads 2]``
+Run: ``python -m keyedge.benchmarks.experiments.peers``
+``[--model tf_efficientnet_lite0] [--rounds 5] [--seconds 5] [--threads 2]``
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ them) is exported twice -- plain and ``--seal``-ed -- to ONNX and OpenVINO.  The
   (:func:`keyedge.benchmarks.latency.run_latency`, interleaved rounds, batch 1): the sealed/plain p50
   ratio.  It should be 1: once loaded, a sealed model is the same model.
 
-Run: ``python -m keyedge.benchmarks.seal [--model tf_efficientnet_lite0] [--rounds 15] [--threads 2]``
+Run: ``python -m keyedge.benchmarks.experiments.seal [--model tf_efficientnet_lite0] [--rounds 15] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from keyedge.benchmarks.keyed_latency import BENCH_KEY
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec
-from keyedge.benchmarks.workbench import untrained_checkpoint
+from keyedge.benchmarks.workbench import BENCH_KEY, untrained_checkpoint
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.keys.seal import SealKey

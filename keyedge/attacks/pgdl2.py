@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Models, check_positive, register
+from .base import Attack, Models, check_positive, register_attack
 from .pgd import keep_worst
 
 
@@ -12,7 +12,7 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-@register
+@register_attack
 class PGDL2(Attack):
     r"""Projected Gradient Descent, L2: 'Towards Deep Learning Models Resistant to Adversarial Attacks'
     (Madry et al., ICLR 2018).

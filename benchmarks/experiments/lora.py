@@ -14,7 +14,7 @@ default offline) a base pretrained here -- a plain full training from random ini
 ``--pretrain-images`` images of the same data, the paper's ImageNet -> keyed-ImageNet setting in
 miniature.  Bases and runs are cached in ``--work``: an interrupted benchmark resumes where it was.
 
-Run: ``python -m keyedge.benchmarks.lora [--families efficientnet,resnet] [--json reports/lora.json]``
+Run: ``python -m keyedge.benchmarks.experiments.lora [--families efficientnet,resnet] [--json reports/lora.json]``
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def _base_weights(family: str, budget: Budget, work: Path, base: str, log) -> st
         return "hub"
     from safetensors.torch import save_file
 
+    from keyedge.checkpoints import load_checkpoint
     from keyedge.models.backbones import head_names
-    from keyedge.models.checkpoint import load_checkpoint
     from keyedge.training.loop import TrainConfig, train
 
     weights = work / "bases" / f"{model}-{size}px.safetensors"
@@ -196,7 +196,7 @@ def run_variant(
     """Train one (family, variant, keyed/plain) at the shared budget; reuse a finished run in ``work``.
 
     ``tag`` names runs that differ beyond the variant (another key, block size or ``extra`` train options)."""
-    from keyedge.models.checkpoint import MANIFEST, read_manifest
+    from keyedge.checkpoints import MANIFEST, read_manifest
     from keyedge.training.loop import TrainConfig, train
 
     model, size, _ = FAMILIES[family]
@@ -248,7 +248,7 @@ def step_speed(
 
     import torch
 
-    from keyedge.benchmarks.training import interleaved_rates
+    from keyedge.benchmarks.experiments.training import interleaved_rates
     from keyedge.models.backbones import build_model
     from keyedge.models.lora import apply_lora
     from keyedge.stats import ratio_spread

@@ -15,7 +15,8 @@ to ONNX and OpenVINO IR.  All of them are timed by the latency harness
 the ratios keyed/plain, gather/fold and gather/conv come with their round-to-round
 spread.  Weights are random (``--weights none``): latency does not depend on them.
 
-Run: ``python -m keyedge.benchmarks.keyed_latency [--models ...] [--threads 2] [--min-seconds 4] [--json r.json]``
+Run: ``python -m keyedge.benchmarks.experiments.keyed_latency``
+``[--models ...] [--threads 2] [--min-seconds 4] [--json r.json]``
 (``--targets coreml --out DIR`` on a Mac: CoreML with compute units ALL and CPU_ONLY, exports kept for
 ``keyedge bench compute-plan DIR/conv/*/model.mlpackage``)
 """
@@ -26,70 +27,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile
-from keyedge.benchmarks.workbench import export_for_timing, untrained_checkpoint
-from keyedge.keys.fold import FoldError
-from keyedge.keys.keyfile import Key
-from keyedge.models.backbones import build_model
-
-#: the benchmarks' key: fixed, so that runs are comparable (never a key to deploy with)
-BENCH_KEY = Key.from_secret(bytes(range(32)), 4)
-#: variant -> (checkpoint role, fuse mode)
-VARIANTS = {
-    "plain": ("plain", "gather"),
-    "gather": ("keyed", "gather"),
-    "conv": ("keyed", "conv"),
-    "fold": ("keyed", "fold"),
-    "plain-fold": ("plain", "fold"),
-}
-
-
-def export_variants(
-    model_name: str,
-    size: int,
-    work: Path,
-    targets: list[str],
-    batch: int = 1,
-    variants: tuple[str, ...] = tuple(VARIANTS),
-    *,
-    key: Key = BENCH_KEY,
-    num_classes: int = 1000,
-    int8: tuple[str, ...] = (),
-) -> list[Path]:
-    """Export formulations of one architecture, random weights shared by all; return the export directories.
-
-    (fold is skipped where inexact.)  ``key`` serves the keyed variants: the quickstart times its own.
-    ``int8``: the variants also exported at int8 (``bench latency`` then reports int8/fp32 per variant).
-    """
-    torch.manual_seed(0)
-    keyed = build_model(model_name, num_classes, key=key, weights="none", image_size=size).eval()
-    plain = build_model(model_name, num_classes, weights="none", image_size=size).eval()
-    plain.backbone.load_state_dict(keyed.backbone.state_dict())
-    checkpoints = {}
-    for role, model in (("plain", plain), ("keyed", keyed)):
-        checkpoints[role] = untrained_checkpoint(work / f"{model_name}-ckpt-{role}", model)
-    directories = []
-    jobs = [(v, "fp32") for v in variants] + [(v, "int8") for v in int8]
-    for variant, precision in jobs:
-        role, fuse = VARIANTS[variant]
-        try:
-            directories.append(
-                export_for_timing(
-                    checkpoints[role],
-                    key if role == "keyed" else None,
-                    work / variant,
-                    targets,
-                    fuse=fuse,
-                    batch=batch,
-                    precision=precision,
-                )
-            )
-        except FoldError as exc:
-            print(f"  {model_name}: no {variant} variant ({exc.message})")
-    return directories
+from keyedge.benchmarks.workbench import BENCH_KEY, export_variants
 
 
 def main(argv: list[str] | None = None):

@@ -6,7 +6,8 @@ AdamW), interleaved round by round so drift hits all alike.  Ratios are taken
 within a round; the median and 10th-90th percentile over rounds are reported.
 Speed does not depend on the weights' values, so random initialization is used.
 
-Run: ``python -m keyedge.benchmarks.training [--model tf_efficientnet_lite0] [--image-size 64] [--batch 32]``
+Run: ``python -m keyedge.benchmarks.experiments.training``
+``[--model tf_efficientnet_lite0] [--image-size 64] [--batch 32]``
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Attack, AttackError, Models, check_positive, register
+from .base import Attack, AttackError, Models, check_positive, register_attack
 from .pgd import keep_worst
 
 
@@ -15,7 +15,7 @@ def patch_side(fraction: float, height: int, width: int) -> int:
     return max(1, round(math.sqrt(fraction * height * width)))
 
 
-@register
+@register_attack
 class Patch(Attack):
     r"""Adversarial patch of a given area (the localized attack of the volumization paper; after
     Brown et al. 2017, 'Adversarial Patch', optimized per image rather than universal).

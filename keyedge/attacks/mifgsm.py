@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, Models, check_positive, register
+from .base import Attack, Models, check_positive, register_attack
 
 
-@register
+@register_attack
 class MIFGSM(Attack):
     r"""Momentum Iterative FGSM, 'Boosting Adversarial Attacks with Momentum' (Dong et al., CVPR 2018).
 

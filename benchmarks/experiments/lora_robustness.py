@@ -2,7 +2,7 @@
 
 The paper reports ViT-B/16 on ImageNet at 51.56% adaptive robust accuracy with LoRA against 81.45%
 with full fine-tuning.  Here every model is a real ``keyedge train`` run (as in
-:mod:`keyedge.benchmarks.lora`: same data, budget and pretrained base per family), and every arm
+:mod:`keyedge.benchmarks.experiments.lora`: same data, budget and pretrained base per family), and every arm
 is a fine-tune recipe the defender could deploy:
 
 * ``full``       full fine-tuning (the paper's robust reference);
@@ -27,7 +27,7 @@ worst EoT over all recipes, and the worst case of everything keyless, each with 
 standard error over ``n`` test images; plus trainable parameters and training images/s (the loop's
 own figure, runs one after another on one machine: a ratio, roughly).
 
-Run: ``python -m keyedge.benchmarks.lora_robustness --family resnet [--json reports/lora-robustness.json]``
+Run: ``python -m keyedge.benchmarks.experiments.lora_robustness --family resnet [--json reports/lora-robustness.json]``
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyedge.benchmarks.lora import FAMILIES, VARIANTS, Budget, _base_weights, run_variant
+from keyedge.benchmarks.experiments.lora import FAMILIES, VARIANTS, Budget, _base_weights, run_variant
 
 #: per family, the adapted layers of ``lora-wide`` (every Linear/Conv2d the family's blocks have)
 WIDE_TARGETS = {
@@ -58,7 +58,7 @@ class Arm:
     """One recipe the defender could deploy; the attacker trains its surrogates with it too."""
 
     name: str
-    variant: str  # a keyedge.benchmarks.lora variant
+    variant: str  # a keyedge.benchmarks.experiments.lora variant
     block_size: int = 4
     wide: bool = False  # adapters on WIDE_TARGETS at twice the rank
     guard: str | None = None  # trained with the transfer guard, on two models of this arm's recipe
@@ -172,11 +172,11 @@ def evaluate(family: str, arms: list[Arm], runs: dict[str, Any], work: Path, n: 
 def _evaluate_block(family: str, here: list[Arm], runs: dict[str, Any], work: Path, config) -> list[Result]:
     import torch
 
-    from keyedge.benchmarks.attacks import parse_eps
+    from keyedge.attacks import parse_eps
     from keyedge.benchmarks.robustness import Evaluation, load_members
+    from keyedge.checkpoints import read_manifest
     from keyedge.data.datasets import load_dataset
     from keyedge.keys.keyfile import load_key
-    from keyedge.models.checkpoint import read_manifest
 
     block, eps = here[0].block_size, parse_eps(config.eps)
     pools = here
@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--train-limit", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--base", choices=("here", "hub"), default="here", help="as keyedge.benchmarks.lora")
+    parser.add_argument(
+        "--base", choices=("here", "hub"), default="here", help="as keyedge.benchmarks.experiments.lora"
+    )
     parser.add_argument("--pretrain-images", type=int, default=10000)
     parser.add_argument("--pretrain-epochs", type=int, default=3)
     parser.add_argument("--work", default="build/lora-bench", help="cache of bases and runs (shared with lora)")

@@ -8,7 +8,8 @@ through ``keyedge export`` (parity verified; the volumized graph holds no rankin
 interleaved by the latency harness; the ``volumize/plain`` ratio is the overhead.
 Weights are random: latency does not depend on them.
 
-Run: ``python -m keyedge.benchmarks.defense_latency [--models ...] [--image-size 32] [--patch 16] [--json r.json]``
+Run: ``python -m keyedge.benchmarks.experiments.defense_latency``
+``[--models ...] [--image-size 32] [--patch 16] [--json r.json]``
 """
 
 from __future__ import annotations

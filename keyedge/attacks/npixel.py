@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, AttackError, Models, check_positive, register
+from .base import Attack, AttackError, Models, check_positive, register_attack
 
 Region = tuple[int, int, int, int]
 
@@ -34,7 +34,7 @@ def _members(pop: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return pop.gather(1, index[..., None, None].expand_as(pop))
 
 
-@register
+@register_attack
 class NPixel(Attack):
     r"""N-pixel attack, 'One pixel attack for fooling deep neural networks' (Su, Vargas & Sakurai,
     IEEE TEVC 2019); the localized attack of the volumization paper.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Attack, LossFn, Models, check_positive, register
+from .base import Attack, LossFn, Models, check_positive, register_attack
 from .losses import cross_entropy, dlr
 
 
@@ -150,7 +150,7 @@ class APGD(Attack):
         return out, fooled, loss_best
 
 
-@register
+@register_attack
 class APGDCE(APGD):
     r"""APGD on the cross-entropy loss (Croce & Hein 2020): the first attack of AutoAttack.
 
@@ -167,7 +167,7 @@ class APGDCE(APGD):
     loss_name = "ce"
 
 
-@register
+@register_attack
 class APGDDLR(APGD):
     r"""APGD on the Difference of Logits Ratio loss (Croce & Hein 2020), which is invariant to the
     scale of the logits and so resists the gradient masking that saturated cross-entropy suffers.
