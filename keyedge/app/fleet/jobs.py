@@ -1,0 +1,114 @@
+"""The per-key jobs: top-level functions of plain arguments (paths, numbers, strings), so they run on Ray workers too.
+
+A job reads its key from the key file itself: key material never travels in a job's arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from keyedge.checkpoints import MANIFEST, load_checkpoint
+from keyedge.data.datasets import load_dataset
+from keyedge.deploy.artifacts import ArtifactManifest
+from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.deploy.verify import describe, verify_set
+from keyedge.fileio import sha256_file
+from keyedge.keys.keyfile import Key, load_key
+from keyedge.training.loop import TrainConfig, evaluate, train
+
+
+def _logger(log_file: str) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        with open(log_file, "a", encoding="utf-8") as fh:
+            fh.write(line.rstrip() + "\n")
+
+    return log
+
+
+def train_job(checkpoint: str, key_file: str, recipe: dict[str, Any], resume: bool, device: str, log_file: str):
+    """Fine-tune one device's model (or continue it); the checkpoint manifest's SHA-256 and accuracy."""
+
+    config = TrainConfig(out=checkpoint, key_file=key_file, device=device, resume=resume, **recipe)
+    manifest = train(config, progress=False, log=_logger(log_file))
+    return {
+        "sha256": sha256_file(Path(checkpoint) / MANIFEST),
+        "epoch": manifest.epoch,
+        "test_accuracy": manifest.test_accuracy,
+    }
+
+
+_TEMPLATES: dict[tuple, Any] = {}  # one fleet template per architecture, kept by the worker process between keys
+
+
+def export_job(
+    checkpoint: str,
+    key_file: str,
+    out: str,
+    targets: list[str],
+    fuse: str,
+    precision: str,
+    template: bool,
+    log_file: str,
+):
+    """Export one device's verified artifact set (from the worker's fleet template where the format allows)."""
+
+    if len(_TEMPLATES) > 2:  # another fleet's architectures: keep memory bounded
+        _TEMPLATES.clear()
+    settings = ExportSettings(
+        targets=targets, out=Path(out), fuse=fuse, precision=precision, overwrite=True, log=_logger(log_file)
+    )
+    directory = export_one(
+        ExportRequest(Path(checkpoint), load_key(key_file)), settings, templates=_TEMPLATES if template else None
+    )
+    manifest = ArtifactManifest.read(directory)
+    return {
+        "path": str(directory),
+        "sha256": sha256_file(directory / "manifest.json"),
+        "checkpoint_sha256": manifest.checkpoint.get("manifest_sha256"),
+        "targets": sorted(manifest.targets),
+        "sources": {t: r.source for t, r in manifest.targets.items()},
+        "fuse": manifest.fuse_requested,
+        "precision": manifest.precision,
+    }
+
+
+def verify_job(directory: str, key_file: str, log_file: str):
+    """``keyedge verify`` on one device's set with its key: files, then parity against its checkpoint."""
+
+    result = verify_set(directory, key=load_key(key_file))
+    _logger(log_file)(describe(result))
+    parity = {
+        t: (r["max_abs_diff"] if "max_abs_diff" in r else r.get("skipped"))
+        for t, r in result["parity"].items()
+        if isinstance(r, dict)
+    }
+    return {"sha256": sha256_file(Path(directory) / "manifest.json"), "files": result["files"], "parity": parity}
+
+
+def other_key_job(
+    checkpoint: str,
+    other_key_file: str | None,
+    block_size: int,
+    data: str,
+    test_limit: int | None,
+    seed: int,
+    log_file: str,
+):
+    """Top-1 of one device's model on the recipe's test images shuffled with another key (key diversity)."""
+
+    other = load_key(other_key_file) if other_key_file else Key.generate(block_size)  # a one-device fleet
+    model, _ = load_checkpoint(checkpoint, other, allow_key_mismatch=True)
+    data, _ = load_dataset(data, "test", model.spec.image_size, limit=test_limit, seed=seed)
+    accuracy = evaluate(model, data)["accuracy"]
+    _logger(log_file)(f"top-1 with key {other.fingerprint}: {accuracy:.2%} on {len(data)} test images")
+    return {
+        "accuracy": accuracy,
+        "with": other.fingerprint if other_key_file else "a fresh random key",
+        "images": len(data),
+        "checkpoint_sha256": sha256_file(Path(checkpoint) / MANIFEST),
+    }
+
+
+__all__ = ["export_job", "other_key_job", "train_job", "verify_job"]
