@@ -20,16 +20,32 @@ deployed artifacts, headed by the worst case without the key -> one report direc
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyedge.app.quickstart_report import SCHEMA, summarize, summary_rows, to_markdown, verified
+from keyedge.benchmarks.latency import BenchSettings, run_latency
+from keyedge.benchmarks.profiles import builtin_profile
+from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
+from keyedge.benchmarks.workbench import export_variants
+from keyedge.data.datasets import load_dataset
+from keyedge.deploy.artifacts import ArtifactManifest
+from keyedge.deploy.export import ExportRequest, ExportSettings, export_many
+from keyedge.deps import EXTRAS, installed
 from keyedge.errors import OutputError
+from keyedge.exporters import get_backend
+from keyedge.keys.keyfile import Key
+from keyedge.training.loop import TrainConfig, key_accuracy, train
 
-SCHEMA = "keyedge-quickstart/1"
+__all__ = ["MARKER", "SCHEMA", "QuickstartConfig", "prepare_out", "run_quickstart", "summary_rows", "to_markdown"]
 
 
 @dataclass
@@ -94,9 +110,6 @@ MARKER = ".keyedge-quickstart"
 
 def mobile_targets() -> list[str]:
     """The phone targets (LiteRT, ExecuTorch) whose extras are installed here."""
-    from keyedge.deps import installed
-    from keyedge.exporters import get_backend
-
     return [t for t in ("litert", "executorch") if installed(get_backend(t).extra)]
 
 
@@ -106,13 +119,6 @@ def latency_at_size(config: QuickstartConfig, key, settings, progress):
     The weights are random (latency does not depend on them) and the artifacts live in a temporary
     directory, removed afterwards: they embed the key and are not models anyone should deploy.
     """
-    import dataclasses
-    import tempfile
-
-    from keyedge.benchmarks.latency import run_latency
-    from keyedge.benchmarks.profiles import builtin_profile
-    from keyedge.benchmarks.workbench import export_variants
-
     timed = dataclasses.replace(settings, min_seconds=max(settings.min_seconds, 2.0), rounds=max(settings.rounds, 12))
     profile = builtin_profile()
     profile = dataclasses.replace(profile, runtimes=[r for r in profile.runtimes if r.name != "torch"])
@@ -135,8 +141,6 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     ``--overwrite`` never deletes a directory keyedge did not make (no :data:`MARKER` in it), a file,
     the current directory or one of its parents.
     """
-    import shutil
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -162,35 +166,36 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write to {out}: {exc.strerror}", "choose a writable --out") from None
 
 
-def run_quickstart(
-    out: Path,
-    config: QuickstartConfig,
-    *,
-    log: Callable[[str], None] = print,
-    progress: Any = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Run every stage into ``out``; return (and write) the summary."""
-    from keyedge.benchmarks.latency import BenchSettings, run_latency
-    from keyedge.benchmarks.profiles import builtin_profile
-    from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
-    from keyedge.deploy.artifacts import ArtifactManifest
-    from keyedge.deploy.export import ExportRequest, ExportSettings, export_many
-    from keyedge.deps import EXTRAS, installed
-    from keyedge.keys.keyfile import Key
-    from keyedge.training.loop import TrainConfig, train
+class _Stages:
+    """Seconds per stage, logged as each ends."""
 
-    out = Path(out)
-    prepare_out(out, overwrite)
-    started = time.perf_counter()
-    stages: dict[str, float] = {}
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.seconds, self.started = log, {}, time.perf_counter()
 
-    def stage(name: str, t0: float) -> None:
-        stages[name] = round(time.perf_counter() - t0, 1)
-        log(f"[{name}] done in {stages[name]:.0f} s")
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        self.log(f"[{name}] done in {self.seconds[name]:.0f} s")
 
-    # 1. keys
-    t0 = time.perf_counter()
+
+@dataclass
+class _Exports:
+    """The export directories of one quickstart run."""
+
+    keyed: list[Path]
+    int8: Path | None
+    plain: Path
+    mobile: list[Path]
+
+    def timed(self) -> list[Path]:
+        """What the latency stage times: k1, its int8 twin, the plain model and the phone exports."""
+        return [self.keyed[0], *([self.int8] if self.int8 else []), self.plain, *self.mobile]
+
+
+def make_keys(out: Path, config: QuickstartConfig, log: Callable[[str], None]) -> dict[str, Key]:
+    """Stage 1: keys k1 and k2, saved under ``out/keys`` (mode 0600)."""
     (out / "keys").mkdir()
     keys = {name: Key.generate(config.block_size) for name in ("k1", "k2")}
     for name, key in keys.items():
@@ -199,10 +204,11 @@ def run_quickstart(
         f"[keys] k1 {keys['k1'].fingerprint}, k2 {keys['k2'].fingerprint} (block size {config.block_size}; "
         f"secret files in {out / 'keys'}, mode 0600)"
     )
-    stage("keys", t0)
+    return keys
 
-    # 2. training: plain, k1, k2
-    t0 = time.perf_counter()
+
+def train_models(out: Path, config: QuickstartConfig, log: Callable[[str], None]) -> dict[str, Path]:
+    """Stage 2: the plain model and the k1 and k2 models, one checkpoint directory each."""
     runs = {}
     for name in ("plain", "k1", "k2"):
         runs[name] = out / "runs" / name
@@ -230,102 +236,89 @@ def run_quickstart(
             progress=False,
             log=lambda line: log(f"  {line}"),
         )  # epochs are logged; one live bar at a time
-    key_check = cross_key_accuracy(runs, keys, config)
-    log(
-        "[train] top-1 on the test images, own key vs the other key: "
-        + ", ".join(f"{n} {v['own']:.1%} vs {v['other']:.1%}" for n, v in key_check.items())
-    )
-    stage("train", t0)
+    return runs
 
-    # 3. export: each key to every target (auto: conv for CoreML), the plain model for the latency baseline
-    t0 = time.perf_counter()
+
+def export_models(
+    out: Path, config: QuickstartConfig, runs: dict[str, Path], keys: dict[str, Key], log: Callable[[str], None]
+) -> _Exports:
+    """Stage 3: each key to every target (auto: conv for CoreML), k1 at int8, the plain model, the phone targets."""
     artifacts = out / "artifacts"
-    keyed_dirs = export_many(
+    indent = lambda line: log(f"  {line}")  # noqa: E731
+    keyed = export_many(
         [ExportRequest(runs[k], keys[k]) for k in ("k1", "k2")],
-        ExportSettings(
-            targets=config.targets,
+        ExportSettings(targets=config.targets, out=artifacts, fuse="auto", batch=1, template=False, log=indent),
+    )  # full exports, not from the fleet template: its ONNX is unoptimized
+    int8 = None
+    int8_targets = [t for t in config.targets if t in ("onnx", "openvino")]
+    if config.int8 and int8_targets:
+        settings = ExportSettings(
+            targets=int8_targets,
             out=artifacts,
             fuse="auto",
             batch=1,
-            template=False,  # full exports: the fleet template's ONNX is unoptimized
-            log=lambda line: log(f"  {line}"),
-        ),
-    )
-    int8_dir = None
-    int8_targets = [t for t in config.targets if t in ("onnx", "openvino")]
-    if config.int8 and int8_targets:
-        int8_dir = export_many(
-            [ExportRequest(runs["k1"], keys["k1"])],
-            ExportSettings(
-                targets=int8_targets,
-                out=artifacts,
-                fuse="auto",
-                batch=1,
-                precision="int8",
-                calibration_size=config.int8_calibration,
-                calibration_seed=config.seed,
-                agreement_images=config.test_limit,
-                min_agreement=0.0,  # measured against the default rule below, not enforced (see QuickstartConfig)
-                max_accuracy_drop=100.0,
-                log=lambda line: log(f"  {line}"),
-            ),
-        )[0]
-    plain_dir = export_many(
-        [ExportRequest(runs["plain"], None)],
-        ExportSettings(
-            targets=[t for t in config.targets if t != "coreml"],
-            out=artifacts,
-            batch=1,
-            log=lambda line: log(f"  {line}"),
-        ),
+            precision="int8",
+            calibration_size=config.int8_calibration,
+            calibration_seed=config.seed,
+            agreement_images=config.test_limit,
+            min_agreement=0.0,  # measured against the default rule in the summary, not enforced (QuickstartConfig)
+            max_accuracy_drop=100.0,
+            log=indent,
+        )
+        int8 = export_many([ExportRequest(runs["k1"], keys["k1"])], settings)[0]
+    plain_targets = [t for t in config.targets if t != "coreml"]
+    plain = export_many(
+        [ExportRequest(runs["plain"], None)], ExportSettings(targets=plain_targets, out=artifacts, batch=1, log=indent)
     )[0]
-    mobile_dirs: list[Path] = []
+    mobile: list[Path] = []
     if config.mobile:
         log(f"[export] k1 and plain to the phone runtimes {', '.join(config.mobile)}, verified here on the CPU")
-        mobile_dirs = export_many(
+        mobile = export_many(
             [ExportRequest(runs["k1"], keys["k1"]), ExportRequest(runs["plain"], None)],
-            ExportSettings(targets=config.mobile, out=artifacts / "mobile", batch=1, log=lambda line: log(f"  {line}")),
+            ExportSettings(targets=config.mobile, out=artifacts / "mobile", batch=1, log=indent),
         )
-    exported = []
-    for directory in [*keyed_dirs, *([int8_dir] if int8_dir else []), plain_dir, *mobile_dirs]:
+    return _Exports(keyed, int8, plain, mobile)
+
+
+def exported_rows(out: Path, exports: _Exports) -> list[dict[str, Any]]:
+    """One row per artifact: where, target, fuse, precision, gathers, and how it was verified."""
+    rows = []
+    for directory in [*exports.keyed, *([exports.int8] if exports.int8 else []), exports.plain, *exports.mobile]:
         manifest = ArtifactManifest.read(directory)
         for target, entry in manifest.targets.items():
-            exported.append(
+            rows.append(
                 {
                     "artifact": str(directory.relative_to(out)),
                     "target": target,
                     "fuse": entry.fuse,
                     "precision": manifest.precision,
                     "gathers_on_input": entry.graph.get("gathers_on_input"),
-                    **_verified(entry.parity),
+                    **verified(entry.parity),
                 }
             )
-    stage("export", t0)
+    return rows
 
-    # 4. latency: keyed (k1) vs plain, interleaved, on this host's runtimes
-    t0 = time.perf_counter()
+
+def measure_latency(out: Path, config: QuickstartConfig, exports: _Exports, key: Key, progress, log):
+    """Stage 4: keyed (k1) vs plain, interleaved, on this host's runtimes; then at a device size if configured."""
     (out / "report").mkdir()
     settings = BenchSettings(min_seconds=config.latency_seconds, min_iterations=20, warmup=5, rounds=8, batch_sizes=[1])
-    latency = run_latency(
-        [keyed_dirs[0], *([int8_dir] if int8_dir else []), plain_dir, *mobile_dirs],
-        builtin_profile(),
-        settings,
-        progress=progress,
-        keys=[keys["k1"]],
-    )  # the key serves the PyTorch-eager reference; never recorded
+    # the key serves the PyTorch-eager reference; never recorded
+    latency = run_latency(exports.timed(), builtin_profile(), settings, progress=progress, keys=[key])
     latency.to_json(out / "report" / "latency.json")
     (out / "report" / "latency.md").write_text(latency.to_markdown())
-    device_latency = None
+    at_size = None
     if config.latency_size:
         log(f"[latency] k1 vs plain at {config.latency_size}x{config.latency_size} (random weights), onnx + openvino")
-        device_latency = latency_at_size(config, keys["k1"], settings, progress)
-        device_latency.to_json(out / "report" / f"latency-{config.latency_size}.json")
-        (out / "report" / f"latency-{config.latency_size}.md").write_text(device_latency.to_markdown())
-    stage("latency", t0)
+        at_size = latency_at_size(config, key, settings, progress)
+        at_size.to_json(out / "report" / f"latency-{config.latency_size}.json")
+        (out / "report" / f"latency-{config.latency_size}.md").write_text(at_size.to_markdown())
+    return latency, at_size
 
-    # 5. robustness: white-box sanity, non-adaptive, adaptive (the other key), noise, Square queries, key diversity,
-    # on the artifacts too
-    t0 = time.perf_counter()
+
+def measure_robustness(out: Path, config: QuickstartConfig, runs, keys, exports: _Exports, progress, log):
+    """Stage 5: white-box sanity, non-adaptive, adaptive (the other key), noise, Square queries, key diversity,
+    on the PyTorch models and on k1's deployed artifacts."""
     query = [config.query] if config.query else []
     if query and not installed("query"):
         log(f"[robustness] the query attack {config.query} is left out: {EXTRAS['query'].install} to run it")
@@ -338,7 +331,7 @@ def run_quickstart(
         steps=config.attack_steps,
         sweep_eps=[],
         gradient_limit=min(64, config.attack_images),
-        artifacts=[str(keyed_dirs[0]), *([str(int8_dir)] if int8_dir else [])],
+        artifacts=[str(exports.keyed[0]), *([str(exports.int8)] if exports.int8 else [])],
         device="cpu",
         query=query,
         query_budgets=[],
@@ -352,252 +345,54 @@ def run_quickstart(
         task = progress.add_task(label, total=total)
         return lambda n: progress.update(task, completed=n)
 
-    robustness = run_robustness(
-        [runs["plain"], runs["k1"], runs["k2"]],
-        list(keys.values()),
-        rob_config,
-        progress=bar,
-        log=lambda line: log(f"  {line}"),
-    )
+    indent = lambda line: log(f"  {line}")  # noqa: E731
+    models = [runs["plain"], runs["k1"], runs["k2"]]
+    robustness = run_robustness(models, list(keys.values()), rob_config, progress=bar, log=indent)
     robustness.write(out / "report" / "robustness")
-    stage("robustness", t0)
+    return robustness
 
-    summary = summarize(
-        config, keys, key_check, exported, latency, robustness, stages, time.perf_counter() - started, device_latency
-    )
+
+def run_quickstart(
+    out: Path,
+    config: QuickstartConfig,
+    *,
+    log: Callable[[str], None] = print,
+    progress: Any = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run every stage into ``out``; return (and write) the summary."""
+    out = Path(out)
+    prepare_out(out, overwrite)
+    stage = _Stages(log)
+    with stage("keys"):
+        keys = make_keys(out, config, log)
+    with stage("train"):
+        runs = train_models(out, config, log)
+        key_check = cross_key_accuracy(runs, keys, config)
+        log(
+            "[train] top-1 on the test images, own key vs the other key: "
+            + ", ".join(f"{n} {v['own']:.1%} vs {v['other']:.1%}" for n, v in key_check.items())
+        )
+    with stage("export"):
+        exports = export_models(out, config, runs, keys, log)
+        exported = exported_rows(out, exports)
+    with stage("latency"):
+        latency, at_size = measure_latency(out, config, exports, keys["k1"], progress, log)
+    with stage("robustness"):
+        robustness = measure_robustness(out, config, runs, keys, exports, progress, log)
+    total = time.perf_counter() - stage.started
+    summary = summarize(config, keys, key_check, exported, latency, robustness, stage.seconds, total, at_size)
     (out / "report" / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report" / "quickstart.md").write_text(to_markdown(summary))
     return summary
 
 
-def _verified(parity: dict[str, Any]) -> dict[str, Any]:
-    """How an artifact was verified, for the summary; an int8 one with its agreement, judged by the default rule."""
-    from keyedge.deploy.export import MAX_ACCURACY_DROP, MIN_AGREEMENT
-
-    if parity.get("kind") == "agreement":
-        r = parity["real"]
-        drop = r.get("accuracy_drop_points")
-        meets = r["top1_agreement"] >= MIN_AGREEMENT and (drop is None or drop <= MAX_ACCURACY_DROP)
-        return {
-            "verified": meets,
-            "how": f"int8: top-1 agreement {r['top1_agreement']:.1%} with fp32 on {r['images']} test images"
-            + (f", accuracy {r['accuracy']:.1%} vs {r['accuracy_fp32']:.1%}" if r.get("accuracy") is not None else "")
-            + ("" if meets else f" (below the default rule: >= {MIN_AGREEMENT:.0%}, drop <= {MAX_ACCURACY_DROP:g})"),
-            "agreement": r["top1_agreement"],
-            "accuracy": r.get("accuracy"),
-            "accuracy_fp32": r.get("accuracy_fp32"),
-        }
-    return {
-        "verified": bool(parity.get("passed")),
-        "how": "numerical parity" if parity.get("ran") else f"structural ({parity.get('reason', 'not run here')})",
-    }
-
-
 def cross_key_accuracy(runs: dict[str, Path], keys: dict[str, Any], config: QuickstartConfig) -> dict[str, Any]:
     """Top-1 of each model on the test images with its own key and with the other key (plain: none vs k1)."""
-    from keyedge.checkpoints import load_checkpoint
-    from keyedge.data.datasets import load_dataset
-    from keyedge.training.loop import evaluate
-
     test_set, _ = load_dataset(config.data, "test", config.image_size, limit=config.test_limit, seed=config.seed)
     other = {"plain": keys["k1"], "k1": keys["k2"], "k2": keys["k1"]}
     result = {}
     for name, run in runs.items():
-        own_model, _ = load_checkpoint(run, keys.get(name))
-        other_model, _ = load_checkpoint(run, other[name], allow_key_mismatch=True)
-        result[name] = {
-            "own": evaluate(own_model, test_set)["accuracy"],
-            "other": evaluate(other_model, test_set)["accuracy"],
-            "images": len(test_set),
-        }
+        own, swapped = (key_accuracy(run, k, test_set)["accuracy"] for k in (keys.get(name), other[name]))
+        result[name] = {"own": own, "other": swapped, "images": len(test_set)}
     return result
-
-
-def summarize(
-    config: QuickstartConfig, keys, key_check, exported, latency, robustness, stages, total_s, device_latency=None
-) -> dict[str, Any]:
-    """The numbers a newcomer looks at first, with where the full reports are."""
-    models = {
-        name: {"clean_accuracy": v["own"], "wrong_key_accuracy": v["other"], "images": v["images"]}
-        for name, v in key_check.items()
-    }
-    scenarios = {
-        f"{o.scenario}:{o.target}": {
-            "robust_accuracy": o.robust_accuracy,
-            "robust_se": o.robust_se,
-            "sources": o.sources,
-            "images": o.images,
-        }
-        for o in robustness.outcomes
-        if o.scenario != "query"
-    }
-    deployed = {
-        f"{o.scenario}:{o.runtime.split(':')[0]}"
-        + ("" if o.precision == "fp32" else f" {o.precision}"): o.robust_accuracy
-        for o in robustness.artifacts
-        if o.scenario != "query"
-    }
-    queries = [
-        {
-            "target": o.target,
-            "runtime": o.runtime.split(":")[0] + ("" if o.precision == "fp32" else f" {o.precision}"),
-            "attack": o.attack["name"],
-            "queries": o.queries["budget"],
-            "robust_accuracy": o.robust_accuracy,
-            "robust_se": o.robust_se,
-            "images": o.images,
-            "median_to_success": o.queries["median_to_success"],
-        }
-        for o in robustness.outcomes + robustness.artifacts
-        if o.scenario == "query"
-    ]
-
-    def keyed_plain(report, kind: str = "keyed/plain") -> dict[str, dict[str, float]]:
-        return {
-            f"{c.kind} {c.runtime}": {"median": c.median, "p10": c.p10, "p90": c.p90, "rounds": c.rounds}
-            for c in report.comparisons
-            if c.kind == kind
-        }
-
-    ratios = keyed_plain(latency)
-    return {
-        "schema": SCHEMA,
-        "config": config.to_dict(),
-        "total_seconds": round(total_s, 1),
-        "stages": stages,
-        "keys": {k: key.fingerprint for k, key in keys.items()},
-        "models": models,
-        "artifacts": exported,
-        "latency": ratios,
-        "latency_at_size": (
-            {"image_size": config.latency_size, "ratios": keyed_plain(device_latency)} if device_latency else None
-        ),
-        "latency_int8": keyed_plain(latency, "int8/fp32"),
-        "latency_skipped": [f"{s.runtime}:{s.device}: {s.reason}" for s in latency.skipped],
-        "robustness": {
-            "sanity_passed": robustness.sanity["passed"],
-            "headline": robustness.headline,
-            "scenarios": scenarios,
-            "deployed": deployed,
-            "queries": queries,
-            "checks": [c.to_dict() for c in robustness.checks],
-            "images": robustness.data["images"],
-            "seed": config.seed,
-            "eps": config.eps,
-            "steps": config.attack_steps,
-        },
-        "files": {
-            "report": "report/quickstart.md",
-            "latency": "report/latency.md",
-            "robustness": "report/robustness/robustness.md",
-            "plots": "report/robustness/*.png",
-            "keys": "keys/",
-            "checkpoints": "runs/",
-            "artifacts": "artifacts/",
-        },
-    }
-
-
-def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """(what, result) rows of the summary table."""
-    rows = []
-    for name, m in summary["models"].items():
-        label = "plain model" if name == "plain" else f"keyed model {name}"
-        rows.append((f"{label}: clean accuracy ({m['images']} test images)", f"{m['clean_accuracy']:.1%}"))
-        rows.append(
-            (
-                f"{label}: with the other key" if name != "plain" else "plain model on k1-shuffled input",
-                f"{m['wrong_key_accuracy']:.1%}",
-            )
-        )
-    verified = sum(a["verified"] for a in summary["artifacts"])
-    rows.append(
-        (
-            "artifacts verified",
-            f"{verified}/{len(summary['artifacts'])} "
-            f"({', '.join(sorted({a['target'] for a in summary['artifacts']}))})",
-        )
-    )
-    size = summary["config"]["image_size"]
-    at = summary.get("latency_at_size")
-    for label, ratios in [(f"{size}x{size}, the trained models", summary["latency"])] + (
-        [(f"{at['image_size']}x{at['image_size']}, random weights", at["ratios"])] if at else []
-    ):
-        for key, r in ratios.items():
-            rows.append(
-                (
-                    f"latency keyed/plain {key.split(' ', 1)[1]} at {label}",
-                    f"{r['median']:.3f} (p10-p90 of {r.get('rounds', '?')} interleaved rounds: "
-                    f"{r['p10']:.3f}-{r['p90']:.3f})",
-                )
-            )
-    if not at:
-        rows.append(("latency keyed/plain at a device size", "not measured (--fast: the 224x224 leg is left out)"))
-    for a in summary["artifacts"]:
-        if a.get("precision") == "int8":
-            rows.append((f"int8 k1 artifact ({a['target']})", a["how"]))
-    for key, r in summary.get("latency_int8", {}).items():
-        rows.append(
-            (
-                f"latency int8/fp32 of k1 {key.split(' ', 1)[1]} at {size}x{size}",
-                f"{r['median']:.3f} (p10-p90 of {r.get('rounds', '?')} interleaved rounds: "
-                f"{r['p10']:.3f}-{r['p90']:.3f})",
-            )
-        )
-    rob = summary["robustness"]
-    rows.append(("white-box sanity (PGD must break every model)", "passed" if rob["sanity_passed"] else "FAILED"))
-    for key, r in rob["scenarios"].items():
-        scenario, target = key.split(":")
-        if target == "k1" or scenario == "white-box":
-            rows.append(
-                (
-                    f"robust accuracy {scenario} on {target}"
-                    + (f" (from {'+'.join(r['sources'])})" if r["sources"] else " (random signs, no model)"),
-                    f"{r['robust_accuracy']:.1%} ± {r['robust_se']:.1%}",
-                )
-            )
-    for key, acc in rob["deployed"].items():
-        rows.append((f"deployed k1 artifact, {key.replace(':', ' on ')}", f"{acc:.1%}"))
-    for q in rob.get("queries", []):
-        where = f"deployed k1 artifact ({q['runtime']})" if q["runtime"] != "torch" else q["target"]
-        rows.append(
-            (
-                f"{q['attack']} query attack, {q['queries']} queries, on {where} ({q['images']} images)",
-                f"{q['robust_accuracy']:.1%} ± {q['robust_se']:.1%}",
-            )
-        )
-    for h in rob.get("headline", []):
-        if h["target"] in ("plain", "k1"):
-            worst = h["scenario"] + (f" {h['attack']} {h['queries']}q" if h["queries"] else "")
-            rows.append(
-                (
-                    f"headline robust accuracy of {h['target']}: worst case without the key ({worst}, {h['runtime']})",
-                    f"{h['robust_accuracy']:.1%} ± {h['robust_se']:.1%}",
-                )
-            )
-    rows.append(
-        (
-            "total time",
-            f"{summary['total_seconds']:.0f} s ("
-            + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages"].items())
-            + ")",
-        )
-    )
-    return rows
-
-
-def to_markdown(summary: dict[str, Any]) -> str:
-    rob = summary["robustness"]
-    lines = [
-        "# keyedge quickstart",
-        "",
-        f"{summary['config']['model']} ({summary['config']['weights']} weights), {summary['config']['finetune']} "
-        f"fine-tuning on {summary['config']['data']}; robustness on {rob['images']} test images, PGD eps "
-        f"{rob['eps']}, {rob['steps']} steps, seed {rob['seed']}; ± is one binomial standard error.",
-        "",
-        "| what | result |",
-        "|---|---|",
-    ]
-    lines += [f"| {what} | {result} |" for what, result in summary_rows(summary)]
-    lines += ["", "Full reports: " + ", ".join(f"{k}: `{v}`" for k, v in summary["files"].items()), ""]
-    return "\n".join(lines)

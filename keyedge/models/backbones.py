@@ -303,6 +303,10 @@ class KeyedModel(nn.Module):
     def keyed(self) -> bool:
         return self.key_fingerprint is not None
 
+    def with_key(self, key: Key | None) -> KeyedModel:
+        """The same backbone behind another key's shuffle (or none): the key-diversity experiment's model."""
+        return KeyedModel(self.backbone, self.spec, key).train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.norm(self.shuffle(x)))
 

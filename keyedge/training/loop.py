@@ -44,6 +44,7 @@ from keyedge.checkpoints import (
     read_manifest,
     save_checkpoint,
 )
+from keyedge.data.datasets import load_dataset
 from keyedge.defenses import Defense, get_defense, list_defenses
 from keyedge.defenses.volumizer import check_metric
 from keyedge.errors import KeyedgeError
@@ -271,6 +272,43 @@ def evaluate(
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "images": int(total)}
 
 
+def key_accuracy(
+    checkpoint: str | Path,
+    key: Key | None,
+    data: str | Dataset,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Top-1 of a checkpoint's model on test images shuffled with ``key``: its own, another (key diversity) or none.
+
+    ``data``: a dataset name (its test split, sized for the model; ``limit``/``seed`` pick a subset) or a dataset.
+    Returns :func:`evaluate`'s result with ``data``, ``key`` (fingerprint used), ``trained_key`` and
+    ``key_matches``.  The one place "accuracy with another key" is computed.
+    """
+    model, manifest = load_checkpoint(checkpoint, key, allow_key_mismatch=True, map_location=device)
+    name = getattr(data, "name", None)
+    if isinstance(data, str):
+        data, info = load_dataset(data, "test", model.spec.image_size, limit=limit, seed=seed)
+        if info.num_classes != model.spec.num_classes:
+            raise KeyedgeError(
+                f"{info.name} has {info.num_classes} classes, the model {model.spec.num_classes}",
+                "evaluate on the data the model was trained for",
+            )
+        name = info.name
+    used = key.fingerprint if key is not None else None
+    result = evaluate(model, data, batch_size=batch_size, device=device)
+    return {
+        **result,
+        "data": name,
+        "key": used,
+        "trained_key": manifest.fingerprint,
+        "key_matches": used == manifest.fingerprint,
+    }
+
+
 def _load_key(path: str | None) -> Key | None:
     return load_key(path) if path else None
 
@@ -340,15 +378,8 @@ def prepare_model(config: TrainConfig, key: Key | None, num_classes: int) -> nn.
     return config.defense_impl.new_model(config, key, num_classes)
 
 
-def train(
-    config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print
-) -> CheckpointManifest | None:
-    """Fine-tune per ``config``; checkpoint every epoch into ``config.out``; return the final manifest (rank 0)."""
-    from keyedge.data.datasets import load_dataset
-
-    dist_env = Distributed()
-    device = resolve_device(config.device, dist_env)
-    out = Path(config.out)
+def _check_run(config: TrainConfig, out: Path, dist_env: Distributed) -> None:
+    """Refuse (one line) what this run cannot do, before any data or model is loaded."""
     if config.ortho_lambda and dist_env.enabled:
         raise KeyedgeError(
             "the orthogonality regularizer is not supported under DDP (double backward)", "train with it on one process"
@@ -371,166 +402,226 @@ def train(
     if config.epochs < 1 or config.batch_size < 1:
         raise KeyedgeError("--epochs and --batch-size must be positive")
     _check_numbers(config)
-    key = _load_key(config.key_file)
 
-    size = config.image_size or _default_size(config)
-    config.defense_impl.check_training(config, size)
-    train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)
-    test_set, _ = load_dataset(config.data, "test", size, limit=config.test_limit, seed=config.seed)
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    state: dict[str, Any] | None = None
+
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    dist_env: Distributed
+    key: Key | None
+    model: nn.Module
+    train_set: Dataset
+    test_set: Dataset
+    info: Any  # the dataset's DatasetInfo
+    history: list[dict[str, Any]]
+    start_epoch: int
+    state: dict[str, Any] | None = None  # a resumed run's optimizer/scheduler/RNG state
+    params: list[nn.Parameter] = field(default_factory=list)
+    family: str = "other"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    optimizer: Any = None
+    scheduler: Any = None
+    sampler: Any = None
+    loader: DataLoader | None = None
+    reference: nn.Module | None = None
+    guard: Any = None
+    ddp_model: nn.Module | None = None
+    amp: bool = False
+
+
+def _start(config: TrainConfig, out: Path, key: Key | None, num_classes: int) -> tuple[nn.Module, Any, list, int]:
+    """(model, saved state or None, history, first epoch): a new model, or the checkpoint a resumed run continues."""
     if not config.resume:
         torch.manual_seed(config.seed)
-        model = prepare_model(config, key, info.num_classes)
-    else:
-        manifest = read_manifest(out)
-        _check_resume(config, manifest, key)
-        model, _ = load_checkpoint(out, key)  # the RNG state is restored from the checkpoint below
-        state = load_training_state(out, manifest)
-        history = list(manifest.metrics.get("history", []))
-        start_epoch = manifest.epoch + 1
-        if start_epoch > config.epochs:
-            raise KeyedgeError(
-                f"{out} already finished epoch {manifest.epoch} of {config.epochs}", "raise --epochs to train longer"
-            )
-    model.to(device)
-    dist_env.setup(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    family = getattr(getattr(model, "spec", None), "family", "other")
-    recipe = config.recipe(family)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(family), weight_decay=config.weight_decay)
+        return prepare_model(config, key, num_classes), None, [], 1
+    manifest = read_manifest(out)
+    _check_resume(config, manifest, key)
+    model, _ = load_checkpoint(out, key)  # the RNG state is restored from the checkpoint later
+    start_epoch = manifest.epoch + 1
+    if start_epoch > config.epochs:
+        raise KeyedgeError(
+            f"{out} already finished epoch {manifest.epoch} of {config.epochs}", "raise --epochs to train longer"
+        )
+    return model, load_training_state(out, manifest), list(manifest.metrics.get("history", [])), start_epoch
+
+
+def _loader(run: _Run, log: Callable[[str], None]) -> None:
+    """The sampler and loader: curriculum order, DDP shards, or seeded random batches."""
+    config, dist_env, train_set = run.config, run.dist_env, run.train_set
     drop_last = len(train_set) > config.batch_size * dist_env.world
     if config.curriculum != "none":  # batches visited from simple to complex (keyedge.training.curriculum)
         if dist_env.enabled:
             raise KeyedgeError("--curriculum orders the batches of one process", "train it without torchrun")
         log(f"curriculum: scoring {len(train_set)} training images by {config.curriculum}")
-        sampler = CurriculumBatchSampler(
-            image_scores(train_set, config.curriculum),
-            config.batch_size,
-            drop_last=drop_last,
-            generator=torch.Generator(),
+        scores = image_scores(train_set, config.curriculum)
+        run.sampler = CurriculumBatchSampler(
+            scores, config.batch_size, drop_last=drop_last, generator=torch.Generator()
         )
-        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=config.workers)
-    else:
-        sampler = (
-            DistributedSampler(train_set, num_replicas=dist_env.world, rank=dist_env.rank, seed=config.seed)
-            if dist_env.enabled
-            else RandomSampler(train_set, generator=torch.Generator())
-        )
-        loader = DataLoader(
-            train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=drop_last
-        )
-    steps_per_epoch = max(1, len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
+        run.loader = DataLoader(train_set, batch_sampler=run.sampler, num_workers=config.workers)
+        return
+    run.sampler = (
+        DistributedSampler(train_set, num_replicas=dist_env.world, rank=dist_env.rank, seed=config.seed)
+        if dist_env.enabled
+        else RandomSampler(train_set, generator=torch.Generator())
     )
-    reference = _reference_model(config, device)  # built before the RNG state is restored: building draws from it
-    guard = _guard(config, device, key.fingerprint if key else None)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if guard is not None and "guard_rng" in state:  # a resumed run crafts what a straight one would
-            guard.generator.set_state(state["guard_rng"])
-            guard.turn = int(state["guard_turn"])
-    ddp_model: nn.Module = model
-    if dist_env.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    amp = config.amp and device.type == "cuda"
-    if dist_env.main:
-        trainable = sum(p.numel() for p in params)
-        total = sum(p.numel() for p in model.parameters())
-        log(
-            f"training {config.model} ({recipe['recipe']}; {trainable:,} of {total:,} parameters trainable) "
-            f"{config.defense_impl.training_note(config, key)} on {info.name}: "
-            f"{len(train_set)} train / {len(test_set)} test images at {model.spec.image_size}px, device {device}"
-            + (f", {dist_env.world} processes" if dist_env.enabled else "")
-        )
+    run.loader = DataLoader(
+        train_set, batch_size=config.batch_size, sampler=run.sampler, num_workers=config.workers, drop_last=drop_last
+    )
 
-    manifest: CheckpointManifest | None = None
-    for epoch in range(start_epoch, config.epochs + 1):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        else:  # the order depends on (seed, epoch) only, so a resumed run sees the data a straight run would
-            sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
-        ddp_model.train()
-        stats = _train_epoch(
-            ddp_model,
-            reference,
-            loader,
-            optimizer,
-            scheduler,
-            config,
-            device,
-            amp,
-            progress=progress and dist_env.main,
-            epoch=epoch,
-            guard=guard,
-        )
-        loss_sum, seen, correct, sim_sum, seconds = dist_env.all_sum(
-            stats["loss_sum"], stats["images"], stats["correct"], stats["sim_sum"], stats["seconds"]
-        )
-        test = evaluate(
-            model,
-            test_set,
-            batch_size=max(config.batch_size, 128),
-            device=device,
-            workers=config.workers,
-            dist_env=dist_env,
-        )
-        record = {
+
+def _optimize(run: _Run, log: Callable[[str], None]) -> None:
+    """Optimizer, loader, schedule, reference and guard models; a resumed run's state restored into them."""
+    config, model = run.config, run.model
+    run.params = [p for p in model.parameters() if p.requires_grad]
+    run.family = getattr(getattr(model, "spec", None), "family", "other")
+    run.recipe = config.recipe(run.family)
+    lr = config.learning_rate(run.family)
+    run.optimizer = torch.optim.AdamW(run.params, lr=lr, weight_decay=config.weight_decay)
+    _loader(run, log)
+    steps_per_epoch = max(1, len(run.loader))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
+    )
+    run.reference = _reference_model(config, run.device)  # built before the RNG state is restored: it draws
+    run.guard = _guard(config, run.device, run.key.fingerprint if run.key else None)
+    if run.state is not None:
+        run.optimizer.load_state_dict(run.state["optimizer"])
+        run.scheduler.load_state_dict(run.state["scheduler"])
+        torch.set_rng_state(run.state["rng"])
+        if run.guard is not None and "guard_rng" in run.state:  # a resumed run crafts what a straight one would
+            run.guard.generator.set_state(run.state["guard_rng"])
+            run.guard.turn = int(run.state["guard_turn"])
+    run.ddp_model = model
+    if run.dist_env.enabled:
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        run.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    run.amp = config.amp and run.device.type == "cuda"
+
+
+def _announce(run: _Run, log: Callable[[str], None]) -> None:
+    config, model = run.config, run.model
+    trainable = sum(p.numel() for p in run.params)
+    total = sum(p.numel() for p in model.parameters())
+    log(
+        f"training {config.model} ({run.recipe['recipe']}; {trainable:,} of {total:,} parameters trainable) "
+        f"{config.defense_impl.training_note(config, run.key)} on {run.info.name}: "
+        f"{len(run.train_set)} train / {len(run.test_set)} test images at {model.spec.image_size}px, "
+        f"device {run.device}" + (f", {run.dist_env.world} processes" if run.dist_env.enabled else "")
+    )
+
+
+def _epoch(run: _Run, epoch: int, progress: bool) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train one epoch and evaluate: the history record and the test result."""
+    config, dist_env = run.config, run.dist_env
+    if isinstance(run.sampler, DistributedSampler):
+        run.sampler.set_epoch(epoch)
+    else:  # the order depends on (seed, epoch) only, so a resumed run sees the data a straight run would
+        run.sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
+    run.ddp_model.train()
+    stats = _train_epoch(
+        run.ddp_model,
+        run.reference,
+        run.loader,
+        run.optimizer,
+        run.scheduler,
+        config,
+        run.device,
+        run.amp,
+        progress=progress and dist_env.main,
+        epoch=epoch,
+        guard=run.guard,
+    )
+    loss_sum, seen, correct, sim_sum, seconds = dist_env.all_sum(
+        stats["loss_sum"], stats["images"], stats["correct"], stats["sim_sum"], stats["seconds"]
+    )
+    batch_size = max(config.batch_size, 128)
+    test = evaluate(
+        run.model, run.test_set, batch_size=batch_size, device=run.device, workers=config.workers, dist_env=dist_env
+    )
+    record = {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "images_per_s": seen / max(seconds / dist_env.world, 1e-9),
+        "lr": run.scheduler.get_last_lr()[0],
+    }
+    if run.reference is not None:
+        record["ortho_similarity"] = sim_sum / max(seen, 1)
+    return record, test
+
+
+def _save(run: _Run, epoch: int, record: dict[str, Any], test: dict[str, float]) -> None:
+    """The epoch's checkpoint (rank 0): weights, manifest, and the state a resumed run continues from."""
+    config, info = run.config, run.info
+    guard = run.guard
+    save_checkpoint(
+        run.out,
+        run.model,
+        epoch=epoch,
+        finetune=run.recipe,
+        data={
+            "name": info.name,
+            "source": info.source,
+            "classes": list(info.classes),
+            "train_images": len(run.train_set),
+            "test_images": len(run.test_set),
+        },
+        training={
+            "config": config.to_dict(),
+            "learning_rate": config.learning_rate(run.family),
+            "trainable_parameters": sum(p.numel() for p in run.params),
+            "world_size": run.dist_env.world,
+            "device": str(run.device),
+        },
+        metrics={"history": run.history, "test_accuracy": record["test_accuracy"], "test_images": test["images"]},
+        state={
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            **({"guard_rng": guard.generator.get_state(), "guard_turn": guard.turn} if guard else {}),
             "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"],
-            "images_per_s": seen / max(seconds / dist_env.world, 1e-9),
-            "lr": scheduler.get_last_lr()[0],
-        }
-        if reference is not None:
-            record["ortho_similarity"] = sim_sum / max(seen, 1)
-        history.append(record)
+        },
+    )
+
+
+def train(
+    config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print
+) -> CheckpointManifest | None:
+    """Fine-tune per ``config``; checkpoint every epoch into ``config.out``; return the final manifest (rank 0)."""
+    dist_env = Distributed()
+    device = resolve_device(config.device, dist_env)
+    out = Path(config.out)
+    _check_run(config, out, dist_env)
+    key = _load_key(config.key_file)
+    size = config.image_size or _default_size(config)
+    config.defense_impl.check_training(config, size)
+    train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)
+    test_set, _ = load_dataset(config.data, "test", size, limit=config.test_limit, seed=config.seed)
+    model, state, history, start_epoch = _start(config, out, key, info.num_classes)
+    model.to(device)
+    dist_env.setup(device)
+    run = _Run(config, out, device, dist_env, key, model, train_set, test_set, info, history, start_epoch, state)
+    _optimize(run, log)
+    if dist_env.main:
+        _announce(run, log)
+    for epoch in range(start_epoch, config.epochs + 1):
+        record, test = _epoch(run, epoch, progress)
+        run.history.append(record)
         if dist_env.main:
             log(
                 f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
                 f"test accuracy {record['test_accuracy']:.2%} ({test['images']} images), "
                 f"{record['images_per_s']:.0f} images/s"
             )
-            save_checkpoint(
-                out,
-                model,
-                epoch=epoch,
-                finetune=recipe,
-                data={
-                    "name": info.name,
-                    "source": info.source,
-                    "classes": list(info.classes),
-                    "train_images": len(train_set),
-                    "test_images": len(test_set),
-                },
-                training={
-                    "config": config.to_dict(),
-                    "learning_rate": config.learning_rate(family),
-                    "trainable_parameters": sum(p.numel() for p in params),
-                    "world_size": dist_env.world,
-                    "device": str(device),
-                },
-                metrics={"history": history, "test_accuracy": record["test_accuracy"], "test_images": test["images"]},
-                state={
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    **({"guard_rng": guard.generator.get_state(), "guard_turn": guard.turn} if guard else {}),
-                    "epoch": epoch,
-                },
-            )
+            _save(run, epoch, record, test)
         dist_env.barrier()
-    if dist_env.main:
-        manifest = read_manifest(out)
-    return manifest
+    return read_manifest(out) if dist_env.main else None
 
 
 def _default_size(config: TrainConfig) -> int:
