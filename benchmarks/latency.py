@@ -40,8 +40,8 @@ import numpy as np
 
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
+from keyedge.deploy.runtime import artifact_target
 from keyedge.errors import KeyedgeError, SealError
-from keyedge.runtime import artifact_target
 from keyedge.stats import ratio_spread
 
 #: untimed pause after each pair's turn in a round: spinning runtime threads park before the next pair runs
@@ -321,7 +321,7 @@ def load_runner(
 
         key = key_for(artifact.fingerprint, keys or {}, owner=artifact.path)
         return load_checkpoint_runner(Path(artifact.path), key, fuse=artifact.fuse, device=spec.device, threads=threads)
-    from keyedge.runtime import open_artifact
+    from keyedge.deploy.runtime import open_artifact
 
     return open_artifact(
         Path(artifact.path), spec.target, sealkey=list(sealkeys), threads=threads, **spec.run_settings()

@@ -804,8 +804,8 @@ def artifact_outcomes(
     """
     from keyedge.attacks import Queried
     from keyedge.deploy.artifacts import ArtifactManifest
+    from keyedge.deploy.runtime import open_artifact
     from keyedge.exporters import get_backend
-    from keyedge.runtime import open_artifact
 
     by_path = {str(Path(m.path).resolve()): m for m in members}
     queried = {m.name for m in query_targets(members, ev.config)}

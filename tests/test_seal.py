@@ -15,13 +15,13 @@ from test_export import clean_error, cli, make_checkpoint
 
 from keyedge.checkpoints import load_checkpoint
 from keyedge.deploy.export import ExportRequest, ExportSettings, deployable, export_one
+from keyedge.deploy.runtime import open_artifact, open_sealed
 from keyedge.errors import KeyFileError, OutputError, SealError
 from keyedge.exporters import get_backend
 from keyedge.exporters.template import module_tensors
 from keyedge.fileio import MemoryFiles, memory_files_supported
 from keyedge.keys.keyfile import Key, load_key
 from keyedge.keys.seal import SealKey, load_sealkey
-from keyedge.runtime import open_artifact, open_sealed
 
 pytest.importorskip("cryptography")
 pytestmark = pytest.mark.skipif(not memory_files_supported()[0], reason="sealed export needs Linux memfd")

@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.artifact is not None:
             from keyedge.attacks import Queried
             from keyedge.deploy.artifacts import ArtifactManifest
-            from keyedge.runtime import open_artifact
+            from keyedge.deploy.runtime import open_artifact
 
             path = ArtifactManifest.read(args.artifact).artifact("onnx")
             runner = stack.enter_context(open_artifact(path, "onnx"))

@@ -28,9 +28,9 @@ from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec
 from keyedge.benchmarks.workbench import BENCH_KEY, untrained_checkpoint
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.deploy.runtime import open_artifact, unseal_target
 from keyedge.keys.seal import SealKey
 from keyedge.models.backbones import build_model
-from keyedge.runtime import open_artifact, unseal_target
 from keyedge.stats import ratio_spread, spread
 
 TARGETS = ("onnx", "openvino")

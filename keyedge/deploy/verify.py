@@ -58,7 +58,7 @@ def verify_set(
 ) -> dict[str, Any]:
     """Run the checks on one export directory; return what was checked (raises on the first failure)."""
     from keyedge.checkpoints import load_checkpoint
-    from keyedge.runtime import open_artifact
+    from keyedge.deploy.runtime import open_artifact
 
     directory = Path(directory)
     manifest = ArtifactManifest.read(directory)

@@ -1,0 +1,134 @@
+"""Opening deployed artifacts, sealed or plain: the device-side entry point.
+
+    from keyedge.runtime import open_sealed
+    model = open_sealed("artifacts/resnet18-0a1b2c3d4e5f6a7b", "device.seal")   # or .../model.onnx.sealed
+    logits = model(images)        # (B, 3, S, S) float32 in [0, 1] -> (B, classes) float32
+
+A sealed artifact (``keyedge export --seal``) is decrypted into memory and handed to its runtime
+from there -- ONNX Runtime's ``InferenceSession(bytes)``, OpenVINO's ``read_model`` with the weights
+as a tensor -- so the plaintext model never touches the device's disk (docs/sealed-format.md).
+Everything that runs artifacts (``bench latency``, ``bench robustness --artifacts``) opens them here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
+from keyedge.errors import KeyedgeError, SealError
+from keyedge.exporters.base import Runner
+from keyedge.keys.seal import SEALED_SUFFIX, SealKey, as_sealkey, unseal
+
+__all__ = ["artifact_target", "open_artifact", "open_sealed", "unseal_target"]
+
+
+def artifact_target(path: Path) -> str | None:
+    """The target an artifact file belongs to, from its name (``model.xml.sealed`` -> openvino); None if unknown."""
+    from keyedge.exporters import get_backend, list_backends
+
+    suffix = Path(Path(path).name.removesuffix(SEALED_SUFFIX)).suffix
+    return next((name for name in list_backends() if get_backend(name).suffix == suffix), None)
+
+
+def unseal_target(manifest: ArtifactManifest, target: str, sealkey: SealKey) -> dict[str, bytes]:
+    """Decrypt ``target``'s sealed files of an export directory into memory: plaintext name -> bytes."""
+    binding = manifest.binding()
+    files = {}
+    for entry in manifest.targets[target].files:
+        path = (manifest.directory or Path(".")) / entry["path"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SealError(f"cannot read {path}: {exc.strerror}", "copy the artifact set again") from None
+        name = Path(entry["path"]).name.removesuffix(SEALED_SUFFIX)
+        files[name] = unseal(data, sealkey, binding, name, where=str(path))
+    return files
+
+
+def open_artifact(
+    path: str | os.PathLike,
+    target: str | None = None,
+    *,
+    sealkey: SealKey | str | os.PathLike | Sequence[SealKey] | None = None,
+    verify_key: Any = None,
+    **settings: Any,
+) -> Runner:
+    """A runner for an export directory (its ``target``, or its only one) or one artifact file, sealed or not.
+
+    ``sealkey`` (a :class:`SealKey`, a sealing key file, or several keys: the one whose fingerprint the
+    manifest names is used) opens sealed sets; ``verify_key`` (a :class:`~keyedge.keys.signing.VerifyKey`
+    or its file) refuses a set whose manifest is not signed by it or whose files do not match it;
+    ``settings`` are
+    :meth:`~keyedge.exporters.base.ExportBackend.load`'s (threads, device, providers...).
+    """
+    from keyedge.exporters import get_backend
+
+    path = Path(path)
+    if path.is_dir() and is_export_directory(path):
+        manifest = ArtifactManifest.read(path)
+        if target is None:
+            if len(manifest.targets) != 1:
+                raise KeyedgeError(
+                    f"{path} holds {', '.join(manifest.targets)} artifacts", "say which one to open (target=...)"
+                )
+            target = next(iter(manifest.targets))
+        if target not in manifest.targets:
+            raise KeyedgeError(f"{path} has no {target} artifact", f"it has {', '.join(manifest.targets)}")
+        main = manifest.artifact(target)
+    else:
+        target = target or artifact_target(path)
+        if target is None:
+            raise KeyedgeError(f"{path}: not an artifact keyedge knows", "pass an export directory or a model file")
+        main = path
+        manifest = ArtifactManifest.read(path.parent) if main.name.endswith(SEALED_SUFFIX) else None
+    backend = get_backend(target)
+    if verify_key is not None:
+        _check_signed(path if manifest is None else manifest.directory, target, verify_key)
+    if manifest is None or manifest.seal is None:
+        if main.name.endswith(SEALED_SUFFIX):
+            raise SealError(f"{main} is sealed but its manifest.json says nothing of it", "copy the artifact set again")
+        return backend.load(main, **settings)
+    if sealkey is None or (isinstance(sealkey, (list, tuple)) and not sealkey):
+        raise SealError(
+            f"{manifest.directory} is sealed (sealing key {manifest.seal['sealkey']})",
+            "pass the device's sealing key (--seal FILE)",
+        )
+    files = unseal_target(manifest, target, _matching(sealkey, manifest))
+    plain = main.with_name(main.name.removesuffix(SEALED_SUFFIX))
+    runner = backend.load(plain, files=files, **settings)
+    runner.path = main
+    return runner
+
+
+def _check_signed(where: Path | None, target: str, verify_key: Any) -> None:
+    from keyedge.deploy.verify import check_files
+    from keyedge.keys.signing import VerifyKey, check_signature, load_verify_key
+
+    directory = where if where is not None and where.is_dir() else Path(where or ".").parent
+    if not is_export_directory(directory):
+        raise SealError(f"{where} has no manifest.json beside it to check a signature of", "open an export directory")
+    check_signature(directory, verify_key if isinstance(verify_key, VerifyKey) else load_verify_key(verify_key))
+    check_files(ArtifactManifest.read(directory), [target])
+
+
+def _matching(sealkey: Any, manifest: ArtifactManifest) -> SealKey:
+    if isinstance(sealkey, (SealKey, str, os.PathLike)):
+        return as_sealkey(sealkey)
+    wanted = manifest.seal["sealkey"]
+    keys = list(sealkey)
+    found = next((k for k in keys if k.fingerprint == wanted), None)
+    if found is None:
+        given = ", ".join(k.fingerprint for k in keys) or "none"
+        raise SealError(
+            f"{manifest.directory} is sealed with sealing key {wanted}; the given sealing keys are {given}",
+            "pass the device's sealing key (--seal FILE)",
+        )
+    return found
+
+
+def open_sealed(path: str | os.PathLike, sealkey: SealKey | str | os.PathLike, **settings: Any) -> Runner:
+    """Decrypt a sealed artifact (its directory or sealed file) into memory and load it; see :func:`open_artifact`."""
+    return open_artifact(path, settings.pop("target", None), sealkey=sealkey, **settings)
