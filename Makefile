@@ -28,10 +28,10 @@ demo: $(STAMP)
 # the shuffle on a photo: what you see, and what a keyed model sees
 shuffle-demo: $(STAMP)
 	mkdir -p demo-shuffle
-	$(BIN)/keyedge keygen --block-size 8 --out demo-shuffle/k1.bin --force
+	$(BIN)/keyedge key new --block-size 8 --out demo-shuffle/k1.bin --overwrite
 	$(BIN)/python -m keyedge.data.samples astronaut demo-shuffle/astronaut.png
-	$(BIN)/keyedge shuffle demo-shuffle/astronaut.png --key-file demo-shuffle/k1.bin --out demo-shuffle/astronaut-shuffled.png --force
-	$(BIN)/keyedge shuffle demo-shuffle/astronaut-shuffled.png --key-file demo-shuffle/k1.bin --inverse --out demo-shuffle/astronaut-restored.png --force
+	$(BIN)/keyedge shuffle demo-shuffle/astronaut.png --key-file demo-shuffle/k1.bin --out demo-shuffle/astronaut-shuffled.png --overwrite
+	$(BIN)/keyedge shuffle demo-shuffle/astronaut-shuffled.png --key-file demo-shuffle/k1.bin --inverse --out demo-shuffle/astronaut-restored.png --overwrite
 	$(BIN)/keyedge key show demo-shuffle/k1.bin
 
 # the rule set in pyproject.toml ([tool.ruff]); `ruff format .` and `ruff check --fix .` repair most findings

@@ -1,4 +1,4 @@
-"""The CLI end to end: keygen, key show, import-seed, shuffle, doctor -- and every bad input."""
+"""The CLI end to end: key new, key show, import-seed, shuffle, doctor -- and every bad input; old spellings."""
 
 from __future__ import annotations
 
@@ -48,41 +48,51 @@ def photo(tmp_path):
 @pytest.fixture
 def keyfile(tmp_path):
     path = tmp_path / "k1.bin"
-    assert run("keygen", "--block-size", 4, "--out", path).exit_code == 0
+    assert run("key", "new", "--block-size", 4, "--out", path).exit_code == 0
     return path
 
 
 def test_help_everywhere():
-    for args in ([], ["keygen"], ["key"], ["key", "show"], ["key", "import-seed"], ["shuffle"], ["doctor"]):
+    for args in (
+        [],
+        ["keygen"],
+        ["key"],
+        ["key", "new"],
+        ["key", "show"],
+        ["key", "import-seed"],
+        ["shuffle"],
+        ["doctor"],
+    ):
         result = run(*args, "--help")
         assert result.exit_code == 0 and "Usage" in result.output, args
 
 
-def test_keygen_writes_private_key(tmp_path, keyfile):
+def test_key_new_writes_private_key(tmp_path, keyfile):
     assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
     key = load_key(keyfile)
     assert key.block_size == 4 and key.fixed_points == 0
     assert listing(tmp_path) == ["k1.bin"]
 
 
-def test_keygen_refuses_overwrite_without_force(tmp_path, keyfile):
+def test_key_new_refuses_overwrite_without_overwrite(tmp_path, keyfile):
     before = keyfile.read_bytes()
-    assert_clean_error(run("keygen", "-b", 4, "-o", keyfile), "already exists", "--force")
+    assert_clean_error(run("key", "new", "-b", 4, "-o", keyfile), "already exists", "--overwrite")
     assert keyfile.read_bytes() == before
-    assert run("keygen", "-b", 8, "-o", keyfile, "--force").exit_code == 0
+    result = run("key", "new", "-b", 8, "-o", keyfile, "--overwrite")
+    assert result.exit_code == 0 and "note:" not in result.stderr
     assert load_key(keyfile).block_size == 8
     assert listing(tmp_path) == ["k1.bin"]
 
 
-def test_keygen_bad_output_paths(tmp_path):
-    assert_clean_error(run("keygen", "-o", tmp_path / "missing" / "k.bin"), "does not exist")
-    assert_clean_error(run("keygen", "-o", tmp_path), "is a directory")
-    assert_clean_error(run("keygen", "-o", "/proc/k.bin"), "/proc")
+def test_key_new_bad_output_paths(tmp_path):
+    assert_clean_error(run("key", "new", "-o", tmp_path / "missing" / "k.bin"), "does not exist")
+    assert_clean_error(run("key", "new", "-o", tmp_path), "is a directory")
+    assert_clean_error(run("key", "new", "-o", "/proc/k.bin"), "/proc")
     assert listing(tmp_path) == []
 
 
-def test_keygen_rejects_bad_block_size(tmp_path):
-    result = run("keygen", "-b", 0, "-o", tmp_path / "k.bin")
+def test_key_new_rejects_bad_block_size(tmp_path):
+    result = run("key", "new", "-b", 0, "-o", tmp_path / "k.bin")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert listing(tmp_path) == []
 
@@ -144,7 +154,8 @@ def test_import_seed(tmp_path):
         torch.manual_seed(1234)
         assert load_key(out).permutation.tolist() == torch.randperm(48).tolist()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
-    assert_clean_error(run("key", "import-seed", 1, "-b", 4, "-o", out), "already exists")
+    assert_clean_error(run("key", "import-seed", 1, "-b", 4, "-o", out), "already exists", "--overwrite")
+    assert run("key", "import-seed", 1, "-b", 4, "-o", out, "--overwrite").exit_code == 0
     assert run("key", "import-seed", -3, "-b", 4, "-o", tmp_path / "neg.bin").exit_code == 2
     assert not (tmp_path / "neg.bin").exists()
 
@@ -191,8 +202,15 @@ def test_shuffle_bad_inputs_leave_nothing(tmp_path, photo, keyfile):
     assert_clean_error(run("shuffle", photo, "-k", tmp_path / "nokey.bin", "-o", tmp_path / "o.png"), "not found")
     assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", tmp_path / "o.xyz"), "image format")
     assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", tmp_path / "no" / "o.png"), "does not exist")
-    assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", photo), "already exists")
+    assert_clean_error(run("shuffle", photo, "-k", keyfile, "-o", photo), "already exists", "--overwrite")
     assert listing(tmp_path) == sorted(before)
+
+
+def test_shuffle_overwrite_replaces_out(tmp_path, photo, keyfile):
+    out = tmp_path / "s.png"
+    assert run("shuffle", photo, "-k", keyfile, "-o", out).exit_code == 0
+    result = run("shuffle", photo, "-k", keyfile, "-o", out, "--inverse", "--overwrite")
+    assert result.exit_code == 0 and "note:" not in result.stderr and "un-shuffled" in result.stdout
 
 
 def test_shuffle_lossy_output_warns(tmp_path, photo, keyfile):
@@ -259,12 +277,72 @@ def test_device_data_force_mean_one_thing_everywhere():
                 assert option.default == "auto" and "profile" not in option.help, (path, option.help)
             if "--profile" in names:
                 assert "rofile" in option.help and option.default is None, (path, option.help)
-            if names & {"--force", "--overwrite"}:
+            if "--overwrite" in names:
                 assert option.help.startswith("Replace") or option.help.startswith("Start over, replacing"), (
                     path,
                     option.help,
                 )
-    assert {"-d", "--data", "--device", "--profile", "--force", "--overwrite", "--allow-key-mismatch"} <= seen
+            if names & {"--key-file", "-k"}:
+                assert names == {"--key-file", "-k"}, (path, names)
+            assert "--force" not in names, path  # the old spelling of --overwrite: hidden, for one release
+            assert not names & {"--json", "--markdown"} or not path.startswith("bench l"), path  # now --out DIR
+    assert {"-d", "--data", "--device", "--profile", "--overwrite", "--key-file", "--allow-key-mismatch"} <= seen
+
+
+def test_shared_options_are_declared_once():
+    """--key-file, --overwrite and --force (its old spelling) are declared in keyedge/cli/_flags.py only."""
+    import re
+    from pathlib import Path
+
+    import keyedge.cli
+
+    declared = re.compile(r'(?:Option\(\s*[^,"]*,|renamed\()\s*"--(?:key-file|overwrite|force)"')
+    sources = {source.name: source.read_text() for source in Path(keyedge.cli.__file__).parent.glob("*.py")}
+    assert len(declared.findall(sources.pop("_flags.py"))) == 3  # --key-file, --overwrite, --force
+    for name, text in sources.items():
+        assert not declared.findall(text), name
+
+
+def _note_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("note: --force")]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["key", "new", "-b", 4],
+        ["keygen", "-b", 4],
+        ["key", "import-seed", 7, "-b", 4],
+        ["sealkey", "new"],
+        ["signkey", "new"],
+    ],
+)
+def test_old_force_still_replaces_with_one_note(tmp_path, command):
+    out = tmp_path / "k.bin"
+    assert run(*command, "-o", out).exit_code == 0
+    assert_clean_error(run(*command, "-o", out), "already exists", "--overwrite")
+    result = run(*command, "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert _note_lines(result) == ["note: --force is now --overwrite; --force will be removed in the next release"], (
+        result.stderr
+    )
+    assert run(*command, "-o", out, "--overwrite").exit_code == 0
+
+
+def test_old_force_on_shuffle(tmp_path, photo, keyfile):
+    out = tmp_path / "s.png"
+    assert run("shuffle", photo, "-k", keyfile, "-o", out).exit_code == 0
+    result = run("shuffle", photo, "-k", keyfile, "-o", out, "--force")
+    assert result.exit_code == 0 and len(_note_lines(result)) == 1, result.output
+
+
+def test_keygen_is_the_old_name_of_key_new(tmp_path):
+    top = run("--help").stdout
+    assert "keygen" not in top and "key " in top
+    assert "Old name of `keyedge key new`" in run("keygen", "--help").stdout
+    result = run("keygen", "-b", 8, "-o", tmp_path / "k.bin")
+    assert result.exit_code == 0 and result.stderr == "", result.output  # works as before, no note
+    assert load_key(tmp_path / "k.bin").block_size == 8
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -126,6 +127,7 @@ def test_two_concurrent_exports_of_one_key_leave_one_complete_artifact_set(tmp_p
     "args, fragment",
     [
         (["export", "--bogus"], "No such option: --bogus"),
+        (["key", "new"], "Missing option '--out'"),
         (["keygen"], "Missing option '--out'"),
         (["bench", "latency"], "Missing argument"),
         (["bench", "latency", "--threads", "x", "dir"], "Invalid value for '--threads'"),
@@ -142,7 +144,7 @@ def test_usage_errors_are_one_line(tmp_path, monkeypatch, args, fragment):
 def test_file_names_are_never_markup(tmp_path):
     (tmp_path / "k[").mkdir()
     out = tmp_path / "k[/x].bin"  # rich would read "[/x]" as a closing tag and fail after the key was written
-    result = runner.invoke(app, ["keygen", "-b", "4", "-o", str(out)])
+    result = runner.invoke(app, ["key", "new", "-b", "4", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert str(out) in result.stdout and out.is_file()
     shown = runner.invoke(app, ["key", "show", str(out)])
@@ -183,16 +185,56 @@ def test_bench_latency_refuses_an_artifact_it_cannot_load_and_never_clobbers_a_r
     bad = tmp_path / "model.onnx"
     bad.write_text("not a model")
     _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--no-progress"]), "cannot load", "model.onnx")
-    report = tmp_path / "r.json"
-    report.write_text("precious")
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "latency.json").write_text("precious")
     _one_line(
-        runner.invoke(app, ["bench", "latency", str(bad), "--json", str(report)]), "already exists", "--overwrite"
+        runner.invoke(app, ["bench", "latency", str(bad), "--out", str(reports)]), "already exists", "--overwrite"
     )
-    assert report.read_text() == "precious"
+    assert (reports / "latency.json").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("old", "name", "target", "fragment"),
+    [
+        ("--json", "latency.json", "r.json", "already exists"),
+        ("--markdown", "latency.md", "dir", "a directory"),
+        ("--json", "latency.json", "no/r.json", "does not exist"),
+    ],
+)
+def test_bench_latency_old_report_flags_still_check_their_file_first(tmp_path, old, name, target, fragment):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("not a model")
+    (tmp_path / "r.json").write_text("precious")
     (tmp_path / "dir").mkdir()
-    _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--markdown", str(tmp_path / "dir")]), "a directory")
-    missing = tmp_path / "no" / "such" / "r.json"
-    _one_line(runner.invoke(app, ["bench", "latency", str(bad), "--json", str(missing)]), "does not exist")
+    result = runner.invoke(app, ["bench", "latency", str(bad), old, str(tmp_path / target)])
+    note, *rest = [line for line in result.stderr.splitlines() if line.strip()]
+    assert note == f"note: {old} is now --out DIR (DIR/{name}); {old} will be removed in the next release"
+    assert result.exit_code == 2 and len(rest) == 1 and rest[0].startswith("error: ") and fragment in rest[0]
+    assert (tmp_path / "r.json").read_text() == "precious"
+
+
+def test_bench_latency_out_and_the_old_report_flags(tmp_path):
+    """--out DIR writes DIR/latency.json and DIR/latency.md; --json/--markdown still write their files, with a note."""
+    from keyedge.benchmarks.workbench import untrained_checkpoint
+    from keyedge.models.backbones import build_model
+
+    ckpt = untrained_checkpoint(
+        tmp_path / "plain", build_model("test_efficientnet", 10, weights="none", image_size=32).eval()
+    )
+    fast = ["--no-progress", "--min-seconds", "0.01", "--min-iterations", "2", "--rounds", "1", "--batch", "1"]
+    old = ["--json", str(tmp_path / "old.json"), "--markdown", str(tmp_path / "old.md")]
+    result = runner.invoke(app, ["bench", "latency", str(ckpt), *fast, "--out", str(tmp_path / "rep"), *old])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["latency.json", "latency.md"]
+    assert (tmp_path / "rep" / "latency.json").read_text() == (tmp_path / "old.json").read_text()
+    assert json.loads((tmp_path / "old.json").read_text())["schema"] == "keyedge-latency/1"
+    assert (tmp_path / "rep" / "latency.md").read_text() == (tmp_path / "old.md").read_text()
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: --json is now --out DIR (DIR/latency.json); --json will be removed in the next release",
+        "note: --markdown is now --out DIR (DIR/latency.md); --markdown will be removed in the next release",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -288,10 +330,10 @@ def test_a_tiny_image_gets_a_hint_that_can_work(tmp_path, small_keyed_checkpoint
     "name, fragment",
     [("x" * 300 + ".bin", "too long"), ("file/k.bin", "is a file"), ("dangling", "already exists")],
 )
-def test_keygen_refuses_bad_output_paths(tmp_path, name, fragment):
+def test_key_new_refuses_bad_output_paths(tmp_path, name, fragment):
     (tmp_path / "file").write_text("a file")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    _one_line(runner.invoke(app, ["keygen", "-b", "4", "-o", str(tmp_path / name)]), fragment)
+    _one_line(runner.invoke(app, ["key", "new", "-b", "4", "-o", str(tmp_path / name)]), fragment)
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -435,7 +477,7 @@ def test_a_signal_while_converter_output_is_captured_gives_the_terminal_back(mon
     """A Ctrl-C that lands inside the capture's own set-up or tear-down (seen in CI as a silent SIGTERM exit)."""
     import logging
 
-    from keyedge.exporters import base
+    from keyedge.exporters import capture as base
 
     before = (_where(1), _where(2), sys.stdout, sys.stderr)
     real_disable = logging.disable

@@ -153,9 +153,11 @@ def _split_left(proc: subprocess.CompletedProcess) -> tuple[subprocess.Completed
     "kind, fragment",
     [("full", "no space left on device"), ("read_only", "read-only file system")],
 )
-def test_keygen_on_a_full_or_read_only_disk(tmp_path, kind, fragment):
+def test_key_new_on_a_full_or_read_only_disk(tmp_path, kind, fragment):
     mount = tmp_path / "mnt"
-    proc = _on_small_fs(mount, [*KEYEDGE, "keygen", "-b", "4", "-o", f"{mount}/d/k.bin"], size="256k", **{kind: True})
+    proc = _on_small_fs(
+        mount, [*KEYEDGE, "key", "new", "-b", "4", "-o", f"{mount}/d/k.bin"], size="256k", **{kind: True}
+    )
     proc, left = _split_left(proc)
     line = _one_line_error(proc)
     assert fragment in line.lower() or "not writable" in line or "cannot write" in line, line

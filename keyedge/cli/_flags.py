@@ -1,4 +1,9 @@
-"""Flags shared by commands: retired spellings (hidden, one-line refusal) and the --target list."""
+"""Options shared by commands, declared once here: ``--key-file``, ``--overwrite``, ``--target``, ``--device``.
+
+Old spellings come in two kinds: :func:`renamed` ones still work for one release (hidden; given, they print
+one ``note:`` line on stderr and then mean the new option), :func:`retired` ones are refused with a
+one-line error naming the new option.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,59 @@ from typing import Any
 import typer
 
 from keyedge.errors import KeyedgeError
+
+NEXT_RELEASE = "will be removed in the next release"
+
+
+def key_file_option(help: str, *, required: bool = False) -> Any:
+    """The one ``--key-file`` (``-k``): a secret key file. A command taking several declares ``list[Path] | None``."""
+    return typer.Option(... if required else None, "--key-file", "-k", help=help)
+
+
+def overwrite_option(help: str) -> Any:
+    """The one ``--overwrite``: replace output that exists. ``help`` says what is replaced ("Replace ...")."""
+    return typer.Option(False, "--overwrite", help=help)
+
+
+def old_force() -> Any:
+    """``--force``, the old spelling of ``--overwrite`` (one release): a note, then it means ``--overwrite``."""
+    return renamed("--force", new="--overwrite", flag=True)
+
+
+def target_option() -> Any:
+    """The one ``--target`` (``-t``): export targets, repeatable, ``all`` for every installed one."""
+    return typer.Option(
+        ["onnx"],
+        "--target",
+        "-t",
+        help="onnx, openvino, coreml, litert, executorch or all (installed ones; repeatable).",
+    )
+
+
+def device_option(help: str = "Torch device: auto, cpu, cuda, cuda:N or mps.") -> Any:
+    """The one ``--device``: a torch device (device profiles are ``--profile``)."""
+    return typer.Option("auto", "--device", help=help)
+
+
+def note_renamed(old: str, new: str) -> None:
+    """The one line an old spelling prints before it does what it always did."""
+    from keyedge.cli._console import err_console
+
+    err_console.print(f"note: {old} is now {new}; {old} {NEXT_RELEASE}", markup=False, highlight=False)
+
+
+def renamed(*names: str, new: str, flag: bool = False) -> Any:
+    """A hidden ``typer.Option`` under an old spelling that still works: given, it prints :func:`note_renamed`.
+
+    The command then reads it as the new option (e.g. ``overwrite = overwrite or force``).
+    """
+
+    def note(value: Any) -> Any:
+        if value not in (None, False):
+            note_renamed(names[0], new)
+        return value
+
+    return typer.Option(False if flag else None, *names, hidden=True, callback=note)
 
 
 def retired(*names: str, message: str, hint: str, flag: bool = False) -> Any:

@@ -1,18 +1,21 @@
-"""``keyedge bench``: latency of exported artifacts on a device profile, and the regression gate.
+"""``keyedge bench``: latency of exported artifacts on a device profile, the regression gate, robustness.
 
-``keyedge bench latency DIR... [--profile devices/X.toml]`` times every artifact of the export directories
-given, interleaved, and reports keyed/plain, gather/fold and runtime ratios;
-``keyedge bench regress --baseline B.json --current C.json`` exits 1 on a regression.
+``keyedge bench latency DIR... [--profile devices/X.toml] [--out REPORT]`` times every artifact of the export
+directories given, interleaved, and reports keyed/plain, gather/fold and runtime ratios;
+``keyedge bench regress --baseline B.json --current C.json`` exits 1 on a regression;
+``keyedge bench robustness CKPT... --out REPORT`` attacks the models. Both reports are ``--out DIR``:
+``DIR/latency.{json,md}``, ``DIR/robustness.{json,md}`` and plots.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 
 from keyedge.cli._console import console, err_console, progress_bar
-from keyedge.cli._flags import retired
+from keyedge.cli._flags import device_option, key_file_option, overwrite_option, renamed, retired
 
 bench_app = typer.Typer(
     help="Benchmark exported artifacts on a device profile; gate latency regressions.", no_args_is_help=True
@@ -26,7 +29,21 @@ def _sealkeys(paths: list[Path] | None) -> list:
     return [load_sealkey(path) for path in paths or []]
 
 
-@bench_app.command("latency")
+def _check_report_dir(out: Path | None, overwrite: bool) -> None:
+    """A report directory that exists fails now (without --overwrite), not after the measurement."""
+    from keyedge.errors import OutputError
+
+    if out is not None and out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+
+
+REPORT_OUT_HELP = (
+    "Both bench commands write their report as --out DIR: DIR/<name>.json (the data), DIR/<name>.md and, "
+    "for robustness, PNG plots; --overwrite replaces DIR as a whole."
+)
+
+
+@bench_app.command("latency", epilog=REPORT_OUT_HELP)
 def latency(
     paths: list[Path] = typer.Argument(
         ...,
@@ -58,30 +75,34 @@ def latency(
         min=1,
         help="Batch sizes for dynamic-batch artifacts (repeatable; default: the profile's).",
     ),
-    key_files: list[Path] | None = typer.Option(
-        None,
-        "--key-file",
-        "-k",
-        help="Key of a keyed checkpoint for the torch runtime (repeatable; matched by fingerprint, never recorded).",
+    key_files: list[Path] | None = key_file_option(
+        "Key of a keyed checkpoint for the torch runtime (repeatable; matched by fingerprint, never recorded)."
     ),
     seal: list[Path] | None = typer.Option(
         None, "--seal", help="Sealing key file of sealed artifacts (repeatable; matched by fingerprint)."
     ),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the keyedge-latency/1 JSON report here."),
-    markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown report here."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json / --markdown files."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Report directory: OUT/latency.json (keyedge-latency/1) and OUT/latency.md; without it, the table only.",
+    ),
+    json_out: Path | None = renamed("--json", new="--out DIR (DIR/latency.json)"),
+    markdown_out: Path | None = renamed("--markdown", new="--out DIR (DIR/latency.md)"),
+    overwrite: bool = overwrite_option("Replace an existing --out directory."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Time artifacts (load, first and steady inference, throughput, memory), interleaved, with keyed/plain ratios."""
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile, load_profile
-    from keyedge.fileio import check_writable, write_bytes_atomic
+    from keyedge.fileio import check_writable
     from keyedge.keys.keyfile import load_key
 
-    for out in (json_out, markdown_out):
-        if out is not None:  # an unwritable report path fails now, not after the measurement
-            check_writable(out, overwrite=overwrite, flag="--overwrite")
+    _check_report_dir(out, overwrite)
+    for old in (json_out, markdown_out):
+        if old is not None:  # an unwritable report path fails now, not after the measurement
+            check_writable(old, overwrite=overwrite, flag="--overwrite")
     profile = load_profile(profile_path) if profile_path is not None else builtin_profile()
     keys = [load_key(path) for path in key_files or []]
     sealkeys = _sealkeys(seal)
@@ -99,10 +120,22 @@ def latency(
     else:
         report = run_latency(paths, profile, settings, keys=keys, sealkeys=sealkeys)
     report.print_rich(console)
-    for out, text in ((json_out, report.to_json()), (markdown_out, report.to_markdown())):
-        if out is not None:
-            write_bytes_atomic(out, text.encode(), overwrite=overwrite, flag="--overwrite")
-            err_console.print(f"wrote {out}", markup=False)
+    _write_latency(report, out, json_out, markdown_out, overwrite)
+
+
+def _write_latency(report, out: Path | None, json_out: Path | None, markdown_out: Path | None, overwrite: bool):
+    """OUT/latency.json and OUT/latency.md (all or nothing); the old --json / --markdown files as before."""
+    from keyedge.fileio import staged_directory, write_bytes_atomic
+
+    if out is not None:
+        with staged_directory(out, overwrite=overwrite, mode=0o755) as tmp:
+            (tmp / "latency.json").write_text(report.to_json())
+            (tmp / "latency.md").write_text(report.to_markdown())
+        err_console.print(f"wrote {out}/latency.json and latency.md", markup=False)
+    for old, text in ((json_out, report.to_json()), (markdown_out, report.to_markdown())):
+        if old is not None:
+            write_bytes_atomic(old, text.encode(), overwrite=overwrite, flag="--overwrite")
+            err_console.print(f"wrote {old}", markup=False)
 
 
 @bench_app.command("regress")
@@ -130,7 +163,7 @@ def regress(
         "accuracy. Use --only ratio across machines: absolute times differ.",
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the gate's result as JSON here."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+    overwrite: bool = overwrite_option("Replace an existing --json file."),
 ) -> None:
     """Fail (exit 1) when p50 latency, a keyed/plain ratio or accuracy regressed past the profile's thresholds."""
     import json
@@ -162,154 +195,111 @@ def regress(
         raise typer.Exit(1)
 
 
-@bench_app.command("robustness")
+# bench robustness's options, declared here so that the command reads as its list of settings
+CHECKPOINTS = typer.Argument(..., help="Checkpoint directories (or directories holding several).")
+R_KEY_FILE = key_file_option(
+    "Key file (repeatable); matched to checkpoints by fingerprint. Every key is also a key-diversity column."
+)
+R_KEYS = typer.Option(None, "--keys", help="Directory of key files.")
+R_DATA = typer.Option("fashion-mnist", "--data", "-d", help="Test data (as for train).")
+R_LIMIT = typer.Option(500, "--limit", min=1, help="Test images (class-stratified, seeded).")
+R_SEED = typer.Option(0, "--seed", min=0, help="Seed of the test subset and the attacks.")
+ATTACK = typer.Option(
+    "pgd",
+    "--attack",
+    help="Attack crafting the adversarial sets: pgd, apgd-ce, apgd-dlr, mifgsm, ifgsm, fgsm, pgdl2, autoattack.",
+)
+EPS = typer.Option(
+    "16/255", "--eps", help="Budget, e.g. 8/255 (Fashion-MNIST needs 16/255 for white-box PGD to reach ~0)."
+)
+STEPS = typer.Option(20, "--steps", min=1, help="Attack steps.")
+SWEEP_EPS = typer.Option(
+    "0,2/255,4/255,8/255,16/255", "--sweep-eps", help="Budgets of the eps sweep (comma-separated; '' for none)."
+)
+SWEEP_LIMIT = typer.Option(200, "--sweep-limit", min=1, help="Images in the eps sweep.")
+GRADIENT_LIMIT = typer.Option(128, "--gradient-limit", min=1, help="Images for gradient similarity.")
+EOT_MAX = typer.Option(0, "--eot-max", min=0, help="Surrogates summed in multi-key EoT (0: all, >= 2 used).")
+ARTIFACTS = typer.Option(
+    None,
+    "--artifacts",
+    "-a",
+    help="Export directories of evaluated checkpoints: classify the adversarial images with them too.",
+)
+R_SEAL = typer.Option(
+    None, "--seal", help="Sealing key file of sealed --artifacts (repeatable; matched by fingerprint)."
+)
+LOCALIZED = typer.Option(
+    "",
+    "--localized",
+    help="Localized attacks, white-box on every model, e.g. 'npixel:1,npixel:4,npixel:16,patch:0.05,patch:0.25'.",
+)
+LOCALIZED_LIMIT = typer.Option(100, "--localized-limit", min=1, help="Images for the localized attacks.")
+NPIXEL_POPSIZE = typer.Option(
+    50, "--npixel-popsize", min=4, help="N-pixel: differential-evolution population (Su et al.: 400)."
+)
+NPIXEL_STEPS = typer.Option(20, "--npixel-steps", min=0, help="N-pixel: generations (Su et al.: 100).")
+QUERY = typer.Option(
+    "",
+    "--query",
+    help="Query attacks (outputs only, no key, no gradients) on the models and the --artifacts, e.g. "
+    "'square:5000,hsj:1000' (QUERIES per image).",
+)
+QUERY_BUDGETS = typer.Option(
+    "100,1000,5000", "--query-budgets", help="Query budgets robust accuracy is read off at (comma-separated)."
+)
+QUERY_LIMIT = typer.Option(100, "--query-limit", min=1, help="Images for the query attacks.")
+QUERY_TARGET = typer.Option(
+    None, "--query-target", help="Model (directory name) to run the query attacks on (repeatable; default: all)."
+)
+R_BATCH_SIZE = typer.Option(100, "--batch-size", min=1)
+R_OUT = typer.Option(
+    Path("reports/robustness"),
+    "--out",
+    "-o",
+    help="Report directory: OUT/robustness.json (keyedge-robustness/1), OUT/robustness.md and PNG plots.",
+)
+
+
+@bench_app.command("robustness", epilog=REPORT_OUT_HELP)
 def robustness(
-    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (or directories holding several)."),
-    key_file: list[Path] | None = typer.Option(
-        None,
-        "--key-file",
-        "-k",
-        help="Key file (repeatable); matched to checkpoints by fingerprint. Every key is also a key-diversity column.",
-    ),
-    keys: Path | None = typer.Option(None, "--keys", help="Directory of key files."),
-    data: str = typer.Option("fashion-mnist", "--data", "-d", help="Test data (as for train)."),
-    limit: int = typer.Option(500, "--limit", min=1, help="Test images (class-stratified, seeded)."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the test subset and the attacks."),
-    attack: str = typer.Option(
-        "pgd",
-        "--attack",
-        help="Attack crafting the adversarial sets: pgd, apgd-ce, apgd-dlr, mifgsm, ifgsm, fgsm, pgdl2, autoattack.",
-    ),
-    eps: str = typer.Option(
-        "16/255", "--eps", help="Budget, e.g. 8/255 (Fashion-MNIST needs 16/255 for white-box PGD to reach ~0)."
-    ),
-    steps: int = typer.Option(20, "--steps", min=1, help="Attack steps."),
-    sweep_eps: str = typer.Option(
-        "0,2/255,4/255,8/255,16/255", "--sweep-eps", help="Budgets of the eps sweep (comma-separated; '' for none)."
-    ),
-    sweep_limit: int = typer.Option(200, "--sweep-limit", min=1, help="Images in the eps sweep."),
-    gradient_limit: int = typer.Option(128, "--gradient-limit", min=1, help="Images for gradient similarity."),
-    eot_max: int = typer.Option(0, "--eot-max", min=0, help="Surrogates summed in multi-key EoT (0: all, >= 2 used)."),
-    artifacts: list[Path] | None = typer.Option(
-        None,
-        "--artifacts",
-        "-a",
-        help="Export directories of evaluated checkpoints: classify the adversarial images with them too.",
-    ),
-    seal: list[Path] | None = typer.Option(
-        None, "--seal", help="Sealing key file of sealed --artifacts (repeatable; matched by fingerprint)."
-    ),
-    localized: str = typer.Option(
-        "",
-        "--localized",
-        help="Localized attacks, white-box on every model, e.g. 'npixel:1,npixel:4,npixel:16,patch:0.05,patch:0.25'.",
-    ),
-    localized_limit: int = typer.Option(100, "--localized-limit", min=1, help="Images for the localized attacks."),
-    npixel_popsize: int = typer.Option(
-        50, "--npixel-popsize", min=4, help="N-pixel: differential-evolution population (Su et al.: 400)."
-    ),
-    npixel_steps: int = typer.Option(20, "--npixel-steps", min=0, help="N-pixel: generations (Su et al.: 100)."),
-    query: str = typer.Option(
-        "",
-        "--query",
-        help="Query attacks (outputs only, no key, no gradients) on the models and the --artifacts, e.g. "
-        "'square:5000,hsj:1000' (QUERIES per image).",
-    ),
-    query_budgets: str = typer.Option(
-        "100,1000,5000", "--query-budgets", help="Query budgets robust accuracy is read off at (comma-separated)."
-    ),
-    query_limit: int = typer.Option(100, "--query-limit", min=1, help="Images for the query attacks."),
-    query_target: list[str] | None = typer.Option(
-        None, "--query-target", help="Model (directory name) to run the query attacks on (repeatable; default: all)."
-    ),
-    batch_size: int = typer.Option(100, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:N or mps."),
-    out: Path = typer.Option(Path("reports/robustness"), "--out", "-o", help="Report directory (JSON, markdown, PNG)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report directory."),
+    checkpoints: list[Path] = CHECKPOINTS,
+    key_file: list[Path] | None = R_KEY_FILE,
+    keys: Path | None = R_KEYS,
+    data: str = R_DATA,
+    limit: int = R_LIMIT,
+    seed: int = R_SEED,
+    attack: str = ATTACK,
+    eps: str = EPS,
+    steps: int = STEPS,
+    sweep_eps: str = SWEEP_EPS,
+    sweep_limit: int = SWEEP_LIMIT,
+    gradient_limit: int = GRADIENT_LIMIT,
+    eot_max: int = EOT_MAX,
+    artifacts: list[Path] | None = ARTIFACTS,
+    seal: list[Path] | None = R_SEAL,
+    localized: str = LOCALIZED,
+    localized_limit: int = LOCALIZED_LIMIT,
+    npixel_popsize: int = NPIXEL_POPSIZE,
+    npixel_steps: int = NPIXEL_STEPS,
+    query: str = QUERY,
+    query_budgets: str = QUERY_BUDGETS,
+    query_limit: int = QUERY_LIMIT,
+    query_target: list[str] | None = QUERY_TARGET,
+    batch_size: int = R_BATCH_SIZE,
+    device: str = device_option(),
+    out: Path = R_OUT,
+    overwrite: bool = overwrite_option("Replace an existing report directory."),
 ) -> None:
     """Attack keyed models: white-box sanity, transfer (non-adaptive, adaptive, multi-key EoT), the noise control,
     query attacks; the worst case without the key as headline; matrices, sweeps, deployed artifacts."""
-
-    from keyedge.attacks import get_attack, list_attacks, parse_eps
-    from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
     from keyedge.checkpoints import find_checkpoints
-    from keyedge.errors import KeyedgeError, OutputError
     from keyedge.keys.keyfile import load_keys
-    from keyedge.training.loop import resolve_device
 
-    scenario_attacks = list_attacks(kind=("single-step", "iterative"))  # localized ones go in --localized
-    if attack in list_attacks(kind="query"):
-        raise KeyedgeError(
-            f"{attack} is a query attack, not one that crafts transfer sets", f"run it with --query {attack}"
-        )
-    if attack not in scenario_attacks:
-        raise KeyedgeError(f"unknown attack {attack!r} for the scenarios", f"use one of {', '.join(scenario_attacks)}")
-    from keyedge.benchmarks.robustness import parse_localized, parse_query
-
-    budgets = [e.strip() for e in sweep_eps.split(",") if e.strip()]
-    linf = get_attack(attack).norm == "Linf"
-    for text in [eps, *budgets]:
-        value = parse_eps(text)  # a bad budget fails now, not after an hour of attacks
-        if linf and value > 1:
-            raise KeyedgeError(
-                f"--eps {text} is more than the whole [0, 1] pixel range for an Linf attack",
-                f"write it as a fraction of the range, e.g. {text}/255",
-            )
-    local = [spec.strip() for spec in localized.split(",") if spec.strip()]
-    for spec in local:
-        parse_localized(spec)
-    queries = [spec.strip() for spec in query.split(",") if spec.strip()]
-    for spec in queries:
-        parse_query(spec)
-    budgets_q = []
-    for text in (b.strip() for b in query_budgets.split(",") if b.strip()):
-        if not text.isdigit() or int(text) < 1:
-            raise KeyedgeError(
-                f"bad query budget {text!r} in --query-budgets", "write positive integers, e.g. 100,1000"
-            )
-        budgets_q.append(int(text))
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    config = _robustness_config(SimpleNamespace(**locals()))  # every bad setting fails now, before any attack
+    _check_report_dir(out, overwrite)
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
-    sealkeys = _sealkeys(seal)
-    config = RobustnessConfig(
-        data=data,
-        limit=limit,
-        seed=seed,
-        attack=attack,
-        eps=eps,
-        steps=steps,
-        sweep_eps=budgets,
-        sweep_limit=sweep_limit,
-        gradient_limit=gradient_limit,
-        eot_max=eot_max,
-        batch_size=batch_size,
-        device=str(resolve_device(device)),
-        artifacts=[str(a) for a in artifacts or []],
-        localized=local,
-        localized_limit=localized_limit,
-        npixel_popsize=npixel_popsize,
-        npixel_steps=npixel_steps,
-        query=queries,
-        query_budgets=budgets_q,
-        query_limit=query_limit,
-        query_targets=list(query_target or []),
-    )
-    with progress_bar() as bar:
-
-        def progress(label: str, total: int):
-            task = bar.add_task(label, total=total)
-            return lambda done: bar.update(task, completed=done)
-
-        report = run_robustness(
-            paths,
-            key_list,
-            config,
-            progress=progress,
-            log=lambda line: err_console.print(line, markup=False),
-            sealkeys=sealkeys,
-        )
+    report = _run_robustness(paths, key_list, config, _sealkeys(seal))
     report.print_rich(console)
     report.write(out, overwrite=overwrite)
     err_console.print(f"wrote {out}/robustness.json, robustness.md and plots", markup=False)
@@ -318,6 +308,119 @@ def robustness(
             "warning: the white-box sanity check failed; the robust accuracies above are not "
             "trustworthy (see the trust checks)",
             markup=False,
+        )
+
+
+def _robustness_config(o: SimpleNamespace):
+    """``bench robustness``'s options as a ``RobustnessConfig``: the attack, budgets and specs checked first."""
+    from keyedge.benchmarks.robustness import RobustnessConfig
+    from keyedge.training.loop import resolve_device
+
+    _check_scenario_attack(o.attack)
+    budgets = _split(o.sweep_eps)
+    _check_budgets(o.attack, [o.eps, *budgets])
+    local, queries = _split(o.localized), _split(o.query)
+    _check_specs(local, queries)
+    return RobustnessConfig(
+        data=o.data,
+        limit=o.limit,
+        seed=o.seed,
+        attack=o.attack,
+        eps=o.eps,
+        steps=o.steps,
+        sweep_eps=budgets,
+        sweep_limit=o.sweep_limit,
+        gradient_limit=o.gradient_limit,
+        eot_max=o.eot_max,
+        batch_size=o.batch_size,
+        device=str(resolve_device(o.device)),
+        artifacts=[str(a) for a in o.artifacts or []],
+        localized=local,
+        localized_limit=o.localized_limit,
+        npixel_popsize=o.npixel_popsize,
+        npixel_steps=o.npixel_steps,
+        query=queries,
+        query_budgets=_query_budgets(o.query_budgets),
+        query_limit=o.query_limit,
+        query_targets=list(o.query_target or []),
+    )
+
+
+def _split(text: str) -> list[str]:
+    """A comma-separated option's items, blanks dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _check_scenario_attack(attack: str) -> None:
+    """--attack names an attack that crafts transfer sets (single-step or iterative; localized ones: --localized)."""
+    from keyedge.attacks import list_attacks
+    from keyedge.errors import KeyedgeError
+
+    scenario_attacks = list_attacks(kind=("single-step", "iterative"))
+    if attack in list_attacks(kind="query"):
+        raise KeyedgeError(
+            f"{attack} is a query attack, not one that crafts transfer sets", f"run it with --query {attack}"
+        )
+    if attack not in scenario_attacks:
+        raise KeyedgeError(f"unknown attack {attack!r} for the scenarios", f"use one of {', '.join(scenario_attacks)}")
+
+
+def _check_budgets(attack: str, budgets: list[str]) -> None:
+    """--eps and --sweep-eps parse, and an Linf budget fits in the [0, 1] pixel range."""
+    from keyedge.attacks import get_attack, parse_eps
+    from keyedge.errors import KeyedgeError
+
+    linf = get_attack(attack).norm == "Linf"
+    for text in budgets:
+        value = parse_eps(text)  # a bad budget fails now, not after an hour of attacks
+        if linf and value > 1:
+            raise KeyedgeError(
+                f"--eps {text} is more than the whole [0, 1] pixel range for an Linf attack",
+                f"write it as a fraction of the range, e.g. {text}/255",
+            )
+
+
+def _check_specs(localized: list[str], queries: list[str]) -> None:
+    """--localized and --query specs parse (one line naming the bad one otherwise)."""
+    from keyedge.benchmarks.robustness import parse_localized, parse_query
+
+    for spec in localized:
+        parse_localized(spec)
+    for spec in queries:
+        parse_query(spec)
+
+
+def _query_budgets(text: str) -> list[int]:
+    """--query-budgets as positive integers."""
+    from keyedge.errors import KeyedgeError
+
+    budgets = []
+    for item in _split(text):
+        if not item.isdigit() or int(item) < 1:
+            raise KeyedgeError(
+                f"bad query budget {item!r} in --query-budgets", "write positive integers, e.g. 100,1000"
+            )
+        budgets.append(int(item))
+    return budgets
+
+
+def _run_robustness(paths: list[Path], keys: list, config, sealkeys: list):
+    """Run the scenarios with a progress bar per stage and log lines on stderr."""
+    from keyedge.benchmarks.robustness import run_robustness
+
+    with progress_bar() as bar:
+
+        def progress(label: str, total: int):
+            task = bar.add_task(label, total=total)
+            return lambda done: bar.update(task, completed=done)
+
+        return run_robustness(
+            paths,
+            keys,
+            config,
+            progress=progress,
+            log=lambda line: err_console.print(line, markup=False),
+            sealkeys=sealkeys,
         )
 
 

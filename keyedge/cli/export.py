@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console
-from keyedge.cli._flags import expand_targets, retired
+from keyedge.cli._flags import expand_targets, key_file_option, overwrite_option, retired, target_option
 
 
 def export(
@@ -18,16 +18,9 @@ def export(
         help="Directory of checkpoints: export each of them. With only --key-file: the key's checkpoint is "
         "looked up (by fingerprint) under ./runs.",
     ),
-    key_file: list[Path] | None = typer.Option(
-        None, "--key-file", "-k", help="Key file (repeatable); matched to checkpoints by fingerprint."
-    ),
+    key_file: list[Path] | None = key_file_option("Key file (repeatable); matched to checkpoints by fingerprint."),
     keys: Path | None = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
-    target: list[str] = typer.Option(
-        ["onnx"],
-        "--target",
-        "-t",
-        help="onnx, openvino, coreml, litert, executorch or all (installed ones; repeatable).",
-    ),
+    target: list[str] = target_option(),
     fuse: str = typer.Option(
         "gather",
         "--fuse",
@@ -61,7 +54,7 @@ def export(
     out: Path = typer.Option(
         Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing artifact directories."),
+    overwrite: bool = overwrite_option("Replace existing artifact directories."),
     allow_key_mismatch: bool = typer.Option(
         False, "--allow-key-mismatch", help="Export even if the key's fingerprint differs from the checkpoint's."
     ),
@@ -141,8 +134,8 @@ def verify(
     verify_key: Path | None = typer.Option(
         None, "--verify-key", help="Verify key (signer.pub): require a valid manifest signature by it."
     ),
-    key_file: list[Path] | None = typer.Option(
-        None, "--key-file", "-k", help="Key of a keyed set (repeatable): re-run parity against its checkpoint."
+    key_file: list[Path] | None = key_file_option(
+        "Key of a keyed set (repeatable): re-run parity against its checkpoint."
     ),
     seal: list[Path] | None = typer.Option(None, "--seal", help="Sealing key of sealed sets (repeatable)."),
 ) -> None:

@@ -1,4 +1,7 @@
-"""``keyedge keygen``, ``keyedge key show|import-seed`` and ``keyedge sealkey new|show``: create and inspect keys."""
+"""``keyedge key new|show|import-seed``, ``keyedge sealkey new|show``, ``keyedge signkey new``: create and inspect keys.
+
+``keyedge keygen`` is the old name of ``keyedge key new`` (hidden; it works as before).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ import typer
 from rich.table import Table
 
 from keyedge.cli._console import console, err_console
+from keyedge.cli._flags import old_force, overwrite_option
+from keyedge.fileio import check_writable
 from keyedge.keys.keyfile import Key, insecure_permissions, load_key
 
 key_app = typer.Typer(
-    help="Inspect and import secret key files.",
+    help="Create, inspect and import secret key files.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -27,7 +32,7 @@ def _saved(key: Key, out: Path) -> None:
     console.print("keep this file secret: whoever holds it can attack the models made with it")
 
 
-def keygen(
+def key_new(
     out: Path = typer.Option(..., "--out", "-o", help="Key file to create (written with mode 0600)."),
     block_size: int = typer.Option(
         4,
@@ -37,14 +42,17 @@ def keygen(
         max=128,
         help="Block size P; must divide the model's input size (and its patch size to fold).",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (the old key is lost)."),
+    overwrite: bool = overwrite_option("Replace OUT if it exists (the old key is lost)."),
+    force: bool = old_force(),
     allow_fixed_points: bool = typer.Option(
         False, "--allow-fixed-points", help="Do not require every position to move (weaker; not recommended)."
     ),
 ) -> None:
     """Generate a new secret key file from 256 bits of OS randomness."""
+    overwrite = overwrite or force
+    check_writable(out, overwrite=overwrite, flag="--overwrite")
     key = Key.generate(block_size, derangement=not allow_fixed_points)
-    _saved(key, key.save(out, overwrite=force))
+    _saved(key, key.save(out, overwrite=overwrite))
 
 
 def show(
@@ -86,14 +94,17 @@ def import_seed(
     block_size: int = typer.Option(
         ..., "--block-size", "-b", min=1, max=128, help="Block size P the key was used with."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    overwrite: bool = overwrite_option("Replace OUT if it exists."),
+    force: bool = old_force(),
 ) -> None:
     """Import a reference-code key: the permutation torch.manual_seed(SEED); torch.randperm(3*P*P)."""
+    overwrite = overwrite or force
+    check_writable(out, overwrite=overwrite, flag="--overwrite")
     key = Key.from_seed(seed, block_size)
-    _saved(key, key.save(out, overwrite=force))
+    _saved(key, key.save(out, overwrite=overwrite))
     err_console.print(
         "note: an integer seed holds at most 64 bits and small seeds are guessable; "
-        "prefer `keyedge keygen` for new deployments",
+        "prefer `keyedge key new` for new deployments",
         markup=False,
     )
 
@@ -107,13 +118,16 @@ sealkey_app = typer.Typer(
 
 def sealkey_new(
     out: Path = typer.Option(..., "--out", "-o", help="Sealing key file to create (written with mode 0600)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (artifacts sealed with it are lost)."),
+    overwrite: bool = overwrite_option("Replace OUT if it exists (artifacts sealed with it are lost)."),
+    force: bool = old_force(),
 ) -> None:
     """Generate a device sealing key (256 random bits) for `keyedge export --seal`."""
     from keyedge.keys.seal import SealKey
 
+    overwrite = overwrite or force
+    check_writable(out, overwrite=overwrite, flag="--overwrite")
     key = SealKey.generate()
-    path = key.save(out, overwrite=force)
+    path = key.save(out, overwrite=overwrite)
     console.print(f"wrote {path} (mode 0600): sealing key, fingerprint {key.fingerprint}", markup=False)
     console.print("keep it on the device (or in its secure store) only: it opens the artifacts sealed with it")
 
@@ -144,17 +158,19 @@ def signkey_new(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Signing key file to create (0600); OUT.pub gets the public key."
     ),
-    force: bool = typer.Option(False, "--force", help="Replace existing files."),
+    overwrite: bool = overwrite_option("Replace OUT and its .pub if they exist."),
+    force: bool = old_force(),
 ) -> None:
     """Generate an Ed25519 signing key (private, 0600) and its verify key (OUT with .pub, shareable)."""
-    from keyedge.fileio import check_writable
     from keyedge.keys.signing import SigningKey
 
+    overwrite = overwrite or force
     public_path = out.with_suffix(".pub")
-    check_writable(public_path, overwrite=force)
+    check_writable(out, overwrite=overwrite, flag="--overwrite")
+    check_writable(public_path, overwrite=overwrite, flag="--overwrite")
     key = SigningKey.generate()
-    path = key.save(out, overwrite=force)
-    key.verify_key().save(public_path, overwrite=force)
+    path = key.save(out, overwrite=overwrite)
+    key.verify_key().save(public_path, overwrite=overwrite)
     console.print(
         f"wrote {path} (mode 0600, keep it secret) and {public_path} (give it to devices): "
         f"signing key {key.fingerprint}",
@@ -163,7 +179,10 @@ def signkey_new(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("keygen")(keygen)
+    key_app.command("new")(key_new)
+    app.command(  # the old name, kept: hidden from `keyedge --help`, same options and behaviour
+        "keygen", hidden=True, help="Old name of `keyedge key new` (same options): generate a new secret key file."
+    )(key_new)
     key_app.command("show")(show)
     key_app.command("import-seed")(import_seed)
     app.add_typer(key_app, name="key")

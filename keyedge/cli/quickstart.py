@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console, err_console, progress_bar
+from keyedge.cli._flags import overwrite_option
 
 
 def quickstart(
@@ -14,7 +15,7 @@ def quickstart(
         Path("quickstart"), "--out", "-o", help="Directory for keys, checkpoints, artifacts and the report."
     ),
     fast: bool = typer.Option(False, "--fast", help="Fewer images and steps: the same pipeline in about a minute."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty OUT."),
+    overwrite: bool = overwrite_option("Replace an existing, non-empty OUT."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Two keys -> plain + keyed LoRA models on real data -> ONNX/OpenVINO/CoreML -> latency -> attacks -> report."""

