@@ -34,10 +34,12 @@ shuffle-demo: $(STAMP)
 	$(BIN)/keyedge shuffle demo-shuffle/astronaut-shuffled.png --key-file demo-shuffle/k1.bin --inverse --out demo-shuffle/astronaut-restored.png --overwrite
 	$(BIN)/keyedge key show demo-shuffle/k1.bin
 
-# the rule set in pyproject.toml ([tool.ruff]); `ruff format .` and `ruff check --fix .` repair most findings
+# the rule set in pyproject.toml ([tool.ruff]); `ruff format .` and `ruff check --fix .` repair most findings;
+# then the documentation site (mkdocs.yml), warnings as errors: a broken link or a page outside the nav fails
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d build/site
 
 test: $(STAMP)
 	$(BIN)/pytest
