@@ -245,6 +245,8 @@ def test_cli_train_eval_and_key_diversity_note(tmp_path, key4, make_key):
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.stdout
     _clean_error(_cli(*args), "already holds a checkpoint", "--resume")
+    again = _cli(*args, "--overwrite")  # the one --overwrite: start over
+    assert again.exit_code == 0 and "test accuracy" in again.stdout, again.output
     same = _cli("eval", "-c", tmp_path / "run", "-k", key_path, "-d", "fashion-mnist", "--limit", 32, "--json")
     assert same.exit_code == 0 and json.loads(same.stdout)["key_matches"] is True
     diff = _cli("eval", "-c", tmp_path / "run", "-k", other, "-d", "fashion-mnist", "--limit", 32, "--json")

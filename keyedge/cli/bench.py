@@ -292,10 +292,10 @@ def robustness(
 ) -> None:
     """Attack keyed models: white-box sanity, transfer (non-adaptive, adaptive, multi-key EoT), the noise control,
     query attacks; the worst case without the key as headline; matrices, sweeps, deployed artifacts."""
+    config = _robustness_config(SimpleNamespace(**locals()))  # every bad setting fails now, before any attack
     from keyedge.checkpoints import find_checkpoints
     from keyedge.keys.keyfile import load_keys
 
-    config = _robustness_config(SimpleNamespace(**locals()))  # every bad setting fails now, before any attack
     _check_report_dir(out, overwrite)
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())

