@@ -15,12 +15,12 @@ from keyedge.exporters.base import (
     ExportBackend,
     ExportError,
     ExportOptions,
-    GraphReport,
     get_backend,
     is_backend,
     list_backends,
     register_backend,
 )
+from keyedge.exporters.graph import GraphReport
 
 # isort: off
 # importing a backend module registers it; the import order is the order `list_backends()` lists them in

@@ -1,49 +1,26 @@
-"""The export-backend interface, the registry, and the graph checks shared by every target.
+"""The export-backend interface and the registry of export targets.
 
-One backend per target (``onnx``, ``openvino``, ``coreml``) implements
+One backend per target (``onnx``, ``openvino``, ``coreml``, ``litert``, ``executorch``) implements
 :class:`ExportBackend` and registers itself with :func:`register_backend`, the
 timm/timmx registry pattern (docs/design.md §8): ``get_backend("onnx").export(model,
 Path("out/model.onnx"), ExportOptions(batch=None))``.  A backend module imports
 its converter only when used, so listing the backends costs nothing and a missing
 converter gives a :class:`~keyedge.errors.DependencyError` naming the extra.
+:meth:`ExportBackend.load` returns a :class:`Runner`, the one way an artifact is run.
 
-Tracing (``torch.jit.trace``: CoreML's converter input, OpenVINO's module path, the
-TorchScript ONNX exporter) freezes input-dependent control flow into the branch the
-example input took, silently.  Artifacts made through a trace are therefore
-checked against the PyTorch module on probe inputs (:func:`check_reproduces`) and
-refused -- or the next converter path tried -- when they differ.
-
-Converters are noisy (progress bars, version warnings, C++ logs); :meth:`ExportBackend.export`
-runs them with stdout, stderr (at file-descriptor level) and warnings captured,
-and turns any failure into a one-line :class:`ExportError` that keeps the
-captured text in ``details``.
-
-:meth:`ExportBackend.inspect` reads the written artifact back and reports its
-operators, the Gather-like ops fed (through reshapes) by the graph input -- a
-keyed model's shuffle is exactly one; a plain or folded model has none -- the ops
-met walking from the input, and a digest of the weight-free graph structure, so
-that two models differing only in weights (e.g. folded with different keys) can
-be shown to have the same graph.
+What the backends share lives beside this module, each in its own: capturing converters'
+output and turning their failures into one line (:mod:`keyedge.exporters.capture`, used
+here by :meth:`ExportBackend.export` and :meth:`ExportBackend.load`), checking traced
+artifacts against the module (:mod:`keyedge.exporters.checks`), and reading an exported
+graph back for :meth:`ExportBackend.inspect` (:mod:`keyedge.exporters.graph`).
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-import ctypes
-import errno
-import hashlib
-import io
-import json
-import logging
-import os
-import re
 import shutil
-import sys
-import tempfile
-import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -53,37 +30,11 @@ import torch
 
 from keyedge.deps import require
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
+from keyedge.exporters.capture import Quiet, environment_error, one_line
+from keyedge.exporters.graph import GraphReport
 from keyedge.registry import Registry
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-#: Ops that only re-lay out or re-type the data (followed when tracing from the graph input), lower case.
-LAYOUT_OPS = frozenset(
-    {"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"}
-    | {"view_copy", "squeeze_copy", "unsqueeze_copy", "xnnstaticreshape"}  # ExecuTorch: portable and XNNPACK
-)
-#: Gather-like ops (ONNX, OpenVINO, MIL, LiteRT and ExecuTorch spellings), lower case.
-GATHER_OPS = frozenset({"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis", "index_select"})
-#: Ops that only move pixels: the shuffle's gather and its conv form's space-to-depth / depth-to-space, lower case.
-SHUFFLE_OPS = (
-    LAYOUT_OPS
-    | GATHER_OPS
-    | {
-        "transpose",
-        "spacetodepth",
-        "depthtospace",
-        "space_to_depth",
-        "depth_to_space",
-        "pixel_shuffle",
-        "pixel_unshuffle",
-        "permute_copy",
-        "xnnstatictranspose",
-        "xnnspacetodepth",
-        "xnndepthtospace",
-    }
-)
-#: Convolution spellings (ONNX, OpenVINO, MIL), lower case: the conv form's 1x1 permutation
-CONV_OPS = frozenset({"conv", "convolution", "conv_2d", "xnnconv2d"})
 
 
 class ExportError(KeyedgeError):
@@ -157,31 +108,6 @@ class ExportOptions:
         d = asdict(self)
         d.pop("calibration")
         return d
-
-
-@dataclass
-class GraphReport:
-    """What an exported graph contains, read back from the artifact.
-
-    ``ops``: operator type -> count (ONNX ``op_type``, OpenVINO ``type_name``, MIL op type).
-    ``gathers_on_input``: Gather-like ops whose data input is the graph input, possibly
-    through reshapes/flattens/casts (1 for a keyed model with the gather, 0 when plain or folded).
-    ``input_path``: op types met walking forward from the input through layout-only ops and
-    gathers, up to and including the first other op on each branch (e.g. ``Reshape, Gather,
-    Reshape, Sub``), in graph order.
-    ``structure``: SHA-256 of the graph with weights left out (op types, attributes, wiring,
-    constant shapes and dtypes, values of small integer constants only): equal for models
-    that differ only in weights.
-    """
-
-    ops: dict[str, int]
-    gathers_on_input: int
-    notes: list[str] = field(default_factory=list)
-    input_path: list[str] = field(default_factory=list)
-    structure: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- the interface ------------------------------------------------------------------------
@@ -515,59 +441,6 @@ def get_backend(name: str) -> ExportBackend:
 # ---- helpers ------------------------------------------------------------------------------
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def first_that_works(target: str, sources: Sequence[str], attempt: Callable[[str], Any]) -> tuple[Any, str, list[str]]:
-    """Try ``attempt(source)`` for each converter source in order; return (result, source, errors of earlier ones).
-
-    Raises :class:`ExportError` listing every source's failure when none works.
-    """
-    errors = []
-    for source in sources:
-        try:
-            return attempt(source), source, errors
-        except Exception as exc:
-            errors.append(f"{source}: {one_line(exc)}")
-    raise ExportError(
-        f"{target} export failed ({'; '.join(errors)})", "fix the first reason given, or export to another target"
-    )
-
-
-#: OS errors that no converter option can fix: the disk or the permissions are the problem
-_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENAMETOOLONG}
-
-
-def environment_error(exc: BaseException) -> OSError | None:
-    """The full-disk / read-only / permission OSError behind ``exc`` (a converter may wrap it), if any."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno in _ENVIRONMENT:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def one_line(exc: BaseException, limit: int = 400) -> str:
-    """``Type: message`` of an exception on one line, shortened.
-
-    Converters put the cause on later lines, or wrap it (torch.onnx's TorchExportError): the
-    message of the innermost ``__cause__`` is the informative one, so that is what is shown.
-    """
-    root = exc
-    for _ in range(8):
-        if root.__cause__ is None:
-            break
-        root = root.__cause__
-    text = " ".join(line.strip() for line in _ANSI.sub("", str(root)).splitlines() if line.strip())
-    text = f"{type(root).__name__}: {text}" if text else type(root).__name__
-    if root is not exc:
-        text = f"{type(exc).__name__} <- {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def check_input_shape(path: Path, expected: Sequence[int], x: np.ndarray) -> None:
     """Raise :class:`ShapeError` unless ``x`` fits ``expected`` (-1 = any size)."""
     if x.ndim != len(expected) or any(e not in (-1, g) for e, g in zip(expected, x.shape)):
@@ -611,255 +484,3 @@ def _remove(path: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
-
-
-class Quiet:
-    """Capture stdout/stderr (Python objects *and* file descriptors 1 and 2), warnings and logging.
-
-    Converters print progress bars, version warnings and C++ logs; keyedge's own output stays
-    clean.  What was captured is available as :attr:`text` after the block (for error details).
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self._stack: contextlib.ExitStack | None = None
-        self._py = io.StringIO()
-        self._sink: Any = None
-        self._saved: list[tuple[int, int]] = []
-        self._logging_disable = logging.NOTSET
-
-    def __enter__(self) -> Quiet:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        self._stack = stack = contextlib.ExitStack()
-        try:  # a Ctrl-C or SIGTERM may land on any line: then undo what was done, so keyedge can still speak
-            try:
-                self._sink = tempfile.TemporaryFile(mode="w+b")
-                for fd in (1, 2):
-                    self._saved.append((fd, os.dup(fd)))
-                    os.dup2(self._sink.fileno(), fd)
-            except OSError:  # no usable descriptors (embedded interpreters): Python-level capture only
-                self._restore_fds()
-            stack.enter_context(contextlib.redirect_stdout(self._py))
-            stack.enter_context(contextlib.redirect_stderr(self._py))
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
-            self._logging_disable = logging.root.manager.disable
-            logging.disable(logging.WARNING)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        try:
-            try:
-                logging.disable(self._logging_disable)
-            finally:
-                if self._stack is not None:
-                    self._stack.close()
-            _flush_c_stdio()
-        finally:  # even when a signal interrupts the lines above: the terminal is given back
-            self._restore_fds()
-            captured = ""
-            if self._sink is not None:
-                self._sink.seek(0)
-                captured = self._sink.read().decode("utf-8", "replace")
-                self._sink.close()
-                self._sink = None
-            self.text = (self._py.getvalue() + captured)[-20000:]
-
-    def _restore_fds(self) -> None:
-        """Point descriptors 1 and 2 back where they were; each one only once, so a retry after an interrupt is safe."""
-        while self._saved:
-            fd, saved = self._saved[-1]
-            os.dup2(saved, fd)
-            self._saved.pop()
-            os.close(saved)
-
-
-def _flush_c_stdio() -> None:
-    if sys.platform == "win32":
-        return
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).fflush(None)
-
-
-# ---- checking traced graphs ------------------------------------------------------------------
-
-
-def calibration_batches(options: ExportOptions) -> list[np.ndarray]:
-    """The calibration images in the artifact's batch size (a fixed batch is filled by repeating images)."""
-    images = np.ascontiguousarray(options.calibration, dtype=np.float32)
-    size = options.batch or min(16, len(images))
-    if len(images) < size:
-        images = np.concatenate([images] * -(-size // len(images)))
-    return [images[i : i + size] for i in range(0, len(images) - size + 1, size)]
-
-
-def probe_inputs(options: ExportOptions) -> list[tuple[str, np.ndarray]]:
-    """Inputs a traced graph must reproduce: the trace example, all zeros, all ones and a fresh random batch."""
-    example = options.example_input().numpy()
-    rng = np.random.default_rng(1)
-    return [
-        ("example", example),
-        ("all-zeros", np.zeros_like(example)),
-        ("all-ones", np.ones_like(example)),
-        ("random", rng.random(example.shape, dtype=np.float32)),
-    ]
-
-
-def check_reproduces(
-    module: torch.nn.Module,
-    candidate: Callable[[np.ndarray], np.ndarray],
-    options: ExportOptions,
-    what: str,
-    *,
-    rtol: float = 1e-3,
-) -> None:
-    """Raise :class:`ExportError` unless ``candidate`` matches ``module`` on :func:`probe_inputs`.
-
-    The tolerance is ``rtol`` times the output scale (at least 1): loose enough for converter
-    rounding, far below what a frozen branch or a mis-translated op gives.
-    """
-    for kind, x in probe_inputs(options):
-        with torch.no_grad():
-            expected = module(torch.from_numpy(x)).float().numpy()
-        got = np.asarray(candidate(x), dtype=np.float32)
-        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-        if not diff <= rtol * max(1.0, float(np.abs(expected).max())):
-            raise ExportError(
-                f"{what} does not reproduce the model on the {kind} probe input "
-                f"(max abs diff {diff:.2e}): input-dependent control flow was frozen by tracing, "
-                f"or an op was mistranslated",
-                "remove the data-dependent branch, or export through torch.export",
-            )
-
-
-def static_graph(module: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
-    """``module`` as a ``torch.export`` graph with its parameter-only work computed once (for one input size).
-
-    A ViT built for any image size (timm's ``dynamic_img_size``) resamples its position embedding
-    on every call (bicubic, antialiased), which neither LiteRT nor ExecuTorch has a kernel for;
-    with the input size fixed, that result is a constant.  ``torch.fx``'s constant folding
-    (``split_const_subgraphs``) computes such subgraphs and stores their results as weights.
-    """
-    from torch.fx.experimental.const_fold import split_const_subgraphs
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = torch.export.export(module, (example,), strict=False).module()
-        folded = split_const_subgraphs(graph)
-        folded.run_folding()
-    return Unpacked(folded).eval()
-
-
-class Unpacked(torch.nn.Module):
-    """A graph module returning a one-tensor tuple, returning the tensor (what the exporters' wrappers expect)."""
-
-    def __init__(self, graph_module: torch.fx.GraphModule):
-        super().__init__()
-        self.graph_module = graph_module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.graph_module(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-# ---- generic graph analysis (each backend turns its format into a list of Node) ------------
-
-
-@dataclass
-class Node:
-    """One op of an exported graph, format-neutral: data input first in ``inputs``."""
-
-    type: str
-    inputs: list[str]
-    outputs: list[str]
-    attrs: str = ""  # a value-free description of attributes (and, for constants, shape/dtype)
-    name: str = ""  # the op's name in its format (what a quantizer's exclusion list takes)
-
-
-def is_permutation_matrix(weight: np.ndarray | None) -> bool:
-    """Whether a (C, C, 1, 1) conv weight is a 0/1 permutation: the conv form's shuffle, exactly."""
-    if weight is None or weight.ndim != 4 or weight.shape[2:] != (1, 1) or weight.shape[0] != weight.shape[1]:
-        return False
-    w = weight[:, :, 0, 0]
-    return bool(np.isin(w, (0.0, 1.0)).all() and (w.sum(0) == 1).all() and (w.sum(1) == 1).all())
-
-
-def shuffle_prefix(
-    nodes: Sequence[Node], graph_inputs: Sequence[str], weight_of: Callable[[Node], np.ndarray | None]
-) -> list[Node]:
-    """The ops that only move the input's pixels, up to the first op that computes: the key's shuffle.
-
-    Walking forward from the graph input through :data:`SHUFFLE_OPS` and, once, a conv whose weight
-    (``weight_of``) is a 0/1 permutation (the conv form).  A quantizer must leave these ops alone, so
-    that an int8 artifact permutes exactly the pixels the fp32 one does (issue 15).
-    """
-    reached, prefix, conv_seen = set(graph_inputs), [], False
-    for node in nodes:
-        if not node.inputs or node.inputs[0] not in reached:
-            continue
-        kind = node.type.lower()
-        is_perm = kind in CONV_OPS and not conv_seen and is_permutation_matrix(weight_of(node))
-        if kind in SHUFFLE_OPS or is_perm:
-            conv_seen |= is_perm
-            prefix.append(node)
-            reached.update(node.outputs)
-    return prefix
-
-
-def constant_signature(values: np.ndarray | None, shape: Sequence[int], dtype: str) -> str:
-    """Describe a constant without its weights: shape and dtype, plus the values of small integer tensors."""
-    text = f"{dtype}{list(shape)}"
-    if values is not None and np.issubdtype(values.dtype, np.integer) and values.size <= 16:
-        text += f"={values.reshape(-1).tolist()}"
-    return text
-
-
-def analyze(
-    nodes: Sequence[Node],
-    graph_inputs: Sequence[str],
-    graph_outputs: Sequence[str],
-    *,
-    count: Callable[[Node], bool] = lambda n: True,
-    notes: list[str] | None = None,
-) -> GraphReport:
-    """Op counts, input gathers, the input path and the structure digest of a topologically ordered graph."""
-    ops = Counter(n.type for n in nodes if count(n))
-    producer = {out: n for n in nodes for out in n.outputs}
-    inputs = set(graph_inputs)
-
-    def from_input(tensor: str) -> bool:
-        seen = 0
-        while tensor not in inputs:
-            node = producer.get(tensor)
-            if node is None or node.type.lower() not in LAYOUT_OPS or not node.inputs or seen > 64:
-                return False
-            tensor, seen = node.inputs[0], seen + 1
-        return True
-
-    gathers = sum(1 for n in nodes if n.type.lower() in GATHER_OPS and n.inputs and from_input(n.inputs[0]))
-
-    reached, path = set(inputs), []
-    for node in nodes:
-        if any(t in reached for t in node.inputs):
-            path.append(node.type)
-            if node.type.lower() in LAYOUT_OPS | GATHER_OPS and node.inputs[0] in reached:
-                reached.update(node.outputs)
-
-    names: dict[str, str] = {name: f"in{i}" for i, name in enumerate(graph_inputs)}
-    lines = []
-    for i, node in enumerate(nodes):
-        for j, out in enumerate(node.outputs):
-            names.setdefault(out, f"{i}.{j}")
-        lines.append([node.type, node.attrs, [names.get(t, "?") for t in node.inputs]])
-    lines.append(["outputs", "", [names.get(t, "?") for t in graph_outputs]])
-    digest = hashlib.sha256(json.dumps(lines, sort_keys=True).encode()).hexdigest()
-
-    report_notes = list(notes or [])
-    meaning = {0: " (plain or folded model)", 1: " (the key's shuffle)"}.get(gathers, "")
-    report_notes.append(f"{gathers} gather-like op(s) on the input{meaning}")
-    return GraphReport(dict(ops), gathers, report_notes, path, digest)

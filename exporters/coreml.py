@@ -37,21 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (
-    ExportBackend,
-    ExportError,
-    ExportOptions,
-    GraphReport,
-    Node,
-    Runner,
-    analyze,
-    check_reproduces,
-    constant_signature,
-    first_that_works,
-    is_permutation_matrix,
-    one_line,
-    register_backend,
-)
+from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
+from keyedge.exporters.capture import one_line
+from keyedge.exporters.checks import check_reproduces, first_that_works
+from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, is_permutation_matrix
 
 SOURCES = ("jit.trace", "torch.export")
 MAX_DYNAMIC_BATCH = 64

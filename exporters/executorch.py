@@ -32,21 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (
-    ExportBackend,
-    ExportError,
-    ExportOptions,
-    GraphReport,
-    Node,
-    Runner,
-    analyze,
-    calibration_batches,
-    check_reproduces,
-    constant_signature,
-    one_line,
-    register_backend,
-    shuffle_prefix,
-)
+from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
+from keyedge.exporters.capture import one_line
+from keyedge.exporters.checks import calibration_batches, check_reproduces
+from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
 
 #: ExecuTorch ScalarType codes -> numpy dtypes (executorch/runtime/core/portable_type/scalar_type.h)
 SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64"}

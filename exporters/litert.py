@@ -3,7 +3,7 @@
 ``litert_torch.convert`` exports the module with ``torch.export`` and lowers it to a
 TFLite flatbuffer; the module is wrapped so that the signature's input and output carry
 the requested names (``serving_default`` signature, ``image`` -> ``logits``), after
-:func:`~keyedge.exporters.base.static_graph` and :func:`index_gathers`.  The key's
+:func:`~keyedge.exporters.graph.static_graph` and :func:`index_gathers`.  The key's
 shuffle becomes one ``GATHER_ND`` with int32 indices (TFLite kernels and the GPU delegate
 take int32 indices; the XNNPACK CPU delegate takes no gather, so the shuffle runs on
 LiteRT's builtin kernel and everything after it on XNNPACK), the conv form a 1x1
@@ -33,22 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (
-    ExportBackend,
-    ExportError,
-    ExportOptions,
-    GraphReport,
-    Node,
-    Runner,
-    analyze,
-    calibration_batches,
-    check_reproduces,
-    constant_signature,
-    one_line,
-    register_backend,
-    shuffle_prefix,
-    static_graph,
-)
+from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
+from keyedge.exporters.capture import one_line
+from keyedge.exporters.checks import calibration_batches, check_reproduces
+from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix, static_graph
 
 SIGNATURE = "serving_default"
 #: the ops that carry the key's shuffle in a .tflite graph (the data input first)

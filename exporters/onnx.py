@@ -16,7 +16,7 @@ fp16 kernel for.
 ``onnxruntime.quantization`` (QDQ, per-channel int8 weights, uint8 activations, percentile
 calibration on ``ExportOptions.calibration``).  The ops that only move the input's pixels --
 the key's Reshape -> Gather -> Reshape, or the conv form's permutation conv -- are excluded
-(:func:`~keyedge.exporters.base.shuffle_prefix`): the shuffle runs in float32 exactly as in
+(:func:`~keyedge.exporters.graph.shuffle_prefix`): the shuffle runs in float32 exactly as in
 the fp32 artifact, and the first QuantizeLinear comes after it.
 
 The artifact's ``metadata_props`` record ``keyedge.precision``, ``keyedge.exporter``
@@ -34,23 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (
-    ExportBackend,
-    ExportError,
-    ExportOptions,
-    GraphReport,
-    Node,
-    Runner,
-    _remove,
-    analyze,
-    calibration_batches,
-    check_reproduces,
-    constant_signature,
-    environment_error,
-    one_line,
-    register_backend,
-    shuffle_prefix,
-)
+from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, _remove, register_backend
+from keyedge.exporters.capture import environment_error, one_line
+from keyedge.exporters.checks import calibration_batches, check_reproduces
+from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
 
 OPSET = 18
 #: ONNX Runtime execution providers a device profile may name

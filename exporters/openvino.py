@@ -12,7 +12,7 @@ should that check or the conversion fail, the module's ``torch.export`` program
 ``int8`` quantizes the converted fp32 model with NNCF (``nncf.quantize``: FakeQuantize
 ops, per-channel int8 weights, calibrated on ``ExportOptions.calibration``; the transformer
 model type where the graph has a Softmax).  The ops that only move the input's pixels
-(:func:`~keyedge.exporters.base.shuffle_prefix`: the key's gather, or the conv form's
+(:func:`~keyedge.exporters.graph.shuffle_prefix`: the key's gather, or the conv form's
 permutation conv) are in NNCF's ignored scope, so the shuffle stays exact and the first
 FakeQuantize follows it.
 
@@ -33,23 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import (
-    ExportBackend,
-    ExportError,
-    ExportOptions,
-    GraphReport,
-    Node,
-    Quiet,
-    Runner,
-    analyze,
-    calibration_batches,
-    check_reproduces,
-    constant_signature,
-    first_that_works,
-    one_line,
-    register_backend,
-    shuffle_prefix,
-)
+from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
+from keyedge.exporters.capture import Quiet, one_line
+from keyedge.exporters.checks import calibration_batches, check_reproduces, first_that_works
+from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
 
 SOURCES = ("module", "torch.export")
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from keyedge.deps import require
-from keyedge.exporters.base import Quiet
+from keyedge.exporters.capture import Quiet
 
 
 def module_tensors(module: nn.Module) -> dict[str, np.ndarray]:
