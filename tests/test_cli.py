@@ -336,6 +336,18 @@ def test_old_force_on_shuffle(tmp_path, photo, keyfile):
     assert result.exit_code == 0 and len(_note_lines(result)) == 1, result.output
 
 
+def test_help_tells_the_truth():
+    """Help lines that were false once: the quickstart trains full fine-tunes, bench also attacks, .pub beside OUT."""
+    top = " ".join(run("--help").stdout.split())
+    assert "keyed full fine-tunes" in top and "LoRA" not in top
+    assert "robustness" in top  # the bench group is more than latency
+    commands = dict(all_commands())
+    (out,) = [p for p in commands["signkey new"].params if p.name == "out"]
+    assert "suffix .pub" in out.help
+    for path in ("bench latency", "bench robustness"):  # the one report-output convention, said in both
+        assert "--out DIR" in commands[path].epilog and "<name>.json" in commands[path].epilog, path
+
+
 def test_keygen_is_the_old_name_of_key_new(tmp_path):
     top = run("--help").stdout
     assert "keygen" not in top and "key " in top

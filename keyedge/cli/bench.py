@@ -18,7 +18,8 @@ from keyedge.cli._console import console, err_console, progress_bar
 from keyedge.cli._flags import device_option, key_file_option, overwrite_option, renamed, retired
 
 bench_app = typer.Typer(
-    help="Benchmark exported artifacts on a device profile; gate latency regressions.", no_args_is_help=True
+    help="Measure models: latency on a device profile, the latency gate, robustness under attack, CoreML plans.",
+    no_args_is_help=True,
 )
 
 
@@ -251,7 +252,7 @@ QUERY_LIMIT = typer.Option(100, "--query-limit", min=1, help="Images for the que
 QUERY_TARGET = typer.Option(
     None, "--query-target", help="Model (directory name) to run the query attacks on (repeatable; default: all)."
 )
-R_BATCH_SIZE = typer.Option(100, "--batch-size", min=1)
+R_BATCH_SIZE = typer.Option(100, "--batch-size", min=1, help="Images per attack batch.")
 R_OUT = typer.Option(
     Path("reports/robustness"),
     "--out",

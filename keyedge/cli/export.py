@@ -100,7 +100,7 @@ def export(
     sign_key: Path | None = SIGN_KEY,
     seal: Path | None = SEAL,
 ) -> None:
-    """Export keyed models to ONNX, OpenVINO, CoreML, LiteRT and ExecuTorch: one verified artifact set per key."""
+    """Export checkpoints (keyed, plain or volumized) to ONNX, OpenVINO, CoreML, LiteRT and ExecuTorch, verified."""
     options = SimpleNamespace(**locals())  # first: the options, nothing else
     from keyedge.checkpoints import find_checkpoints
     from keyedge.deploy.export import checkpoints_for_keys, export_many, plan_requests

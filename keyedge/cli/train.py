@@ -33,15 +33,15 @@ LORA_FULL = typer.Option(
     "--lora-full",
     help="Exact layer names a LoRA run trains fully (repeatable; 'none': adapters only; default per family).",
 )
-EPOCHS = typer.Option(3, "--epochs", min=1)
-BATCH_SIZE = typer.Option(64, "--batch-size", min=1)
+EPOCHS = typer.Option(3, "--epochs", min=1, help="Training epochs.")
+BATCH_SIZE = typer.Option(64, "--batch-size", min=1, help="Training images per batch.")
 LR = typer.Option(
     None, "--lr", help=f"Peak learning rate (default {FULL_LR:g} full; LoRA: the family's, see --finetune)."
 )
-WEIGHT_DECAY = typer.Option(0.05, "--weight-decay", min=0.0)
-WARMUP_EPOCHS = typer.Option(0.3, "--warmup-epochs", min=0.0)
-LABEL_SMOOTHING = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99)
-SEED = typer.Option(0, "--seed")
+WEIGHT_DECAY = typer.Option(0.05, "--weight-decay", min=0.0, help="AdamW weight decay.")
+WARMUP_EPOCHS = typer.Option(0.3, "--warmup-epochs", min=0.0, help="Epochs of linear learning-rate warm-up.")
+LABEL_SMOOTHING = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99, help="Label smoothing of the loss.")
+SEED = typer.Option(0, "--seed", help="Seed of new layers, data order and the --train-limit/--test-limit subsets.")
 TRAIN_LIMIT = typer.Option(None, "--train-limit", min=1, help="Use at most this many training images.")
 TEST_LIMIT = typer.Option(None, "--test-limit", min=1, help="Use at most this many test images.")
 WORKERS = typer.Option(0, "--workers", min=0, help="DataLoader worker processes.")
@@ -203,7 +203,7 @@ def evaluate(
     data: str = typer.Option(..., "--data", "-d", help="Dataset (as for train)."),
     key_file: Path | None = key_file_option("Key to shuffle inputs with."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use at most this many test images."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
     seed: int = typer.Option(0, "--seed", help="Seed of the test subset (with --limit)."),
     device: str = device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
