@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
 
+from keyedge.errors import DependencyError
+
 
 @dataclass(frozen=True)
 class Extra:
@@ -118,7 +120,6 @@ def installed(extra: str) -> bool:
 
 def require(module: str, *, extra: str) -> ModuleType:
     """Import ``module`` or raise :class:`~keyedge.errors.DependencyError` naming the extra to install."""
-    from keyedge.errors import DependencyError
 
     try:
         return importlib.import_module(module)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from keyedge.data.images import read_image
 from keyedge.errors import DataError, DependencyError, KeyedgeError, OutputError
 from keyedge.fileio import atomic_output
 
@@ -147,8 +148,6 @@ class ImageFileDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from keyedge.data.images import read_image
-
         return to_model_input(read_image(self.paths[index]), self.image_size), int(self.labels[index])
 
     def subset(self, indices: np.ndarray) -> ImageFileDataset:

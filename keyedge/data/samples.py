@@ -11,7 +11,9 @@ import sys
 
 import numpy as np
 
+from keyedge.data.images import write_image
 from keyedge.deps import require
+from keyedge.errors import KeyedgeError
 
 #: scikit-image photos that ship in its wheel (no download), RGB, with their size.
 PHOTOS = {"astronaut": (512, 512), "chelsea": (300, 451), "coffee": (400, 600), "rocket": (427, 640)}
@@ -20,17 +22,12 @@ PHOTOS = {"astronaut": (512, 512), "chelsea": (300, 451), "coffee": (400, 600), 
 def sample_photo(name: str = "astronaut") -> np.ndarray:
     """An (H, W, 3) uint8 photo from scikit-image's bundled data."""
     if name not in PHOTOS:
-        from keyedge.errors import KeyedgeError
-
         raise KeyedgeError(f"unknown sample photo {name!r}", f"choose one of {', '.join(PHOTOS)}")
     data = require("skimage.data", extra="samples")
     return np.asarray(getattr(data, name)())
 
 
 def main(argv: list[str] | None = None) -> int:
-    from keyedge.data.images import write_image
-    from keyedge.errors import KeyedgeError
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m keyedge.data.samples NAME OUT.png", file=sys.stderr)

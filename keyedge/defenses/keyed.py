@@ -16,7 +16,11 @@ from torch import nn
 
 from keyedge.defenses import Defense, Deployable, register_defense
 from keyedge.errors import FoldError, KeyedgeError
+from keyedge.keys.fold import fold_model
 from keyedge.keys.keyfile import Key
+from keyedge.keys.transform import BlockShuffleConv
+from keyedge.models.backbones import KeyedModel, build_model
+from keyedge.models.lora import apply_lora, merge_lora
 
 FUSE_MODES = ("gather", "fold", "conv", "auto")
 
@@ -34,8 +38,6 @@ class RawInputModel(nn.Module):
 
 def conv_variant(merged: nn.Module, key: Key | None) -> Deployable:
     """The keyed model with its shuffle as space-to-depth + 1x1 permutation conv + depth-to-space."""
-    from keyedge.keys.transform import BlockShuffleConv
-    from keyedge.models.backbones import KeyedModel
 
     assert key is not None and merged.keyed
     variant = KeyedModel(merged.backbone, merged.spec, key)  # shares the backbone; only the shuffle differs
@@ -51,19 +53,12 @@ class KeyedDefense(Defense):
     takes_key = True
 
     def build(self, backbone: nn.Module, spec: Any, record: dict[str, Any] | None, key: Key | None) -> nn.Module:
-        from keyedge.models.backbones import KeyedModel
-
         return KeyedModel(backbone, spec, key)
 
     def evaluated(self, model: nn.Module) -> nn.Module:
-        from keyedge.models.lora import merge_lora
-
         return merge_lora(model)
 
     def deployable(self, model: nn.Module, key: Key | None, fuse: str = "gather") -> Deployable:
-        from keyedge.keys.fold import fold_model
-        from keyedge.models.lora import merge_lora
-
         if fuse not in FUSE_MODES:
             raise KeyedgeError(f"unknown fuse mode {fuse!r}", f"use {', '.join(FUSE_MODES)}")
         merged = merge_lora(model).eval()
@@ -89,12 +84,8 @@ class KeyedDefense(Defense):
         return "keyed" if fingerprint else "plain"
 
     def new_model(self, config: Any, key: Key | None, num_classes: int) -> nn.Module:
-        from keyedge.models.backbones import build_model
-
         model = build_model(config.model, num_classes, key=key, weights=config.weights, image_size=config.image_size)
         if config.finetune == "lora":
-            from keyedge.models.lora import apply_lora
-
             apply_lora(model, config.lora_recipe(model.spec.family))
         return model
 

@@ -14,6 +14,15 @@ from typing import Any, ClassVar
 from torch import nn
 
 from keyedge.defenses import Defense, Deployable, register_defense
+from keyedge.defenses.volumetric import (
+    RasterVolumizedModel,
+    aggregate,
+    build_volumized_model,
+    check_depth_kernel,
+    model_from_defense,
+    patch_aggregate_loss,
+)
+from keyedge.defenses.volumizer import VolumizeConfig, check_patch
 from keyedge.errors import KeyedgeError
 
 
@@ -24,8 +33,6 @@ class VolumizeDefense(Defense):
     finetune_modes = ("full",)
 
     def build(self, backbone: nn.Module, spec: Any, record: dict[str, Any] | None, key: Any) -> nn.Module:
-        from keyedge.defenses.volumetric import model_from_defense
-
         if key is not None:
             raise KeyedgeError("a volumized model takes no key", "drop --key-file")
         return model_from_defense(backbone, spec, record or {})
@@ -34,8 +41,6 @@ class VolumizeDefense(Defense):
         return model.defense()
 
     def check_record(self, record: dict[str, Any] | None, source: str) -> None:
-        from keyedge.defenses.volumizer import VolumizeConfig
-
         try:
             VolumizeConfig.from_dict(record or {})
         except (KeyError, TypeError, ValueError, KeyedgeError) as exc:
@@ -46,8 +51,6 @@ class VolumizeDefense(Defense):
             ) from None
 
     def deployable(self, model: nn.Module, key: Any, fuse: str = "gather") -> Deployable:
-        from keyedge.defenses.volumetric import RasterVolumizedModel
-
         return Deployable(
             RasterVolumizedModel(model.eval()).eval(),
             "none",
@@ -67,14 +70,9 @@ class VolumizeDefense(Defense):
 
     @staticmethod
     def _config(config: Any) -> Any:
-        from keyedge.defenses.volumizer import VolumizeConfig
-
         return VolumizeConfig((config.patch, config.patch), config.volume_metric, config.volume_order)
 
     def check_training(self, config: Any, image_size: int | None = None) -> None:
-        from keyedge.defenses.volumetric import check_depth_kernel
-        from keyedge.defenses.volumizer import check_patch
-
         if config.key_file:
             raise KeyedgeError(
                 "a volumized model takes no key", "drop --key-file, or use --defense none for a keyed model"
@@ -87,8 +85,6 @@ class VolumizeDefense(Defense):
             check_patch(image_size, image_size, config.patch)
 
     def new_model(self, config: Any, key: Any, num_classes: int) -> nn.Module:
-        from keyedge.defenses.volumetric import build_volumized_model
-
         return build_volumized_model(
             config.model,
             num_classes,
@@ -106,7 +102,6 @@ class VolumizeDefense(Defense):
 
     def logits_and_loss(self, model: nn.Module, x: Any, y: Any, config: Any) -> tuple[Any, Any]:
         """The aggregated logits, and the patch-aggregate loss on the per-patch logits (volumization paper)."""
-        from keyedge.defenses.volumetric import aggregate, patch_aggregate_loss
 
         patches = model(x, per_patch=True)  # through the (DDP) wrapper's forward, not .patch_logits
         how = getattr(model, "module", model).aggregation

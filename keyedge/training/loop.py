@@ -49,7 +49,11 @@ from keyedge.defenses import Defense, get_defense, list_defenses
 from keyedge.defenses.volumizer import check_metric
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key, load_key
+from keyedge.models.backbones import check_model_name
+from keyedge.models.lora import merge_lora
+from keyedge.models.recipes import default_lr, lora_settings
 from keyedge.training.curriculum import CurriculumBatchSampler, image_scores
+from keyedge.training.guard import TransferGuard
 
 
 @dataclass
@@ -100,13 +104,11 @@ class TrainConfig:
 
     def learning_rate(self, family: str) -> float:
         """The peak learning rate: ``--lr``, else the default of the fine-tune mode and the model family."""
-        from keyedge.models.recipes import default_lr
 
         return self.lr if self.lr is not None else default_lr(self.finetune, family)
 
     def lora_recipe(self, family: str):
         """The LoRA recipe of this run: the family's defaults, overridden by the --lora-* flags given."""
-        from keyedge.models.recipes import lora_settings
 
         settings = lora_settings(
             family, r=self.lora_r, alpha=self.lora_alpha, targets=self.lora_targets, full=self.lora_full
@@ -318,7 +320,6 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
         if config.ortho_lambda:
             raise KeyedgeError("--ortho-lambda needs a reference model", "pass --ortho-ref CHECKPOINT")
         return None
-    from keyedge.models.lora import merge_lora
 
     ref, _ = load_checkpoint(config.ortho_ref, _load_key(config.ortho_ref_key), map_location=device)
     ref = merge_lora(ref)
@@ -330,7 +331,6 @@ def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | N
 def _guard(config: TrainConfig, device: torch.device, own: str | None):
     if not config.guard_models:
         return None
-    from keyedge.training.guard import TransferGuard
 
     return TransferGuard.load(
         config.guard_models,
@@ -628,8 +628,6 @@ def _default_size(config: TrainConfig) -> int:
     import timm
 
     if not timm.is_model(config.model):
-        from keyedge.models.backbones import check_model_name
-
         check_model_name(config.model)
     return int(timm.get_pretrained_cfg(config.model).to_dict().get("input_size", (3, 224, 224))[-1])
 
