@@ -26,7 +26,7 @@ Run: ``keyedge bench latency DIR... [--profile devices/cpu-x86.toml] [--json out
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import platform
 import resource
 import sys
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
+from keyedge.benchmarks.timing import interleave
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
 from keyedge.deploy.runtime import artifact_target
 from keyedge.errors import KeyedgeError, SealError
@@ -485,46 +486,27 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
 
 def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[float], None]) -> None:
     """Warm up each cell, then rotated rounds until every cell has min_iterations and min_seconds (and >= rounds)."""
-    min_iter, min_s, rounds = settings["min_iterations"], settings["min_seconds"], settings["rounds"]
-    xs, per_round = {}, {}
-    for cell in cells:
+    calls = {}
+    for i, cell in enumerate(cells):
         shape = [cell.batch, 3, cell.artifact.image_size or 224, cell.artifact.image_size or 224]
         rin = cell.runner.input_shape
         if len(rin) == 4:
             shape = [cell.batch] + [d or s for d, s in zip(rin[1:], shape[1:])]
-        xs[id(cell)] = np.random.default_rng(0).random(shape, dtype=np.float32)
-        start = time.perf_counter()
-        cell.runner.infer(xs[id(cell)])
-        cell.first_ms = (time.perf_counter() - start) * 1e3
-        start = time.perf_counter()
-        for _ in range(settings["warmup"]):
-            cell.runner.infer(xs[id(cell)])
-        estimate = (time.perf_counter() - start) / settings["warmup"] if settings["warmup"] else cell.first_ms / 1e3
-        # a round of each cell lasts about min_seconds / rounds, and has at least min_iterations / rounds calls
-        per_round[id(cell)] = max(1, math.ceil(min_iter / rounds), int(min_s / rounds / max(estimate, 1e-6)))
-    r = 0
-    while True:
-        done = all(len(c.samples) >= min_iter and sum(c.samples) >= min_s for c in cells) and r >= rounds
-        if done:
-            break
-        shift = r % len(cells)
-        for cell in cells[shift:] + cells[:shift]:
-            run, x = cell.runner.infer, xs[id(cell)]
-            times = []
-            for _ in range(per_round[id(cell)]):
-                start = time.perf_counter()
-                run(x)
-                times.append(time.perf_counter() - start)
-            cell.samples.extend(times)
-            cell.rounds.append(sum(times) / len(times))
-            time.sleep(COOLDOWN_S)
-        r += 1
-        progress = min(
-            min(len(c.samples) / min_iter for c in cells),
-            min(sum(c.samples) / min_s for c in cells) if min_s > 0 else 1.0,
-            r / rounds,
-        )
-        tick(min(progress, 1.0))
+        calls[i] = functools.partial(cell.runner.infer, np.random.default_rng(0).random(shape, dtype=np.float32))
+    # the first call timed alone, then the warm-up; a round of each cell lasts about min_seconds / rounds
+    timing = interleave(
+        calls,
+        rounds=settings["rounds"],
+        warmup=settings["warmup"] + 1,
+        min_iterations=settings["min_iterations"],
+        min_seconds=settings["min_seconds"],
+        cooldown=COOLDOWN_S,
+        progress=lambda t: tick(t.fraction),
+    )
+    for i, cell in enumerate(cells):
+        cell.first_ms = timing[i].first_s * 1e3
+        cell.samples = timing[i].samples
+        cell.rounds = timing[i].means
 
 
 def _refuse_unloadable(

@@ -18,13 +18,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from keyedge.attacks import PGD, parse_eps
+from keyedge.benchmarks.timing import interleave
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread
@@ -44,12 +44,6 @@ class SpeedResult:
     ratio: float | None = None  # median over rounds of ours/theirs images/s (> 1: ours is faster)
     ratio_spread: tuple[float, float] | None = None  # p10, p90 of the per-round ratios
     torchattacks: str | None = None  # its version, None when not installed
-
-
-def _timed(fn: Callable[[], torch.Tensor]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _theirs(model: torch.nn.Module, eps: float, alpha: float, steps: int):
@@ -84,11 +78,8 @@ def bench(
     for name, fn in methods.items():  # warm up, and check both stay in the budget
         adv = fn()
         assert (adv - x).abs().max() <= eps + 1e-6, f"{name} left the eps-ball"
-    names = list(methods)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples[name].append(batch_size / _timed(methods[name]))
+    timing = interleave(methods, rounds=rounds, calls=1, warmup=0)
+    samples = {name: [batch_size / t for t in timing[name].means] for name in methods}
     result = SpeedResult(
         model_name,
         image_size,

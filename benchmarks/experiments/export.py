@@ -25,6 +25,7 @@ Run: ``python -m keyedge.benchmarks.experiments.export``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
@@ -34,6 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from keyedge.benchmarks.timing import interleave
+from keyedge.benchmarks.workbench import untrained_checkpoint
+from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.exporters.template import OnnxTemplate, openvino_from_onnx
 from keyedge.keys.keyfile import Key
@@ -115,9 +119,6 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
 
 def end_to_end(model_name: str, count: int, size: int, targets: list[str], work: Path) -> dict:
     """Seconds per key of ``export_many`` over ``count`` checkpoints, verification included: full vs template."""
-    from keyedge.benchmarks.workbench import untrained_checkpoint
-    from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
-
     requests = []
     for i, model in enumerate(_variants(model_name, count, size)):
         checkpoint = untrained_checkpoint(work / f"ckpt-{i}", model)
@@ -141,46 +142,29 @@ def end_to_end(model_name: str, count: int, size: int, targets: list[str], work:
 
 
 def _compare_artifacts(full_dir: Path, tmpl_dir: Path, x: np.ndarray, rounds: int = 15, calls: int = 20):
-    """ONNX node counts of both artifacts; per runtime, the template/full latency ratio over interleaved rounds."""
+    """ONNX node counts of both artifacts; per runtime, the template/full latency ratio over interleaved rounds
+    (each round's median call), both artifacts opened through their backend (2 threads, CPU)."""
     import onnx
-    import onnxruntime as ort
-    import openvino as ov
 
     nodes = {
         name: len(onnx.load(str(d / "m.onnx")).graph.node) for name, d in (("full", full_dir), ("template", tmpl_dir))
     }
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    runners = {"onnxruntime": {}, "openvino": {}}
-    for name, d in (("full", full_dir), ("template", tmpl_dir)):
-        session = ort.InferenceSession(str(d / "m.onnx"), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x}
-        runners["onnxruntime"][name] = lambda s=session, f=feed: s.run(None, f)
-        compiled = ov.Core().compile_model(str(d / "m.xml"), "CPU", {"INFERENCE_NUM_THREADS": 2})
-        request = compiled.create_infer_request()
-        runners["openvino"][name] = lambda r=request: r.infer([x])
     latency = {}
-    for runtime, pair in runners.items():
-        for run in pair.values():
-            for _ in range(5):
-                run()
-        ratios = []
-        for _ in range(rounds):
-            per = {}
-            for name in ("full", "template") if len(ratios) % 2 == 0 else ("template", "full"):
-                samples = []
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    pair[name]()
-                    samples.append(time.perf_counter() - t)
-                per[name] = float(np.median(samples))
-            ratios.append(per["template"] / per["full"])
-        latency[runtime] = {
-            "median": float(np.median(ratios)),
-            "p10": float(np.percentile(ratios, 10)),
-            "p90": float(np.percentile(ratios, 90)),
-            "rounds": rounds,
-        }
+    for runtime, target, file in (("onnxruntime", "onnx", "m.onnx"), ("openvino", "openvino", "m.xml")):
+        backend = get_backend(target)
+        runners = {name: backend.load(d / file, threads=2) for name, d in (("full", full_dir), ("template", tmpl_dir))}
+        try:
+            timing = interleave(
+                {name: functools.partial(runner.infer, x) for name, runner in runners.items()},
+                rounds=rounds,
+                calls=calls,
+                warmup=5,
+            )
+        finally:
+            for runner in runners.values():
+                runner.close()
+        ratios = timing.ratio("template", "full", per="medians")
+        latency[runtime] = {"median": ratios.median, "p10": ratios.p10, "p90": ratios.p90, "rounds": rounds}
     return nodes, latency
 
 
@@ -225,8 +209,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _main_end_to_end(args) -> list[dict]:
-    from keyedge.exporters import get_backend
-
     targets = [t for t in args.targets.split(",") if get_backend(t).available()[0]]
     print(
         f"end-to-end export: {args.keys} checkpoints per model, {args.image_size}x{args.image_size}, batch 1, fp32, "

@@ -35,6 +35,7 @@ import torch
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import parse_profile
+from keyedge.benchmarks.timing import Timing, interleave
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread
@@ -95,6 +96,12 @@ def ort_loop_p50(onnx_path: Path, threads: int, seconds: float) -> float:
     return statistics.median(times) * 1e3
 
 
+def _print_round(timing: Timing) -> None:
+    print(
+        f"  round {timing.rounds}: " + ", ".join(f"{n} {r.returned[-1]:.3f} ms" for n, r in timing.candidates.items())
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tf_efficientnet_lite0")
@@ -123,12 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
             "keyedge/onnxruntime": lambda: harness_p50(onnx_path, {"name": "onnxruntime"}, args.threads, args.seconds),
             "ort-loop": lambda: ort_loop_p50(onnx_path, args.threads, args.seconds),
         }
-        p50: dict[str, list[float]] = {name: [] for name in tools}
-        names = list(tools)
-        for r in range(args.rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                p50[name].append(tools[name]())
-            print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.3f} ms" for n, v in p50.items()))
+        # each tool times itself for --seconds and returns its p50: what the rounds keep
+        timing = interleave(tools, rounds=args.rounds, calls=1, warmup=0, keep=True, progress=_print_round)
+        p50 = {name: timing[name].returned for name in tools}
     results: dict = {
         "model": args.model,
         "image_size": args.image_size,

@@ -4,9 +4,10 @@ One keyed checkpoint (default EfficientNet-Lite0 at 224x224, random weights: nei
 them) is exported twice -- plain and ``--seal``-ed -- to ONNX and OpenVINO.  Then, per target:
 
 * **load**: ``rounds`` interleaved rounds, each opening (and closing) the plain artifact and the sealed
-  one through :func:`keyedge.runtime.open_artifact` in alternating order; the sealed/plain ratio of each
-  round, as median [p10-p90].  The decryption alone (:func:`keyedge.runtime.unseal_target`) is timed
-  in the same rounds, to say where the overhead goes.
+  one through :func:`keyedge.runtime.open_artifact`, the order rotated each round
+  (:func:`keyedge.benchmarks.timing.interleave`); the sealed/plain ratio of each round, as median [p10-p90].
+  The decryption alone (:func:`keyedge.runtime.unseal_target`) is timed in the same rounds, to say where
+  the overhead goes.
 * **steady state**: both artifacts timed side by side by the latency harness
   (:func:`keyedge.benchmarks.latency.run_latency`, interleaved rounds, batch 1): the sealed/plain p50
   ratio.  It should be 1: once loaded, a sealed model is the same model.
@@ -17,14 +18,15 @@ Run: ``python -m keyedge.benchmarks.experiments.seal [--model tf_efficientnet_li
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec
+from keyedge.benchmarks.timing import interleave
 from keyedge.benchmarks.workbench import BENCH_KEY, untrained_checkpoint
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
@@ -53,20 +55,14 @@ def time_loads(plain: Path, sealed: Path, sealkey: SealKey, rounds: int, threads
     results = {}
     manifest = ArtifactManifest.read(sealed)
     for target in TARGETS:
-        times: dict[str, list[float]] = {"plain": [], "sealed": [], "decrypt": []}
-        for r in range(rounds + 1):  # round 0 warms the file cache and the runtime's libraries
-            order = [("plain", plain), ("sealed", sealed)]
-            for form, directory in order if r % 2 else order[::-1]:
-                start = time.perf_counter()
-                runner = open_artifact(directory, target, sealkey=sealkey, threads=threads)
-                elapsed = time.perf_counter() - start
-                runner.close()
-                if r:
-                    times[form].append(elapsed)
-            start = time.perf_counter()
-            unseal_target(manifest, target, sealkey)
-            if r:
-                times["decrypt"].append(time.perf_counter() - start)
+        loads = {
+            "sealed": functools.partial(open_artifact, sealed, target, sealkey=sealkey, threads=threads),
+            "plain": functools.partial(open_artifact, plain, target, sealkey=sealkey, threads=threads),
+            "decrypt": functools.partial(unseal_target, manifest, target, sealkey),
+        }
+        # one warm-up call each (the file cache, the runtime's libraries); a runner is closed untimed
+        timing = interleave(loads, rounds=rounds, calls=1, warmup=1, release=_close)
+        times = {form: timing[form].means for form in loads}
         results[target] = {
             "plain_ms": spread([t * 1e3 for t in times["plain"]]),
             "sealed_ms": spread([t * 1e3 for t in times["sealed"]]),
@@ -74,6 +70,12 @@ def time_loads(plain: Path, sealed: Path, sealkey: SealKey, rounds: int, threads
             "ratio": ratio_spread(times["sealed"], times["plain"]),
         }
     return results
+
+
+def _close(opened: object) -> None:
+    close = getattr(opened, "close", None)
+    if close is not None:
+        close()
 
 
 def time_steady(plain: Path, sealed: Path, sealkey: SealKey, threads: int, min_seconds: float) -> dict:

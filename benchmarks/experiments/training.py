@@ -13,13 +13,14 @@ Run: ``python -m keyedge.benchmarks.experiments.training``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 
 import torch
 from torch import nn
 
+from keyedge.benchmarks.timing import interleave
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
 from keyedge.models.lora import apply_lora, lora_settings
@@ -60,18 +61,10 @@ def interleaved_rates(
         loss.backward()
         optimizer.step()
 
-    names = list(runs)
-    for name in names:
-        step(name)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(name)
-            rates[name].append(len(x) * steps / (time.perf_counter() - start))
-    return rates
+    # one warm-up step each, then ``steps`` steps per round timed as one block
+    calls = {name: functools.partial(step, name) for name in runs}
+    timing = interleave(calls, rounds=rounds, calls=steps, warmup=1, each=False)
+    return {name: [len(x) / t for t in timing[name].means] for name in runs}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,16 +17,15 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
+from keyedge.benchmarks.timing import interleave
 from keyedge.keys.keyfile import Key
 from keyedge.keys.transform import BlockShuffle, HostShuffle, blockwise_shuffle
-from keyedge.stats import ratio_spread
 
 CONFIGS = [(224, 1), (224, 32), (32, 1), (32, 32)]  # (image side, batch)
 METHODS = ("gather", "chain", "numpy")
@@ -40,13 +39,6 @@ class Result:
     us_per_image: dict[str, float] = field(default_factory=dict)  # median over rounds
     ratio_to_gather: dict[str, float] = field(default_factory=dict)  # median of per-round ratios
     ratio_spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # p10, p90 of per-round ratios
-
-
-def _time_call(fn: Callable[[], object], iterations: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iterations):
-        fn()
-    return (time.perf_counter() - start) / iterations
 
 
 def bench_config(key: Key, size: int, batch: int, rounds: int, min_round_s: float) -> Result:
@@ -63,19 +55,13 @@ def bench_config(key: Key, size: int, batch: int, rounds: int, min_round_s: floa
     reference = gather(x)  # all three must agree before any of them is timed
     assert torch.equal(methods["chain"](), reference) and np.array_equal(methods["numpy"](), reference.numpy())
 
-    iterations = {}
-    for name, fn in methods.items():  # warm up, and size each round to ~min_round_s
-        one = _time_call(fn, 3)
-        iterations[name] = max(1, int(min_round_s / max(one, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in METHODS}
-    for r in range(rounds):
-        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
-        for name in order:
-            samples[name].append(_time_call(methods[name], iterations[name]) / batch)
+    # warm up, size each round to ~min_round_s; a round's calls timed as one block (a call can be microseconds)
+    timing = interleave(methods, rounds=rounds, warmup=3, round_seconds=min_round_s, each=False)
     result = Result(size, batch, key.block_size)
     for name in METHODS:
-        result.us_per_image[name] = statistics.median(samples[name]) * 1e6
-        ratios = ratio_spread(samples[name], samples["gather"])
+        per_image = [t / batch for t in timing[name].means]
+        result.us_per_image[name] = statistics.median(per_image) * 1e6
+        ratios = timing.ratio(name, "gather")
         result.ratio_to_gather[name] = ratios.median
         result.ratio_spread[name] = (ratios.p10, ratios.p90)
     return result
