@@ -38,8 +38,8 @@ from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Ru
 from keyedge.exporters.capture import environment_error, one_line
 from keyedge.exporters.checks import calibration_batches, check_reproduces
 from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
+from keyedge.exporters.template import OPSET, OnnxTemplate
 
-OPSET = 18
 #: ONNX Runtime execution providers a device profile may name
 ORT_PROVIDERS = (
     "CPUExecutionProvider",
@@ -226,8 +226,6 @@ class OnnxBackend(ExportBackend):
         return [p for p in self.planned_outputs(path) if p.exists()]
 
     def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
-        from keyedge.exporters.template import OnnxTemplate
-
         return OnnxTemplate.for_module(cache, ("onnx", *ident), module, options)  # one for ONNX and OpenVINO
 
     def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:

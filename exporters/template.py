@@ -30,6 +30,9 @@ one architecture differ only in constants -- the gather's index vector and the
 A template is used only when the module's named tensors match the template's
 initializers exactly (same names, shapes and dtypes); anything else falls back to a
 full export.  Every artifact is verified like any other (``keyedge.deploy.export``).
+
+This module imports no backend; the backends import it (the ONNX opset, :data:`OPSET`, is defined
+here for both the ONNX backend's full exports and the templates).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from torch import nn
 
 from keyedge.deps import require
 from keyedge.exporters.capture import Quiet
+
+#: The ONNX opset of every ONNX graph keyedge writes: full exports (keyedge.exporters.onnx) and fleet templates
+OPSET = 18
 
 
 def module_tensors(module: nn.Module) -> dict[str, np.ndarray]:
@@ -67,8 +73,6 @@ class OnnxTemplate:
 
     @classmethod
     def build(cls, module: nn.Module, options) -> OnnxTemplate:
-        from keyedge.exporters.onnx import OPSET
-
         onnx_ir = require("onnx_ir", extra="onnx")
         onnx = require("onnx", extra="onnx")
         dynamic = ({0: torch.export.Dim("batch")},) if options.dynamic else None
