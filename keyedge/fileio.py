@@ -84,7 +84,7 @@ def _exists(path: Path) -> bool:
         raise OutputError(f"cannot use output path {path}: {exc.strerror}", "choose a shorter or valid path") from None
 
 
-def check_writable(path: str | os.PathLike, *, overwrite: bool, flag: str = "--force") -> Path:
+def check_writable(path: str | os.PathLike, *, overwrite: bool, flag: str = "--overwrite") -> Path:
     """Validate an output path before any work is done; return it as a ``Path``.
 
     A symlink at ``path`` (even a dangling one) is an existing output: it is replaced only with ``flag``.
@@ -107,7 +107,7 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool, flag: str = "--f
 
 @contextlib.contextmanager
 def atomic_output(
-    path: str | os.PathLike, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--force"
+    path: str | os.PathLike, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--overwrite"
 ) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
@@ -142,7 +142,7 @@ def atomic_output(
 
 
 def write_bytes_atomic(
-    path: str | os.PathLike, data: bytes, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--force"
+    path: str | os.PathLike, data: bytes, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--overwrite"
 ) -> Path:
     """Write ``data`` to ``path`` atomically with permissions ``mode``; return the path."""
     with atomic_output(path, mode=mode, overwrite=overwrite, flag=flag) as tmp:

@@ -38,7 +38,7 @@ def test_secret_mode_from_the_start(tmp_path):
 
 def test_refuses_existing_and_bad_parents(tmp_path):
     write_bytes_atomic(tmp_path / "a", b"1")
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match="--overwrite"):
         write_bytes_atomic(tmp_path / "a", b"2")
     with pytest.raises(OutputError, match="is a file"):
         write_bytes_atomic(tmp_path / "a" / "b", b"2")
@@ -47,7 +47,7 @@ def test_refuses_existing_and_bad_parents(tmp_path):
     with pytest.raises(OutputError, match=r"cannot use output path .* too long"):
         write_bytes_atomic(tmp_path / ("x" * 300), b"2")
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # a dangling symlink is an existing output too
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match="--overwrite"):
         write_bytes_atomic(tmp_path / "link", b"2")
     assert (tmp_path / "a").read_bytes() == b"1" and not (tmp_path / "nowhere").exists()
 

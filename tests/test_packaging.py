@@ -39,7 +39,7 @@ def test_wheel_layout_and_console_script(tmp_path):
     script = target / "bin" / "keyedge"
     key = tmp_path / "k.bin"
     # run from an empty directory so nothing resolves to the source tree
-    for args in (["keygen", "-b", "2", "-o", str(key)], ["key", "show", str(key), "--json"]):
+    for args in (["key", "new", "-b", "2", "-o", str(key)], ["key", "show", str(key), "--json"]):
         proc = subprocess.run(
             [sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
         )

@@ -341,7 +341,7 @@ class Key:
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str = "key file") -> Key:
         """Parse and validate a key file's bytes; any problem raises :class:`KeyFileError`."""
-        not_key = "create one with `keyedge keygen` or import a seed with `keyedge key import-seed`"
+        not_key = "create one with `keyedge key new` or import a seed with `keyedge key import-seed`"
         _, block_size, channels, kind, flags, body = read_container(data, name, not_key)
         length = len(body) - HEADER_SIZE
         if kind == KIND_SEAL:
@@ -391,7 +391,7 @@ class Key:
 def load_key(path: str | os.PathLike) -> Key:
     """Read and validate a key file; every problem raises :class:`KeyFileError` with a fix."""
     path = Path(path)
-    data = read_key_file(path, "key file", "check the path, or create one with `keyedge keygen`")
+    data = read_key_file(path, "key file", "check the path, or create one with `keyedge key new`")
     return Key.from_bytes(data, name=f"key file {path}")
 
 
