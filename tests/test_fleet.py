@@ -1,6 +1,6 @@
 """``keyedge fleet`` (issue 14): a fleet of tiny keys end to end on a local Ray instance, retries and failures,
 a killed driver, resumption that redoes nothing finished, one command per fleet at a time, no key material in any
-manifest, and one-line errors for a hand-edited fleet.json."""
+manifest, and one-line errors for a hand-edited fleet.json (schema keyedge-fleet/1, docs/fleet.schema.json)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from keyedge.app.fleet import Fleet, fleet_lock
+from keyedge.app.fleet import FleetManifest, fleet_lock, status_rows
 from keyedge.cli import app
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 from keyedge.errors import KeyedgeError
@@ -27,6 +27,7 @@ needs_data = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
 )
 KEYEDGE = [sys.executable, "-m", "keyedge"]
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 RECIPE = ["-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "--image-size", "32"]
 RECIPE += ["--epochs", "1", "--batch-size", "32", "--test-limit", "32"]
 runner = CliRunner()
@@ -80,7 +81,7 @@ def test_fleet_end_to_end_on_local_ray(tmp_path, local_ray):
     report = _cli("fleet", "report", fleet_dir, "--engine", "ray")
     assert report.exit_code == 0, report.output
 
-    fleet = Fleet.read(fleet_dir)
+    fleet = FleetManifest.read(fleet_dir)
     for device in fleet.devices:  # the manifest maps name <-> fingerprint <-> checkpoint <-> artifacts
         assert load_key(fleet_dir / device.key_file).fingerprint == device.fingerprint
         assert device.trained["sha256"] == sha256_file(fleet_dir / device.checkpoint / "keyedge.json")
@@ -128,7 +129,7 @@ def test_a_failing_key_is_retried_then_reported_while_the_others_finish(tmp_path
     assert result.exit_code == 1, result.output
     assert "fleet train: 2 done now, 0 already done, 1 failed (device-001)" in result.output
     assert "Traceback" not in result.output
-    failure = Fleet.read(fleet_dir).device("device-001").failed["train"]
+    failure = FleetManifest.read(fleet_dir).device("device-001").failed["train"]
     assert failure["attempts"] == 2 and "device-001" in failure["error"]
     assert sorted(_checkpoint_shas(fleet_dir)) == ["device-000", "device-002"]
 
@@ -138,7 +139,7 @@ def test_a_failing_key_is_retried_then_reported_while_the_others_finish(tmp_path
     assert rerun.exit_code == 0 and "fleet train: 1 done now, 2 already done" in rerun.output, rerun.output
     after = _checkpoint_shas(fleet_dir)
     assert {k: after[k] for k in before} == before and "device-001" in after
-    assert Fleet.read(fleet_dir).device("device-001").failed is None
+    assert FleetManifest.read(fleet_dir).device("device-001").failed is None
 
 
 @needs_data
@@ -160,7 +161,7 @@ def test_a_killed_driver_is_resumed_without_redoing_finished_keys(tmp_path):
     proc.wait()
     finished = _checkpoint_shas(fleet_dir)
     assert "device-000" in finished and "device-002" not in finished
-    assert Fleet.read(fleet_dir).device("device-000").trained is not None  # recorded as soon as it finished
+    assert FleetManifest.read(fleet_dir).device("device-000").trained is not None  # recorded as soon as it finished
 
     rerun = subprocess.run([*KEYEDGE, "fleet", "train", str(fleet_dir)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -228,9 +229,7 @@ def fleet_document(tmp_path_factory):
 def test_fleet_manifest_reader_never_crashes(fleet_document, data, fuzz_document, tmp_path):
     def read(document):
         (tmp_path / "fleet.json").write_text(json.dumps(document))
-        fleet = Fleet.read(tmp_path)
-        from keyedge.app.fleet import status_rows
-
+        fleet = FleetManifest.read(tmp_path)
         status_rows(fleet)  # what `fleet status` shows of it
 
     fuzz_document(read, fleet_document, data)
@@ -241,7 +240,79 @@ def test_fleet_reader_names_a_bad_field(fleet_document, tmp_path):
     document["devices"][1]["fingerprint"] = document["devices"][0]["fingerprint"][:8]
     (tmp_path / "fleet.json").write_text(json.dumps(document))
     with pytest.raises(KeyedgeError, match=r"devices\[1\]\.fingerprint"):
-        Fleet.read(tmp_path)
+        FleetManifest.read(tmp_path)
+
+
+def _one_line(result, *fragments):
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_fleet_json_follows_its_json_schema(fleet_document):
+    import jsonschema
+
+    schema = json.loads((DOCS / "fleet.schema.json").read_text())
+    assert fleet_document["schema"] == "keyedge-fleet/1" and "format" not in fleet_document
+    jsonschema.validate(fleet_document, schema)  # as `fleet init` wrote it, with a trained and a failed record
+    legacy = {k: v for k, v in fleet_document.items() if k != "schema"} | {"format": "keyedge-fleet/1"}
+    jsonschema.validate(legacy, schema)
+    for edit in (
+        lambda d: d["recipe"].update(epoch=3),  # an unknown recipe field
+        lambda d: d.update(block_size=100),
+        lambda d: d["devices"][0].update(checkpoint="../elsewhere"),
+        lambda d: d.pop("schema"),
+    ):
+        bad = json.loads(json.dumps(fleet_document))
+        edit(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_a_fleet_of_the_previous_release_is_read_then_written_with_schema(fleet_document, tmp_path):
+    legacy = {"format": "keyedge-fleet/1", **{k: v for k, v in fleet_document.items() if k != "schema"}}
+    (tmp_path / "fleet.json").write_text(json.dumps(legacy))
+    fleet = FleetManifest.read(tmp_path)
+    assert [d.name for d in fleet.devices] == [d["name"] for d in fleet_document["devices"]]
+    assert fleet.devices[0].trained == fleet_document["devices"][0]["trained"]
+    assert _cli("fleet", "status", tmp_path).exit_code == 0
+    fleet.write()  # the next write (after any job) is in the new form
+    written = json.loads((tmp_path / "fleet.json").read_text())
+    assert written["schema"] == "keyedge-fleet/1" and "format" not in written
+    assert written == fleet_document and FleetManifest.read(tmp_path) == fleet
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda d: d["recipe"].update(epoch=5), ("recipe.epoch", "is not a recipe field")),
+        (lambda d: d["recipe"].update(epochs=0), ("recipe.epochs", "integer >= 1")),
+        (lambda d: d["recipe"].update(finetune="half"), ("recipe.finetune", "full, lora")),
+        (lambda d: d.update(block_size=100), ("block_size", "1..64")),
+        (lambda d: d.update(schema="keyedge-fleet/2"), ("newer",)),
+        (lambda d: d.update(schema="keyedge-checkpoint/1"), ("field 'schema'",)),
+        (lambda d: d.pop("schema") and d.update(format="keyedge-fleet/0"), ("not a keyedge fleet manifest",)),
+        (lambda d: d["devices"][1].update(name=d["devices"][0]["name"]), ("devices[1].name", "unique")),
+        (lambda d: d["devices"][0].update(failed={"train": "boom"}), ("devices[0].failed.train",)),
+        (lambda d: d["devices"][0]["trained"].update(sha256="x"), ("devices[0].trained.sha256",)),
+    ],
+)
+def test_a_bad_fleet_json_is_one_line_naming_the_file_and_field(fleet_document, tmp_path, edit, fragments):
+    document = json.loads(json.dumps(fleet_document))
+    edit(document)
+    (tmp_path / "fleet.json").write_text(json.dumps(document))
+    _one_line(_cli("fleet", "status", tmp_path), str(tmp_path / "fleet.json"), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("option", "fragments"),
+    [(["-b", "100"], ("--block-size", "1..64")), (["--lora-r", "5000"], ("--lora-r", "1..4096"))],
+)
+def test_fleet_init_refuses_what_the_manifest_reader_would(tmp_path, option, fragments):
+    _one_line(_cli("fleet", "init", tmp_path / "fleet", "-n", 2, *RECIPE, *option), *fragments)
+    assert not (tmp_path / "fleet").exists()
 
 
 @pytest.mark.slow

@@ -29,16 +29,24 @@ The package, by job: :mod:`.manifest` (``fleet.json`` and the lock), :mod:`.crea
 from __future__ import annotations
 
 from keyedge.app.fleet.create import device_names, init_fleet
-from keyedge.app.fleet.manifest import FLEET_FORMAT, FLEET_MANIFEST, Device, Fleet, Recipe, fleet_lock, read_fleet
+from keyedge.app.fleet.manifest import (
+    FLEET_MANIFEST,
+    FLEET_SCHEMA,
+    Device,
+    FleetManifest,
+    Recipe,
+    fleet_lock,
+    read_fleet,
+)
 from keyedge.app.fleet.report import build_report, to_markdown, write_report
 from keyedge.app.fleet.stages import StageResult, export_stage, report_stage, train_stage, verify_stage
 from keyedge.app.fleet.state import checkpoint_state, export_state, status_rows
 
 __all__ = [
-    "FLEET_FORMAT",
     "FLEET_MANIFEST",
+    "FLEET_SCHEMA",
     "Device",
-    "Fleet",
+    "FleetManifest",
     "Recipe",
     "StageResult",
     "build_report",

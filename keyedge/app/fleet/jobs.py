@@ -9,14 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from keyedge.checkpoints import MANIFEST, load_checkpoint
-from keyedge.data.datasets import load_dataset
+from keyedge.checkpoints import MANIFEST
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.deploy.verify import describe, verify_set
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key, load_key
-from keyedge.training.loop import TrainConfig, evaluate, train
+from keyedge.training.loop import TrainConfig, key_accuracy, train
 
 
 def _logger(log_file: str) -> Callable[[str], None]:
@@ -29,7 +28,6 @@ def _logger(log_file: str) -> Callable[[str], None]:
 
 def train_job(checkpoint: str, key_file: str, recipe: dict[str, Any], resume: bool, device: str, log_file: str):
     """Fine-tune one device's model (or continue it); the checkpoint manifest's SHA-256 and accuracy."""
-
     config = TrainConfig(out=checkpoint, key_file=key_file, device=device, resume=resume, **recipe)
     manifest = train(config, progress=False, log=_logger(log_file))
     return {
@@ -53,7 +51,6 @@ def export_job(
     log_file: str,
 ):
     """Export one device's verified artifact set (from the worker's fleet template where the format allows)."""
-
     if len(_TEMPLATES) > 2:  # another fleet's architectures: keep memory bounded
         _TEMPLATES.clear()
     settings = ExportSettings(
@@ -76,7 +73,6 @@ def export_job(
 
 def verify_job(directory: str, key_file: str, log_file: str):
     """``keyedge verify`` on one device's set with its key: files, then parity against its checkpoint."""
-
     result = verify_set(directory, key=load_key(key_file))
     _logger(log_file)(describe(result))
     parity = {
@@ -97,16 +93,14 @@ def other_key_job(
     log_file: str,
 ):
     """Top-1 of one device's model on the recipe's test images shuffled with another key (key diversity)."""
-
     other = load_key(other_key_file) if other_key_file else Key.generate(block_size)  # a one-device fleet
-    model, _ = load_checkpoint(checkpoint, other, allow_key_mismatch=True)
-    data, _ = load_dataset(data, "test", model.spec.image_size, limit=test_limit, seed=seed)
-    accuracy = evaluate(model, data)["accuracy"]
-    _logger(log_file)(f"top-1 with key {other.fingerprint}: {accuracy:.2%} on {len(data)} test images")
+    result = key_accuracy(checkpoint, other, data, limit=test_limit, seed=seed)
+    accuracy, images = result["accuracy"], result["images"]
+    _logger(log_file)(f"top-1 with key {other.fingerprint}: {accuracy:.2%} on {images} test images")
     return {
         "accuracy": accuracy,
         "with": other.fingerprint if other_key_file else "a fresh random key",
-        "images": len(data),
+        "images": images,
         "checkpoint_sha256": sha256_file(Path(checkpoint) / MANIFEST),
     }
 

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from keyedge.app.fleet.manifest import Fleet
+from keyedge.app.fleet.manifest import FleetManifest
 from keyedge.app.fleet.state import artifact_sets, checkpoint_state, current_set
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import parse_profile
@@ -26,9 +26,8 @@ from keyedge.models.backbones import build_model
 REPORT_FORMAT = "keyedge-fleet-report/1"
 
 
-def _fleet_latency(fleet: Fleet, sets: dict[str, Path], log) -> dict[str, Any]:
+def _fleet_latency(fleet: FleetManifest, sets: dict[str, Path], log) -> dict[str, Any]:
     """Each device's ONNX artifact against the plain twin of the fleet's architecture, interleaved (onnxruntime)."""
-
     onnx_sets = {fp: d for fp, d in sets.items() if "onnx" in ArtifactManifest.read(d).targets}
     if not onnx_sets:
         return {"skipped": "no ONNX artifacts (export with -t onnx)"}
@@ -60,9 +59,8 @@ def _fleet_latency(fleet: Fleet, sets: dict[str, Path], log) -> dict[str, Any]:
     return {"runtime": "onnxruntime", "batch": 1, "threads": 2, "keyed_over_plain": ratios}
 
 
-def build_report(fleet: Fleet, *, latency: bool = True, log=print) -> dict[str, Any]:
+def build_report(fleet: FleetManifest, *, latency: bool = True, log=print) -> dict[str, Any]:
     """One row per device: accuracies, parity, artifact hashes and keyed/plain latency (JSON-ready)."""
-
     sets = {fp: d for fp, d in artifact_sets(fleet).items() if any(x.fingerprint == fp for x in fleet.devices)}
     current = {d.fingerprint: current_set(fleet, d, sets) for d in fleet.devices}
     timing = _fleet_latency(fleet, {fp: s for fp, s in current.items() if s is not None}, log) if latency else {}
@@ -149,7 +147,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(fleet: Fleet, report: dict[str, Any]) -> Path:
+def write_report(fleet: FleetManifest, report: dict[str, Any]) -> Path:
     """``report/fleet-report.{json,md}`` and, with the plots extra, ``report/accuracy.png``."""
     out = fleet.path("report")
     out.mkdir(exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from keyedge.app.engine import Job, Outcome
 from keyedge.app.fleet.jobs import export_job, other_key_job, train_job, verify_job
-from keyedge.app.fleet.manifest import Device, Fleet
+from keyedge.app.fleet.manifest import Device, FleetManifest
 from keyedge.app.fleet.report import build_report, write_report
 from keyedge.app.fleet.state import artifact_sets, checkpoint_state, current_set, export_state
 from keyedge.checkpoints import MANIFEST, read_manifest
@@ -47,14 +47,14 @@ class StageResult:
         return f"fleet {self.stage}: " + ", ".join(parts) + f" in {self.seconds:.1f} s"
 
 
-def _log_file(fleet: Fleet, device: Device, stage: str) -> str:
+def _log_file(fleet: FleetManifest, device: Device, stage: str) -> str:
     logs = fleet.path("logs")
     logs.mkdir(exist_ok=True)
     return str((logs / f"{device.name}.{stage}.log").resolve())
 
 
 def _run(
-    fleet: Fleet,
+    fleet: FleetManifest,
     stage: str,
     jobs: list[Job],
     engine,
@@ -88,7 +88,7 @@ def _run(
         engine.run(jobs, retries=retries, on_done=done)
 
 
-def train_stage(fleet: Fleet, engine, *, retries: int = 1, device: str = "auto", on_event=lambda *_: None):
+def train_stage(fleet: FleetManifest, engine, *, retries: int = 1, device: str = "auto", on_event=lambda *_: None):
     """Fine-tune every device whose checkpoint is missing or unfinished (finished ones are left alone)."""
     started = time.perf_counter()
     result = StageResult("train")
@@ -131,7 +131,7 @@ def _clear_failure(d: Device, stage: str) -> None:
         d.failed = {k: v for k, v in d.failed.items() if k != stage} or None
 
 
-def _record_trained(fleet: Fleet, d: Device) -> None:
+def _record_trained(fleet: FleetManifest, d: Device) -> None:
 
     directory = fleet.path(d.checkpoint)
     sha = sha256_file(directory / MANIFEST)
@@ -141,7 +141,7 @@ def _record_trained(fleet: Fleet, d: Device) -> None:
 
 
 def export_stage(
-    fleet: Fleet,
+    fleet: FleetManifest,
     engine,
     *,
     targets: list[str],
@@ -151,7 +151,6 @@ def export_stage(
     on_event=lambda *_: None,
 ) -> StageResult:
     """Export every trained device whose artifact set is missing or stale, to ``targets``."""
-
     for t in targets:
         ok, why = get_backend(t).available()
         if not ok:
@@ -201,7 +200,7 @@ def export_stage(
     return result
 
 
-def _record_exported(fleet: Fleet, d: Device, directory: Path) -> None:
+def _record_exported(fleet: FleetManifest, d: Device, directory: Path) -> None:
 
     sha = sha256_file(directory / "manifest.json")
     if d.exported is None or d.exported.get("sha256") != sha:
@@ -216,7 +215,7 @@ def _record_exported(fleet: Fleet, d: Device, directory: Path) -> None:
         }
 
 
-def verify_stage(fleet: Fleet, engine, *, retries: int = 0, on_event=lambda *_: None) -> StageResult:
+def verify_stage(fleet: FleetManifest, engine, *, retries: int = 0, on_event=lambda *_: None) -> StageResult:
     """``keyedge verify`` every artifact set not yet verified in its current form (files and parity)."""
     started = time.perf_counter()
     result = StageResult("verify")
@@ -247,10 +246,9 @@ def verify_stage(fleet: Fleet, engine, *, retries: int = 0, on_event=lambda *_: 
 
 
 def report_stage(
-    fleet: Fleet, engine, *, retries: int = 0, latency: bool = True, on_event=lambda *_: None, log=print
+    fleet: FleetManifest, engine, *, retries: int = 0, latency: bool = True, on_event=lambda *_: None, log=print
 ) -> tuple[StageResult, dict[str, Any]]:
     """Per-device accuracy with another key (jobs, once per checkpoint), then the fleet table: md, JSON, plot."""
-
     started = time.perf_counter()
     result = StageResult("report")
     jobs = []

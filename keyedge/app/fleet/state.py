@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keyedge.app.fleet.manifest import Device, Fleet
+from keyedge.app.fleet.manifest import Device, FleetManifest
 from keyedge.checkpoints import MANIFEST, read_manifest
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.verify import check_files
@@ -12,9 +12,8 @@ from keyedge.errors import KeyedgeError
 from keyedge.fileio import sha256_file
 
 
-def checkpoint_state(fleet: Fleet, device: Device) -> tuple[str, str]:
+def checkpoint_state(fleet: FleetManifest, device: Device) -> tuple[str, str]:
     """(``done`` | ``resume`` | ``new`` | ``blocked``, detail) for one device's checkpoint."""
-
     directory = fleet.path(device.checkpoint)
     if not (directory / MANIFEST).is_file():
         return "new", "not trained"
@@ -29,9 +28,8 @@ def checkpoint_state(fleet: Fleet, device: Device) -> tuple[str, str]:
     return "done", f"epoch {manifest.epoch}, top-1 {manifest.test_accuracy:.1%}"
 
 
-def artifact_sets(fleet: Fleet) -> dict[str, Path]:
+def artifact_sets(fleet: FleetManifest) -> dict[str, Path]:
     """Fingerprint -> the artifact set under ``artifacts/`` (read from each set's manifest)."""
-
     found: dict[str, Path] = {}
     root = fleet.path("artifacts")
     for manifest_path in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
@@ -45,10 +43,9 @@ def artifact_sets(fleet: Fleet) -> dict[str, Path]:
 
 
 def export_state(
-    fleet: Fleet, device: Device, targets: list[str], fuse: str, precision: str, sets: dict[str, Path]
+    fleet: FleetManifest, device: Device, targets: list[str], fuse: str, precision: str, sets: dict[str, Path]
 ) -> tuple[str, str]:
     """(``done`` | ``stale`` | ``new`` | ``waiting``, detail) for one device's artifact set."""
-
     state, _ = checkpoint_state(fleet, device)
     if state != "done":
         return "waiting", "not trained yet"
@@ -71,12 +68,12 @@ def export_state(
     return "done", str(directory.relative_to(fleet.directory))
 
 
-def current_set(fleet: Fleet, d: Device, sets: dict[str, Path]) -> Path | None:
+def current_set(fleet: FleetManifest, d: Device, sets: dict[str, Path]) -> Path | None:
     directory = sets.get(d.fingerprint)
     return directory if directory is not None and checkpoint_state(fleet, d)[0] == "done" else None
 
 
-def status_rows(fleet: Fleet, targets: list[str] | None = None) -> list[dict[str, str]]:
+def status_rows(fleet: FleetManifest, targets: list[str] | None = None) -> list[dict[str, str]]:
     """Per device: the state of each stage, as the next ``fleet`` command would see it."""
     sets = artifact_sets(fleet)
     rows = []
