@@ -1,4 +1,9 @@
-"""``keyedge fleet``: keys, fine-tunes, artifacts, verification and one report for N devices; resumable."""
+"""``keyedge fleet``: keys, fine-tunes, artifacts, verification and one report for N devices; resumable.
+
+:mod:`keyedge.app.fleet` is imported inside each command: it brings torch and the exporters, which
+``keyedge --help`` and the other commands do without.  The engine module is light (Ray is imported only
+when a Ray engine is made).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ from typing import Any
 
 import typer
 
+from keyedge.app.engine import make_engine
 from keyedge.cli._console import console, err_console, progress_bar
+from keyedge.cli._flags import expand_targets
+from keyedge.errors import KeyedgeError
 
 fleet_app = typer.Typer(
     help="A fleet of devices, one key and one model each: init, train, export, verify, report (resumable).",
@@ -31,7 +39,6 @@ def _say(line: str) -> None:
 @contextlib.contextmanager
 def _session(directory: Path, engine: str, address, cpus: float, gpus: float):
     """The fleet (locked for this command) and its engine, closed afterwards."""
-    from keyedge.app.engine import make_engine
     from keyedge.app.fleet import fleet_lock, read_fleet
 
     fleet = read_fleet(directory)
@@ -94,8 +101,6 @@ def init(
     from keyedge.app.fleet import Recipe, device_names, init_fleet
 
     if finetune not in ("full", "lora"):
-        from keyedge.errors import KeyedgeError
-
         raise KeyedgeError(f"unknown --finetune {finetune!r}", "use full or lora")
     names = device_names(devices, list(name or []))
     recipe = Recipe(
@@ -135,8 +140,6 @@ def train(
     from keyedge.app.fleet import train_stage
 
     if engine == "ray" and device not in ("auto", "cpu") and not gpus_per_job:
-        from keyedge.errors import KeyedgeError
-
         raise KeyedgeError(
             f"--device {device} with --engine ray: Ray gives a job a GPU only when asked",
             "pass --gpus-per-job 1 (jobs then train on the GPU Ray assigns)",
@@ -166,8 +169,6 @@ def export(
 ) -> None:
     """Export every trained key to every target, verified; current artifact sets are left alone."""
     from keyedge.app.fleet import export_stage
-    from keyedge.cli._flags import expand_targets
-    from keyedge.errors import KeyedgeError
 
     if precision not in ("fp32", "fp16"):  # a fleet keeps one set per device; int8 sets sit beside them
         raise KeyedgeError(
