@@ -27,22 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from keyedge import __version__
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
+from keyedge.benchmarks.report import Artifact, Comparison, LatencyReport, Measurement, Skipped, Stats
 from keyedge.benchmarks.timing import interleave
+from keyedge.checkpoints import read_manifest
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
-from keyedge.deploy.runtime import artifact_target
+from keyedge.deploy.export import load_checkpoint_runner
+from keyedge.deploy.runtime import open_artifact
+from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, SealError
+from keyedge.keys.keyfile import key_for
 from keyedge.stats import ratio_spread
 
 #: untimed pause after each pair's turn in a round: spinning runtime threads park before the next pair runs
@@ -50,147 +57,6 @@ COOLDOWN_S = 0.01
 
 
 # --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Stats:
-    """Steady-state latency of one inference call, in milliseconds."""
-
-    mean: float
-    p50: float
-    p90: float
-    p95: float
-    p99: float
-    stdev: float
-    min: float
-    max: float
-    iterations: int
-    seconds: float  # total time spent in the timed calls
-
-    @classmethod
-    def from_seconds(cls, samples: list[float]) -> Stats:
-        ms = np.asarray(samples, dtype=np.float64) * 1e3
-        p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
-        return cls(
-            mean=float(ms.mean()),
-            p50=float(p50),
-            p90=float(p90),
-            p95=float(p95),
-            p99=float(p99),
-            stdev=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
-            min=float(ms.min()),
-            max=float(ms.max()),
-            iterations=len(ms),
-            seconds=float(ms.sum() / 1e3),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Artifact:
-    """One exported file and what its manifest says about it."""
-
-    path: str  # the file (.onnx, .xml, .mlpackage), or the checkpoint directory (target torch)
-    target: str  # onnx, openvino, coreml, torch
-    model: str  # model name, or the file stem without a manifest
-    fingerprint: str | None  # key fingerprint; None: plain model (or unknown)
-    fuse: str | None  # gather, fold, none
-    precision: str | None
-    batch: int | None  # fixed batch; None: dynamic (or unknown until loaded)
-    image_size: int | None
-    export_dir: str | None  # the OUT/<model>-<fingerprint>/ directory, if any
-    accuracy: float | None = None  # the checkpoint's test accuracy, from the manifest
-    defense: str | None = None  # another defense than a key (volumize), from the manifest
-    role: str = ""  # keyed, plain or the defense's name (keyedge.defenses); derived when not given
-
-    def __post_init__(self) -> None:
-        if not self.role:
-            from keyedge.defenses import get_defense
-
-            self.role = get_defense(self.defense).role(self.fingerprint)
-
-    @property
-    def label(self) -> str:
-        tags = [t for t in (self.fuse if self.fuse in ("fold", "conv") else None, self.quantized) if t]
-        return f"{self.model}-{self.fingerprint or self.role}" + (f"[{','.join(tags)}]" if tags else "")
-
-    @property
-    def quantized(self) -> str | None:
-        """``int8`` for a quantized artifact (its own cell and gate entry beside the fp32 one), else None."""
-        return "int8" if self.precision == "int8" else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Measurement:
-    """One artifact on one runtime/device at one batch size."""
-
-    artifact: Artifact
-    runtime: str
-    device: str
-    batch: int
-    threads: int | None
-    load_s: float  # read + compile / session creation
-    first_ms: float  # the first inference after loading
-    steady: Stats
-    throughput: float  # images per second: batch / mean latency
-    peak_rss_mb: float  # the process's peak resident set size after this measurement (cumulative)
-    providers: list[str] | None = None  # onnxruntime: the providers the session actually uses
-
-    @property
-    def key(self) -> tuple:
-        """What the regression gate matches on: model, role, fuse, target, runtime, device, batch."""
-        a = self.artifact
-        key = (a.model, a.fingerprint or a.role, a.fuse, a.target, self.runtime, self.device, self.batch)
-        return key + ((a.quantized,) if a.quantized else ())  # fp32/fp16 keys stay as baselines recorded them
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["artifact"] = self.artifact.to_dict()
-        return d
-
-
-@dataclass
-class Skipped:
-    """A runtime/artifact pair not measured, and why (runtime absent on this host, load failure...)."""
-
-    runtime: str
-    device: str
-    reason: str
-    artifact: str | None = None
-    target: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Comparison:
-    """``numerator / denominator`` steady latency, from per-round ratios of interleaved rounds."""
-
-    kind: str  # keyed/plain, gather/fold, gather/conv, int8/fp32, runtime
-    numerator: str
-    denominator: str
-    model: str
-    target: str
-    runtime: str  # "ort/ov" style for kind=runtime
-    device: str
-    batch: int
-    median: float
-    p10: float
-    p90: float
-    rounds: int
-
-    @property
-    def key(self) -> tuple:
-        return (self.kind, self.numerator, self.denominator, self.runtime, self.device, self.batch)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -237,8 +103,6 @@ def _artifact_from_manifest(manifest: ArtifactManifest, target: str, path: Path)
 
 def _checkpoint_artifact(directory: Path, fuse: str | None = None, export_dir: Path | None = None) -> Artifact:
     """A training checkpoint, timed in PyTorch eager mode (the reference the exported artifacts are compared with)."""
-    from keyedge.checkpoints import read_manifest
-
     manifest = read_manifest(directory)
     return Artifact(
         path=str(directory),
@@ -262,15 +126,14 @@ def discover(path: str | Path) -> list[Artifact]:
     a checkpoint directory (``keyedge.json``) yields just that.
     """
     from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
-    from keyedge.exporters import get_backend, list_backends
+    from keyedge.exporters import get_backend, list_backends, target_of
 
     path = Path(path)
-    suffixes = {get_backend(name).suffix: name for name in list_backends()}
     if not path.exists():
         raise KeyedgeError(f"{path} does not exist", "pass an export directory or an .onnx/.xml/.mlpackage file")
     if path.is_dir() and (path / CHECKPOINT_MANIFEST).is_file():
         return [_checkpoint_artifact(path)]
-    if path.is_dir() and path.suffix not in suffixes:
+    if path.is_dir() and target_of(path, sealed=False) is None:
         manifest = ArtifactManifest.read(path)
         artifacts = [
             _artifact_from_manifest(manifest, target, manifest.artifact(target)) for target in manifest.targets
@@ -280,8 +143,9 @@ def discover(path: str | Path) -> list[Artifact]:
             with contextlib.suppress(KeyedgeError):  # a checkpoint gone bad since the export: artifacts still timed
                 artifacts.append(_checkpoint_artifact(source, manifest.fuse, path))
         return artifacts
-    target = artifact_target(path)
+    target = target_of(path)
     if target is None:
+        suffixes = [get_backend(name).suffix for name in list_backends()]
         raise KeyedgeError(
             f"{path}: unknown artifact type {path.suffix!r}", f"expected {', '.join(suffixes)}, or an export directory"
         )
@@ -317,13 +181,8 @@ def load_runner(
     ``keys`` (by fingerprint) serve checkpoints; ``sealkeys`` open sealed artifacts (decrypted in memory,
     inside the timed load)."""
     if spec.name == "torch":
-        from keyedge.deploy.export import load_checkpoint_runner
-        from keyedge.keys.keyfile import key_for
-
         key = key_for(artifact.fingerprint, keys or {}, owner=artifact.path)
         return load_checkpoint_runner(Path(artifact.path), key, fuse=artifact.fuse, device=spec.device, threads=threads)
-    from keyedge.deploy.runtime import open_artifact
-
     return open_artifact(
         Path(artifact.path), spec.target, sealkey=list(sealkeys), threads=threads, **spec.run_settings()
     )
@@ -362,11 +221,6 @@ def cpu_model() -> str:
 
 def environment() -> dict[str, Any]:
     """Host, OS, Python and runtime versions, recorded in every report."""
-    import os
-
-    from keyedge import __version__
-    from keyedge.deps import version_of
-
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -528,26 +382,8 @@ def _refuse_unloadable(
         )
 
 
-def run_latency(
-    paths: list[str | Path],
-    profile: DeviceProfile,
-    settings: BenchSettings | None = None,
-    *,
-    progress: Any = None,
-    keys: Any = (),
-    sealkeys: Any = (),
-) -> Any:
-    """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
-
-    ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
-    ``keys``: :class:`~keyedge.keys.keyfile.Key` objects for the ``torch`` runtime's keyed checkpoints (never recorded).
-    ``sealkeys``: :class:`~keyedge.keys.seal.SealKey` objects for sealed artifacts (matched by fingerprint).
-    """
-    from keyedge.benchmarks.report import LatencyReport
-
-    resolved = (settings or BenchSettings()).resolve(profile)
-    artifacts = [a for p in paths for a in discover(p)]
-    skipped: list[Skipped] = []
+def _usable_runtimes(profile: DeviceProfile, skipped: list[Skipped]) -> list[RuntimeSpec]:
+    """The profile's runtimes that run on this host; the others are skipped, with the reason."""
     usable: list[RuntimeSpec] = []
     for spec in profile.runtimes:
         ok, reason = runtime_available(spec)
@@ -555,27 +391,34 @@ def run_latency(
             usable.append(spec)
         else:
             skipped.append(Skipped(runtime=spec.name, device=spec.device_label, reason=reason, target=spec.target))
-    # load everything once (load time measured here), then group by batch size
+    return usable
+
+
+def _load_cells(
+    artifacts: list[Artifact],
+    usable: list[RuntimeSpec],
+    resolved: dict[str, Any],
+    keys: dict[str, Any],
+    sealkeys: Any,
+    skipped: list[Skipped],
+) -> list[_Cell]:
+    """Load every artifact on every usable runtime of its target once (load time measured here): one cell per
+    batch size it runs at.  A load failure is a skip; a missing or wrong sealing key, or a tampered file, is
+    bad input, said as it is (:class:`SealError`)."""
     cells: list[_Cell] = []
     for spec in usable:
         matching = [a for a in artifacts if a.target == spec.target]
         if not matching:
-            skipped.append(
-                Skipped(
-                    runtime=spec.name,
-                    device=spec.device_label,
-                    target=spec.target,
-                    reason=f"no {spec.target} artifact among the inputs",
-                )
-            )
+            reason = f"no {spec.target} artifact among the inputs"
+            skipped.append(Skipped(runtime=spec.name, device=spec.device_label, target=spec.target, reason=reason))
         for artifact in matching:
             threads = spec.threads or resolved["threads"]
             try:
                 start = time.perf_counter()
-                runner = load_runner(artifact, spec, threads, {k.fingerprint: k for k in keys}, sealkeys)
+                runner = load_runner(artifact, spec, threads, keys, sealkeys)
                 load_s = time.perf_counter() - start
             except SealError:
-                raise  # a missing or wrong sealing key, or a tampered file: bad input, said as it is
+                raise
             except Exception as exc:
                 skipped.append(
                     Skipped(
@@ -588,9 +431,56 @@ def run_latency(
                 )
                 continue
             fixed = runner.input_shape[0] if runner.input_shape else artifact.batch
-            batches = [fixed] if fixed else resolved["batch_sizes"]
-            for batch in batches:
+            for batch in [fixed] if fixed else resolved["batch_sizes"]:
                 cells.append(_Cell(artifact, spec, runner, batch, threads, load_s))
+    return cells
+
+
+def _measure(group: list[_Cell], batch: int, resolved: dict[str, Any], tick: Callable[[float], None]):
+    """Time one batch size's cells interleaved: their measurements and ratios (an inference failure raises)."""
+    _interleave(group, resolved, tick)
+    rss = peak_rss_mb()
+    measurements = []
+    for cell in group:
+        stats = Stats.from_seconds(cell.samples)
+        measurements.append(
+            Measurement(
+                artifact=cell.artifact,
+                runtime=cell.spec.name,
+                device=cell.spec.device_label,
+                batch=batch,
+                threads=cell.threads,
+                load_s=cell.load_s,
+                first_ms=cell.first_ms,
+                steady=stats,
+                throughput=batch / (stats.mean / 1e3),
+                peak_rss_mb=rss,
+                providers=cell.runner.providers,
+            )
+        )
+    return measurements, _comparisons(group, batch)
+
+
+def run_latency(
+    paths: list[str | Path],
+    profile: DeviceProfile,
+    settings: BenchSettings | None = None,
+    *,
+    progress: Any = None,
+    keys: Any = (),
+    sealkeys: Any = (),
+) -> LatencyReport:
+    """Measure every artifact under ``paths`` on every runtime of ``profile``; return a :class:`LatencyReport`.
+
+    ``progress``: a :class:`rich.progress.Progress` to advance (one task per batch size), or None.
+    ``keys``: :class:`~keyedge.keys.keyfile.Key` objects for the ``torch`` runtime's keyed checkpoints (never recorded).
+    ``sealkeys``: :class:`~keyedge.keys.seal.SealKey` objects for sealed artifacts (matched by fingerprint).
+    """
+    resolved = (settings or BenchSettings()).resolve(profile)
+    artifacts = [a for p in paths for a in discover(p)]
+    skipped: list[Skipped] = []
+    usable = _usable_runtimes(profile, skipped)
+    cells = _load_cells(artifacts, usable, resolved, {k.fingerprint: k for k in keys}, sealkeys, skipped)
     _refuse_unloadable(artifacts, usable, cells, skipped)
     measurements: list[Measurement] = []
     comparisons: list[Comparison] = []
@@ -599,7 +489,7 @@ def run_latency(
         task = progress.add_task(f"batch {batch}: {len(group)} artifact/runtime pairs", total=1.0) if progress else None
         tick = (lambda f, task=task: progress.update(task, completed=f)) if progress else (lambda f: None)
         try:
-            _interleave(group, resolved, tick)
+            found, ratios = _measure(group, batch, resolved, tick)
         except Exception as exc:
             for cell in group:
                 skipped.append(
@@ -612,25 +502,8 @@ def run_latency(
                     )
                 )
             continue
-        rss = peak_rss_mb()
-        for cell in group:
-            stats = Stats.from_seconds(cell.samples)
-            measurements.append(
-                Measurement(
-                    artifact=cell.artifact,
-                    runtime=cell.spec.name,
-                    device=cell.spec.device_label,
-                    batch=batch,
-                    threads=cell.threads,
-                    load_s=cell.load_s,
-                    first_ms=cell.first_ms,
-                    steady=stats,
-                    throughput=batch / (stats.mean / 1e3),
-                    peak_rss_mb=rss,
-                    providers=cell.runner.providers,
-                )
-            )
-        comparisons.extend(_comparisons(group, batch))
+        measurements += found
+        comparisons += ratios
     return LatencyReport(
         environment=environment(),
         profile=profile.to_dict(),

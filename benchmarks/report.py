@@ -10,16 +10,163 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from keyedge.benchmarks.latency import Artifact, Comparison, Measurement, Skipped, Stats
+import numpy as np
+
 from keyedge.benchmarks.profiles import Thresholds
+from keyedge.defenses import get_defense
 from keyedge.errors import KeyedgeError
 from keyedge.validate import Fields, read_dataclass
 
 SCHEMA = "keyedge-latency/1"
+
+
+# --------------------------------------------------------------------------- what a run measures (the harness fills it)
+
+
+@dataclass
+class Stats:
+    """Steady-state latency of one inference call, in milliseconds."""
+
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    stdev: float
+    min: float
+    max: float
+    iterations: int
+    seconds: float  # total time spent in the timed calls
+
+    @classmethod
+    def from_seconds(cls, samples: list[float]) -> Stats:
+        ms = np.asarray(samples, dtype=np.float64) * 1e3
+        p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+        return cls(
+            mean=float(ms.mean()),
+            p50=float(p50),
+            p90=float(p90),
+            p95=float(p95),
+            p99=float(p99),
+            stdev=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+            min=float(ms.min()),
+            max=float(ms.max()),
+            iterations=len(ms),
+            seconds=float(ms.sum() / 1e3),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Artifact:
+    """One exported file and what its manifest says about it."""
+
+    path: str  # the file (.onnx, .xml, .mlpackage), or the checkpoint directory (target torch)
+    target: str  # onnx, openvino, coreml, torch
+    model: str  # model name, or the file stem without a manifest
+    fingerprint: str | None  # key fingerprint; None: plain model (or unknown)
+    fuse: str | None  # gather, fold, none
+    precision: str | None
+    batch: int | None  # fixed batch; None: dynamic (or unknown until loaded)
+    image_size: int | None
+    export_dir: str | None  # the OUT/<model>-<fingerprint>/ directory, if any
+    accuracy: float | None = None  # the checkpoint's test accuracy, from the manifest
+    defense: str | None = None  # another defense than a key (volumize), from the manifest
+    role: str = ""  # keyed, plain or the defense's name (keyedge.defenses); derived when not given
+
+    def __post_init__(self) -> None:
+        if not self.role:
+            self.role = get_defense(self.defense).role(self.fingerprint)
+
+    @property
+    def label(self) -> str:
+        tags = [t for t in (self.fuse if self.fuse in ("fold", "conv") else None, self.quantized) if t]
+        return f"{self.model}-{self.fingerprint or self.role}" + (f"[{','.join(tags)}]" if tags else "")
+
+    @property
+    def quantized(self) -> str | None:
+        """``int8`` for a quantized artifact (its own cell and gate entry beside the fp32 one), else None."""
+        return "int8" if self.precision == "int8" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Measurement:
+    """One artifact on one runtime/device at one batch size."""
+
+    artifact: Artifact
+    runtime: str
+    device: str
+    batch: int
+    threads: int | None
+    load_s: float  # read + compile / session creation
+    first_ms: float  # the first inference after loading
+    steady: Stats
+    throughput: float  # images per second: batch / mean latency
+    peak_rss_mb: float  # the process's peak resident set size after this measurement (cumulative)
+    providers: list[str] | None = None  # onnxruntime: the providers the session actually uses
+
+    @property
+    def key(self) -> tuple:
+        """What the regression gate matches on: model, role, fuse, target, runtime, device, batch."""
+        a = self.artifact
+        key = (a.model, a.fingerprint or a.role, a.fuse, a.target, self.runtime, self.device, self.batch)
+        return key + ((a.quantized,) if a.quantized else ())  # fp32/fp16 keys stay as baselines recorded them
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["artifact"] = self.artifact.to_dict()
+        return d
+
+
+@dataclass
+class Skipped:
+    """A runtime/artifact pair not measured, and why (runtime absent on this host, load failure...)."""
+
+    runtime: str
+    device: str
+    reason: str
+    artifact: str | None = None
+    target: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Comparison:
+    """``numerator / denominator`` steady latency, from per-round ratios of interleaved rounds."""
+
+    kind: str  # keyed/plain, gather/fold, gather/conv, int8/fp32, runtime
+    numerator: str
+    denominator: str
+    model: str
+    target: str
+    runtime: str  # "ort/ov" style for kind=runtime
+    device: str
+    batch: int
+    median: float
+    p10: float
+    p90: float
+    rounds: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.numerator, self.denominator, self.runtime, self.device, self.batch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- the report
 
 
 def wide(console):
