@@ -15,7 +15,7 @@ import typer
 
 from keyedge.app.engine import make_engine
 from keyedge.cli._console import console, err_console, progress_bar
-from keyedge.cli._flags import expand_targets
+from keyedge.cli._flags import device_option, expand_targets, target_option
 from keyedge.errors import KeyedgeError
 
 fleet_app = typer.Typer(
@@ -132,9 +132,7 @@ def train(
     cpus_per_job: float = CPUS,
     gpus_per_job: float = GPUS,
     retries: int = RETRIES,
-    device: str = typer.Option(
-        "auto", "--device", help="Torch device of each job (local engine; on Ray: --gpus-per-job decides)."
-    ),
+    device: str = device_option("Torch device of each job (local engine; on Ray: --gpus-per-job decides)."),
 ) -> None:
     """Fine-tune one model per key; finished keys are left alone, unfinished ones resumed."""
     from keyedge.app.fleet import train_stage
@@ -153,12 +151,7 @@ def train(
 @fleet_app.command("export")
 def export(
     directory: Path = typer.Argument(..., help="Fleet directory."),
-    target: list[str] = typer.Option(
-        ["onnx"],
-        "--target",
-        "-t",
-        help="onnx, openvino, coreml, litert, executorch or all (installed ones; repeatable).",
-    ),
+    target: list[str] = target_option(),
     fuse: str = typer.Option("gather", "--fuse", help="gather, fold, conv or auto (as for `keyedge export`)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
     engine: str = ENGINE,
