@@ -3,8 +3,8 @@
 Layers, lowest first; a module may import its own layer and the ones below, never one above:
 
 0. foundation  -- keyedge.errors, deps, fileio, registry, stats, validate
-1. domain      -- keyedge.keys < data < models < defenses < checkpoints < attacks < training (ordered: a package
-                  imports only those before it)
+1. domain      -- keyedge.keys < data < models < defenses < checkpoints < attacks < postures < training
+                  (ordered: a package imports only those before it)
 2. deploy      -- keyedge.deploy and keyedge.exporters (writing, reading and running artifacts; keyedge.runtime is
                   the device-side name of keyedge.deploy.runtime)
 3. benchmarks  -- keyedge.benchmarks (harnesses and the CI gate), then keyedge.benchmarks.experiments (scripts that
@@ -41,6 +41,7 @@ LAYERS = [
             "keyedge.defenses",
             "keyedge.checkpoints",
             "keyedge.attacks",
+            "keyedge.postures",
             "keyedge.training",
         ),
     ),

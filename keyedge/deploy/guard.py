@@ -1,0 +1,319 @@
+"""The device side of a posture: a stateful query guard and a rate limit, around any runner.
+
+**Query guard** (in the spirit of Blacklight, Li et al., USENIX Security 2022): a query-based attacker sends
+many near-identical images.  Each query is quantized (0..255 values floored to multiples of ``quantum``),
+flattened in height-width-channel order, cut into windows of ``window`` values every ``step`` values, and
+each window hashed; the ``hashes`` largest hashes are the query's fingerprint.  A query is *flagged* when
+at least ``threshold`` of its fingerprint was seen in one earlier query of the bounded ``history``.  Then
+the ``action`` applies: ``refuse`` (no answer to this query), ``lock`` (no answer to any query until an
+operator unlocks the guard) or ``flag`` (answer, and record it).
+
+Hashes are keyed with a per-device secret (a 64-bit multiply-and-mix of each window with secret odd
+multipliers, vectorized in numpy): an attacker without the device's guard state cannot predict them.
+
+**Rate limit**: at most ``rate`` queries per minute per device (sliding window); a query beyond it is refused.
+
+**State** (history, lock, counters, the guard's secret) is persisted atomically to ``state`` after every
+query that changes it (``autosave``), and read back at start: a restart does not forget an attack in
+progress.  A state file that is corrupt, from another guard configuration or another device (``owner``)
+is refused with one line -- never trusted silently, never replaced without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+import zipfile
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keyedge.errors import KeyedgeError
+from keyedge.fileio import write_bytes_atomic
+
+STATE_SCHEMA = "keyedge-guard/1"
+ACTIONS = ("refuse", "lock", "flag")
+
+
+class GuardError(KeyedgeError):
+    """A guard state file or setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How queries are fingerprinted and compared (defaults: Blacklight's ImageNet settings as OARS publishes them)."""
+
+    window: int = 50  # values per hashed window of the flattened quantized image
+    step: int = 25
+    hashes: int = 50  # fingerprint size: the largest window hashes of a query
+    quantum: int = 50  # quantization step on 0..255 values
+    threshold: float = 0.5  # share of a query's fingerprint found in one earlier query that flags it
+    history: int = 10_000  # queries remembered per device
+
+    def __post_init__(self) -> None:
+        ints = {"window": self.window, "step": self.step, "hashes": self.hashes, "quantum": self.quantum}
+        for name, value in {**ints, "history": self.history}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GuardError(f"guard {name} must be a whole number >= 1, got {value!r}")
+        if self.quantum > 255:
+            raise GuardError(f"guard quantum must be 1..255, got {self.quantum}")
+        if not 0 < self.threshold <= 1:
+            raise GuardError(f"guard threshold must be in (0, 1], got {self.threshold!r}")
+
+    @property
+    def needed(self) -> int:
+        """Matching hashes that flag a query."""
+        return max(1, int(np.ceil(self.threshold * self.hashes)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the guard decided for one query."""
+
+    answered: bool
+    flagged: bool = False
+    reason: str | None = None  # why it was refused or flagged
+    matches: int = 0  # the most fingerprint hashes shared with one earlier query
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """A 64-bit finalizer (splitmix64's): spreads the bits of a multiply-add hash."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+@dataclass
+class _State:
+    secret: bytes
+    queries: int = 0  # every query checked, answered or not
+    flagged: int = 0
+    refused: int = 0
+    locked: bool = False
+    next_id: int = 0
+    history: deque = field(default_factory=deque)  # (query id, fingerprint as uint64 array)
+    recent: deque = field(default_factory=deque)  # times of answered queries in the last minute (rate limit)
+
+
+class QueryGuard:
+    """Fingerprint each query, flag attack sequences, apply the action; optionally rate-limit and persist."""
+
+    def __init__(
+        self,
+        config: GuardConfig | None = None,
+        action: str | None = "refuse",
+        *,
+        rate: int | None = None,
+        state: str | Path | None = None,
+        owner: str = "",
+        autosave: bool = True,
+        clock: Callable[[], float] = time.time,
+    ):
+        if action is not None and action not in ACTIONS:
+            raise GuardError(f"unknown guard action {action!r}", f"use {', '.join(ACTIONS)}")
+        self.config = config or GuardConfig()
+        self.action, self.rate, self.owner, self.autosave, self.clock = action, rate, owner, autosave, clock
+        self.path = Path(state) if state is not None else None
+        self._state = self._load() if self.path is not None and self.path.exists() else _State(secrets.token_bytes(32))
+        self._multipliers = self._derive(self._state.secret)
+        self._table: dict[int, list[int]] = {}
+        for qid, fingerprint in self._state.history:
+            self._index(qid, fingerprint)
+
+    # -- fingerprints ---------------------------------------------------------------------------------------------
+
+    def _derive(self, secret: bytes) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(np.frombuffer(secret, dtype=np.uint64)))
+        return rng.integers(0, 2**63, size=self.config.window, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+    def fingerprint(self, image: np.ndarray) -> np.ndarray:
+        """The query's fingerprint: the ``hashes`` largest distinct keyed window hashes (uint64)."""
+        x = np.asarray(image, dtype=np.float32)
+        if x.ndim != 3:
+            raise GuardError(f"the guard fingerprints one (C, H, W) image at a time, got shape {x.shape}")
+        values = (np.clip(np.round(x * 255), 0, 255).astype(np.uint8) // self.config.quantum).transpose(1, 2, 0)
+        flat = values.reshape(-1).astype(np.uint64)
+        w = min(self.config.window, flat.size)
+        windows = np.lib.stride_tricks.sliding_window_view(flat, w)[:: self.config.step]
+        with np.errstate(over="ignore"):
+            hashes = _mix(windows @ self._multipliers[:w])
+        unique = np.unique(hashes)
+        return unique[-self.config.hashes :]
+
+    def _index(self, qid: int, fingerprint: np.ndarray) -> None:
+        for h in fingerprint.tolist():
+            self._table.setdefault(h, []).append(qid)
+
+    def _forget_oldest(self) -> None:
+        qid, fingerprint = self._state.history.popleft()
+        for h in fingerprint.tolist():
+            ids = self._table.get(h)
+            if ids:
+                ids.remove(qid)
+                if not ids:
+                    del self._table[h]
+
+    def _matches(self, fingerprint: np.ndarray) -> int:
+        counts = Counter(qid for h in fingerprint.tolist() for qid in self._table.get(h, ()))
+        return max(counts.values(), default=0)
+
+    # -- checking queries -------------------------------------------------------------------------------------------
+
+    @property
+    def locked(self) -> bool:
+        return self._state.locked
+
+    @property
+    def counters(self) -> dict[str, int]:
+        s = self._state
+        return {"queries": s.queries, "flagged": s.flagged, "refused": s.refused, "history": len(s.history)}
+
+    def unlock(self) -> None:
+        """An operator's decision: answer queries again (the history is kept)."""
+        self._state.locked = False
+        self._save()
+
+    def check(self, image: np.ndarray) -> Verdict:
+        """Decide one query (a ``(C, H, W)`` image in [0, 1]) and remember it."""
+        s = self._state
+        s.queries += 1
+        now = self.clock()
+        if s.locked:
+            return self._refuse("locked after an attack was detected; an operator must unlock it")
+        if self.rate is not None:
+            while s.recent and now - s.recent[0] >= 60.0:
+                s.recent.popleft()
+            if len(s.recent) >= self.rate:
+                return self._refuse(f"rate limit: {self.rate} queries per minute")
+        verdict = Verdict(True)
+        if self.action is not None:
+            fingerprint = self.fingerprint(image)
+            matches = self._matches(fingerprint)
+            s.history.append((s.next_id, fingerprint))
+            self._index(s.next_id, fingerprint)
+            s.next_id += 1
+            while len(s.history) > self.config.history:
+                self._forget_oldest()
+            if matches >= self.config.needed:
+                s.flagged += 1
+                reason = f"attack query sequence: {matches} of {len(fingerprint)} hashes seen in one earlier query"
+                if self.action == "lock":
+                    s.locked = True
+                if self.action in ("refuse", "lock"):
+                    return self._refuse(reason, matches)
+                verdict = Verdict(True, flagged=True, reason=reason, matches=matches)
+            else:
+                verdict = Verdict(True, matches=matches)
+        if self.rate is not None:
+            s.recent.append(now)
+        self._save()
+        return verdict
+
+    def check_batch(self, images: Sequence[np.ndarray] | np.ndarray) -> list[Verdict]:
+        """One verdict per image, in order (each image is one query)."""
+        return [self.check(image) for image in images]
+
+    def _refuse(self, reason: str, matches: int = 0) -> Verdict:
+        self._state.refused += 1
+        self._save()
+        return Verdict(False, flagged=matches > 0, reason=reason, matches=matches)
+
+    # -- state ------------------------------------------------------------------------------------------------------
+
+    def _header(self) -> dict[str, Any]:
+        return {"schema": STATE_SCHEMA, "owner": self.owner, "config": self.config.to_dict()}
+
+    def to_bytes(self) -> bytes:
+        """The whole state as one ``.npz`` archive (a JSON header, counters, history, the secret)."""
+        s = self._state
+        ids = np.array([qid for qid, _ in s.history], dtype=np.int64)
+        prints = [fp for _, fp in s.history]
+        lengths = np.array([len(fp) for fp in prints], dtype=np.int64)
+        flat = np.concatenate(prints) if prints else np.zeros(0, dtype=np.uint64)
+        counters = np.array([s.queries, s.flagged, s.refused, int(s.locked), s.next_id], dtype=np.int64)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            header=np.frombuffer(json.dumps(self._header(), sort_keys=True).encode(), dtype=np.uint8),
+            secret=np.frombuffer(s.secret, dtype=np.uint8),
+            counters=counters,
+            ids=ids,
+            lengths=lengths,
+            hashes=flat.astype(np.uint64),
+            recent=np.array(list(s.recent), dtype=np.float64),
+        )
+        return buffer.getvalue()
+
+    def save(self) -> None:
+        """Write the state to ``state`` atomically (nothing half-written survives a crash)."""
+        if self.path is not None:
+            write_bytes_atomic(self.path, self.to_bytes(), mode=0o600, overwrite=True)
+
+    def _save(self) -> None:
+        if self.autosave:
+            self.save()
+
+    def _load(self) -> _State:
+        path = self.path
+        assert path is not None
+        hint = "delete it to start the guard afresh (its history is lost), or point --guard-state at this device's file"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(bytes(data["header"]).decode())
+                arrays = {k: data[k] for k in ("secret", "counters", "ids", "lengths", "hashes", "recent")}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+            raise GuardError(
+                f"guard state {path} is corrupt or not a guard state ({type(exc).__name__})", hint
+            ) from None
+        if not isinstance(header, dict) or header.get("schema") != STATE_SCHEMA:
+            raise GuardError(f"guard state {path} is not a {STATE_SCHEMA} file", hint)
+        if header.get("owner") != self.owner:
+            raise GuardError(f"guard state {path} belongs to another device or artifact", hint)
+        if header.get("config") != self.config.to_dict():
+            raise GuardError(f"guard state {path} was written with other guard settings", hint)
+        counters, lengths, hashes = arrays["counters"], arrays["lengths"], arrays["hashes"]
+        if counters.shape != (5,) or lengths.sum() != hashes.size or len(lengths) != len(arrays["ids"]):
+            raise GuardError(f"guard state {path} is corrupt (its arrays disagree)", hint)
+        if arrays["secret"].size != 32:
+            raise GuardError(f"guard state {path} is corrupt (no secret)", hint)
+        state = _State(arrays["secret"].tobytes())
+        state.queries, state.flagged, state.refused, locked, state.next_id = (int(v) for v in counters)
+        state.locked = bool(locked)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for i, qid in enumerate(arrays["ids"].tolist()):
+            state.history.append((qid, hashes[offsets[i] : offsets[i + 1]].astype(np.uint64)))
+        state.recent.extend(arrays["recent"].tolist())
+        return state
+
+
+class Guarded:
+    """Any runner (anything with ``predict(images) -> (N, classes) outputs``) behind a :class:`QueryGuard`.
+
+    Each image is one query.  :meth:`answer` runs the model only on the queries the guard answers; a refused
+    query's row is NaN, so a caller (or an attack harness that counts refused queries as spent) sees no
+    information in it.
+    """
+
+    def __init__(self, runner: Any, guard: QueryGuard, classes: int):
+        self.runner, self.guard, self.classes = runner, guard, classes
+
+    def answer(self, images: np.ndarray) -> tuple[np.ndarray, list[Verdict]]:
+        """(outputs, verdicts): outputs ``(N, classes)`` with NaN rows where the guard refused."""
+        images = np.asarray(images, dtype=np.float32)
+        verdicts = self.guard.check_batch(images)
+        keep = np.array([v.answered for v in verdicts], dtype=bool)
+        out = np.full((len(images), self.classes), np.nan, dtype=np.float32)
+        if keep.any():
+            out[keep] = np.asarray(self.runner.predict(images[keep]), dtype=np.float32)
+        return out, verdicts

@@ -1,0 +1,180 @@
+"""Deployment postures: the spec grammar, the in-graph outputs and noise, the query guard and the rate limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from keyedge.deploy.guard import GuardConfig, Guarded, GuardError, QueryGuard
+from keyedge.postures import Posture, PostureError, parse_posture
+from keyedge.postures.graph import PostureModule, posture_outputs
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("", "scores"),
+        ("scores", "scores"),
+        ("label+noise:0.02+guard", "label+noise:0.02+guard"),
+        ("guard:lock + LABEL", "label+guard:lock"),
+        ("topk:3", "topk:3:2"),
+        ("rate:60+topk:5:1", "topk:5:1+rate:60"),
+        ("noise:8/255", "scores+noise:0.0313725"),
+    ],
+)
+def test_posture_specs_read_and_print_canonically(text, canonical):
+    posture = parse_posture(text)
+    assert str(posture) == canonical
+    assert parse_posture(str(posture)) == posture
+    assert Posture.from_dict(posture.to_dict()) == posture
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lable", "unknown posture part 'lable'"),
+        ("noise:0.9", r"noise sigma must be in \[0, 0.5\]"),
+        ("noise:-1", "noise:SIGMA must be a number"),
+        ("noise:1/0", "divides by zero"),
+        ("topk", "topk:K must be a whole number"),
+        ("topk:0", "topk:K needs K in 1..1000"),
+        ("topk:3:9", "decimals must be 0..6"),
+        ("guard:kill", "unknown guard action 'kill'"),
+        ("rate:0", "rate must be 1..1000000"),
+        ("label+scores", "names outputs twice"),
+        ("label:3", "takes no argument"),
+    ],
+)
+def test_bad_posture_specs_are_one_line_errors(text, message):
+    with pytest.raises(PostureError, match=message) as err:
+        parse_posture(text)
+    assert "\n" not in str(err.value)
+
+
+def test_a_record_that_disagrees_with_its_spec_is_refused():
+    record = parse_posture("label").to_dict() | {"noise": 0.1}
+    with pytest.raises(PostureError, match="disagrees"):
+        Posture.from_dict(record)
+
+
+def test_outputs_keep_the_scores_shape_and_reveal_only_what_the_posture_allows():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 2.0, 0.0]])
+    assert torch.equal(posture_outputs(logits, parse_posture("scores")), logits)
+    label = posture_outputs(logits, parse_posture("label"))
+    assert torch.equal(label, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    top2 = posture_outputs(logits, parse_posture("topk:2:1"))
+    probs = logits.softmax(1)
+    assert (top2 > 0).sum(1).tolist() == [2, 2]
+    assert torch.allclose(top2[0, :2], torch.round(probs[0, :2] * 10) / 10)
+    assert torch.equal(top2.argmax(1), logits.argmax(1))
+
+
+def test_noise_is_drawn_afresh_for_every_query_and_the_deterministic_twin_has_none():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x = torch.rand(2, 3, 2, 2)
+    noisy = PostureModule(module, parse_posture("noise:0.1"))
+    assert not torch.equal(noisy(x), noisy(x))
+    twin = PostureModule(module, parse_posture("noise:0.1"), noise=False)
+    assert torch.equal(twin(x), module(x))
+    # the noise has the posture's sigma: the output spread matches sigma * |weights|
+    outs = torch.stack([noisy(x)[0] for _ in range(2000)])
+    expected = 0.1 * module[1].weight.norm(dim=1)
+    assert torch.allclose(outs.std(0), expected, rtol=0.1)
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
+
+
+def _probes(image: np.ndarray, n: int, seed: int = 1) -> list[np.ndarray]:
+    """What Square sends: the image with +-eps stripes, then one small square changed per query."""
+    rng = np.random.default_rng(seed)
+    eps = 16 / 255
+    stripes = rng.choice([-eps, eps], size=(3, 1, image.shape[2])).astype(np.float32)
+    base = np.clip(image + stripes, 0, 1)
+    out = []
+    for _ in range(n):
+        query = base.copy()
+        r, c = rng.integers(0, image.shape[1] - 4, size=2)
+        query[:, r : r + 4, c : c + 4] = np.clip(image[:, r : r + 4, c : c + 4] - stripes[:, :, c : c + 4], 0, 1)
+        out.append(query)
+    return out
+
+
+def test_guard_passes_distinct_images_and_stops_an_attack_sequence_within_a_few_queries():
+    guard = QueryGuard(action="refuse", autosave=False)
+    assert all(v.answered and not v.flagged for v in guard.check_batch(_images(200)))
+    verdicts = guard.check_batch(_probes(_images(1, seed=7)[0], 10))
+    first = next(i for i, v in enumerate(verdicts) if not v.answered)
+    assert first <= 3 and verdicts[first].flagged and "attack query sequence" in verdicts[first].reason
+    assert guard.counters["refused"] >= 7
+
+
+def test_flag_answers_and_lock_refuses_everything_after_until_unlocked():
+    image = _images(1)[0]
+    flag = QueryGuard(action="flag", autosave=False)
+    verdicts = flag.check_batch([image, image, image])
+    assert all(v.answered for v in verdicts) and verdicts[1].flagged
+    lock = QueryGuard(action="lock", autosave=False)
+    assert lock.check(image).answered and not lock.check(image).answered
+    assert lock.locked and not lock.check(_images(1, seed=3)[0]).answered  # a fresh image too
+    lock.unlock()
+    assert lock.check(_images(1, seed=4)[0]).answered
+
+
+def test_rate_limit_per_minute_with_a_clock():
+    now = [1000.0]
+    guard = QueryGuard(action=None, rate=3, autosave=False, clock=lambda: now[0])
+    images = _images(5)
+    assert [v.answered for v in guard.check_batch(images[:4])] == [True, True, True, False]
+    assert "rate limit" in guard.check(images[4]).reason
+    now[0] += 61
+    assert guard.check(images[4]).answered
+
+
+def test_guard_state_survives_a_restart_and_a_foreign_or_corrupt_state_is_refused(tmp_path):
+    state = tmp_path / "guard.npz"
+    image = _images(1)[0]
+    guard = QueryGuard(action="lock", state=state, owner="device-1")
+    guard.check(image)
+    assert not guard.check(image).answered and state.stat().st_mode & 0o777 == 0o600
+    again = QueryGuard(action="lock", state=state, owner="device-1")
+    assert again.locked and again.counters == guard.counters
+    fresh = QueryGuard(action="refuse", state=tmp_path / "other.npz", owner="device-1")
+    fresh.check(image)
+    restarted = QueryGuard(action="refuse", state=tmp_path / "other.npz", owner="device-1")
+    assert not restarted.check(image).answered, "the history survives the restart"
+    with pytest.raises(GuardError, match="another device"):
+        QueryGuard(state=state, owner="device-2")
+    with pytest.raises(GuardError, match="other guard settings"):
+        QueryGuard(GuardConfig(window=20), state=state, owner="device-1")
+    state.write_bytes(b"not a guard state")
+    with pytest.raises(GuardError, match="corrupt") as err:
+        QueryGuard(state=state, owner="device-1")
+    assert "\n" not in str(err.value)
+
+
+def test_history_is_bounded_and_old_queries_are_forgotten():
+    guard = QueryGuard(GuardConfig(history=5), action="refuse", autosave=False)
+    image = _images(1)[0]
+    guard.check(image)
+    guard.check_batch(_images(5, seed=2))
+    assert guard.counters["history"] == 5
+    assert guard.check(image).answered, "the first query left the history"
+
+
+def test_guarded_runner_answers_only_what_the_guard_allows():
+    class Runner:
+        calls = 0
+
+        def predict(self, x):
+            Runner.calls += len(x)
+            return np.ones((len(x), 4), dtype=np.float32)
+
+    guarded = Guarded(Runner(), QueryGuard(action="refuse", autosave=False), classes=4)
+    image = _images(1)[0]
+    out, verdicts = guarded.answer(np.stack([image, image, image]))
+    assert [v.answered for v in verdicts] == [True, False, False]
+    assert Runner.calls == 1 and np.isnan(out[1:]).all() and (out[0] == 1).all()
