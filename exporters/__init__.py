@@ -19,6 +19,7 @@ from keyedge.exporters.base import (
     is_backend,
     list_backends,
     register_backend,
+    target_of,
 )
 from keyedge.exporters.graph import GraphReport
 
@@ -41,4 +42,5 @@ __all__ = [
     "is_backend",
     "list_backends",
     "register_backend",
+    "target_of",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +33,7 @@ from keyedge.deps import require
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
 from keyedge.exporters.capture import Quiet, environment_error, one_line
 from keyedge.exporters.graph import GraphReport
+from keyedge.keys.seal import SEALED_SUFFIX
 from keyedge.registry import Registry
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -436,6 +438,20 @@ def is_backend(name: str) -> bool:
 def get_backend(name: str) -> ExportBackend:
     """A fresh backend for target ``name``; :class:`KeyedgeError` for an unknown one."""
     return BACKENDS.get(name)()
+
+
+def target_of(path: str | os.PathLike, *, sealed: bool = True) -> str | None:
+    """The target whose artifact ``path`` is, from its suffix (``model.xml`` -> openvino); None if no target writes it.
+
+    With ``sealed`` a sealed file (``export --seal``) counts as its plaintext (``model.xml.sealed`` -> openvino;
+    :data:`keyedge.keys.seal.SEALED_SUFFIX`); ``sealed=False`` recognizes plain artifact names only.
+    The one place an artifact's file name is mapped to its target.
+    """
+    name = Path(path).name
+    if sealed:
+        name = name.removesuffix(SEALED_SUFFIX)
+    suffix = Path(name).suffix
+    return next((target for target, cls in BACKENDS.items() if cls.suffix == suffix), None)
 
 
 # ---- helpers ------------------------------------------------------------------------------

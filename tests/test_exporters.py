@@ -21,7 +21,7 @@ from torch import nn
 
 from keyedge.deps import EXTRAS
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
-from keyedge.exporters import ExportError, ExportOptions, get_backend, list_backends
+from keyedge.exporters import ExportError, ExportOptions, get_backend, list_backends, target_of
 from keyedge.exporters.coreml import CoreMLBackend
 from keyedge.exporters.onnx import OnnxBackend
 from keyedge.exporters.openvino import OpenVinoBackend
@@ -109,6 +109,15 @@ def test_registry_lists_the_five_targets():
         backend = get_backend(name)
         assert (backend.name, backend.suffix) == (name, suffixes[name])
         assert backend.extra in EXTRAS
+
+
+def test_an_artifact_file_name_gives_its_target():
+    for name in list_backends():
+        suffix = get_backend(name).suffix
+        assert target_of(f"out/model{suffix}") == name
+        assert target_of(Path(f"model{suffix}.sealed")) == name
+        assert target_of(f"model{suffix}.sealed", sealed=False) is None
+    assert target_of("model.bin") is None and target_of("model.sealed") is None and target_of("model") is None
 
 
 def test_unknown_target_is_a_keyedge_error():
