@@ -12,13 +12,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from keyedge.checkpoints import CheckpointManifest, save_checkpoint
 from keyedge.cli import app
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.deploy.parity import Parity
+from keyedge.deploy.torch_runner import TorchRunner
+from keyedge.exporters.base import Runner
 from keyedge.models.backbones import build_model
 from keyedge.validate import Fields, ManifestError
 
@@ -223,6 +228,52 @@ def test_untampered_export_manifest_reads(exported):
         )
         == manifest
     )
+
+
+def test_written_manifest_reads_back_byte_for_byte(exported):
+    """The typed parity (and everything else) writes the JSON it was read from: old manifests read the same."""
+    text = (exported / "manifest.json").read_text()
+    manifest = ArtifactManifest.read(exported)
+    assert isinstance(manifest.targets["onnx"].parity, Parity) and manifest.targets["onnx"].parity.ran
+    assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text
+
+
+CHECK = {"max_abs_diff": 1e-6, "tolerance": 1e-4, "top1_agreement": 1.0, "passed": True, "images": 8}
+AGREEMENT = {"images": 5, "top1_agreement": 1.0, "min_agreement": 0.98, "max_abs_diff": 0.1}
+PARITY_JSON = [
+    {},
+    {"skipped": "--no-verify"},
+    {"ran": False, "reason": "CoreML runs on macOS only", "structural": {"inputs": [], "outputs": []}, "passed": True},
+    {"ran": True, "random": CHECK, "real": CHECK | {"images": 3}, "passed": True},
+    {"ran": True, "kind": "agreement", "real": AGREEMENT | {"accuracy": None, "passed": True}, "passed": True},
+    {
+        "ran": True,
+        "kind": "agreement",
+        "real": AGREEMENT
+        | {"accuracy_fp32": 0.5, "accuracy": 0.49, "accuracy_drop_points": 1.0, "max_drop_points": 1.0, "passed": True},
+        "passed": True,
+    },
+]
+
+
+@pytest.mark.parametrize("data", PARITY_JSON, ids=["empty", "skipped", "structural", "fp32", "int8", "int8-labelled"])
+def test_parity_json_round_trips(data):
+    parity = Parity.from_dict(copy.deepcopy(data))
+    assert json.dumps(parity.to_dict()) == json.dumps(data)  # same keys, same order
+    assert dict(parity) == data and parity.get("reason") == data.get("reason")  # the JSON view readers index
+    if data.get("ran"):
+        assert parity.passed and parity.max_abs_diff is not None
+        assert parity.kind == ("agreement" if data.get("kind") else "tolerance")
+    else:
+        assert parity.max_abs_diff is None and parity.note == (data.get("reason") or data.get("skipped"))
+
+
+def test_the_torch_reference_runner_is_a_runner():
+    assert issubclass(TorchRunner, Runner)
+    runner = TorchRunner(Path("ckpt"), torch.nn.Flatten(), torch.device("cpu"), 2, {"device": "cpu", "threads": None})
+    x = np.zeros((3, 3, 2, 2), np.float32)
+    assert runner.predict(x, chunk=2).shape == (3, 12) and runner.batch is None
+    assert runner.describe() == {"backend": "torch", "path": "ckpt", "input_shape": [None, 3, 2, 2], "device": "cpu"}
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyedge.defenses import defense_record, get_defense
+from keyedge.deploy.parity import Parity, VerificationError
+from keyedge.exporters import get_backend, list_backends
+from keyedge.fileio import sha256_file
 from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
@@ -25,18 +29,26 @@ FORMAT = "keyedge-artifacts"  # the pre-schema spelling
 SCHEMA = "keyedge-artifact/1"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"
 MAX_BATCH = 1 << 16
+FUSES = ("gather", "fold", "conv", "none")
 
 
 @dataclass
 class TargetRecord:
-    """One target's artifact: its files (paths relative to the directory), graph, interface and parity."""
+    """One target's artifact: its files (paths relative to the directory), graph, interface and parity.
+
+    ``parity`` is typed (:class:`~keyedge.deploy.parity.Parity`); a plain dict (its JSON) is read into one.
+    """
 
     fuse: str
     files: list[dict[str, str]]  # {"path", "sha256"}
     graph: dict[str, Any] = field(default_factory=dict)
     io: dict[str, Any] = field(default_factory=dict)
     source: str = "full-export"
-    parity: dict[str, Any] = field(default_factory=dict)
+    parity: Parity = field(default_factory=Parity)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parity, Parity):
+            self.parity = Parity.from_dict(self.parity)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,7 +57,7 @@ class TargetRecord:
             "graph": self.graph,
             "io": self.io,
             "source": self.source,
-            "parity": self.parity,
+            "parity": self.parity.to_dict(),
         }
 
 
@@ -114,8 +126,6 @@ class ArtifactManifest:
 
     @property
     def role(self) -> str:
-        from keyedge.defenses import get_defense
-
         return get_defense(self.defense_name).role(self.fingerprint)
 
     @property
@@ -130,14 +140,36 @@ class ArtifactManifest:
 
     def artifact(self, target: str) -> Path:
         """The main file of ``target``'s artifact (``model.onnx``, ``model.xml``, ``model.mlpackage``)."""
-        from keyedge.exporters import get_backend
-
         suffix = get_backend(target).suffix
         files = [Path(f["path"]) for f in self.targets[target].files]
         main = next((f for f in files if Path(f.name.removesuffix(SEALED_SUFFIX)).suffix == suffix), None)
         if main is None:  # an .mlpackage is listed by its member files
             main = next((Path(f.parts[0]) for f in files if Path(f.parts[0]).suffix == suffix), files[0])
         return (self.directory or Path(".")) / main
+
+    # ---- the set's files against the manifest ---------------------------------------------------------------------
+    def target_files(self, target: str) -> list[tuple[dict[str, str], Path]]:
+        """``target``'s listed files, each ``(entry, path)``: the entry (``path``, ``sha256``) and where it is."""
+        directory = self.directory or Path(".")
+        return [(entry, directory / entry["path"]) for entry in self.targets[target].files]
+
+    def check_files(self, targets: list[str] | None = None) -> int:
+        """Raise :class:`VerificationError` unless every listed file (of ``targets``) is here with its SHA-256.
+
+        Returns how many files were checked.
+        """
+        count = 0
+        for target in targets or list(self.targets):
+            for entry, path in self.target_files(target):
+                if not path.is_file():
+                    raise VerificationError(f"{path} is missing from its artifact set", "copy the artifact set again")
+                if sha256_file(path) != entry["sha256"]:
+                    raise VerificationError(
+                        f"{path} does not match its SHA-256 in manifest.json (changed, corrupted or swapped)",
+                        "do not deploy it; copy the artifact set again, or export again",
+                    )
+                count += 1
+        return count
 
     # ---- serialization ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,9 +203,6 @@ class ArtifactManifest:
 
     @classmethod
     def from_fields(cls, f: Fields, directory: Path | None = None) -> ArtifactManifest:
-        from keyedge.defenses import defense_record
-        from keyedge.exporters import list_backends
-
         f.schema_version(SCHEMA, FORMAT, "export manifest")
         m = f.obj("model")
         model = dict(m.data)
@@ -181,16 +210,7 @@ class ArtifactManifest:
         m.int("num_classes", low=1, high=MAX_CLASSES)
         m.strs("classes", optional=True)
         defense = defense_record(f)
-        inp = f.obj("input")
-        shape = inp.ints("shape")
-        if (
-            len(shape) != 4
-            or shape[1] != 3
-            or not (shape[0] == -1 or 1 <= shape[0] <= MAX_BATCH)
-            or not (1 <= shape[2] <= MAX_IMAGE_SIZE and shape[2] == shape[3])
-        ):
-            raise inp.fail("shape", f"must be [batch or -1, 3, S, S] with 1 <= S <= {MAX_IMAGE_SIZE}, got {shape!r}")
-        inp.str("name")
+        inp, shape = _input(f)
         out = f.obj("output")
         out.str("name")
         ck = f.obj("checkpoint", optional=True)
@@ -198,46 +218,14 @@ class ArtifactManifest:
             ck.str("path", optional=True)
             ck.float("test_accuracy", low=0.0, high=1.0, optional=True)
         targets_f = f.obj("targets")
-        known = list_backends()
-        targets = {}
-        for target in targets_f.data:
-            if target not in known:
-                raise targets_f.fail(target, f"is not a known target ({', '.join(known)})")
-            t = targets_f.obj(target)
-            raw_files = t.raw("files")
-            if not isinstance(raw_files, list) or not raw_files:
-                raise t.fail("files", f"must be a non-empty list, got {raw_files!r}"[:120])
-            files = []
-            for i, entry in enumerate(raw_files):
-                if not isinstance(entry, dict):
-                    raise t.fail(f"files[{i}]", "must be an object with path and sha256")
-                e = t.sub(entry, f"files[{i}].")
-                files.append({"path": e.relative_path("path"), "sha256": e.str("sha256", pattern=SHA256)})
-            targets[target] = TargetRecord(
-                fuse=t.str("fuse", choices=("gather", "fold", "conv", "none")),
-                files=files,
-                graph=t.dict("graph", optional=True) or {},
-                io=t.dict("io", optional=True) or {},
-                source=t.str("source", default="full-export"),
-                parity=t.dict("parity", optional=True) or {},
-            )
-        if not targets:
-            raise targets_f.fail("", "lists no artifact")
+        targets = _targets(targets_f)
         fingerprint = f.str("fingerprint", pattern=FINGERPRINT, optional=True)
-        sealed = f.obj("seal", optional=True)
-        if sealed is not None:
-            sealed.str("format", choices=(SEALED_FORMAT,))
-            sealed.str("cipher", choices=(CIPHER,))
-            sealed.str("sealkey", pattern=FINGERPRINT)
-            sealed.str("set", pattern=FINGERPRINT)
-            for target, record in targets.items():
-                if not all(entry["path"].endswith(SEALED_SUFFIX) for entry in record.files):
-                    raise targets_f.fail(target, "lists a file that is not sealed, in a sealed set")
+        sealed = _seal(f, targets_f, targets)
         return cls(
             model=model,
             fingerprint=fingerprint,
             block_size=f.int("block_size", low=1, high=shape[2], optional=True),
-            fuse=f.str("fuse", choices=("gather", "fold", "conv", "none")),
+            fuse=f.str("fuse", choices=FUSES),
             precision=f.str("precision", choices=PRECISIONS),
             input=dict(inp.data),
             output=dict(out.data),
@@ -253,7 +241,7 @@ class ArtifactManifest:
             verification=f.dict("verification", optional=True) or {},
             versions=f.dict("versions", optional=True) or {},
             created=f.str("created", default=""),
-            seal=dict(sealed.data) if sealed is not None else None,
+            seal=sealed,
             directory=directory,
             raw=f.data,
         )
@@ -269,3 +257,72 @@ class ArtifactManifest:
 
 def is_export_directory(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+# ---- reading, field by field ----------------------------------------------------------------------------------------
+
+
+def _input(f: Fields) -> tuple[Fields, list[int]]:
+    """The ``input`` object and its shape, ``[batch or -1, 3, S, S]``."""
+    inp = f.obj("input")
+    shape = inp.ints("shape")
+    if (
+        len(shape) != 4
+        or shape[1] != 3
+        or not (shape[0] == -1 or 1 <= shape[0] <= MAX_BATCH)
+        or not (1 <= shape[2] <= MAX_IMAGE_SIZE and shape[2] == shape[3])
+    ):
+        raise inp.fail("shape", f"must be [batch or -1, 3, S, S] with 1 <= S <= {MAX_IMAGE_SIZE}, got {shape!r}")
+    inp.str("name")
+    return inp, shape
+
+
+def _targets(targets_f: Fields) -> dict[str, TargetRecord]:
+    """Every target's record; a target keyedge does not know, or none at all, is refused."""
+    known = list_backends()
+    targets = {}
+    for target in targets_f.data:
+        if target not in known:
+            raise targets_f.fail(target, f"is not a known target ({', '.join(known)})")
+        t = targets_f.obj(target)
+        files = _files(t)  # checked first, as ever: which field a broken manifest is refused by
+        targets[target] = TargetRecord(
+            fuse=t.str("fuse", choices=FUSES),
+            files=files,
+            graph=t.dict("graph", optional=True) or {},
+            io=t.dict("io", optional=True) or {},
+            source=t.str("source", default="full-export"),
+            parity=Parity.from_dict(t.dict("parity", optional=True) or {}),
+        )
+    if not targets:
+        raise targets_f.fail("", "lists no artifact")
+    return targets
+
+
+def _files(t: Fields) -> list[dict[str, str]]:
+    """A target's file list: a non-empty list of ``{path inside the directory, sha256}``."""
+    raw_files = t.raw("files")
+    if not isinstance(raw_files, list) or not raw_files:
+        raise t.fail("files", f"must be a non-empty list, got {raw_files!r}"[:120])
+    files = []
+    for i, entry in enumerate(raw_files):
+        if not isinstance(entry, dict):
+            raise t.fail(f"files[{i}]", "must be an object with path and sha256")
+        e = t.sub(entry, f"files[{i}].")
+        files.append({"path": e.relative_path("path"), "sha256": e.str("sha256", pattern=SHA256)})
+    return files
+
+
+def _seal(f: Fields, targets_f: Fields, targets: dict[str, TargetRecord]) -> dict[str, Any] | None:
+    """The ``seal`` record of a sealed set (every file then sealed), or None."""
+    sealed = f.obj("seal", optional=True)
+    if sealed is None:
+        return None
+    sealed.str("format", choices=(SEALED_FORMAT,))
+    sealed.str("cipher", choices=(CIPHER,))
+    sealed.str("sealkey", pattern=FINGERPRINT)
+    sealed.str("set", pattern=FINGERPRINT)
+    for target, record in targets.items():
+        if not all(entry["path"].endswith(SEALED_SUFFIX) for entry in record.files):
+            raise targets_f.fail(target, "lists a file that is not sealed, in a sealed set")
+    return dict(sealed.data)

@@ -19,26 +19,24 @@ from typing import Any
 
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
 from keyedge.errors import KeyedgeError, SealError
+from keyedge.exporters import get_backend, target_of
 from keyedge.exporters.base import Runner
 from keyedge.keys.seal import SEALED_SUFFIX, SealKey, as_sealkey, unseal
+from keyedge.keys.signing import VerifyKey, check_signature, load_verify_key
 
 __all__ = ["artifact_target", "open_artifact", "open_sealed", "unseal_target"]
 
 
 def artifact_target(path: Path) -> str | None:
     """The target an artifact file belongs to, from its name (``model.xml.sealed`` -> openvino); None if unknown."""
-    from keyedge.exporters import get_backend, list_backends
-
-    suffix = Path(Path(path).name.removesuffix(SEALED_SUFFIX)).suffix
-    return next((name for name in list_backends() if get_backend(name).suffix == suffix), None)
+    return target_of(path)
 
 
 def unseal_target(manifest: ArtifactManifest, target: str, sealkey: SealKey) -> dict[str, bytes]:
     """Decrypt ``target``'s sealed files of an export directory into memory: plaintext name -> bytes."""
     binding = manifest.binding()
     files = {}
-    for entry in manifest.targets[target].files:
-        path = (manifest.directory or Path(".")) / entry["path"]
+    for entry, path in manifest.target_files(target):
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -64,8 +62,6 @@ def open_artifact(
     ``settings`` are
     :meth:`~keyedge.exporters.base.ExportBackend.load`'s (threads, device, providers...).
     """
-    from keyedge.exporters import get_backend
-
     path = Path(path)
     if path.is_dir() and is_export_directory(path):
         manifest = ArtifactManifest.read(path)
@@ -104,14 +100,11 @@ def open_artifact(
 
 
 def _check_signed(where: Path | None, target: str, verify_key: Any) -> None:
-    from keyedge.deploy.verify import check_files
-    from keyedge.keys.signing import VerifyKey, check_signature, load_verify_key
-
     directory = where if where is not None and where.is_dir() else Path(where or ".").parent
     if not is_export_directory(directory):
         raise SealError(f"{where} has no manifest.json beside it to check a signature of", "open an export directory")
     check_signature(directory, verify_key if isinstance(verify_key, VerifyKey) else load_verify_key(verify_key))
-    check_files(ArtifactManifest.read(directory), [target])
+    ArtifactManifest.read(directory).check_files([target])
 
 
 def _matching(sealkey: Any, manifest: ArtifactManifest) -> SealKey:

@@ -1,0 +1,162 @@
+"""Export verification: each artifact against the PyTorch keyed model, before anything is written.
+
+The reference logits are computed once per checkpoint (:func:`references`) on random and real inputs (int8:
+the real test images its agreement rule runs on); each target's artifact is then loaded through its backend
+and compared (:func:`verify_target`, the rules of :mod:`keyedge.deploy.parity`), or, where its runtime does
+not run here, checked structurally (:func:`check_io`).  :func:`check_graph` refuses a graph without exactly
+one gather on the input (none when folded).  A failure is one :class:`VerificationError` and nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from keyedge.checkpoints import CheckpointManifest
+from keyedge.deploy.inputs import agreement_inputs, real_inputs
+from keyedge.deploy.parity import FP32_ATOL, Parity, VerificationError, check_agreement, check_parity
+from keyedge.deploy.settings import ExportSettings
+from keyedge.exporters import ExportBackend, ExportOptions
+
+__all__ = ["References", "check_graph", "check_io", "references", "verify_target"]
+
+
+@dataclass
+class References:
+    """The inputs every artifact of one export is checked on, and the PyTorch model's logits for them."""
+
+    inputs: dict[str, np.ndarray]  # kind (random, real) -> images
+    logits: dict[str, np.ndarray]
+    labels: np.ndarray | None  # int8 with labelled test data: the accuracy drop is checked too
+    real_source: str
+
+    def record(self, settings: ExportSettings, precision: str) -> dict[str, Any]:
+        """The manifest's ``verification`` block: what the artifacts were checked on, and by which rule."""
+        record = {
+            "inputs": {k: len(v) for k, v in self.inputs.items()},
+            "real_source": self.real_source,
+            "seed": 0,
+            "fp32_atol": FP32_ATOL,
+        }
+        if precision != "int8":
+            return record
+        return record | {
+            "rule": "int8: top-1 agreement with the fp32 keyed model, and the test accuracy drop",
+            "min_agreement": settings.min_agreement,
+            "max_accuracy_drop_points": settings.max_accuracy_drop,
+            "labelled": self.labels is not None,
+        }
+
+
+def references(model: nn.Module, manifest: CheckpointManifest, settings: ExportSettings, precision: str) -> References:
+    """Random and real inputs (int8: the real test images only) with the keyed model's logits for them."""
+    size = model.spec.image_size
+    random_x = torch.rand(settings.random_inputs, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()
+    labels = None
+    if precision == "int8":  # agreement on the real test images (labelled where the data is here)
+        real_x, labels, real_source = agreement_inputs(manifest, size, settings.agreement_images)
+        if real_x is None:
+            raise VerificationError(
+                "an int8 artifact is verified on real images, and none are here (no test data, no sample photos)",
+                "install keyedge[samples], make the checkpoint's data available, or pass --no-verify",
+            )
+        inputs = {"real": real_x}
+    else:
+        real_x, real_source = real_inputs(manifest, size, settings.real_inputs)
+        inputs = {"random": random_x} | ({"real": real_x} if real_x is not None else {})
+    with torch.no_grad():
+        logits = {kind: reference_logits(model, x) for kind, x in inputs.items()}
+    return References(inputs, logits, labels, real_source)
+
+
+def reference_logits(model: nn.Module, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """The PyTorch model's logits for ``x``, in chunks."""
+    return np.concatenate([model(torch.from_numpy(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)])
+
+
+def verify_target(
+    backend: ExportBackend,
+    path: Path,
+    refs: References,
+    options: ExportOptions,
+    io: dict[str, Any],
+    num_classes: int,
+    settings: ExportSettings | None = None,
+) -> Parity:
+    """Load ``path`` and compare it with the references; structurally only where its runtime does not run here."""
+    can_run, why = backend.can_run()
+    if not can_run:
+        return Parity.structural_only(why, check_io(backend.name, io, options, num_classes))
+    with backend.load(path) as runner:
+        got = {kind: runner.predict(x) for kind, x in refs.inputs.items()}
+    if options.precision == "int8":
+        rule = {"min_agreement": settings.min_agreement, "max_drop": settings.max_accuracy_drop} if settings else {}
+        result = check_agreement(refs.logits["real"], got["real"], refs.labels, **rule)
+        if not result.passed:
+            raise _disagrees(backend.name, result)
+        return Parity.numerical({"real": result})
+    checks = {kind: check_parity(refs.logits[kind], got[kind], options.precision) for kind in refs.inputs}
+    bad = next((kind for kind, check in checks.items() if not check.passed), None)
+    if bad is not None:
+        r = checks[bad]
+        raise VerificationError(
+            f"{backend.name} artifact does not reproduce the PyTorch model on {bad} inputs "
+            f"(max abs diff {r.max_abs_diff:.2e} > {r.tolerance:.0e} or top-1 differs, "
+            f"agreement {r.top1_agreement:.1%})",
+            "nothing was written; report this as a bug",
+        )
+    return Parity.numerical(checks)
+
+
+def _disagrees(target: str, result) -> VerificationError:
+    drop = result.accuracy_drop_points
+    return VerificationError(
+        f"the int8 {target} artifact agrees with the fp32 model on {result.top1_agreement:.1%} "
+        f"of {result.images} real images (needs {result.min_agreement:.0%})"
+        + (f", accuracy drop {drop:.1f} points (at most {result.max_drop_points:g})" if drop is not None else ""),
+        "nothing was written; calibrate on more images (--calibration-size), or loosen "
+        "--min-agreement / --max-accuracy-drop knowingly",
+    )
+
+
+def check_io(target: str, io: dict[str, Any], options: ExportOptions, num_classes: int) -> dict[str, Any]:
+    """The artifact's interface (names, dtypes, shapes) where its runtime does not run here; one line if wrong."""
+    (inp,), (out,) = io["inputs"], io["outputs"]
+    expected_in = list(options.input_shape)
+    problems = []
+    if inp["name"] != options.input_name or out["name"] != options.output_name:
+        problems.append(f"names {inp['name']}/{out['name']}")
+    if inp.get("dtype") != "float32" or out.get("dtype") != "float32":
+        problems.append(f"dtypes {inp.get('dtype')}/{out.get('dtype')}")
+    if options.batch is not None and list(inp["shape"]) != expected_in:
+        problems.append(f"input shape {inp['shape']}")
+    if list(out["shape"])[-1:] != [num_classes]:
+        problems.append(f"output shape {out['shape']}")
+    if problems:
+        raise VerificationError(
+            f"the {target} artifact's interface is wrong: {', '.join(problems)}", "report this as a bug"
+        )
+    return {"inputs": io["inputs"], "outputs": io["outputs"]}
+
+
+def check_graph(target: str, graph, fuse: str) -> None:
+    """Exactly one gather on the input (none for fold, conv and plain models), and no layout ops around it."""
+    expected = 1 if fuse == "gather" else 0
+    if graph.gathers_on_input != expected:
+        raise VerificationError(
+            f"the {target} graph has {graph.gathers_on_input} gather ops on the input, expected {expected} ({fuse})",
+            "report this as a bug",
+        )
+    if fuse == "gather":
+        layout = [op for op in graph.input_path if op.lower() in ("transpose", "permute", "reshape")]
+        if any(op.lower() in ("transpose", "permute") for op in layout) or len(layout) > 2:
+            raise VerificationError(
+                f"the {target} graph's input path is {' -> '.join(graph.input_path)}: more "
+                "than flatten -> gather -> unflatten",
+                "report this as a bug",
+            )
