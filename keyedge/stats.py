@@ -6,6 +6,7 @@ in one run, round by round, and reports the spread of the per-round ratios.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,3 +40,8 @@ def spread(values: Sequence[float]) -> Spread:
 def ratio_spread(numerators: Sequence[float], denominators: Sequence[float]) -> Spread:
     """The :class:`Spread` of per-round ratios ``numerators[i] / denominators[i]`` (pairs up to the shorter)."""
     return spread([a / b for a, b in zip(numerators, denominators)])
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of a share ``p`` measured on ``n`` independent trials (NaN when ``n`` is 0)."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")

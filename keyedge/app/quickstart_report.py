@@ -8,29 +8,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from keyedge.deploy.export import MAX_ACCURACY_DROP, MIN_AGREEMENT
+from keyedge.deploy.parity import MAX_ACCURACY_DROP, MIN_AGREEMENT, AgreementCheck, Parity
 
 SCHEMA = "keyedge-quickstart/1"
 
 
-def verified(parity: dict[str, Any]) -> dict[str, Any]:
+def verified(parity: Parity) -> dict[str, Any]:
     """How an artifact was verified, for the summary; an int8 one with its agreement, judged by the default rule."""
-    if parity.get("kind") == "agreement":
-        r = parity["real"]
-        drop = r.get("accuracy_drop_points")
-        meets = r["top1_agreement"] >= MIN_AGREEMENT and (drop is None or drop <= MAX_ACCURACY_DROP)
+    real = parity.checks.get("real")
+    if parity.kind == "agreement" and isinstance(real, AgreementCheck):
+        drop = real.accuracy_drop_points
+        meets = real.top1_agreement >= MIN_AGREEMENT and (drop is None or drop <= MAX_ACCURACY_DROP)
+        labelled = real.accuracy is not None and real.accuracy_fp32 is not None
         return {
             "verified": meets,
-            "how": f"int8: top-1 agreement {r['top1_agreement']:.1%} with fp32 on {r['images']} test images"
-            + (f", accuracy {r['accuracy']:.1%} vs {r['accuracy_fp32']:.1%}" if r.get("accuracy") is not None else "")
+            "how": f"int8: top-1 agreement {real.top1_agreement:.1%} with fp32 on {real.images} test images"
+            + (f", accuracy {real.accuracy:.1%} vs {real.accuracy_fp32:.1%}" if labelled else "")
             + ("" if meets else f" (below the default rule: >= {MIN_AGREEMENT:.0%}, drop <= {MAX_ACCURACY_DROP:g})"),
-            "agreement": r["top1_agreement"],
-            "accuracy": r.get("accuracy"),
-            "accuracy_fp32": r.get("accuracy_fp32"),
+            "agreement": real.top1_agreement,
+            "accuracy": real.accuracy,
+            "accuracy_fp32": real.accuracy_fp32,
         }
     return {
-        "verified": bool(parity.get("passed")),
-        "how": "numerical parity" if parity.get("ran") else f"structural ({parity.get('reason', 'not run here')})",
+        "verified": parity.passed,
+        "how": "numerical parity" if parity.ran else f"structural ({parity.reason or 'not run here'})",
     }
 
 

@@ -16,7 +16,7 @@ the same keys as ever, so manifests written before the type read the same.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,10 +139,10 @@ def check_from_dict(data: Mapping[str, Any]) -> Check:
 
 
 @dataclass
-class Parity(Mapping):
+class Parity:
     """One target's verification: numerical (``checks`` per input kind), structural only, or skipped.
 
-    Read it by its fields; indexing it reads its JSON (``parity["ran"]``), for readers not yet moved to them.
+    Read it by its fields; :meth:`to_dict` / :meth:`from_dict` are the manifest's JSON.
     """
 
     checks: dict[str, Check] = field(default_factory=dict)  # input kind (random, real) -> comparison
@@ -225,19 +225,6 @@ class Parity(Mapping):
             reason=None if reason is None else str(reason),
             structural=data.get("structural"),
         )
-
-    # ---- read-only JSON view (Mapping) ------------------------------------------------------------------------------
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())
-
-
-# ---- the rules ------------------------------------------------------------------------------------------------------
 
 
 def check_agreement(

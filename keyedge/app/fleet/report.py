@@ -81,10 +81,8 @@ def build_report(fleet: FleetManifest, *, latency: bool = True, log=print) -> di
             manifest = ArtifactManifest.read(directory)
             parity = {}
             for target, record in manifest.targets.items():
-                diffs = [
-                    v["max_abs_diff"] for v in record.parity.values() if isinstance(v, dict) and "max_abs_diff" in v
-                ]
-                parity[target] = max(diffs) if diffs else record.parity.get("reason") or record.parity.get("skipped")
+                diff = record.parity.max_abs_diff
+                parity[target] = diff if diff is not None else record.parity.note
             sha = sha256_file(directory / "manifest.json")
             row["artifacts"] = {
                 "path": str(directory.relative_to(fleet.directory)),
