@@ -29,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from keyedge.deps import require
+from keyedge.deps import EXTRAS, require, version_of
 from keyedge.errors import DependencyError, KeyedgeError, OutputError, ShapeError
 from keyedge.exporters.capture import Quiet, environment_error, one_line
 from keyedge.exporters.graph import GraphReport
@@ -468,14 +468,10 @@ def check_input_shape(path: Path, expected: Sequence[int], x: np.ndarray) -> Non
 
 
 def _install_hint(extra: str) -> str:
-    from keyedge.deps import EXTRAS
-
     return EXTRAS[extra].install if extra in EXTRAS else "install the missing package"
 
 
 def _importable(modules: Iterable[str], extra: str) -> tuple[bool, str]:
-    from keyedge.deps import version_of
-
     found = []
     for module in modules:
         try:

@@ -41,6 +41,7 @@ from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Ru
 from keyedge.exporters.capture import one_line
 from keyedge.exporters.checks import check_reproduces, first_that_works
 from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, is_permutation_matrix
+from keyedge.exporters.template import module_tensors
 
 SOURCES = ("jit.trace", "torch.export")
 MAX_DYNAMIC_BATCH = 64
@@ -410,8 +411,6 @@ class MilTemplate:
 
     def fits(self, module: nn.Module) -> bool:
         """True when every tensor ``module`` computes with is a named const of the same shape and dtype."""
-        from keyedge.exporters.template import module_tensors
-
         tensors = {k: v for k, v in module_tensors(module).items() if not k.endswith("num_batches_tracked")}
         return bool(tensors) and all(k in self.signature and self._value(k, v) is not None for k, v in tensors.items())
 
@@ -425,8 +424,6 @@ class MilTemplate:
         return value if value.dtype == tensor.dtype or np.array_equal(value, tensor) else None
 
     def instantiate(self, backend: CoreMLBackend, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
-        from keyedge.exporters.template import module_tensors
-
         ct = backend.require("coremltools")
         tensors = module_tensors(module)
         program = _copy_program(self.program)

@@ -36,6 +36,7 @@ from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Ru
 from keyedge.exporters.capture import one_line
 from keyedge.exporters.checks import calibration_batches, check_reproduces
 from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
+from keyedge.keys.transform import BlockShuffle, BlockShuffleConv
 
 #: ExecuTorch ScalarType codes -> numpy dtypes (executorch/runtime/core/portable_type/scalar_type.h)
 SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64"}
@@ -109,8 +110,6 @@ class ExecuTorchBackend(ExportBackend):
             get_symmetric_quantization_config,
         )
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-        from keyedge.keys.transform import BlockShuffle, BlockShuffleConv
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         for kind in (BlockShuffle, BlockShuffleConv):

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from keyedge.deps import require
 from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
 from keyedge.exporters.capture import Quiet, one_line
 from keyedge.exporters.checks import calibration_batches, check_reproduces, first_that_works
 from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
+from keyedge.exporters.template import OnnxTemplate, openvino_from_template
 
 SOURCES = ("module", "torch.export")
 
@@ -150,8 +152,6 @@ class OpenVinoBackend(ExportBackend):
 
     def _quantize(self, model: Any, options: ExportOptions) -> Any:
         """NNCF post-training quantization of the fp32 model, the key's shuffle in the ignored scope."""
-        from keyedge.deps import require
-
         with Quiet():
             nncf = require("nncf", extra="int8")
         nodes = [_node(op) for op in model.get_ordered_ops()]
@@ -180,13 +180,9 @@ class OpenVinoBackend(ExportBackend):
         return quantized
 
     def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
-        from keyedge.exporters.template import OnnxTemplate
-
         return OnnxTemplate.for_module(cache, ("onnx", *ident), module, options)  # one for ONNX and OpenVINO
 
     def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
-        from keyedge.exporters.template import openvino_from_template
-
         return openvino_from_template(template, module, path, options)
 
     # ---- inference ------------------------------------------------------------------------
