@@ -11,17 +11,162 @@
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyedge.benchmarks.robustness import Check, Matrix, Outcome, attack_label, block_size_points, precision_pairs
+from keyedge.attacks import ATTACKS
+from keyedge.benchmarks.report import wide
+from keyedge.deps import require
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import staged_directory
 from keyedge.validate import Fields, read_dataclass
 
 SCHEMA = "keyedge-robustness/1"
+
+
+# --------------------------------------------------------------------------- what a run finds (filled by the harness)
+
+
+@dataclass
+class Outcome:
+    """One adversarial set classified by one target."""
+
+    scenario: str
+    target: str
+    sources: list[str]
+    attack: dict[str, Any]
+    images: int
+    clean_accuracy: float
+    robust_accuracy: float
+    attack_success_rate: float | None  # of the images the target got right clean: share wrong after the attack
+    fooling_ratio: float | None  # the same over images source(s) and target both got right (orthogonal §IV)
+    fooling_images: int  # how many images the fooling ratio is over
+    runtime: str = "torch"  # or onnx:<file> / openvino:<file> for deployed artifacts
+    queries: dict[str, Any] | None = None  # query attacks: budget, median queries to success, successes
+    precision: str = "fp32"  # of the model classifying: fp32 (PyTorch), or the deployed artifact's (fp16, int8)
+
+    @property
+    def robust_se(self) -> float:
+        return binomial_se(self.robust_accuracy, self.images)
+
+    @property
+    def clean_se(self) -> float:
+        return binomial_se(self.clean_accuracy, self.images)
+
+    @property
+    def delta(self) -> float:
+        """The volumization paper's robustness score: accuracy under attack - clean accuracy."""
+        return self.robust_accuracy - self.clean_accuracy
+
+    @property
+    def defense_success_rate(self) -> float | None:
+        """Of the attacked images the target got right, the share it still gets right (1 - attack success)."""
+        return None if self.attack_success_rate is None else 1.0 - self.attack_success_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "robust_se": self.robust_se,
+            "clean_se": self.clean_se,
+            "delta": self.delta,
+            "defense_success_rate": self.defense_success_rate,
+        }
+
+
+@dataclass
+class Matrix:
+    """A models x columns table: key diversity, transferability or gradient similarity."""
+
+    kind: str
+    rows: list[str]
+    columns: list[str]
+    values: list[list[float | None]]
+    images: int
+    note: str = ""
+
+    def get(self, row: str, column: str) -> float | None:
+        return self.values[self.rows.index(row)][self.columns.index(column)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Check:
+    """A trust check of docs/design.md §10, with the numbers behind it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def attack_label(attack: dict[str, Any]) -> str:
+    """The attack's ``label`` from its ``describe()``; for older reports without one, its class's ``label_format``."""
+    if "label" in attack:
+        return str(attack["label"])
+    name = ATTACKS.resolve(str(attack.get("name")))
+    try:
+        return ATTACKS.get(name).label_format.format_map(attack)
+    except (AttributeError, KeyError, TypeError, ValueError):  # an unknown name is a ValueError
+        return str(attack.get("name"))
+
+
+def block_size_points(outcomes: Sequence[Outcome], models: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Clean and robust accuracy vs block size (paper Fig. 7), from the scenario outcomes of keyed full models."""
+    by_name = {m["name"]: m for m in models}
+    points = []
+    for o in outcomes:
+        m = by_name.get(o.target, {})
+        if m.get("block_size") and o.runtime == "torch" and o.scenario not in ("localized", "query"):
+            points.append(
+                {
+                    "block_size": m["block_size"],
+                    "finetune": m["finetune"],
+                    "target": o.target,
+                    "scenario": o.scenario,
+                    "clean_accuracy": o.clean_accuracy,
+                    "robust_accuracy": o.robust_accuracy,
+                    "robust_se": o.robust_se,
+                }
+            )
+    return points
+
+
+def precision_pairs(outcomes: Sequence[Outcome], artifacts: Sequence[Outcome]) -> list[tuple[Outcome, Outcome]]:
+    """Each quantized artifact's outcome beside its fp32 counterpart: the fp32 artifact of the same target
+    and runtime classifying the same set where it was evaluated too, else the PyTorch model.
+
+    The sets were crafted on the differentiable fp32 models: an int8 artifact's white-box figure is a transfer
+    from fp32 (it has no gradients); its query attacks ran on the artifact itself.
+    """
+
+    def same(o: Outcome) -> tuple:
+        budget = o.queries["budget"] if o.queries else None
+        return (o.scenario, o.target, tuple(o.sources), attack_label(o.attack), budget)
+
+    fp32 = {(same(o), o.runtime.split(":")[0]): o for o in artifacts if o.precision == "fp32"}
+    torch_ = {same(o): o for o in outcomes if o.runtime == "torch"}
+    pairs = []
+    for o in artifacts:
+        if o.precision == "fp32":
+            continue
+        match = fp32.get((same(o), o.runtime.split(":")[0])) or torch_.get(same(o))
+        if match is not None:
+            pairs.append((match, o))
+    return pairs
+
+
+# --------------------------------------------------------------------------- reading a report back
 
 
 # the fields of the report's plain-dict rows that its text and plots read: name -> (type, optional: False,
@@ -94,6 +239,28 @@ def _rows(f: Fields, name: str, spec: dict[str, tuple[type, bool | str]], *, sin
             else:  # shown as it is: only needs to be there
                 row.raw(key)
     return rows[0].data if single else [row.data for row in rows]
+
+
+_OUTCOME_HEADERS = [
+    "scenario",
+    "target",
+    "source(s)",
+    "runtime",
+    "n",
+    "clean",
+    "robust",
+    "attack success",
+    "fooling ratio",
+]
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, and the blank line after it."""
+    return (
+        ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        + ["| " + " | ".join(r) + " |" for r in rows]
+        + [""]
+    )
 
 
 @dataclass
@@ -278,16 +445,25 @@ class RobustnessReport:
         ]
 
     def to_markdown(self) -> str:
-        def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-            return (
-                ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                + ["| " + " | ".join(r) + " |" for r in rows]
-                + [""]
-            )
-
         lines = ["# Robustness", "", self._header(), ""]
-        lines += ["## Models and how each was fine-tuned", ""]
-        lines += table(
+        for section in (
+            self._md_models,
+            self._md_headline,
+            self._md_checks,
+            self._md_scenarios,
+            self._md_queries,
+            self._md_localized,
+            self._md_deployed,
+            self._md_quantized,
+            self._md_matrices,
+            self._md_sweeps,
+        ):
+            lines += section()
+        return "\n".join(lines)
+
+    def _md_models(self) -> list[str]:
+        lines = ["## Models and how each was fine-tuned", ""]
+        lines += _table(
             ["model", "role", "architecture", "block size", "fine-tune recipe"],
             [
                 [
@@ -300,47 +476,49 @@ class RobustnessReport:
                 for m in self.models
             ],
         )
-        if self.headline:
-            lines += [
-                "## Headline: the worst case over everything an attacker without the key can run",
-                "",
-                "Keyed models: transfer attacks, the random-noise control and query attacks (PyTorch and deployed); "
-                "not white-box, which needs the key. Models without a key: white-box too.",
-                "",
-            ]
-            lines += table(
-                ["model", "role", "robust", "worst scenario", "attack", "runtime", "n", "over"], self._headline_rows()
-            )
-        lines += ["## Trust checks (white-box sanity first)", ""]
-        lines += table(
-            ["check", "passed", "detail"], [[c.name, "yes" if c.passed else "**NO**", c.detail] for c in self.checks]
-        )
-        headers = [
-            "scenario",
-            "target",
-            "source(s)",
-            "runtime",
-            "n",
-            "clean",
-            "robust",
-            "attack success",
-            "fooling ratio",
+        return lines
+
+    def _md_headline(self) -> list[str]:
+        if not self.headline:
+            return []
+        lines = [
+            "## Headline: the worst case over everything an attacker without the key can run",
+            "",
+            "Keyed models: transfer attacks, the random-noise control and query attacks (PyTorch and deployed); "
+            "not white-box, which needs the key. Models without a key: white-box too.",
+            "",
         ]
+        return lines + _table(
+            ["model", "role", "robust", "worst scenario", "attack", "runtime", "n", "over"], self._headline_rows()
+        )
+
+    def _md_checks(self) -> list[str]:
+        rows = [[c.name, "yes" if c.passed else "**NO**", c.detail] for c in self.checks]
+        return ["## Trust checks (white-box sanity first)", "", *_table(["check", "passed", "detail"], rows)]
+
+    def _md_scenarios(self) -> list[str]:
         gradient = [o for o in self.outcomes if o.scenario not in ("localized", "query")]
-        lines += ["## Scenarios", "", *table(headers, self._outcome_rows(gradient))]
+        return ["## Scenarios", "", *_table(_OUTCOME_HEADERS, self._outcome_rows(gradient))]
+
+    def _md_queries(self) -> list[str]:
         queried = self._query_rows(self.outcomes + self.artifacts)
-        if queried:
-            lines += [
-                "## Query attacks (the target's outputs only: no gradients, no key)",
-                "",
-                "Robust accuracy after at most `budget` queries per image, read off one run; median queries: "
-                "of the images the target got right and the attack broke within the budget.",
-                "",
-            ]
-            lines += table(
-                ["target", "runtime", "attack", "budget", "n", "clean", "robust", "attack success", "median queries"],
-                queried,
-            )
+        if not queried:
+            return []
+        lines = [
+            "## Query attacks (the target's outputs only: no gradients, no key)",
+            "",
+            "Robust accuracy after at most `budget` queries per image, read off one run; median queries: "
+            "of the images the target got right and the attack broke within the budget.",
+            "",
+        ]
+        return lines + _table(
+            ["target", "runtime", "attack", "budget", "n", "clean", "robust", "attack success", "median queries"],
+            queried,
+        )
+
+    def _md_localized(self) -> list[str]:
+        """The localized attacks, then the scenarios that could not run."""
+        lines = []
         localized = [o for o in self.outcomes if o.scenario == "localized"]
         if localized:
             lines += [
@@ -350,7 +528,7 @@ class RobustnessReport:
                 "the correctly classified attacked images still classified correctly.",
                 "",
             ]
-            lines += table(
+            lines += _table(
                 ["target", "attack", "n", "clean", "under attack", "δ", "defense success"],
                 [
                     [
@@ -370,44 +548,59 @@ class RobustnessReport:
                 "Not run: " + "; ".join(f"{s['scenario']} on {s['target']} ({s['reason']})" for s in self.skipped),
                 "",
             ]
+        return lines
+
+    def _md_deployed(self) -> list[str]:
         deployed = [o for o in self.artifacts if o.scenario != "query"]
-        if deployed:
-            lines += ["## On the deployed artifacts", "", *table(headers, self._outcome_rows(deployed))]
+        if not deployed:
+            return []
+        return ["## On the deployed artifacts", "", *_table(_OUTCOME_HEADERS, self._outcome_rows(deployed))]
+
+    def _md_quantized(self) -> list[str]:
         pairs = self._precision_rows()
-        if pairs:
-            lines += [
-                "## Quantized artifacts beside fp32",
-                "",
-                "The same adversarial sets, classified by each quantized artifact and by its fp32 counterpart (the "
-                "fp32 artifact of the same runtime, else PyTorch). The sets were crafted on the differentiable fp32 "
-                "models: a quantized artifact has no gradients, so its white-box figure is a transfer from fp32; "
-                "query attacks ran on the quantized artifact itself.",
-                "",
-            ]
-            lines += table(
-                [
-                    "scenario",
-                    "target",
-                    "source(s)",
-                    "attack",
-                    "n",
-                    "fp32 on",
-                    "fp32 robust",
-                    "quantized on",
-                    "quantized robust",
-                    "difference",
-                ],
-                pairs,
-            )
+        if not pairs:
+            return []
+        lines = [
+            "## Quantized artifacts beside fp32",
+            "",
+            "The same adversarial sets, classified by each quantized artifact and by its fp32 counterpart (the "
+            "fp32 artifact of the same runtime, else PyTorch). The sets were crafted on the differentiable fp32 "
+            "models: a quantized artifact has no gradients, so its white-box figure is a transfer from fp32; "
+            "query attacks ran on the quantized artifact itself.",
+            "",
+        ]
+        return lines + _table(
+            [
+                "scenario",
+                "target",
+                "source(s)",
+                "attack",
+                "n",
+                "fp32 on",
+                "fp32 robust",
+                "quantized on",
+                "quantized robust",
+                "difference",
+            ],
+            pairs,
+        )
+
+    def _md_matrices(self) -> list[str]:
+        lines = []
         for m in self.matrices:
             lines += [f"## {m.kind} ({m.images} images)", "", m.note, ""]
-            lines += table(
+            lines += _table(
                 ["", *m.columns],
                 [[r] + ["-" if v is None else f"{v:.3f}" for v in row] for r, row in zip(m.rows, m.values)],
             )
+        return lines
+
+    def _md_sweeps(self) -> list[str]:
+        """Robust accuracy vs eps, and accuracy vs block size."""
+        lines = []
         if self.sweeps:
             lines += ["## Robust accuracy vs eps", ""]
-            lines += table(
+            lines += _table(
                 ["target", "scenario", "eps", "n", "robust"],
                 [
                     [
@@ -423,7 +616,7 @@ class RobustnessReport:
         blocks = block_size_points(self.outcomes, self.models)
         if blocks:
             lines += ["## Accuracy vs block size", ""]
-            lines += table(
+            lines += _table(
                 ["P", "model", "fine-tune", "scenario", "clean", "robust"],
                 [
                     [
@@ -437,12 +630,10 @@ class RobustnessReport:
                     for p in sorted(blocks, key=lambda p: (p["block_size"], p["target"]))
                 ],
             )
-        return "\n".join(lines)
+        return lines
 
     def print_rich(self, console) -> None:
         from rich.table import Table
-
-        from keyedge.benchmarks.report import wide
 
         console = wide(console)
         console.print(self._header(), markup=False)
@@ -486,106 +677,20 @@ class RobustnessReport:
 
     def plots(self, directory: Path) -> list[Path]:
         """Heatmaps of the matrices and curves of the sweeps, as PNG files in ``directory``."""
-        from keyedge.deps import require
-
         matplotlib = require("matplotlib", extra="plots")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
 
+        figures = [(f"{m.kind}.png", _heatmap(plt, m)) for m in self.matrices]
+        figures.append(("eps-sweep.png", _eps_plot(plt, self.sweeps, self.config)))
+        figures.append(("block-size.png", _block_size_plot(plt, block_size_points(self.outcomes, self.models))))
+        figures.append(("queries.png", _query_plot(plt, self.outcomes + self.artifacts, self.config)))
         written = []
-        for m in self.matrices:
-            values = np.array([[np.nan if v is None else v for v in row] for row in m.values], dtype=float)
-            fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(m.columns), 1.2 + 0.6 * len(m.rows)))
-            image = ax.imshow(values, cmap="viridis", vmin=min(0.0, np.nanmin(values)), vmax=1.0)
-            ax.set_xticks(range(len(m.columns)), [c[:12] for c in m.columns], rotation=45, ha="right", fontsize=8)
-            ax.set_yticks(range(len(m.rows)), m.rows, fontsize=8)
-            for i in range(values.shape[0]):
-                for j in range(values.shape[1]):
-                    if not np.isnan(values[i, j]):
-                        ax.text(
-                            j,
-                            i,
-                            f"{values[i, j]:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if values[i, j] < 0.6 else "black",
-                        )
-            ax.set_title(f"{m.kind} ({m.images} images)", fontsize=10)
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        for name, fig in figures:
+            if fig is None:
+                continue
             fig.tight_layout()
-            written.append(directory / f"{m.kind}.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
-        if self.sweeps:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            curves: dict[tuple, list[dict[str, Any]]] = {}
-            for p in self.sweeps:
-                curves.setdefault((p["target"], p["scenario"]), []).append(p)
-            for (target, scenario), pts in sorted(curves.items()):
-                pts.sort(key=lambda p: p["eps"])
-                ax.errorbar(
-                    [p["eps_255"] for p in pts],
-                    [p["robust_accuracy"] for p in pts],
-                    yerr=[p["robust_se"] for p in pts],
-                    marker="o",
-                    capsize=3,
-                    label=f"{target}: {scenario}",
-                )
-            ax.set_xlabel("eps (x/255)")
-            ax.set_ylabel("robust accuracy")
-            ax.set_ylim(0, 1)
-            ax.legend(fontsize=7)
-            ax.set_title(f"robust accuracy vs eps ({self.config['attack']}, {self.config['steps']} steps)", fontsize=10)
-            fig.tight_layout()
-            written.append(directory / "eps-sweep.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
-        blocks = [p for p in block_size_points(self.outcomes, self.models) if p["finetune"] == "full"]
-        if len({p["block_size"] for p in blocks}) > 1:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            series: dict[str, dict[int, list[float]]] = {"clean": {}}
-            for p in blocks:
-                series["clean"].setdefault(p["block_size"], []).append(p["clean_accuracy"])
-                series.setdefault(p["scenario"], {}).setdefault(p["block_size"], []).append(p["robust_accuracy"])
-            for name, by_p in series.items():
-                xs = sorted(by_p)
-                ax.plot(xs, [float(np.mean(by_p[x])) for x in xs], marker="o", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("block size P")
-            ax.set_ylabel("accuracy (mean over keyed full fine-tunes)")
-            ax.set_ylim(0, 1)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            written.append(directory / "block-size.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
-        queried: dict[tuple, list[Outcome]] = {}
-        for o in self.outcomes + self.artifacts:
-            if o.scenario == "query":
-                queried.setdefault((o.target, o.runtime, attack_label(o.attack).split(" ")[0]), []).append(o)
-        if queried:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for (target, runtime, name), pts in sorted(queried.items()):
-                pts.sort(key=lambda o: o.queries["budget"])
-                ax.errorbar(
-                    [o.queries["budget"] for o in pts],
-                    [o.robust_accuracy for o in pts],
-                    yerr=[o.robust_se for o in pts],
-                    marker="o" if runtime == "torch" else "x",
-                    linestyle="-" if runtime == "torch" else "--",
-                    capsize=3,
-                    label=f"{target} ({runtime.split(':')[0]}): {name}",
-                )
-            ax.set_xscale("log")
-            ax.set_xlabel("queries per image")
-            ax.set_ylabel("robust accuracy")
-            ax.set_ylim(0, 1)
-            ax.legend(fontsize=7)
-            ax.set_title(f"query attacks, eps {self.config['eps']}", fontsize=10)
-            fig.tight_layout()
-            written.append(directory / "queries.png")
+            written.append(directory / name)
             fig.savefig(written[-1], dpi=120)
             plt.close(fig)
         return written
@@ -598,3 +703,99 @@ class RobustnessReport:
             (tmp / "robustness.md").write_text(self.to_markdown() + "\n")
             self.plots(tmp)
         return out
+
+
+# --------------------------------------------------------------------------- plots (matplotlib, lazily)
+
+
+def _heatmap(plt: Any, m: Matrix) -> Any:
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else v for v in row] for row in m.values], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(m.columns), 1.2 + 0.6 * len(m.rows)))
+    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, np.nanmin(values)), vmax=1.0)
+    ax.set_xticks(range(len(m.columns)), [c[:12] for c in m.columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(m.rows)), m.rows, fontsize=8)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not np.isnan(values[i, j]):
+                color = "white" if values[i, j] < 0.6 else "black"
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(f"{m.kind} ({m.images} images)", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return fig
+
+
+def _eps_plot(plt: Any, sweeps: list[dict[str, Any]], config: dict[str, Any]) -> Any:
+    if not sweeps:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves: dict[tuple, list[dict[str, Any]]] = {}
+    for p in sweeps:
+        curves.setdefault((p["target"], p["scenario"]), []).append(p)
+    for (target, scenario), pts in sorted(curves.items()):
+        pts.sort(key=lambda p: p["eps"])
+        ax.errorbar(
+            [p["eps_255"] for p in pts],
+            [p["robust_accuracy"] for p in pts],
+            yerr=[p["robust_se"] for p in pts],
+            marker="o",
+            capsize=3,
+            label=f"{target}: {scenario}",
+        )
+    ax.set_xlabel("eps (x/255)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"robust accuracy vs eps ({config['attack']}, {config['steps']} steps)", fontsize=10)
+    return fig
+
+
+def _block_size_plot(plt: Any, points: list[dict[str, Any]]) -> Any:
+    import numpy as np
+
+    blocks = [p for p in points if p["finetune"] == "full"]
+    if len({p["block_size"] for p in blocks}) <= 1:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, dict[int, list[float]]] = {"clean": {}}
+    for p in blocks:
+        series["clean"].setdefault(p["block_size"], []).append(p["clean_accuracy"])
+        series.setdefault(p["scenario"], {}).setdefault(p["block_size"], []).append(p["robust_accuracy"])
+    for name, by_p in series.items():
+        xs = sorted(by_p)
+        ax.plot(xs, [float(np.mean(by_p[x])) for x in xs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size P")
+    ax.set_ylabel("accuracy (mean over keyed full fine-tunes)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _query_plot(plt: Any, outcomes: list[Outcome], config: dict[str, Any]) -> Any:
+    queried: dict[tuple, list[Outcome]] = {}
+    for o in outcomes:
+        if o.scenario == "query":
+            queried.setdefault((o.target, o.runtime, attack_label(o.attack).split(" ")[0]), []).append(o)
+    if not queried:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (target, runtime, name), pts in sorted(queried.items()):
+        pts.sort(key=lambda o: o.queries["budget"])
+        ax.errorbar(
+            [o.queries["budget"] for o in pts],
+            [o.robust_accuracy for o in pts],
+            yerr=[o.robust_se for o in pts],
+            marker="o" if runtime == "torch" else "x",
+            linestyle="-" if runtime == "torch" else "--",
+            capsize=3,
+            label=f"{target} ({runtime.split(':')[0]}): {name}",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per image")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"query attacks, eps {config['eps']}", fontsize=10)
+    return fig
