@@ -43,12 +43,14 @@ from keyedge import __version__
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
 from keyedge.benchmarks.report import Artifact, Comparison, LatencyReport, Measurement, Skipped, Stats
 from keyedge.benchmarks.timing import interleave
+from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.checkpoints import read_manifest
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
 from keyedge.deploy.export import load_checkpoint_runner
 from keyedge.deploy.runtime import open_artifact
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, SealError
+from keyedge.exporters import get_backend, list_backends, target_of
 from keyedge.keys.keyfile import key_for
 from keyedge.stats import ratio_spread
 
@@ -125,9 +127,6 @@ def discover(path: str | Path) -> list[Artifact]:
     An export directory also yields its source checkpoint (for the ``torch`` runtime) when that still exists;
     a checkpoint directory (``keyedge.json``) yields just that.
     """
-    from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
-    from keyedge.exporters import get_backend, list_backends, target_of
-
     path = Path(path)
     if not path.exists():
         raise KeyedgeError(f"{path} does not exist", "pass an export directory or an .onnx/.xml/.mlpackage file")

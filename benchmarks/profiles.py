@@ -31,13 +31,13 @@ from typing import Any
 
 import tomllib
 
+from keyedge.deploy.export import torch_available
 from keyedge.errors import KeyedgeError
+from keyedge.exporters import get_backend, list_backends
 
 
 def runtime_targets() -> dict[str, str]:
     """Runtime name -> the target it runs: each export backend's runtime, plus ``torch`` (checkpoints)."""
-    from keyedge.exporters import get_backend, list_backends
-
     return {get_backend(name).runtime: name for name in list_backends()} | {"torch": "torch"}
 
 
@@ -49,8 +49,6 @@ def runtime_options(runtime: str) -> tuple[dict[str, tuple[Any, Any]], str | Non
     """The profile options of ``runtime`` (``(choices, default)`` each) and the one naming its device."""
     if runtime == "torch":
         return TORCH_OPTIONS, "device"
-    from keyedge.exporters import get_backend
-
     backend = get_backend(runtime_targets()[runtime])
     return backend.profile_options, backend.device_option
 
@@ -298,11 +296,7 @@ def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
     """
     try:
         if spec.name == "torch":
-            from keyedge.deploy.export import torch_available
-
             return torch_available(spec.device)
-        from keyedge.exporters import get_backend
-
         settings = spec.run_settings()
         return get_backend(spec.target).can_run(
             device=settings.get("device"),

@@ -19,6 +19,7 @@ import numpy as np
 from keyedge.benchmarks.profiles import Thresholds
 from keyedge.defenses import get_defense
 from keyedge.errors import KeyedgeError
+from keyedge.fileio import write_bytes_atomic
 from keyedge.validate import Fields, read_dataclass
 
 SCHEMA = "keyedge-latency/1"
@@ -211,8 +212,6 @@ class LatencyReport:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:  # all or nothing: a killed run never leaves half a report
-            from keyedge.fileio import write_bytes_atomic
-
             write_bytes_atomic(path, text.encode(), overwrite=True)
         return text
 

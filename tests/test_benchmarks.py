@@ -72,3 +72,42 @@ def test_defense_latency_benchmark_runs():
     report = defense_latency.main(["--models", "test_efficientnet", "--min-seconds", "0.05", "--rounds", "2"])
     kinds = {(c.kind, c.runtime.split(":")[0]) for c in report.comparisons}
     assert {("volumize/plain", "onnxruntime"), ("volumize/plain", "openvino")} <= kinds
+
+
+def test_interleave_rotates_the_order_and_meets_every_minimum():
+    from keyedge.benchmarks.timing import interleave
+
+    order: list[str] = []
+    closed: list[str] = []
+
+    def call(name: str):
+        def run() -> str:
+            order.append(name)
+            return name
+
+        return run
+
+    calls = {name: call(name) for name in "abc"}
+    timing = interleave(calls, rounds=3, calls=2, warmup=1, release=closed.append, keep=True)
+    assert order[:3] == ["a", "b", "c"], "one warm-up call each, untimed"
+    rounds = order[3:]
+    assert rounds == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a", "c", "c", "a", "a", "b", "b"]
+    assert closed == order, "every call's result is released"
+    for name in "abc":
+        r = timing[name]
+        assert r.calls == [2, 2, 2] and len(r.samples) == 6 and r.returned == [name] * 3
+        assert r.first_s is not None and len(r.means) == len(r.medians) == 3
+    assert timing.rounds == 3 and timing.fraction == 1.0
+    assert timing.ratio("a", "b").median > 0
+
+    ticks: list[float] = []
+    more = interleave(
+        {"x": lambda: None},
+        rounds=2,
+        warmup=2,
+        min_iterations=50,
+        each=False,
+        progress=lambda t: ticks.append(t.fraction),
+    )
+    assert more["x"].iterations >= 50 and more.rounds >= 2 and more["x"].each == [[]] * more.rounds
+    assert ticks[-1] == 1.0 and ticks == sorted(ticks)
