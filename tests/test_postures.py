@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from keyedge.deploy.guard import GuardConfig, Guarded, GuardError, QueryGuard
 from keyedge.postures import Posture, PostureError, parse_posture
 from keyedge.postures.graph import PostureModule, posture_outputs
+from keyedge.postures.guard import GuardConfig, Guarded, GuardError, QueryGuard
 
 
 @pytest.mark.parametrize(
@@ -178,3 +180,73 @@ def test_guarded_runner_answers_only_what_the_guard_allows():
     out, verdicts = guarded.answer(np.stack([image, image, image]))
     assert [v.answered for v in verdicts] == [True, False, False]
     assert Runner.calls == 1 and np.isnan(out[1:]).all() and (out[0] == 1).all()
+
+
+# ---- the harness: query attacks that know the posture ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_small():
+    """A small CNN trained for a few seconds on Fashion-MNIST (32x32): something a query attack can break."""
+    from keyedge.data.datasets import load_dataset
+
+    data, _ = load_dataset("fashion-mnist", "train", 32, limit=1500, seed=0)
+    test, _ = load_dataset("fashion-mnist", "test", 32, limit=16, seed=0)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.as_tensor(data.labels)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(3):
+        for i in range(0, len(x), 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    return model.eval(), images, torch.as_tensor(test.labels)
+
+
+def test_strategies_fit_what_the_posture_answers():
+    from keyedge.benchmarks.postures import strategies
+
+    labels = lambda spec: [s.label for s in strategies(parse_posture(spec))]  # noqa: E731
+    assert labels("scores") == ["square"]
+    assert labels("label") == ["hsj"]
+    assert labels("topk:3+noise:0.05") == ["square", "square EoT x4"]
+    assert labels("label+guard") == ["hsj", "hsj blinded 0.05"]
+
+
+def test_guard_refuses_plain_square_and_every_query_is_counted(trained_small):
+    from keyedge.benchmarks.postures import Strategy, run_strategy, worst_per_image
+
+    model, images, labels = trained_small
+    pytest.importorskip("pyautoattack")
+    open_device = run_strategy(model, images, labels, "scores", Strategy("square"), eps=16 / 255, budget=60)
+    guarded = run_strategy(model, images, labels, "scores+guard", Strategy("square"), eps=16 / 255, budget=60)
+    assert open_device.refused == 0 and open_device.first_flag is None
+    assert guarded.refused > guarded.device_queries / 2, "the guard refuses most of a plain Square's queries"
+    assert guarded.first_flag is not None and guarded.first_flag <= 4 * len(images)
+    assert guarded.robust_accuracy() >= open_device.robust_accuracy()
+    # every image's queries until broken are device queries within the budget; per image worst case
+    assert all(q == 0 or q > 1 for q in open_device.to_break)
+    worst, n = worst_per_image([open_device, guarded], 60)
+    assert n == len(images) and worst <= min(open_device.robust_accuracy(), guarded.robust_accuracy())
+    assert guarded.to_dict()["robust_se"] >= 0
+
+
+def test_eot_spends_repeats_device_queries_per_attacker_query(trained_small):
+    from keyedge.benchmarks.postures import Strategy, run_strategy
+
+    model, images, labels = trained_small
+    pytest.importorskip("pyautoattack")
+    outcome = run_strategy(
+        model, images[:6], labels[:6], "scores+noise:0.05", Strategy("square", repeats=4), eps=16 / 255, budget=40
+    )
+    assert outcome.device_queries % 4 == 0 and outcome.device_queries <= 4 * 6 * 10 + 4 * 6
+    assert all(q % 4 == 0 for q in outcome.to_break if math.isfinite(q))

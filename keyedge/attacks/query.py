@@ -76,6 +76,10 @@ class QueryAttack(Attack):
             raise AttackError(f"{type(self).__name__} norm must be Linf or L2, got {norm!r}")
         self.eps, self.queries, self.norm = float(eps), int(queries), norm
         self._record: list[torch.Tensor] | None = None
+        #: who decides whether an image is misclassified (clean, and at the end): the queried model itself unless
+        #: set -- a posture's attacker queries through blinding/averaging/a guard, while success is judged by
+        #: showing the image to the deployed model once (keyedge.postures.oracle)
+        self.judge: nn.Module | None = None
 
     def attack_queries(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
@@ -108,7 +112,14 @@ class QueryAttack(Attack):
 
     def clean_wrong(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One query of the clean images: which ones the target already gets wrong."""
-        return self.logits(images).argmax(1) != labels
+        return self.judged_wrong(images, labels)
+
+    def judged_wrong(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Which images the target misclassifies, as :attr:`judge` (default: the queried model) sees them."""
+        if self.judge is None:
+            return self.logits(images).argmax(1) != labels
+        with torch.no_grad():
+            return self.judge(images).argmax(1) != labels
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"queries": self.queries}
@@ -166,7 +177,7 @@ class Square(QueryAttack):
         if not 0 < p_init <= 1:
             raise AttackError(f"Square p_init must be in (0, 1], got {p_init!r}")
         self.p_init = float(p_init)
-        self._square = require("pyautoattack.square", extra="query").SquareAttack
+        self._square = _refusal_aware(require("pyautoattack.square", extra="query").SquareAttack)
 
     def attack_queries(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
@@ -195,10 +206,26 @@ class Square(QueryAttack):
         with torch.random.fork_rng(devices=devices):  # the reference code draws from the global RNG
             torch.manual_seed(seed)
             used, best = square.attack_single_run(images[todo], labels[todo])
-        fooled = self.logits(best).argmax(1) != labels[todo]  # the evaluator's check, not the attacker's query
+        fooled = self.judged_wrong(best, labels[todo])  # the evaluator's check, not the attacker's query
         queries[todo] = torch.where(fooled, 1 + used, torch.full_like(used, math.inf))
         adv[todo] = torch.where(fooled.view(-1, 1, 1, 1), best, images[todo])
         return adv, queries
+
+
+#: the margin a refused query reads as: far from any success, and finite (the reference code mixes margins by
+#: multiplying with 0/1 masks, where an infinite or NaN margin would poison the kept one)
+REFUSED_MARGIN = 1e9
+
+
+def _refusal_aware(square: type) -> type:
+    """The reference Square, reading an unanswered query (a NaN row: a guard refused it) as no improvement."""
+
+    class RefusalAwareSquare(square):
+        def margin_and_loss(self, x, y):
+            margin, loss = super().margin_and_loss(x, y)
+            return margin.nan_to_num(REFUSED_MARGIN), loss.nan_to_num(REFUSED_MARGIN)
+
+    return RefusalAwareSquare
 
 
 class _Spent(Exception):
@@ -220,7 +247,10 @@ class _Ledger:
         spent = self.used + batch.shape[0] > self.budget
         batch = batch[: self.budget - self.used]
         with torch.no_grad():
-            top = self.model(torch.from_numpy(batch).to(self.device)).argmax(1).cpu().numpy()
+            out = self.model(torch.from_numpy(batch).to(self.device))
+        refused = torch.isnan(out).any(1).cpu().numpy()  # a guard's refusal: no answer, read as "not adversarial"
+        top = out.nan_to_num(float("-inf")).argmax(1).cpu().numpy()
+        top[refused] = self.label
         wrong = np.flatnonzero(top != self.label)
         if self.adv is None and wrong.size:
             distances = np.linalg.norm((batch[wrong] - self.x).reshape(wrong.size, -1), ord=self.order, axis=1)
@@ -317,8 +347,12 @@ class HopSkipJump(QueryAttack):
                         attack.generate(x_all[i : i + 1], y=y_all[i : i + 1], x_adv_init=start)
                 except _Spent:
                     pass
-                queries[i] = 1 + ledger.found
-                if ledger.adv is not None:
+                found = ledger.adv is not None
+                if found and self.judge is not None:  # the attacker's belief, confirmed by showing it once
+                    candidate = torch.from_numpy(ledger.adv[None]).to(adv)
+                    found = bool(self.judged_wrong(candidate, labels[i : i + 1])[0])
+                queries[i] = 1 + ledger.found if found else math.inf
+                if found:
                     adv[i] = torch.from_numpy(ledger.adv).to(adv)
         finally:
             np.random.set_state(state)
