@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from keyedge.benchmarks.report import wide
 from keyedge.deps import require
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import staged_directory
+from keyedge.stats import binomial_se
 from keyedge.validate import Fields, read_dataclass
 
 SCHEMA = "keyedge-robustness/1"
@@ -104,10 +104,6 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
 def attack_label(attack: dict[str, Any]) -> str:

@@ -1,5 +1,8 @@
 """The device side of a posture: a stateful query guard and a rate limit, around any runner.
 
+The device runtime (:mod:`keyedge.deploy.runtime`) applies it; the robustness harness runs the same guard in
+front of the models it attacks, so what is measured is what is deployed.
+
 **Query guard** (in the spirit of Blacklight, Li et al., USENIX Security 2022): a query-based attacker sends
 many near-identical images.  Each query is quantized (0..255 values floored to multiples of ``quantum``),
 flattened in height-width-channel order, cut into windows of ``window`` values every ``step`` values, and
