@@ -38,6 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from keyedge.attacks import Queried
+from keyedge.checkpoints import load_checkpoint
+from keyedge.deploy.artifacts import ArtifactManifest
+from keyedge.deploy.runtime import open_artifact
+from keyedge.errors import KeyedgeError
+from keyedge.keys.keyfile import load_key
+from keyedge.models.backbones import KeyedModel
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -119,11 +127,6 @@ def probe(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from keyedge.checkpoints import load_checkpoint
-    from keyedge.errors import KeyedgeError
-    from keyedge.keys.keyfile import load_key
-    from keyedge.models.backbones import KeyedModel
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="the keyed checkpoint (the device's model)")
     parser.add_argument("--key-file", "-k", type=Path, required=True, help="its key: loads it, scores the probe")
@@ -155,10 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         device: nn.Module | Forward = model
         runtime = "torch"
         if args.artifact is not None:
-            from keyedge.attacks import Queried
-            from keyedge.deploy.artifacts import ArtifactManifest
-            from keyedge.deploy.runtime import open_artifact
-
             path = ArtifactManifest.read(args.artifact).artifact("onnx")
             runner = stack.enter_context(open_artifact(path, "onnx"))
             device, runtime = Queried(runner, str(path)), f"onnx:{path.name}"

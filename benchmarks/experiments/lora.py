@@ -26,6 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyedge.benchmarks.experiments.training import interleaved_rates
+from keyedge.checkpoints import MANIFEST, load_checkpoint, read_manifest
+from keyedge.keys.keyfile import Key, load_key
+from keyedge.models.backbones import build_model, head_names
+from keyedge.models.lora import apply_lora
+from keyedge.models.recipes import LORA_DEFAULTS
+from keyedge.stats import binomial_se, ratio_spread
+from keyedge.training.loop import TrainConfig, train
+
 #: family -> (timm model, image size, offline ImageNet weights or None)
 FAMILIES: dict[str, tuple[str, int, str | None]] = {
     "efficientnet": ("tf_efficientnet_lite0", 32, "efficientnet-lite0"),
@@ -57,7 +66,6 @@ class Variant:
 
     def options(self, family: str) -> dict[str, Any]:
         """``TrainConfig`` fields of this variant for ``family`` (a negative rank: that multiple of the family's)."""
-        from keyedge.models.recipes import LORA_DEFAULTS
 
         r = LORA_DEFAULTS[family].r * -self.r if self.r is not None and self.r < 0 else self.r
         options: dict[str, Any] = {"finetune": self.finetune, "lr": self.lr, "lora_r": r}
@@ -140,10 +148,6 @@ def _base_weights(family: str, budget: Budget, work: Path, base: str, log) -> st
         return "hub"
     from safetensors.torch import save_file
 
-    from keyedge.checkpoints import load_checkpoint
-    from keyedge.models.backbones import head_names
-    from keyedge.training.loop import TrainConfig, train
-
     weights = work / "bases" / f"{model}-{size}px.safetensors"
     if weights.exists():
         return str(weights)
@@ -196,8 +200,6 @@ def run_variant(
     """Train one (family, variant, keyed/plain) at the shared budget; reuse a finished run in ``work``.
 
     ``tag`` names runs that differ beyond the variant (another key, block size or ``extra`` train options)."""
-    from keyedge.checkpoints import MANIFEST, read_manifest
-    from keyedge.training.loop import TrainConfig, train
 
     model, size, _ = FAMILIES[family]
     out = work / "runs" / family / f"{variant.name}{tag}-{'keyed' if keyed else 'plain'}"
@@ -248,12 +250,6 @@ def step_speed(
 
     import torch
 
-    from keyedge.benchmarks.experiments.training import interleaved_rates
-    from keyedge.models.backbones import build_model
-    from keyedge.models.lora import apply_lora
-    from keyedge.stats import ratio_spread
-    from keyedge.training.loop import TrainConfig
-
     model_name, size, _ = FAMILIES[family]
     names = list(dict.fromkeys(["full", *variants]))
     runs = {}
@@ -274,7 +270,6 @@ def step_speed(
 
 def table(rows: list[Row]) -> str:
     """Markdown: per family and variant, keyed and plain accuracy (with SE) and images/s relative to full."""
-    from keyedge.benchmarks.robustness import binomial_se
 
     lines = [
         "| family | variant | recipe | keyed acc | plain acc | keyed img/s (x full) |",
@@ -317,8 +312,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [f for f in families if f not in FAMILIES] + [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown family or variant {unknown[0]!r}")
-
-    from keyedge.keys.keyfile import Key, load_key
 
     budget = Budget(
         args.data, args.train_limit, args.test_limit, args.epochs, args.batch, args.block_size, args.seed,

@@ -40,7 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyedge.attacks import parse_eps
 from keyedge.benchmarks.experiments.lora import FAMILIES, VARIANTS, Budget, _base_weights, run_variant
+from keyedge.benchmarks.robustness import Evaluation, RobustnessConfig, load_members
+from keyedge.checkpoints import read_manifest
+from keyedge.data.datasets import load_dataset
+from keyedge.keys.keyfile import Key, load_key
+from keyedge.models.recipes import LORA_DEFAULTS
+from keyedge.stats import binomial_se
 
 #: per family, the adapted layers of ``lora-wide`` (every Linear/Conv2d the family's blocks have)
 WIDE_TARGETS = {
@@ -66,7 +73,6 @@ class Arm:
     def extra(self, family: str) -> dict[str, Any]:
         if not self.wide:
             return {}
-        from keyedge.models.recipes import LORA_DEFAULTS
 
         return {"lora_targets": WIDE_TARGETS[family], "lora_r": 2 * LORA_DEFAULTS[family].r}
 
@@ -101,14 +107,11 @@ class Result:
     sources: dict[str, list[str]] = field(default_factory=dict)  # scenario -> the surrogate(s) that scored it
 
     def to_dict(self) -> dict[str, Any]:
-        from keyedge.benchmarks.robustness import binomial_se
-
         return dict(self.__dict__) | {"se": {k: binomial_se(v, self.images) for k, v in self.figures.items()}}
 
 
 def key_file(work: Path, name: str, block_size: int) -> Path:
     """A fixed key per role and block size (the benchmark is reproducible; the keys are nobody's secret)."""
-    from keyedge.keys.keyfile import Key
 
     path = work / "keys" / f"{name}-p{block_size}.bin"
     if not path.exists():
@@ -160,7 +163,6 @@ def train_arms(family: str, arms: list[Arm], budget: Budget, work: Path, weights
 
 def evaluate(family: str, arms: list[Arm], runs: dict[str, Any], work: Path, n: int, eps: str, steps: int, seed: int):
     """Every target under every keyless attack at its block size; returns the per-target results."""
-    from keyedge.benchmarks.robustness import RobustnessConfig
 
     config = RobustnessConfig(limit=n, seed=seed, attack="pgd", eps=eps, steps=steps)
     results: list[Result] = []
@@ -171,12 +173,6 @@ def evaluate(family: str, arms: list[Arm], runs: dict[str, Any], work: Path, n: 
 
 def _evaluate_block(family: str, here: list[Arm], runs: dict[str, Any], work: Path, config) -> list[Result]:
     import torch
-
-    from keyedge.attacks import parse_eps
-    from keyedge.benchmarks.robustness import Evaluation, load_members
-    from keyedge.checkpoints import read_manifest
-    from keyedge.data.datasets import load_dataset
-    from keyedge.keys.keyfile import load_key
 
     block, eps = here[0].block_size, parse_eps(config.eps)
     pools = here
@@ -242,7 +238,6 @@ COLUMNS = ("clean", "white-box", "non-adaptive", "adaptive", "multi-key-eot", "a
 
 def table(results: list[Result]) -> str:
     """Markdown: per target, every figure with its SE, trainable parameters and training speed vs ``full``."""
-    from keyedge.benchmarks.robustness import binomial_se
 
     lines = [
         "| family | arm | P | " + " | ".join(COLUMNS) + " | worst case | trainable | train img/s (x full) |",

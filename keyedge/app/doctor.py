@@ -13,6 +13,7 @@ from typing import Any
 
 from keyedge import __version__
 from keyedge.deps import CONFLICTS, CORE, EXTRAS, Conflict, version_of
+from keyedge.exporters import get_backend, list_backends
 
 
 def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
@@ -24,8 +25,6 @@ def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
 
 def _export_check(target: str) -> Callable[[], str]:
     def probe() -> str:
-        from keyedge.exporters import get_backend
-
         ok, reason = get_backend(target).available()
         if not ok:
             raise RuntimeError(reason)
@@ -36,8 +35,6 @@ def _export_check(target: str) -> Callable[[], str]:
 
 def _runtime_check(target: str) -> Callable[[], str]:
     def probe() -> str:
-        from keyedge.exporters import get_backend
-
         backend = get_backend(target)
         ok, reason = backend.can_run()
         if not ok:
@@ -87,7 +84,6 @@ def checks() -> list[tuple[str, str, Callable[[], Any], str | None]]:
 
     ``ExportBackend.available`` / ``can_run`` are the one availability check per backend: doctor asks them.
     """
-    from keyedge.exporters import get_backend, list_backends
 
     out: list[tuple[str, str, Callable[[], Any], str | None]] = []
     for name in list_backends():
