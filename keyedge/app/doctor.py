@@ -13,7 +13,9 @@ from typing import Any
 
 from keyedge import __version__
 from keyedge.deps import CONFLICTS, CORE, EXTRAS, Conflict, version_of
-from keyedge.exporters import get_backend, list_backends
+
+# keyedge.exporters (and torch with it) is imported inside the probes: doctor must report a broken torch or
+# converter install as a failed check, not die on importing it
 
 
 def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
@@ -25,6 +27,8 @@ def _probe(fn: Callable[[], Any]) -> tuple[bool, str]:
 
 def _export_check(target: str) -> Callable[[], str]:
     def probe() -> str:
+        from keyedge.exporters import get_backend
+
         ok, reason = get_backend(target).available()
         if not ok:
             raise RuntimeError(reason)
@@ -35,6 +39,8 @@ def _export_check(target: str) -> Callable[[], str]:
 
 def _runtime_check(target: str) -> Callable[[], str]:
     def probe() -> str:
+        from keyedge.exporters import get_backend
+
         backend = get_backend(target)
         ok, reason = backend.can_run()
         if not ok:
@@ -84,6 +90,7 @@ def checks() -> list[tuple[str, str, Callable[[], Any], str | None]]:
 
     ``ExportBackend.available`` / ``can_run`` are the one availability check per backend: doctor asks them.
     """
+    from keyedge.exporters import get_backend, list_backends
 
     out: list[tuple[str, str, Callable[[], Any], str | None]] = []
     for name in list_backends():
