@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -250,3 +251,22 @@ def test_eot_spends_repeats_device_queries_per_attacker_query(trained_small):
     )
     assert outcome.device_queries % 4 == 0 and outcome.device_queries <= 4 * 6 * 10 + 4 * 6
     assert all(q % 4 == 0 for q in outcome.to_break if math.isfinite(q))
+
+
+def test_postures_experiment_runs_end_to_end_and_reports_false_positives(small_keyed_checkpoint, tmp_path):
+    """The experiment on an (untrained) checkpoint: every posture's attacks, worst case, guard false positives."""
+    from keyedge.benchmarks.experiments import postures
+
+    pytest.importorskip("pyautoattack")
+    pytest.importorskip("skimage")
+    checkpoint, key = small_keyed_checkpoint
+    out = tmp_path / "postures.json"
+    args = [str(checkpoint), "-k", str(key), "--images", "6", "--budgets", "10,20", "--postures", "scores,scores+guard"]
+    results = postures.main([*args, "--stream-frames", "3", "--json", str(out)])
+    assert [p["posture"] for p in results["postures"]] == ["scores", "scores+guard"]
+    guarded = results["postures"][1]
+    assert [o["strategy"] for o in guarded["outcomes"]] == ["square", "square blinded 0.05"]
+    assert set(guarded["worst"]) == {"10", "20"} and guarded["worst"]["20"] <= guarded["worst"]["10"]
+    fp = results["guard_false_positives"]
+    assert fp["iid"]["queries"] == 6 and fp["camera"]["queries"] == 3 * 4
+    assert json.loads(out.read_text())["images"] == 6

@@ -1,0 +1,142 @@
+"""Which deployment posture holds against query attackers who know it?  One checkpoint, several postures, side by side.
+
+For each posture (``--postures``, e.g. ``scores,label,scores+noise:0.05,label+guard``) the attacks that know it
+(:func:`keyedge.benchmarks.postures.strategies`) run on one common subset of test images from fresh devices, every
+query counted; per posture it prints clean accuracy under the posture, robust accuracy per attack and the worst
+case per image at each budget, with n and a binomial standard error, and what the guard refused and when it first
+flagged.  It also measures the query guard's false positives on benign traffic: i.i.d. test images, and a
+camera-like stream (sample photos with small shifts, brightness changes, JPEG re-encoding and sensor noise).
+
+Run: ``python -m keyedge.benchmarks.experiments.postures runs/k1 -k keys/k1.bin``
+``[--postures scores,label+guard] [--images 100] [--budgets 1000,10000] [--json postures.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from keyedge.attacks import parse_eps
+from keyedge.benchmarks.postures import run_strategy, strategies, worst_per_image
+from keyedge.checkpoints import load_checkpoint
+from keyedge.data.datasets import load_dataset
+from keyedge.data.samples import PHOTOS, sample_photo
+from keyedge.keys.keyfile import load_key
+from keyedge.models.lora import merge_lora
+from keyedge.postures import parse_posture
+from keyedge.postures.guard import GuardConfig, QueryGuard
+from keyedge.postures.oracle import Device
+from keyedge.stats import binomial_se
+
+
+def camera_stream(size: int, frames: int, seed: int = 0) -> list[np.ndarray]:
+    """Benign near-duplicates: each sample photo as a static camera sees it, ``frames`` frames per scene.
+
+    Per frame: a shift of up to 2 pixels, brightness within 5%, JPEG quality 70-95, Gaussian sensor noise
+    of 2/255."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in PHOTOS:
+        scene = Image.fromarray(sample_photo(name)).resize((size + 4, size + 4), Image.BILINEAR)
+        for _ in range(frames):
+            dx, dy = rng.integers(0, 5, size=2)
+            frame = scene.crop((int(dx), int(dy), int(dx) + size, int(dy) + size))
+            buffer = io.BytesIO()
+            frame.save(buffer, format="JPEG", quality=int(rng.integers(70, 96)))
+            x = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255
+            x = x * (1 + rng.uniform(-0.05, 0.05)) + rng.normal(0, 2 / 255, x.shape)
+            out.append(np.clip(x, 0, 1).transpose(2, 0, 1).astype(np.float32))
+    return out
+
+
+def false_positives(stream: list[np.ndarray], config: GuardConfig) -> dict[str, float]:
+    """Share of a benign stream the guard flags (action ``flag``: it answers every query)."""
+    guard = QueryGuard(config, "flag", autosave=False)
+    start = time.perf_counter()
+    verdicts = guard.check_batch(stream)
+    ms = (time.perf_counter() - start) / max(len(stream), 1) * 1e3
+    flagged = sum(v.flagged for v in verdicts)
+    return {"queries": len(stream), "flagged": flagged, "rate": flagged / max(len(stream), 1), "ms_per_query": ms}
+
+
+def clean_accuracy(model: torch.nn.Module, posture, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+    device = Device(model, parse_posture(posture), seed=seed)
+    with torch.no_grad():
+        return float((device(x).argmax(1) == y).float().mean())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("-k", "--key-file", help="the checkpoint's key (none for a plain model)")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--postures", default="scores,label,scores+noise:0.05,scores+guard,label+guard")
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--budgets", default="1000", help="device queries per image, comma-separated")
+    parser.add_argument("--eps", default="16/255")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream-frames", type=int, default=250, help="camera frames per scene (false positives)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    key = load_key(args.key_file) if args.key_file else None
+    model, _ = load_checkpoint(args.checkpoint, key)
+    model = merge_lora(model).eval()
+    size = model.spec.image_size
+    test, _ = load_dataset(args.data, "test", size, limit=args.images, seed=args.seed)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.as_tensor(test.labels)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    eps = parse_eps(args.eps)
+    results: dict = {"checkpoint": args.checkpoint, "images": len(x), "eps": eps, "budgets": budgets, "postures": []}
+    print(f"{args.checkpoint}: {len(x)} {args.data} test images at {size}px, eps {args.eps}, budgets {budgets}")
+    for spec in args.postures.split(","):
+        posture = parse_posture(spec)
+        clean = clean_accuracy(model, posture, x, y, args.seed)
+        outcomes = []
+        for strategy in strategies(posture):
+            start = time.perf_counter()
+            outcome = run_strategy(model, x, y, posture, strategy, eps=eps, budget=max(budgets), seed=args.seed)
+            outcomes.append(outcome)
+            accs = ", ".join(f"{outcome.robust_accuracy(b):.1%} @{b}" for b in budgets)
+            flag = f", first flagged after {outcome.first_flag:.0f} queries" if outcome.first_flag else ""
+            print(
+                f"  {posture!s:28} {strategy.label:28} {accs}; refused {outcome.refused}/{outcome.device_queries}"
+                f"{flag} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+        worst = {b: worst_per_image(outcomes, b)[0] for b in budgets}
+        line = ", ".join(f"{w:.1%} ± {binomial_se(w, len(x)):.1%} @{b}" for b, w in worst.items())
+        print(f"  {posture!s:28} clean {clean:.1%}; worst case per image: {line}")
+        results["postures"].append(
+            {
+                "posture": str(posture),
+                "clean_accuracy": clean,
+                "worst": {str(b): w for b, w in worst.items()},
+                "outcomes": [o.to_dict() for o in outcomes],
+            }
+        )
+    config = GuardConfig()
+    iid = [x[i].numpy() for i in range(len(x))]
+    results["guard_false_positives"] = {
+        "config": config.to_dict(),
+        "iid": false_positives(iid, config),
+        "camera": false_positives(camera_stream(size, args.stream_frames, args.seed), config),
+    }
+    for name, fp in results["guard_false_positives"].items():
+        if name != "config":
+            print(f"  guard false positives, {name}: {fp['flagged']}/{fp['queries']} ({fp['rate']:.2%})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
