@@ -24,7 +24,17 @@ def test_wheel_layout_and_console_script(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("keyedge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "keyedge/exporters/__init__.py" in names and "keyedge/benchmarks/transform.py" in names
+    assert "keyedge/exporters/__init__.py" in names and "keyedge/benchmarks/experiments/transform.py" in names
+    # every package of the source tree is in the wheel (a package left out of pyproject's list would be missing)
+    trees = {
+        ROOT / "keyedge": "keyedge",
+        ROOT / "exporters": "keyedge/exporters",
+        ROOT / "benchmarks": "keyedge/benchmarks",
+    }
+    packages = [f"{dest}/{init.parent.relative_to(src).as_posix()}/__init__.py".replace("/./", "/")
+                for src, dest in trees.items() for init in src.rglob("__init__.py")]  # fmt: skip
+    missing = [p for p in packages if p not in names]
+    assert not missing, f"packages missing from the wheel (add them to pyproject's packages): {missing}"
     assert not any(n.startswith(("exporters/", "benchmarks/", "tests/")) for n in names), "no generic top-level names"
 
     target = tmp_path / "site"
@@ -48,7 +58,9 @@ def test_wheel_layout_and_console_script(tmp_path):
         [
             sys.executable,
             "-c",
-            "import keyedge, keyedge.exporters, keyedge.benchmarks.experiments.transform;print(keyedge.__file__)",
+            "import keyedge, keyedge.exporters, keyedge.benchmarks.experiments.transform, keyedge.postures.guard, "
+            "keyedge.benchmarks.robustness, keyedge.app.fleet, keyedge.checkpoints, keyedge.attacks;"
+            "print(keyedge.__file__)",
         ],
         capture_output=True,
         text=True,
