@@ -128,17 +128,6 @@ def run_strategy(
     calls = max(2, budget // strategy.repeats)  # the attacker's own queries, each costing `repeats` device queries
     attack = make_attack(strategy.attack, attacker, eps=eps, queries=calls, seed=seed)
     attack.judge = device.unguarded()
-    first_flag = [None]
-    if guard is not None:
-        check = guard.check
-
-        def watched(image):  # when the guard first flags this attacker, in device queries
-            verdict = check(image)
-            if verdict.flagged and first_flag[0] is None:
-                first_flag[0] = float(guard.counters["queries"])
-            return verdict
-
-        guard.check = watched
     _, calls_to_break = attack.run_queries(images, labels, batch_size=batch_size)
     to_break = [float(q) * strategy.repeats if math.isfinite(q) and q > 1 else (0.0 if q == 1 else math.inf)
                 for q in calls_to_break.tolist()]  # fmt: skip
@@ -154,7 +143,7 @@ def run_strategy(
         refused=int(stats["refused"]),
         flagged=int(stats["flagged"]),
         device_queries=int(stats["device_queries"]),
-        first_flag=first_flag[0],
+        first_flag=None if stats["first_flag"] is None else float(stats["first_flag"]),
         rate=posture.rate,
     )
 

@@ -45,6 +45,7 @@ class Device(nn.Module):
         self.queries = 0
         self.refused = 0
         self.flagged = 0
+        self.first_flag: int | None = None  # device queries until the guard first flagged a query
 
     def unguarded(self) -> Device:
         """The same device without its guard (noise drawn from its own generator): the evaluator's view."""
@@ -63,6 +64,9 @@ class Device(nn.Module):
         if self.guard is None or x.shape[0] == 0:
             return self.answer(x)
         verdicts = self.guard.check_batch(x.detach().cpu().numpy())
+        first = next((i for i, v in enumerate(verdicts) if v.flagged), None)
+        if first is not None and self.first_flag is None:
+            self.first_flag = self.queries - x.shape[0] + first + 1
         self.flagged += sum(v.flagged for v in verdicts)
         keep = torch.tensor([v.answered for v in verdicts], device=x.device)
         self.refused += int((~keep).sum())
@@ -95,13 +99,8 @@ class Attacker(nn.Module):
         answers = torch.stack([self.device(self._blinded(x)) for _ in range(self.repeats)])
         return torch.nanmean(answers, dim=0) if self.repeats > 1 else answers[0]
 
-    @property
-    def queries_per_call(self) -> int:
-        """Device queries one attacker query costs."""
-        return self.repeats
 
-
-def describe_attacker(attacker: Attacker) -> dict[str, float | int]:
+def describe_attacker(attacker: Attacker) -> dict[str, float | int | None]:
     """What the attacker did to the posture, for reports."""
     device = attacker.device
     return {
@@ -110,5 +109,6 @@ def describe_attacker(attacker: Attacker) -> dict[str, float | int]:
         "device_queries": device.queries,
         "refused": device.refused,
         "flagged": device.flagged,
+        "first_flag": device.first_flag,
         "refused_share": device.refused / device.queries if device.queries else float(np.nan),
     }
