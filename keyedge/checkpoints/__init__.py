@@ -177,7 +177,7 @@ class CheckpointManifest:
 
     model: ModelSpec
     key: KeyRecord | None
-    finetune: dict[str, Any]  # {"mode": "full" | "lora", "lora": LoraSettings dict or None}
+    finetune: dict[str, Any]  # {"mode": "full" | "lora", "lora": LoraSettings dict or None, "recipe", "noise_aug"}
     files: dict[str, FileRecord]  # role (weights, state) -> file
     epoch: int
     data: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +206,11 @@ class CheckpointManifest:
             return f"{self.finetune_mode} fine-tune{at}"
 
         return LoraSettings.from_dict(self.finetune["lora"]).label() + at
+
+    @property
+    def noise_aug(self) -> float:
+        """Std of the Gaussian noise it was trained with (``train --noise-aug``); 0: none, or an older checkpoint."""
+        return float(self.finetune.get("noise_aug") or 0.0)
 
     @property
     def defense_name(self) -> str:
@@ -271,6 +276,7 @@ class CheckpointManifest:
             lf.strs("full", optional=True)
             lf.float("lr", low=0.0, optional=True)
         recipe = ft.str("recipe", optional=True)
+        noise_aug = ft.float("noise_aug", low=0.0, high=1.0, optional=True)  # absent: trained without noise
         files_f = f.obj("files")
         files = {}
         for role in files_f.data:
@@ -281,7 +287,12 @@ class CheckpointManifest:
         return cls(
             model=spec,
             key=key,
-            finetune={"mode": mode, "lora": lora, **({"recipe": recipe} if recipe else {})},
+            finetune={
+                "mode": mode,
+                "lora": lora,
+                **({"recipe": recipe} if recipe else {}),
+                **({"noise_aug": noise_aug} if noise_aug else {}),
+            },
             files=files,
             epoch=f.int("epoch", low=0, default=0),
             data=f.dict("data", optional=True) or {},

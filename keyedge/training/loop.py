@@ -14,6 +14,12 @@ misalignment stops adversarial examples transferring between keyed models.
 With guard models (``guard_models``), a share of every batch is replaced by PGD examples
 crafted on them (:mod:`keyedge.training.guard`): the tool that does stop it (docs/lora.md).
 
+With ``noise_aug`` (sigma), every training batch becomes ``x + sigma * noise`` (Gaussian, [0, 1] pixel
+units, before the model's shuffle and normalization, unclamped): what a deployed ``noise:SIGMA`` posture
+(:class:`~keyedge.postures.graph.PostureModule`) does to every query, so the model keeps its accuracy there.
+The noise comes from a generator seeded per (seed, epoch, rank); each epoch then also reports the test
+accuracy under the same noise.
+
 With ``defense="volumize"`` the model is a :class:`~keyedge.defenses.volumetric.VolumizedModel`
 (patch volumes, 3D backbone; no key, no LoRA), trained with the patch-aggregate
 loss; ``curriculum`` visits each epoch's batches from simple to complex by a metric
@@ -52,6 +58,7 @@ from keyedge.keys.keyfile import Key, load_key
 from keyedge.models.backbones import check_model_name
 from keyedge.models.lora import merge_lora
 from keyedge.models.recipes import default_lr, lora_settings
+from keyedge.postures.spec import MAX_SIGMA
 from keyedge.training.curriculum import CurriculumBatchSampler, image_scores
 from keyedge.training.guard import TransferGuard
 
@@ -99,6 +106,8 @@ class TrainConfig:
     volume_order: str = "ascending"
     depth_kernel: int = 1  # volumize: depth of the 3D kernels (odd)
     curriculum: str = "none"  # none | a metric: visit each epoch's batches from simple to complex
+    # Gaussian noise of this std ([0, 1] pixel units) on every training image, as a noise:SIGMA posture adds it
+    noise_aug: float = 0.0
     resume: bool = False
     overwrite: bool = False
 
@@ -118,18 +127,25 @@ class TrainConfig:
     def recipe(self, family: str) -> dict[str, Any]:
         """What the checkpoint records of how it was fine-tuned: mode, LoRA settings and a one-line label."""
         epochs = f", {self.epochs} epoch{'s' if self.epochs != 1 else ''}, batch {self.batch_size}"
+        extras = self._guard_label() + self._noise_label()
+        noise = {"noise_aug": self.noise_aug} if self.noise_aug else {}  # absent: none (as in older checkpoints)
         if self.finetune != "lora":
             return {
                 "mode": self.finetune,
                 "lora": None,
-                "recipe": f"full fine-tune, lr {self.learning_rate(family):g}{epochs}{self._guard_label()}",
+                "recipe": f"full fine-tune, lr {self.learning_rate(family):g}{epochs}{extras}",
+                **noise,
             }
         settings = self.lora_recipe(family)
         return {
             "mode": "lora",
             "lora": settings.to_dict(),
-            "recipe": f"{settings.label()}, lr {settings.lr:g}{epochs}{self._guard_label()}",
+            "recipe": f"{settings.label()}, lr {settings.lr:g}{epochs}{extras}",
+            **noise,
         }
+
+    def _noise_label(self) -> str:
+        return f", noise aug {self.noise_aug:g}" if self.noise_aug else ""
 
     def _guard_label(self) -> str:
         if not self.guard_models:
@@ -159,6 +175,12 @@ def _check_numbers(config: TrainConfig) -> None:
         ("--guard-eps", config.guard_eps, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.0627 (16/255)"),
         ("--guard-steps", config.guard_steps, lambda v: v >= 1, "an integer >= 1, e.g. 3"),
         ("--guard-share", config.guard_share, lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.5"),
+        (
+            "--noise-aug",
+            config.noise_aug,
+            lambda v: 0 <= v <= MAX_SIGMA,
+            f"a noise std in [0, {MAX_SIGMA}] ([0, 1] pixel units, as noise:SIGMA postures), e.g. 0.05 or 8/255",
+        ),
     )
     for flag, value, ok, hint in checks:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
@@ -247,6 +269,16 @@ def _shard(dataset: Dataset, dist_env: Distributed) -> Dataset:
     return Subset(dataset, list(range(dist_env.rank, len(dataset), dist_env.world)))  # type: ignore[arg-type]
 
 
+def noise_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """The seed of one stream of augmentation noise: training epoch ``stream`` (1, 2, ...) or evaluation (0)."""
+    return ((seed * 1_000_003 + stream) * 1_009 + rank) % (2**63)
+
+
+def add_noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """``x + sigma * N(0, 1)``, unclamped: what a ``noise:SIGMA`` posture (PostureModule) adds, from ``generator``."""
+    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -256,15 +288,26 @@ def evaluate(
     device: torch.device | str = "cpu",
     workers: int = 0,
     dist_env: Distributed | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Clean top-1 accuracy and mean cross-entropy on ``dataset`` (sharded across DDP ranks)."""
+    """Top-1 accuracy and mean cross-entropy on ``dataset`` (sharded across DDP ranks).
+
+    Clean by default; with ``noise`` (sigma), under Gaussian noise as a ``noise:SIGMA`` posture adds it, drawn
+    from a generator seeded by ``seed`` (the same draws on every call).
+    """
     dist_env = dist_env or Distributed(world=1, rank=0, local_rank=0)
     was_training = model.training
     model.eval()
     correct = total = loss_sum = 0.0
     loader = DataLoader(_shard(dataset, dist_env), batch_size=batch_size, num_workers=workers)
+    generator = None
+    if noise:
+        generator = torch.Generator(device=torch.device(device)).manual_seed(noise_seed(seed, 0, dist_env.rank))
     for x, y in loader:
         x, y = x.to(device), torch.as_tensor(y).to(device)
+        if generator is not None:
+            x = add_noise(x, noise, generator)
         logits = model(x).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -346,7 +389,7 @@ def _guard(config: TrainConfig, device: torch.device, own: str | None):
 
 def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | None) -> None:
     recorded = {**_DEFENSE_DEFAULTS, **manifest.training.get("config", {})}
-    for name in ("model", "finetune", "weights", "defense", *config.defense_impl.training_fields):
+    for name in ("model", "finetune", "weights", "defense", "noise_aug", *config.defense_impl.training_fields):
         if recorded.get(name) != getattr(config, name):
             raise KeyedgeError(
                 f"cannot resume: the checkpoint was trained with {name}={recorded.get(name)!r}, "
@@ -358,8 +401,9 @@ def _check_resume(config: TrainConfig, manifest: CheckpointManifest, key: Key | 
         raise KeyedgeError("cannot resume: the key differs from the checkpoint's", "pass the same --key-file")
 
 
-_DEFENSE_DEFAULTS = {
+_DEFENSE_DEFAULTS = {  # what a checkpoint written before a field existed was trained with
     "defense": "none",
+    "noise_aug": 0.0,
     **{k: v for name in list_defenses() for k, v in get_defense(name).training_fields.items()},
 }
 
@@ -429,6 +473,7 @@ class _Run:
     loader: DataLoader | None = None
     reference: nn.Module | None = None
     guard: Any = None
+    noise: torch.Generator | None = None  # --noise-aug's generator, reseeded every epoch
     ddp_model: nn.Module | None = None
     amp: bool = False
 
@@ -488,6 +533,7 @@ def _optimize(run: _Run, log: Callable[[str], None]) -> None:
     )
     run.reference = _reference_model(config, run.device)  # built before the RNG state is restored: it draws
     run.guard = _guard(config, run.device, run.key.fingerprint if run.key else None)
+    run.noise = torch.Generator(device=run.device) if config.noise_aug else None  # sigma 0: nothing drawn
     if run.state is not None:
         run.optimizer.load_state_dict(run.state["optimizer"])
         run.scheduler.load_state_dict(run.state["scheduler"])
@@ -521,6 +567,8 @@ def _epoch(run: _Run, epoch: int, progress: bool) -> tuple[dict[str, Any], dict[
         run.sampler.set_epoch(epoch)
     else:  # the order depends on (seed, epoch) only, so a resumed run sees the data a straight run would
         run.sampler.generator.manual_seed(config.seed * 1_000_003 + epoch)
+    if run.noise is not None:  # likewise the noise: (seed, epoch, rank) only
+        run.noise.manual_seed(noise_seed(config.seed, epoch, dist_env.rank))
     run.ddp_model.train()
     stats = _train_epoch(
         run.ddp_model,
@@ -534,6 +582,7 @@ def _epoch(run: _Run, epoch: int, progress: bool) -> tuple[dict[str, Any], dict[
         progress=progress and dist_env.main,
         epoch=epoch,
         guard=run.guard,
+        noise=run.noise,
     )
     loss_sum, seen, correct, sim_sum, seconds = dist_env.all_sum(
         stats["loss_sum"], stats["images"], stats["correct"], stats["sim_sum"], stats["seconds"]
@@ -551,6 +600,18 @@ def _epoch(run: _Run, epoch: int, progress: bool) -> tuple[dict[str, Any], dict[
         "images_per_s": seen / max(seconds / dist_env.world, 1e-9),
         "lr": run.scheduler.get_last_lr()[0],
     }
+    if config.noise_aug:  # what the noise posture costs: the same test images under the same noise
+        noisy = evaluate(
+            run.model,
+            run.test_set,
+            batch_size=batch_size,
+            device=run.device,
+            workers=config.workers,
+            dist_env=dist_env,
+            noise=config.noise_aug,
+            seed=config.seed,
+        )
+        record["noisy_test_accuracy"], record["noisy_test_loss"] = noisy["accuracy"], noisy["loss"]
     if run.reference is not None:
         record["ortho_similarity"] = sim_sum / max(seen, 1)
     return record, test
@@ -579,7 +640,16 @@ def _save(run: _Run, epoch: int, record: dict[str, Any], test: dict[str, float])
             "world_size": run.dist_env.world,
             "device": str(run.device),
         },
-        metrics={"history": run.history, "test_accuracy": record["test_accuracy"], "test_images": test["images"]},
+        metrics={
+            "history": run.history,
+            "test_accuracy": record["test_accuracy"],
+            "test_images": test["images"],
+            **(
+                {"noise_aug": config.noise_aug, "noisy_test_accuracy": record["noisy_test_accuracy"]}
+                if config.noise_aug
+                else {}
+            ),
+        },
         state={
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
@@ -614,9 +684,12 @@ def train(
         record, test = _epoch(run, epoch, progress)
         run.history.append(record)
         if dist_env.main:
+            noisy = (
+                f", {record['noisy_test_accuracy']:.2%} under noise {config.noise_aug:g}" if config.noise_aug else ""
+            )
             log(
                 f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, "
-                f"test accuracy {record['test_accuracy']:.2%} ({test['images']} images), "
+                f"test accuracy {record['test_accuracy']:.2%}{noisy} ({test['images']} images), "
                 f"{record['images_per_s']:.0f} images/s"
             )
             _save(run, epoch, record, test)
@@ -645,6 +718,7 @@ def _train_epoch(
     progress: bool,
     epoch: int,
     guard=None,
+    noise: torch.Generator | None = None,
 ) -> dict[str, float]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -667,6 +741,8 @@ def _train_epoch(
             x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
             if guard is not None:
                 x = guard(x, y)
+            if noise is not None:  # after the guard: a deployed noise posture perturbs adversarial queries too
+                x = add_noise(x, config.noise_aug, noise)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 if reference is not None:
                     x.requires_grad_(True)
