@@ -17,10 +17,14 @@ within a budget -- the posture's worst case.  A rate limit turns queries into ti
 
 from __future__ import annotations
 
+import io
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -159,3 +163,176 @@ def worst_per_image(outcomes: list[PostureOutcome], budget: int) -> tuple[float,
         raise ValueError("worst case per image needs every outcome on the same images")
     standing = [all(o.to_break[i] > budget for o in outcomes) for i in range(n)]
     return sum(standing) / max(n, 1), n
+
+
+# --------------------------------------------------------------------------- added for `bench robustness --posture`
+
+
+def device_answers(
+    model: nn.Module, posture: Posture | str, images: torch.Tensor, *, seed: int = 0, batch_size: int = 100
+) -> torch.Tensor:
+    """The top-1 class a device under ``posture`` answers for each image, shown once (no guard; fresh noise).
+
+    What a transfer or noise example meets on the device: a label or top-k posture answers the same adversarial
+    input (such attacks need no scores), a noisy posture adds its noise first."""
+    device = Device(model, parse_posture(posture), seed=seed)
+    out = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            out.append(device(images[start : start + batch_size]).argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+class _Watch:
+    """A guard seen from outside: which image each query it checks belongs to, and whether it flagged it.
+
+    A query is attributed to ``current`` when set (decision-based attacks run one image at a time), else to the
+    original image nearest in Linf within ``radius`` (a score-based attacker's queries stay within eps of the image
+    it attacks, plus the blinding); a query near none is not attributed."""
+
+    def __init__(self, guard: QueryGuard, originals: torch.Tensor, radius: float):
+        self.guard, self.radius = guard, radius
+        self.originals = originals.detach().cpu().flatten(1).float()
+        n = self.originals.shape[0]
+        self.current: int | None = None
+        self.queries = [0] * n
+        self.flagged = [0] * n
+        self.first: list[int | None] = [None] * n  # the image's own queries until its first flagged one
+
+    def _owners(self, batch: Any) -> list[int]:
+        if self.current is not None:
+            return [self.current] * len(batch)
+        flat = torch.as_tensor(batch).flatten(1).float()
+        distance = torch.cdist(flat, self.originals, p=float("inf"))
+        nearest, owner = distance.min(1)
+        return [int(o) if d <= self.radius else -1 for d, o in zip(nearest.tolist(), owner.tolist())]
+
+    def check_batch(self, batch: Any) -> list:
+        verdicts = self.guard.check_batch(batch)
+        for owner, verdict in zip(self._owners(batch), verdicts):
+            if owner < 0:
+                continue
+            self.queries[owner] += 1
+            if verdict.flagged:
+                self.flagged[owner] += 1
+                if self.first[owner] is None:
+                    self.first[owner] = self.queries[owner]
+        return verdicts
+
+
+def run_watched(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    posture: Posture | str,
+    strategy: Strategy,
+    *,
+    eps: float,
+    budget: int,
+    target: str = "model",
+    guard_config: GuardConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 100,
+    device: str | None = None,
+    progress: Any = None,
+) -> PostureOutcome:
+    """:func:`run_strategy`, and per image whether the guard flagged its attacker and after how many queries.
+
+    One device for all images, as in :func:`run_strategy`; a decision-based attack runs one image at a time (it
+    does anyway), so its queries are attributed exactly.  ``extra`` holds ``flagged`` (flagged queries per image)
+    and ``first_flag`` (the image's own queries until its first flagged one, None if never)."""
+    posture = parse_posture(posture)
+    if not posture.guard:
+        return run_strategy(
+            model, images, labels, posture, strategy, eps=eps, budget=budget, target=target, seed=seed,
+            batch_size=batch_size, guard_config=guard_config,
+        )  # fmt: skip
+    watch = _Watch(QueryGuard(guard_config, posture.guard, autosave=False), images, eps + 2 * strategy.blind + 1e-4)
+    oracle = Device(model, posture, guard=watch, seed=seed)  # type: ignore[arg-type]  # duck-typed guard
+    attacker = Attacker(oracle, repeats=strategy.repeats, blind=strategy.blind, seed=seed + 1)
+    calls = max(2, budget // strategy.repeats)
+    attack = make_attack(strategy.attack, attacker, eps=eps, queries=calls, seed=seed)
+    attack.judge = oracle.unguarded()
+    if strategy.attack == "square":
+        _, used = attack.run_queries(images, labels, batch_size=batch_size, device=device, progress=progress)
+    else:  # sequential anyway: one image at a time, each query attributed to it
+        parts = []
+        for i in range(images.shape[0]):
+            watch.current = i
+            parts.append(attack.run_queries(images[i : i + 1], labels[i : i + 1], device=device)[1])
+            if progress is not None:
+                progress(i + 1)
+        watch.current = None
+        used = torch.cat(parts)
+    to_break = [float(q) * strategy.repeats if math.isfinite(q) and q > 1 else (0.0 if q == 1 else math.inf)
+                for q in used.tolist()]  # fmt: skip
+    stats = describe_attacker(attacker)
+    return PostureOutcome(
+        posture=str(posture),
+        strategy=strategy.label,
+        target=target,
+        eps=eps,
+        budget=budget,
+        to_break=to_break,
+        refused=int(stats["refused"]),
+        flagged=int(stats["flagged"]),
+        device_queries=int(stats["device_queries"]),
+        first_flag=None if stats["first_flag"] is None else float(stats["first_flag"]),
+        rate=posture.rate,
+        extra={"flagged": list(watch.flagged), "first_flag": list(watch.first)},
+    )
+
+
+def detection(outcome: PostureOutcome) -> dict[str, Any] | None:
+    """How often the guard caught the attacker: of the attacked images (those the device got right clean), the
+    share whose queries it flagged at least once, and the median of the image's queries until the first flag.
+
+    None when the outcome was not watched (:func:`run_watched` on a posture with a guard)."""
+    flagged, first = outcome.extra.get("flagged"), outcome.extra.get("first_flag")
+    if flagged is None or first is None:
+        return None
+    attacked = [i for i, q in enumerate(outcome.to_break) if q != 0]
+    caught = [i for i in attacked if flagged[i] > 0]
+    firsts = sorted(first[i] for i in caught if first[i] is not None)
+    return {
+        "strategy": outcome.strategy,
+        "attacked": len(attacked),
+        "detected": len(caught),
+        "detection_rate": len(caught) / len(attacked) if attacked else None,
+        "median_queries_to_flag": float(firsts[len(firsts) // 2]) if firsts else None,
+        "first_flag": outcome.first_flag,
+    }
+
+
+def camera_stream(size: int, frames: int, seed: int = 0) -> list[np.ndarray]:
+    """Benign near-duplicates: each sample photo as a static camera sees it, ``frames`` frames per scene.
+
+    Per frame: a shift of up to 2 pixels, brightness within 5%, JPEG quality 70-95, Gaussian sensor noise
+    of 2/255 (CHW float32 in [0, 1]; the photos come from scikit-image, the ``samples`` extra)."""
+    from PIL import Image
+
+    from keyedge.data.samples import PHOTOS, sample_photo
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in PHOTOS:
+        scene = Image.fromarray(sample_photo(name)).resize((size + 4, size + 4), Image.BILINEAR)
+        for _ in range(frames):
+            dx, dy = rng.integers(0, 5, size=2)
+            frame = scene.crop((int(dx), int(dy), int(dx) + size, int(dy) + size))
+            buffer = io.BytesIO()
+            frame.save(buffer, format="JPEG", quality=int(rng.integers(70, 96)))
+            x = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255
+            x = x * (1 + rng.uniform(-0.05, 0.05)) + rng.normal(0, 2 / 255, x.shape)
+            out.append(np.clip(x, 0, 1).transpose(2, 0, 1).astype(np.float32))
+    return out
+
+
+def false_positives(stream: Sequence[np.ndarray], config: GuardConfig | None = None) -> dict[str, float]:
+    """Share of a benign stream the guard flags (action ``flag``: it answers every query), and its cost per query."""
+    guard = QueryGuard(config, "flag", autosave=False)
+    start = time.perf_counter()
+    verdicts = guard.check_batch(list(stream))
+    ms = (time.perf_counter() - start) / max(len(stream), 1) * 1e3
+    flagged = sum(v.flagged for v in verdicts)
+    return {"queries": len(stream), "flagged": flagged, "rate": flagged / max(len(stream), 1), "ms_per_query": ms}

@@ -14,55 +14,21 @@ Run: ``python -m keyedge.benchmarks.experiments.postures runs/k1 -k keys/k1.bin`
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 from keyedge.attacks import parse_eps
-from keyedge.benchmarks.postures import run_strategy, strategies, worst_per_image
+from keyedge.benchmarks.postures import camera_stream, false_positives, run_strategy, strategies, worst_per_image
 from keyedge.checkpoints import load_checkpoint
 from keyedge.data.datasets import load_dataset
-from keyedge.data.samples import PHOTOS, sample_photo
 from keyedge.keys.keyfile import load_key
 from keyedge.models.lora import merge_lora
 from keyedge.postures import parse_posture
-from keyedge.postures.guard import GuardConfig, QueryGuard
+from keyedge.postures.guard import GuardConfig
 from keyedge.postures.oracle import Device
 from keyedge.stats import binomial_se
-
-
-def camera_stream(size: int, frames: int, seed: int = 0) -> list[np.ndarray]:
-    """Benign near-duplicates: each sample photo as a static camera sees it, ``frames`` frames per scene.
-
-    Per frame: a shift of up to 2 pixels, brightness within 5%, JPEG quality 70-95, Gaussian sensor noise
-    of 2/255."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in PHOTOS:
-        scene = Image.fromarray(sample_photo(name)).resize((size + 4, size + 4), Image.BILINEAR)
-        for _ in range(frames):
-            dx, dy = rng.integers(0, 5, size=2)
-            frame = scene.crop((int(dx), int(dy), int(dx) + size, int(dy) + size))
-            buffer = io.BytesIO()
-            frame.save(buffer, format="JPEG", quality=int(rng.integers(70, 96)))
-            x = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255
-            x = x * (1 + rng.uniform(-0.05, 0.05)) + rng.normal(0, 2 / 255, x.shape)
-            out.append(np.clip(x, 0, 1).transpose(2, 0, 1).astype(np.float32))
-    return out
-
-
-def false_positives(stream: list[np.ndarray], config: GuardConfig) -> dict[str, float]:
-    """Share of a benign stream the guard flags (action ``flag``: it answers every query)."""
-    guard = QueryGuard(config, "flag", autosave=False)
-    start = time.perf_counter()
-    verdicts = guard.check_batch(stream)
-    ms = (time.perf_counter() - start) / max(len(stream), 1) * 1e3
-    flagged = sum(v.flagged for v in verdicts)
-    return {"queries": len(stream), "flagged": flagged, "rate": flagged / max(len(stream), 1), "ms_per_query": ms}
 
 
 def clean_accuracy(model: torch.nn.Module, posture, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
