@@ -5,12 +5,14 @@
 * ``robustness.json``  -- the whole report (schema in ``docs/robustness-report.md``),
 * ``robustness.md``    -- the same as tables, trust checks and white-box sanity first,
 * ``key-diversity.png``, ``transferability.png``, ``gradient-similarity.png`` -- heatmaps,
-* ``eps-sweep.png``, ``block-size.png``, ``queries.png`` -- curves (when there is something to draw).
+* ``eps-sweep.png``, ``block-size.png``, ``queries.png``, ``postures.png`` -- curves (when there is something to
+  draw): robust accuracy against queries is read off the per-image queries until broken, one run per attack.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -202,6 +204,73 @@ _CONFIG = {
     "query_limit": (int, True),
 }
 _SKIPPED = {"scenario": (str, False), "target": (str, False), "reason": (str, False)}
+_BUDGET = {
+    "budget": (int, False),
+    "robust_accuracy": (float, False),
+    "robust_se": (float, False),
+    "attack": (str, False),
+    "attack_robust_accuracy": (float, False),
+}
+_WORST = {"target": (str, False), "role": (str, False), "images": (int, False), "over": (list, False)}
+_POSTURE = {
+    "posture": (str, False),
+    "target": (str, False),
+    "clean_accuracy": (float, False),
+    "clean_se": (float, False),
+    "clean_images": (int, False),
+    "latency_overhead": (float, "null"),
+    "images": (int, False),
+}
+_GUARD = {"strategy": (str, False), "detection_rate": (float, "null"), "median_queries_to_flag": (float, "null")}
+_STREAM = {"queries": (int, False), "flagged": (int, False), "rate": (float, False)}
+
+
+def _to_break(f: Fields, name: str) -> list[float]:
+    """Per image, the queries until broken (null: never) -> floats with inf for never."""
+    value = f.raw(name)
+    if not isinstance(value, list) or not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf) for v in value
+    ):
+        raise f.fail(name, "must be a list of query counts >= 0 (null: never broken)")
+    return [math.inf if v is None else float(v) for v in value]
+
+
+def _read_worst(f: Fields) -> list[dict[str, Any]]:
+    rows = []
+    for row in f.objs("worst_case"):
+        _check(row, _WORST)
+        _rows(row, "budgets", _BUDGET)
+        _to_break(row, "to_break")
+        rows.append(dict(row.data))
+    return rows
+
+
+def _read_postures(f: Fields) -> list[dict[str, Any]]:
+    rows = []
+    for row in f.objs("postures"):
+        _check(row, _POSTURE)
+        _rows(row, "worst", _BUDGET)
+        _to_break(row, "to_break")
+        for strategy in row.objs("strategies"):
+            strategy.str("strategy")
+            _to_break(strategy, "to_break")
+        if row.raw("guard", None) is not None:
+            _rows(row, "guard", _GUARD, single=True)
+        rows.append(dict(row.data))
+    return rows
+
+
+def _read_false_positives(f: Fields) -> dict[str, Any] | None:
+    fp = f.obj("guard_false_positives", optional=True)
+    if fp is None:
+        return None
+    for name in ("iid", "camera"):
+        stream = fp.obj(name, optional=True)
+        if stream is not None and not stream.has("skipped"):
+            _rows(fp, name, _STREAM, single=True)
+        elif stream is not None:
+            stream.str("skipped")
+    return dict(fp.data)
 
 
 def _matrix(m: Fields) -> Matrix:
@@ -217,23 +286,28 @@ def _matrix(m: Fields) -> Matrix:
     return matrix
 
 
+def _check(row: Fields, spec: dict[str, tuple[type, bool | str]]) -> None:
+    """Check the fields ``spec`` names in one object."""
+    for key, (kind, optional) in spec.items():
+        if optional and (row.raw(key) if optional == "null" else row.raw(key, None)) is None:
+            continue  # True: may be absent or null; "null": must be there, may be null
+        if kind is str:
+            row.str(key)
+        elif kind is int:
+            row.int(key)
+        elif kind is float:
+            row.float(key)
+        elif kind is list:
+            row.strs(key)
+        else:  # shown as it is: only needs to be there
+            row.raw(key)
+
+
 def _rows(f: Fields, name: str, spec: dict[str, tuple[type, bool | str]], *, single: bool = False) -> Any:
     """Check the fields ``spec`` names in the list of objects ``name`` (or the one object, ``single``)."""
     rows = [f.obj(name)] if single else f.objs(name)
     for row in rows:
-        for key, (kind, optional) in spec.items():
-            if optional and (row.raw(key) if optional == "null" else row.raw(key, None)) is None:
-                continue  # True: may be absent or null; "null": must be there, may be null
-            if kind is str:
-                row.str(key)
-            elif kind is int:
-                row.int(key)
-            elif kind is float:
-                row.float(key)
-            elif kind is list:
-                row.strs(key)
-            else:  # shown as it is: only needs to be there
-                row.raw(key)
+        _check(row, spec)
     return rows[0].data if single else [row.data for row in rows]
 
 
@@ -272,6 +346,12 @@ class RobustnessReport:
     checks: list[Check] = field(default_factory=list)
     artifacts: list[Outcome] = field(default_factory=list)
     headline: list[dict[str, Any]] = field(default_factory=list)
+    #: per model, the worst case per image on one common subset, at each query budget (benchmarks.robustness.worst)
+    worst_case: list[dict[str, Any]] = field(default_factory=list)
+    #: per (posture, model): clean accuracy, latency overhead, worst case per image at each budget, the guard
+    postures: list[dict[str, Any]] = field(default_factory=list)
+    #: the query guard on benign traffic (i.i.d. test images, a camera-like stream); None: no posture has a guard
+    guard_false_positives: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     schema: str = SCHEMA
 
@@ -292,6 +372,9 @@ class RobustnessReport:
             "created": self.created,
             "sanity": self.sanity,
             "headline": self.headline,
+            "worst_case": self.worst_case,
+            "postures": self.postures,
+            "guard_false_positives": self.guard_false_positives,
             "environment": self.environment,
             "config": self.config,
             "data": self.data,
@@ -344,6 +427,9 @@ class RobustnessReport:
             checks=[read_dataclass(Check, c) for c in f.objs("checks")],
             artifacts=outcomes("artifacts"),
             headline=_rows(f, "headline", _HEADLINE) if f.has("headline") else [],
+            worst_case=_read_worst(f) if f.has("worst_case") else [],
+            postures=_read_postures(f) if f.has("postures") else [],
+            guard_false_positives=_read_false_positives(f),
             created=f.str("created", default=""),
         )
 
@@ -444,6 +530,8 @@ class RobustnessReport:
         lines = ["# Robustness", "", self._header(), ""]
         for section in (
             self._md_models,
+            self._md_worst_case,
+            self._md_postures,
             self._md_headline,
             self._md_checks,
             self._md_scenarios,
@@ -474,14 +562,103 @@ class RobustnessReport:
         )
         return lines
 
+    def _worst_case_rows(self) -> list[list[str]]:
+        return [
+            [
+                w["target"],
+                w["role"],
+                f"{b['budget']:,}" if b["budget"] else "none",
+                f"{b['robust_accuracy']:.1%} ± {b['robust_se']:.1%}",
+                str(w["images"]),
+                b["attack"],
+                f"{b['attack_robust_accuracy']:.1%}",
+                str(len(w["over"])),
+            ]
+            for w in self.worst_case
+            for b in w["budgets"]
+        ]
+
+    def _md_worst_case(self) -> list[str]:
+        if not self.worst_case:
+            return []
+        lines = [
+            "## Headline: the worst case per image without the key",
+            "",
+            "On one common subset of images (the query attacks' images: the first n of the run's, the same images "
+            "by index), an image counts as broken when *any* attack an attacker without the key can run broke it: "
+            "transfer from every other model (the plain model, every surrogate key and fine-tune recipe, other "
+            "architectures), multi-key EoT, the random-noise control, and the query attacks (PyTorch and deployed) "
+            "within the query budget. Not white-box, which needs the key (models without a key: white-box too). "
+            "Closest single attack: the one attack with the lowest robust accuracy on the same images.",
+            "",
+        ]
+        return lines + _table(
+            ["model", "role", "queries", "robust (worst per image)", "n", "closest single attack", "its robust",
+             "attacks"],
+            self._worst_case_rows(),
+        )  # fmt: skip
+
+    def _posture_rows(self) -> tuple[list[str], list[list[str]]]:
+        budgets = sorted({b["budget"] for p in self.postures for b in p["worst"]})
+        fp = self.guard_false_positives or {}
+
+        def stream(name: str) -> str:
+            s = fp.get(name) or {}
+            return "-" if "rate" not in s else f"{s['rate']:.1%} ({s['flagged']}/{s['queries']})"
+
+        def guard(g: dict[str, Any] | None) -> list[str]:
+            if g is None:
+                return ["-", "-", "-"]
+            rate = "-" if g["detection_rate"] is None else f"{g['detection_rate']:.0%} ({g['strategy']})"
+            first = "-" if g["median_queries_to_flag"] is None else f"{g['median_queries_to_flag']:g}"
+            return [rate, first, f"{stream('iid')} / {stream('camera')}"]
+
+        headers = ["posture", "model", "clean", "latency vs scores"]
+        headers += [f"worst @{b:,} queries (closest attack)" for b in budgets]
+        headers += ["n", "guard detects", "queries to flag", "false positives i.i.d. / camera"]
+        rows = []
+        for p in self.postures:
+            worst = {b["budget"]: b for b in p["worst"]}
+            cells = [
+                p["posture"],
+                p["target"],
+                f"{p['clean_accuracy']:.1%} ± {p['clean_se']:.1%} (n={p['clean_images']})",
+                "not measured" if p["latency_overhead"] is None else f"{p['latency_overhead']:.3f}x",
+            ]
+            for b in budgets:
+                w = worst.get(b)
+                cells.append("-" if w is None else f"{w['robust_accuracy']:.1%} ± {w['robust_se']:.1%} ({w['attack']})")
+            rows.append([*cells, str(p["images"]), *guard(p.get("guard"))])
+        return headers, rows
+
+    def _md_postures(self) -> list[str]:
+        if not self.postures:
+            return []
+        lines = [
+            "## Postures: what the device answers, against attackers who know it",
+            "",
+            "Per deployment posture and model: clean accuracy through the device (its noise included); latency "
+            "overhead against `scores` (a ratio, where measured); the worst case per image without the key at each "
+            "budget of device queries per image (refused ones included), over the attacks that know the posture "
+            "(each run once to the largest budget), the run's transfer sets and the noise control answered by the "
+            "device, with the single attack that came closest; the guard: the share of attacked images whose "
+            "attacker it flagged (for the strategy it caught least), the median of their queries until the first "
+            "flag, and its false positives on benign traffic (the test images in order; a camera-like stream of "
+            "near-duplicates).",
+            "",
+        ]
+        return lines + _table(*self._posture_rows())
+
     def _md_headline(self) -> list[str]:
         if not self.headline:
             return []
+        title = "## The strongest single attack" if self.worst_case else "## Headline"
         lines = [
-            "## Headline: the worst case over everything an attacker without the key can run",
+            f"{title}: the worst case over everything an attacker without the key can run",
             "",
             "Keyed models: transfer attacks, the random-noise control and query attacks (PyTorch and deployed); "
-            "not white-box, which needs the key. Models without a key: white-box too.",
+            "not white-box, which needs the key. Models without a key: white-box too. The minimum over outcomes "
+            "(their numbers of images differ).",
             "",
         ]
         return lines + _table(
@@ -629,12 +806,28 @@ class RobustnessReport:
         return lines
 
     def print_rich(self, console) -> None:
+        from rich.markup import escape
         from rich.table import Table
 
         console = wide(console)
         console.print(self._header(), markup=False)
+        if self.worst_case:
+            worst = Table(title="headline: worst case per image without the key (one common subset)")
+            for h in ("model", "role", "queries", "robust", "n", "closest single attack", "its robust", "attacks"):
+                worst.add_column(h, overflow="fold")
+            for row in self._worst_case_rows():
+                worst.add_row(*map(escape, row))
+            console.print(worst)
+        if self.postures:
+            headers, rows = self._posture_rows()
+            postures = Table(title="postures: worst case per image against attackers who know them")
+            for h in headers:
+                postures.add_column(h, overflow="fold")
+            for row in rows:
+                postures.add_row(*map(escape, row))
+            console.print(postures)
         if self.headline:
-            head = Table(title="headline: worst case without the key")
+            head = Table(title="strongest single attack without the key")
             for h in ("model", "role", "robust", "worst scenario", "attack", "runtime", "n", "over"):
                 head.add_column(h, overflow="fold")
             for row in self._headline_rows():
@@ -680,7 +873,8 @@ class RobustnessReport:
         figures = [(f"{m.kind}.png", _heatmap(plt, m)) for m in self.matrices]
         figures.append(("eps-sweep.png", _eps_plot(plt, self.sweeps, self.config)))
         figures.append(("block-size.png", _block_size_plot(plt, block_size_points(self.outcomes, self.models))))
-        figures.append(("queries.png", _query_plot(plt, self.outcomes + self.artifacts, self.config)))
+        figures.append(("queries.png", _query_plot(plt, self.outcomes + self.artifacts, self.config, self.worst_case)))
+        figures.append(("postures.png", _posture_plot(plt, self.postures, self.config)))
         written = []
         for name, fig in figures:
             if fig is None:
@@ -717,9 +911,24 @@ def _heatmap(plt: Any, m: Matrix) -> Any:
             if not np.isnan(values[i, j]):
                 color = "white" if values[i, j] < 0.6 else "black"
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ylabel, xlabel, meaning = _HEATMAP_AXES.get(m.kind, ("model", "", m.kind))
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(f"{m.kind} ({m.images} images)", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label(meaning, fontsize=8)
     return fig
+
+
+#: per matrix kind: (rows axis, columns axis, what a cell is)
+_HEATMAP_AXES = {
+    "transferability": (
+        "source of the examples (crafted white-box on)",
+        "target model (classifies them)",
+        "robust accuracy of the target",
+    ),
+    "key-diversity": ("model", "key it is given at inference", "clean accuracy"),
+    "gradient-similarity": ("model", "model", "mean cosine of input gradients"),
+}
 
 
 def _eps_plot(plt: Any, sweeps: list[dict[str, Any]], config: dict[str, Any]) -> Any:
@@ -769,14 +978,32 @@ def _block_size_plot(plt: Any, points: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def _query_plot(plt: Any, outcomes: list[Outcome], config: dict[str, Any]) -> Any:
+def _queries_grid(largest: float) -> Any:
+    """Query counts from 1 to ``largest`` on a log scale (where a curve read off per-image queries is evaluated)."""
+    import numpy as np
+
+    return np.unique(np.round(np.geomspace(1, max(largest, 2), 200)))
+
+
+def _curve(to_break: list[float | None], grid: Any) -> list[float]:
+    """Robust accuracy at each query count of ``grid``: the share of images not broken within it."""
+    import numpy as np
+
+    q = np.array([np.inf if v is None else v for v in to_break], dtype=float)
+    return [float((q > x).mean()) if q.size else float("nan") for x in grid]
+
+
+def _query_plot(
+    plt: Any, outcomes: list[Outcome], config: dict[str, Any], worst_case: Sequence[dict[str, Any]] = ()
+) -> Any:
     queried: dict[tuple, list[Outcome]] = {}
     for o in outcomes:
         if o.scenario == "query":
-            queried.setdefault((o.target, o.runtime, attack_label(o.attack).split(" ")[0]), []).append(o)
+            runtime = o.runtime.split(":")[0] + ("" if o.precision == "fp32" else f" {o.precision}")
+            queried.setdefault((o.target, runtime, attack_label(o.attack).split(" ")[0]), []).append(o)
     if not queried:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for (target, runtime, name), pts in sorted(queried.items()):
         pts.sort(key=lambda o: o.queries["budget"])
         ax.errorbar(
@@ -786,12 +1013,46 @@ def _query_plot(plt: Any, outcomes: list[Outcome], config: dict[str, Any]) -> An
             marker="o" if runtime == "torch" else "x",
             linestyle="-" if runtime == "torch" else "--",
             capsize=3,
-            label=f"{target} ({runtime.split(':')[0]}): {name}",
+            label=f"{target} ({runtime}): {name}",
         )
+    largest = max(o.queries["max"] for pts in queried.values() for o in pts)
+    grid = _queries_grid(largest)
+    for w in worst_case:
+        if len(w["budgets"]) > 1:  # query attacks ran on it: the worst case per image, read off per-image queries
+            ax.step(grid, _curve(w["to_break"], grid), where="post", linewidth=2.2,
+                    label=f"{w['target']}: worst case per image, every keyless attack (n={w['images']})")  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("queries per image")
-    ax.set_ylabel("robust accuracy")
+    ax.set_xlabel("queries per image (log scale)")
+    ax.set_ylabel("robust accuracy (share of images not broken)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     ax.set_title(f"query attacks, eps {config['eps']}", fontsize=10)
+    return fig
+
+
+def _posture_plot(plt: Any, postures: list[dict[str, Any]], config: dict[str, Any]) -> Any:
+    """One panel per model: per posture, robust accuracy against device queries per image -- the worst case per
+    image (solid) and each attack that knows the posture (dashed), all read off per-image queries until broken."""
+    if not postures:
+        return None
+    targets = list(dict.fromkeys(p["target"] for p in postures))
+    fig, axes = plt.subplots(1, len(targets), figsize=(7 * len(targets), 4.5), squeeze=False)
+    largest = max(max(b["budget"] for b in p["worst"]) for p in postures)
+    grid = _queries_grid(largest)
+    for ax, target in zip(axes[0], targets):
+        for i, p in enumerate(q for q in postures if q["target"] == target):
+            color = f"C{i % 10}"
+            ax.step(grid, _curve(p["to_break"], grid), where="post", color=color, linewidth=2.2,
+                    label=f"{p['posture']}: worst case per image")  # fmt: skip
+            for s in p["strategies"]:
+                ax.step(grid, _curve(s["to_break"], grid), where="post", color=color, linestyle="--",
+                        linewidth=1, alpha=0.8, label=f"{p['posture']}: {s['strategy']} alone")  # fmt: skip
+        n = next(p["images"] for p in postures if p["target"] == target)
+        ax.set_xscale("log")
+        ax.set_xlabel("device queries per image (log scale; refused queries count)")
+        ax.set_ylabel("robust accuracy (share of images not broken)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+        ax.set_title(f"{target}: postures against attackers who know them ({n} images, eps {config['eps']})",
+                     fontsize=9)  # fmt: skip
     return fig

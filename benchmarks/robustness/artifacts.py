@@ -13,7 +13,8 @@ from keyedge.attacks import Queried
 from keyedge.benchmarks.robustness.evaluation import Evaluation
 from keyedge.benchmarks.robustness.members import Member
 from keyedge.benchmarks.robustness.queries import query_outcomes, query_targets
-from keyedge.benchmarks.robustness_report import Outcome
+from keyedge.benchmarks.robustness.worst import Trace
+from keyedge.benchmarks.robustness_report import Outcome, attack_label
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.runtime import open_artifact
 from keyedge.errors import KeyedgeError
@@ -61,6 +62,9 @@ def artifact_outcomes(
                         continue
                     pred = torch.from_numpy(runner.predict(adv.numpy())).argmax(1)
                     found.append(ev.outcome(o.scenario, o.target, o.sources, adv, o.attack, pred, runtime=runtime))
+                    label = attack_label(o.attack) + (f" from {'+'.join(o.sources)}" if o.sources else "")
+                    standing = pred == ev.labels[: len(pred)]
+                    ev.traces.append(Trace.from_standing(o.target, o.scenario, label, runtime, standing))
                 if member.name in queried:
                     model = Queried(runner, runtime)
                     found += query_outcomes(ev, member.name, model, ev.config, eps, norm, runtime=runtime)

@@ -42,6 +42,9 @@ class RobustnessConfig:
     query_budgets: list[int] = field(default_factory=lambda: [100, 1000, 5000])  # robust accuracy read off at
     query_limit: int = 100
     query_targets: list[str] = field(default_factory=list)  # model names (empty: all)
+    # deployment postures (keyedge.postures grammar), measured on the query targets with the attacks that know them
+    postures: list[str] = field(default_factory=list)
+    stream_frames: int = 250  # camera-like frames per scene for the guard's false positives
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,11 +11,13 @@ from torch import nn
 from keyedge.attacks import budget_options, make_attack
 from keyedge.benchmarks.robustness.config import RobustnessConfig
 from keyedge.benchmarks.robustness.members import Member
+from keyedge.benchmarks.robustness.worst import Trace
 from keyedge.benchmarks.robustness_report import Outcome
 
 
 class Evaluation:
-    """Shared state of one run: the images, every model's clean predictions, cached adversarial sets."""
+    """Shared state of one run: the images, every model's clean predictions, cached adversarial sets, and the
+    per-image traces of the attacks (:mod:`.worst`)."""
 
     def __init__(
         self,
@@ -30,6 +32,8 @@ class Evaluation:
         self.progress = progress or (lambda _description, _total: lambda _n: None)
         self.clean = {m.name: self.predict(m.model, images) for m in members}
         self._adv: dict[tuple, torch.Tensor] = {}
+        #: per image, what each attack without the key did to each target (the worst case per image is over these)
+        self.traces: list[Trace] = []
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = []

@@ -10,6 +10,7 @@ from keyedge.attacks import get_attack, list_attacks, make_attack
 from keyedge.benchmarks.robustness.config import RobustnessConfig
 from keyedge.benchmarks.robustness.evaluation import Evaluation
 from keyedge.benchmarks.robustness.members import Member
+from keyedge.benchmarks.robustness.worst import Trace
 from keyedge.benchmarks.robustness_report import Outcome
 from keyedge.errors import KeyedgeError
 
@@ -53,7 +54,8 @@ def query_outcomes(
     runtime: str = "torch",
 ) -> list[Outcome]:
     """Each query attack of ``config.query`` on one model (a PyTorch model or a :class:`Queried` artifact):
-    one outcome per query budget, read off one run (robust = not broken within that many queries)."""
+    one outcome per query budget, read off one run (robust = not broken within that many queries); the per-image
+    queries go to ``ev.traces``."""
     n = min(config.query_limit, ev.images.shape[0])
     clean_ok = ev.clean[target][:n] == ev.labels[:n]
     out = []
@@ -65,6 +67,7 @@ def query_outcomes(
             ev.images[:n], ev.labels[:n], batch_size=config.batch_size, device=config.device, progress=tick
         )
         info = attack.describe()
+        ev.traces.append(Trace(target, "query", attack.label(), runtime, [float(q) for q in used.tolist()], queries))
         for budget in sorted({b for b in config.query_budgets if 0 < b < queries} | {queries}):
             broken = used <= budget
             won = broken & clean_ok  # images the target got right, broken within the budget

@@ -17,9 +17,17 @@ from keyedge.benchmarks.robustness.config import RobustnessConfig
 from keyedge.benchmarks.robustness.evaluation import Evaluation
 from keyedge.benchmarks.robustness.matrices import gradient_matrix, key_diversity
 from keyedge.benchmarks.robustness.members import Member, load_members
+from keyedge.benchmarks.robustness.postures import Latency, check_postures, guard_false_positives, posture_rows
 from keyedge.benchmarks.robustness.queries import parse_query, query_outcomes, query_targets
-from keyedge.benchmarks.robustness.scenarios import eps_sweep, localized_outcomes, scenario_sources
-from keyedge.benchmarks.robustness_report import Matrix, Outcome, RobustnessReport
+from keyedge.benchmarks.robustness.scenarios import (
+    eot_by_recipe,
+    eps_sweep,
+    localized_outcomes,
+    scenario_sources,
+    transfer_scenario,
+)
+from keyedge.benchmarks.robustness.worst import Trace, worst_case
+from keyedge.benchmarks.robustness_report import Matrix, Outcome, RobustnessReport, attack_label
 from keyedge.data.datasets import load_dataset
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key
@@ -49,6 +57,16 @@ def _transfer(ev: Evaluation, members: Sequence[Member], eps: float, config: Rob
         adv_sets[m.name], attack_info = ev.adversarial([m.name], eps)
     names = [m.name for m in members]
     predictions = {(s, t): ev.predict(ev.members[t].model, adv_sets[s]) for s in names for t in names}
+    label = attack_label(attack_info)
+    for s in members:
+        for t in members:
+            scenario = transfer_scenario(s, t)
+            if scenario is not None:  # every set crafted without the target's key is one of its keyless attacks
+                standing = predictions[(s.name, t.name)] == ev.labels
+                name = f"{label} from {s.name}"
+                ev.traces.append(
+                    Trace.from_standing(t.name, scenario, name, "torch", standing, images=adv_sets[s.name])
+                )
     transfer = Matrix(
         "transferability",
         rows=names,
@@ -79,11 +97,28 @@ def _scenarios(ev: Evaluation, members: Sequence[Member], eps: float, transfer_s
                 outcomes.append(ev.outcome(scenario, target.name, sources, adv, attack_info, pred))
                 classified.append((outcomes[-1], adv))
             else:
-                adv, info_ = ev.adversarial(sources, eps)
-                outcomes.append(ev.outcome(scenario, target.name, sources, adv, info_))
-        outcomes.append(ev.outcome("noise", target.name, [], noise_adv, noise_info))
+                outcomes.append(_summed(ev, scenario, target, sources, eps))
+        for sources in eot_by_recipe(target, members, ev.config.eot_max).values():
+            if sources != scenario_sources(target, members, ev.config.eot_max).get("multi-key-eot"):
+                outcomes.append(_summed(ev, "multi-key-eot", target, sources, eps))
+        noise_pred = ev.predict(target.model, noise_adv)
+        outcomes.append(ev.outcome("noise", target.name, [], noise_adv, noise_info, noise_pred))
         classified.append((outcomes[-1], noise_adv))
+        standing = noise_pred == ev.labels
+        ev.traces.append(
+            Trace.from_standing(target.name, "noise", attack_label(noise_info), "torch", standing, images=noise_adv)
+        )
     return outcomes, classified, skipped
+
+
+def _summed(ev: Evaluation, scenario: str, target: Member, sources: list[str], eps: float) -> Outcome:
+    """A set crafted on several ``sources`` (losses summed: multi-key EoT) on ``target``; its trace to ``ev.traces``."""
+    adv, info = ev.adversarial(sources, eps)
+    pred = ev.predict(target.model, adv)
+    label = f"{attack_label(info)} from {'+'.join(sources)}"
+    standing = pred == ev.labels[: len(pred)]
+    ev.traces.append(Trace.from_standing(target.name, scenario, label, "torch", standing, images=adv))
+    return ev.outcome(scenario, target.name, sources, adv, info, pred)
 
 
 def run_robustness(
@@ -94,10 +129,12 @@ def run_robustness(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     log: Callable[[str], None] = lambda _line: None,
     sealkeys: Sequence[Any] = (),
+    latency: Latency | None = None,
 ) -> RobustnessReport:
     """Run every scenario, matrix, sweep and check; return a :class:`RobustnessReport`.
 
-    ``sealkeys`` open sealed artifact sets among ``config.artifacts`` (never recorded)."""
+    ``sealkeys`` open sealed artifact sets among ``config.artifacts`` (never recorded); ``latency(posture, member)``
+    gives a posture's latency overhead against ``scores`` (a ratio) for the postures table, where measured."""
     eps = parse_eps(config.eps)
     sweep_eps = sorted({parse_eps(e) for e in config.sweep_eps})
     members = load_members(checkpoints, {k.fingerprint: k for k in keys}, config.device)
@@ -105,6 +142,7 @@ def run_robustness(
         name, queries = parse_query(spec)
         make_attack(name, nn.Identity(), queries=queries)
     query_targets(members, config)
+    check_postures(members, config)  # an unknown part, a bad sigma, topk:K beyond the classes: now, not later
     images, labels, info = _test_images(config, members)
     ev = Evaluation(members, images, labels, config, progress)
     log(
@@ -127,6 +165,7 @@ def run_robustness(
         if config.artifacts
         else []
     )
+    postures = posture_rows(ev, members, ev.traces, config, eps, latency) if config.postures else []
     spec = members[0].model.spec
     return RobustnessReport(
         environment=environment(),
@@ -146,4 +185,7 @@ def run_robustness(
         checks=checks,
         artifacts=artifacts,
         headline=headline(outcomes + artifacts, members),
+        worst_case=worst_case(ev.traces, members, config.query_budgets),
+        postures=postures,
+        guard_false_positives=guard_false_positives(ev, config) if config.postures else None,
     )

@@ -23,15 +23,7 @@ def scenario_sources(target: Member, members: Sequence[Member], eot_max: int = 0
     out["non-adaptive"] = [plains[0].name] if plains else "no plain model of the same architecture"
     if not target.keyed:
         return out
-    surrogates = [
-        m
-        for m in others
-        if m.keyed
-        and m.arch == target.arch
-        and m.block_size == target.block_size
-        and m.fingerprint != target.fingerprint
-    ]
-    surrogates.sort(key=lambda m: m.finetune != target.finetune)  # same fine-tuning mode first
+    surrogates = _surrogates(target, members)
     out["adaptive"] = (
         [surrogates[0].name]
         if surrogates
@@ -46,6 +38,54 @@ def scenario_sources(target: Member, members: Sequence[Member], eot_max: int = 0
     foreign = [m.name for m in others if m.arch != target.arch]
     out["cross-arch"] = foreign[:1] if foreign else "no model of another architecture"
     return out
+
+
+def _surrogates(target: Member, members: Sequence[Member]) -> list[Member]:
+    """Keyed models an attacker can train for ``target``: same architecture and block size, another key; those
+    fine-tuned the way the target was first."""
+    found = [
+        m
+        for m in members
+        if m.name != target.name
+        and m.keyed
+        and m.arch == target.arch
+        and m.block_size == target.block_size
+        and m.fingerprint != target.fingerprint
+    ]
+    return sorted(found, key=lambda m: m.finetune != target.finetune)
+
+
+def eot_by_recipe(target: Member, members: Sequence[Member], eot_max: int = 0) -> dict[str, list[str]]:
+    """Multi-key EoT over the surrogates of one fine-tune recipe (full, LoRA...), for each recipe with >= 2 of them,
+    where the surrogates mix recipes (else the plain multi-key EoT is that set already): a target can be weaker
+    against one recipe's surrogates than against all of them summed."""
+    if not target.keyed:
+        return {}
+    surrogates = _surrogates(target, members)
+    recipes = {m.finetune for m in surrogates}
+    if len(recipes) < 2:
+        return {}
+    out = {}
+    for recipe in sorted(recipes):
+        names = [m.name for m in surrogates if m.finetune == recipe][: max(2, eot_max) if eot_max else None]
+        if len(names) >= 2:
+            out[recipe] = names
+    return out
+
+
+def transfer_scenario(source: Member, target: Member) -> str | None:
+    """What an adversarial set crafted white-box on ``source`` is for ``target`` (None: it needs the target's key)."""
+    if source.name == target.name:
+        return "white-box"
+    if target.keyed and source.fingerprint == target.fingerprint:
+        return None
+    if source.arch != target.arch:
+        return "cross-arch"
+    if source.plain:
+        return "non-adaptive"
+    if source.keyed and target.keyed and source.block_size == target.block_size:
+        return "adaptive"
+    return "transfer"
 
 
 def parse_localized(spec: str) -> tuple[str, dict[str, Any]]:

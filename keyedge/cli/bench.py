@@ -250,7 +250,19 @@ QUERY_BUDGETS = typer.Option(
 )
 QUERY_LIMIT = typer.Option(100, "--query-limit", min=1, help="Images for the query attacks.")
 QUERY_TARGET = typer.Option(
-    None, "--query-target", help="Model (directory name) to run the query attacks on (repeatable; default: all)."
+    None,
+    "--query-target",
+    help="Model (directory name) to run the query attacks and postures on (repeatable; default: all).",
+)
+POSTURE = typer.Option(
+    None,
+    "--posture",
+    help="Deployment posture to measure on the query targets (repeatable), e.g. scores, topk:3, label, "
+    "scores+noise:0.05, label+guard, label+noise:0.02+guard:lock+rate:60: the attacks that know it, on the "
+    "--query-limit images, read off at every --query-budgets budget, with transfer and noise through its device.",
+)
+STREAM_FRAMES = typer.Option(
+    250, "--stream-frames", min=1, help="Camera-like frames per scene for the guard's false positives."
 )
 R_BATCH_SIZE = typer.Option(100, "--batch-size", min=1, help="Images per attack batch.")
 R_OUT = typer.Option(
@@ -286,13 +298,16 @@ def robustness(
     query_budgets: str = QUERY_BUDGETS,
     query_limit: int = QUERY_LIMIT,
     query_target: list[str] | None = QUERY_TARGET,
+    posture: list[str] | None = POSTURE,
+    stream_frames: int = STREAM_FRAMES,
     batch_size: int = R_BATCH_SIZE,
     device: str = device_option(),
     out: Path = R_OUT,
     overwrite: bool = overwrite_option("Replace an existing report directory."),
 ) -> None:
     """Attack keyed models: white-box sanity, transfer (non-adaptive, adaptive, multi-key EoT), the noise control,
-    query attacks; the worst case without the key as headline; matrices, sweeps, deployed artifacts."""
+    query attacks, deployment postures; the worst case per image without the key as headline; matrices, sweeps,
+    deployed artifacts."""
     config = _robustness_config(SimpleNamespace(**locals()))  # every bad setting fails now, before any attack
     from keyedge.checkpoints import find_checkpoints
     from keyedge.keys.keyfile import load_keys
@@ -315,6 +330,7 @@ def robustness(
 def _robustness_config(o: SimpleNamespace):
     """``bench robustness``'s options as a ``RobustnessConfig``: the attack, budgets and specs checked first."""
     from keyedge.benchmarks.robustness import RobustnessConfig
+    from keyedge.postures import parse_posture
     from keyedge.training.loop import resolve_device
 
     _check_scenario_attack(o.attack)
@@ -322,6 +338,7 @@ def _robustness_config(o: SimpleNamespace):
     _check_budgets(o.attack, [o.eps, *budgets])
     local, queries = _split(o.localized), _split(o.query)
     _check_specs(local, queries)
+    postures = [str(parse_posture(spec)) for spec in o.posture or []]  # one line naming a bad part, exit 2
     return RobustnessConfig(
         data=o.data,
         limit=o.limit,
@@ -344,6 +361,8 @@ def _robustness_config(o: SimpleNamespace):
         query_budgets=_query_budgets(o.query_budgets),
         query_limit=o.query_limit,
         query_targets=list(o.query_target or []),
+        postures=list(dict.fromkeys(postures)),
+        stream_frames=o.stream_frames,
     )
 
 
