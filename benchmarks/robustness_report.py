@@ -604,6 +604,8 @@ class RobustnessReport:
 
         def stream(name: str) -> str:
             s = fp.get(name) or {}
+            if s.get("skipped") is not None:
+                return "not measured"
             return "-" if "rate" not in s else f"{s['rate']:.1%} ({s['flagged']}/{s['queries']})"
 
         def guard(g: dict[str, Any] | None) -> list[str]:
