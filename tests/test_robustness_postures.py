@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
 )
 runner = CliRunner()
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,8 @@ def test_postures_table_in_markdown_and_json_with_n_se_budgets_and_curves(report
     assert "worst @5 queries" in table and "worst @20 queries" in table and "| n |" in table
     assert "| label+guard | k1 |" in table and "not measured" in table and "±" in table
     data = json.loads((out / "robustness.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(data, json.loads((DOCS / "robustness-report.schema.json").read_text()))
     assert [p["posture"] for p in data["postures"]] == ["scores", "label+guard"]
     assert data["postures"][0]["worst"][0]["robust_se"] == rows["scores"]["worst"][0]["robust_se"]
     assert data["config"]["postures"] == ["scores", "label+guard"]

@@ -15,7 +15,10 @@ keys, on ``n`` seeded, class-stratified test images:
   - ``noise``         the random-noise control: sign noise of the budget (no model, no key, no query);
   - ``query``         Square / HopSkipJump querying the target's outputs only, on PyTorch and on the artifacts;
 
-* **headline**: per model, the worst robust accuracy over everything an attacker without its key can run;
+* **headline**: per model, the worst case *per image* over everything an attacker without its key can run, on
+  one common subset of images at each query budget (``worst``); the strongest single attack is kept beside it;
+* **postures** (``postures``): per deployment posture, the attacks that know it, the transfer sets and the noise
+  control through its device, the worst case per image at each budget, the guard's detections and false positives;
 
 * **key diversity**: every model with every key (and none), clean accuracy (paper Table 5);
 * **gradient similarity**: mean cosine of input gradients between models (orthogonal-deep-models Eq. 1);
@@ -36,7 +39,8 @@ and the target classify correctly, so earlier mistakes of either cannot inflate 
 The package, by job: ``config`` (scenarios, :class:`RobustnessConfig`), ``members`` (loading the models),
 ``evaluation`` (images, clean predictions, cached adversarial sets), ``scenarios`` (who attacks whom,
 localized attacks, eps sweeps), ``matrices`` (key diversity, gradient similarity), ``queries`` (query
-attacks), ``artifacts`` (the deployed artifacts), ``checks`` (trust checks, headline) and ``run``
+attacks), ``artifacts`` (the deployed artifacts), ``checks`` (trust checks, the strongest single attack),
+``worst`` (per-image traces, the worst case per image), ``postures`` (``--posture``) and ``run``
 (:func:`run_robustness`).  What a run finds (:class:`Outcome`, :class:`Matrix`, :class:`Check`) is report
 data: :mod:`keyedge.benchmarks.robustness_report`.
 """
@@ -47,9 +51,11 @@ from keyedge.benchmarks.robustness.config import KEYED_ONLY, SCENARIOS, Robustne
 from keyedge.benchmarks.robustness.evaluation import Evaluation
 from keyedge.benchmarks.robustness.matrices import gradient_matrix, key_diversity
 from keyedge.benchmarks.robustness.members import Member, load_members
+from keyedge.benchmarks.robustness.postures import check_postures, guard_false_positives, posture_rows
 from keyedge.benchmarks.robustness.queries import parse_query, query_outcomes, query_targets
 from keyedge.benchmarks.robustness.run import run_robustness
 from keyedge.benchmarks.robustness.scenarios import eps_sweep, localized_outcomes, parse_localized, scenario_sources
+from keyedge.benchmarks.robustness.worst import Trace, worst_case
 from keyedge.benchmarks.robustness_report import (
     Check,
     Matrix,
@@ -69,12 +75,15 @@ __all__ = [
     "Member",
     "Outcome",
     "RobustnessConfig",
+    "Trace",
     "artifact_outcomes",
     "attack_label",
     "binomial_se",
     "block_size_points",
+    "check_postures",
     "eps_sweep",
     "gradient_matrix",
+    "guard_false_positives",
     "headline",
     "key_diversity",
     "load_members",
@@ -82,6 +91,7 @@ __all__ = [
     "noise_check",
     "parse_localized",
     "parse_query",
+    "posture_rows",
     "precision_pairs",
     "query_outcomes",
     "query_targets",
@@ -89,4 +99,5 @@ __all__ = [
     "scenario_sources",
     "sweep_checks",
     "trust_checks",
+    "worst_case",
 ]
