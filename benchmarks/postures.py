@@ -58,10 +58,11 @@ class Strategy:
 
 
 def strategies(posture: Posture) -> list[Strategy]:
-    """The attacks an attacker who knows ``posture`` runs (see the module docstring)."""
-    attack = "hsj" if posture.label_only else "square"
+    """The attacks an attacker who knows ``posture`` runs (see the module docstring); against labels two
+    decision-based ones: HopSkipJump and RayS (an Linf ray search)."""
+    attacks = ("hsj", "rays") if posture.label_only else ("square",)
     repeats = REPEATS if posture.randomized else 1
-    plain = [Strategy(attack)] + ([Strategy(attack, repeats)] if repeats > 1 else [])
+    plain = [Strategy(a) for a in attacks] + ([Strategy(a, repeats) for a in attacks] if repeats > 1 else [])
     if not posture.guard:
         return plain
     return plain + [Strategy(s.attack, s.repeats, BLIND) for s in plain]

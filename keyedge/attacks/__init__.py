@@ -30,6 +30,7 @@ patch     :class:`Patch`              square adversarial patch of a given area
 noise     :class:`Noise`              random sign (Linf) or Gaussian (L2) noise: the control
 square    :class:`Square`             Square Attack, score-based queries (``pyautoattack``)
 hsj       :class:`HopSkipJump`        HopSkipJump, decision-based queries (ART)
+rays      :class:`RayS`               RayS, decision-based ray search, Linf (batched torch)
 ========  ==========================  =====================================================
 """
 
@@ -58,6 +59,7 @@ from .patch import Patch, patch_side
 from .pgd import PGD
 from .pgdl2 import PGDL2
 from .query import HopSkipJump, Queried, QueryAttack, Square
+from .rays import RayS
 
 __all__ = [
     "APGD",
@@ -79,6 +81,7 @@ __all__ = [
     "Patch",
     "Queried",
     "QueryAttack",
+    "RayS",
     "Square",
     "budget_options",
     "cross_entropy",
