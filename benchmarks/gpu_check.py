@@ -36,6 +36,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import io
 import json
 import math
 import statistics
@@ -89,6 +90,8 @@ RATIOS = (
 )
 ATTACKS = ("pgd", "apgd-ce")
 ORT_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+#: the forms exported for ONNX Runtime (each export takes a while): the key as a gather and folded, and the plain twin
+ORT_VARIANTS = ("plain", "gather", "fold")
 
 
 @dataclass(frozen=True)
@@ -368,8 +371,6 @@ def write_check_data(path: Path, *, train: int = 2048, test: int = 512, seed: in
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
@@ -676,9 +677,9 @@ def _attack_cell(ctx: Context, model: nn.Module, attack: str, x: torch.Tensor, y
         synchronize(xs.device)
         return adv
 
-    timing = interleave(
-        {dev: functools.partial(call, dev) for dev in attacks}, rounds=s.attack_rounds, calls=1, keep=True
-    )
+    call(ctx.device.type)  # warm-up on the device (allocations, cuDNN); the CPU needs none
+    calls = {dev: functools.partial(call, dev) for dev in attacks}
+    timing = interleave(calls, rounds=s.attack_rounds, calls=1, warmup=0, keep=True)
     return timing, {dev: runs[dev] for dev in attacks}
 
 
@@ -909,6 +910,18 @@ def _mode_skips(ctx: Context, leg: Leg) -> list[str]:
     return modes
 
 
+def latency_cells(settings: Settings, modes: list[str]) -> list[tuple[str, int, str]]:
+    """(model, batch, mode) in the order they run: eager and graphs for every model first, then the compiled
+    modes (slow to start) batch by batch, so that a spent budget leaves out the same batches of every model."""
+    plain = [
+        (n, b, m) for n in settings.latency_models for b in settings.batch_sizes for m in modes if not MODES[m].compiles
+    ]
+    compiled = [
+        (n, b, m) for b in settings.batch_sizes for n in settings.latency_models for m in modes if MODES[m].compiles
+    ]
+    return plain + compiled
+
+
 def leg_latency(ctx: Context, leg: Leg, budget: Budget) -> None:
     s = ctx.settings
     modes = _mode_skips(ctx, leg)
@@ -917,34 +930,30 @@ def leg_latency(ctx: Context, leg: Leg, budget: Budget) -> None:
         "paths: runner = TorchRunner.infer (numpy in, numpy out: the copies are part of the call); "
         "device = input and output stay on the device"
     )
-    # eager and graphs first for every model, then the compiled modes (slow to start) while the budget lasts
-    passes = [[m for m in modes if not MODES[m].compiles], [m for m in modes if MODES[m].compiles]]
-    forms = {}
-    for number, pass_modes in enumerate(passes):
-        for name in s.latency_models:
-            for batch in s.batch_sizes:
-                for mode in pass_modes:
-                    where = f"{name} batch {batch} {mode}"
-                    if mode == "compile-graphs" and batch > s.graph_max_batch:
-                        leg.skip(
-                            where,
-                            f"CUDA graphs pay where launches dominate: up to batch {s.graph_max_batch} "
-                            "(--graph-max-batch)",
-                        )
-                        continue
-                    if budget.spent:
-                        leg.skip(where, budget.reason)
-                        continue
-                    if name not in forms:
-                        forms[name] = latency_forms(name, s.image_size, ctx.device, s.seed, leg)
-                    _latency_cell(ctx, leg, budget, forms[name], name, batch, mode)
-            if number == len(passes) - 1 or not passes[-1]:
-                forms.pop(name, None)
-                _release(ctx.device)
-        print(f"  [latency] pass {number + 1}: {', '.join(pass_modes) or 'nothing'} done", flush=True)
+    forms: dict[str, dict[str, nn.Module]] = {}
+    compile_s: dict[str, float] = {}  # mode -> the longest a cell's first calls took (compiling every form)
+    for name, batch, mode in latency_cells(s, modes):
+        where = f"{name} batch {batch} {mode}"
+        if mode == "compile-graphs" and batch > s.graph_max_batch:
+            reason = f"CUDA graphs pay where launches dominate: run up to batch {s.graph_max_batch} (--graph-max-batch)"
+            leg.skip(where, reason)
+        elif budget.spent:
+            leg.skip(where, budget.reason)
+        elif budget.left() < compile_s.get(mode, 0.0):
+            leg.skip(
+                where, f"{budget.left():.0f} s of the leg's budget left, a {mode} cell took {compile_s[mode]:.0f} s"
+            )
+        else:
+            if name not in forms:
+                forms[name] = latency_forms(name, s.image_size, ctx.device, s.seed, leg)
+            first = _latency_cell(ctx, leg, budget, forms[name], name, batch, mode)
+            if MODES[mode].compiles:
+                compile_s[mode] = max(compile_s.get(mode, 0.0), first)
+    forms.clear()
 
 
-def _latency_cell(ctx: Context, leg: Leg, budget: Budget, forms: dict, name: str, batch: int, mode: str) -> None:
+def _latency_cell(ctx: Context, leg: Leg, budget: Budget, forms: dict, name: str, batch: int, mode: str) -> float:
+    """Time one (model, batch, mode) cell; return the seconds its first calls (compiling, capturing) took."""
     s = ctx.settings
     where = f"{name} batch {batch} {mode}"
     x = torch.rand(batch, 3, s.image_size, s.image_size, generator=torch.Generator().manual_seed(s.seed)).to(ctx.device)
@@ -953,10 +962,11 @@ def _latency_cell(ctx: Context, leg: Leg, budget: Budget, forms: dict, name: str
     if MODES[mode].compiles:
         torch._dynamo.reset()  # every compiled cell starts clean: no recompile limit reached, no stale guards
     ready = _first_calls(ctx, forms, mode, x, reference, leg, where)
-    if not ready:
-        return
-    timing = time_forms(ctx, _calls(ctx, ready, x, s.image_size), budget)
-    record_forms(leg, timing, ready, {"model": name, "runtime": "torch", "batch": batch, "mode": mode})
+    if ready:
+        timing = time_forms(ctx, _calls(ctx, ready, x, s.image_size), budget)
+        record_forms(leg, timing, ready, {"model": name, "runtime": "torch", "batch": batch, "mode": mode})
+    print(f"  [latency] {where}: {len(ready)} of {len(forms)} forms timed", flush=True)
+    return sum(first for _, first, _ in ready.values())
 
 
 def _release(device: torch.device) -> None:
@@ -989,10 +999,23 @@ def leg_onnxruntime(ctx: Context, leg: Leg, budget: Budget) -> None:
             if budget.spent:
                 leg.skip(f"{name} (ONNX)", budget.reason)
                 continue
-            directories = export_variants(name, s.image_size, Path(tmp) / name, ["onnx"], batch=None, num_classes=1000)
-            files = {d.parent.name: next(d.glob("*.onnx")) for d in directories}
+            files = _ort_exports(name, s.image_size, Path(tmp) / name, leg)
             for provider in usable:
                 _ort_cells(ctx, leg, budget, backend, files, name, provider)
+
+
+def _ort_exports(name: str, size: int, work: Path, leg: Leg) -> dict[str, Path]:
+    """{variant: .onnx file}: the ORT_VARIANTS of one architecture through ``keyedge export`` (parity verified)."""
+    start, printed = time.monotonic(), io.StringIO()
+    with contextlib.redirect_stdout(printed):  # export_variants prints the variants it cannot make
+        directories = export_variants(name, size, work, ["onnx"], batch=None, variants=ORT_VARIANTS, num_classes=1000)
+    files = {d.parent.name: next(d.glob("*.onnx")) for d in directories}
+    for variant in ORT_VARIANTS:
+        if variant not in files:
+            lines = [line for line in printed.getvalue().splitlines() if f"no {variant} variant (" in line]
+            leg.skip(f"{name} {variant} (ONNX)", lines[0].split(" variant (", 1)[1][:-1] if lines else "not exported")
+    leg.notes.append(f"{name}: {len(files)} ONNX artifacts exported and verified in {time.monotonic() - start:.0f} s")
+    return files
 
 
 def _ort_cells(ctx: Context, leg: Leg, budget: Budget, backend: Any, files: dict, name: str, provider: str) -> None:
@@ -1264,7 +1287,10 @@ def check_out(out: Path | None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed as one line (2)
+        return int(exc.code or 0)
     try:
         if args.write_data is not None:
             if args.data_train < 1 or args.data_test < 1:
@@ -1274,8 +1300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cuda_ok, _ = cuda_status()
         settings = settings_from(args, cuda_ok)
-        out = check_out(args.out)
         data = read_check_data(args.data) if args.data is not None else random_data(settings.seed)
+        out = check_out(args.out)
         report = run_check(settings, out, data)
     except KeyedgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
