@@ -133,6 +133,8 @@ def test_postures_table_in_markdown_and_json_with_n_se_budgets_and_curves(report
                 assert w["robust_accuracy"] <= standing
     known = [s.label for s in strategies(parse_posture("label+guard"))]  # every attack that knows the posture
     assert [s["strategy"] for s in rows["label+guard"]["strategies"]] == known and "hsj blinded 0.05" in known
+    for s in rows["label+guard"]["strategies"]:  # one image at a time: every flagged query is attributed
+        assert sum(s["extra"]["flagged"]) == s["flagged"]
     guard = rows["label+guard"]["guard"]
     assert guard["strategy"].startswith("hsj") and guard["attacked"] <= 4 and rows["scores"]["guard"] is None
     fp = report.guard_false_positives
@@ -174,3 +176,28 @@ def test_a_hand_edited_postures_row_is_one_line(report, field, value):
     with pytest.raises(KeyedgeError) as error:
         RobustnessReport.from_dict(data, "robustness.json")
     assert "\n" not in str(error.value) and f"postures[0].{field}" in str(error.value)
+
+
+def test_the_guard_watch_attributes_every_flagged_query_to_its_image():
+    """Square attacks every image at once: each flagged query is attributed to the image it stays within eps of."""
+    from keyedge.benchmarks.postures import Strategy, detection, run_watched
+
+    pytest.importorskip("pyautoattack")
+    from keyedge.data.datasets import load_dataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, stride=4), torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
+    test, _ = load_dataset("fashion-mnist", "test", 32, limit=5, seed=0)
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # the model gets every image right: every image is attacked
+    for strategy in (Strategy("square"), Strategy("square", blind=0.05)):
+        outcome = run_watched(model, images, labels, "scores+guard", strategy, eps=16 / 255, budget=40)
+        assert sum(outcome.extra["flagged"]) == outcome.flagged
+        assert outcome.flagged > 0 or strategy.blind, "the guard catches plain Square within a few queries"
+        found = detection(outcome)
+        assert found["attacked"] == 5 and found["detected"] == sum(f > 0 for f in outcome.extra["flagged"])
+        flags = zip(outcome.extra["first_flag"], outcome.extra["flagged"])
+        assert all((first is None) == (flagged == 0) for first, flagged in flags)
+    plain = run_watched(model, images, labels, "scores", Strategy("square"), eps=16 / 255, budget=20)
+    assert detection(plain) is None and plain.refused == 0
