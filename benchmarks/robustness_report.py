@@ -649,7 +649,16 @@ class RobustnessReport:
             "near-duplicates).",
             "",
         ]
-        return lines + _table(*self._posture_rows())
+        lines += _table(*self._posture_rows())
+        timed = [
+            f"{p['posture']} on {p['target']}: {s['strategy']} {s['minutes_to_break']:.1f}"
+            for p in self.postures
+            for s in p["strategies"]
+            if isinstance(s.get("minutes_to_break"), (int, float)) and not isinstance(s["minutes_to_break"], bool)
+        ]
+        if timed:  # a rate limit turns queries into time
+            lines += ["At the posture's rate limit, median minutes until an image broke: " + "; ".join(timed) + ".", ""]
+        return lines
 
     def _md_headline(self) -> list[str]:
         if not self.headline:

@@ -160,8 +160,10 @@ def test_postures_table_in_markdown_and_json_with_n_se_budgets_and_curves(report
 
 def test_a_measured_latency_overhead_fills_the_column(report):
     rows = [dict(p, latency_overhead=1.031 if p["posture"] != "scores" else 1.0) for p in report.postures]
+    rows[1] = dict(rows[1], strategies=[dict(rows[1]["strategies"][0], minutes_to_break=2.5)])  # rate:N
     markdown = RobustnessReport(**{**report.__dict__, "postures": rows}).to_markdown()
     assert "| 1.031x |" in markdown and "| 1.000x |" in markdown
+    assert "median minutes until an image broke: label+guard on k1: hsj 2.5" in markdown
 
 
 @pytest.mark.parametrize(
