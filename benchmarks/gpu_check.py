@@ -43,7 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -456,6 +456,18 @@ class Budget:
         return f"the leg's time budget ({self.seconds:.0f} s of --budget) was spent"
 
 
+@contextlib.contextmanager
+def cell(leg: Leg, what: str, device: torch.device) -> Iterator[None]:
+    """Run one model's or cell's work: an exception becomes a :class:`Skip` with its one-line message, and the leg
+    goes on with the next (a CUDA out-of-memory at batch 128 costs that cell, not the leg)."""
+    try:
+        yield
+    except Exception as exc:
+        leg.skip(what, one_line(exc, 300))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def cuda_status() -> tuple[bool, str]:
     """Whether CUDA is usable here, and the device or the reason it is not."""
     if torch.cuda.is_available():
@@ -594,61 +606,58 @@ def _steps_per_round(ctx: Context, trainees: dict, config: TrainConfig, budget: 
     return max(1, min(wanted, affordable))
 
 
+TRAINING_COLUMNS = (
+    "model", "role", "precision", "batch", "steps", "images_per_s", "loss_first", "loss_last", "test_accuracy",
+)  # fmt: skip
+
+
 def leg_training(ctx: Context, leg: Leg, budget: Budget) -> None:
     s = ctx.settings
-    x, y = as_tensors(ctx.data.train_images, ctx.data.train_labels, s.train_image_size, ctx.device)
-    x_test, y_test = as_tensors(ctx.data.test_images, ctx.data.test_labels, s.train_image_size, ctx.device)
-    rows = leg.table(
-        "throughput",
-        "Training throughput (keyedge's training step, AdamW, interleaved rounds)",
-        ("model", "role", "precision", "batch", "steps", "images_per_s", "loss_first", "loss_last", "test_accuracy"),
+    train = as_tensors(ctx.data.train_images, ctx.data.train_labels, s.train_image_size, ctx.device)
+    test = as_tensors(ctx.data.test_images, ctx.data.test_labels, s.train_image_size, ctx.device)
+    leg.table(
+        "throughput", "Training throughput (keyedge's training step, AdamW, interleaved rounds)", TRAINING_COLUMNS
     )
-    ratios = leg.table(
-        "ratios", "Time-per-step ratios (median [p10–p90] over rounds; > 1: slower)", ("model", "ratio", "value")
-    )
+    leg.table("ratios", "Time-per-step ratios (median [p10–p90] over rounds; > 1: slower)", ("model", "ratio", "value"))
     for index, name in enumerate(s.train_models):
         if budget.spent:
             leg.skip(f"training {name}", budget.reason)
             continue
-        config = TrainConfig(model=name, data="gpu-check", out="-", epochs=1, batch_size=s.train_batch)
-        trainees = _trainees(ctx, name, leg, (x, y))
-        steps = _steps_per_round(ctx, trainees, config, budget, len(s.train_models) - index)
-        if steps * s.train_rounds < s.train_steps:
-            leg.notes.append(f"{name}: {steps * s.train_rounds} timed steps of {s.train_steps} (the budget)")
-        calls = {k: functools.partial(_timed_step, t, config, ctx.device, steps) for k, t in trainees.items()}
-        timing = interleave(calls, rounds=s.train_rounds, calls=1, warmup=0)
-        for (role, precision), trainee in trainees.items():
-            per_s = [steps * s.train_batch / sec for sec in timing[(role, precision)].means]
-            acc = accuracy(trainee.model, x_test, y_test, amp=trainee.amp)
-            rows.rows.append(
-                {
-                    "model": name,
-                    "role": role,
-                    "precision": precision,
-                    "batch": s.train_batch,
-                    "steps": steps * s.train_rounds,
-                    "images_per_s": statistics.median(per_s),
-                    "loss_first": trainee.losses[0],
-                    "loss_last": trainee.losses[-1],
-                    "test_accuracy": acc,
-                }
-            )
-        precisions = sorted({p for _, p in trainees}, key=["fp32", "bf16"].index)
-        for p in precisions:
-            ratios.rows.append(
-                {"model": name, "ratio": f"keyed/plain {p}", "value": ratio_dict(timing, ("keyed", p), ("plain", p))}
-            )
-        if "bf16" in precisions:
-            for role in ("plain", "keyed"):
-                ratios.rows.append(
-                    {
-                        "model": name,
-                        "ratio": f"bf16/fp32 {role}",
-                        "value": ratio_dict(timing, (role, "bf16"), (role, "fp32")),
-                    }
-                )
-        ctx.trained[name] = {role: trainees[(role, "fp32")].model.eval() for role in ("plain", "keyed")}
-        print(f"  [training] {name}: {steps * s.train_rounds} steps x {len(trainees)} runs", flush=True)
+        with cell(leg, f"training {name}", ctx.device):
+            train_model(ctx, leg, budget, name, len(s.train_models) - index, train, test)
+
+
+def train_model(ctx: Context, leg: Leg, budget: Budget, name: str, models_left: int, train: tuple, test: tuple) -> None:
+    """Keyed and plain ``name``, fp32 (and bf16 on CUDA), trained side by side in interleaved rounds."""
+    s = ctx.settings
+    config = TrainConfig(model=name, data="gpu-check", out="-", epochs=1, batch_size=s.train_batch)
+    trainees = _trainees(ctx, name, leg, train)
+    steps = _steps_per_round(ctx, trainees, config, budget, models_left)
+    if steps * s.train_rounds < s.train_steps:
+        leg.notes.append(f"{name}: {steps * s.train_rounds} timed steps of {s.train_steps} (the budget)")
+    calls = {k: functools.partial(_timed_step, t, config, ctx.device, steps) for k, t in trainees.items()}
+    timing = interleave(calls, rounds=s.train_rounds, calls=1, warmup=0)
+    for (role, precision), trainee in trainees.items():
+        leg.tables["throughput"].rows.append(
+            {
+                "model": name,
+                "role": role,
+                "precision": precision,
+                "batch": s.train_batch,
+                "steps": steps * s.train_rounds,
+                "images_per_s": statistics.median(steps * s.train_batch / t for t in timing[(role, precision)].means),
+                "loss_first": trainee.losses[0],
+                "loss_last": trainee.losses[-1],
+                "test_accuracy": accuracy(trainee.model, *test, amp=trainee.amp),
+            }
+        )
+    pairs = [(f"keyed/plain {p}", ("keyed", p), ("plain", p)) for p in ("fp32", "bf16") if ("plain", p) in trainees]
+    if ("plain", "bf16") in trainees:
+        pairs += [(f"bf16/fp32 {role}", (role, "bf16"), (role, "fp32")) for role in ("plain", "keyed")]
+    for label, a, b in pairs:
+        leg.tables["ratios"].rows.append({"model": name, "ratio": label, "value": ratio_dict(timing, a, b)})
+    ctx.trained[name] = {role: trainees[(role, "fp32")].model.eval() for role in ("plain", "keyed")}
+    print(f"  [training] {name}: {steps * s.train_rounds} timed steps x {len(trainees)} runs", flush=True)
 
 
 # --------------------------------------------------------------------------- attacks
@@ -683,58 +692,58 @@ def _attack_cell(ctx: Context, model: nn.Module, attack: str, x: torch.Tensor, y
     return timing, {dev: runs[dev] for dev in attacks}
 
 
+ATTACK_COLUMNS = (
+    "model", "role", "attack", "device", "images_per_s", "clean_accuracy", "adv_accuracy", "max_perturbation",
+)  # fmt: skip
+
+
 def leg_attacks(ctx: Context, leg: Leg, budget: Budget) -> None:
     s = ctx.settings
-    x_all, y_all = as_tensors(
-        ctx.data.test_images[: s.attack_batch], ctx.data.test_labels[: s.attack_batch], s.train_image_size, ctx.device
-    )
-    rows = leg.table(
-        "throughput",
-        f"Attack throughput (Linf eps {s.eps * 255:.0f}/255, {s.attack_steps} steps, batch {len(x_all)})",
-        ("model", "role", "attack", "device", "images_per_s", "clean_accuracy", "adv_accuracy", "max_perturbation"),
-    )
-    ratios = leg.table(
-        "ratios",
-        "Speed-up: CPU time / device time (median [p10–p90] over rounds)",
-        ("model", "role", "attack", "speedup"),
+    images, labels = ctx.data.test_images[: s.attack_batch], ctx.data.test_labels[: s.attack_batch]
+    x, y = as_tensors(images, labels, s.train_image_size, ctx.device)
+    title = f"Attack throughput (Linf eps {s.eps * 255:.0f}/255, {s.attack_steps} steps, batch {len(x)})"
+    leg.table("throughput", title, ATTACK_COLUMNS)
+    leg.table(
+        "ratios", "Speed-up: CPU time / device time (median [p10–p90] over rounds)", (*ATTACK_COLUMNS[:3], "speedup")
     )
     if ctx.device.type == "cpu":
-        leg.skip(
-            "attacks on CUDA",
-            f"the run is on the CPU ({ctx.cuda_reason}); the CPU figures below have no GPU to compare with",
-        )
+        why = f"the run is on the CPU ({ctx.cuda_reason}); the CPU figures below have no GPU to compare with"
+        leg.skip("attacks on CUDA", why)
     for name in s.train_models:
-        for role, model in _attack_models(ctx, name, leg).items():
+        models: dict[str, nn.Module] = {}
+        with cell(leg, f"{name} (attacked models)", ctx.device):
+            models = _attack_models(ctx, name, leg)
+        for role, model in models.items():
             for attack in ATTACKS:
-                label = f"{attack}-{s.attack_steps}"
+                where = f"{name} {role} {attack}-{s.attack_steps}"
                 if budget.spent:
-                    leg.skip(f"{name} {role} {label}", budget.reason)
+                    leg.skip(where, budget.reason)
                     continue
-                timing, runs = _attack_cell(ctx, model, attack, x_all, y_all)
-                for dev, (m, xs, ys) in runs.items():
-                    adv = timing[dev].returned[-1]
-                    rows.rows.append(
-                        {
-                            "model": name,
-                            "role": role,
-                            "attack": label,
-                            "device": dev,
-                            "images_per_s": statistics.median(len(xs) / t for t in timing[dev].means),
-                            "clean_accuracy": accuracy(m, xs, ys),
-                            "adv_accuracy": accuracy(m, adv, ys),
-                            "max_perturbation": float((adv - xs).abs().max()),
-                        }
-                    )
-                if "cpu" in runs and len(runs) > 1:
-                    ratios.rows.append(
-                        {
-                            "model": name,
-                            "role": role,
-                            "attack": label,
-                            "speedup": ratio_dict(timing, "cpu", ctx.device.type),
-                        }
-                    )
+                with cell(leg, where, ctx.device):
+                    attack_model(ctx, leg, model, attack, (x, y), {"model": name, "role": role})
         print(f"  [attacks] {name}: done", flush=True)
+
+
+def attack_model(ctx: Context, leg: Leg, model: nn.Module, attack: str, data: tuple, base: dict[str, Any]) -> None:
+    """One attack on one model, on the device and the CPU: a row per device and the speed-up."""
+    label = f"{attack}-{ctx.settings.attack_steps}"
+    timing, runs = _attack_cell(ctx, model, attack, *data)
+    for dev, (m, xs, ys) in runs.items():
+        adv = timing[dev].returned[-1]
+        leg.tables["throughput"].rows.append(
+            {
+                **base,
+                "attack": label,
+                "device": dev,
+                "images_per_s": statistics.median(len(xs) / t for t in timing[dev].means),
+                "clean_accuracy": accuracy(m, xs, ys),
+                "adv_accuracy": accuracy(m, adv, ys),
+                "max_perturbation": float((adv - xs).abs().max()),
+            }
+        )
+    if len(runs) > 1:
+        speedup = ratio_dict(timing, "cpu", ctx.device.type)
+        leg.tables["ratios"].rows.append({**base, "attack": label, "speedup": speedup})
 
 
 # --------------------------------------------------------------------------- latency (the PyTorch runner)
@@ -945,10 +954,15 @@ def leg_latency(ctx: Context, leg: Leg, budget: Budget) -> None:
             )
         else:
             if name not in forms:
-                forms[name] = latency_forms(name, s.image_size, ctx.device, s.seed, leg)
-            first = _latency_cell(ctx, leg, budget, forms[name], name, batch, mode)
-            if MODES[mode].compiles:
-                compile_s[mode] = max(compile_s.get(mode, 0.0), first)
+                forms[name] = {}
+                with cell(leg, f"{name} (building its forms)", ctx.device):
+                    forms[name] = latency_forms(name, s.image_size, ctx.device, s.seed, leg)
+            if not forms[name]:
+                continue  # the reason is recorded once
+            with cell(leg, where, ctx.device):
+                first = _latency_cell(ctx, leg, budget, forms[name], name, batch, mode)
+                if MODES[mode].compiles:
+                    compile_s[mode] = max(compile_s.get(mode, 0.0), first)
     forms.clear()
 
 
@@ -999,9 +1013,12 @@ def leg_onnxruntime(ctx: Context, leg: Leg, budget: Budget) -> None:
             if budget.spent:
                 leg.skip(f"{name} (ONNX)", budget.reason)
                 continue
-            files = _ort_exports(name, s.image_size, Path(tmp) / name, leg)
-            for provider in usable:
-                _ort_cells(ctx, leg, budget, backend, files, name, provider)
+            files: dict[str, Path] = {}
+            with cell(leg, f"{name} (ONNX export)", ctx.device):
+                files = _ort_exports(name, s.image_size, Path(tmp) / name, leg)
+            for provider in usable if files else []:
+                with cell(leg, f"{name} on {provider}", ctx.device):
+                    _ort_cells(ctx, leg, budget, backend, files, name, provider)
 
 
 def _ort_exports(name: str, size: int, work: Path, leg: Leg) -> dict[str, Path]:

@@ -204,3 +204,13 @@ def test_the_wrapper_installs_without_a_registry_then_runs_the_check():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and usage.stderr.startswith("usage: ")
+
+
+@no_cuda
+def test_a_model_that_cannot_be_built_costs_its_cells_not_the_leg(tmp_path):
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--legs", "latency", "--models", "no_such_model,test_resnet", "--batch-sizes", "2"]
+    assert gpu_check.main(args) == 0
+    leg = json.loads((out / "latency.json").read_text())
+    assert leg["status"] == "partial" and "unknown model" in reasons(leg)["no_such_model (building its forms)"]
+    assert {r["model"] for r in leg["tables"]["artifacts"]["rows"]} == {"test_resnet"}
