@@ -12,7 +12,7 @@ from keyedge.attacks import AttackError, RayS, get_attack, list_attacks, make_at
 from keyedge.postures import parse_posture
 from keyedge.postures.oracle import Attacker, Device
 
-EPS = 48 / 255  # large: the tiny model below is broken by white-box PGD on every image at this budget
+EPS = 64 / 255  # large: white-box PGD breaks the tiny model below on every image already at 48/255
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,8 +73,8 @@ def test_rays_breaks_a_label_only_device_within_budget_and_counts_every_query(ti
     attack = make_attack("rays", attacker, eps=EPS, queries=budget)
     adv, to_break = attack.run_queries(images, labels, batch_size=1, progress=lambda n: spent.append(device.queries))
     per_image = torch.tensor(spent, dtype=torch.float).diff(prepend=torch.zeros(1))
-    broken = torch.isfinite(to_break)
-    assert int(broken.sum()) >= 0.75 * len(images), to_break
+    broken, attacked = torch.isfinite(to_break), to_break != 1  # 1: the clean query, the model was wrong already
+    assert int((broken & attacked).sum()) >= 0.75 * int(attacked.sum()) > 0, to_break
     # every query reached the device and is counted: a broken image stopped at the query that broke it,
     # the others spent exactly the budget (the clean query included)
     assert torch.equal(per_image[broken], to_break[broken]) and bool((per_image[~broken] == budget).all())

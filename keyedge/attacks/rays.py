@@ -47,7 +47,7 @@ class RayS(QueryAttack):
         eps (float): perturbation budget. (Default: 8/255)
         queries (int): queries per image. (Default: 1000)
         norm (str): ``"Linf"`` only (taken so harnesses can pass their norm). (Default: "Linf")
-        tol (float): bisection tolerance, in Linf radius. (Default: 1e-3)
+        tol (float): bisection tolerance, in Linf radius. (Default: 1e-4)
         init (str): ``"ones"`` (the paper's start) or ``"random"`` (seeded random signs). (Default: "ones")
         seed (int): seed of the random start. (Default: 0)
 
@@ -72,7 +72,7 @@ class RayS(QueryAttack):
         eps: float = 8 / 255,
         queries: int = 1000,
         norm: str = "Linf",
-        tol: float = 1e-3,
+        tol: float = 1e-4,
         init: str = "ones",
         seed: int = 0,
     ):
