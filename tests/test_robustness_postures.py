@@ -194,12 +194,12 @@ def test_the_guard_watch_attributes_every_flagged_query_to_its_image():
     with torch.no_grad():
         labels = model(images).argmax(1)  # the model gets every image right: every image is attacked
     for strategy in (Strategy("square"), Strategy("square", blind=0.05)):
-        outcome = run_watched(model, images, labels, "scores+guard", strategy, eps=16 / 255, budget=40)
+        outcome = run_watched(model, images, labels, "scores+guard", strategy, eps=16 / 255, budget=16)
         assert sum(outcome.extra["flagged"]) == outcome.flagged
         assert outcome.flagged > 0 or strategy.blind, "the guard catches plain Square within a few queries"
         found = detection(outcome)
         assert found["attacked"] == 5 and found["detected"] == sum(f > 0 for f in outcome.extra["flagged"])
         flags = zip(outcome.extra["first_flag"], outcome.extra["flagged"])
         assert all((first is None) == (flagged == 0) for first, flagged in flags)
-    plain = run_watched(model, images, labels, "scores", Strategy("square"), eps=16 / 255, budget=20)
+    plain = run_watched(model, images, labels, "scores", Strategy("square"), eps=16 / 255, budget=8)
     assert detection(plain) is None and plain.refused == 0
