@@ -13,8 +13,9 @@ it the images are random tensors, and the report says so).  Four legs, each a re
   ViT-Ti and ViT-B/16 at 224x224 through the PyTorch runner (:class:`keyedge.deploy.torch_runner.TorchRunner`)
   at batch 1, 8, 32 and 128: eager, CUDA graphs, ``torch.compile`` (inductor) and ``torch.compile`` with
   CUDA graphs; p50/p90 per artifact and the keyed/plain, gather/conv and gather/fold ratios;
-* ``onnxruntime`` -- the same artifacts exported to ONNX and run by ONNX Runtime's CUDA and TensorRT
-  providers, where they are present (``onnxruntime.get_available_providers()`` is printed first).
+* ``onnxruntime`` -- the plain, gather and fold forms exported to ONNX (``keyedge export``, parity verified) and
+  run by ONNX Runtime's CUDA and TensorRT providers where they are present (``get_available_providers()`` is
+  printed first).
 
 Every timing is interleaved (:mod:`keyedge.benchmarks.timing`): ratios are taken within a round.  A leg or a
 cell that cannot run (no CUDA, a provider missing, a compile error, the time budget spent) is recorded with
@@ -80,6 +81,9 @@ STAND_INS = {
     "vit_tiny_patch16_224": "test_vit",
     "vit_base_patch16_224": "test_vit2",
 }
+#: seconds torch.compile is assumed to take per form until a compiled cell has measured it (a cell that does not fit
+#: the budget left is not started: a compile cannot be interrupted)
+COMPILE_PRIOR_S = 20.0
 #: (ratio name, numerator variant, denominator variant): time ratios, > 1 means the numerator is slower
 RATIOS = (
     ("keyed/plain", "gather", "plain"),
@@ -89,6 +93,7 @@ RATIOS = (
     ("fold/plain-fold", "fold", "plain-fold"),
 )
 ATTACKS = ("pgd", "apgd-ce")
+TINY_NOTE = "Tiny run: timm's test_* stand-ins at 32x32, a few steps and small batches; these are not GPU figures."
 ORT_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 #: the forms exported for ONNX Runtime (each export takes a while): the key as a gather and folded, and the plain twin
 ORT_VARIANTS = ("plain", "gather", "fold")
@@ -310,7 +315,7 @@ class CheckReport:
             "",
         ]
         if s["tiny"]:
-            lines.insert(2, "Tiny run: timm's test_* stand-ins at 32x32, a few steps; these are not GPU figures.\n")
+            lines.insert(2, TINY_NOTE + "\n")
         return "\n".join(lines) + "\n" + "\n".join(leg.to_markdown() for leg in self.legs.values())
 
     def write(self, out: Path) -> list[Path]:
@@ -320,10 +325,21 @@ class CheckReport:
             (name, {"schema": SCHEMA, "started": self.started, **leg.to_dict()}, leg.to_markdown())
             for name, leg in self.legs.items()
         ]:
-            payload = json.dumps(data, indent=2, allow_nan=False, default=str).encode()
+            payload = json.dumps(json_safe(data), indent=2, allow_nan=False, default=str).encode()
             written.append(write_bytes_atomic(out / f"{stem}.json", payload, overwrite=True))
             written.append(write_bytes_atomic(out / f"{stem}.md", text.encode(), overwrite=True))
         return written
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged loss, an empty ratio) as its text: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- data
@@ -931,6 +947,17 @@ def latency_cells(settings: Settings, modes: list[str]) -> list[tuple[str, int, 
     return plain + compiled
 
 
+def compile_estimate(compiled: dict[tuple[str, str], float], mode: str, name: str) -> float:
+    """Seconds per form a ``mode`` cell of ``name`` will spend compiling: as measured on it, else on the others
+    (their mean), else :data:`COMPILE_PRIOR_S`; 0 for modes that do not compile."""
+    if not MODES[mode].compiles:
+        return 0.0
+    if (mode, name) in compiled:
+        return compiled[(mode, name)]
+    others = [v for (m, _), v in compiled.items() if m == mode]
+    return statistics.mean(others) if others else COMPILE_PRIOR_S
+
+
 def leg_latency(ctx: Context, leg: Leg, budget: Budget) -> None:
     s = ctx.settings
     modes = _mode_skips(ctx, leg)
@@ -940,29 +967,31 @@ def leg_latency(ctx: Context, leg: Leg, budget: Budget) -> None:
         "device = input and output stay on the device"
     )
     forms: dict[str, dict[str, nn.Module]] = {}
-    compile_s: dict[str, float] = {}  # mode -> the longest a cell's first calls took (compiling every form)
+    compiled: dict[tuple[str, str], float] = {}  # (mode, model) -> seconds torch.compile took per form
     for name, batch, mode in latency_cells(s, modes):
         where = f"{name} batch {batch} {mode}"
         if mode == "compile-graphs" and batch > s.graph_max_batch:
-            reason = f"CUDA graphs pay where launches dominate: run up to batch {s.graph_max_batch} (--graph-max-batch)"
-            leg.skip(where, reason)
-        elif budget.spent:
+            leg.skip(where, f"CUDA graphs pay where launches dominate: run up to batch {s.graph_max_batch}")
+            continue
+        if budget.spent:
             leg.skip(where, budget.reason)
-        elif budget.left() < compile_s.get(mode, 0.0):
+            continue
+        if name not in forms:
+            forms[name] = {}
+            with cell(leg, f"{name} (building its forms)", ctx.device):
+                forms[name] = latency_forms(name, s.image_size, ctx.device, s.seed, leg)
+        if not forms[name]:
+            continue  # the reason is recorded once
+        needed = compile_estimate(compiled, mode, name) * len(forms[name])
+        if budget.left() < needed:
             leg.skip(
-                where, f"{budget.left():.0f} s of the leg's budget left, a {mode} cell took {compile_s[mode]:.0f} s"
+                where, f"{budget.left():.0f} s of the leg's budget left; compiling its forms takes about {needed:.0f} s"
             )
-        else:
-            if name not in forms:
-                forms[name] = {}
-                with cell(leg, f"{name} (building its forms)", ctx.device):
-                    forms[name] = latency_forms(name, s.image_size, ctx.device, s.seed, leg)
-            if not forms[name]:
-                continue  # the reason is recorded once
-            with cell(leg, where, ctx.device):
-                first = _latency_cell(ctx, leg, budget, forms[name], name, batch, mode)
-                if MODES[mode].compiles:
-                    compile_s[mode] = max(compile_s.get(mode, 0.0), first)
+            continue
+        with cell(leg, where, ctx.device):
+            first = _latency_cell(ctx, leg, budget, forms[name], name, batch, mode)
+            if MODES[mode].compiles:
+                compiled[(mode, name)] = first / len(forms[name])
     forms.clear()
 
 
@@ -1182,6 +1211,8 @@ def _run_legs(settings: Settings, out: Path, data: CheckData, echo: Callable[[st
     report = CheckReport(settings.to_dict(), env, data.describe())
     for name in LEGS:
         report.legs[name] = Leg(name, TITLES[name])
+        if settings.tiny:
+            report.legs[name].notes.append(TINY_NOTE)
     end = time.monotonic() + settings.budget_s
     selected = [n for n in LEGS if n in settings.legs]
     for name in LEGS:

@@ -214,3 +214,11 @@ def test_a_model_that_cannot_be_built_costs_its_cells_not_the_leg(tmp_path):
     leg = json.loads((out / "latency.json").read_text())
     assert leg["status"] == "partial" and "unknown model" in reasons(leg)["no_such_model (building its forms)"]
     assert {r["model"] for r in leg["tables"]["artifacts"]["rows"]} == {"test_resnet"}
+
+
+def test_reports_stay_strict_json_when_a_figure_is_not_finite():
+    assert gpu_check.json_safe({"loss": float("nan"), "r": [float("inf"), 1.5], "n": 3}) == {
+        "loss": "nan",
+        "r": ["inf", 1.5],
+        "n": 3,
+    }
