@@ -183,7 +183,7 @@ def load_runner(
         key = key_for(artifact.fingerprint, keys or {}, owner=artifact.path)
         return load_checkpoint_runner(Path(artifact.path), key, fuse=artifact.fuse, device=spec.device, threads=threads)
     return open_artifact(
-        Path(artifact.path), spec.target, sealkey=list(sealkeys), threads=threads, **spec.run_settings()
+        Path(artifact.path), spec.target, sealkey=list(sealkeys), threads=threads, posture=False, **spec.run_settings()
     )
 
 

@@ -141,6 +141,10 @@ class ExportBackend(abc.ABC):
     device_option: str | None = None
     #: whether keyedge seals this target's files (``export --seal``) and its runner loads them from memory
     sealable: bool = False
+    #: whether the target's runtime has a random op, so a posture's in-graph noise can ship in its artifact; where
+    #: it has none, ``random_refusal`` says why (``keyedge export --posture ...+noise:S`` refuses it in one line)
+    random_ops: bool = False
+    random_refusal: str = "its runtime has no random op"
     #: the precisions this target exports, and why the others are not (one line with its fix)
     precisions: tuple[str, ...] = PRECISIONS
     precision_refusal: tuple[str, str] = ("", "")

@@ -75,6 +75,7 @@ class CoreMLBackend(ExportBackend):
     suffix = ".mlpackage"
     runtime = "coreml"
     runs_gather = False  # the Neural Engine runs no gather: it falls back to the CPU
+    random_ops = True  # MIL random_normal
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {
         "compute_units": (("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"), "ALL")
     }

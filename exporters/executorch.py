@@ -71,6 +71,7 @@ class ExecuTorchBackend(ExportBackend):
     extra = "executorch"
     suffix = ".pte"
     runtime = "executorch"
+    random_refusal = "randn_like is not in ExecuTorch's Core ATen opset, and XNNPACK has no random op"
     export_modules = ("executorch.exir",)
     runtime_modules = ("executorch.runtime",)
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU",), "CPU")}

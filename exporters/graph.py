@@ -51,6 +51,10 @@ SHUFFLE_OPS = (
         "xnndepthtospace",
     }
 )
+#: Ops that draw random numbers (ONNX, OpenVINO, MIL spellings), lower case: a posture's in-graph noise
+RANDOM_OPS = frozenset(
+    {"randomnormal", "randomnormallike", "randomuniform", "randomuniformlike", "random_normal", "random_uniform"}
+)
 #: Convolution spellings (ONNX, OpenVINO, MIL), lower case: the conv form's 1x1 permutation
 CONV_OPS = frozenset({"conv", "convolution", "conv_2d", "xnnconv2d"})
 
@@ -61,7 +65,8 @@ class GraphReport:
 
     ``ops``: operator type -> count (ONNX ``op_type``, OpenVINO ``type_name``, MIL op type).
     ``gathers_on_input``: Gather-like ops whose data input is the graph input, possibly
-    through reshapes/flattens/casts (1 for a keyed model with the gather, 0 when plain or folded).
+    through reshapes/flattens/casts and a posture's noise (an add of random numbers), 1 for a keyed model
+    with the gather, 0 when plain or folded.  ``random_ops``: ops that draw random numbers (the noise).
     ``input_path``: op types met walking forward from the input through layout-only ops and
     gathers, up to and including the first other op on each branch (e.g. ``Reshape, Gather,
     Reshape, Sub``), in graph order.
@@ -75,6 +80,7 @@ class GraphReport:
     notes: list[str] = field(default_factory=list)
     input_path: list[str] = field(default_factory=list)
     structure: str = ""
+    random_ops: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,14 +150,37 @@ def analyze(
     ops = Counter(n.type for n in nodes if count(n))
     producer = {out: n for n in nodes for out in n.outputs}
     inputs = set(graph_inputs)
+    random: dict[str, bool] = {}
+
+    def is_random(tensor: str) -> bool:
+        """Whether a random op is among ``tensor``'s producers (memoized; the graph is acyclic)."""
+        if tensor not in random:
+            node = producer.get(tensor)
+            random[tensor] = False  # a guard against a malformed, cyclic graph
+            random[tensor] = node is not None and (
+                node.type.lower() in RANDOM_OPS or any(is_random(t) for t in node.inputs)
+            )
+        return random[tensor]
+
+    def data_of(node: Node) -> str | None:
+        """The data operand a pass-through op carries on: a layout op's first input, a noise add's other one."""
+        kind = node.type.lower()
+        if kind in LAYOUT_OPS and node.inputs:
+            return node.inputs[0]
+        if kind == "add" and len(node.inputs) == 2:
+            noisy = [is_random(t) for t in node.inputs]
+            if noisy.count(True) == 1:
+                return node.inputs[noisy.index(False)]
+        return None
 
     def from_input(tensor: str) -> bool:
         seen = 0
         while tensor not in inputs:
             node = producer.get(tensor)
-            if node is None or node.type.lower() not in LAYOUT_OPS or not node.inputs or seen > 64:
+            data = None if node is None else data_of(node)
+            if data is None or seen > 64:
                 return False
-            tensor, seen = node.inputs[0], seen + 1
+            tensor, seen = data, seen + 1
         return True
 
     gathers = sum(1 for n in nodes if n.type.lower() in GATHER_OPS and n.inputs and from_input(n.inputs[0]))
@@ -160,7 +189,8 @@ def analyze(
     for node in nodes:
         if any(t in reached for t in node.inputs):
             path.append(node.type)
-            if node.type.lower() in LAYOUT_OPS | GATHER_OPS and node.inputs[0] in reached:
+            data = node.inputs[0] if node.type.lower() in GATHER_OPS else data_of(node)
+            if data is not None and data in reached:
                 reached.update(node.outputs)
 
     names: dict[str, str] = {name: f"in{i}" for i, name in enumerate(graph_inputs)}
@@ -175,7 +205,10 @@ def analyze(
     report_notes = list(notes or [])
     meaning = {0: " (plain or folded model)", 1: " (the key's shuffle)"}.get(gathers, "")
     report_notes.append(f"{gathers} gather-like op(s) on the input{meaning}")
-    return GraphReport(dict(ops), gathers, report_notes, path, digest)
+    randoms = sum(1 for n in nodes if n.type.lower() in RANDOM_OPS)
+    if randoms:
+        report_notes.append(f"{randoms} random op(s): the posture's noise")
+    return GraphReport(dict(ops), gathers, report_notes, path, digest, randoms)
 
 
 # ---- a graph for one input size (LiteRT, ExecuTorch) ---------------------------------------

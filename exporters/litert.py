@@ -86,6 +86,7 @@ class LiteRTBackend(ExportBackend):
     extra = "litert"
     suffix = ".tflite"
     runtime = "litert"
+    random_refusal = "litert-torch has no lowering for randn_like (LiteRT's random ops are not in its builtin set)"
     export_modules = ("litert_torch",)
     runtime_modules = ("ai_edge_litert.interpreter",)
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU"), "CPU")}

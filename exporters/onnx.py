@@ -121,6 +121,7 @@ class OnnxBackend(ExportBackend):
     }
     device_option = "providers"
     sealable = True
+    random_ops = True  # RandomNormalLike
     export_modules = ("onnx", "onnxscript")
     runtime_modules = ("onnxruntime",)
 

@@ -103,6 +103,7 @@ class OpenVinoBackend(ExportBackend):
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU", "AUTO"), "CPU")}
     device_option = "device"
     sealable = True
+    random_ops = True  # RandomUniform (the normal draw by Box-Muller)
     export_modules = ("openvino",)
     runtime_modules = ("openvino",)
 

@@ -377,7 +377,7 @@ def test_registry_and_unknown_name():
     assert all(issubclass(cls, Attack) for cls in (cls for _, cls in ATTACKS.items()))
     model = small_cnn()
     assert isinstance(make_attack("PGD", model), PGD) and isinstance(make_attack("apgd_ce", model), APGDCE)
-    with pytest.raises(ValueError, match=r"unknown attack 'cw'; use apgd-ce, .*pgd, .* or hsj$"):
+    with pytest.raises(ValueError, match=r"unknown attack 'cw'; use apgd-ce, .*pgd, .* or rays$"):
         make_attack("cw", model)
 
 
@@ -409,6 +409,7 @@ KINDS_AND_BUDGETS = {
     "noise": ("random", ("eps",)),
     "square": ("query", ("eps", "queries")),
     "hsj": ("query", ("eps", "queries")),
+    "rays": ("query", ("eps", "queries")),
 }
 
 
@@ -417,13 +418,14 @@ def test_kinds_and_budgets_of_every_attack():
     for cls in (cls for _, cls in ATTACKS.items()):
         assert all(cls.accepts(b) for b in cls.budget) and cls.accepts("seed")
     assert list_attacks(kind="localized") == ["npixel", "patch"]
-    assert list_attacks(kind="query") == ["square", "hsj"] and list_attacks(kind="random") == ["noise"]
+    assert list_attacks(kind="query") == ["square", "hsj", "rays"] and list_attacks(kind="random") == ["noise"]
     assert set(list_attacks(kind=("single-step", "iterative"))) == set(ATTACKS) - {
         "npixel",
         "patch",
         "noise",
         "square",
         "hsj",
+        "rays",
     }
     assert list_attacks() == list(ATTACKS)
     with pytest.raises(AttackError, match="unknown attack kind blackbox"):

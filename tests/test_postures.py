@@ -218,9 +218,9 @@ def test_strategies_fit_what_the_posture_answers():
 
     labels = lambda spec: [s.label for s in strategies(parse_posture(spec))]  # noqa: E731
     assert labels("scores") == ["square"]
-    assert labels("label") == ["hsj"]
+    assert labels("label") == ["hsj", "rays"]
     assert labels("topk:3+noise:0.05") == ["square", "square EoT x4"]
-    assert labels("label+guard") == ["hsj", "hsj blinded 0.05"]
+    assert labels("label+guard") == ["hsj", "rays", "hsj blinded 0.05", "rays blinded 0.05"]
 
 
 def test_guard_refuses_plain_square_and_every_query_is_counted(trained_small):

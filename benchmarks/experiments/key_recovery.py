@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime = "torch"
         if args.artifact is not None:
             path = ArtifactManifest.read(args.artifact).artifact("onnx")
-            runner = stack.enter_context(open_artifact(path, "onnx"))
+            runner = stack.enter_context(open_artifact(path, "onnx", posture=False))
             device, runtime = Queried(runner, str(path)), f"onnx:{path.name}"
         size = model.spec.image_size
         rows = []

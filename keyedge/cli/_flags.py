@@ -77,17 +77,19 @@ def retired(*names: str, message: str, hint: str, flag: bool = False) -> Any:
     return typer.Option(False if flag else None, *names, hidden=True, is_eager=True, callback=refuse)
 
 
-def expand_targets(names: list[str], precision: str = "fp32") -> list[str]:
+def expand_targets(names: list[str], precision: str = "fp32", *, randomized: bool = False) -> list[str]:
     """``--target`` values in order, duplicates dropped; unknown: one line.
 
-    ``all`` is every backend whose extra is installed and that exports ``precision`` (every backend when none
-    is installed: the export then names the extra); a target named explicitly is kept, and refused later.
+    ``all`` is every backend whose extra is installed, that exports ``precision`` and, for a posture with in-graph
+    noise (``randomized``), has a random op (every backend when none is installed: the export then names the
+    extra); a target named explicitly is kept, and refused later.
     """
     from keyedge.deps import installed
     from keyedge.exporters import get_backend, list_backends
 
     present = [t for t in list_backends() if installed(get_backend(t).extra)] or list_backends()
     present = [t for t in present if precision in get_backend(t).precisions]
+    present = [t for t in present if get_backend(t).random_ops or not randomized]
     targets: list[str] = []
     for name in names:
         for target in present if name == "all" else [name]:

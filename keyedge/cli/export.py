@@ -74,6 +74,12 @@ SEAL = typer.Option(
     help="Sealing key file (keyedge sealkey new): write the model files encrypted (AES-256-GCM), "
     "never in plaintext on disk; ONNX and OpenVINO, on Linux.",
 )
+POSTURE = typer.Option(
+    None,
+    "--posture",
+    help="What the device answers and how (docs/postures.md): scores (default), topk:K[:D] or label, plus "
+    "noise:SIGMA in the graph, guard[:refuse|lock|flag] and rate:N for the runtime, e.g. label+noise:0.02+guard.",
+)
 
 
 def export(
@@ -99,15 +105,19 @@ def export(
     template: bool = TEMPLATE,
     sign_key: Path | None = SIGN_KEY,
     seal: Path | None = SEAL,
+    posture: str | None = POSTURE,
 ) -> None:
     """Export checkpoints (keyed, plain or volumized) to ONNX, OpenVINO, CoreML, LiteRT and ExecuTorch, verified."""
     options = SimpleNamespace(**locals())  # first: the options, nothing else
     from keyedge.checkpoints import find_checkpoints
-    from keyedge.deploy.export import checkpoints_for_keys, export_many, plan_requests
+    from keyedge.deploy.export import check_posture, checkpoints_for_keys, export_many, plan_requests
     from keyedge.errors import KeyedgeError
     from keyedge.exporters import get_backend
+    from keyedge.postures import parse_posture
 
-    targets = expand_targets(target, precision)
+    options.posture = parse_posture(posture)
+    targets = expand_targets(target, precision, randomized=options.posture.randomized)
+    check_posture(options.posture, None, [get_backend(t) for t in targets])
     key_paths = list(key_file or []) + ([keys] if keys is not None else [])
     if not checkpoint and runs is None and not key_paths:
         raise KeyedgeError("nothing to export", "pass --checkpoint DIR (repeatable), --runs DIR, or the --key-file")
@@ -151,6 +161,7 @@ def _export_settings(o: SimpleNamespace, targets: list[str], sealkey, signer):
         template=o.template,
         seal=sealkey,
         sign=signer,
+        posture=o.posture,
         log=lambda line: console.print(line, markup=False),
     )
 

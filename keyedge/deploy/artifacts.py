@@ -1,7 +1,8 @@
 """The export manifest (``manifest.json`` of ``OUT/<model>-<fingerprint>/``): written, read and validated here.
 
-Schema ``keyedge-artifact/1`` (``docs/artifact.schema.json``).  :meth:`ArtifactManifest.read`
-checks every field a reader uses -- types, ranges, that file paths stay inside the
+Schema ``keyedge-artifact/2`` (``docs/artifact.schema.json``): version 2 added ``posture`` (what the set answers
+and how, :mod:`keyedge.postures`); version 1 manifests (no posture: scores, no guard) read the same.
+:meth:`ArtifactManifest.read` checks every field a reader uses -- types, ranges, that file paths stay inside the
 directory, that targets are known -- and raises one :class:`~keyedge.validate.ManifestError`
 naming the file and the field otherwise.  Manifests written before the ``schema`` field
 (``"format": "keyedge-artifacts", "version": 1``) read the same.  The key itself is never
@@ -21,12 +22,13 @@ from keyedge.deploy.parity import Parity, VerificationError
 from keyedge.exporters import get_backend, list_backends
 from keyedge.fileio import sha256_file
 from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX
+from keyedge.postures import SCORES, Posture, PostureError
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")  # keyedge.exporters.base.PRECISIONS (the deploy layer reads, never imports it)
 FORMAT = "keyedge-artifacts"  # the pre-schema spelling
-SCHEMA = "keyedge-artifact/1"
+SCHEMA = "keyedge-artifact/2"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"
 MAX_BATCH = 1 << 16
 FUSES = ("gather", "fold", "conv", "none")
@@ -86,6 +88,8 @@ class ArtifactManifest:
     created: str = ""
     #: sealed sets (``keyedge export --seal``): format, cipher, the sealing key's fingerprint, a random set id
     seal: dict[str, Any] | None = None
+    #: the posture's record (:meth:`keyedge.postures.Posture.to_dict`); None: written before postures (scores)
+    posture: dict[str, Any] | None = None
     directory: Path | None = field(default=None, compare=False)  # where it was read from (not written)
     raw: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the JSON as read
 
@@ -119,6 +123,11 @@ class ArtifactManifest:
     @property
     def image_size(self) -> int:
         return self.input["shape"][-1]
+
+    @property
+    def deployed_posture(self) -> Posture:
+        """What the set answers and how; ``scores`` without a guard for sets written before postures."""
+        return Posture.from_dict(self.posture) if self.posture is not None else SCORES
 
     @property
     def defense_name(self) -> str:
@@ -173,28 +182,32 @@ class ArtifactManifest:
 
     # ---- serialization ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "created": self.created,
-            "fingerprint": self.fingerprint,
-            "block_size": self.block_size,
-            "key_note": self.key_note,
-            "defense": self.defense,
-            "model": self.model,
-            "finetune": self.finetune,
-            "lora_merged": self.lora_merged,
-            "fuse": self.fuse,
-            "fuse_requested": self.fuse_requested,
-            "fuse_note": self.fuse_note,
-            "precision": self.precision,
-            "input": self.input,
-            "output": self.output,
-            "normalization": self.normalization,
-            "checkpoint": self.checkpoint,
-            "verification": self.verification,
-            "targets": {name: t.to_dict() for name, t in self.targets.items()},
-            "versions": self.versions,
-        } | ({"seal": self.seal} if self.seal is not None else {})
+        return (
+            {
+                "schema": SCHEMA,
+                "created": self.created,
+                "fingerprint": self.fingerprint,
+                "block_size": self.block_size,
+                "key_note": self.key_note,
+                "defense": self.defense,
+                "model": self.model,
+                "finetune": self.finetune,
+                "lora_merged": self.lora_merged,
+                "fuse": self.fuse,
+                "fuse_requested": self.fuse_requested,
+                "fuse_note": self.fuse_note,
+                "precision": self.precision,
+                "input": self.input,
+                "output": self.output,
+                "normalization": self.normalization,
+                "checkpoint": self.checkpoint,
+                "verification": self.verification,
+                "targets": {name: t.to_dict() for name, t in self.targets.items()},
+                "versions": self.versions,
+            }
+            | ({"posture": self.posture} if self.posture is not None else {})
+            | ({"seal": self.seal} if self.seal is not None else {})
+        )
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -221,6 +234,7 @@ class ArtifactManifest:
         targets = _targets(targets_f)
         fingerprint = f.str("fingerprint", pattern=FINGERPRINT, optional=True)
         sealed = _seal(f, targets_f, targets)
+        posture = _posture(f, int(m.data["num_classes"]))
         return cls(
             model=model,
             fingerprint=fingerprint,
@@ -242,6 +256,7 @@ class ArtifactManifest:
             versions=f.dict("versions", optional=True) or {},
             created=f.str("created", default=""),
             seal=sealed,
+            posture=posture,
             directory=directory,
             raw=f.data,
         )
@@ -311,6 +326,20 @@ def _files(t: Fields) -> list[dict[str, str]]:
         e = t.sub(entry, f"files[{i}].")
         files.append({"path": e.relative_path("path"), "sha256": e.str("sha256", pattern=SHA256)})
     return files
+
+
+def _posture(f: Fields, num_classes: int) -> dict[str, Any] | None:
+    """The ``posture`` record (version 2), checked against its spec and the model; None when absent."""
+    record = f.dict("posture", optional=True)
+    if record is None:
+        return None
+    try:
+        posture = Posture.from_dict(record)
+    except PostureError as exc:
+        raise f.fail("posture", exc.message) from None
+    if posture.topk is not None and posture.topk > num_classes:
+        raise f.fail("posture", f"answers the top {posture.topk} of a model with {num_classes} classes")
+    return record
 
 
 def _seal(f: Fields, targets_f: Fields, targets: dict[str, TargetRecord]) -> dict[str, Any] | None:

@@ -60,11 +60,12 @@ from keyedge.deploy.settings import (
 from keyedge.deploy.targets import check_sealable, export_targets, seal_targets
 from keyedge.deploy.torch_runner import TorchRunner, load_checkpoint_runner, torch_available
 from keyedge.errors import KeyedgeError, OutputError
-from keyedge.exporters import ExportOptions, get_backend
+from keyedge.exporters import ExportBackend, ExportOptions, get_backend
 from keyedge.fileio import staged_directory
 from keyedge.keys.keyfile import Key
 from keyedge.keys.seal import CIPHER
 from keyedge.keys.signing import sign_manifest
+from keyedge.postures import Posture, PostureError
 
 __all__ = [
     "DEFAULT_RUNS",
@@ -83,6 +84,7 @@ __all__ = [
     "calibration_images",
     "check_agreement",
     "check_parity",
+    "check_posture",
     "check_sealable",
     "checkpoints_for_keys",
     "deployable",
@@ -99,6 +101,24 @@ __all__ = [
 def deployable(model: nn.Module, key: Key | None, fuse: str = "gather") -> Deployable:
     """The module to export for ``model``: its defense's deployable form (``keyedge.defenses``)."""
     return defense_of(model).deployable(model, key, fuse)
+
+
+def check_posture(posture: Posture, num_classes: int | None, backends: Sequence[ExportBackend]) -> None:
+    """Refuse (one line, before any work) a posture the model (``num_classes``; None: not known yet) or a target
+    cannot hold."""
+    if posture.topk is not None and num_classes is not None and posture.topk > num_classes:
+        raise PostureError(
+            f"--posture {posture} answers the top {posture.topk} classes of a model with {num_classes}",
+            f"use topk:K with K < {num_classes}, or label",
+        )
+    if posture.randomized:
+        for backend in backends:
+            if not backend.random_ops:
+                raise PostureError(
+                    f"the {backend.name} target cannot hold --posture {posture}'s in-graph noise: "
+                    f"{backend.random_refusal}",
+                    "export the noise posture to onnx, openvino or coreml, or drop noise:SIGMA for this target",
+                )
 
 
 def export_many(requests: Sequence[ExportRequest], settings: ExportSettings) -> list[Path]:
@@ -142,6 +162,7 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         backend.check_precision(settings.precision)
     if settings.seal is not None:
         check_sealable(backends)
+    check_posture(settings.posture, model.spec.num_classes, backends)
     deploy = defense.deployable(model, request.key, settings.fuse)
     calibration, calibration_source = None, None
     if settings.precision == "int8":

@@ -151,6 +151,9 @@ class Parity:
     reason: str | None = None  # why the runtime did not run here (checked structurally instead)
     structural: dict[str, Any] | None = None  # the interface checked instead: {"inputs", "outputs"}
     skipped: str | None = None  # not verified at all, and why (``--no-verify``, nothing to compare with)
+    #: a posture's in-graph noise: ``checks`` are its deterministic twin's, this the shipped artifact's
+    #: statistical check (keyedge.deploy.verification.check_noise), or ``{"ran": False, "reason": ...}``
+    noise: dict[str, Any] | None = None
 
     @classmethod
     def skip(cls, why: str) -> Parity:
@@ -186,7 +189,14 @@ class Parity:
             return f"not verified ({self.skipped})"
         if not self.ran:
             return f"checked structurally ({self.reason})"
-        return "verified (" + "; ".join(self._parts()) + ")"
+        noise = ""
+        if self.noise and self.noise.get("passed"):
+            noise = (
+                f"; noise: spread {self.noise['spread_ratio']:.2f}x PyTorch's, means within "
+                f"{self.noise['max_mean_z']:.1f} SE over {self.noise['draws']} draws"
+            )
+        twin = "sigma-0 twin " if self.noise is not None else ""
+        return f"verified ({twin}" + "; ".join(self._parts()) + noise + ")"
 
     def _parts(self) -> list[str]:
         if self.kind == "agreement":
@@ -195,6 +205,9 @@ class Parity:
 
     # ---- manifest JSON ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        return self._to_dict() | ({"noise": self.noise} if self.noise is not None else {})
+
+    def _to_dict(self) -> dict[str, Any]:
         if self.skipped is not None:
             return {"skipped": self.skipped}
         if not self.ran and self.reason is None and not self.checks and not self.passed:
@@ -210,12 +223,14 @@ class Parity:
         if isinstance(data, Parity):
             return data
         data = data or {}
+        noise = data.get("noise")
+        noise = dict(noise) if isinstance(noise, Mapping) else None
         if "skipped" in data:
-            return cls.skip(str(data["skipped"]))
+            return cls(skipped=str(data["skipped"]), noise=noise)
         checks = {
             name: check_from_dict(value)
             for name, value in data.items()
-            if isinstance(value, Mapping) and name != "structural"
+            if isinstance(value, Mapping) and name not in ("structural", "noise")
         }
         reason = data.get("reason")
         return cls(
@@ -224,6 +239,7 @@ class Parity:
             passed=bool(data.get("passed")),
             reason=None if reason is None else str(reason),
             structural=data.get("structural"),
+            noise=noise,
         )
 
 

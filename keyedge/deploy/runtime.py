@@ -8,6 +8,16 @@ A sealed artifact (``keyedge export --seal``) is decrypted into memory and hande
 from there -- ONNX Runtime's ``InferenceSession(bytes)``, OpenVINO's ``read_model`` with the weights
 as a tensor -- so the plaintext model never touches the device's disk (docs/sealed-format.md).
 Everything that runs artifacts (``bench latency``, ``bench robustness --artifacts``) opens them here.
+
+A set exported with a posture (``keyedge export --posture``) answers what its graph computes (scores, top-k
+or a label, noise included); a query guard or rate limit in its posture is enforced here, around the runner
+(:class:`keyedge.postures.guard.Guarded`): a refused query's row is NaN and ``runner.verdicts`` says why::
+
+    model = open_artifact("artifacts/k1-set", "onnx", guard_state="/var/lib/camera/guard.npz")
+
+The guard's history lives in ``guard_state`` (saved atomically at most every second, and at once when it
+locks), so a restart does not forget an attack in progress; a state file that is corrupt or another set's
+is refused in one line.  ``guard_state=":memory:"`` keeps it in memory only.
 """
 
 from __future__ import annotations
@@ -23,8 +33,12 @@ from keyedge.exporters import get_backend, target_of
 from keyedge.exporters.base import Runner
 from keyedge.keys.seal import SEALED_SUFFIX, SealKey, as_sealkey, unseal
 from keyedge.keys.signing import VerifyKey, check_signature, load_verify_key
+from keyedge.postures.guard import GuardConfig, Guarded, QueryGuard
 
-__all__ = ["artifact_target", "open_artifact", "open_sealed", "unseal_target"]
+__all__ = ["IN_MEMORY", "artifact_target", "enforce_posture", "open_artifact", "open_sealed", "unseal_target"]
+
+IN_MEMORY = ":memory:"  # guard_state that keeps a guard's history in memory only
+SAVE_INTERVAL = 1.0  # seconds between a guard's autosaves
 
 
 def artifact_target(path: Path) -> str | None:
@@ -52,14 +66,18 @@ def open_artifact(
     *,
     sealkey: SealKey | str | os.PathLike | Sequence[SealKey] | None = None,
     verify_key: Any = None,
+    guard_state: str | os.PathLike | None = None,
+    posture: bool = True,
     **settings: Any,
-) -> Runner:
+) -> Runner | Guarded:
     """A runner for an export directory (its ``target``, or its only one) or one artifact file, sealed or not.
 
     ``sealkey`` (a :class:`SealKey`, a sealing key file, or several keys: the one whose fingerprint the
     manifest names is used) opens sealed sets; ``verify_key`` (a :class:`~keyedge.keys.signing.VerifyKey`
     or its file) refuses a set whose manifest is not signed by it or whose files do not match it;
-    ``settings`` are
+    ``guard_state`` is where the posture's query guard keeps its history (required when the set's posture has a
+    guard or rate limit; :data:`IN_MEMORY` for none); ``posture=False`` opens the bare model (benchmarks of the
+    model itself); ``settings`` are
     :meth:`~keyedge.exporters.base.ExportBackend.load`'s (threads, device, providers...).
     """
     path = Path(path)
@@ -83,10 +101,13 @@ def open_artifact(
     backend = get_backend(target)
     if verify_key is not None:
         _check_signed(path if manifest is None else manifest.directory, target, verify_key)
+    if posture and manifest is None and is_export_directory(main.parent):
+        manifest = ArtifactManifest.read(main.parent)  # a model file of a set: the set's posture applies
+    guard = _guard(manifest, guard_state) if posture and manifest is not None else None
     if manifest is None or manifest.seal is None:
         if main.name.endswith(SEALED_SUFFIX):
             raise SealError(f"{main} is sealed but its manifest.json says nothing of it", "copy the artifact set again")
-        return backend.load(main, **settings)
+        return enforce_posture(backend.load(main, **settings), guard, manifest)
     if sealkey is None or (isinstance(sealkey, (list, tuple)) and not sealkey):
         raise SealError(
             f"{manifest.directory} is sealed (sealing key {manifest.seal['sealkey']})",
@@ -96,7 +117,32 @@ def open_artifact(
     plain = main.with_name(main.name.removesuffix(SEALED_SUFFIX))
     runner = backend.load(plain, files=files, **settings)
     runner.path = main
-    return runner
+    return enforce_posture(runner, guard, manifest)
+
+
+def _guard(manifest: ArtifactManifest, guard_state: str | os.PathLike | None) -> QueryGuard | None:
+    """The query guard / rate limit of the set's posture, its state at ``guard_state``; None when it has neither."""
+    posture = manifest.deployed_posture
+    if posture.guard is None and posture.rate is None:
+        return None
+    if guard_state is None:
+        raise KeyedgeError(
+            f"{manifest.directory}'s posture ({posture}) has a query guard or rate limit, which keeps its history "
+            "in a state file",
+            f"pass guard_state=PATH (a file this device keeps across restarts), or {IN_MEMORY!r} to keep it in memory",
+        )
+    state = None if str(guard_state) == IN_MEMORY else Path(guard_state)
+    owner = f"{manifest.model_name}-{manifest.fingerprint or 'plain'}"
+    return QueryGuard(
+        GuardConfig(), posture.guard, rate=posture.rate, state=state, owner=owner, save_interval=SAVE_INTERVAL
+    )
+
+
+def enforce_posture(runner: Runner, guard: QueryGuard | None, manifest: ArtifactManifest | None) -> Runner | Guarded:
+    """``runner`` behind the posture's guard (NaN rows for refused queries), or as it is without one."""
+    if guard is None or manifest is None:
+        return runner
+    return Guarded(runner, guard, int(manifest.model["num_classes"]))
 
 
 def _check_signed(where: Path | None, target: str, verify_key: Any) -> None:

@@ -13,6 +13,7 @@ from keyedge.deploy.parity import MAX_ACCURACY_DROP, MIN_AGREEMENT
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key, key_for, load_keys
 from keyedge.keys.seal import SealKey
+from keyedge.postures import Posture, parse_posture
 
 __all__ = [
     "DEFAULT_RUNS",
@@ -66,9 +67,19 @@ class ExportSettings:
     seal: SealKey | None = None  # write every model file sealed (AES-256-GCM), never in plaintext on disk
     sign: Any = None  # a keyedge.keys.signing.SigningKey: write manifest.sig (Ed25519) beside the manifest
     log: Callable[[str], None] = field(default=lambda _line: None)
+    #: what the artifact answers and how (keyedge.postures): its outputs and noise go into the graph, its guard and
+    #: rate limit into the manifest for the device runtime; a spec string is parsed (``label+noise:0.02+guard``)
+    posture: Posture | str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)  # a str from library callers
+        self.posture = parse_posture(self.posture)
+        if self.posture.randomized and self.precision == "int8":
+            raise KeyedgeError(
+                "keyedge does not quantize a graph with in-graph noise yet (its int8 rule compares top-1 labels "
+                "call by call)",
+                "export the noise posture at fp32, or drop noise:SIGMA from --posture",
+            )
         if self.precision not in PRECISIONS:
             raise KeyedgeError(f"unknown precision {self.precision!r}", f"use {', '.join(PRECISIONS)}")
         if self.precision == "int8":

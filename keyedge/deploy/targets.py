@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +28,14 @@ from keyedge.defenses.keyed import conv_variant
 from keyedge.deploy.artifacts import ArtifactManifest, TargetRecord
 from keyedge.deploy.parity import Parity
 from keyedge.deploy.settings import ExportRequest, ExportSettings
-from keyedge.deploy.verification import References, check_graph, references, verify_target
+from keyedge.deploy.verification import References, check_graph, check_noise, references, verify_target
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError
 from keyedge.exporters import ExportOptions
 from keyedge.exporters.base import ExportBackend
 from keyedge.fileio import MemoryFiles, memory_files_supported, sha256_file, write_bytes_atomic
 from keyedge.keys.seal import CIPHER, SEALED_FORMAT, SEALED_SUFFIX, SealKey, seal
+from keyedge.postures.graph import PostureModule
 
 __all__ = ["artifact_manifest", "check_sealable", "export_targets", "seal_targets"]
 
@@ -82,31 +84,39 @@ def export_targets(
 
 
 def _export_target(job: _Job, backend: ExportBackend) -> TargetRecord:
-    """One target: its module (the conv form where the accelerator runs no gather), exported, inspected, verified."""
+    """One target: its module (the conv form where the accelerator runs no gather; the posture's in-graph part
+    around it), exported, inspected, verified."""
     settings, options = job.settings, job.options
     deploy = job.deploy
     if settings.fuse == "auto" and deploy.fuse == "gather" and not backend.runs_gather:
         deploy = conv_variant(deploy.module, job.request.key)  # no gather reaches the accelerator
+    posture = settings.posture
+    module = PostureModule(deploy.module, posture).eval() if posture.in_graph else deploy.module
     template = None
-    if job.templates is not None and backend.supports_template:
+    if job.templates is not None and backend.supports_template and not posture.in_graph:
         spec = job.model.spec
         ident = (spec.name, spec.image_size, spec.num_classes, deploy.fuse, options.batch, options.precision)
         template = backend.template_for(job.templates, ident, deploy.module, options)
     settings.log(
-        f"  {backend.name}: exporting ({deploy.fuse}{', from the fleet template' if template is not None else ''})"
+        f"  {backend.name}: exporting ({deploy.fuse}{', from the fleet template' if template is not None else ''}"
+        f"{f', posture {posture}' if posture.in_graph else ''})"
     )
     path = job.staging / f"model{backend.suffix}"
+    randomized = bool(getattr(module, "randomized", False))
     with contextlib.ExitStack() as stack:
         memory = None
         if settings.seal is not None:  # converters write through links into memory-only files
-            memory = stack.enter_context(MemoryFiles([p.name for p in backend.planned_outputs(path)]))
+            names = [p.name for p in backend.planned_outputs(path)]
+            if randomized:
+                names += [p.name for p in backend.planned_outputs(path.with_name(f"twin{backend.suffix}"))]
+            memory = stack.enter_context(MemoryFiles(names))
             path = memory.path(path.name)
         if template is not None:
             written = backend.export_from_template(template, deploy.module, path, options)
         else:
-            written = backend.export(deploy.module, path, options, placeholders=memory is not None)
+            written = backend.export(module, path, options, placeholders=memory is not None)
         graph, io = backend.inspect(path), backend.describe_io(path)
-        check_graph(backend.name, graph, deploy.fuse)
+        check_graph(backend.name, graph, deploy.fuse, randomized=randomized)
         record = TargetRecord(
             fuse=deploy.fuse,
             files=_files(written, job.staging) if memory is None else [],
@@ -114,7 +124,10 @@ def _export_target(job: _Job, backend: ExportBackend) -> TargetRecord:
             io=io,
             source="fleet-template" if template is not None else "full-export",
         )
-        record.parity = _parity(job, backend, path, io)
+        if randomized:
+            record.parity = _randomized_parity(job, backend, module, path, io, memory, stack)
+        else:
+            record.parity = _parity(job, backend, path, io)
         if memory is not None and job.plaintexts is not None:
             contents = {p.name: memory.read(p.name) for p in written}
             job.plaintexts[backend.name] = {n: d for n, d in contents.items() if d or n == path.name}
@@ -126,6 +139,36 @@ def _parity(job: _Job, backend: ExportBackend, path: Path, io: dict[str, Any]) -
         return Parity.skip("--no-verify")
     # a sealed artifact is verified from memory, like any other
     parity = verify_target(backend, path, job.refs, job.options, io, job.model.spec.num_classes, job.settings)
+    job.settings.log(f"  {backend.name}: " + parity.describe())
+    return parity
+
+
+def _randomized_parity(
+    job: _Job,
+    backend: ExportBackend,
+    module: PostureModule,
+    path: Path,
+    io: dict[str, Any],
+    memory: MemoryFiles | None,
+    stack: contextlib.ExitStack,
+) -> Parity:
+    """A posture with in-graph noise: its sigma-0 twin exported and verified numerically (then discarded), and
+    the shipped artifact's noise checked statistically (:func:`~keyedge.deploy.verification.check_noise`)."""
+    if not job.settings.verify:
+        return Parity.skip("--no-verify")
+    twin = PostureModule(module.module, module.posture, noise=False).eval()
+    if memory is not None:
+        twin_path = memory.path(f"twin{backend.suffix}")
+    else:  # inside the 0700 staging directory, removed before the set is renamed into place
+        twin_path = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=job.staging))) / f"twin{backend.suffix}"
+    backend.export(twin, twin_path, job.options, placeholders=memory is not None)
+    parity = verify_target(
+        backend, twin_path, job.refs, job.options, backend.describe_io(twin_path), job.model.spec.num_classes
+    )
+    can_run, why = backend.can_run()
+    parity.noise = (
+        check_noise(backend, path, module, job.refs) if can_run else {"ran": False, "reason": why, "passed": True}
+    )
     job.settings.log(f"  {backend.name}: " + parity.describe())
     return parity
 
@@ -164,7 +207,8 @@ def artifact_manifest(
         fuse_requested=job.settings.fuse,
         fuse_note=deploy.note,
         precision=options.precision,
-        **_interface(options, spec, deploy.fuse),
+        **_interface(options, spec, deploy.fuse, job.settings.posture),
+        posture=job.settings.posture.to_dict(),
         checkpoint={
             "path": str(checkpoint.resolve()),
             "manifest_sha256": sha256_file(checkpoint / CHECKPOINT_MANIFEST),
@@ -177,7 +221,15 @@ def artifact_manifest(
     )
 
 
-def _interface(options: ExportOptions, spec: Any, fuse: str) -> dict[str, dict[str, Any]]:
+#: what a posture's outputs are, as the manifest's ``output.meaning`` says it
+MEANINGS = {
+    "scores": "logits",
+    "topk": "top-k softmax probabilities, rounded; 0 elsewhere",
+    "label": "one-hot top-1 label",
+}
+
+
+def _interface(options: ExportOptions, spec: Any, fuse: str, posture: Any) -> dict[str, dict[str, Any]]:
     """The manifest's ``input``, ``output`` and ``normalization``: what a device feeds the artifact and gets."""
     return {
         "input": {
@@ -192,7 +244,7 @@ def _interface(options: ExportOptions, spec: Any, fuse: str) -> dict[str, dict[s
             "name": options.output_name,
             "shape": [options.batch or -1, spec.num_classes],
             "dtype": "float32",
-            "meaning": "logits",
+            "meaning": MEANINGS[posture.outputs],
         },
         "normalization": {
             "mean": list(spec.mean),

@@ -5,10 +5,16 @@ the real test images its agreement rule runs on); each target's artifact is then
 and compared (:func:`verify_target`, the rules of :mod:`keyedge.deploy.parity`), or, where its runtime does
 not run here, checked structurally (:func:`check_io`).  :func:`check_graph` refuses a graph without exactly
 one gather on the input (none when folded).  A failure is one :class:`VerificationError` and nothing is written.
+
+Under a posture (:mod:`keyedge.postures`) the references are what the device answers (top-k probabilities,
+one-hot labels); a posture with in-graph noise is verified twice: its deterministic twin (the same graph with
+sigma 0) numerically as above, and the shipped, randomized artifact statistically (:func:`check_noise`: the
+mean and spread of its answers over repeated draws against PyTorch's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,26 @@ from keyedge.deploy.inputs import agreement_inputs, real_inputs
 from keyedge.deploy.parity import FP32_ATOL, Parity, VerificationError, check_agreement, check_parity
 from keyedge.deploy.settings import ExportSettings
 from keyedge.exporters import ExportBackend, ExportOptions
+from keyedge.postures import Posture
+from keyedge.postures.graph import posture_outputs
 
-__all__ = ["References", "check_graph", "check_io", "references", "verify_target"]
+__all__ = [
+    "NOISE_DRAWS",
+    "References",
+    "check_graph",
+    "check_io",
+    "check_noise",
+    "noise_check",
+    "references",
+    "verify_target",
+]
+
+#: draws per image of the statistical check of in-graph noise, the images it runs on, and its bounds: every
+#: output's mean within NOISE_Z standard errors of PyTorch's, the outputs' spread within a factor NOISE_SPREAD
+NOISE_DRAWS = 32
+NOISE_IMAGES = 8
+NOISE_Z = 6.0
+NOISE_SPREAD = 2.0
 
 
 @dataclass
@@ -54,7 +78,11 @@ class References:
 
 
 def references(model: nn.Module, manifest: CheckpointManifest, settings: ExportSettings, precision: str) -> References:
-    """Random and real inputs (int8: the real test images only) with the keyed model's logits for them."""
+    """Random and real inputs (int8: the real test images only) with the keyed model's outputs for them.
+
+    The outputs are what the posture answers (``settings.posture``: logits, top-k probabilities or one-hot labels)
+    without its noise: the deterministic twin's answers.
+    """
     size = model.spec.image_size
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()
     labels = None
@@ -69,8 +97,11 @@ def references(model: nn.Module, manifest: CheckpointManifest, settings: ExportS
     else:
         real_x, real_source = real_inputs(manifest, size, settings.real_inputs)
         inputs = {"random": random_x} | ({"real": real_x} if real_x is not None else {})
+    posture = settings.posture if isinstance(settings.posture, Posture) else None
     with torch.no_grad():
         logits = {kind: reference_logits(model, x) for kind, x in inputs.items()}
+        if posture is not None and posture.outputs != "scores":
+            logits = {kind: posture_outputs(torch.from_numpy(v), posture).numpy() for kind, v in logits.items()}
     return References(inputs, logits, labels, real_source)
 
 
@@ -113,6 +144,50 @@ def verify_target(
     return Parity.numerical(checks)
 
 
+def check_noise(backend: ExportBackend, path: Path, module: nn.Module, refs: References) -> dict[str, Any]:
+    """The shipped randomized artifact against the randomized PyTorch module, statistically (:func:`noise_check`)."""
+    x = refs.inputs.get("real", refs.inputs["random"])[:NOISE_IMAGES]
+    with backend.load(path) as runner:
+        return noise_check(runner.predict, module, x, f"the {backend.name} artifact")
+
+
+def noise_check(answer: Callable[[np.ndarray], np.ndarray], module: nn.Module, x: np.ndarray, what: str) -> dict:
+    """A randomized artifact (``answer``) against the randomized PyTorch ``module``, statistically.
+
+    Each image of ``x`` is answered :data:`NOISE_DRAWS` times by both;
+    every output's mean must agree within :data:`NOISE_Z` standard errors (plus the fp32 tolerance), and the
+    outputs' spread (RMS of the per-output standard deviations) within a factor :data:`NOISE_SPREAD`: the noise
+    is there, fresh on every call, and of the posture's sigma.  Returns the manifest's ``parity.noise`` record.
+    """
+    got = np.stack([np.asarray(answer(x)) for _ in range(NOISE_DRAWS)]).astype(np.float64)
+    with torch.no_grad():
+        want = np.stack([reference_logits(module, x) for _ in range(NOISE_DRAWS)]).astype(np.float64)
+    se = np.sqrt((got.var(0, ddof=1) + want.var(0, ddof=1)) / NOISE_DRAWS)
+    tolerance = FP32_ATOL * max(1.0, float(np.abs(want).max()))
+    z = float(((np.abs(got.mean(0) - want.mean(0)) - tolerance).clip(0) / np.maximum(se, 1e-12)).max())
+    spread_got, spread_want = (float(np.sqrt(v.var(0).mean())) for v in (got, want))
+    ratio = spread_got / spread_want if spread_want > 0 else (1.0 if spread_got == 0 else float("inf"))
+    record = {
+        "draws": NOISE_DRAWS,
+        "images": len(x),
+        "max_mean_z": round(z, 3),
+        "max_z": NOISE_Z,
+        "spread": spread_got,
+        "spread_pytorch": spread_want,
+        "spread_ratio": round(ratio, 4),
+        "max_spread_ratio": NOISE_SPREAD,
+    }
+    record["passed"] = bool(z <= NOISE_Z and 1 / NOISE_SPREAD <= ratio <= NOISE_SPREAD)
+    if not record["passed"]:
+        raise VerificationError(
+            f"{what}'s noise does not behave like the posture's: its answers' mean is "
+            f"{z:.1f} standard errors from PyTorch's (at most {NOISE_Z:g}) and their spread {ratio:.2f}x PyTorch's "
+            f"over {NOISE_DRAWS} draws",
+            "nothing was written; report this as a bug",
+        )
+    return record
+
+
 def _disagrees(target: str, result) -> VerificationError:
     drop = result.accuracy_drop_points
     return VerificationError(
@@ -144,8 +219,14 @@ def check_io(target: str, io: dict[str, Any], options: ExportOptions, num_classe
     return {"inputs": io["inputs"], "outputs": io["outputs"]}
 
 
-def check_graph(target: str, graph, fuse: str) -> None:
-    """Exactly one gather on the input (none for fold, conv and plain models), and no layout ops around it."""
+def check_graph(target: str, graph, fuse: str, *, randomized: bool = False) -> None:
+    """Exactly one gather on the input (none for fold, conv and plain models), and no layout ops around it;
+    a ``randomized`` graph (a posture's noise) must hold its random op -- a converter must not bake it in."""
+    if randomized and not graph.random_ops:
+        raise VerificationError(
+            f"the {target} graph has no random op: its converter froze the posture's noise into a constant",
+            f"export the noise posture to another target (onnx, openvino), or drop noise:SIGMA for {target}",
+        )
     expected = 1 if fuse == "gather" else 0
     if graph.gathers_on_input != expected:
         raise VerificationError(

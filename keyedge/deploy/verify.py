@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.checkpoints import load_checkpoint
@@ -36,10 +37,12 @@ from keyedge.deploy.parity import (
     check_parity,
 )
 from keyedge.deploy.runtime import open_artifact
+from keyedge.deploy.verification import NOISE_IMAGES, noise_check
 from keyedge.exporters import get_backend
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key
 from keyedge.keys.signing import VerifyKey, check_signature
+from keyedge.postures.graph import PostureModule, posture_outputs
 
 
 def check_files(manifest: ArtifactManifest, targets: list[str] | None = None) -> int:
@@ -97,9 +100,13 @@ def rerun_parity(
         x = torch.from_numpy(x_np)
     else:
         x = torch.rand(inputs, 3, manifest.image_size, manifest.image_size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        reference = np.concatenate([model(x[i : i + 64]).numpy() for i in range(0, len(x), 64)])
-    return {target: _rerun(manifest, target, x.numpy(), reference, labels, sealkey) for target in manifest.targets}
+    posture = manifest.deployed_posture
+    with torch.no_grad():  # what the set answers: its posture's outputs (the noise is checked statistically)
+        reference = posture_outputs(torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)]), posture).numpy()
+    noisy = PostureModule(model, posture).eval() if posture.randomized else None
+    return {
+        target: _rerun(manifest, target, x.numpy(), reference, labels, sealkey, noisy) for target in manifest.targets
+    }
 
 
 def _rerun(
@@ -109,12 +116,16 @@ def _rerun(
     reference: np.ndarray,
     labels: np.ndarray | None,
     sealkey: Any,
+    noisy: nn.Module | None = None,
 ) -> Parity:
     ok, why = get_backend(target).can_run()
     if not ok:
         return Parity.skip(why)
     directory = manifest.directory
-    with open_artifact(directory, target, sealkey=sealkey) as runner:
+    with open_artifact(directory, target, sealkey=sealkey, posture=False) as runner:
+        if noisy is not None:  # a randomized graph: its answers' statistics against the posture's, as at export
+            record = noise_check(runner.predict, noisy, x[:NOISE_IMAGES], f"{directory}: the {target} artifact")
+            return Parity(ran=True, passed=True, noise=record)
         got = np.asarray(runner.predict(x))
     if manifest.precision == "int8":
         rule = manifest.verification
@@ -168,6 +179,9 @@ def describe(result: dict[str, Any]) -> str:
 def _describe_target(target: str, outcome: dict[str, Any]) -> str:
     if "skipped" in outcome:
         return f"{target} parity not run ({outcome['skipped']})"
+    if "noise" in outcome:
+        noise = outcome["noise"]
+        return f"{target} noise: spread {noise['spread_ratio']:.2f}x PyTorch's over {noise['draws']} draws"
     check = check_from_dict(outcome)
     if isinstance(check, AgreementCheck):
         return f"{target} int8 agreement {check.top1_agreement:.1%} on {check.images} real images"

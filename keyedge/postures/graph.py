@@ -46,6 +46,11 @@ class PostureModule(nn.Module):
         # statistically); the posture's sigma is kept in ``posture`` either way
         self.sigma = float(posture.noise) if noise else 0.0
 
+    @property
+    def randomized(self) -> bool:
+        """Whether two calls on the same input may differ (exporters skip their deterministic probe check)."""
+        return self.sigma > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sigma:
             x = x + self.sigma * torch.randn_like(x)

@@ -121,6 +121,7 @@ class QueryGuard:
         state: str | Path | None = None,
         owner: str = "",
         autosave: bool = True,
+        save_interval: float = 0.0,
         clock: Callable[[], float] = time.time,
     ):
         if action is not None and action not in ACTIONS:
@@ -128,6 +129,8 @@ class QueryGuard:
         self.config = config or GuardConfig()
         self.action, self.rate, self.owner, self.autosave, self.clock = action, rate, owner, autosave, clock
         self.path = Path(state) if state is not None else None
+        # autosave at most every save_interval seconds (0: after every query); a lock is saved at once
+        self.save_interval, self._saved_at = float(save_interval), -float("inf")
         self._state = self._load() if self.path is not None and self.path.exists() else _State(secrets.token_bytes(32))
         self._multipliers = self._derive(self._state.secret)
         self._table: dict[int, list[int]] = {}
@@ -185,7 +188,7 @@ class QueryGuard:
     def unlock(self) -> None:
         """An operator's decision: answer queries again (the history is kept)."""
         self._state.locked = False
-        self._save()
+        self._save(urgent=True)
 
     def check(self, image: np.ndarray) -> Verdict:
         """Decide one query (a ``(C, H, W)`` image in [0, 1]) and remember it."""
@@ -214,7 +217,7 @@ class QueryGuard:
                 if self.action == "lock":
                     s.locked = True
                 if self.action in ("refuse", "lock"):
-                    return self._refuse(reason, matches)
+                    return self._refuse(reason, matches, urgent=self.action == "lock")
                 verdict = Verdict(True, flagged=True, reason=reason, matches=matches)
             else:
                 verdict = Verdict(True, matches=matches)
@@ -227,9 +230,9 @@ class QueryGuard:
         """One verdict per image, in order (each image is one query)."""
         return [self.check(image) for image in images]
 
-    def _refuse(self, reason: str, matches: int = 0) -> Verdict:
+    def _refuse(self, reason: str, matches: int = 0, *, urgent: bool = False) -> Verdict:
         self._state.refused += 1
-        self._save()
+        self._save(urgent=urgent)
         return Verdict(False, flagged=matches > 0, reason=reason, matches=matches)
 
     # -- state ------------------------------------------------------------------------------------------------------
@@ -262,9 +265,10 @@ class QueryGuard:
         """Write the state to ``state`` atomically (nothing half-written survives a crash)."""
         if self.path is not None:
             write_bytes_atomic(self.path, self.to_bytes(), mode=0o600, overwrite=True)
+            self._saved_at = self.clock()
 
-    def _save(self) -> None:
-        if self.autosave:
+    def _save(self, *, urgent: bool = False) -> None:
+        if self.autosave and (urgent or self.clock() - self._saved_at >= self.save_interval):
             self.save()
 
     def _load(self) -> _State:
@@ -305,11 +309,13 @@ class Guarded:
 
     Each image is one query.  :meth:`answer` runs the model only on the queries the guard answers; a refused
     query's row is NaN, so a caller (or an attack harness that counts refused queries as spent) sees no
-    information in it.
+    information in it.  Called like the runner (``guarded(images)``, ``guarded.predict(images)``) it answers the
+    same way and keeps the verdicts in :attr:`verdicts`; everything else is the runner's.
     """
 
     def __init__(self, runner: Any, guard: QueryGuard, classes: int):
         self.runner, self.guard, self.classes = runner, guard, classes
+        self.verdicts: list[Verdict] = []
 
     def answer(self, images: np.ndarray) -> tuple[np.ndarray, list[Verdict]]:
         """(outputs, verdicts): outputs ``(N, classes)`` with NaN rows where the guard refused."""
@@ -319,4 +325,26 @@ class Guarded:
         out = np.full((len(images), self.classes), np.nan, dtype=np.float32)
         if keep.any():
             out[keep] = np.asarray(self.runner.predict(images[keep]), dtype=np.float32)
+        self.verdicts = verdicts
         return out, verdicts
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.answer(images)[0]
+
+    def predict(self, images: np.ndarray, **_ignored: Any) -> np.ndarray:
+        return self.answer(images)[0]
+
+    def __getattr__(self, name: str) -> Any:  # the runner's path, batch, describe(), ...
+        if name == "runner":
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    def close(self) -> None:
+        self.guard.save()
+        self.runner.close()
+
+    def __enter__(self) -> Guarded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
