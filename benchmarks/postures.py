@@ -239,7 +239,9 @@ def run_watched(
 ) -> PostureOutcome:
     """:func:`run_strategy`, and per image whether the guard flagged its attacker and after how many queries.
 
-    One device for all images, as in :func:`run_strategy`; a decision-based attack runs one image at a time (it
+    One device for all images, as in :func:`run_strategy`, except under a ``lock`` guard: a lock would protect
+    every image attacked after it, so there each image is attacked on a fresh device (an empty history: the
+    attacker who owns many devices), one image at a time.  A decision-based attack runs one image at a time (it
     does anyway), so its queries are attributed exactly.  ``extra`` holds ``flagged`` (flagged queries per image)
     and ``first_flag`` (the image's own queries until its first flagged one, None if never)."""
     posture = parse_posture(posture)
@@ -254,11 +256,14 @@ def run_watched(
     calls = max(2, budget // strategy.repeats)
     attack = make_attack(strategy.attack, attacker, eps=eps, queries=calls, seed=seed)
     attack.judge = oracle.unguarded()
-    if strategy.attack == "square":
+    fresh = posture.guard == "lock"
+    if strategy.attack == "square" and not fresh:
         _, used = attack.run_queries(images, labels, batch_size=batch_size, device=device, progress=progress)
-    else:  # sequential anyway: one image at a time, each query attributed to it
+    else:  # one image at a time, each query attributed to it
         parts = []
         for i in range(images.shape[0]):
+            if fresh:
+                watch.guard = QueryGuard(guard_config, posture.guard, autosave=False)
             watch.current = i
             parts.append(attack.run_queries(images[i : i + 1], labels[i : i + 1], device=device)[1])
             if progress is not None:

@@ -115,14 +115,16 @@ def test_guard_passes_distinct_images_and_stops_an_attack_sequence_within_a_few_
     assert guard.counters["refused"] >= 7
 
 
-def test_flag_answers_and_lock_refuses_everything_after_until_unlocked():
+def test_flag_answers_and_lock_answers_the_flagged_query_then_refuses_everything_until_unlocked():
     image = _images(1)[0]
     flag = QueryGuard(action="flag", autosave=False)
     verdicts = flag.check_batch([image, image, image])
     assert all(v.answered for v in verdicts) and verdicts[1].flagged
     lock = QueryGuard(action="lock", autosave=False)
-    assert lock.check(image).answered and not lock.check(image).answered
-    assert lock.locked and not lock.check(_images(1, seed=3)[0]).answered  # a fresh image too
+    assert lock.check(image).answered and lock.check(image).flagged  # the flagged query is the last answered
+    assert (
+        lock.locked and not lock.check(image).answered and not lock.check(_images(1, seed=3)[0]).answered
+    )  # a fresh image too
     lock.unlock()
     assert lock.check(_images(1, seed=4)[0]).answered
 
@@ -142,7 +144,7 @@ def test_guard_state_survives_a_restart_and_a_foreign_or_corrupt_state_is_refuse
     image = _images(1)[0]
     guard = QueryGuard(action="lock", state=state, owner="device-1")
     guard.check(image)
-    assert not guard.check(image).answered and state.stat().st_mode & 0o777 == 0o600
+    assert guard.check(image).flagged and guard.locked and state.stat().st_mode & 0o777 == 0o600
     again = QueryGuard(action="lock", state=state, owner="device-1")
     assert again.locked and again.counters == guard.counters
     fresh = QueryGuard(action="refuse", state=tmp_path / "other.npz", owner="device-1")

@@ -76,7 +76,8 @@ def open_artifact(
     manifest names is used) opens sealed sets; ``verify_key`` (a :class:`~keyedge.keys.signing.VerifyKey`
     or its file) refuses a set whose manifest is not signed by it or whose files do not match it;
     ``guard_state`` is where the posture's query guard keeps its history (required when the set's posture has a
-    guard or rate limit; :data:`IN_MEMORY` for none); ``posture=False`` opens the bare model (benchmarks of the
+    guard or rate limit; :data:`IN_MEMORY` for none; a ``lock`` or ``flag`` guard inspects each query beside the
+    model, :class:`~keyedge.postures.guard.Guarded`); ``posture=False`` opens the bare model (benchmarks of the
     model itself); ``settings`` are
     :meth:`~keyedge.exporters.base.ExportBackend.load`'s (threads, device, providers...).
     """

@@ -8,8 +8,9 @@ many near-identical images.  Each query is quantized (0..255 values floored to m
 flattened in height-width-channel order, cut into windows of ``window`` values every ``step`` values, and
 each window hashed; the ``hashes`` largest hashes are the query's fingerprint.  A query is *flagged* when
 at least ``threshold`` of its fingerprint was seen in one earlier query of the bounded ``history``.  Then
-the ``action`` applies: ``refuse`` (no answer to this query), ``lock`` (no answer to any query until an
-operator unlocks the guard) or ``flag`` (answer, and record it).
+the ``action`` applies: ``refuse`` (no answer to this query), ``lock`` (this query is the last one answered:
+none after it until an operator unlocks the guard) or ``flag`` (answer, and record it).  ``lock`` and ``flag``
+never hold a query up: a device answers at once and inspects the query beside the model (:class:`Guarded`).
 
 Hashes are keyed with a per-device secret (a 64-bit multiply-and-mix of each window with secret odd
 multipliers, vectorized in numpy): an attacker without the device's guard state cannot predict them.
@@ -27,10 +28,12 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import threading
 import time
 import zipfile
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,16 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
+def _largest_distinct(values: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest distinct values, ascending (``np.unique(values)[-k:]``, without sorting them all)."""
+    pool = min(values.size, 4 * k)
+    if pool < values.size:
+        top = np.unique(np.partition(values, values.size - pool)[-pool:])
+        if top.size >= k:
+            return top[-k:]
+    return np.unique(values)[-k:]
+
+
 @dataclass
 class _State:
     secret: bytes
@@ -148,14 +161,20 @@ class QueryGuard:
         x = np.asarray(image, dtype=np.float32)
         if x.ndim != 3:
             raise GuardError(f"the guard fingerprints one (C, H, W) image at a time, got shape {x.shape}")
-        values = (np.clip(np.round(x * 255), 0, 255).astype(np.uint8) // self.config.quantum).transpose(1, 2, 0)
-        flat = values.reshape(-1).astype(np.uint64)
-        w = min(self.config.window, flat.size)
-        windows = np.lib.stride_tricks.sliding_window_view(flat, w)[:: self.config.step]
+        quantized = np.rint(x.transpose(1, 2, 0) * 255).clip(0, 255).astype(np.uint8) // self.config.quantum
+        flat = quantized.reshape(-1).astype(np.uint64)
+        w, step = min(self.config.window, flat.size), self.config.step
         with np.errstate(over="ignore"):
-            hashes = _mix(windows @ self._multipliers[:w])
-        unique = np.unique(hashes)
-        return unique[-self.config.hashes :]
+            if w % step == 0 and w == self.config.window:  # each window is w // step whole blocks: hash the blocks
+                k = w // step
+                count = (flat.size - w) // step + 1  # windows, as sliding_window_view(flat, w)[::step] has them
+                blocks = flat[: (count + k - 1) * step].reshape(-1, step)
+                parts = blocks @ self._multipliers[:w].reshape(k, step).T  # (blocks, k): block i as part j
+                sums = sum(parts[j : j + count, j] for j in range(k))  # window i = blocks i..i+k-1, mod 2**64
+            else:
+                sums = np.lib.stride_tricks.sliding_window_view(flat, w)[::step] @ self._multipliers[:w]
+            hashes = _mix(sums)
+        return _largest_distinct(hashes, self.config.hashes)
 
     def _index(self, qid: int, fingerprint: np.ndarray) -> None:
         for h in fingerprint.tolist():
@@ -171,8 +190,12 @@ class QueryGuard:
                     del self._table[h]
 
     def _matches(self, fingerprint: np.ndarray) -> int:
-        counts = Counter(qid for h in fingerprint.tolist() for qid in self._table.get(h, ()))
-        return max(counts.values(), default=0)
+        table = self._table
+        hits = [table[h] for h in fingerprint.tolist() if h in table]
+        if not hits:  # the common case for a benign query: none of its hashes was seen
+            return 0
+        counts = Counter(qid for ids in hits for qid in ids)
+        return max(counts.values())
 
     # -- checking queries -------------------------------------------------------------------------------------------
 
@@ -191,7 +214,12 @@ class QueryGuard:
         self._save(urgent=True)
 
     def check(self, image: np.ndarray) -> Verdict:
-        """Decide one query (a ``(C, H, W)`` image in [0, 1]) and remember it."""
+        """Decide one query (a ``(C, H, W)`` image in [0, 1]) and remember it: :meth:`admit`, then :meth:`inspect`."""
+        refused = self.admit()
+        return refused if refused is not None else self.inspect(image)
+
+    def admit(self) -> Verdict | None:
+        """The cheap part of a decision, before the model runs: a refusal when locked or over the rate, else None."""
         s = self._state
         s.queries += 1
         now = self.clock()
@@ -202,29 +230,37 @@ class QueryGuard:
                 s.recent.popleft()
             if len(s.recent) >= self.rate:
                 return self._refuse(f"rate limit: {self.rate} queries per minute")
-        verdict = Verdict(True)
-        if self.action is not None:
-            fingerprint = self.fingerprint(image)
-            matches = self._matches(fingerprint)
-            s.history.append((s.next_id, fingerprint))
-            self._index(s.next_id, fingerprint)
-            s.next_id += 1
-            while len(s.history) > self.config.history:
-                self._forget_oldest()
-            if matches >= self.config.needed:
-                s.flagged += 1
-                reason = f"attack query sequence: {matches} of {len(fingerprint)} hashes seen in one earlier query"
-                if self.action == "lock":
-                    s.locked = True
-                if self.action in ("refuse", "lock"):
-                    return self._refuse(reason, matches, urgent=self.action == "lock")
-                verdict = Verdict(True, flagged=True, reason=reason, matches=matches)
-            else:
-                verdict = Verdict(True, matches=matches)
-        if self.rate is not None:
             s.recent.append(now)
-        self._save()
-        return verdict
+        return None
+
+    def inspect(self, image: np.ndarray) -> Verdict:
+        """The query's fingerprint against the history, and the action.
+
+        ``refuse`` refuses a flagged query; ``lock`` answers it (a device may have answered it already, see
+        :class:`Guarded`) and refuses every query after it until :meth:`unlock`; ``flag`` answers and records.
+        """
+        s = self._state
+        if self.action is None:
+            self._save()
+            return Verdict(True)
+        fingerprint = self.fingerprint(image)
+        matches = self._matches(fingerprint)
+        s.history.append((s.next_id, fingerprint))
+        self._index(s.next_id, fingerprint)
+        s.next_id += 1
+        while len(s.history) > self.config.history:
+            self._forget_oldest()
+        if matches < self.config.needed:
+            self._save()
+            return Verdict(True, matches=matches)
+        s.flagged += 1
+        reason = f"attack query sequence: {matches} of {len(fingerprint)} hashes seen in one earlier query"
+        if self.action == "refuse":
+            return self._refuse(reason, matches)
+        if self.action == "lock":
+            s.locked = True
+        self._save(urgent=self.action == "lock")
+        return Verdict(True, flagged=True, reason=reason, matches=matches)
 
     def check_batch(self, images: Sequence[np.ndarray] | np.ndarray) -> list[Verdict]:
         """One verdict per image, in order (each image is one query)."""
@@ -307,26 +343,52 @@ class QueryGuard:
 class Guarded:
     """Any runner (anything with ``predict(images) -> (N, classes) outputs``) behind a :class:`QueryGuard`.
 
-    Each image is one query.  :meth:`answer` runs the model only on the queries the guard answers; a refused
-    query's row is NaN, so a caller (or an attack harness that counts refused queries as spent) sees no
-    information in it.  Called like the runner (``guarded(images)``, ``guarded.predict(images)``) it answers the
-    same way and keeps the verdicts in :attr:`verdicts`; everything else is the runner's.
+    Each image is one query; a refused query's row is NaN, so a caller (or an attack harness that counts refused
+    queries as spent) sees no information in it.  Before the model runs, :meth:`QueryGuard.admit` refuses what a
+    lock or the rate limit refuses.  Then, for ``refuse``, the query is inspected before it is answered (the
+    decision is per query); for ``lock`` and ``flag`` it is answered at once and inspected on a thread of its
+    own, beside the model and the caller's next work: the next query waits only for that inspection to finish,
+    so a lock still takes effect from the query after the flagged one, and the guard adds almost nothing to a
+    query's latency where a core is free.  Called like the runner (``guarded(images)``, ``.predict(images)``)
+    it keeps the verdicts in :attr:`verdicts` (provisional for an inspection still running); everything else
+    is the runner's.
     """
 
-    def __init__(self, runner: Any, guard: QueryGuard, classes: int):
+    def __init__(self, runner: Any, guard: QueryGuard, classes: int, *, background: bool | None = None):
         self.runner, self.guard, self.classes = runner, guard, classes
         self.verdicts: list[Verdict] = []
+        self.background = guard.action in ("lock", "flag") if background is None else background
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="keyedge-guard") if self.background else None
+        self._pending: Any = None  # the previous query's inspection, running in the background
+        self._lock = threading.Lock()  # one query batch at a time: the guard's history is ordered
 
     def answer(self, images: np.ndarray) -> tuple[np.ndarray, list[Verdict]]:
         """(outputs, verdicts): outputs ``(N, classes)`` with NaN rows where the guard refused."""
         images = np.asarray(images, dtype=np.float32)
-        verdicts = self.guard.check_batch(images)
-        keep = np.array([v.answered for v in verdicts], dtype=bool)
-        out = np.full((len(images), self.classes), np.nan, dtype=np.float32)
-        if keep.any():
-            out[keep] = np.asarray(self.runner.predict(images[keep]), dtype=np.float32)
-        self.verdicts = verdicts
+        with self._lock:
+            self._settle()
+            verdicts: list[Verdict | None] = [self.guard.admit() for _ in images]
+            admitted = [i for i, v in enumerate(verdicts) if v is None]
+            if self.background:
+                inspected = images[admitted].copy()
+                self._pending = self._pool.submit(lambda: [self.guard.inspect(im) for im in inspected])
+                for i in admitted:
+                    verdicts[i] = Verdict(True)
+            else:
+                for i in admitted:
+                    verdicts[i] = self.guard.inspect(images[i])
+            keep = np.array([v.answered for v in verdicts], dtype=bool)
+            out = np.full((len(images), self.classes), np.nan, dtype=np.float32)
+            if keep.any():
+                out[keep] = np.asarray(self.runner.predict(images[keep]), dtype=np.float32)
+            self.verdicts = verdicts
         return out, verdicts
+
+    def _settle(self) -> None:
+        """Wait for the previous query's inspection (its lock applies from this query on)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.answer(images)[0]
@@ -335,11 +397,15 @@ class Guarded:
         return self.answer(images)[0]
 
     def __getattr__(self, name: str) -> Any:  # the runner's path, batch, describe(), ...
-        if name == "runner":
+        if name in ("runner", "_pool", "_lock", "_pending"):
             raise AttributeError(name)
         return getattr(self.runner, name)
 
     def close(self) -> None:
+        with self._lock:
+            self._settle()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.guard.save()
         self.runner.close()
 
