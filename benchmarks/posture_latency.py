@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from keyedge.postures import SCORES, Posture, parse_posture
 from keyedge.runtime import IN_MEMORY, open_artifact
 from keyedge.stats import Spread
 
-__all__ = ["PostureLatency", "measure_postures"]
+__all__ = ["PostureLatency", "latency_overheads", "measure_postures"]
 
 DEFAULT_TARGETS = ("onnx", "openvino")
 
@@ -116,6 +116,26 @@ def measure_postures(
                     )
                 )
     return results
+
+
+def latency_overheads(
+    postures: Sequence[Posture | str], *, target: str = "onnx", log=lambda _line: None, **timing: Any
+) -> Callable[[Posture, Any], float | None]:
+    """For the robustness harness's postures table (``run_robustness(latency=...)``): ``latency(posture, member)``,
+    the posture's latency on ``target`` against ``scores`` (the median per-round ratio), measured once per model
+    for every posture together; None where it could not be measured here."""
+    measured: dict[str, dict[str, float]] = {}
+
+    def latency(posture: Posture, member: Any) -> float | None:
+        posture = _runtime_only(parse_posture(posture))
+        if posture == SCORES:
+            return 1.0
+        if member.name not in measured:
+            results = measure_postures(Path(member.path), member.key, postures, targets=[target], log=log, **timing)
+            measured[member.name] = {r.posture: r.ratio.median for r in results}
+        return measured[member.name].get(str(posture))
+
+    return latency
 
 
 def main(argv: Sequence[str] | None = None) -> list[PostureLatency]:

@@ -76,6 +76,12 @@ def test_the_device_answers_labels_only_and_the_guard_locks_across_a_restart(noi
         assert np.isnan(model(fresh)).all() and "locked" in model.verdicts[0].reason  # locked from then on
     with open_artifact(noisy_set, "onnx", guard_state=state) as model:  # a restart remembers the lock
         assert np.isnan(model(x)).all() and "locked" in model.verdicts[0].reason
+    shown = cli("guard", "show", state, "--set", noisy_set)
+    assert shown.exit_code == 0 and "LOCKED" in shown.output and "flagged 1" in shown.output, shown.output
+    assert cli("guard", "unlock", state, "--set", noisy_set).exit_code == 0  # an operator's decision
+    with open_artifact(noisy_set, "onnx", guard_state=state) as model:
+        assert not np.isnan(model(np.random.default_rng(5).random(x.shape, dtype=np.float32))).any()
+    one_line_error(cli("guard", "show", tmp_path / "missing.npz", "--set", noisy_set), "not a guard state file")
     state.write_bytes(b"not a guard state")
     with pytest.raises(KeyedgeError, match="corrupt or not a guard state"):
         open_artifact(noisy_set, "onnx", guard_state=state)

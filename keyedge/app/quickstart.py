@@ -33,6 +33,7 @@ from typing import Any
 
 from keyedge.app.quickstart_report import SCHEMA, summarize, summary_rows, to_markdown, verified
 from keyedge.benchmarks.latency import BenchSettings, run_latency
+from keyedge.benchmarks.posture_latency import latency_overheads
 from keyedge.benchmarks.profiles import builtin_profile
 from keyedge.benchmarks.robustness import RobustnessConfig, run_robustness
 from keyedge.benchmarks.workbench import export_variants
@@ -43,6 +44,7 @@ from keyedge.deps import EXTRAS, installed
 from keyedge.errors import OutputError
 from keyedge.exporters import get_backend
 from keyedge.keys.keyfile import Key
+from keyedge.postures import RECOMMENDED
 from keyedge.training.loop import TrainConfig, key_accuracy, train
 
 __all__ = ["MARKER", "SCHEMA", "QuickstartConfig", "prepare_out", "run_quickstart", "summary_rows", "to_markdown"]
@@ -76,6 +78,9 @@ class QuickstartConfig:
     # Square (score-based queries, no key) on the plain model, k1 and k1's deployed artifacts; "" to leave out
     query: str = "square:1000"
     query_images: int = 100
+    # deployment postures measured on plain and k1 with the attacks that know them (docs/postures.md): scores and
+    # the recommended one, their latency against scores timed on ONNX Runtime; [] to leave out
+    postures: list[str] = field(default_factory=lambda: ["scores", RECOMMENDED])
     # an int8 artifact of k1 for ONNX Runtime and OpenVINO (issue 15): accuracy, agreement, int8/fp32 latency and
     # robust accuracy beside fp32.  The 2-epoch 32 px models have small top-2 margins, so the export's default
     # rule (98% agreement) is measured and reported, not enforced: a failing rule does not stop the demo
@@ -98,6 +103,7 @@ class QuickstartConfig:
             attack_steps=10,
             query="square:200",
             query_images=32,
+            postures=[],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,6 +343,7 @@ def measure_robustness(out: Path, config: QuickstartConfig, runs, keys, exports:
         query_budgets=[],
         query_limit=config.query_images,
         query_targets=["plain", "k1"],
+        postures=list(config.postures) if query else [],
     )
 
     def bar(label: str, total: int):
@@ -347,7 +354,8 @@ def measure_robustness(out: Path, config: QuickstartConfig, runs, keys, exports:
 
     indent = lambda line: log(f"  {line}")  # noqa: E731
     models = [runs["plain"], runs["k1"], runs["k2"]]
-    robustness = run_robustness(models, list(keys.values()), rob_config, progress=bar, log=indent)
+    latency = latency_overheads(rob_config.postures, log=indent) if rob_config.postures else None
+    robustness = run_robustness(models, list(keys.values()), rob_config, progress=bar, log=indent, latency=latency)
     robustness.write(out / "report" / "robustness")
     return robustness
 

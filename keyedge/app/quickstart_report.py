@@ -68,9 +68,21 @@ def robustness_summary(robustness: Any, config: Any) -> dict[str, Any]:
         if o.scenario == "query"
     ]
 
+    postures = [
+        {
+            "posture": p["posture"],
+            "target": p["target"],
+            "clean_accuracy": p["clean_accuracy"],
+            "latency_overhead": p["latency_overhead"],
+            "images": p["images"],
+            "worst": {str(w["budget"]): [w["robust_accuracy"], w["robust_se"], w["attack"]] for w in p["worst"]},
+        }
+        for p in getattr(robustness, "postures", [])
+    ]
     return {
         "sanity_passed": robustness.sanity["passed"],
         "headline": robustness.headline,
+        "postures": postures,
         "scenarios": scenarios,
         "deployed": deployed,
         "queries": queries,
@@ -180,6 +192,14 @@ def _robustness_rows(rob: dict[str, Any]) -> list[tuple[str, str]]:
         where = f"deployed k1 artifact ({q['runtime']})" if q["runtime"] != "torch" else q["target"]
         what = f"{q['attack']} query attack, {q['queries']} queries, on {where} ({q['images']} images)"
         rows.append((what, f"{q['robust_accuracy']:.1%} ± {q['robust_se']:.1%}"))
+    for p in rob.get("postures", []):
+        latency = "" if p["latency_overhead"] is None else f", latency {p['latency_overhead']:.2f}x scores"
+        for budget, (robust, se, attack) in p["worst"].items():
+            what = (
+                f"posture {p['posture']} on {p['target']}: worst case without the key at {int(budget):,} queries "
+                f"({p['images']} images; clean {p['clean_accuracy']:.1%}{latency})"
+            )
+            rows.append((what, f"{robust:.1%} ± {se:.1%} ({attack})"))
     for h in rob.get("headline", []):
         if h["target"] in ("plain", "k1"):
             worst = h["scenario"] + (f" {h['attack']} {h['queries']}q" if h["queries"] else "")

@@ -148,6 +148,7 @@ from keyedge.cli import bench as _bench  # noqa: E402  (registration imports)
 from keyedge.cli import doctor as _doctor  # noqa: E402
 from keyedge.cli import export as _export  # noqa: E402
 from keyedge.cli import fleet as _fleet  # noqa: E402
+from keyedge.cli import guard as _guard  # noqa: E402
 from keyedge.cli import keys as _keys  # noqa: E402
 from keyedge.cli import quickstart as _quickstart  # noqa: E402
 from keyedge.cli import shuffle as _shuffle  # noqa: E402
@@ -158,6 +159,7 @@ _shuffle.register(app)
 _train.register(app)
 _export.register(app)
 _fleet.register(app)
+_guard.register(app)
 _doctor.register(app)
 _bench.register(app)
 _quickstart.register(app)

@@ -261,6 +261,12 @@ POSTURE = typer.Option(
     "scores+noise:0.05, label+guard, label+noise:0.02+guard:lock+rate:60: the attacks that know it, on the "
     "--query-limit images, read off at every --query-budgets budget, with transfer and noise through its device.",
 )
+POSTURE_LATENCY = typer.Option(
+    "onnx",
+    "--posture-latency",
+    help="Runtime the postures' latency against scores is timed on (each posture exported to it, guard "
+    "included, interleaved); 'none' to leave the column out.",
+)
 STREAM_FRAMES = typer.Option(
     250, "--stream-frames", min=1, help="Camera-like frames per scene for the guard's false positives."
 )
@@ -299,6 +305,7 @@ def robustness(
     query_limit: int = QUERY_LIMIT,
     query_target: list[str] | None = QUERY_TARGET,
     posture: list[str] | None = POSTURE,
+    posture_latency: str = POSTURE_LATENCY,
     stream_frames: int = STREAM_FRAMES,
     batch_size: int = R_BATCH_SIZE,
     device: str = device_option(),
@@ -315,7 +322,7 @@ def robustness(
     _check_report_dir(out, overwrite)
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
-    report = _run_robustness(paths, key_list, config, _sealkeys(seal))
+    report = _run_robustness(paths, key_list, config, _sealkeys(seal), _posture_latency(posture_latency, config))
     report.print_rich(console)
     report.write(out, overwrite=overwrite)
     err_console.print(f"wrote {out}/robustness.json, robustness.md and plots", markup=False)
@@ -424,7 +431,21 @@ def _query_budgets(text: str) -> list[int]:
     return budgets
 
 
-def _run_robustness(paths: list[Path], keys: list, config, sealkeys: list):
+def _posture_latency(target: str, config):
+    """The postures table's latency column: each posture timed against scores on ``target`` ('none': no column)."""
+    if target == "none" or not config.postures:
+        return None
+    from keyedge.benchmarks.posture_latency import latency_overheads
+    from keyedge.errors import KeyedgeError
+    from keyedge.exporters import get_backend
+
+    backend = get_backend(target)  # an unknown runtime: one line, before any attack
+    if not backend.available()[0] or not backend.can_run()[0]:
+        raise KeyedgeError(f"--posture-latency {target}: its runtime does not run here", "use onnx, or none")
+    return latency_overheads(config.postures, target=target, log=lambda line: err_console.print(line, markup=False))
+
+
+def _run_robustness(paths: list[Path], keys: list, config, sealkeys: list, latency=None):
     """Run the scenarios with a progress bar per stage and log lines on stderr."""
     from keyedge.benchmarks.robustness import run_robustness
 
@@ -441,6 +462,7 @@ def _run_robustness(paths: list[Path], keys: list, config, sealkeys: list):
             progress=progress,
             log=lambda line: err_console.print(line, markup=False),
             sealkeys=sealkeys,
+            latency=latency,
         )
 
 

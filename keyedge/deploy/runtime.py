@@ -35,7 +35,15 @@ from keyedge.keys.seal import SEALED_SUFFIX, SealKey, as_sealkey, unseal
 from keyedge.keys.signing import VerifyKey, check_signature, load_verify_key
 from keyedge.postures.guard import GuardConfig, Guarded, QueryGuard
 
-__all__ = ["IN_MEMORY", "artifact_target", "enforce_posture", "open_artifact", "open_sealed", "unseal_target"]
+__all__ = [
+    "IN_MEMORY",
+    "artifact_target",
+    "enforce_posture",
+    "guard_for",
+    "open_artifact",
+    "open_sealed",
+    "unseal_target",
+]
 
 IN_MEMORY = ":memory:"  # guard_state that keeps a guard's history in memory only
 SAVE_INTERVAL = 1.0  # seconds between a guard's autosaves
@@ -104,7 +112,7 @@ def open_artifact(
         _check_signed(path if manifest is None else manifest.directory, target, verify_key)
     if posture and manifest is None and is_export_directory(main.parent):
         manifest = ArtifactManifest.read(main.parent)  # a model file of a set: the set's posture applies
-    guard = _guard(manifest, guard_state) if posture and manifest is not None else None
+    guard = guard_for(manifest, guard_state) if posture and manifest is not None else None
     if manifest is None or manifest.seal is None:
         if main.name.endswith(SEALED_SUFFIX):
             raise SealError(f"{main} is sealed but its manifest.json says nothing of it", "copy the artifact set again")
@@ -121,7 +129,7 @@ def open_artifact(
     return enforce_posture(runner, guard, manifest)
 
 
-def _guard(manifest: ArtifactManifest, guard_state: str | os.PathLike | None) -> QueryGuard | None:
+def guard_for(manifest: ArtifactManifest, guard_state: str | os.PathLike | None) -> QueryGuard | None:
     """The query guard / rate limit of the set's posture, its state at ``guard_state``; None when it has neither."""
     posture = manifest.deployed_posture
     if posture.guard is None and posture.rate is None:

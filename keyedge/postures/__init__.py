@@ -5,6 +5,14 @@ top-k or label outputs) around a deployable module; :mod:`.guard` is the device-
 limit), which the device runtime applies around any runner.
 """
 
-from keyedge.postures.spec import GUARD_ACTIONS, OUTPUTS, SCORES, Posture, PostureError, parse_posture
+from keyedge.postures.spec import (
+    GUARD_ACTIONS,
+    OUTPUTS,
+    RECOMMENDED,
+    SCORES,
+    Posture,
+    PostureError,
+    parse_posture,
+)
 
-__all__ = ["GUARD_ACTIONS", "OUTPUTS", "SCORES", "Posture", "PostureError", "parse_posture"]
+__all__ = ["GUARD_ACTIONS", "OUTPUTS", "RECOMMENDED", "SCORES", "Posture", "PostureError", "parse_posture"]

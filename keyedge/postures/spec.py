@@ -117,6 +117,9 @@ class Posture:
 
 
 SCORES = Posture()
+#: the posture keyedge recommends for a device an attacker can query (docs/postures.md: measured on the
+#: quickstart's k1), which the quickstart measures beside ``scores``
+RECOMMENDED = "label+guard:lock"
 
 
 def _number(text: str, what: str) -> float:
