@@ -193,3 +193,25 @@ def test_graph_analysis_sees_through_the_noise_add_only():
     assert noisy.gathers_on_input == 1 and noisy.random_ops == 1
     # an add of something computed from the input (not random) is not seen through: the gather is not the key's
     assert analyze(graph("Relu"), ["x"], ["y"]).gathers_on_input == 0
+
+
+def test_the_quickstart_summary_lists_each_postures_worst_case():
+    from types import SimpleNamespace
+
+    from keyedge.app.quickstart_report import _robustness_rows, robustness_summary
+
+    row = {
+        "posture": "label+guard:lock",
+        "target": "k1",
+        "clean_accuracy": 0.8,
+        "latency_overhead": 1.02,
+        "images": 100,
+        "worst": [{"budget": 1000, "robust_accuracy": 0.5, "robust_se": 0.05, "attack": "rays blinded 0.05"}],
+    }
+    robustness = SimpleNamespace(
+        outcomes=[], artifacts=[], sanity={"passed": True}, headline=[], checks=[], data={"images": 300}, postures=[row]
+    )
+    config = SimpleNamespace(seed=0, eps="16/255", attack_steps=10)
+    rows = dict(_robustness_rows(robustness_summary(robustness, config)))
+    what = "posture label+guard:lock on k1: worst case without the key at 1,000 queries (100 images; clean 80.0%, "
+    assert rows[what + "latency 1.02x scores)"] == "50.0% ± 5.0% (rays blinded 0.05)"
