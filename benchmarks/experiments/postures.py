@@ -20,7 +20,7 @@ import time
 import torch
 
 from keyedge.attacks import parse_eps
-from keyedge.benchmarks.postures import camera_stream, false_positives, run_strategy, strategies, worst_per_image
+from keyedge.benchmarks.postures import camera_stream, false_positives, run_watched, strategies, worst_per_image
 from keyedge.checkpoints import load_checkpoint
 from keyedge.data.datasets import load_dataset
 from keyedge.keys.keyfile import load_key
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         outcomes = []
         for strategy in strategies(posture):
             start = time.perf_counter()
-            outcome = run_strategy(model, x, y, posture, strategy, eps=eps, budget=max(budgets), seed=args.seed)
+            outcome = run_watched(model, x, y, posture, strategy, eps=eps, budget=max(budgets), seed=args.seed)
             outcomes.append(outcome)
             accs = ", ".join(f"{outcome.robust_accuracy(b):.1%} @{b}" for b in budgets)
             flag = f", first flagged after {outcome.first_flag:.0f} queries" if outcome.first_flag else ""
