@@ -125,7 +125,7 @@ def _export_target(job: _Job, backend: ExportBackend) -> TargetRecord:
             source="fleet-template" if template is not None else "full-export",
         )
         if randomized:
-            record.parity = _randomized_parity(job, backend, module, path, io, memory, stack)
+            record.parity = _randomized_parity(job, backend, module, path, memory, stack)
         else:
             record.parity = _parity(job, backend, path, io)
         if memory is not None and job.plaintexts is not None:
@@ -148,7 +148,6 @@ def _randomized_parity(
     backend: ExportBackend,
     module: PostureModule,
     path: Path,
-    io: dict[str, Any],
     memory: MemoryFiles | None,
     stack: contextlib.ExitStack,
 ) -> Parity:
