@@ -134,6 +134,20 @@ def run_strategy(
     attack = make_attack(strategy.attack, attacker, eps=eps, queries=calls, seed=seed)
     attack.judge = device.unguarded()
     _, calls_to_break = attack.run_queries(images, labels, batch_size=batch_size)
+    return _outcome(posture, strategy, target, eps, budget, calls_to_break, attacker)
+
+
+def _outcome(
+    posture: Posture,
+    strategy: Strategy,
+    target: str,
+    eps: float,
+    budget: int,
+    calls_to_break: torch.Tensor,
+    attacker: Attacker,
+    extra: dict[str, Any] | None = None,
+) -> PostureOutcome:
+    """The outcome of one strategy: the attacker's calls per image turned into device queries, and its counters."""
     to_break = [float(q) * strategy.repeats if math.isfinite(q) and q > 1 else (0.0 if q == 1 else math.inf)
                 for q in calls_to_break.tolist()]  # fmt: skip
     # an image the model gets wrong clean took one query and counts as broken from the start
@@ -150,6 +164,7 @@ def run_strategy(
         device_queries=int(stats["device_queries"]),
         first_flag=None if stats["first_flag"] is None else float(stats["first_flag"]),
         rate=posture.rate,
+        extra=extra if extra is not None else {},
     )
 
 
@@ -270,23 +285,8 @@ def run_watched(
                 progress(i + 1)
         watch.current = None
         used = torch.cat(parts)
-    to_break = [float(q) * strategy.repeats if math.isfinite(q) and q > 1 else (0.0 if q == 1 else math.inf)
-                for q in used.tolist()]  # fmt: skip
-    stats = describe_attacker(attacker)
-    return PostureOutcome(
-        posture=str(posture),
-        strategy=strategy.label,
-        target=target,
-        eps=eps,
-        budget=budget,
-        to_break=to_break,
-        refused=int(stats["refused"]),
-        flagged=int(stats["flagged"]),
-        device_queries=int(stats["device_queries"]),
-        first_flag=None if stats["first_flag"] is None else float(stats["first_flag"]),
-        rate=posture.rate,
-        extra={"flagged": list(watch.flagged), "first_flag": list(watch.first)},
-    )
+    extra = {"flagged": list(watch.flagged), "first_flag": list(watch.first)}
+    return _outcome(posture, strategy, target, eps, budget, used, attacker, extra)
 
 
 def detection(outcome: PostureOutcome) -> dict[str, Any] | None:
