@@ -160,3 +160,49 @@ def test_label_guard_strategies_include_blinded_rays_and_a_guard_costs_it_querie
     for outcome in (open_device, guarded):
         assert outcome.device_queries <= budget * len(images)
         assert all(q == 0 or 1 < q <= budget or math.isinf(q) for q in outcome.to_break)
+
+
+class Liar(nn.Module):
+    """A device whose every answer is a wrong label: each query looks adversarial to the attacker."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.queries = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.queries += x.shape[0]
+        logits = self.model(x)
+        return nn.functional.one_hot((logits.argmax(1) + 1) % logits.shape[1], logits.shape[1]).float()
+
+
+@pytest.mark.parametrize("name", ["hsj", "rays"])
+def test_a_hit_the_judge_does_not_confirm_does_not_end_the_attack(tiny, name):
+    """The attacker's belief (a lucky noise draw, a blinded answer) is not success: only the judge's look is,
+    and an unconfirmed hit leaves the attack going -- a search that stopped there would be a soft attack."""
+    model, images, labels = tiny
+    images, labels = images[:4], labels[:4]
+    budget = 40
+    liar = Liar(model)
+    attack = make_attack(name, liar, eps=EPS / 4, queries=budget)
+    attack.judge = model
+    adv, to_break = attack.run_queries(images, labels, batch_size=4)
+    attacked = model(images).argmax(1) == labels
+    broken = torch.isfinite(to_break) & attacked
+    with torch.no_grad():
+        assert torch.equal(model(adv).argmax(1) != labels, broken | ~attacked)  # every success is the judge's
+    # the images the judge never confirmed spent their whole budget (the clean look is the judge's, not a query)
+    assert liar.queries >= (budget - 1) * int((attacked & ~broken).sum()) > 0
+
+
+def test_hsj_stops_at_its_first_success(tiny):
+    """HopSkipJump's run ends for an image once it is broken within eps: its later queries would change nothing."""
+    model, images, labels = tiny
+    device, attacker = label_device(model)
+    spent = []
+    attack = make_attack("hsj", attacker, eps=EPS, queries=400)
+    _, to_break = attack.run_queries(images, labels, batch_size=1, progress=lambda n: spent.append(device.queries))
+    per_image = torch.tensor(spent, dtype=torch.float).diff(prepend=torch.zeros(1))
+    broken = torch.isfinite(to_break)
+    assert int(broken.sum()) > 0
+    assert torch.equal(per_image[broken], to_break[broken])  # the clean look and the start search included
+    assert bool((per_image[~broken] <= 400).all())  # 400, or 101 where no noise start was found to walk from

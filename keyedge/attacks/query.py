@@ -76,6 +76,7 @@ class QueryAttack(Attack):
             raise AttackError(f"{type(self).__name__} norm must be Linf or L2, got {norm!r}")
         self.eps, self.queries, self.norm = float(eps), int(queries), norm
         self._record: list[torch.Tensor] | None = None
+        self.classes = 0  # the target's output width, known after its first (clean) look
         #: who decides whether an image is misclassified (clean, and at the end): the queried model itself unless
         #: set -- a posture's attacker queries through blinding/averaging/a guard, while success is judged by
         #: showing the image to the deployed model once (keyedge.postures.oracle)
@@ -117,9 +118,12 @@ class QueryAttack(Attack):
     def judged_wrong(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Which images the target misclassifies, as :attr:`judge` (default: the queried model) sees them."""
         if self.judge is None:
-            return self.logits(images).argmax(1) != labels
-        with torch.no_grad():
-            return self.judge(images).argmax(1) != labels
+            out = self.logits(images)
+        else:
+            with torch.no_grad():
+                out = self.judge(images)
+        self.classes = int(out.shape[1])
+        return out.argmax(1) != labels
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"queries": self.queries}
@@ -234,11 +238,25 @@ class _Spent(Exception):
 
 class _Ledger:
     """Answers a decision-based attacker's queries about one image with top-1 labels only, counts every
-    query, and notes the first adversarial image within eps (and how many queries it took)."""
+    query, and ends the attack at the first adversarial image within eps (noting how many queries it took).
 
-    def __init__(self, model: nn.Module, x: np.ndarray, label: int, classes: int, eps: float, norm: str, budget: int):
+    ``confirm`` (default: none, the answer is the truth) shows a candidate the attacker believes adversarial to
+    the evaluator once; an unconfirmed one -- a lucky noise draw, a blinded query the plain image does not
+    repeat -- does not end the attack, which goes on looking."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: np.ndarray,
+        label: int,
+        classes: int,
+        eps: float,
+        norm: str,
+        budget: int,
+        confirm: Callable[[np.ndarray], bool] | None = None,
+    ):
         self.model, self.x, self.label, self.classes = model, x, label, classes
-        self.eps, self.order, self.budget = eps, (np.inf if norm == "Linf" else 2), budget
+        self.eps, self.order, self.budget, self.confirm = eps, (np.inf if norm == "Linf" else 2), budget, confirm
         self.used, self.found, self.adv = 0, math.inf, None
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -252,11 +270,13 @@ class _Ledger:
         top = out.nan_to_num(float("-inf")).argmax(1).cpu().numpy()
         top[refused] = self.label
         wrong = np.flatnonzero(top != self.label)
-        if self.adv is None and wrong.size:
+        if wrong.size:
             distances = np.linalg.norm((batch[wrong] - self.x).reshape(wrong.size, -1), ord=self.order, axis=1)
-            within = wrong[distances <= self.eps + 1e-7]
-            if within.size:
-                self.found, self.adv = self.used + int(within[0]) + 1, batch[within[0]].copy()
+            for i in wrong[distances <= self.eps + 1e-7]:
+                if self.confirm is None or self.confirm(batch[i]):
+                    self.found, self.adv = self.used + int(i) + 1, batch[i].copy()
+                    self.used += batch.shape[0]
+                    raise _Spent  # broken within the budget: nothing further to learn about this image
         self.used += batch.shape[0]
         if spent:
             raise _Spent
@@ -272,7 +292,8 @@ class HopSkipJump(QueryAttack):
     adversarial starting point (seeded uniform noise the target misclassifies) towards the image along
     the decision boundary, estimating the boundary's normal from label queries.  It is a minimum-norm
     attack; an image counts as broken at the first query whose image is misclassified *and* within
-    ``eps`` of the original (every query is checked as it is made), and the attack stops at ``queries``.
+    ``eps`` of the original (every query is checked as it is made, and confirmed by the :attr:`judge` when
+    one is set), which ends its attack; otherwise the attack stops at ``queries``.
 
     Distance measure: Linf (or L2 with ``norm="L2"``).
 
@@ -321,7 +342,7 @@ class HopSkipJump(QueryAttack):
         queries = torch.ones(images.shape[0], device=images.device)
         adv = images.clone()
         wrong = self.clean_wrong(images, labels)
-        classes = int(self.logits(images[:1]).shape[1])
+        classes = self.classes  # the clean look's width: no extra query to learn it
         x_all, y_all = images.detach().cpu().numpy().astype(np.float32), labels.cpu().numpy()
         state = np.random.get_state()  # ART draws its estimates from numpy's global RNG: seed it, then restore
         try:
@@ -329,8 +350,9 @@ class HopSkipJump(QueryAttack):
                 seed = _seed_from(generator)
                 np.random.seed(seed)
                 ledger = _Ledger(
-                    self.models[0], x_all[i], int(y_all[i]), classes, self.eps, self.norm, self.queries - 1
-                )
+                    self.models[0], x_all[i], int(y_all[i]), classes, self.eps, self.norm, self.queries - 1,
+                    confirm=self._confirmer(labels[i : i + 1], images),
+                )  # fmt: skip
                 classifier = black_box(ledger, x_all[i].shape, classes, clip_values=(0.0, 1.0))
                 attack = art_attack(
                     classifier,
@@ -348,15 +370,18 @@ class HopSkipJump(QueryAttack):
                 except _Spent:
                     pass
                 found = ledger.adv is not None
-                if found and self.judge is not None:  # the attacker's belief, confirmed by showing it once
-                    candidate = torch.from_numpy(ledger.adv[None]).to(adv)
-                    found = bool(self.judged_wrong(candidate, labels[i : i + 1])[0])
                 queries[i] = 1 + ledger.found if found else math.inf
                 if found:
                     adv[i] = torch.from_numpy(ledger.adv).to(adv)
         finally:
             np.random.set_state(state)
         return adv, queries
+
+    def _confirmer(self, label: torch.Tensor, like: torch.Tensor) -> Callable[[np.ndarray], bool] | None:
+        """The evaluator's check of a candidate the attacker believes adversarial (none without a judge)."""
+        if self.judge is None:
+            return None
+        return lambda candidate: bool(self.judged_wrong(torch.from_numpy(candidate[None]).to(like), label)[0])
 
     def _start(self, ledger: _Ledger, seed: int) -> np.ndarray | None:
         """A seeded uniform-noise image the target misclassifies (ART's own search is not seedable)."""

@@ -35,8 +35,8 @@ class RayS(QueryAttack):
     its own answers, so batching changes nothing for a stateless target.
 
     Budget-aware (as :class:`~keyedge.attacks.query.HopSkipJump` here, not in the paper): an image counts as
-    broken at its first query that is misclassified *and* within ``eps`` (every query is checked as it is made),
-    and it is not queried further; a bisection whose interval holds ``eps`` probes the point at ``eps`` first,
+    broken at its first query that is misclassified *and* within ``eps`` (every query is checked as it is made,
+    and confirmed by the :attr:`judge` when one is set), and it is not queried further; a bisection whose interval holds ``eps`` probes the point at ``eps`` first,
     so the example kept is the farthest one on its ray inside the ball.  No image is queried more than
     ``queries`` times (the clean query included), so a run with budget B is the first B queries of a longer one.
 
@@ -94,8 +94,6 @@ class RayS(QueryAttack):
             return adv, queries
         found, best = _Search(self, images[todo], labels[todo], generator).run()
         hit = torch.isfinite(found)
-        if hit.any() and self.judge is not None:  # the attacker's belief, confirmed by showing the image once
-            hit[hit.clone()] = self.judged_wrong(best[hit], labels[todo][hit])
         queries[todo] = torch.where(hit, 1 + found, torch.full_like(found, math.inf))
         adv[todo[hit]] = best[hit]
         return adv, queries
@@ -142,6 +140,9 @@ class _Search:
         result[rows] = wrong
         distance = (points - self.x[rows]).flatten(1).abs().amax(1)
         hit = wrong & (distance <= self.eps + 1e-7)
+        if hit.any() and self.attack.judge is not None:  # the attacker's belief, confirmed by showing it once;
+            # an unconfirmed hit (a lucky noise draw, a blinded query) does not end the image: the search goes on
+            hit[hit.clone()] = self.attack.judged_wrong(points[hit], self.y[rows][hit])
         if hit.any():
             self.found[rows[hit]] = self.used[rows[hit]].to(self.found.dtype)
             self.best[rows[hit]] = points[hit]
