@@ -272,3 +272,35 @@ def test_postures_experiment_runs_end_to_end_and_reports_false_positives(small_k
     fp = results["guard_false_positives"]
     assert fp["iid"]["queries"] == 6 and fp["camera"]["queries"] == 3 * 4
     assert json.loads(out.read_text())["images"] == 6
+
+
+def test_postures_experiment_attacks_the_deployed_artifact_and_refuses_a_foreign_one(small_keyed_checkpoint, tmp_path):
+    """--artifact: the attacks query the checkpoint's ONNX export through ONNX Runtime (what the device runs);
+    an export of another model is refused before any attack runs."""
+    from typer.testing import CliRunner
+
+    from keyedge.benchmarks.experiments import postures
+    from keyedge.cli import app
+
+    pytest.importorskip("pyautoattack")
+    pytest.importorskip("skimage")
+    pytest.importorskip("onnxruntime")
+    checkpoint, key = small_keyed_checkpoint
+    done = CliRunner().invoke(app, ["export", "-c", str(checkpoint), "-k", str(key), "-o", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    (artifact,) = (tmp_path / "out").iterdir()
+    args = [str(checkpoint), "-k", str(key), "--images", "6", "--budgets", "20", "--stream-frames", "2"]
+    results = postures.main([*args, "--postures", "label", "--artifact", str(artifact)])
+    assert results["artifact"] == str(artifact)
+    label = results["postures"][0]
+    assert [o["strategy"] for o in label["outcomes"]] == ["hsj", "rays"]
+    assert all(o["device_queries"] > 0 for o in label["outcomes"])
+
+    model = postures.load_checkpoint(str(checkpoint), postures.load_key(str(key)))[0].eval()
+
+    class Other(torch.nn.Module):  # another model: every answer one class over
+        def forward(self, x):
+            return model(x).roll(1, dims=1)
+
+    with pytest.raises(SystemExit, match="not its export"):
+        postures.deployed(Other(), str(artifact), torch.rand(8, 3, 32, 32), 1)

@@ -8,7 +8,8 @@ flagged.  It also measures the query guard's false positives on benign traffic: 
 camera-like stream (sample photos with small shifts, brightness changes, JPEG re-encoding and sensor noise).
 
 Run: ``python -m keyedge.benchmarks.experiments.postures runs/k1 -k keys/k1.bin``
-``[--postures scores,label+guard] [--images 100] [--budgets 1000,10000] [--json postures.json]``
+``[--postures scores,label+guard] [--images 100] [--budgets 1000,10000] [--artifact export/k1] [--json postures.json]``
+(``--artifact``: attack the checkpoint's ONNX export through ONNX Runtime, as a device runs it.)
 """
 
 from __future__ import annotations
@@ -37,10 +38,29 @@ def clean_accuracy(model: torch.nn.Module, posture, x: torch.Tensor, y: torch.Te
         return float((device(x).argmax(1) == y).float().mean())
 
 
+def deployed(model: torch.nn.Module, artifact: str, x: torch.Tensor, threads: int) -> torch.nn.Module:
+    """The export directory's runner as the model the attacks query, checked to answer as ``model`` does on ``x``."""
+    from keyedge.attacks.query import Queried
+    from keyedge.deploy.runtime import open_artifact
+
+    runner = Queried(open_artifact(artifact, posture=False, threads=threads), label=artifact)
+    with torch.no_grad():
+        same = (runner(x).argmax(1) == model(x).argmax(1)).float().mean().item()
+    if same < 0.99:
+        raise SystemExit(f"{artifact} answers {same:.0%} of the images as the checkpoint does: not its export")
+    return runner
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("-k", "--key-file", help="the checkpoint's key (none for a plain model)")
+    parser.add_argument(
+        "--artifact",
+        help="query this export directory of the checkpoint (exported with the scores posture) through its runner "
+        "instead of the PyTorch model: what the device runs, and several times faster per query at batch 1",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads of --artifact")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--postures", default="scores,label,scores+noise:0.05,scores+guard,label+guard")
     parser.add_argument("--images", type=int, default=100)
@@ -58,9 +78,18 @@ def main(argv: list[str] | None = None) -> dict:
     test, _ = load_dataset(args.data, "test", size, limit=args.images, seed=args.seed)
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.as_tensor(test.labels)
+    if args.artifact:
+        model = deployed(model, args.artifact, x, args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
     eps = parse_eps(args.eps)
-    results: dict = {"checkpoint": args.checkpoint, "images": len(x), "eps": eps, "budgets": budgets, "postures": []}
+    results: dict = {
+        "checkpoint": args.checkpoint,
+        "artifact": args.artifact,
+        "images": len(x),
+        "eps": eps,
+        "budgets": budgets,
+        "postures": [],
+    }
     print(f"{args.checkpoint}: {len(x)} {args.data} test images at {size}px, eps {args.eps}, budgets {budgets}")
     for spec in args.postures.split(","):
         posture = parse_posture(spec)

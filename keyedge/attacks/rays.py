@@ -36,9 +36,10 @@ class RayS(QueryAttack):
 
     Budget-aware (as :class:`~keyedge.attacks.query.HopSkipJump` here, not in the paper): an image counts as
     broken at its first query that is misclassified *and* within ``eps`` (every query is checked as it is made,
-    and confirmed by the :attr:`judge` when one is set), and it is not queried further; a bisection whose interval holds ``eps`` probes the point at ``eps`` first,
-    so the example kept is the farthest one on its ray inside the ball.  No image is queried more than
-    ``queries`` times (the clean query included), so a run with budget B is the first B queries of a longer one.
+    and confirmed by the :attr:`judge` when one is set), and it is not queried further; a bisection whose
+    interval holds ``eps`` probes the point at ``eps`` first, so the example kept is the farthest one on its ray
+    inside the ball.  No image is queried more than ``queries`` times (the clean query included), so a run with
+    budget B is the first B queries of a longer one.
 
     Distance measure: Linf.
 

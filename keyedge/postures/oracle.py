@@ -46,6 +46,7 @@ class Device(nn.Module):
         self.refused = 0
         self.flagged = 0
         self.first_flag: int | None = None  # device queries until the guard first flagged a query
+        self._width = 0  # the outputs' width, once known
 
     def unguarded(self) -> Device:
         """The same device without its guard (noise drawn from its own generator): the evaluator's view."""
@@ -70,7 +71,10 @@ class Device(nn.Module):
         self.flagged += sum(v.flagged for v in verdicts)
         keep = torch.tensor([v.answered for v in verdicts], device=x.device)
         self.refused += int((~keep).sum())
+        if not keep.any() and self._width:  # nothing answered (a locked device): no model call at all
+            return torch.full((x.shape[0], self._width), float("nan"), device=x.device, dtype=x.dtype)
         answered = self.answer(x[keep])  # an empty batch still has the outputs' width
+        self._width = int(answered.shape[1])
         out = torch.full((x.shape[0], answered.shape[1]), float("nan"), device=x.device, dtype=answered.dtype)
         out[keep] = answered
         return out
