@@ -175,7 +175,7 @@ class Liar(nn.Module):
         return nn.functional.one_hot((logits.argmax(1) + 1) % logits.shape[1], logits.shape[1]).float()
 
 
-@pytest.mark.parametrize("name", ["hsj", "rays"])
+@pytest.mark.parametrize("name", ["hsj", "rays", "square"])
 def test_a_hit_the_judge_does_not_confirm_does_not_end_the_attack(tiny, name):
     """The attacker's belief (a lucky noise draw, a blinded answer) is not success: only the judge's look is,
     and an unconfirmed hit leaves the attack going -- a search that stopped there would be a soft attack."""

@@ -142,7 +142,9 @@ class Square(QueryAttack):
     Score-based: it sees the target's logits, never its gradients or key.  Randomized square-shaped
     updates at the corners of the eps-ball are kept when they lower the margin of the true class.
     ``p_init`` follows the paper's schedule for 10,000 queries, not rescaled to ``queries``, so robust
-    accuracy at a smaller budget is the same run cut short (see :meth:`run_queries`).
+    accuracy at a smaller budget is the same run cut short (see :meth:`run_queries`).  With a
+    :attr:`judge` set, an image's attack ends only at a success the judge confirms (behind blinding or
+    noise the attacker's negative margin can be a lucky answer; the reference code would stop there).
 
     Distance measure: Linf (or L2 with ``norm="L2"``).
 
@@ -206,6 +208,8 @@ class Square(QueryAttack):
             device=images.device,
         )
         square.init_hyperparam(images)
+        if self.judge is not None:  # a success is the judge's, not the attacker's belief
+            square.confirm = self.judged_wrong
         devices = [images.device.index or 0] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the reference code draws from the global RNG
             torch.manual_seed(seed)
@@ -219,15 +223,30 @@ class Square(QueryAttack):
 #: the margin a refused query reads as: far from any success, and finite (the reference code mixes margins by
 #: multiplying with 0/1 masks, where an infinite or NaN margin would poison the kept one)
 REFUSED_MARGIN = 1e9
+#: the margin of a candidate the attacker's answer called adversarial and the judge did not: at the boundary
+UNCONFIRMED_MARGIN = 1e-6
 
 
 def _refusal_aware(square: type) -> type:
-    """The reference Square, reading an unanswered query (a NaN row: a guard refused it) as no improvement."""
+    """The reference Square, reading an unanswered query (a NaN row: a guard refused it) as no improvement, and
+    a success the judge does not confirm (``confirm``) as a point at the boundary: the search goes on from it.
+
+    The reference code stops attacking an image at its first negative margin; behind blinding or noise that
+    margin can be a lucky answer, and stopping there would make a soft attack."""
 
     class RefusalAwareSquare(square):
+        confirm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
         def margin_and_loss(self, x, y):
             margin, loss = super().margin_and_loss(x, y)
-            return margin.nan_to_num(REFUSED_MARGIN), loss.nan_to_num(REFUSED_MARGIN)
+            margin, loss = margin.nan_to_num(REFUSED_MARGIN), loss.nan_to_num(REFUSED_MARGIN)
+            believed = margin <= 0
+            if self.confirm is not None and believed.any():
+                unconfirmed = believed.clone()
+                unconfirmed[believed] = ~self.confirm(x[believed], y.view(-1)[believed])
+                margin = margin.masked_fill(unconfirmed, UNCONFIRMED_MARGIN)
+                loss = loss.masked_fill(unconfirmed, UNCONFIRMED_MARGIN)
+            return margin, loss
 
     return RefusalAwareSquare
 
