@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from keyedge.attacks import make_attack
+from keyedge.attacks.query import QUERIES_ABOUT
 from keyedge.postures import Posture, parse_posture
 from keyedge.postures.guard import GuardConfig, QueryGuard
 from keyedge.postures.oracle import Attacker, Device, describe_attacker
@@ -200,14 +201,20 @@ def device_answers(
 
 
 class _Watch:
-    """A guard seen from outside: which image each query it checks belongs to, and whether it flagged it.
+    """The guard seen from outside: which attacked image each query belongs to, and whether it was flagged.
 
-    A query is attributed to ``current`` when set (decision-based attacks run one image at a time), else to the
-    original image nearest in Linf within ``radius`` (a score-based attacker's queries stay within eps of the image
-    it attacks, plus the blinding); a query near none is not attributed."""
+    A query is attributed to ``current`` when set (HopSkipJump runs one image at a time), else to the image the
+    attack says it is about (:data:`~keyedge.attacks.query.QUERIES_ABOUT`, RayS), else to the original image
+    nearest in Linf within ``radius`` (a score-based attacker's queries stay within eps of the image it attacks,
+    plus the blinding); a query near none is not attributed.  With ``per_image`` each image has a guard of its
+    own (``make_guard``) -- its own device -- and an unattributed query meets a spare one; else all share one."""
 
-    def __init__(self, guard: QueryGuard, originals: torch.Tensor, radius: float):
-        self.guard, self.radius = guard, radius
+    def __init__(
+        self, make_guard: Callable[[], QueryGuard], originals: torch.Tensor, radius: float, *, per_image: bool
+    ):
+        self.make_guard, self.radius, self.per_image = make_guard, radius, per_image
+        self.guard = make_guard()  # the shared one, or the spare for unattributed queries
+        self.guards: dict[int, QueryGuard] = {}
         self.originals = originals.detach().cpu().flatten(1).float()
         n = self.originals.shape[0]
         self.current: int | None = None
@@ -218,14 +225,25 @@ class _Watch:
     def _owners(self, batch: Any) -> list[int]:
         if self.current is not None:
             return [self.current] * len(batch)
-        flat = torch.as_tensor(batch).flatten(1).float()
+        about, radius = QUERIES_ABOUT.get(), self.radius
+        if about is not None and len(about) == len(batch):
+            batch, radius = about, 1e-6
+        flat = torch.as_tensor(batch).detach().cpu().flatten(1).float()
         distance = torch.cdist(flat, self.originals, p=float("inf"))
         nearest, owner = distance.min(1)
-        return [int(o) if d <= self.radius else -1 for d, o in zip(nearest.tolist(), owner.tolist())]
+        return [int(o) if d <= radius else -1 for d, o in zip(nearest.tolist(), owner.tolist())]
+
+    def _guard(self, owner: int) -> QueryGuard:
+        if not self.per_image or owner < 0:
+            return self.guard
+        if owner not in self.guards:
+            self.guards[owner] = self.make_guard()
+        return self.guards[owner]
 
     def check_batch(self, batch: Any) -> list:
-        verdicts = self.guard.check_batch(batch)
-        for owner, verdict in zip(self._owners(batch), verdicts):
+        owners = self._owners(batch)
+        verdicts = [self._guard(owner).check(image) for owner, image in zip(owners, batch)]
+        for owner, verdict in zip(owners, verdicts):
             if owner < 0:
                 continue
             self.queries[owner] += 1
@@ -255,30 +273,29 @@ def run_watched(
     """:func:`run_strategy`, and per image whether the guard flagged its attacker and after how many queries.
 
     One device for all images, as in :func:`run_strategy`, except under a ``lock`` guard: a lock would protect
-    every image attacked after it, so there each image is attacked on a fresh device (an empty history: the
-    attacker who owns many devices), one image at a time.  A decision-based attack runs one image at a time (it
-    does anyway), so its queries are attributed exactly.  ``extra`` holds ``flagged`` (flagged queries per image)
-    and ``first_flag`` (the image's own queries until its first flagged one, None if never)."""
+    every image attacked after it, so there each image is attacked on a device of its own (an empty history: the
+    attacker who owns many devices).  Square and RayS run batched, each query routed to its image's device;
+    HopSkipJump runs one image at a time (it does anyway).  ``extra`` holds ``flagged`` (flagged queries per
+    image) and ``first_flag`` (the image's own queries until its first flagged one, None if never)."""
     posture = parse_posture(posture)
     if not posture.guard:
         return run_strategy(
             model, images, labels, posture, strategy, eps=eps, budget=budget, target=target, seed=seed,
             batch_size=batch_size, guard_config=guard_config,
         )  # fmt: skip
-    watch = _Watch(QueryGuard(guard_config, posture.guard, autosave=False), images, eps + 2 * strategy.blind + 1e-4)
+    make_guard = lambda: QueryGuard(guard_config, posture.guard, autosave=False)  # noqa: E731
+    radius = eps + 2 * strategy.blind + 1e-4
+    watch = _Watch(make_guard, images, radius, per_image=posture.guard == "lock")
     oracle = Device(model, posture, guard=watch, seed=seed)  # type: ignore[arg-type]  # duck-typed guard
     attacker = Attacker(oracle, repeats=strategy.repeats, blind=strategy.blind, seed=seed + 1)
     calls = max(2, budget // strategy.repeats)
     attack = make_attack(strategy.attack, attacker, eps=eps, queries=calls, seed=seed)
     attack.judge = oracle.unguarded()
-    fresh = posture.guard == "lock"
-    if strategy.attack == "square" and not fresh:
+    if strategy.attack in ("square", "rays"):  # batched; every query attributed (see _Watch)
         _, used = attack.run_queries(images, labels, batch_size=batch_size, device=device, progress=progress)
     else:  # one image at a time, each query attributed to it
         parts = []
         for i in range(images.shape[0]):
-            if fresh:
-                watch.guard = QueryGuard(guard_config, posture.guard, autosave=False)
             watch.current = i
             parts.append(attack.run_queries(images[i : i + 1], labels[i : i + 1], device=device)[1])
             if progress is not None:

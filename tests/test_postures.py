@@ -306,3 +306,24 @@ def test_postures_experiment_attacks_the_deployed_artifact_and_refuses_a_foreign
 
     with pytest.raises(SystemExit, match="not its export"):
         postures.deployed(Other(), str(artifact), torch.rand(8, 3, 32, 32), 1)
+
+
+def test_under_a_lock_each_image_meets_a_device_of_its_own_even_in_one_batch(trained_small, monkeypatch):
+    """A lock protects only the device that saw the attack: the batched run, each query routed to its image's
+    guard, gives every image the outcome it gets attacked alone on a fresh device (RayS: exactly; Square draws
+    its squares for the whole batch, so there every attacked image is flagged by its own guard)."""
+    from keyedge.benchmarks.postures import Strategy, run_watched
+
+    pytest.importorskip("pyautoattack")
+    model, images, labels = trained_small
+    images, labels = images[:8], labels[:8]
+    monkeypatch.setattr("keyedge.postures.guard.secrets.token_bytes", bytes)  # one fingerprint secret for all
+    rays = run_watched(model, images, labels, "label+guard:lock", Strategy("rays"), eps=16 / 255, budget=80)
+    alone = [run_watched(model, images[i : i + 1], labels[i : i + 1], "label+guard:lock", Strategy("rays"),
+                         eps=16 / 255, budget=80) for i in range(len(images))]  # fmt: skip
+    assert rays.to_break == [o.to_break[0] for o in alone]
+    assert rays.extra["first_flag"] == [o.extra["first_flag"][0] for o in alone]
+    assert rays.refused == sum(o.refused for o in alone) > 0  # every device locked after its own flag only
+    square = run_watched(model, images, labels, "scores+guard:lock", Strategy("square"), eps=16 / 255, budget=80)
+    attacked = [i for i, q in enumerate(square.to_break) if q != 0]
+    assert attacked and all(square.extra["first_flag"][i] is not None for i in attacked)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,10 @@ from torch import nn
 from keyedge.deps import require
 
 from .base import Attack, AttackError, Models, check_positive, register_attack
+
+#: the clean images the queries in flight are about, one per row, when the attack says so (RayS does): a harness
+#: that gives each attacked image its own device (keyedge.benchmarks.postures) routes each query by it
+QUERIES_ABOUT: ContextVar[torch.Tensor | None] = ContextVar("queries_about", default=None)
 
 
 class Queried(nn.Module):

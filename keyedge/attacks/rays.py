@@ -18,7 +18,7 @@ import math
 import torch
 
 from .base import AttackError, Models, check_positive, register_attack
-from .query import QueryAttack
+from .query import QUERIES_ABOUT, QueryAttack
 
 
 @register_attack
@@ -133,8 +133,12 @@ class _Search:
         if rows.numel() == 0:
             return result
         points = self.point(rows, radius, signs)
-        with torch.no_grad():
-            out = self.model(points)
+        about = QUERIES_ABOUT.set(self.x[rows])  # far along a ray a query no longer looks like its image
+        try:
+            with torch.no_grad():
+                out = self.model(points)
+        finally:
+            QUERIES_ABOUT.reset(about)
         refused = torch.isnan(out).any(1)
         wrong = (out.nan_to_num(float("-inf")).argmax(1) != self.y[rows]) & ~refused
         self.used[rows] += 1
