@@ -269,8 +269,12 @@ def test_postures_experiment_runs_end_to_end_and_reports_false_positives(small_k
     guarded = results["postures"][1]
     assert [o["strategy"] for o in guarded["outcomes"]] == ["square", "square blinded 0.05"]
     assert set(guarded["worst"]) == {"10", "20"} and guarded["worst"]["20"] <= guarded["worst"]["10"]
+    assert [d["strategy"] for d in guarded["detection"]] == ["square", "square blinded 0.05"]
+    assert results["postures"][0]["detection"] == []  # no guard, nothing to detect
     fp = results["guard_false_positives"]
     assert fp["iid"]["queries"] == 6 and fp["camera"]["queries"] == 3 * 4
+    only = postures.main([*args[:3], "--postures", "", "--fp-images", "9", "--stream-frames", "1"])
+    assert only["postures"] == [] and only["guard_false_positives"]["iid"]["queries"] == 9
     assert json.loads(out.read_text())["images"] == 6
 
 

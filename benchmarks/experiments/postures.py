@@ -21,7 +21,14 @@ import time
 import torch
 
 from keyedge.attacks import parse_eps
-from keyedge.benchmarks.postures import camera_stream, false_positives, run_watched, strategies, worst_per_image
+from keyedge.benchmarks.postures import (
+    camera_stream,
+    detection,
+    false_positives,
+    run_watched,
+    strategies,
+    worst_per_image,
+)
 from keyedge.checkpoints import load_checkpoint
 from keyedge.data.datasets import load_dataset
 from keyedge.keys.keyfile import load_key
@@ -68,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eps", default="16/255")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream-frames", type=int, default=250, help="camera frames per scene (false positives)")
+    parser.add_argument(
+        "--fp-images", type=int, help="i.i.d. test images for the guard's false positives (default: the attacked ones)"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "postures": [],
     }
     print(f"{args.checkpoint}: {len(x)} {args.data} test images at {size}px, eps {args.eps}, budgets {budgets}")
-    for spec in args.postures.split(","):
+    for spec in filter(None, args.postures.split(",")):  # --postures '': the false positives only
         posture = parse_posture(spec)
         clean = clean_accuracy(model, posture, x, y, args.seed)
         outcomes = []
@@ -100,7 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
             outcome = run_watched(model, x, y, posture, strategy, eps=eps, budget=max(budgets), seed=args.seed)
             outcomes.append(outcome)
             accs = ", ".join(f"{outcome.robust_accuracy(b):.1%} @{b}" for b in budgets)
-            flag = f", first flagged after {outcome.first_flag:.0f} queries" if outcome.first_flag else ""
+            seen = detection(outcome)
+            flag = (
+                f", flagged the attacker of {seen['detected']}/{seen['attacked']} images"
+                f" (median {seen['median_queries_to_flag']} of its queries)"
+                if seen
+                else ""
+            )
             print(
                 f"  {posture!s:28} {strategy.label:28} {accs}; refused {outcome.refused}/{outcome.device_queries}"
                 f"{flag} ({time.perf_counter() - start:.0f} s)",
@@ -115,10 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
                 "clean_accuracy": clean,
                 "worst": {str(b): w for b, w in worst.items()},
                 "outcomes": [o.to_dict() for o in outcomes],
+                "detection": [d for d in map(detection, outcomes) if d is not None],
             }
         )
     config = GuardConfig()
-    iid = [x[i].numpy() for i in range(len(x))]
+    if args.fp_images:
+        benign, _ = load_dataset(args.data, "test", size, limit=args.fp_images, seed=args.seed)
+        iid = [benign[i][0].numpy() for i in range(len(benign))]
+    else:
+        iid = [x[i].numpy() for i in range(len(x))]
     results["guard_false_positives"] = {
         "config": config.to_dict(),
         "iid": false_positives(iid, config),
