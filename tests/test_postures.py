@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -113,6 +114,17 @@ def test_guard_passes_distinct_images_and_stops_an_attack_sequence_within_a_few_
     first = next(i for i, v in enumerate(verdicts) if not v.answered)
     assert first <= 3 and verdicts[first].flagged and "attack query sequence" in verdicts[first].reason
     assert guard.counters["refused"] >= 7
+
+
+def test_a_malformed_query_with_nan_pixels_is_fingerprinted_not_a_warning():
+    """Attackers' tools can send NaN pixels (HopSkipJump divides by a zero step): the guard reads them as 0."""
+    guard = QueryGuard(action="refuse", autosave=False)
+    image = _images(1, seed=5)[0].copy()
+    image[:, :4] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(guard.fingerprint(image), guard.fingerprint(np.nan_to_num(image)))
+        assert guard.check(image).answered
 
 
 def test_flag_answers_and_lock_answers_the_flagged_query_then_refuses_everything_until_unlocked():

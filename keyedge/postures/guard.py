@@ -161,7 +161,8 @@ class QueryGuard:
         x = np.asarray(image, dtype=np.float32)
         if x.ndim != 3:
             raise GuardError(f"the guard fingerprints one (C, H, W) image at a time, got shape {x.shape}")
-        quantized = np.rint(x.transpose(1, 2, 0) * 255).clip(0, 255).astype(np.uint8) // self.config.quantum
+        scaled = np.nan_to_num(x.transpose(1, 2, 0) * 255)  # a NaN pixel (an attacker's malformed query) reads as 0
+        quantized = np.rint(scaled).clip(0, 255).astype(np.uint8) // self.config.quantum
         flat = quantized.reshape(-1).astype(np.uint64)
         w, step = min(self.config.window, flat.size), self.config.step
         with np.errstate(over="ignore"):
