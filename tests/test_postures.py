@@ -320,6 +320,9 @@ def test_postures_experiment_attacks_the_deployed_artifact_and_refuses_a_foreign
         def forward(self, x):
             return model(x).roll(1, dims=1)
 
+    with pytest.raises(SystemExit) as missing:  # one line and exit 2, no traceback
+        postures.main([*args, "--postures", "label", "--artifact", str(tmp_path / "none")])
+    assert missing.value.code == 2
     with pytest.raises(SystemExit, match="not its export"):
         postures.deployed(Other(), str(artifact), torch.rand(8, 3, 32, 32), 1)
 

@@ -31,6 +31,7 @@ from keyedge.benchmarks.postures import (
 )
 from keyedge.checkpoints import load_checkpoint
 from keyedge.data.datasets import load_dataset
+from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import load_key
 from keyedge.models.lora import merge_lora
 from keyedge.postures import parse_posture
@@ -50,11 +51,14 @@ def deployed(model: torch.nn.Module, artifact: str, x: torch.Tensor, threads: in
     from keyedge.attacks.query import Queried
     from keyedge.deploy.runtime import open_artifact
 
-    runner = Queried(open_artifact(artifact, posture=False, threads=threads), label=artifact)
+    try:
+        runner = Queried(open_artifact(artifact, posture=False, threads=threads), label=artifact)
+    except KeyedgeError as exc:
+        raise SystemExit(f"error: --artifact {exc}") from None
     with torch.no_grad():
         same = (runner(x).argmax(1) == model(x).argmax(1)).float().mean().item()
     if same < 0.99:
-        raise SystemExit(f"{artifact} answers {same:.0%} of the images as the checkpoint does: not its export")
+        raise SystemExit(f"error: {artifact} answers {same:.0%} of the images as the checkpoint does: not its export")
     return runner
 
 
@@ -89,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.stack([test[i][0] for i in range(len(test))])
     y = torch.as_tensor(test.labels)
     if args.artifact:
-        model = deployed(model, args.artifact, x, args.threads)
+        try:
+            model = deployed(model, args.artifact, x, args.threads)
+        except SystemExit as exc:  # one line and exit 2, as argparse reports bad arguments
+            parser.exit(2, f"{exc}\n")
     budgets = [int(b) for b in args.budgets.split(",")]
     eps = parse_eps(args.eps)
     results: dict = {
