@@ -8,6 +8,7 @@ never leaves a truncated file (or clobbers the previous good one).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -131,9 +132,10 @@ def atomic_output(
         os.close(fd)
         yield tmp
         raise_if_stopped()
-        if not overwrite and (path.exists() or path.is_symlink()):
-            raise OutputError(f"{path} appeared while writing", f"pass {flag} to replace it")
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path, flag)
         note_kept(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -141,19 +143,104 @@ def atomic_output(
         raise
 
 
-def write_bytes_atomic(
-    path: str | os.PathLike, data: bytes, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--overwrite"
-) -> Path:
-    """Write ``data`` to ``path`` atomically with permissions ``mode``; return the path."""
-    with atomic_output(path, mode=mode, overwrite=overwrite, flag=flag) as tmp:
+def _link_new(tmp: Path, path: Path, flag: str) -> None:
+    """Give the complete file ``tmp`` the name ``path`` only if no file has it: exclusive, even between processes.
+
+    Checking first and then renaming is a race: two ``keyedge sealkey new -o k`` at once would both
+    check, both rename, both say ``wrote``, and one sealing key would be gone.  A hard link fails
+    with ``EEXIST`` atomically, so exactly one process creates the name.  Where the file system has
+    no hard links, an ``O_EXCL`` create claims the name first (it is empty until the rename fills it).
+    """
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise OutputError(
+            f"{path} was created by another process meanwhile; nothing was written",
+            f"choose another path or pass {flag} to replace it",
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
         try:
-            with open(tmp, "wb") as fh:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            raise OutputError(
+                f"{path} was created by another process meanwhile; nothing was written",
+                f"choose another path or pass {flag} to replace it",
+            ) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def write_new_files(
+    files: list[tuple[str | os.PathLike, bytes, int]], *, overwrite: bool = False, flag: str = "--overwrite"
+) -> list[Path]:
+    """Write several files as one: all of them, or (on any error, a race lost, Ctrl-C) none.
+
+    ``files`` is ``(path, data, mode)`` each.  Without ``overwrite`` every name is created
+    exclusively (:func:`_link_new`); when one of them turns out to exist, the ones this call
+    created are removed again, so a signing key never exists without its verify key.
+    """
+    paths = [check_writable(path, overwrite=overwrite, flag=flag) for path, _, _ in files]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise OutputError(f"{' and '.join(map(str, paths))} are the same file", "choose distinct names")
+    created: list[Path] = []
+    stack = contextlib.ExitStack()
+    try:
+        with stack:
+            temps = [stack.enter_context(_staged_file(p, data, mode)) for p, (_, data, mode) in zip(paths, files)]
+            raise_if_stopped()
+            for tmp, path in zip(temps, paths):
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    _link_new(tmp, path, flag)
+                created.append(path)
+    except BaseException:
+        if not overwrite:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        raise
+    for path in paths:
+        note_kept(path)
+    return paths
+
+
+@contextlib.contextmanager
+def _staged_file(path: Path, data: bytes, mode: int) -> Iterator[Path]:
+    """A complete temporary copy of ``data`` beside ``path`` (mode ``mode`` from the start), removed on exit."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        for line in remove_stale_staging(parent):
+            _stderr(line)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp" + path.suffix, dir=parent
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent}: {exc.strerror}", "choose a writable location") from None
+    tmp = Path(tmp_name)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            with open(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror}", "check free space and permissions") from None
-    return Path(path)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--overwrite"
+) -> Path:
+    """Write ``data`` to ``path`` atomically with permissions ``mode`` (exclusively, without ``overwrite``)."""
+    return write_new_files([(path, data, mode)], overwrite=overwrite, flag=flag)[0]
 
 
 def sha256_file(path: str | os.PathLike) -> str:

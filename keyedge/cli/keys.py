@@ -169,12 +169,8 @@ def signkey_new(
     from keyedge.keys.signing import SigningKey
 
     overwrite = overwrite or force
-    public_path = out.with_suffix(".pub")
-    check_writable(out, overwrite=overwrite, flag="--overwrite")
-    check_writable(public_path, overwrite=overwrite, flag="--overwrite")
     key = SigningKey.generate()
-    path = key.save(out, overwrite=overwrite)
-    key.verify_key().save(public_path, overwrite=overwrite)
+    path, public_path = key.save_pair(out, overwrite=overwrite)
     console.print(
         f"wrote {path} (mode 0600, keep it secret) and {public_path} (give it to devices): "
         f"signing key {key.fingerprint}",

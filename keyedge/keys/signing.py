@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keyedge.deps import require
-from keyedge.errors import SealError
-from keyedge.fileio import write_bytes_atomic
+from keyedge.errors import OutputError, SealError
+from keyedge.fileio import note_kept, write_bytes_atomic, write_new_files
 from keyedge.keys.keyfile import (
     KIND_SIGN,
     KIND_VERIFY,
@@ -109,6 +109,25 @@ class SigningKey:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         return write_bytes_atomic(path, self.to_bytes(), mode=0o600, overwrite=overwrite)
+
+    def save_pair(self, path: str | os.PathLike, *, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write the signing key (0600) at ``path`` and its verify key beside it as ``.pub``: both or neither.
+
+        Each name is created exclusively (unless ``overwrite``), so two processes creating the same
+        pair cannot both succeed, and a lost race or an error leaves neither file behind.
+        """
+        path = Path(path)
+        if path.suffix == ".pub":
+            raise OutputError(
+                f"{path} ends in .pub, the name of the verify key written beside the signing key",
+                "name the signing key e.g. signer.key (signer.pub is written beside it)",
+            )
+        public = path.with_suffix(".pub")
+        files = [(path, self.to_bytes(), 0o600), (public, self.verify_key().to_bytes(), 0o644)]
+        written = write_new_files(files, overwrite=overwrite)
+        note_kept(written[0], "signing key")
+        note_kept(written[1], "verify key")
+        return written[0], written[1]
 
     def __repr__(self) -> str:
         return f"SigningKey(fingerprint={self.fingerprint!r})"
