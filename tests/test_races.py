@@ -49,7 +49,7 @@ def _racer(kind: str, path: str, barrier, results) -> None:
         results.put(("won", _create(kind, Path(path))))
     except OutputError as exc:
         results.put(("lost", str(exc).encode()))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+    except BaseException as exc:  # reported to the parent, which fails the test
         results.put(("crashed", repr(exc).encode()))
 
 
