@@ -24,6 +24,8 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: bounds that no real model reaches; they keep a hand-edited value from allocating terabytes
 MAX_IMAGE_SIZE = 16384
 MAX_CLASSES = 1_000_000
+#: seeds are 32-bit: every generator keyedge seeds (torch, numpy's legacy one, Python's) accepts them
+MAX_SEED = 2**32 - 1
 
 
 class ManifestError(KeyedgeError):

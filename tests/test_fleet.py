@@ -112,11 +112,31 @@ def test_fleet_end_to_end_on_local_ray(tmp_path, local_ray):
         assert again.exit_code == 0 and "0 done now, 3 already done" in again.output, again.output
     assert _checkpoint_shas(fleet_dir) == before
 
-    # a changed artifact file is stale: only that device is exported again
+    # one byte of a verified model flipped under an unchanged manifest: verify re-hashes, never reuses (issue 33)
+    flipped = fleet_dir / fleet.devices[0].exported["path"] / "model.onnx"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    again = _cli("fleet", "verify", fleet_dir)
+    assert again.exit_code == 1 and "1 failed (device-000)" in again.output, again.output
+    assert "2 already done" in again.output, again.output
+    status = _cli("fleet", "status", fleet_dir)
+    assert "device-000" in status.output and "verified no" in status.output.split("device-001")[0], status.output
+
+    # a changed artifact file is stale: only those devices are exported again
     onnx_file = fleet_dir / fleet.devices[1].exported["path"] / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
     again = _cli("fleet", "export", fleet_dir, "-t", "onnx")
-    assert "fleet export: 1 done now, 2 already done" in again.output, again.output
+    assert "fleet export: 2 done now, 1 already done" in again.output, again.output
+
+    # a key file replaced by another key: every stage refuses the device, the others are unaffected (issue 33)
+    from keyedge.keys.keyfile import Key
+
+    Key.generate(4).save(fleet_dir / "keys" / "device-002.bin", overwrite=True)
+    for stage in ("train", "export", "verify"):
+        again = _cli("fleet", stage, fleet_dir, *(["-t", "onnx"] if stage == "export" else []))
+        assert again.exit_code == 1 and "1 failed (device-002)" in again.output, again.output
+        assert "but fleet.json records key" in again.output, again.output
 
 
 @needs_data
@@ -171,6 +191,47 @@ def test_a_killed_driver_is_resumed_without_redoing_finished_keys(tmp_path):
     assert {k: after[k] for k in finished} == finished and len(after) == 3
     leftovers = [p.name for p in (fleet_dir / "runs").iterdir() if p.name.startswith(".")]
     assert leftovers == [], "the killed job's unfinished checkpoint was cleaned up"
+
+
+@pytest.mark.parametrize("swap", ["replaced", "pointed"])
+def test_a_fleet_never_trains_a_device_with_another_key(tmp_path, swap):
+    """Issue 33: a key file replaced by another key, or fleet.json pointing devices at each other's files.
+
+    ``fleet train`` used to train with whatever key the file held and exit 0.  Now the stage refuses
+    the device before any job, and the job itself checks the key it reads (a file swapped in between).
+    """
+    from keyedge.app.fleet.jobs import train_job
+    from keyedge.keys.keyfile import Key
+
+    fleet_dir = _init(tmp_path / "fleet", devices=2)
+    fleet = FleetManifest.read(fleet_dir)
+    if swap == "replaced":
+        for d in fleet.devices:
+            Key.generate(4).save(fleet_dir / d.key_file, overwrite=True)
+    else:
+        a, b = fleet.devices
+        a.key_file, b.key_file = b.key_file, a.key_file
+        fleet.write()
+    result = _cli("fleet", "train", fleet_dir)
+    assert result.exit_code == 1 and "2 failed (device-000, device-001)" in result.output, result.output
+    assert "but fleet.json records key" in result.output, result.output
+    assert not (fleet_dir / "runs").exists() or not any((fleet_dir / "runs").iterdir())
+    record = FleetManifest.read(fleet_dir).device("device-000").failed["train"]
+    assert record["attempts"] == 0 and "holds key" in record["error"]
+
+    d = fleet.devices[0]
+    recipe = json.loads((fleet_dir / "fleet.json").read_text())["recipe"]
+    with pytest.raises(KeyedgeError, match=r"fleet\.json records key"):
+        train_job(str(tmp_path / "ckpt"), str(fleet_dir / d.key_file), d.fingerprint, recipe, False, "cpu", "/dev/null")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_fleet_json_sharing_a_key_file_between_devices_is_refused(tmp_path):
+    fleet_dir = _init(tmp_path / "fleet", devices=2)
+    document = json.loads((fleet_dir / "fleet.json").read_text())
+    document["devices"][1]["key_file"] = "keys/./device-000.bin"
+    (fleet_dir / "fleet.json").write_text(json.dumps(document))
+    _one_line(_cli("fleet", "train", fleet_dir), "devices[1].key_file", "unique to the device")
 
 
 def test_one_fleet_command_at_a_time(tmp_path):

@@ -41,6 +41,13 @@ def target_option() -> Any:
     )
 
 
+def seed_option(help: str) -> Any:
+    """The one ``--seed``: 0..2**32-1, what every generator keyedge seeds accepts (a larger one is a usage error)."""
+    from keyedge.validate import MAX_SEED
+
+    return typer.Option(0, "--seed", min=0, max=MAX_SEED, help=help)
+
+
 def device_option(help: str = "Torch device: auto, cpu, cuda, cuda:N or mps.") -> Any:
     """The one ``--device``: a torch device (device profiles are ``--profile``)."""
     return typer.Option("auto", "--device", help=help)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import typer
 
 from keyedge.cli._console import console, err_console, progress_bar
-from keyedge.cli._flags import device_option, key_file_option, overwrite_option, renamed, retired
+from keyedge.cli._flags import device_option, key_file_option, overwrite_option, renamed, retired, seed_option
 
 bench_app = typer.Typer(
     help="Measure models: latency on a device profile, the latency gate, robustness under attack, CoreML plans.",
@@ -204,7 +204,7 @@ R_KEY_FILE = key_file_option(
 R_KEYS = typer.Option(None, "--keys", help="Directory of key files.")
 R_DATA = typer.Option("fashion-mnist", "--data", "-d", help="Test data (as for train).")
 R_LIMIT = typer.Option(500, "--limit", min=1, help="Test images (class-stratified, seeded).")
-R_SEED = typer.Option(0, "--seed", min=0, help="Seed of the test subset and the attacks.")
+R_SEED = seed_option("Seed of the test subset and the attacks.")
 ATTACK = typer.Option(
     "pgd",
     "--attack",

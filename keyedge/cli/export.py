@@ -43,7 +43,7 @@ CALIBRATION_DATA = typer.Option(
     "the checkpoint's training data.",
 )
 CALIBRATION_SIZE = typer.Option(300, "--calibration-size", min=1, help="int8: calibration images.")
-CALIBRATION_SEED = typer.Option(0, "--calibration-seed", min=0, help="int8: seed drawing them.")
+CALIBRATION_SEED = typer.Option(0, "--calibration-seed", min=0, max=2**32 - 1, help="int8: seed drawing them.")
 MIN_AGREEMENT = typer.Option(
     0.98, "--min-agreement", min=0.0, max=1.0, help="int8: least top-1 agreement with the fp32 model."
 )

@@ -15,7 +15,7 @@ import typer
 
 from keyedge.app.engine import make_engine
 from keyedge.cli._console import console, err_console, progress_bar
-from keyedge.cli._flags import device_option, expand_targets, target_option
+from keyedge.cli._flags import device_option, expand_targets, seed_option, target_option
 from keyedge.errors import KeyedgeError
 
 fleet_app = typer.Typer(
@@ -93,7 +93,7 @@ def init(
     epochs: int = typer.Option(3, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     lr: float | None = typer.Option(None, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = seed_option("Seed of new layers, data order and the limited subsets."),
     train_limit: int | None = typer.Option(None, "--train-limit", min=1),
     test_limit: int | None = typer.Option(None, "--test-limit", min=1),
 ) -> None:

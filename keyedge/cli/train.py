@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import typer
 
 from keyedge.cli._console import console, err_console
-from keyedge.cli._flags import device_option, key_file_option, overwrite_option
+from keyedge.cli._flags import device_option, key_file_option, overwrite_option, seed_option
 from keyedge.models.recipes import FULL_LR, LORA_DEFAULTS
 
 # train's options, declared here so that the command reads as its list of settings
@@ -41,7 +41,7 @@ LR = typer.Option(
 WEIGHT_DECAY = typer.Option(0.05, "--weight-decay", min=0.0, help="AdamW weight decay.")
 WARMUP_EPOCHS = typer.Option(0.3, "--warmup-epochs", min=0.0, help="Epochs of linear learning-rate warm-up.")
 LABEL_SMOOTHING = typer.Option(0.1, "--label-smoothing", min=0.0, max=0.99, help="Label smoothing of the loss.")
-SEED = typer.Option(0, "--seed", help="Seed of new layers, data order and the --train-limit/--test-limit subsets.")
+SEED = seed_option("Seed of new layers, data order and the --train-limit/--test-limit subsets.")
 TRAIN_LIMIT = typer.Option(None, "--train-limit", min=1, help="Use at most this many training images.")
 TEST_LIMIT = typer.Option(None, "--test-limit", min=1, help="Use at most this many test images.")
 WORKERS = typer.Option(0, "--workers", min=0, help="DataLoader worker processes.")
@@ -216,7 +216,7 @@ def evaluate(
     key_file: Path | None = key_file_option("Key to shuffle inputs with."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use at most this many test images."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the test subset (with --limit)."),
+    seed: int = seed_option("Seed of the test subset (with --limit)."),
     device: str = device_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -61,6 +61,7 @@ from keyedge.models.recipes import default_lr, lora_settings
 from keyedge.postures.spec import MAX_SIGMA
 from keyedge.training.curriculum import CurriculumBatchSampler, image_scores
 from keyedge.training.guard import TransferGuard
+from keyedge.validate import MAX_SEED
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainConfig:
     data: str
     out: str
     key_file: str | None = None
+    key_fingerprint: str | None = None  # what key_file must hold (a fleet's record): another key is refused
     weights: str = "hub"
     image_size: int | None = None
     finetune: str = "full"  # full | lora
@@ -185,6 +187,8 @@ def _check_numbers(config: TrainConfig) -> None:
     for flag, value, ok, hint in checks:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
             raise KeyedgeError(f"{flag} {value!r} is not a usable value", f"pass {hint}")
+    if not (isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED):
+        raise KeyedgeError(f"--seed {config.seed!r} is not usable", f"pass an integer in 0..{MAX_SEED}")
     if config.guard_keys and not config.guard_models:
         raise KeyedgeError("--guard-key needs --guard-model", "pass the guard's checkpoints with --guard-model")
 
@@ -445,6 +449,18 @@ def _check_run(config: TrainConfig, out: Path, dist_env: Distributed) -> None:
         )
     if config.epochs < 1 or config.batch_size < 1:
         raise KeyedgeError("--epochs and --batch-size must be positive")
+    lora_only = {
+        "--lora-r": config.lora_r,
+        "--lora-alpha": config.lora_alpha,
+        "--lora-targets": config.lora_targets,
+        "--lora-full": config.lora_full,
+    }
+    given = [flag for flag, value in lora_only.items() if value is not None]
+    if config.finetune != "lora" and given:
+        raise KeyedgeError(
+            f"{', '.join(given)} only apply to --finetune lora, and this run fine-tunes {config.finetune}",
+            f"drop {', '.join(given)}, or pass --finetune lora",
+        )
     _check_numbers(config)
 
 
@@ -669,6 +685,12 @@ def train(
     out = Path(config.out)
     _check_run(config, out, dist_env)
     key = _load_key(config.key_file)
+    if config.key_fingerprint is not None and (key is None or key.fingerprint != config.key_fingerprint):
+        raise KeyedgeError(
+            f"{config.key_file} holds key {key.fingerprint if key else 'none'}, "
+            f"not the expected key {config.key_fingerprint}",
+            "restore the right key file; nothing was trained",
+        )
     size = config.image_size or _default_size(config)
     config.defense_impl.check_training(config, size)
     train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)

@@ -79,7 +79,7 @@ class _OptionError(ManifestError):
 def _check_readable(created: str, names: list[str], block_size: int, recipe: Recipe) -> None:
     """Refuse now what every later ``keyedge fleet`` command would refuse to read: the manifest's own checks."""
     draft = FleetManifest(
-        created, block_size, recipe, [Device(n, "0" * 16, f"keys/{n}.bin", f"runs/{n}") for n in names]
+        created, block_size, recipe, [Device(n, f"{i:016x}", f"keys/{n}.bin", f"runs/{n}") for i, n in enumerate(names)]
     )
     fields = Fields(draft.to_dict(), "fleet init", "no fleet was created", error=_OptionError)
     FleetManifest.from_fields(fields)

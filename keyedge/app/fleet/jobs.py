@@ -13,6 +13,7 @@ from keyedge.checkpoints import MANIFEST
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.deploy.verify import describe, verify_set
+from keyedge.errors import KeyedgeError
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key, load_key
 from keyedge.training.loop import TrainConfig, key_accuracy, train
@@ -26,9 +27,35 @@ def _logger(log_file: str) -> Callable[[str], None]:
     return log
 
 
-def train_job(checkpoint: str, key_file: str, recipe: dict[str, Any], resume: bool, device: str, log_file: str):
+def device_key(key_file: str, fingerprint: str) -> Key:
+    """The device's key, read from its file and checked against the fingerprint fleet.json records for it.
+
+    A key file replaced by another key, or a fleet.json pointing a device at another device's file, is
+    refused here, in the job itself: no model is ever trained, exported or verified with the wrong key.
+    """
+    key = load_key(key_file)
+    if key.fingerprint != fingerprint:
+        raise KeyedgeError(
+            f"{key_file} holds key {key.fingerprint}, but fleet.json records key {fingerprint} for this device",
+            "restore the device's own key file (nothing was done with this one)",
+        )
+    return key
+
+
+def train_job(
+    checkpoint: str,
+    key_file: str,
+    fingerprint: str,
+    recipe: dict[str, Any],
+    resume: bool,
+    device: str,
+    log_file: str,
+):
     """Fine-tune one device's model (or continue it); the checkpoint manifest's SHA-256 and accuracy."""
-    config = TrainConfig(out=checkpoint, key_file=key_file, device=device, resume=resume, **recipe)
+    device_key(key_file, fingerprint)
+    config = TrainConfig(
+        out=checkpoint, key_file=key_file, key_fingerprint=fingerprint, device=device, resume=resume, **recipe
+    )
     manifest = train(config, progress=False, log=_logger(log_file))
     return {
         "sha256": sha256_file(Path(checkpoint) / MANIFEST),
@@ -43,6 +70,7 @@ _TEMPLATES: dict[tuple, Any] = {}  # one fleet template per architecture, kept b
 def export_job(
     checkpoint: str,
     key_file: str,
+    fingerprint: str,
     out: str,
     targets: list[str],
     fuse: str,
@@ -56,9 +84,8 @@ def export_job(
     settings = ExportSettings(
         targets=targets, out=Path(out), fuse=fuse, precision=precision, overwrite=True, log=_logger(log_file)
     )
-    directory = export_one(
-        ExportRequest(Path(checkpoint), load_key(key_file)), settings, templates=_TEMPLATES if template else None
-    )
+    request = ExportRequest(Path(checkpoint), device_key(key_file, fingerprint))
+    directory = export_one(request, settings, templates=_TEMPLATES if template else None)
     manifest = ArtifactManifest.read(directory)
     return {
         "path": str(directory),
@@ -71,9 +98,9 @@ def export_job(
     }
 
 
-def verify_job(directory: str, key_file: str, log_file: str):
+def verify_job(directory: str, key_file: str, fingerprint: str, log_file: str):
     """``keyedge verify`` on one device's set with its key: files, then parity against its checkpoint."""
-    result = verify_set(directory, key=load_key(key_file))
+    result = verify_set(directory, key=device_key(key_file, fingerprint))
     _logger(log_file)(describe(result))
     parity = {
         t: (r["max_abs_diff"] if "max_abs_diff" in r else r.get("skipped"))
@@ -86,6 +113,7 @@ def verify_job(directory: str, key_file: str, log_file: str):
 def other_key_job(
     checkpoint: str,
     other_key_file: str | None,
+    other_fingerprint: str | None,
     block_size: int,
     data: str,
     test_limit: int | None,
@@ -93,7 +121,10 @@ def other_key_job(
     log_file: str,
 ):
     """Top-1 of one device's model on the recipe's test images shuffled with another key (key diversity)."""
-    other = load_key(other_key_file) if other_key_file else Key.generate(block_size)  # a one-device fleet
+    if other_key_file:
+        other = device_key(other_key_file, other_fingerprint)
+    else:  # a one-device fleet
+        other = Key.generate(block_size)
     result = key_accuracy(checkpoint, other, data, limit=test_limit, seed=seed)
     accuracy, images = result["accuracy"], result["images"]
     _logger(log_file)(f"top-1 with key {other.fingerprint}: {accuracy:.2%} on {images} test images")
@@ -105,4 +136,4 @@ def other_key_job(
     }
 
 
-__all__ = ["export_job", "other_key_job", "train_job", "verify_job"]
+__all__ = ["device_key", "export_job", "other_key_job", "train_job", "verify_job"]

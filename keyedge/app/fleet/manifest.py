@@ -21,7 +21,7 @@ from typing import Any
 
 from keyedge.errors import KeyedgeError, OutputError
 from keyedge.fileio import write_bytes_atomic
-from keyedge.validate import FINGERPRINT, MAX_IMAGE_SIZE, SHA256, Fields, read_json
+from keyedge.validate import FINGERPRINT, MAX_IMAGE_SIZE, MAX_SEED, SHA256, Fields, read_json
 
 FLEET_SCHEMA = "keyedge-fleet/1"
 LEGACY_FORMAT = "keyedge-fleet/1"  # what the releases before the schema field wrote, as "format" (no version)
@@ -65,7 +65,7 @@ class Recipe:
             epochs=r.int("epochs", low=1, default=3),
             batch_size=r.int("batch_size", low=1, default=64),
             lr=r.float("lr", low=0.0, optional=True),
-            seed=r.int("seed", default=0),
+            seed=r.int("seed", low=0, high=MAX_SEED, default=0),
             train_limit=r.int("train_limit", low=1, optional=True),
             test_limit=r.int("test_limit", low=1, optional=True),
         )
@@ -158,11 +158,13 @@ class FleetManifest:
         devices = [Device.from_fields(d) for d in f.objs("devices")]
         if not devices:
             raise f.fail("devices", "must list at least one device")
-        seen: set[str] = set()
-        for i, device in enumerate(devices):
-            if device.name in seen:
-                raise f.fail(f"devices[{i}].name", f"must be a unique name, got {device.name!r} twice")
-            seen.add(device.name)
+        for attribute in ("name", "fingerprint", "key_file", "checkpoint"):  # one key, one model, one device
+            seen: set[str] = set()
+            for i, device in enumerate(devices):
+                value = getattr(device, attribute)
+                if os.path.normpath(value) in seen:
+                    raise f.fail(f"devices[{i}].{attribute}", f"must be unique to the device, got {value!r} twice")
+                seen.add(os.path.normpath(value))
         return cls(
             created=f.str("created"),
             block_size=f.int("block_size", low=1, high=MAX_BLOCK_SIZE),

@@ -13,9 +13,10 @@ from keyedge.app.engine import Job, Outcome
 from keyedge.app.fleet.jobs import export_job, other_key_job, train_job, verify_job
 from keyedge.app.fleet.manifest import Device, FleetManifest
 from keyedge.app.fleet.report import build_report, write_report
-from keyedge.app.fleet.state import artifact_sets, checkpoint_state, current_set, export_state
+from keyedge.app.fleet.state import artifact_sets, checkpoint_state, current_set, export_state, key_problem
 from keyedge.checkpoints import MANIFEST, read_manifest
 from keyedge.deploy.artifacts import ArtifactManifest
+from keyedge.deploy.verify import check_files
 from keyedge.errors import KeyedgeError
 from keyedge.exporters import get_backend
 from keyedge.fileio import note_kept, sha256_file
@@ -101,13 +102,13 @@ def train_stage(fleet: FleetManifest, engine, *, retries: int = 1, device: str =
             _clear_failure(d, "train")
             result.skipped.append(d.name)
         elif state == "blocked":
-            result.failed[d.name] = detail
-            d.failed = {**(d.failed or {}), "train": {"error": detail, "attempts": 0}}
+            _blocked(d, "train", detail, result)
         else:
             d.trained = None  # what is on disk is not (or no longer) a finished checkpoint
             kwargs = {
                 "checkpoint": str(fleet.path(d.checkpoint).resolve()),
                 "key_file": str(fleet.path(d.key_file).resolve()),
+                "fingerprint": d.fingerprint,
                 "recipe": recipe,
                 "resume": state == "resume",
                 "device": device,
@@ -123,6 +124,12 @@ def train_stage(fleet: FleetManifest, engine, *, retries: int = 1, device: str =
     _run(fleet, "train", jobs, engine, retries, result, record, on_event)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _blocked(d: Device, stage: str, detail: str, result: StageResult) -> None:
+    """A device this stage refuses before any job (its key file is not its key, its checkpoint another key's)."""
+    result.failed[d.name] = detail
+    d.failed = {**(d.failed or {}), stage: {"error": detail, "attempts": 0}}
 
 
 def _clear_failure(d: Device, stage: str) -> None:
@@ -167,6 +174,8 @@ def export_stage(
             result.skipped.append(d.name)
         elif state == "waiting":
             result.waiting[d.name] = detail
+        elif state == "blocked":
+            _blocked(d, "export", detail, result)
         else:
             pending.append((d, detail))
     fleet.write()
@@ -177,6 +186,7 @@ def export_stage(
             {
                 "checkpoint": str(fleet.path(d.checkpoint).resolve()),
                 "key_file": str(fleet.path(d.key_file).resolve()),
+                "fingerprint": d.fingerprint,
                 "out": str(fleet.path("artifacts").resolve()),
                 "targets": list(targets),
                 "fuse": fuse,
@@ -222,20 +232,27 @@ def verify_stage(fleet: FleetManifest, engine, *, retries: int = 0, on_event=lam
     sets = artifact_sets(fleet)
     jobs = []
     for d in fleet.devices:
+        problem = key_problem(fleet, d)
+        if problem:
+            _blocked(d, "verify", problem, result)
+            continue
         directory = current_set(fleet, d, sets)
         if directory is None:
             result.waiting[d.name] = "not exported yet"
             continue
-        sha = sha256_file(directory / "manifest.json")
-        if d.verified is not None and d.verified.get("sha256") == sha:
+        if _still_verified(d, directory):
             result.skipped.append(d.name)
             continue
         kwargs = {
             "directory": str(directory.resolve()),
             "key_file": str(fleet.path(d.key_file).resolve()),
+            "fingerprint": d.fingerprint,
             "log_file": _log_file(fleet, d, "verify"),
         }
         jobs.append(Job(d.name, verify_job, kwargs))
+
+    if result.failed:
+        fleet.write()
 
     def record(d: Device, outcome: Outcome) -> None:
         d.verified = dict(outcome.result)
@@ -243,6 +260,23 @@ def verify_stage(fleet: FleetManifest, engine, *, retries: int = 0, on_event=lam
     _run(fleet, "verify", jobs, engine, retries, result, record, on_event)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _still_verified(d: Device, directory: Path) -> bool:
+    """The set was verified as it is now: the same manifest, and every file it lists hashes as listed again.
+
+    The manifest's hash alone is not enough: a model file changed under an unchanged manifest
+    (one flipped byte) would be reused as verified.  Re-hashing costs a read of the set; parity
+    is what the verify job adds, and it is rerun whenever the files are not as verified.
+    """
+    if d.verified is None or d.verified.get("sha256") != sha256_file(directory / "manifest.json"):
+        return False
+    try:
+        check_files(ArtifactManifest.read(directory))
+    except KeyedgeError:
+        d.verified = None
+        return False
+    return True
 
 
 def report_stage(
@@ -253,7 +287,11 @@ def report_stage(
     result = StageResult("report")
     jobs = []
     for i, d in enumerate(fleet.devices):
-        if checkpoint_state(fleet, d)[0] != "done":
+        state, detail = checkpoint_state(fleet, d)
+        if state == "blocked":
+            _blocked(d, "report", detail, result)
+            continue
+        if state != "done":
             result.waiting[d.name] = "not trained yet"
             continue
         sha = sha256_file(fleet.path(d.checkpoint) / MANIFEST)
@@ -261,9 +299,14 @@ def report_stage(
             result.skipped.append(d.name)
             continue
         other = fleet.devices[(i + 1) % len(fleet.devices)]
+        problem = key_problem(fleet, other) if other is not d else None
+        if problem:
+            _blocked(d, "report", f"the other key it is scored with: {problem}", result)
+            continue
         kwargs = {
             "checkpoint": str(fleet.path(d.checkpoint).resolve()),
             "other_key_file": str(fleet.path(other.key_file).resolve()) if other is not d else None,
+            "other_fingerprint": other.fingerprint if other is not d else None,
             "block_size": fleet.block_size,
             "data": fleet.recipe.data,
             "test_limit": fleet.recipe.test_limit,

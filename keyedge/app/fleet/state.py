@@ -10,10 +10,33 @@ from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.verify import check_files
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import sha256_file
+from keyedge.keys.keyfile import load_key
+
+
+def key_problem(fleet: FleetManifest, device: Device) -> str | None:
+    """Why ``device``'s key file is not the key fleet.json records for it (missing, unreadable, another key); else None.
+
+    Every stage asks this before it runs a job for the device: a replaced key file, or a fleet.json
+    pointing the device at another device's file, would otherwise train or ship a model with the wrong key.
+    """
+    path = fleet.path(device.key_file)
+    try:
+        key = load_key(path)
+    except KeyedgeError as exc:
+        return f"its key file cannot be used ({exc.message}); restore {path}"
+    if key.fingerprint != device.fingerprint:
+        return (
+            f"{path} holds key {key.fingerprint}, but fleet.json records key {device.fingerprint} for "
+            f"{device.name}; restore its own key file"
+        )
+    return None
 
 
 def checkpoint_state(fleet: FleetManifest, device: Device) -> tuple[str, str]:
     """(``done`` | ``resume`` | ``new`` | ``blocked``, detail) for one device's checkpoint."""
+    problem = key_problem(fleet, device)
+    if problem:
+        return "blocked", problem
     directory = fleet.path(device.checkpoint)
     if not (directory / MANIFEST).is_file():
         return "new", "not trained"
@@ -45,8 +68,10 @@ def artifact_sets(fleet: FleetManifest) -> dict[str, Path]:
 def export_state(
     fleet: FleetManifest, device: Device, targets: list[str], fuse: str, precision: str, sets: dict[str, Path]
 ) -> tuple[str, str]:
-    """(``done`` | ``stale`` | ``new`` | ``waiting``, detail) for one device's artifact set."""
-    state, _ = checkpoint_state(fleet, device)
+    """(``done`` | ``stale`` | ``new`` | ``waiting`` | ``blocked``, detail) for one device's artifact set."""
+    state, detail = checkpoint_state(fleet, device)
+    if state == "blocked":
+        return state, detail
     if state != "done":
         return "waiting", "not trained yet"
     directory = sets.get(device.fingerprint)
@@ -86,8 +111,11 @@ def status_rows(fleet: FleetManifest, targets: list[str] | None = None) -> list[
         else:
             manifest = ArtifactManifest.read(directory)
             export = export_state(fleet, d, wanted, manifest.fuse_requested, manifest.precision, sets)[0]
-        verified = bool(
-            directory and d.verified and d.verified.get("sha256") == sha256_file(directory / "manifest.json")
+        verified = bool(  # export "done" re-hashed every file: a set changed under its manifest is not verified
+            directory
+            and export == "done"
+            and d.verified
+            and d.verified.get("sha256") == sha256_file(directory / "manifest.json")
         )
         rows.append(
             {
@@ -102,4 +130,4 @@ def status_rows(fleet: FleetManifest, targets: list[str] | None = None) -> list[
     return rows
 
 
-__all__ = ["artifact_sets", "checkpoint_state", "current_set", "export_state", "status_rows"]
+__all__ = ["artifact_sets", "checkpoint_state", "current_set", "export_state", "key_problem", "status_rows"]
