@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from keyedge.cli import app
+from keyedge.errors import KeyFileError
 from keyedge.keys.keyfile import load_key
 
 runner = CliRunner()
@@ -246,6 +247,42 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_a_file_name_with_control_characters_is_still_one_line(tmp_path):
+    """Issue 33: a newline or escape sequence in a path no longer splits the error or rewrites the terminal."""
+    name = tmp_path / "a\nb\x1b[31m\u202e.bin"
+    proc = subprocess.run(
+        [sys.executable, "-m", "keyedge", "key", "show", str(name)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "a\\nb\\x1b[31m\\u202e.bin" in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
+
+
+def test_a_library_warning_does_not_precede_the_error_line(monkeypatch, tmp_path):
+    """Issue 33: a warning raised on the way to an error is dropped (the error says what matters)..."""
+    import warnings
+
+    import keyedge.cli.keys as keys_cli
+
+    def warn_then_fail(path):
+        warnings.warn("some library's remark", UserWarning, stacklevel=1)
+        raise KeyFileError("key file x is broken", "restore it")
+
+    monkeypatch.setattr(keys_cli, "load_key", warn_then_fail)
+    assert_clean_error(run("key", "show", tmp_path / "k.bin"), "key file x is broken")
+
+
+def test_a_warning_of_a_command_that_succeeds_is_still_shown(keyfile):
+    """...but shown, after the output, when the command succeeds (a real process: pytest captures warnings)."""
+    script = (
+        "import sys, warnings; import keyedge.cli.keys as k; real = k.load_key\n"
+        "k.load_key = lambda p: (warnings.warn('some library remark', stacklevel=1), real(p))[1]\n"
+        "sys.argv = ['keyedge', 'key', 'show', sys.argv[1]]\n"
+        "from keyedge.cli import main; main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(keyfile)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "some library remark" in proc.stderr, proc.stderr
 
 
 # -- flags mean the same everywhere -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+import warnings
 
 import typer
 from typer.core import TyperGroup
@@ -24,7 +25,7 @@ try:  # typer >= 0.20 ships its own copy of click; older ones use click itself
 except ImportError:  # pragma: no cover - depends on the typer release
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from keyedge.cli._console import err_console
+from keyedge.cli._console import err_console, one_line
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import ask_stop, forget_kept, forget_stops, kept_outputs, raise_if_stopped
 
@@ -67,7 +68,7 @@ def _reclaim_terminal() -> None:
 
 def _say(line: str) -> None:
     _reclaim_terminal()
-    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    err_console.print(one_line(line), markup=False, highlight=False, soft_wrap=True)
 
 
 def interrupted_line(exc: KeyboardInterrupt) -> tuple[str, int]:
@@ -101,8 +102,31 @@ class _KeyedgeGroup(TyperGroup):
     """Turns keyedge's errors into a one-line message and exit code 2, never a traceback."""
 
     def invoke(self, ctx):  # type: ignore[override]
+        """Run the command; Python warnings raised meanwhile are shown after it, unless it ends in an error.
+
+        A library's warning printed before ``error: ...`` would break the one-line promise, and says
+        nothing the error does not: it is dropped then (``KEYEDGE_TRACEBACK=1`` shows everything).
+        """
         forget_kept()
         forget_stops()
+        if os.environ.get("KEYEDGE_TRACEBACK"):
+            return self._invoke(ctx)
+        shown = True
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    return self._invoke(ctx)
+                except typer.Exit as exit_:
+                    shown = exit_.exit_code in (0, 1)  # done, or done with failures it reported
+                    raise
+                except BaseException:
+                    shown = False
+                    raise
+        finally:
+            for w in caught if shown else []:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+    def _invoke(self, ctx):
         try:
             result = super().invoke(ctx)
             raise_if_stopped()  # a stop some library swallowed: say so, and exit as stopped
@@ -128,9 +152,7 @@ class _KeyedgeGroup(TyperGroup):
         except UsageError as exc:  # a bad option or argument of a sub-command: one line too, not a panel
             command = exc.ctx.command_path if exc.ctx is not None else "keyedge"
             message = " ".join(exc.format_message().split()).rstrip(".")
-            err_console.print(
-                f"error: {message}; see '{command} --help'", markup=False, highlight=False, soft_wrap=True
-            )
+            _say(f"error: {message}; see '{command} --help'")
             raise typer.Exit(2) from None
 
 
