@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import faulthandler
 import os
 import shutil
+import signal
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -321,16 +325,36 @@ class ExportBackend(abc.ABC):
             return runner(x)
 
     # ---- reading back ---------------------------------------------------------------------
-    @abc.abstractmethod
     def inspect(self, path: Path) -> GraphReport:
-        """Structural check of the artifact, on every OS (nothing is run)."""
+        """Structural check of the artifact, on every OS (nothing is run); a malformed file is one ExportError."""
+        return self._reading(path, self._inspect)
 
-    @abc.abstractmethod
     def describe_io(self, path: Path) -> dict[str, Any]:
         """``{"format", "inputs": [{"name", "shape", "dtype"}], "outputs": [...], "precision", ...}``.
 
         Shapes use -1 for dynamic dimensions; dtypes are numpy names (``"float32"``).
         """
+        return self._reading(path, self._describe_io)
+
+    def _reading(self, path: Path, read: Any) -> Any:
+        """``read(path)``, with whatever a damaged file makes a reader raise (a ``UnicodeDecodeError`` in a
+        flatbuffer string, an ``IndexError`` in a table) turned into one line naming the file."""
+        try:
+            return read(Path(path))
+        except KeyedgeError:
+            raise
+        except (Exception, RecursionError) as exc:
+            raise ExportError(
+                f"cannot read {path} as a {self.name} artifact: {one_line(exc)}", "export it again"
+            ) from None
+
+    @abc.abstractmethod
+    def _inspect(self, path: Path) -> GraphReport:
+        """:meth:`inspect`'s work (exceptions are turned into one line there)."""
+
+    @abc.abstractmethod
+    def _describe_io(self, path: Path) -> dict[str, Any]:
+        """:meth:`describe_io`'s work."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, suffix={self.suffix!r})"
@@ -500,3 +524,59 @@ def _remove(path: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+# ---- native readers that may abort the process -------------------------------------------------------------------
+
+_SURVIVED: set[tuple[str, int, int, int]] = set()
+
+
+def survives_in_child(path: Path, what: str, open_it: Any, *, timeout: float = 120.0) -> None:
+    """Open and run ``path`` (``open_it()``) in a forked child first: refuse a file that makes a runtime abort.
+
+    ExecuTorch's C++ runtime calls ``abort()`` on some malformed programs (a damaged header): in
+    this process that is SIGABRT and no message at all.  In a child, it is an exit status the parent
+    turns into one :class:`ExportError`.  A file that survived is remembered by (path, inode, size,
+    mtime), so a second load costs nothing.  Linux only (elsewhere ``fork`` is unsafe or absent);
+    a child that hangs past ``timeout`` is killed and the file opened as before.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return  # the loader says what is wrong with the path
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _SURVIVED:
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: no output, no clean-up handlers, just the exit status
+        code = 0
+        try:
+            faulthandler.disable()  # its dump of the crash would reach the terminal through its own descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            open_it()
+        except BaseException:
+            code = 3  # a Python error: the parent's own load raises it with its message
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.005)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        raise ExportError(
+            f"{path} is not a usable {what}: the runtime crashed reading it ({name}); the file is damaged or foreign",
+            "export it again, or restore it from a copy",
+        )
+    if os.WEXITSTATUS(status) == 0:
+        _SURVIVED.add(key)

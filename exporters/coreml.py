@@ -252,7 +252,7 @@ class CoreMLBackend(ExportBackend):
             raise ExportError(f"{path} holds a {spec.WhichOneof('Type')} model, not an ML program with a main function")
         return spec
 
-    def inspect(self, path: Path) -> GraphReport:
+    def _inspect(self, path: Path) -> GraphReport:
         spec = self._spec(path)
         main = spec.mlProgram.functions["main"]
         block = main.block_specializations[main.opset]
@@ -266,7 +266,7 @@ class CoreMLBackend(ExportBackend):
         notes += [meta[k] for k in ("keyedge.quantization", "keyedge.notes") if k in meta]
         return analyze(nodes, [i.name for i in main.inputs], list(block.outputs), notes=notes)
 
-    def describe_io(self, path: Path) -> dict[str, Any]:
+    def _describe_io(self, path: Path) -> dict[str, Any]:
         spec = self._spec(path)
         ct = self.require("coremltools")
         array_types = ct.proto.FeatureTypes_pb2.ArrayFeatureType.ArrayDataType

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    Runner,
+    register_backend,
+    survives_in_child,
+)
 from keyedge.exporters.capture import one_line
 from keyedge.exporters.checks import calibration_batches, check_reproduces
 from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
@@ -127,15 +135,20 @@ class ExecuTorchBackend(ExportBackend):
 
     def _load(self, path: Path, **settings: Any) -> Runner:
         shape = _io(self, path)[0][0]["shape"]  # read in Python first: the C++ runtime aborts on a broken file
+        survives_in_child(  # and what Python reads but the runtime aborts on (a damaged extended header)
+            path,
+            "ExecuTorch program",
+            lambda: _runtime(self).load_program(Path(path)).load_method("forward").execute([torch.zeros(shape)]),
+        )
         program = _runtime(self, settings.get("threads")).load_program(Path(path))
         return ExecuTorchRunner(path, program, shape, settings)
 
     # ---- reading back ---------------------------------------------------------------------
-    def inspect(self, path: Path) -> GraphReport:
+    def _inspect(self, path: Path) -> GraphReport:
         nodes, inputs, outputs, notes = program_nodes(self, path)
         return analyze(nodes, inputs, outputs, notes=notes)
 
-    def describe_io(self, path: Path) -> dict[str, Any]:
+    def _describe_io(self, path: Path) -> dict[str, Any]:
         inputs, outputs = _io(self, path)
         quantized = program_nodes(self, path)[3][0].startswith("int8")
         return {
@@ -223,7 +236,28 @@ def _xnn_graph(program: Any, delegate: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="keyedge-pte-") as tmp, importlib.resources.as_file(schema) as fbs:
         (Path(tmp) / "graph.bin").write_bytes(flatbuffer)
         _flatc_decompile(tmp, str(fbs), str(Path(tmp) / "graph.bin"))
-        return json.loads((Path(tmp) / "graph.json").read_text())
+        return flatc_json((Path(tmp) / "graph.json").read_text())
+
+
+#: flatc writes non-finite floats bare (``output_min: -inf`` of a plain ReLU's clamp), which JSON has no word for
+_NON_FINITE = re.compile(r"(?<=[:\[,\s])(-?)(inf|nan)(?=\s*[,\]}])")
+
+
+def flatc_json(text: str) -> dict[str, Any]:
+    """flatc's JSON output as a dict: bare ``inf`` / ``-inf`` / ``nan`` read as floats; anything else malformed refused.
+
+    A ResNet's ReLU is an XNNPACK clamp to ``[0, inf]``: read strictly, its delegate made
+    ``export -t executorch`` end in a traceback after the program was built.
+    """
+    words = {"inf": "Infinity", "nan": "NaN"}
+    fixed = _NON_FINITE.sub(lambda m: m[1] + words[m[2]], text)
+    try:
+        data = json.loads(fixed)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ExportError(f"cannot read an XNNPACK delegate of the program: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ExportError("cannot read an XNNPACK delegate of the program: not a JSON object")
+    return data
 
 
 def program_nodes(backend: ExecuTorchBackend, path: Path) -> tuple[list[Node], list[str], list[str], list[str]]:

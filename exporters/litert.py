@@ -33,7 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.exporters.base import ExportBackend, ExportError, ExportOptions, Runner, register_backend
+from keyedge.exporters.base import (
+    ExportBackend,
+    ExportError,
+    ExportOptions,
+    Runner,
+    register_backend,
+    survives_in_child,
+)
 from keyedge.exporters.capture import one_line
 from keyedge.exporters.checks import calibration_batches, check_reproduces
 from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix, static_graph
@@ -154,7 +161,7 @@ class LiteRTBackend(ExportBackend):
         return LiteRTRunner(path, interpreter, settings)
 
     # ---- reading back ---------------------------------------------------------------------
-    def inspect(self, path: Path) -> GraphReport:
+    def _inspect(self, path: Path) -> GraphReport:
         nodes, interpreter = _read_nodes(self, path)
         shuffle = _gather_indices(nodes, interpreter)
         notes = [f"signature {', '.join(interpreter.get_signature_list()) or 'none'}; {_quantized(interpreter)}"]
@@ -163,7 +170,7 @@ class LiteRTBackend(ExportBackend):
         outputs = [str(d["index"]) for d in interpreter.get_output_details()]
         return analyze(nodes, _inputs(interpreter), outputs, notes=notes)
 
-    def describe_io(self, path: Path) -> dict[str, Any]:
+    def _describe_io(self, path: Path) -> dict[str, Any]:
         interpreter = _interpreter(self, path)
         signature = interpreter.get_signature_list().get(SIGNATURE, {})
 
@@ -223,13 +230,19 @@ def _interpreter(backend: LiteRTBackend, path: Path, threads: int | None = None,
     if not path.is_file():
         raise ExportError(f"{path} not found", "give the .tflite of an exported LiteRT model")
     resolver = interpreter_module.OpResolverType
-    try:
+
+    def open_it() -> Any:
         interpreter = interpreter_module.Interpreter(
             model_path=str(path),
             num_threads=threads,
             experimental_op_resolver_type=resolver.AUTO if delegate else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
         )
         interpreter.allocate_tensors()
+        return interpreter
+
+    survives_in_child(path, "LiteRT model", lambda: open_it().invoke())  # refuse what would abort this process
+    try:
+        interpreter = open_it()
     except Exception as exc:
         raise ExportError(f"cannot read {path} as a LiteRT model: {one_line(exc)}") from None
     return interpreter

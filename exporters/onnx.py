@@ -273,7 +273,7 @@ class OnnxBackend(ExportBackend):
         except Exception as exc:
             raise ExportError(f"cannot read {path} as ONNX: {one_line(exc)}") from None
 
-    def inspect(self, path: Path) -> GraphReport:
+    def _inspect(self, path: Path) -> GraphReport:
         onnx = self.require("onnx")
         model = self._read_proto(path)
         functions = {(f.domain, f.name): f for f in model.functions}
@@ -296,7 +296,7 @@ class OnnxBackend(ExportBackend):
             notes=notes,
         )
 
-    def describe_io(self, path: Path) -> dict[str, Any]:
+    def _describe_io(self, path: Path) -> dict[str, Any]:
         onnx = self.require("onnx")
         model = self._read_proto(path)
         init = {i.name for i in model.graph.initializer}

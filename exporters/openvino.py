@@ -230,7 +230,7 @@ class OpenVinoBackend(ExportBackend):
         except Exception as exc:
             raise ExportError(f"cannot read {path} as OpenVINO IR: {one_line(exc)}") from None
 
-    def inspect(self, path: Path) -> GraphReport:
+    def _inspect(self, path: Path) -> GraphReport:
         model = self._read(path)
         ops = list(model.get_ordered_ops())
         nodes = [_node(op) for op in ops]
@@ -244,7 +244,7 @@ class OpenVinoBackend(ExportBackend):
                 notes.append(_rt(model, extra))
         return analyze(nodes, inputs, outputs, notes=notes)
 
-    def describe_io(self, path: Path) -> dict[str, Any]:
+    def _describe_io(self, path: Path) -> dict[str, Any]:
         model = self._read(path)
 
         def port(p: Any) -> dict[str, Any]:
