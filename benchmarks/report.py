@@ -20,7 +20,7 @@ from keyedge.benchmarks.profiles import Thresholds
 from keyedge.defenses import get_defense
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import write_bytes_atomic
-from keyedge.validate import Fields, read_dataclass
+from keyedge.validate import Fields, read_dataclass, read_json
 
 SCHEMA = "keyedge-latency/1"
 
@@ -249,12 +249,7 @@ class LatencyReport:
     @classmethod
     def load(cls, path: str | Path) -> LatencyReport:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise KeyedgeError(f"{path}: no such report") from None
-        except (OSError, ValueError) as exc:
-            raise KeyedgeError(f"{path}: not readable JSON ({exc})") from None
+        data = read_json(path, "latency report", "give a report written by `keyedge bench latency --out`").data
         return cls.from_dict(data, str(path))
 
     # ---------------------------------------------------------------- text

@@ -25,7 +25,7 @@ from keyedge.deps import require
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import staged_directory
 from keyedge.stats import binomial_se
-from keyedge.validate import Fields, read_dataclass
+from keyedge.validate import Fields, read_dataclass, read_json
 
 SCHEMA = "keyedge-robustness/1"
 
@@ -436,12 +436,8 @@ class RobustnessReport:
     @classmethod
     def load(cls, path: str | Path) -> RobustnessReport:
         path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()), str(path))
-        except FileNotFoundError:
-            raise KeyedgeError(f"{path}: no such report") from None
-        except (OSError, ValueError) as exc:
-            raise KeyedgeError(f"{path}: not readable JSON ({exc})") from None
+        data = read_json(path, "robustness report", "give a report written by `keyedge bench robustness --out`").data
+        return cls.from_dict(data, str(path))
 
     # ---------------------------------------------------------------- text
 

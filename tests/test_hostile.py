@@ -448,12 +448,13 @@ _LATENCY = '{"schema": "keyedge-latency/1", "environment": {}, "profile": {}, "s
 @pytest.mark.parametrize(
     "report, fragment",
     [
-        ("[1, 2]", "keyedge-latency/1"),
+        ("[1, 2]", "not a latency report"),
         (_LATENCY.replace('"measurements": []', '"measurements": 5'), "measurements"),
         (_LATENCY.replace('"profile": {}', '"profile": {"thresholds": {"ratio": null}}'), "thresholds.ratio"),
-        ("{not json", "not readable JSON"),
+        ("{not json", "not valid JSON"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),  # a traceback before (issue 33)
     ],
-    ids=["list", "measurements-int", "threshold-null", "not-json"],
+    ids=["list", "measurements-int", "threshold-null", "not-json", "deep"],
 )
 def test_bench_regress_refuses_malformed_reports(tmp_path, report, fragment):
     (tmp_path / "r.json").write_text(report)

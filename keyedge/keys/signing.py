@@ -180,7 +180,7 @@ def check_signature(directory: Path, key: VerifyKey) -> str:
             raise ValueError
     except FileNotFoundError:
         raise SealError(f"{directory} is not signed (no {SIGNATURE_FILE})", "export it with --sign-key") from None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise SealError(f"{where} is not a keyedge signature file", "export and sign the set again") from None
     if signer != key.fingerprint:
         raise SealError(f"{directory} was signed by {signer}, not by {key.fingerprint}", "pass the signer's verify key")

@@ -316,7 +316,7 @@ class QueryGuard:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(bytes(data["header"]).decode())
                 arrays = {k: data[k] for k in ("secret", "counters", "ids", "lengths", "hashes", "recent")}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, RecursionError) as exc:
             raise GuardError(
                 f"guard state {path} is corrupt or not a guard state ({type(exc).__name__})", hint
             ) from None
