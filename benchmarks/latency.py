@@ -47,7 +47,7 @@ from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.checkpoints import read_manifest
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
 from keyedge.deploy.export import load_checkpoint_runner
-from keyedge.deploy.runtime import open_artifact
+from keyedge.deploy.runtime import check_sealkeys, open_artifact
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, SealError
 from keyedge.exporters import get_backend, list_backends, target_of
@@ -362,6 +362,20 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
         cell.rounds = timing[i].means
 
 
+def _check_keys(paths: list[str | Path], artifacts: list[Artifact], keys: Any, sealkeys: Any) -> None:
+    """Before anything is loaded: a checkpoint given as an input has its key, a sealed set its sealing key.
+
+    (A checkpoint found only as an export directory's PyTorch reference may still be skipped.)
+    A keyed checkpoint without its key used to be a "skipped" line and exit 0 with an empty table.
+    """
+    given = {Path(p).resolve() for p in paths}
+    by_fingerprint = {k.fingerprint: k for k in keys}
+    for artifact in artifacts:
+        if artifact.target == "torch" and Path(artifact.path).resolve() in given:
+            key_for(artifact.fingerprint, by_fingerprint, owner=artifact.path)
+    check_sealkeys(paths, sealkeys)
+
+
 def _refuse_unloadable(
     artifacts: list[Artifact], usable: list[RuntimeSpec], cells: list[_Cell], skipped: list[Skipped]
 ) -> None:
@@ -477,6 +491,7 @@ def run_latency(
     """
     resolved = (settings or BenchSettings()).resolve(profile)
     artifacts = [a for p in paths for a in discover(p)]
+    _check_keys(paths, artifacts, keys, sealkeys)
     skipped: list[Skipped] = []
     usable = _usable_runtimes(profile, skipped)
     cells = _load_cells(artifacts, usable, resolved, {k.fingerprint: k for k in keys}, sealkeys, skipped)

@@ -350,6 +350,31 @@ def _make_parents(directory: Path) -> list[Path]:
     return made
 
 
+def check_output_directory(final: str | os.PathLike, *, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """Validate an output directory before any work: free (or ``overwrite``), and creatable where it would go.
+
+    The nearest existing ancestor must be a writable directory: a report directory under a file, a
+    read-only mount or ``/proc`` is refused now, not after every attack has run.
+    """
+    final = Path(final)
+    if _exists(final) and not overwrite:
+        raise OutputError(f"{final} already exists", f"pass {flag} to replace it, or choose another location")
+    if _exists(final) and not final.is_dir():
+        raise OutputError(f"output path {final} is a file", "give a directory")
+    ancestor = final.parent
+    while not _exists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{ancestor} is a file, so {final} cannot be made", "choose a path inside a directory")
+    try:  # really try (os.access says yes to root, and knows nothing of /proc or a read-only mount)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {final}: {ancestor} refuses new entries ({exc.strerror})", "choose a writable location"
+        ) from None
+    return final
+
+
 @contextlib.contextmanager
 def staged_directory(
     final: str | os.PathLike,

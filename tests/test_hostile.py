@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -459,6 +460,19 @@ _LATENCY = '{"schema": "keyedge-latency/1", "environment": {}, "profile": {}, "s
 def test_bench_regress_refuses_malformed_reports(tmp_path, report, fragment):
     (tmp_path / "r.json").write_text(report)
     _one_line(runner.invoke(app, ["bench", "regress", "--current", str(tmp_path / "r.json")]), fragment)
+
+
+def test_bench_refusals_come_before_the_work(small_keyed_checkpoint, tmp_path):
+    """Issue 33: a keyed checkpoint without its key was a "skipped" line and exit 0; a report directory that
+    cannot be made was refused after every attack had run."""
+    ckpt, key_file = small_keyed_checkpoint
+    _one_line(runner.invoke(app, ["bench", "latency", str(ckpt), "--no-progress"]), "no key with fingerprint")
+    (tmp_path / "file").write_text("x")
+    for out, fragment in ((tmp_path / "file" / "rep", "is a file"), ("/proc/keyedge/rep", "cannot write")):
+        started = time.perf_counter()
+        args = ["bench", "robustness", str(ckpt), "-k", str(key_file), "-o", str(out)]
+        _one_line(runner.invoke(app, args), fragment)
+        assert time.perf_counter() - started < 20, "refused only after the attacks ran"
 
 
 def test_artifact_manifest_that_is_a_list_is_one_line_for_verify_and_bench(tmp_path):

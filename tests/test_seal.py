@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,18 @@ def test_bench_latency_and_its_refusals_on_a_sealed_set(sealed_set, tmp_path):
         clean_error(cli("bench", "latency", sealed, "--seal", sealkey, *fast), "readable or writable by others")
     finally:
         os.chmod(sealkey, 0o600)
+
+
+def test_bench_robustness_refuses_a_sealed_set_without_its_key_before_any_attack(sealed_set, tmp_path):
+    """Issue 33: it ran every attack first and refused at the end; now it is refused before the first one."""
+    key_file = sealed_set["key"].save(tmp_path / "k.bin")
+    base = ["bench", "robustness", sealed_set["checkpoint"], "-k", key_file, "-o", tmp_path / "rep"]
+    other = SealKey.generate().save(tmp_path / "o.seal")
+    for extra, fragment in (([], "is sealed"), (["--seal", other], "sealed with")):
+        started = time.perf_counter()
+        clean_error(cli(*base, "--artifacts", sealed_set["sealed"], *extra), fragment)
+        assert time.perf_counter() - started < 30, "refused only after the attacks ran"
+        assert not (tmp_path / "rep").exists()
 
 
 # ---- in-memory files ------------------------------------------------------------------------------------------------

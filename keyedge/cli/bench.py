@@ -31,11 +31,11 @@ def _sealkeys(paths: list[Path] | None) -> list:
 
 
 def _check_report_dir(out: Path | None, overwrite: bool) -> None:
-    """A report directory that exists fails now (without --overwrite), not after the measurement."""
-    from keyedge.errors import OutputError
+    """A report directory that exists (without --overwrite) or cannot be written fails now, not after the work."""
+    from keyedge.fileio import check_output_directory
 
-    if out is not None and out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if out is not None:
+        check_output_directory(out, overwrite=overwrite)
 
 
 REPORT_OUT_HELP = (
@@ -317,12 +317,15 @@ def robustness(
     deployed artifacts."""
     config = _robustness_config(SimpleNamespace(**locals()))  # every bad setting fails now, before any attack
     from keyedge.checkpoints import find_checkpoints
+    from keyedge.deploy.runtime import check_sealkeys
     from keyedge.keys.keyfile import load_keys
 
     _check_report_dir(out, overwrite)
     paths = [c for p in checkpoints for c in find_checkpoints(p)]
     key_list = list(load_keys(list(key_file or []) + ([keys] if keys else [])).values())
-    report = _run_robustness(paths, key_list, config, _sealkeys(seal), _posture_latency(posture_latency, config))
+    sealkeys = _sealkeys(seal)
+    check_sealkeys(config.artifacts, sealkeys)  # a sealed set without its key: now, not after every attack
+    report = _run_robustness(paths, key_list, config, sealkeys, _posture_latency(posture_latency, config))
     report.print_rich(console)
     report.write(out, overwrite=overwrite)
     err_console.print(f"wrote {out}/robustness.json, robustness.md and plots", markup=False)

@@ -162,6 +162,27 @@ def _check_signed(where: Path | None, target: str, verify_key: Any) -> None:
     ArtifactManifest.read(directory).check_files([target])
 
 
+def check_sealkeys(paths: list[str | os.PathLike], sealkeys: Any) -> None:
+    """Refuse now, in one line, a sealed set among ``paths`` that none of ``sealkeys`` opens.
+
+    Long commands (``bench robustness --artifact``, ``bench latency``) call this before their first
+    attack or measurement, not when they reach the set an hour later.
+    """
+    for path in map(Path, paths):
+        directory = path if path.is_dir() else path.parent
+        if not is_export_directory(directory):
+            continue
+        manifest = ArtifactManifest.read(directory)
+        if manifest.seal is None:
+            continue
+        if not sealkeys:
+            raise SealError(
+                f"{manifest.directory} is sealed (sealing key {manifest.seal['sealkey']})",
+                "pass the device's sealing key (--seal FILE)",
+            )
+        _matching(list(sealkeys), manifest)
+
+
 def _matching(sealkey: Any, manifest: ArtifactManifest) -> SealKey:
     if isinstance(sealkey, (SealKey, str, os.PathLike)):
         return as_sealkey(sealkey)
