@@ -330,7 +330,13 @@ def test_train_with_a_transfer_guard_records_it_in_the_recipe_and_refuses_bad_se
     _clean_error(_cli(*args, "-o", tmp_path / "e", *guard, "--guard-share", 0), "--guard-share")
     own = ["--guard-model", tmp_path / "guarded", "--guard-key", key_path]
     _clean_error(_cli(*args, "-o", tmp_path / "f", *own), "has the key of the model being trained")
-    assert not any((tmp_path / name).exists() for name in "abcef"), "no half-written checkpoint"
+    # issue 33: a guard model of another input size (or class count) was a traceback mid-epoch
+    at_64 = [a if a != 32 else 64 for a in args]
+    _clean_error(_cli(*at_64, "-o", tmp_path / "g", *guard, "--guard-key", ref_key), "takes 32px images into 10")
+    # issue 33: LoRA's options on a full fine-tune were silently ignored; a seed past 32 bits was a traceback
+    _clean_error(_cli(*args, "-o", tmp_path / "h", "--lora-full", "conv_stem"), "only apply to --finetune lora")
+    _clean_error(_cli(*args, "-o", tmp_path / "i", "--seed", 2**64), "--seed")
+    assert not any((tmp_path / name).exists() for name in "abcefghi"), "no half-written checkpoint"
 
 
 def test_a_resumed_guarded_run_crafts_and_learns_what_a_straight_one_does(tmp_path, make_key, monkeypatch):

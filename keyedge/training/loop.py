@@ -362,6 +362,20 @@ def _load_key(path: str | None) -> Key | None:
     return load_key(path) if path else None
 
 
+def _check_fits(path: str, flag: str, classes: int, size: int) -> None:
+    """A guard or reference model must score the same classes at the same input size as the model trained.
+
+    Otherwise its logits or input gradients do not line up with the batch (a traceback mid-epoch before).
+    """
+    spec = read_manifest(path).model
+    if spec.num_classes != classes or spec.image_size != size:
+        raise KeyedgeError(
+            f"{flag} {path} takes {spec.image_size}px images into {spec.num_classes} classes, but the model "
+            f"trained here takes {size}px into {classes}",
+            f"pass a {flag.removeprefix('--')} trained on the same data at the same --image-size",
+        )
+
+
 def _reference_model(config: TrainConfig, device: torch.device) -> nn.Module | None:
     if not config.ortho_ref:
         if config.ortho_lambda:
@@ -547,6 +561,9 @@ def _optimize(run: _Run, log: Callable[[str], None]) -> None:
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, warmup_cosine(steps_per_epoch * config.epochs, int(config.warmup_epochs * steps_per_epoch))
     )
+    for path, flag in [(config.ortho_ref, "--ortho-ref"), *((p, "--guard-model") for p in config.guard_models)]:
+        if path:
+            _check_fits(path, flag, run.info.num_classes, model.spec.image_size)
     run.reference = _reference_model(config, run.device)  # built before the RNG state is restored: it draws
     run.guard = _guard(config, run.device, run.key.fingerprint if run.key else None)
     run.noise = torch.Generator(device=run.device) if config.noise_aug else None  # sigma 0: nothing drawn
