@@ -286,7 +286,18 @@ def remove_stale_staging(parent: Path) -> list[str]:
     done = []
     for entry in sorted(parent.glob(".*.*-*-*")):
         match = _STAGING.match(entry.name)
-        if not match or entry.is_symlink() or _alive(int(match["pid"])):
+        if not match or _alive(int(match["pid"])) or (entry.is_symlink() and match["kind"] != "old"):
+            continue
+        if entry.is_symlink():  # a replaced output that was a link: the link goes
+            final = parent / match["name"]
+            if not (final.exists() or final.is_symlink()):
+                with contextlib.suppress(OSError):
+                    os.rename(entry, final)
+                    done.append(f"restored {final}, which a killed keyedge process (pid {match['pid']}) was replacing")
+                    continue
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                done.append(f"removed {entry}, the replaced output of a killed keyedge process (pid {match['pid']})")
             continue
         if match["file"]:  # a temporary file of atomic_output (a key file, a manifest...)
             if entry.is_file():
@@ -336,7 +347,20 @@ def commit_directory(staging: Path, final: Path, *, overwrite: bool, flag: str =
         os.rename(old, final)
         raise
     note_kept(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_aside(old)
+
+
+def _remove_aside(old: Path) -> None:
+    """Remove what was renamed aside: a directory keyedge wrote, or a symlink (only the link: its target is not ours).
+
+    ``shutil.rmtree`` refuses a symlink, and with ``ignore_errors`` said nothing: replacing a set that was a
+    link left a hidden ``.NAME.old-*`` link behind.
+    """
+    if old.is_symlink() or not old.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_parents(directory: Path) -> list[Path]:

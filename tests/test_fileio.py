@@ -143,3 +143,27 @@ def test_a_stop_swallowed_by_a_library_still_stops_the_commit(tmp_path):
     finally:
         forget_stops()
     write_bytes_atomic(tmp_path / "file.bin", b"x")  # a new command commits again
+
+
+def test_replacing_an_output_that_is_a_symlink_replaces_the_link_and_leaves_nothing(tmp_path):
+    """Issue 33: rmtree refuses a link, quietly: an --overwrite of a set that was a symlink left ``.NAME.old-*``."""
+    from keyedge.fileio import remove_stale_staging, staged_directory
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("not keyedge's")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "set").symlink_to(elsewhere)
+    with staged_directory(tmp_path / "out" / "set", overwrite=True) as staging:
+        (staging / "model.onnx").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["set"]  # no hidden leftover
+    assert not (tmp_path / "out" / "set").is_symlink() and (tmp_path / "out" / "set" / "model.onnx").exists()
+    assert (elsewhere / "mine.txt").read_text() == "not keyedge's"  # the link's target is not ours to delete
+    # a link renamed aside by a writer killed before the new set was in place is put back; after, removed
+    dead_pid = _dead_pid()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / f".set.old-{dead_pid}-a1b2c3").symlink_to(elsewhere)
+    assert "restored" in remove_stale_staging(tmp_path / "b")[0] and (tmp_path / "b" / "set").is_symlink()
+    (tmp_path / "b" / f".set.old-{dead_pid}-d4e5f6").symlink_to(elsewhere)
+    assert "removed" in remove_stale_staging(tmp_path / "b")[0]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["set"] and (elsewhere / "mine.txt").exists()

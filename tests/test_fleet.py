@@ -226,6 +226,19 @@ def test_a_fleet_never_trains_a_device_with_another_key(tmp_path, swap):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_what_a_killed_run_left_is_cleaned_and_said_on_the_terminal(tmp_path):
+    """Issue 33: after a kill -9 during `fleet export`, the next run said what it cleaned only in a log file."""
+    fleet_dir = _init(tmp_path / "fleet", devices=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = fleet_dir / "artifacts" / f".test_efficientnet-0123456789abcdef.tmp-{dead.pid}-x1y2z3"
+    left.mkdir(parents=True)
+    (left / "model.onnx").write_bytes(b"half a keyed model")
+    result = _cli("fleet", "verify", fleet_dir)
+    assert f"removed {left}, the unfinished output of a killed keyedge process" in result.output, result.output
+    assert not left.exists()
+
+
 def test_a_fleet_json_sharing_a_key_file_between_devices_is_refused(tmp_path):
     fleet_dir = _init(tmp_path / "fleet", devices=2)
     document = json.loads((fleet_dir / "fleet.json").read_text())

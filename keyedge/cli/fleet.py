@@ -59,7 +59,9 @@ def _progress(stage: str):
         task: dict[str, Any] = {}
 
         def on_event(kind: str, payload: Any) -> None:
-            if kind == "jobs":
+            if kind == "cleaned":  # a killed earlier run's leftovers, removed or put back
+                bar.console.print(f"  {payload}", markup=False, highlight=False, soft_wrap=True)
+            elif kind == "jobs":
                 task["id"] = bar.add_task(stage, total=payload)
             elif kind == "done":
                 bar.advance(task["id"])

@@ -19,7 +19,7 @@ from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.verify import check_files
 from keyedge.errors import KeyedgeError
 from keyedge.exporters import get_backend
-from keyedge.fileio import note_kept, sha256_file
+from keyedge.fileio import note_kept, remove_stale_staging, sha256_file
 
 
 @dataclass
@@ -84,6 +84,10 @@ def _run(
         fleet.write()
         on_event("done", outcome)
 
+    for folder in ("runs", "artifacts"):  # what a killed earlier run left, said on the terminal (not only in a log)
+        if fleet.path(folder).is_dir():
+            for line in remove_stale_staging(fleet.path(folder)):
+                on_event("cleaned", line)
     on_event("jobs", len(jobs))
     if jobs:
         engine.run(jobs, retries=retries, on_done=done)
