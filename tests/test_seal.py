@@ -355,6 +355,13 @@ def test_signed_set_verifies_and_a_swapped_model_is_refused(sealed_set, tmp_path
     key_file = sealed_set["key"].save(tmp_path / "k1.bin")
     ok = cli("verify", directory, "--verify-key", tmp_path / "signer.pub", "-k", key_file)
     assert ok.exit_code == 0 and "signature valid" in ok.stdout and "onnx parity" in ok.stdout, ok.output
+    assert "not in the manifest" not in ok.stdout  # every file keyedge writes is listed
+    # issue 33: a file added to a signed set is covered by nothing: refused with a verify key, reported without
+    extra = _copy(directory, tmp_path / "extra")
+    (extra / "model.onnx.data").write_bytes(b"external weights a loader might read")
+    clean_error(cli("verify", extra, "--verify-key", tmp_path / "signer.pub"), "does not list", "model.onnx.data")
+    said = cli("verify", extra)
+    assert said.exit_code == 0 and "1 file(s) not in the manifest: model.onnx.data" in said.stdout, said.output
     # an unsigned set, another signer
     clean_error(cli("verify", sealed_set["plain"], "--verify-key", tmp_path / "signer.pub"), "is not signed")
     SigningKey.generate().verify_key().save(tmp_path / "other.pub")

@@ -162,6 +162,18 @@ class ArtifactManifest:
         directory = self.directory or Path(".")
         return [(entry, directory / entry["path"]) for entry in self.targets[target].files]
 
+    def unlisted_files(self) -> list[str]:
+        """Files in the set's directory that no target lists (besides manifest.json and manifest.sig), sorted.
+
+        The manifest (and a signature over it) covers only what it lists: a file added beside a signed
+        model -- an ONNX external-data file, an OpenVINO ``.bin`` a loader might pick up -- is covered by nothing.
+        """
+        directory = self.directory or Path(".")
+        listed = {str(Path(entry["path"])) for target in self.targets for entry in self.targets[target].files}
+        listed |= {"manifest.json", "manifest.sig"}
+        found = (p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+        return sorted(rel for rel in (str(p.relative_to(directory)) for p in found) if rel not in listed)
+
     def check_files(self, targets: list[str] | None = None) -> int:
         """Raise :class:`VerificationError` unless every listed file (of ``targets``) is here with its SHA-256.
 

@@ -38,6 +38,7 @@ from keyedge.deploy.parity import (
 )
 from keyedge.deploy.runtime import open_artifact
 from keyedge.deploy.verification import NOISE_IMAGES, noise_check
+from keyedge.errors import SealError
 from keyedge.exporters import get_backend
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import Key
@@ -70,6 +71,13 @@ def verify_set(
     manifest = ArtifactManifest.read(directory)
     result: dict[str, Any] = {"directory": str(directory), "files": manifest.check_files()}
     result["signed_by"] = check_signature(directory, verify_key) if verify_key is not None else None
+    result["unlisted"] = manifest.unlisted_files()
+    if result["unlisted"] and verify_key is not None:
+        shown = ", ".join(result["unlisted"][:5]) + (" ..." if len(result["unlisted"]) > 5 else "")
+        raise SealError(
+            f"{directory} holds files its signed manifest does not list, which the signature does not cover: {shown}",
+            "remove them, or export and sign the set again",
+        )
     parity = rerun_parity(manifest, key=key, sealkey=sealkey, inputs=inputs)
     if isinstance(parity, Parity):
         result["parity"] = parity.to_dict()
@@ -168,6 +176,8 @@ def describe(result: dict[str, Any]) -> str:
     parts.append(
         f"signed by {result['signed_by']} (signature valid)" if result["signed_by"] else "signature not checked"
     )
+    if result.get("unlisted"):
+        parts.append(f"{len(result['unlisted'])} file(s) not in the manifest: {', '.join(result['unlisted'][:5])}")
     parity = result["parity"]
     if "skipped" in parity:
         parts.append(f"parity not re-run ({parity['skipped']})")
