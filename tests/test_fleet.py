@@ -17,11 +17,13 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from keyedge.app.fleet import FleetManifest, fleet_lock, status_rows
+from keyedge.checkpoints import verify_checkpoint
 from keyedge.cli import app
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 from keyedge.errors import KeyedgeError
 from keyedge.fileio import sha256_file
 from keyedge.keys.keyfile import load_key
+from keyedge.keys.signing import SigningKey
 
 needs_data = pytest.mark.skipif(
     not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)"
@@ -71,8 +73,11 @@ def local_ray():
 def test_fleet_end_to_end_on_local_ray(tmp_path, local_ray):
     fleet_dir = _init(tmp_path / "fleet")
     assert (fleet_dir / "keys" / "device-000.bin").stat().st_mode & 0o777 == 0o600
-    train = _cli("fleet", "train", fleet_dir, "--engine", "ray")
+    signer, _ = SigningKey.generate().save_pair(tmp_path / "signer.key")  # checkpoints travel: sign them
+    train = _cli("fleet", "train", fleet_dir, "--engine", "ray", "--sign-key", signer)
     assert train.exit_code == 0, train.output
+    for run in sorted((fleet_dir / "runs").iterdir()):
+        assert verify_checkpoint(run, verify_key=tmp_path / "signer.pub")["signed_by"] is not None
     assert "Ray (2 CPUs" in train.output and "fleet train: 3 done now, 0 already done" in train.output
     export = _cli("fleet", "export", fleet_dir, "--engine", "ray", "-t", "onnx")
     assert export.exit_code == 0 and "fleet export: 3 done now" in export.output, export.output

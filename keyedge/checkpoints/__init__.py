@@ -31,8 +31,10 @@ import torch
 from keyedge import __version__
 from keyedge.defenses import defense_of, defense_record, get_defense
 from keyedge.deps import version_of
+from keyedge.errors import SealError
 from keyedge.fileio import note_kept, sha256_file, write_bytes_atomic
 from keyedge.keys.keyfile import Key
+from keyedge.keys.signing import CHECKPOINT_SIGNATURE, VerifyKey, check_signature, load_verify_key, sign_manifest
 from keyedge.models.backbones import KeyedModel, ModelSpec, create_backbone, rebuild_backbone
 from keyedge.models.lora import LoraSettings, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
@@ -81,12 +83,15 @@ def save_checkpoint(
     training: dict[str, Any],
     metrics: dict[str, Any],
     state: dict[str, Any] | None = None,
+    sign: Any = None,
 ) -> Path:
     """Write (or replace) the checkpoint in ``directory`` atomically; return the manifest path.
 
     Weights that are not finite (a diverged run) are refused, never saved.  Interrupted before
     the manifest is replaced, the new files are removed again: the directory holds the last
-    good checkpoint, or nothing it did not hold before.
+    good checkpoint, or nothing it did not hold before.  ``sign`` (a
+    :class:`~keyedge.keys.signing.SigningKey`) writes ``keyedge.sig`` over the manifest, which lists
+    every file's SHA-256; without it a signature left by an earlier epoch is removed (it would not match).
     """
     directory = Path(directory)
     tensors = model_tensors(model)
@@ -104,6 +109,10 @@ def save_checkpoint(
         files["state"] = directory / f"state-{token}.pt"
     try:
         target = _write_checkpoint(directory, model, tensors, files, state, epoch, finetune, data, training, metrics)
+        if sign is not None:
+            sign_manifest(directory, sign, MANIFEST)
+        else:
+            (directory / CHECKPOINT_SIGNATURE).unlink(missing_ok=True)
     except BaseException:
         for path in files.values():
             path.unlink(missing_ok=True)
@@ -383,6 +392,7 @@ def load_checkpoint(
     allow_key_mismatch: bool = False,
     map_location: str | torch.device = "cpu",
     manifest: CheckpointManifest | None = None,
+    verify_key: Any = None,
 ) -> tuple[torch.nn.Module, CheckpointManifest]:
     """Rebuild the model a checkpoint holds (LoRA adapters attached, not merged) and return it with the manifest.
 
@@ -390,11 +400,17 @@ def load_checkpoint(
     unless ``allow_key_mismatch``: then the model is built with the given key,
     which is the key-diversity experiment.  The model is a :class:`~keyedge.models.backbones.KeyedModel`
     or another defense's model (``keyedge.defenses``).  Pass ``manifest`` when it was read already.
+    ``verify_key`` (a :class:`~keyedge.keys.signing.VerifyKey` or its file): refuse a checkpoint that is
+    not signed by it, or whose manifest changed since -- hashes alone authenticate nothing (whoever swaps
+    the weights can update their hash); the signature covers the manifest, and the manifest every file.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if verify_key is not None:
+        check_checkpoint_signature(directory, verify_key)
+        manifest = None  # read again below: what was signed is what is used
     manifest = manifest or read_manifest(directory)
     check_key(manifest, key, allow_mismatch=allow_key_mismatch)
     spec = manifest.model
@@ -428,6 +444,33 @@ def load_checkpoint(
                 "the checkpoint is corrupted",
             ) from None
     return model.to(map_location).eval(), manifest
+
+
+def check_checkpoint_signature(directory: str | Path, verify_key: Any) -> str:
+    """Raise :class:`~keyedge.errors.SealError` unless ``keyedge.sig`` is ``verify_key``'s valid signature of
+    ``keyedge.json``; return the signer's fingerprint."""
+    key = verify_key if isinstance(verify_key, VerifyKey) else load_verify_key(verify_key)
+    return check_signature(Path(directory), key, MANIFEST)
+
+
+def verify_checkpoint(directory: str | Path, *, verify_key: Any = None) -> dict[str, Any]:
+    """``keyedge verify`` for a checkpoint: every listed file has its SHA-256, the signature (with a verify key)
+    is valid, and the files the manifest does not list (refused when a verify key is given: nothing covers them)."""
+    directory = Path(directory)
+    signer = check_checkpoint_signature(directory, verify_key) if verify_key is not None else None
+    manifest = read_manifest(directory)
+    for entry in manifest.files.values():
+        _verified_file(directory, entry)
+    listed = {entry.file for entry in manifest.files.values()} | {MANIFEST, CHECKPOINT_SIGNATURE}
+    unlisted = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and
+                      str(p.relative_to(directory)) not in listed)  # fmt: skip
+    if unlisted and verify_key is not None:
+        raise SealError(
+            f"{directory} holds files its signed manifest does not list, which the signature does not cover: "
+            + ", ".join(unlisted[:5]),
+            "remove them, or train and sign the checkpoint again",
+        )
+    return {"directory": str(directory), "files": len(manifest.files), "signed_by": signer, "unlisted": unlisted}
 
 
 def _empty_backbone(spec: ModelSpec) -> torch.nn.Module:

@@ -41,6 +41,16 @@ def target_option() -> Any:
     )
 
 
+def sign_key_option(what: str) -> Any:
+    """The one ``--sign-key``: a signing key file (``keyedge signkey new``); ``what`` says what is signed."""
+    return typer.Option(
+        None,
+        "--sign-key",
+        help=f"Signing key file (keyedge signkey new): sign {what} (Ed25519) so that `keyedge verify --verify-key` "
+        "and loaders can refuse a swapped or edited one.",
+    )
+
+
 def seed_option(help: str) -> Any:
     """The one ``--seed``: 0..2**32-1, what every generator keyedge seeds accepts (a larger one is a usage error)."""
     from keyedge.validate import MAX_SEED

@@ -8,7 +8,14 @@ from types import SimpleNamespace
 import typer
 
 from keyedge.cli._console import console
-from keyedge.cli._flags import expand_targets, key_file_option, overwrite_option, retired, target_option
+from keyedge.cli._flags import (
+    expand_targets,
+    key_file_option,
+    overwrite_option,
+    retired,
+    sign_key_option,
+    target_option,
+)
 
 # export's options, declared here so that the command reads as its list of settings
 CHECKPOINT = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (repeatable).")
@@ -62,12 +69,7 @@ TEMPLATE = typer.Option(
     help="Several keys of one architecture: trace once, "
     "write each key's ONNX/OpenVINO/CoreML artifact from that template.",
 )
-SIGN_KEY = typer.Option(
-    None,
-    "--sign-key",
-    help="Signing key file (keyedge signkey new): sign each manifest (manifest.sig, Ed25519) so that "
-    "`keyedge verify --verify-key` and loaders can refuse a swapped model.",
-)
+SIGN_KEY = sign_key_option("each artifact set's manifest (manifest.sig)")
 SEAL = typer.Option(
     None,
     "--seal",
@@ -167,16 +169,20 @@ def _export_settings(o: SimpleNamespace, targets: list[str], sealkey, signer):
 
 
 def verify(
-    directories: list[Path] = typer.Argument(..., help="Export directories (OUT/<model>-<fingerprint>/)."),
+    directories: list[Path] = typer.Argument(
+        ..., help="Export directories (OUT/<model>-<fingerprint>/) or checkpoint directories (keyedge train -o)."
+    ),
     verify_key: Path | None = typer.Option(
-        None, "--verify-key", help="Verify key (signer.pub): require a valid manifest signature by it."
+        None, "--verify-key", help="Verify key (signer.pub): require a valid signature by it (set or checkpoint)."
     ),
     key_file: list[Path] | None = key_file_option(
         "Key of a keyed set (repeatable): re-run parity against its checkpoint."
     ),
     seal: list[Path] | None = typer.Option(None, "--seal", help="Sealing key of sealed sets (repeatable)."),
 ) -> None:
-    """Check artifact sets: every file's SHA-256, the manifest signature, and parity with the checkpoint."""
+    """Check artifact sets (every file's SHA-256, the signature, parity with the checkpoint) and checkpoints
+    (every file's SHA-256, the signature)."""
+    from keyedge.checkpoints import MANIFEST, verify_checkpoint
     from keyedge.deploy.verify import describe, verify_set
     from keyedge.keys.keyfile import load_keys
     from keyedge.keys.seal import load_sealkey
@@ -186,8 +192,11 @@ def verify(
     keys = load_keys(list(key_file or []))
     sealkeys = [load_sealkey(p) for p in seal or []]
     for directory in directories:
-        from keyedge.deploy.artifacts import ArtifactManifest
+        from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
 
+        if (directory / MANIFEST).is_file() and not is_export_directory(directory):
+            console.print(describe(verify_checkpoint(directory, verify_key=public), what="checkpoint"), markup=False)
+            continue
         fingerprint = ArtifactManifest.read(directory).fingerprint
         result = verify_set(directory, verify_key=public, key=keys.get(fingerprint or ""), sealkey=sealkeys)
         console.print(describe(result), markup=False)

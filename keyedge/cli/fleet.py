@@ -15,7 +15,7 @@ import typer
 
 from keyedge.app.engine import make_engine
 from keyedge.cli._console import console, err_console, progress_bar
-from keyedge.cli._flags import device_option, expand_targets, seed_option, target_option
+from keyedge.cli._flags import device_option, expand_targets, seed_option, sign_key_option, target_option
 from keyedge.errors import KeyedgeError
 
 fleet_app = typer.Typer(
@@ -135,9 +135,14 @@ def train(
     gpus_per_job: float = GPUS,
     retries: int = RETRIES,
     device: str = device_option("Torch device of each job (local engine; on Ray: --gpus-per-job decides)."),
+    sign_key: Path | None = sign_key_option("every checkpoint the jobs write (keyedge.sig)"),
 ) -> None:
     """Fine-tune one model per key; finished keys are left alone, unfinished ones resumed."""
     from keyedge.app.fleet import train_stage
+    from keyedge.keys.signing import load_signing_key
+
+    if sign_key is not None:
+        load_signing_key(sign_key)  # a bad or world-readable key file: said now, not by every job
 
     if engine == "ray" and device not in ("auto", "cpu") and not gpus_per_job:
         raise KeyedgeError(
@@ -146,7 +151,7 @@ def train(
         )
     with _session(directory, engine, address, cpus_per_job, gpus_per_job) as (fleet, runner), _progress("train") as ev:
         chosen = device if engine == "local" else ("cuda" if gpus_per_job > 0 else "cpu")
-        result = train_stage(fleet, runner, retries=retries, device=chosen, on_event=ev)
+        result = train_stage(fleet, runner, retries=retries, device=chosen, on_event=ev, sign_key=sign_key)
     _finish(result)
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import typer
 
 from keyedge.cli._console import console, err_console
-from keyedge.cli._flags import device_option, key_file_option, overwrite_option, seed_option
+from keyedge.cli._flags import device_option, key_file_option, overwrite_option, seed_option, sign_key_option
 from keyedge.models.recipes import FULL_LR, LORA_DEFAULTS
 
 # train's options, declared here so that the command reads as its list of settings
@@ -136,6 +136,7 @@ def train(
     curriculum: str = CURRICULUM,
     noise_aug: str = NOISE_AUG,
     resume: bool = RESUME,
+    sign_key: Path | None = sign_key_option("every checkpoint written (keyedge.sig beside keyedge.json)"),
     overwrite: bool = overwrite_option("Start over, replacing the checkpoint in OUT."),
 ) -> None:
     """Fine-tune a timm model: keyed (one key, one model), plain (no key) or volumized (--defense volumize)."""
@@ -159,6 +160,7 @@ def _train_config(o: SimpleNamespace):
         data=o.data,
         out=str(o.out),
         key_file=str(o.key_file) if o.key_file else None,
+        sign_key=str(o.sign_key) if o.sign_key else None,
         weights=o.weights,
         image_size=o.image_size,
         finetune=o.finetune,

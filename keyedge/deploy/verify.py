@@ -170,15 +170,15 @@ def _outcome(parity: Parity) -> dict[str, Any]:
     return next(iter(parity.checks.values())).to_dict()
 
 
-def describe(result: dict[str, Any]) -> str:
-    """One line per verified set, for the CLI."""
-    parts = [f"{result['files']} files match their SHA-256"]
+def describe(result: dict[str, Any], what: str = "") -> str:
+    """One line per verified set (or checkpoint: ``what``), for the CLI."""
+    parts = ([what] if what else []) + [f"{result['files']} files match their SHA-256"]
     parts.append(
         f"signed by {result['signed_by']} (signature valid)" if result["signed_by"] else "signature not checked"
     )
     if result.get("unlisted"):
         parts.append(f"{len(result['unlisted'])} file(s) not in the manifest: {', '.join(result['unlisted'][:5])}")
-    parity = result["parity"]
+    parity = result.get("parity", {})
     if "skipped" in parity:
         parts.append(f"parity not re-run ({parity['skipped']})")
     else:

@@ -36,6 +36,12 @@ from keyedge.keys.keyfile import (
 SIGNATURE_FILE = "manifest.sig"
 SIGNATURE_SCHEMA = "keyedge-signature/1"
 _DOMAIN = b"keyedge/manifest-signature/v1\x00"
+#: checkpoints (``keyedge.json``) are signed in their own domain: a signature of one kind never passes for the other
+CHECKPOINT_MANIFEST, CHECKPOINT_SIGNATURE = "keyedge.json", "keyedge.sig"
+_DOMAINS = {
+    "manifest.json": (_DOMAIN, SIGNATURE_FILE),
+    CHECKPOINT_MANIFEST: (b"keyedge/checkpoint-signature/v1\x00", CHECKPOINT_SIGNATURE),
+}
 _FP_DOMAIN = b"keyedge/signkey/v1\x00"
 _HINT = "create a pair with `keyedge signkey new --out signer.key` (it writes signer.pub too)"
 
@@ -152,37 +158,41 @@ def load_verify_key(path: str | os.PathLike) -> VerifyKey:
 # ---- manifest signatures ---------------------------------------------------------------------------------------------
 
 
-def _message(manifest_bytes: bytes) -> bytes:
-    return _DOMAIN + hashlib.sha256(manifest_bytes).digest()
+def _message(manifest_bytes: bytes, name: str = "manifest.json") -> bytes:
+    return _DOMAINS[name][0] + hashlib.sha256(manifest_bytes).digest()
 
 
-def sign_manifest(directory: Path, key: SigningKey) -> Path:
-    """Write ``directory/manifest.sig`` for the ``manifest.json`` there."""
-    manifest = (Path(directory) / "manifest.json").read_bytes()
+def sign_manifest(directory: Path, key: SigningKey, name: str = "manifest.json") -> Path:
+    """Write the signature of ``directory/name`` beside it: ``manifest.sig`` for an artifact set's
+    ``manifest.json``, ``keyedge.sig`` for a checkpoint's ``keyedge.json``."""
+    manifest = (Path(directory) / name).read_bytes()
     record = {
         "schema": SIGNATURE_SCHEMA,
         "algorithm": "Ed25519",
         "signer": key.fingerprint,
         "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-        "signature": base64.b64encode(key.sign(_message(manifest))).decode(),
+        "signature": base64.b64encode(key.sign(_message(manifest, name))).decode(),
     }
-    return write_bytes_atomic(Path(directory) / SIGNATURE_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    text = (json.dumps(record, indent=2) + "\n").encode()
+    return write_bytes_atomic(Path(directory) / _DOMAINS[name][1], text, overwrite=True)
 
 
-def check_signature(directory: Path, key: VerifyKey) -> str:
-    """Raise :class:`SealError` unless ``directory``'s manifest carries a valid signature by ``key``; the signer."""
+def check_signature(directory: Path, key: VerifyKey, name: str = "manifest.json") -> str:
+    """Raise :class:`SealError` unless ``directory/name`` carries a valid signature by ``key``; the signer."""
     directory = Path(directory)
-    where = str(directory / SIGNATURE_FILE)
+    signature_file = _DOMAINS[name][1]
+    where = str(directory / signature_file)
     try:
-        record = json.loads((directory / SIGNATURE_FILE).read_text())
+        record = json.loads((directory / signature_file).read_text())
         signer, signature = record["signer"], base64.b64decode(record["signature"], validate=True)
         if record.get("schema") != SIGNATURE_SCHEMA or not isinstance(signer, str):
             raise ValueError
     except FileNotFoundError:
-        raise SealError(f"{directory} is not signed (no {SIGNATURE_FILE})", "export it with --sign-key") from None
+        how = "train it with --sign-key" if name == CHECKPOINT_MANIFEST else "export it with --sign-key"
+        raise SealError(f"{directory} is not signed (no {signature_file})", how) from None
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise SealError(f"{where} is not a keyedge signature file", "export and sign the set again") from None
     if signer != key.fingerprint:
         raise SealError(f"{directory} was signed by {signer}, not by {key.fingerprint}", "pass the signer's verify key")
-    key.verify(signature, _message((directory / "manifest.json").read_bytes()), where=where)
+    key.verify(signature, _message((directory / name).read_bytes(), name), where=where)
     return signer

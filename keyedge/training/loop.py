@@ -73,6 +73,7 @@ class TrainConfig:
     out: str
     key_file: str | None = None
     key_fingerprint: str | None = None  # what key_file must hold (a fleet's record): another key is refused
+    sign_key: str | None = None  # a signing key file: every checkpoint written is signed (keyedge.sig)
     weights: str = "hub"
     image_size: int | None = None
     finetune: str = "full"  # full | lora
@@ -158,7 +159,7 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite")}
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite", "sign_key")}
 
     @property
     def defense_impl(self) -> Defense:
@@ -358,6 +359,15 @@ def key_accuracy(
     }
 
 
+def _signer(path: str | None) -> Any:
+    """``--sign-key``'s signing key, read (and its permissions checked) before any data or model is loaded."""
+    if not path:
+        return None
+    from keyedge.keys.signing import load_signing_key
+
+    return load_signing_key(path)
+
+
 def _load_key(path: str | None) -> Key | None:
     return load_key(path) if path else None
 
@@ -504,6 +514,7 @@ class _Run:
     reference: nn.Module | None = None
     guard: Any = None
     noise: torch.Generator | None = None  # --noise-aug's generator, reseeded every epoch
+    signer: Any = None  # --sign-key's SigningKey: every checkpoint written is signed
     ddp_model: nn.Module | None = None
     amp: bool = False
 
@@ -690,6 +701,7 @@ def _save(run: _Run, epoch: int, record: dict[str, Any], test: dict[str, float])
             **({"guard_rng": guard.generator.get_state(), "guard_turn": guard.turn} if guard else {}),
             "epoch": epoch,
         },
+        sign=run.signer,
     )
 
 
@@ -708,6 +720,7 @@ def train(
             f"not the expected key {config.key_fingerprint}",
             "restore the right key file; nothing was trained",
         )
+    signer = _signer(config.sign_key)
     size = config.image_size or _default_size(config)
     config.defense_impl.check_training(config, size)
     train_set, info = load_dataset(config.data, "train", size, limit=config.train_limit, seed=config.seed)
@@ -716,6 +729,7 @@ def train(
     model.to(device)
     dist_env.setup(device)
     run = _Run(config, out, device, dist_env, key, model, train_set, test_set, info, history, start_epoch, state)
+    run.signer = signer
     _optimize(run, log)
     if dist_env.main:
         _announce(run, log)

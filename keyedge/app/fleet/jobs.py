@@ -50,11 +50,18 @@ def train_job(
     resume: bool,
     device: str,
     log_file: str,
+    sign_key: str | None = None,
 ):
     """Fine-tune one device's model (or continue it); the checkpoint manifest's SHA-256 and accuracy."""
     device_key(key_file, fingerprint)
     config = TrainConfig(
-        out=checkpoint, key_file=key_file, key_fingerprint=fingerprint, device=device, resume=resume, **recipe
+        out=checkpoint,
+        key_file=key_file,
+        key_fingerprint=fingerprint,
+        sign_key=sign_key,
+        device=device,
+        resume=resume,
+        **recipe,
     )
     manifest = train(config, progress=False, log=_logger(log_file))
     return {

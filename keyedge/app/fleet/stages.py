@@ -93,8 +93,19 @@ def _run(
         engine.run(jobs, retries=retries, on_done=done)
 
 
-def train_stage(fleet: FleetManifest, engine, *, retries: int = 1, device: str = "auto", on_event=lambda *_: None):
-    """Fine-tune every device whose checkpoint is missing or unfinished (finished ones are left alone)."""
+def train_stage(
+    fleet: FleetManifest,
+    engine,
+    *,
+    retries: int = 1,
+    device: str = "auto",
+    on_event=lambda *_: None,
+    sign_key: Path | None = None,
+):
+    """Fine-tune every device whose checkpoint is missing or unfinished (finished ones are left alone).
+
+    ``sign_key``: a signing key file; every checkpoint a job writes is signed (it travels between machines).
+    """
     started = time.perf_counter()
     result = StageResult("train")
     jobs = []
@@ -116,6 +127,7 @@ def train_stage(fleet: FleetManifest, engine, *, retries: int = 1, device: str =
                 "recipe": recipe,
                 "resume": state == "resume",
                 "device": device,
+                "sign_key": str(Path(sign_key).resolve()) if sign_key else None,
                 "log_file": _log_file(fleet, d, "train"),
             }
             jobs.append(Job(d.name, train_job, kwargs))
