@@ -340,6 +340,39 @@ def test_shared_options_are_declared_once():
         assert not declared.findall(text), name
 
 
+def test_every_integer_flag_is_bounded():
+    """Issue 33: integers past what C types hold were overflow tracebacks (a batch of 10**20), or work without end
+    (a fleet of 10**20 devices). One rule bounds every integer flag of every command."""
+    import typer
+
+    from keyedge.cli import _bound_integers
+
+    command = typer.main.get_command(app)
+    _bound_integers(command)
+
+    def walk(c, path):
+        for name, sub in getattr(c, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+        yield from ((path, param) for param in getattr(c, "params", []))
+
+    unbounded = [
+        f"{path} {param.opts[0]}"
+        for path, param in walk(command, "keyedge")
+        if getattr(getattr(param, "type_descriptor", None), "annotation", None) in (int, int | None, list[int])
+        and param.type_descriptor.parameter_info.max is None
+    ]
+    assert not unbounded, unbounded
+    for args in (
+        ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--batch-size", 10**20, "-o", "x"],
+        ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--image-size", 10**11, "-o", "x"],
+        ["fleet", "init", "f", "-n", 10**20, "-m", "test_efficientnet", "-d", "fashion-mnist"],
+        ["bench", "latency", "x", "--batch", 10**20],
+    ):
+        result = run(*args)
+        assert result.exit_code == 2 and "less than or equal to" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def _note_lines(result):
     return [line for line in result.stderr.splitlines() if line.startswith("note: --force")]
 

@@ -473,6 +473,8 @@ def test_bench_refusals_come_before_the_work(small_keyed_checkpoint, tmp_path):
         args = ["bench", "robustness", str(ckpt), "-k", str(key_file), "-o", str(out)]
         _one_line(runner.invoke(app, args), fragment)
         assert time.perf_counter() - started < 20, "refused only after the attacks ran"
+    train = ["train", "-m", "test_efficientnet", "-d", "fashion-mnist", "--weights", "none", "-o", "/proc/keyedge/c"]
+    _one_line(runner.invoke(app, train), "cannot write")  # it trained a whole epoch first
 
 
 def test_artifact_manifest_that_is_a_list_is_one_line_for_verify_and_bench(tmp_path):

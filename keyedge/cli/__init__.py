@@ -126,6 +126,10 @@ class _KeyedgeGroup(TyperGroup):
             for w in caught if shown else []:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
+    def parse_args(self, ctx, args):  # type: ignore[override]
+        _bound_integers(self)
+        return super().parse_args(ctx, args)
+
     def _invoke(self, ctx):
         try:
             result = super().invoke(ctx)
@@ -154,6 +158,28 @@ class _KeyedgeGroup(TyperGroup):
             message = " ".join(exc.format_message().split()).rstrip(".")
             _say(f"error: {message}; see '{command} --help'")
             raise typer.Exit(2) from None
+
+
+#: the largest value an integer flag takes unless it says otherwise: beyond it, numbers overflow C types
+#: (``torch.rand`` of a batch of 10**20 is a traceback) or allocate what no machine has
+MAX_INT_FLAG = 2**31 - 1
+#: tighter bounds, by flag, where a value past them can only exhaust memory or time
+INT_FLAG_BOUNDS = {"--batch-size": 65536, "--batch": 65536, "--image-size": 4096, "--devices": 100_000}
+
+
+def _bound_integers(command) -> None:
+    """Give every integer flag of every command an upper bound (its own, or :data:`INT_FLAG_BOUNDS`, or
+    :data:`MAX_INT_FLAG`): a value past it is a usage error naming the range, never an overflow traceback
+    or a fleet of 10**20 devices.  One rule for all commands, applied before any sub-command parses."""
+    for sub in getattr(command, "commands", {}).values():
+        _bound_integers(sub)
+    for param in getattr(command, "params", []):
+        descriptor = getattr(param, "type_descriptor", None)
+        info = getattr(descriptor, "parameter_info", None)
+        if descriptor is None or info is None or getattr(info, "max", 0) is not None:
+            continue
+        if descriptor.annotation in (int, int | None, list[int], list[int] | None):
+            info.max = param.max = INT_FLAG_BOUNDS.get(param.opts[0], MAX_INT_FLAG)  # typer checks the info's
 
 
 app = typer.Typer(

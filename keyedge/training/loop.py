@@ -54,6 +54,7 @@ from keyedge.data.datasets import load_dataset
 from keyedge.defenses import Defense, get_defense, list_defenses
 from keyedge.defenses.volumizer import check_metric
 from keyedge.errors import KeyedgeError
+from keyedge.fileio import check_output_directory
 from keyedge.keys.keyfile import Key, load_key
 from keyedge.models.backbones import check_model_name
 from keyedge.models.lora import merge_lora
@@ -464,6 +465,8 @@ def _check_run(config: TrainConfig, out: Path, dist_env: Distributed) -> None:
         )
     if config.resume and not (out / MANIFEST).exists():
         raise KeyedgeError(f"--resume: {out} holds no checkpoint", "drop --resume to start a new run")
+    if not out.is_dir():  # a checkpoint directory that cannot be made: said now, not after the first epoch
+        check_output_directory(out, overwrite=config.overwrite)
     _check_defense(config)
     if config.finetune == "lora" and config.weights == "none":
         raise KeyedgeError(
