@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from keyedge.app.engine import make_engine
-from keyedge.cli._console import console, err_console, progress_bar
+from keyedge.cli._console import console, err_console, one_line, progress_bar
 from keyedge.cli._flags import device_option, expand_targets, seed_option, sign_key_option, target_option
 from keyedge.errors import KeyedgeError
 
@@ -76,7 +76,7 @@ def _finish(result) -> None:
     _say(result.summary())
     if result.failed:
         for name, line in result.failed.items():
-            err_console.print(f"  {name}: {line}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(one_line(f"  {name}: {line}"), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
