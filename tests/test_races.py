@@ -10,6 +10,7 @@ winner, the file on disk must be the winner's, and the losers must leave nothing
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from keyedge.errors import OutputError
 
-ROUNDS = 60
+ROUNDS = int(os.environ.get("KEYEDGE_RACE_ROUNDS", "60"))  # more: KEYEDGE_RACE_ROUNDS=1000 pytest tests/test_races.py
 RACERS = 3
 
 
@@ -83,14 +84,18 @@ def test_racing_processes_never_both_create_a_secret_file(tmp_path, kind):
     assert double == 0, f"{double} of {ROUNDS} rounds had more than one process say it created {kind}"
 
 
-def test_racing_command_lines_never_both_say_wrote(tmp_path):
-    """The same, as users run it: ``keyedge key new -o same`` started together; one ``wrote``, the rest exit 2."""
-    rounds, double = 6, 0
+COMMANDS = {"key": ["key", "new"], "sealkey": ["sealkey", "new"], "signkey": ["signkey", "new"]}
+
+
+@pytest.mark.parametrize("kind", ["key", "sealkey", "signkey"])
+def test_racing_command_lines_never_both_say_wrote(tmp_path, kind):
+    """The same, as users run it: ``keyedge sealkey new -o same`` started together; one ``wrote``, the rest exit 2."""
+    rounds, double = max(2, ROUNDS // 30), 0
     for round_ in range(rounds):
-        out = tmp_path / f"k{round_}.bin"
+        out = tmp_path / f"k{round_}.key"
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "keyedge", "key", "new", "-o", str(out)],
+                [sys.executable, "-m", "keyedge", *COMMANDS[kind], "-o", str(out)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
