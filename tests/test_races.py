@@ -19,7 +19,7 @@ import pytest
 
 from keyedge.errors import OutputError
 
-ROUNDS = int(os.environ.get("KEYEDGE_RACE_ROUNDS", "60"))  # more: KEYEDGE_RACE_ROUNDS=1000 pytest tests/test_races.py
+ROUNDS = int(os.environ.get("KEYEDGE_RACE_ROUNDS", "30"))  # more: KEYEDGE_RACE_ROUNDS=1000 pytest tests/test_races.py
 RACERS = 3
 
 
