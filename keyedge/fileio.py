@@ -106,6 +106,20 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool, flag: str = "--o
     return path
 
 
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """An open temporary file ``.NAME.tmp-PID-*`` beside ``path`` (stale ones of killed processes cleaned first)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        for line in remove_stale_staging(parent):
+            _stderr(line)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp" + path.suffix, dir=parent
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent}: {exc.strerror}", "choose a writable location") from None
+    return fd, Path(tmp_name)
+
+
 @contextlib.contextmanager
 def atomic_output(
     path: str | os.PathLike, *, mode: int = 0o644, overwrite: bool = False, flag: str = "--overwrite"
@@ -117,16 +131,7 @@ def atomic_output(
     exception the temporary file is removed and ``path`` is left untouched.
     """
     path = check_writable(path, overwrite=overwrite, flag=flag)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        for line in remove_stale_staging(parent):
-            _stderr(line)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp" + path.suffix, dir=parent
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write to {path.parent}: {exc.strerror}", "choose a writable location") from None
-    tmp = Path(tmp_name)
+    fd, tmp = _temporary_beside(path)
     try:
         os.fchmod(fd, mode)
         os.close(fd)
@@ -211,16 +216,7 @@ def write_new_files(
 @contextlib.contextmanager
 def _staged_file(path: Path, data: bytes, mode: int) -> Iterator[Path]:
     """A complete temporary copy of ``data`` beside ``path`` (mode ``mode`` from the start), removed on exit."""
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        for line in remove_stale_staging(parent):
-            _stderr(line)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp" + path.suffix, dir=parent
-        )
-    except OSError as exc:
-        raise OutputError(f"cannot write to {parent}: {exc.strerror}", "choose a writable location") from None
-    tmp = Path(tmp_name)
+    fd, tmp = _temporary_beside(path)
     try:
         try:
             os.fchmod(fd, mode)
