@@ -66,6 +66,7 @@ from keyedge.errors import DataError, FoldError, KeyedgeError, OutputError
 from keyedge.exporters import get_backend
 from keyedge.exporters.capture import one_line
 from keyedge.fileio import write_bytes_atomic
+from keyedge.host import cpu_flags
 from keyedge.models.backbones import OFFLINE_WEIGHTS, KeyedModel, build_model
 from keyedge.stats import Spread
 from keyedge.training.loop import TrainConfig, _train_epoch
@@ -1130,12 +1131,7 @@ TITLES = {
 def check_environment(device: str) -> dict[str, Any]:
     """Host, CPU flags, torch/CUDA settings and ONNX Runtime's providers, recorded in every report."""
     env = environment()
-    flags = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = cpu_flags()
     wanted = (
         "avx2",
         "fma",

@@ -51,6 +51,7 @@ from keyedge.deploy.runtime import check_sealkeys, open_artifact
 from keyedge.deps import version_of
 from keyedge.errors import KeyedgeError, SealError
 from keyedge.exporters import get_backend, list_backends, target_of
+from keyedge.host import cpu_features, cpu_model
 from keyedge.keys.keyfile import key_for
 from keyedge.stats import ratio_spread
 
@@ -196,28 +197,6 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- environment
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        import subprocess
-
-        try:
-            return (
-                subprocess.run(
-                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False, timeout=5
-                ).stdout.strip()
-                or platform.processor()
-            )
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     """Host, OS, Python and runtime versions, recorded in every report."""
     try:
@@ -226,6 +205,7 @@ def environment() -> dict[str, Any]:
         usable = os.cpu_count()
     return {
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "machine": platform.machine(),
         "cores": os.cpu_count(),
         "usable_cores": usable,
@@ -260,7 +240,9 @@ class _Cell:
 
     @property
     def runtime_label(self) -> str:
-        return f"{self.spec.name}:{self.spec.device_label}"
+        """``openvino:CPU``; at the runtime's own default precision here, what it chose: ``openvino:CPU@host:bf16``."""
+        chosen = str(getattr(self.runner, "settings", {}).get("precision") or "")
+        return f"{self.spec.name}:{self.spec.device_label}" + (f"@{chosen}" if chosen.startswith("host") else "")
 
 
 def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
@@ -310,7 +292,11 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                 add("keyed/plain", a, plains[0], a.runtime_label)
             if a.artifact.fuse == "gather":
                 for b in same:
-                    if b.artifact.fingerprint == a.artifact.fingerprint and b.artifact.fuse in ("fold", "conv"):
+                    if b.artifact.fingerprint == a.artifact.fingerprint and b.artifact.fuse in (
+                        "fold",
+                        "conv",
+                        "elements",
+                    ):
                         add(f"gather/{b.artifact.fuse}", a, b, a.runtime_label)
         if a.artifact.precision == "int8":  # what quantizing bought: the same key, fuse and target in fp32
             for b in cells:
@@ -333,7 +319,15 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                 and a.artifact.export_dir == b.artifact.export_dir
                 and a.artifact.precision == b.artifact.precision
             ):
-                add("runtime", a, b, f"{a.runtime_label}/{b.runtime_label}")
+                if (a.spec.name, a.spec.device_label, a.spec.precision, b.spec.precision) == (
+                    b.spec.name,
+                    b.spec.device_label,
+                    None,
+                    "host",
+                ):  # one runtime at its own default precision here against the pinned one: what a deployment gets
+                    add("host/pinned", b, a, f"{b.runtime_label}/{a.runtime_label}")
+                else:
+                    add("runtime", a, b, f"{a.runtime_label}/{b.runtime_label}")
     return out
 
 
@@ -460,7 +454,7 @@ def _measure(group: list[_Cell], batch: int, resolved: dict[str, Any], tick: Cal
             Measurement(
                 artifact=cell.artifact,
                 runtime=cell.spec.name,
-                device=cell.spec.device_label,
+                device=cell.runtime_label.split(":", 1)[1],  # CPU, or CPU@host:bf16 at the plugin's own precision
                 batch=batch,
                 threads=cell.threads,
                 load_s=cell.load_s,

@@ -24,6 +24,7 @@ exception.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class RuntimeSpec:
     compute_units: str | None = None  # coreml
     threads: int | None = None  # overrides the profile's threads
     spinning: bool | None = None  # onnxruntime: idle intra-op threads spin-wait (its default, and fastest)
+    precision: str | None = None  # openvino: artifact (pinned, as parity needs) or host (the plugin's default here)
 
     @property
     def target(self) -> str | None:
@@ -305,3 +307,17 @@ def runtime_available(spec: RuntimeSpec) -> tuple[bool, str]:
         )
     except Exception as exc:  # a broken install is a skip with its reason, never a crash
         return False, f"{spec.name} failed to initialise: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def with_host_precision(profile: DeviceProfile) -> DeviceProfile:
+    """``profile`` with a twin of each OpenVINO runtime at the plugin's own default precision on this host.
+
+    keyedge pins an artifact's inference precision for parity (f32 for fp32); on AMX / AVX-512 BF16 CPUs the
+    plugin would otherwise run it in bf16, which is what a deployment that sets nothing gets.
+    """
+    twins = [
+        dataclasses.replace(spec, precision="host")
+        for spec in profile.runtimes
+        if spec.name == "openvino" and spec.precision in (None, "artifact")
+    ]
+    return dataclasses.replace(profile, runtimes=[*profile.runtimes, *twins])

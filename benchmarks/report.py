@@ -87,7 +87,7 @@ class Artifact:
 
     @property
     def label(self) -> str:
-        tags = [t for t in (self.fuse if self.fuse in ("fold", "conv") else None, self.quantized) if t]
+        tags = [t for t in (self.fuse if self.fuse in ("fold", "conv", "elements") else None, self.quantized) if t]
         return f"{self.model}-{self.fingerprint or self.role}" + (f"[{','.join(tags)}]" if tags else "")
 
     @property

@@ -76,6 +76,7 @@ BENCH_KEY = Key.from_secret(bytes(range(32)), 4)
 VARIANTS = {
     "plain": ("plain", "gather"),
     "gather": ("keyed", "gather"),
+    "elements": ("keyed", "elements"),
     "conv": ("keyed", "conv"),
     "fold": ("keyed", "fold"),
     "plain-fold": ("plain", "fold"),

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import faulthandler
 import os
 import shutil
 import signal
+import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -136,8 +135,11 @@ class ExportBackend(abc.ABC):
     #: whether :meth:`template_for` / :meth:`export_from_template` write a key's artifact from its architecture's
     #: fleet template (keyedge.exporters.template)
     supports_template: bool = False
-    #: whether the target's accelerators run a gather (CoreML's Neural Engine does not: ``--fuse auto`` uses conv)
-    runs_gather: bool = True
+    #: the exact forms of the key's shuffle this target's converter writes (``--fuse fastest`` times them)
+    forms: tuple[str, ...] = ("gather", "elements", "conv")
+    #: the form ``--fuse auto`` gives this target where folding is not exact: its runtime's fastest, as measured
+    #: by ``benchmarks/experiments/keyed_latency.py`` (the figures beside each backend's value)
+    auto_form: str = "gather"
     #: the ``[[runtime]]`` fields a device profile may set for this runtime (besides name and threads), each
     #: ``(choices, default)``: a tuple of allowed strings (a list field holds several), ``bool``, or None (any string)
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {}
@@ -529,18 +531,22 @@ def _remove(path: Path) -> None:
 # ---- native readers that may abort the process -------------------------------------------------------------------
 
 _SURVIVED: set[tuple[str, int, int, int]] = set()
+#: set in the probe child's environment (:func:`survives_in_child`)
+PROBE_ENV = "KEYEDGE_PROBE_CHILD"
 
 
-def survives_in_child(path: Path, what: str, open_it: Any, *, timeout: float = 120.0) -> None:
-    """Open and run ``path`` (``open_it()``) in a forked child first: refuse a file that makes a runtime abort.
+def survives_in_child(path: Path, what: str, target: str, *, timeout: float = 120.0) -> None:
+    """Open and run ``path`` with ``target``'s runtime in a child process first: refuse a file that makes it abort.
 
     ExecuTorch's C++ runtime calls ``abort()`` on some malformed programs (a damaged header): in
     this process that is SIGABRT and no message at all.  In a child, it is an exit status the parent
-    turns into one :class:`ExportError`.  A file that survived is remembered by (path, inode, size,
-    mtime), so a second load costs nothing.  Linux only (elsewhere ``fork`` is unsafe or absent);
-    a child that hangs past ``timeout`` is killed and the file opened as before.
+    turns into one :class:`ExportError`.  The child is a fresh interpreter (``python -m
+    keyedge.exporters.probe``), not a fork: a fork of a process whose runtimes already run thread pools
+    (ONNX Runtime, OpenVINO, XNNPACK) can deadlock on a lock another thread held, and did -- every load
+    then waited out the timeout.  A file that survived is remembered by (path, inode, size, mtime), so a
+    second load costs nothing.  A child that hangs past ``timeout`` is killed and the file opened as before.
     """
-    if not sys.platform.startswith("linux"):
+    if os.environ.get(PROBE_ENV):  # this process is the probe: open the file for real
         return
     path = Path(path)
     try:
@@ -550,33 +556,18 @@ def survives_in_child(path: Path, what: str, open_it: Any, *, timeout: float = 1
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _SURVIVED:
         return
-    pid = os.fork()
-    if pid == 0:  # the child: no output, no clean-up handlers, just the exit status
-        code = 0
-        try:
-            faulthandler.disable()  # its dump of the crash would reach the terminal through its own descriptor
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            open_it()
-        except BaseException:
-            code = 3  # a Python error: the parent's own load raises it with its message
-        os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return
-        time.sleep(0.005)
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
+    command = [sys.executable, "-m", "keyedge.exporters.probe", target, str(path)]
+    env = {**os.environ, PROBE_ENV: "1"}
+    try:
+        child = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return  # (subprocess.run killed it)
+    status = child.returncode
+    if status < 0:
+        name = signal.Signals(-status).name
         raise ExportError(
             f"{path} is not a usable {what}: the runtime crashed reading it ({name}); the file is damaged or foreign",
             "export it again, or restore it from a copy",
         )
-    if os.WEXITSTATUS(status) == 0:
+    if status == 0:
         _SURVIVED.add(key)

@@ -101,10 +101,16 @@ class Node:
 
 
 def is_permutation_matrix(weight: np.ndarray | None) -> bool:
-    """Whether a (C, C, 1, 1) conv weight is a 0/1 permutation: the conv form's shuffle, exactly."""
-    if weight is None or weight.ndim != 4 or weight.shape[2:] != (1, 1) or weight.shape[0] != weight.shape[1]:
+    """Whether a conv weight is a 0/1 permutation of its inputs: the conv form's shuffle, exactly.
+
+    (n, n, 1, 1) -- a 1x1 permutation after space-to-depth -- or (n, C, P, P) with n = C*P*P: a stride-P
+    convolution picking each element of every PxP block once (space-to-depth and the permutation in one op).
+    """
+    if weight is None or weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
         return False
-    w = weight[:, :, 0, 0]
+    if weight.shape[0] != weight.shape[1] * weight.shape[2] * weight.shape[3]:
+        return False
+    w = weight.reshape(weight.shape[0], -1)
     return bool(np.isin(w, (0.0, 1.0)).all() and (w.sum(0) == 1).all() and (w.sum(1) == 1).all())
 
 

@@ -219,7 +219,10 @@ def _gather_indices(nodes: list[Node], interpreter: Any) -> np.ndarray | None:
     details = {str(t["index"]): t for t in interpreter.get_tensor_details()}
     for node in shuffle_prefix(nodes, _inputs(interpreter), lambda n: None):
         if node.type in GATHERS:
-            return np.asarray(interpreter.get_tensor(details[node.inputs[1]]["index"])).reshape(-1).astype(np.int64)
+            index = np.asarray(interpreter.get_tensor(details[node.inputs[1]]["index"]))
+            if node.type == "GATHER_ND" and index.ndim >= 2 and index.shape[-1] > 1:  # (batch, element) pairs
+                index = index[..., -1]  # the elements form: the batch coordinate is each row's own
+            return index.reshape(-1).astype(np.int64)
     return None
 
 
@@ -240,7 +243,7 @@ def _interpreter(backend: LiteRTBackend, path: Path, threads: int | None = None,
         interpreter.allocate_tensors()
         return interpreter
 
-    survives_in_child(path, "LiteRT model", lambda: open_it().invoke())  # refuse what would abort this process
+    survives_in_child(path, "LiteRT model", backend.name)  # refuse what would abort this process
     try:
         interpreter = open_it()
     except Exception as exc:

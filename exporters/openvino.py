@@ -48,7 +48,9 @@ class OpenVinoRunner(Runner):
 
     The CPU plugin computes in bf16 by default on CPUs with AMX or AVX512-BF16, which moves
     outputs by ~1e-3: the inference precision is pinned to the artifact's (f32 for fp32
-    artifacts, f16 for fp16 ones where the CPU supports it) unless ``precision`` says otherwise.
+    artifacts, f16 for fp16 ones where the CPU supports it) unless ``precision`` says otherwise:
+    ``host`` leaves the plugin its own default on this host (what a deployment that sets nothing gets),
+    and the runner's settings then record the precision the plugin chose.
     """
 
     backend = "openvino"
@@ -56,18 +58,24 @@ class OpenVinoRunner(Runner):
     def __init__(self, path: Path, core: Any, model: Any, settings: dict[str, Any]):
         device = settings.get("device") or "CPU"
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        wanted = settings.get("precision")
         if device.startswith("CPU"):
-            config["INFERENCE_PRECISION_HINT"] = settings.get("precision") or inference_precision(model, core)
+            if wanted != "host":
+                pinned = wanted if wanted not in (None, "artifact") else inference_precision(model, core)
+                config["INFERENCE_PRECISION_HINT"] = pinned
             if settings.get("threads"):
                 config["INFERENCE_NUM_THREADS"] = settings["threads"]
         self.compiled = core.compile_model(model, device, config)  # the one place an OpenVINO model is compiled
         self.request = self.compiled.create_infer_request()
         self._output = self.compiled.output(0)
         shape = self.compiled.input(0).get_partial_shape()
+        precision = config.get("INFERENCE_PRECISION_HINT")
+        if wanted == "host":
+            precision = f"host:{_compiled_precision(self.compiled)}"
         super().__init__(
             path,
             [d.get_length() if d.is_static else None for d in shape],
-            {**settings, "device": device, "precision": config.get("INFERENCE_PRECISION_HINT")},
+            {**settings, "device": device, "precision": precision},
         )
 
     def infer(self, x: np.ndarray) -> Any:
@@ -79,6 +87,14 @@ class OpenVinoRunner(Runner):
 
     def close(self) -> None:
         self.request = self.compiled = None
+
+
+def _compiled_precision(compiled: Any) -> str:
+    """The precision the plugin chose for a compiled model (``bf16``, ``f32``...), or ``default`` if it says none."""
+    try:
+        return str(compiled.get_property("INFERENCE_PRECISION_HINT").to_string())
+    except Exception:
+        return "default"
 
 
 def inference_precision(model: Any, core: Any) -> str:
@@ -100,7 +116,11 @@ class OpenVinoBackend(ExportBackend):
     suffix = ".xml"
     runtime = "openvino"
     supports_template = True
-    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU", "AUTO"), "CPU")}
+    profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "device": (("CPU", "GPU", "NPU", "AUTO"), "CPU"),
+        # artifact: pinned to the artifact's precision (parity); host: the plugin's default here (bf16 on AMX)
+        "precision": (("artifact", "host"), "artifact"),
+    }
     device_option = "device"
     sealable = True
     random_ops = True  # RandomUniform (the normal draw by Box-Muller)

@@ -43,14 +43,19 @@ def test_export_benchmark_runs(capsys):
 def test_keyed_latency_benchmark_runs(capsys):
     from keyedge.benchmarks.experiments import keyed_latency
 
-    report = keyed_latency.main(
-        ["--models", "test_vit,test_resnet", "--image-size", "32", "--rounds", "2", "--min-seconds", "0.05"]
-    )
+    fast = ["--image-size", "32", "--rounds", "2", "--min-seconds", "0.05"]
+    report = keyed_latency.main(["--models", "test_vit,test_resnet", *fast, "--host-precision"])
     fuses = {(m.artifact.model, m.artifact.role, m.artifact.fuse, m.runtime) for m in report.measurements}
     vit = {(r, f) for m, r, f, rt in fuses if m == "test_vit" and rt == "openvino"}
-    assert vit == {("plain", "none"), ("keyed", "gather"), ("keyed", "conv"), ("keyed", "fold"), ("plain", "fold")}
+    keyed = {("keyed", "gather"), ("keyed", "elements"), ("keyed", "conv")}
+    assert vit == {("plain", "none"), ("keyed", "fold"), ("plain", "fold")} | keyed
     resnet = {(r, f) for m, r, f, rt in fuses if m == "test_resnet" and rt == "onnxruntime"}
-    assert resnet == {("plain", "none"), ("keyed", "gather"), ("keyed", "conv")}  # a ResNet stem does not fold
+    assert resnet == {("plain", "none")} | keyed  # a ResNet stem does not fold
+    host = [c for c in report.comparisons if c.kind == "host/pinned"]
+    # every OpenVINO artifact also at the plugin's own precision here (bf16 on AMX hosts), against the pinned one
+    openvino = [m for m in report.measurements if m.runtime == "openvino"]
+    assert len(host) == len(openvino) // 2 and {m.device.split("@")[0] for m in openvino} == {"CPU"}
+    assert all(c.runtime.startswith("openvino:CPU@host:") and c.runtime.endswith("/openvino:CPU") for c in host)
     kinds = {
         m: {
             c.kind
@@ -60,8 +65,8 @@ def test_keyed_latency_benchmark_runs(capsys):
         for m in ("test_vit", "test_resnet")
     }
     assert kinds == {
-        "test_vit": {"keyed/plain", "gather/fold", "gather/conv"},
-        "test_resnet": {"keyed/plain", "gather/conv"},
+        "test_vit": {"keyed/plain", "gather/fold", "gather/conv", "gather/elements"},
+        "test_resnet": {"keyed/plain", "gather/conv", "gather/elements"},
     }
     assert "keyed/plain" in capsys.readouterr().out
 

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -381,11 +382,68 @@ def test_coreml_compute_plan(tmp_path, key4):
     assert {r["op"] for r in ops} >= {"conv"} and all(r["preferred"] for r in ops if r["op"] != "const")
 
 
-def test_auto_uses_conv_for_coreml_and_gather_elsewhere(tmp_path, key4):
+def test_auto_gives_each_target_its_runtimes_measured_form(tmp_path, key4):
+    from keyedge.exporters import get_backend
+
     ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
-    manifest = export(tmp_path, ckpt, key4, ["onnx", "coreml"], fuse="auto")
-    assert manifest["targets"]["onnx"]["fuse"] == "gather" and manifest["targets"]["coreml"]["fuse"] == "conv"
-    assert manifest["targets"]["coreml"]["graph"]["gathers_on_input"] == 0
+    targets = ["onnx", "openvino", "coreml"]
+    manifest = export(tmp_path, ckpt, key4, targets, fuse="auto")
+    for target in targets:
+        entry = manifest["targets"][target]
+        form = get_backend(target).auto_form
+        assert entry["fuse"] == form and entry["form_choice"] == {"rule": "auto", "form": form, "measured": False}
+        assert entry["graph"]["gathers_on_input"] == (form != "conv") and entry["parity"]["passed"]
+    assert manifest["targets"]["coreml"]["fuse"] == "conv"  # the Neural Engine runs no gather
+    forms = {manifest["targets"][t]["fuse"] for t in targets}
+    if len(forms) > 1:  # the set's form is given per target
+        assert manifest["fuse_note"].startswith("auto: not folded") and "per target: onnx " in manifest["fuse_note"]
+
+
+def test_elements_form_is_one_gather_elements_holding_the_keys_index(tmp_path, key4):
+    import onnx
+    from onnx import numpy_helper
+
+    from keyedge.keys.transform import BlockShuffle
+
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="elements")
+    spelled = {"onnx": "GatherElements", "openvino": "GatherElements", "coreml": "gather_along_axis"}
+    for target, entry in manifest["targets"].items():
+        assert entry["fuse"] == "elements" and entry["graph"]["gathers_on_input"] == 1, target
+        assert spelled[target] in entry["graph"]["input_path"], entry["graph"]["input_path"]
+        assert entry["parity"]["passed"]
+        if entry["parity"]["ran"]:  # (CoreML runs only on macOS: checked structurally elsewhere)
+            assert entry["parity"]["random"]["max_abs_diff"] <= 1e-4
+    model = onnx.load(next((tmp_path / "out").rglob("model.onnx")))
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    (node,) = [n for n in model.graph.node if n.op_type == "GatherElements"]
+    index = constants[node.input[1]]
+    expected = BlockShuffle.from_key(key4, 32).index.numpy()
+    assert index.shape == (1, expected.size) and np.array_equal(index[0], expected)  # batch 1: a constant
+
+
+def test_fastest_times_every_form_here_and_keeps_the_fastest(tmp_path, key4):
+    from keyedge.deploy.artifacts import ArtifactManifest
+    from keyedge.host import cpu_model
+
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    logged: list[str] = []
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "coreml"], fuse="fastest", log=logged.append)
+    onnx_entry = manifest["targets"]["onnx"]
+    choice = onnx_entry["form_choice"]
+    assert choice["rule"] == "fastest" and choice["measured"] and choice["host"]["cpu"] == cpu_model()
+    assert set(choice["timed"]) == {"gather", "elements", "conv"} and choice["failed"] == {}
+    assert choice["form"] == min(choice["timed"], key=lambda f: choice["timed"][f]["ms"]) == onnx_entry["fuse"]
+    assert choice["timed"][choice["form"]]["ratio_to_chosen"]["median"] == 1.0
+    assert onnx_entry["parity"]["passed"] and set(choice["host"]["features"]) >= {"vnni", "bf16", "amx", "fp16"}
+    assert any(line.strip().startswith("onnx: fastest form") for line in logged), logged
+    coreml = manifest["targets"]["coreml"]
+    if sys.platform != "darwin":  # CoreML does not run here: auto's form, and why
+        assert coreml["form_choice"]["measured"] is False and "macOS" in coreml["form_choice"]["reason"]
+        assert coreml["fuse"] == "conv"
+    out = next(p.parent for p in (tmp_path / "out").rglob("manifest.json"))
+    assert ArtifactManifest.read(out).targets["onnx"].form_choice == choice  # the reader takes it back
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["model.mlpackage"]  # trial exports are gone
 
 
 def test_design_card_line_finds_the_keys_checkpoint_under_runs(tmp_path, key4, make_key, monkeypatch):

@@ -35,7 +35,12 @@ KEY_A = Key.from_secret(bytes(range(32)), 4)
 KEY_B = Key.from_secret(bytes(range(100, 132)), 4)
 SIZE = 32
 TARGETS = ("litert", "executorch")
-FORMS = [("test_efficientnet", "gather"), ("test_efficientnet", "conv"), ("test_vit", "fold")]
+FORMS = [
+    ("test_efficientnet", "gather"),
+    ("test_efficientnet", "elements"),
+    ("test_efficientnet", "conv"),
+    ("test_vit", "fold"),
+]
 READ_INDICES = {"litert": lt.shuffle_indices, "executorch": et.shuffle_indices}
 needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 
@@ -76,9 +81,9 @@ def test_each_form_reproduces_pytorch_and_holds_the_keys_shuffle(exported, targe
     backend = get_backend(target)
     graph = backend.inspect(path)
     indices = READ_INDICES[target](path)
-    if fuse == "gather":
+    if fuse in ("gather", "elements"):
         assert graph.gathers_on_input == 1, graph.input_path
-        assert indices is not None and np.array_equal(indices, module.shuffle.index.numpy())
+        assert indices is not None and np.array_equal(indices.reshape(-1), module.shuffle.index.numpy())
     else:
         assert graph.gathers_on_input == 0 and indices is None, graph.input_path
     images = np.random.default_rng(1).random((3, 3, SIZE, SIZE), dtype=np.float32)

@@ -15,6 +15,7 @@ import pytest
 from test_export import clean_error, cli, make_checkpoint
 
 from keyedge.checkpoints import load_checkpoint
+from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, deployable, export_one
 from keyedge.deploy.runtime import open_artifact, open_sealed
 from keyedge.errors import KeyFileError, OutputError, SealError
@@ -65,27 +66,46 @@ def sealed_set(tmp_path_factory):
     seen_during: list[str] = []
     scans: list[str] = []
     original = {name: type(get_backend(name)).inspect for name in TARGETS}
+    loads = {name: type(get_backend(name)).load for name in TARGETS}
+
+    def scan() -> None:
+        seen_during.extend(_plaintext_in([root / "sealed", scratch], [*marks, *PLAINTEXT_MARKS]))
 
     def scanning(name):
         def inspect(self, path):  # runs while the artifact exists (in memory) and before it is sealed
             scans.append(name)
-            seen_during.extend(_plaintext_in([root / "sealed", scratch], [*marks, *PLAINTEXT_MARKS]))
+            scan()
             return original[name](self, path)
 
         return inspect
+
+    def scanning_loads(name):
+        def load(self, path, **kw):  # also each of --fuse fastest's trial artifacts, while it exists
+            scan()
+            return loads[name](self, path, **kw)
+
+        return load
 
     old_tempdir = tempfile.tempdir
     tempfile.tempdir = str(scratch)  # every temporary file of the export lands where the scan looks
     try:
         for name in TARGETS:
             type(get_backend(name)).inspect = scanning(name)
-        settings = ExportSettings(targets=TARGETS, out=root / "sealed", seal=sealkey)
+            type(get_backend(name)).load = scanning_loads(name)
+        # fastest: every form exported and timed first -- in memory too
+        settings = ExportSettings(targets=TARGETS, out=root / "sealed", seal=sealkey, fuse="fastest")
         sealed = export_one(ExportRequest(checkpoint, key), settings)
     finally:
         tempfile.tempdir = old_tempdir
         for name in TARGETS:
             type(get_backend(name)).inspect = original[name]
-    plain = export_one(ExportRequest(checkpoint, key), ExportSettings(targets=TARGETS, out=root / "plain"))
+            type(get_backend(name)).load = loads[name]
+    fuse = {t: r.fuse for t, r in ArtifactManifest.read(sealed).targets.items()}
+    by_form = {}
+    for form in sorted(set(fuse.values())):  # the same forms, unsealed: what the sealed set must run like
+        out = root / f"plain-{form}"
+        by_form[form] = export_one(ExportRequest(checkpoint, key), ExportSettings(targets=TARGETS, out=out, fuse=form))
+    plains = {target: by_form[form] for target, form in fuse.items()}
     return {
         "root": root,
         "key": key,
@@ -93,7 +113,8 @@ def sealed_set(tmp_path_factory):
         "sealkey": sealkey,
         "sealkey_path": sealkey_path,
         "sealed": sealed,
-        "plain": plain,
+        "plain": plains["onnx"],
+        "plains": plains,  # per target: the unsealed set of the form the sealed one chose
         "marks": marks,
         "scratch": scratch,
         "seen_during": seen_during,
@@ -155,6 +176,9 @@ def test_sealed_set_holds_only_sealed_files_and_no_key(sealed_set):
     assert manifest["seal"]["sealkey"] == sealed_set["sealkey"].fingerprint
     assert manifest["seal"]["cipher"] == "AES-256-GCM"
     assert all(t["parity"]["passed"] and t["parity"]["ran"] for t in manifest["targets"].values())
+    for target in TARGETS:  # --fuse fastest timed every form, in memory (the scans below look for them on disk)
+        choice = manifest["targets"][target]["form_choice"]
+        assert choice["measured"] and set(choice["timed"]) == {"gather", "elements", "conv"}, choice
     text = (sealed / "manifest.json").read_text()
     assert sealed_set["sealkey"]._secret.hex() not in text
     assert " ".join(map(str, sealed_set["key"].permutation[:16])) not in text
@@ -173,7 +197,7 @@ def test_no_plaintext_on_disk_during_or_after_a_sealed_export(sealed_set):
 def test_sealed_artifacts_run_like_the_plain_ones(sealed_set):
     x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     for target in TARGETS:
-        with open_artifact(sealed_set["plain"], target) as plain:
+        with open_artifact(sealed_set["plains"][target], target) as plain:
             expected = plain.predict(x)
         with open_sealed(sealed_set["sealed"], sealed_set["sealkey_path"], target=target) as runner:
             assert runner.path.name.endswith(".sealed")

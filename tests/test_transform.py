@@ -141,25 +141,46 @@ def test_device_move_keeps_index(key4):
     assert Key.from_permutation(key4.permutation, 4).fingerprint == key4.fingerprint
 
 
+@pytest.mark.parametrize("form", ["conv", "elements"])
 @pytest.mark.parametrize("p", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("size", [(16, 16), (32, 48), (64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_conv_formulation_equals_gather_bit_for_bit(p, size, dtype, make_key):
-    from keyedge.keys.transform import BlockShuffleConv
+def test_every_form_equals_the_gather_bit_for_bit(form, p, size, dtype, make_key):
+    from keyedge.defenses.keyed import SHUFFLE_FORMS
 
     if size[0] % p or size[1] % p:
         pytest.skip("block size does not divide this size")
     key = make_key(p, tag=5)
-    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(p)).to(dtype)
+    x = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(p)).to(dtype)
+    x[0, 0, 0, :4] = torch.tensor([0.0, 1.0, 1e-6, 1 / 3]).to(dtype)  # the ends of [0, 1], a tiny and an inexact one
     gather = BlockShuffle.from_key(key, size)(x)
-    conv = BlockShuffleConv.from_key(key, size)(x)
-    assert conv.dtype == dtype and torch.equal(conv, gather)
+    other = SHUFFLE_FORMS[form].from_key(key, size)(x)
+    assert other.dtype == dtype and torch.equal(other, gather)
+    assert torch.equal(SHUFFLE_FORMS[form].from_key(key, size)(x[:1]), gather[:1])  # any batch
 
 
-def test_conv_formulation_hides_key_and_checks_shape(key4):
-    from keyedge.keys.transform import BlockShuffleConv
+def test_conv_form_is_one_strided_selection_conv(key4):
+    """Space-to-depth and the permutation in one stride-P conv: each output channel picks one block element."""
+    from keyedge.exporters.graph import is_permutation_matrix
+    from keyedge.keys.transform import BlockShuffleConv, conv_permutation_matrix
 
     module = BlockShuffleConv.from_key(key4, 16)
+    weight = module.weight.numpy()
+    assert weight.shape == (48, 3, 4, 4) and is_permutation_matrix(weight)
+    assert np.array_equal(weight.reshape(48, 48), conv_permutation_matrix(key4.permutation, 4))
+    assert is_permutation_matrix(weight.reshape(48, 48, 1, 1))  # the 1x1 form after space-to-depth, as before
+    broken = weight.copy()
+    broken[0, 0, 0, 0] = 1 - broken[0, 0, 0, 0]  # one element picked twice (or not at all)
+    assert not is_permutation_matrix(broken) and not is_permutation_matrix(weight * 0.5)
+    assert not is_permutation_matrix(np.ones((3, 3, 3, 3), np.float32))  # a real 3x3 conv
+
+
+@pytest.mark.parametrize("form", ["conv", "elements"])
+def test_every_form_hides_key_and_checks_shape(key4, form):
+    from keyedge.defenses.keyed import SHUFFLE_FORMS
+
+    module = SHUFFLE_FORMS[form].from_key(key4, 16)
     assert module.state_dict() == {}
+    assert str(key4.permutation[:8])[1:-1] not in repr(module)
     with pytest.raises(ShapeError):
         module(torch.zeros(1, 3, 8, 8))

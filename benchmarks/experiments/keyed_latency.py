@@ -6,7 +6,8 @@ and a keyed checkpoint sharing one backbone are written, then exported through
 
 * ``plain``      -- no key (fuse ``none``),
 * ``gather``     -- the keyed model, the shuffle as one Gather,
-* ``conv``       -- the keyed model, space-to-depth + 1x1 permutation conv + depth-to-space,
+* ``elements``   -- the keyed model, the shuffle as one GatherElements (the same indices, per element),
+* ``conv``       -- the keyed model, one strided 0/1 selection conv + depth-to-space,
 * ``fold``       -- the keyed model, shuffle and normalization folded into a patchify stem (ViT only),
 * ``plain-fold`` -- the plain model with its normalization folded, the exact twin of ``fold``,
 
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
-from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile
+from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile, with_host_precision
 from keyedge.benchmarks.workbench import BENCH_KEY, export_variants
 
 
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None):
     )
     parser.add_argument(
         "--int8", default="", help="variants also exported at int8, e.g. plain,gather: int8/fp32 ratios (issue 15)"
+    )
+    parser.add_argument(
+        "--host-precision",
+        action="store_true",
+        help="also time OpenVINO at its own default precision here (bf16 on AMX hosts): host/pinned ratios",
     )
     parser.add_argument("--out", help="keep the export directories here (default: a temporary directory)")
     parser.add_argument("--json", help="write the keyedge-latency/1 report here")
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None):
             "runtime": [r.to_dict() for r in runtimes],
         }
     )
+    if args.host_precision:
+        profile = with_host_precision(profile)
     settings = BenchSettings(min_seconds=args.min_seconds, min_iterations=50, warmup=10, rounds=args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.out) if args.out else Path(tmp)

@@ -11,7 +11,7 @@ import platform
 from collections.abc import Callable
 from typing import Any
 
-from keyedge import __version__
+from keyedge import __version__, host
 from keyedge.deps import CONFLICTS, CORE, EXTRAS, Conflict, version_of
 
 # keyedge.exporters (and torch with it) is imported inside the probes: doctor must report a broken torch or
@@ -113,6 +113,7 @@ def collect() -> dict[str, Any]:
         "keyedge": __version__,
         "python": platform.python_version(),
         "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "cpu": host.record() | {"precision_notes": host.precision_notes()},
         "core": {name: version_of(name) for name in CORE},
         "extras": {},
         "checks": [],

@@ -91,12 +91,18 @@ def latency(
     json_out: Path | None = renamed("--json", new="--out DIR (DIR/latency.json)"),
     markdown_out: Path | None = renamed("--markdown", new="--out DIR (DIR/latency.md)"),
     overwrite: bool = overwrite_option("Replace an existing --out directory."),
+    host_precision: bool = typer.Option(
+        False,
+        "--host-precision",
+        help="Also time each OpenVINO artifact at the runtime's own default precision on this host (bf16 on "
+        "AMX / AVX-512 BF16 CPUs), beside the pinned one parity needs: the host/pinned ratio.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Time artifacts (load, first and steady inference, throughput, memory), interleaved, with keyed/plain ratios."""
 
     from keyedge.benchmarks.latency import BenchSettings, run_latency
-    from keyedge.benchmarks.profiles import builtin_profile, load_profile
+    from keyedge.benchmarks.profiles import builtin_profile, load_profile, with_host_precision
     from keyedge.fileio import check_writable
     from keyedge.keys.keyfile import load_key
 
@@ -105,6 +111,8 @@ def latency(
         if old is not None:  # an unwritable report path fails now, not after the measurement
             check_writable(old, overwrite=overwrite, flag="--overwrite")
     profile = load_profile(profile_path) if profile_path is not None else builtin_profile()
+    if host_precision:
+        profile = with_host_precision(profile)
     keys = [load_key(path) for path in key_files or []]
     sealkeys = _sealkeys(seal)
     settings = BenchSettings(

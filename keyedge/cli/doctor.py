@@ -14,12 +14,17 @@ from keyedge.cli._console import console
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
     """Check which extras, export targets and runtimes work on this host."""
     from keyedge.app.doctor import collect
+    from keyedge.host import describe
 
     report = collect()
     if as_json:
         print(json.dumps(report, indent=2))
         return
     console.print(f"keyedge {report['keyedge']} on Python {report['python']}, {report['platform']}", markup=False)
+    cpu = report["cpu"]
+    console.print(f"cpu: {describe(cpu['features'], cpu['cpu'])}", markup=False)
+    for note in cpu["precision_notes"]:
+        console.print(f"  {note}", markup=False)
     core = ", ".join(f"{name} {version or 'MISSING'}" for name, version in report["core"].items())
     console.print(f"core: {core}", markup=False)
 

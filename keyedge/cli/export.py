@@ -30,9 +30,10 @@ KEYS = typer.Option(None, "--keys", help="Directory of key files, matched by fin
 FUSE = typer.Option(
     "gather",
     "--fuse",
-    help="gather (one Gather op), fold (into a patchify first layer, when "
-    "exact), conv (space-to-depth + 1x1 permutation conv: no gather) or auto (fold where exact, "
-    "else conv for CoreML and gather elsewhere).",
+    help="gather (one Gather op), elements (one GatherElements op), conv (one strided 0/1 conv + "
+    "depth-to-space: no gather), fold (into a patchify first layer, when exact); auto (fold where exact, else "
+    "each target's measured fastest form) or fastest (fold where exact, else every form timed here per target). "
+    "All forms are exact.",
 )
 BATCH = typer.Option(1, "--batch", min=1, help="Fixed batch size of the artifact.")
 DYNAMIC_BATCH = typer.Option(False, "--dynamic-batch", help="Export with a dynamic batch dimension instead.")

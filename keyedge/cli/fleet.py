@@ -159,7 +159,9 @@ def train(
 def export(
     directory: Path = typer.Argument(..., help="Fleet directory."),
     target: list[str] = target_option(),
-    fuse: str = typer.Option("gather", "--fuse", help="gather, fold, conv or auto (as for `keyedge export`)."),
+    fuse: str = typer.Option(
+        "gather", "--fuse", help="gather, elements, conv, fold, auto or fastest (as for `keyedge export`)."
+    ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
     engine: str = ENGINE,
     address: str | None = ADDRESS,

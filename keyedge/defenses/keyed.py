@@ -1,10 +1,12 @@
 """The key-based defense: ``backbone(normalize(shuffle(x)))`` with a secret key; without a key, the plain model.
 
-Deployable forms of the shuffle (``fuse``): ``gather`` (one Gather over the flattened
-input), ``fold`` (re-indexed into a patchify first layer where that is exact, so the graph
-is the plain model's), ``conv`` (space-to-depth + a 1x1 permutation convolution +
-depth-to-space, for accelerators that run no gather) and ``auto`` (fold where exact,
-else gather).  LoRA adapters are merged (and the merge verified) first.
+Deployable forms of the shuffle (``fuse``), all exact: ``gather`` (one Gather over the flattened
+input), ``elements`` (the same gather per element: one GatherElements), ``fold`` (re-indexed into a
+patchify first layer where that is exact, so the graph is the plain model's), ``conv`` (one strided 0/1
+convolution + depth-to-space, for accelerators that run no gather); ``auto`` (fold where exact, else each
+target's measured fastest form, :attr:`~keyedge.exporters.base.ExportBackend.auto_form`) and ``fastest``
+(fold where exact, else each form timed on the export host per target: :mod:`keyedge.deploy.forms`).
+LoRA adapters are merged (and the merge verified) first.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from keyedge.defenses import Defense, Deployable, register_defense
 from keyedge.errors import FoldError, KeyedgeError
 from keyedge.keys.fold import fold_model
 from keyedge.keys.keyfile import Key
-from keyedge.keys.transform import BlockShuffleConv
+from keyedge.keys.transform import BlockShuffle, BlockShuffleConv, BlockShuffleElements
 from keyedge.models.backbones import KeyedModel, build_model
 from keyedge.models.lora import apply_lora, merge_lora
 
-FUSE_MODES = ("gather", "fold", "conv", "auto")
+#: the exact forms of the shuffle that are a module in front of the backbone (fold rewrites the backbone)
+SHUFFLE_FORMS = {"gather": BlockShuffle, "elements": BlockShuffleElements, "conv": BlockShuffleConv}
+#: what ``--fuse`` takes: a form, or a rule choosing one per target
+FUSE_MODES = ("gather", "elements", "fold", "conv", "auto", "fastest")
 
 
 class RawInputModel(nn.Module):
@@ -36,13 +41,17 @@ class RawInputModel(nn.Module):
         return self.backbone(x)
 
 
-def conv_variant(merged: nn.Module, key: Key | None) -> Deployable:
-    """The keyed model with its shuffle as space-to-depth + 1x1 permutation conv + depth-to-space."""
-
-    assert key is not None and merged.keyed
+def shuffle_variant(merged: nn.Module, key: Key | None, form: str) -> Deployable:
+    """The keyed model with its shuffle in ``form`` (:data:`SHUFFLE_FORMS`), sharing the backbone; a plain
+    model has no shuffle and is returned as it is."""
+    if not merged.keyed:
+        return Deployable(merged, "none")
+    assert key is not None
+    if form == "gather" and type(merged.shuffle) is BlockShuffle:
+        return Deployable(merged, "gather")
     variant = KeyedModel(merged.backbone, merged.spec, key)  # shares the backbone; only the shuffle differs
-    variant.shuffle = BlockShuffleConv.from_key(key, merged.spec.image_size)
-    return Deployable(variant.eval(), "conv")
+    variant.shuffle = SHUFFLE_FORMS[form].from_key(key, merged.spec.image_size)
+    return Deployable(variant.eval(), form)
 
 
 @register_defense
@@ -62,10 +71,8 @@ class KeyedDefense(Defense):
         if fuse not in FUSE_MODES:
             raise KeyedgeError(f"unknown fuse mode {fuse!r}", f"use {', '.join(FUSE_MODES)}")
         merged = merge_lora(model).eval()
-        if fuse == "gather" or (fuse == "conv" and not merged.keyed):
-            return Deployable(merged, "gather" if merged.keyed else "none")
-        if fuse == "conv":
-            return conv_variant(merged, key)
+        if fuse in SHUFFLE_FORMS:
+            return shuffle_variant(merged, key, fuse)
         # A plain model folds its normalization alone (the identity permutation), so that a folded keyed
         # model and the plain model export to the very same graph.
         fold_key = key if merged.keyed else Key.from_permutation(range(3), 1)
@@ -77,7 +84,8 @@ class KeyedDefense(Defense):
         except FoldError as exc:
             if fuse == "fold":
                 raise
-            return Deployable(merged, "gather" if merged.keyed else "none", f"auto: not folded ({exc.message})")
+            # each target then takes its form (keyedge.deploy.targets): the gather stands in until then
+            return Deployable(merged, "gather" if merged.keyed else "none", f"{fuse}: not folded ({exc.message})")
         return Deployable(RawInputModel(folded).eval(), "fold")
 
     def role(self, fingerprint: str | None) -> str:

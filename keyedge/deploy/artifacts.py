@@ -31,7 +31,7 @@ FORMAT = "keyedge-artifacts"  # the pre-schema spelling
 SCHEMA = "keyedge-artifact/2"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"
 MAX_BATCH = 1 << 16
-FUSES = ("gather", "fold", "conv", "none")
+FUSES = ("gather", "elements", "fold", "conv", "none")
 
 
 @dataclass
@@ -47,6 +47,8 @@ class TargetRecord:
     io: dict[str, Any] = field(default_factory=dict)
     source: str = "full-export"
     parity: Parity = field(default_factory=Parity)
+    #: how ``--fuse auto|fastest`` chose this target's form (:mod:`keyedge.deploy.forms`); None for an explicit one
+    form_choice: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.parity, Parity):
@@ -60,7 +62,7 @@ class TargetRecord:
             "io": self.io,
             "source": self.source,
             "parity": self.parity.to_dict(),
-        }
+        } | ({"form_choice": self.form_choice} if self.form_choice is not None else {})
 
 
 @dataclass
@@ -320,6 +322,7 @@ def _targets(targets_f: Fields) -> dict[str, TargetRecord]:
             io=t.dict("io", optional=True) or {},
             source=t.str("source", default="full-export"),
             parity=Parity.from_dict(t.dict("parity", optional=True) or {}),
+            form_choice=t.dict("form_choice", optional=True),
         )
     if not targets:
         raise targets_f.fail("", "lists no artifact")

@@ -24,8 +24,8 @@ from keyedge import __version__
 from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.checkpoints import CheckpointManifest
 from keyedge.defenses import Deployable
-from keyedge.defenses.keyed import conv_variant
 from keyedge.deploy.artifacts import ArtifactManifest, TargetRecord
+from keyedge.deploy.forms import choose_form
 from keyedge.deploy.parity import Parity
 from keyedge.deploy.settings import ExportRequest, ExportSettings
 from keyedge.deploy.verification import References, check_graph, check_noise, references, verify_target
@@ -84,12 +84,19 @@ def export_targets(
 
 
 def _export_target(job: _Job, backend: ExportBackend) -> TargetRecord:
-    """One target: its module (the conv form where the accelerator runs no gather; the posture's in-graph part
-    around it), exported, inspected, verified."""
+    """One target: its module (its shuffle's form chosen under auto and fastest, :mod:`keyedge.deploy.forms`; the
+    posture's in-graph part around it), exported, inspected, verified."""
     settings, options = job.settings, job.options
-    deploy = job.deploy
-    if settings.fuse == "auto" and deploy.fuse == "gather" and not backend.runs_gather:
-        deploy = conv_variant(deploy.module, job.request.key)  # no gather reaches the accelerator
+    deploy, form_choice = choose_form(
+        job.deploy,
+        backend,
+        settings.fuse,
+        job.request.key,
+        options,
+        in_memory=settings.seal is not None,
+        staging=job.staging,
+        log=settings.log,
+    )
     posture = settings.posture
     module = PostureModule(deploy.module, posture).eval() if posture.in_graph else deploy.module
     template = None
@@ -123,6 +130,7 @@ def _export_target(job: _Job, backend: ExportBackend) -> TargetRecord:
             graph=graph.to_dict(),
             io=io,
             source="fleet-template" if template is not None else "full-export",
+            form_choice=form_choice,
         )
         if randomized:
             record.parity = _randomized_parity(job, backend, module, path, memory, stack)
@@ -187,6 +195,12 @@ def artifact_manifest(
     """The set's manifest: the key's fingerprint (never the key), the model, its interface, how it was verified."""
     model, deploy, options, spec = job.model, job.deploy, job.options, job.model.spec
     checkpoint = Path(job.request.checkpoint)
+    forms = {name: record.fuse for name, record in targets.items()}
+    fuse, note = deploy.fuse, deploy.note
+    if len(set(forms.values())) == 1:  # auto and fastest choose per target: the set's form when they agree
+        fuse = next(iter(forms.values()))
+    else:
+        note = "; ".join(filter(None, [note, "per target: " + ", ".join(f"{t} {f}" for t, f in forms.items())]))
     return ArtifactManifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         fingerprint=model.key_fingerprint,
@@ -202,11 +216,11 @@ def artifact_manifest(
         },
         finetune=manifest.finetune_mode,
         lora_merged=manifest.finetune_mode == "lora",
-        fuse=deploy.fuse,
+        fuse=fuse,
         fuse_requested=job.settings.fuse,
-        fuse_note=deploy.note,
+        fuse_note=note,
         precision=options.precision,
-        **_interface(options, spec, deploy.fuse, job.settings.posture),
+        **_interface(options, spec, fuse, job.settings.posture),
         posture=job.settings.posture.to_dict(),
         checkpoint={
             "path": str(checkpoint.resolve()),

@@ -58,7 +58,7 @@ def torch_available(device: str | None) -> tuple[bool, str]:
 def load_checkpoint_runner(
     directory: Path, key: Key | None, *, fuse: str | None = None, device: str | None = None, threads: int | None = None
 ) -> TorchRunner:
-    """Load a checkpoint for eager inference as it would be exported (``fuse``: gather, fold, conv)."""
+    """Load a checkpoint for eager inference as it would be exported (``fuse``: gather, elements, fold, conv)."""
     ok, why = torch_available(device)
     if not ok:
         raise KeyedgeError(why, "pick another device")
@@ -66,7 +66,7 @@ def load_checkpoint_runner(
         torch.set_num_threads(threads)
     target = torch.device(device or "cpu")
     model, manifest = load_checkpoint(directory, key)
-    chosen = fuse if fuse in ("gather", "fold", "conv") else "gather"
+    chosen = fuse if fuse in ("gather", "elements", "fold", "conv") else "gather"
     module = defense_of(model).deployable(model, key, chosen).module.to(target).eval()
     return TorchRunner(
         Path(directory),

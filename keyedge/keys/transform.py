@@ -11,8 +11,12 @@ runs as a single gather with a constant index vector (:func:`block_index_map`):
 
 * :class:`BlockShuffle` -- a torch module doing one ``index_select`` (exports
   as one Gather op; its inverse with ``inverse=True``);
-* :class:`BlockShuffleConv` -- the same permutation as space-to-depth, a 1x1 0/1
-  convolution and depth-to-space, for accelerators without a fast gather;
+* :class:`BlockShuffleElements` -- the same gather with a per-element index
+  (``torch.gather``: one GatherElements op), which ONNX Runtime runs ~4x faster
+  than its Gather over single elements;
+* :class:`BlockShuffleConv` -- the same permutation as one strided 0/1 convolution
+  (space-to-depth and the permutation at once) and depth-to-space, for accelerators
+  without a fast gather;
 * :class:`HostShuffle` -- the same gather in numpy, for host-side use;
 * :func:`blockwise_shuffle` -- the literal reshape/permute chain, the readable
   definition, kept for tests and the benchmark.
@@ -175,14 +179,47 @@ def conv_permutation_matrix(permutation: Sequence[int] | np.ndarray, block_size:
     return matrix
 
 
-class BlockShuffleConv(nn.Module):
-    """The same shuffle as space-to-depth, a 1x1 permutation convolution and depth-to-space.
+def conv_selection_weight(permutation: Sequence[int] | np.ndarray, block_size: int, channels: int = 3) -> np.ndarray:
+    """The (n, C, P, P) 0/1 weight of a stride-P convolution doing space-to-depth and the key at once (n = C*P*P).
 
-    ``pixel_shuffle(conv1x1_M(pixel_unshuffle(x, P)), P)`` with ``M`` a fixed 0/1
-    permutation matrix (:func:`conv_permutation_matrix`): every output is exactly one
-    input, so it equals :class:`BlockShuffle` bit for bit in fp32 and fp16, using only
-    operations accelerators run natively (CoreML's Neural Engine runs no gather).
-    The weight is a non-persistent buffer: it is the key, and never lands in a state dict.
+    Output channel ``o`` (in ``pixel_shuffle``'s order, :func:`conv_permutation_matrix`) picks one element of
+    each block: flattened over (C, P, P), the weight is that permutation matrix.
+    """
+    p, c = block_size, channels
+    return conv_permutation_matrix(permutation, p, c).reshape(c * p * p, c, p, p)
+
+
+class BlockShuffleElements(BlockShuffle):
+    """The same gather written per element (``torch.gather``, ONNX GatherElements) instead of ``index_select``.
+
+    One index per output value, as :class:`BlockShuffle` has; only the op differs.  ONNX Runtime copies a
+    Gather's selected slices one ``memcpy`` each -- 150,528 single floats at 224x224 -- but runs GatherElements
+    as a typed loop: the shuffle alone takes about a quarter of the time (``benchmarks/experiments/forms.py``).
+    The index is expanded to the batch (a constant of the artifact's fixed batch after constant folding).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ShapeError(
+                f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
+                "resize the input to the size the key transform was built for",
+            )
+        flat = x.flatten(1)
+        return torch.gather(flat, 1, self.index.expand(flat.shape[0], -1)).view(x.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", op=gather_elements"
+
+
+class BlockShuffleConv(nn.Module):
+    """The same shuffle as one strided 0/1 convolution and depth-to-space.
+
+    ``pixel_shuffle(conv2d(x, W, stride=P), P)`` with ``W`` (:func:`conv_selection_weight`) picking, for each
+    output channel, one element of each PxP block: space-to-depth and the key's permutation in one op, with no
+    transpose (a 1x1 convolution after ``pixel_unshuffle`` needs one, which cost ONNX Runtime more than the
+    gather).  Every output is exactly one input times 1 plus zeros, so it equals :class:`BlockShuffle` bit for
+    bit in fp32 and fp16, using only operations accelerators run natively (CoreML's Neural Engine runs no
+    gather).  The weight is a non-persistent buffer: it is the key, and never lands in a state dict.
     """
 
     weight: torch.Tensor
@@ -199,8 +236,8 @@ class BlockShuffleConv(nn.Module):
         check_divisible(height, width, block_size)
         self.block_size = int(block_size)
         self.shape = (int(channels), height, width)
-        matrix = conv_permutation_matrix(permutation, block_size, channels)
-        self.register_buffer("weight", torch.from_numpy(matrix)[:, :, None, None], persistent=False)
+        weight = conv_selection_weight(permutation, block_size, channels)
+        self.register_buffer("weight", torch.from_numpy(weight), persistent=False)
 
     @classmethod
     def from_key(cls, key: Key, image_size: int | Sequence[int]) -> BlockShuffleConv:
@@ -212,13 +249,12 @@ class BlockShuffleConv(nn.Module):
                 f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
                 "resize the input to the size the key transform was built for",
             )
-        blocks = nn.functional.pixel_unshuffle(x, self.block_size)
-        blocks = nn.functional.conv2d(blocks, self.weight.to(x.dtype))
+        blocks = nn.functional.conv2d(x, self.weight.to(x.dtype), stride=self.block_size)
         return nn.functional.pixel_shuffle(blocks, self.block_size)
 
     def extra_repr(self) -> str:  # never the permutation
         c, h, w = self.shape
-        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=space_to_depth+conv1x1"
+        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=strided_selection_conv+depth_to_space"
 
 
 class HostShuffle:
