@@ -18,12 +18,17 @@ graph back for :meth:`ExportBackend.inspect` (:mod:`keyedge.exporters.graph`).
 from __future__ import annotations
 
 import abc
+import atexit
 import contextlib
+import faulthandler
 import os
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -533,6 +538,8 @@ def _remove(path: Path) -> None:
 _SURVIVED: set[tuple[str, int, int, int]] = set()
 #: set in the probe child's environment (:func:`survives_in_child`)
 PROBE_ENV = "KEYEDGE_PROBE_CHILD"
+_PROBES: dict[str, subprocess.Popen] = {}  # target -> its probe child (started on first use)
+_PROBE_LOCK = threading.Lock()
 
 
 def survives_in_child(path: Path, what: str, target: str, *, timeout: float = 120.0) -> None:
@@ -543,8 +550,10 @@ def survives_in_child(path: Path, what: str, target: str, *, timeout: float = 12
     turns into one :class:`ExportError`.  The child is a fresh interpreter (``python -m
     keyedge.exporters.probe``), not a fork: a fork of a process whose runtimes already run thread pools
     (ONNX Runtime, OpenVINO, XNNPACK) can deadlock on a lock another thread held, and did -- every load
-    then waited out the timeout.  A file that survived is remembered by (path, inode, size, mtime), so a
-    second load costs nothing.  A child that hangs past ``timeout`` is killed and the file opened as before.
+    then waited out the timeout.  One child per target serves every probe of this process (importing
+    ExecuTorch takes ~10 s); one that died is started again.  A file that survived is remembered by
+    (path, inode, size, mtime), so a second load costs nothing.  A child that hangs past ``timeout`` is
+    killed and the file opened as before.
     """
     if os.environ.get(PROBE_ENV):  # this process is the probe: open the file for real
         return
@@ -556,14 +565,12 @@ def survives_in_child(path: Path, what: str, target: str, *, timeout: float = 12
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _SURVIVED:
         return
-    command = [sys.executable, "-m", "keyedge.exporters.probe", target, str(path)]
-    env = {**os.environ, PROBE_ENV: "1"}
-    try:
-        child = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return  # (subprocess.run killed it)
-    status = child.returncode
-    if status < 0:
+    with _PROBE_LOCK:
+        if _single_threaded():  # a fork is safe (no other thread holds a lock) and costs no interpreter start
+            status = _probe_forked(target, str(path.resolve()), timeout)
+        else:
+            status = _probe(target, str(path.resolve()), timeout)
+    if status is not None and status < 0:
         name = signal.Signals(-status).name
         raise ExportError(
             f"{path} is not a usable {what}: the runtime crashed reading it ({name}); the file is damaged or foreign",
@@ -571,3 +578,81 @@ def survives_in_child(path: Path, what: str, target: str, *, timeout: float = 12
         )
     if status == 0:
         _SURVIVED.add(key)
+
+
+def _single_threaded() -> bool:
+    """Whether this process runs one thread (``/proc/self/status``; native runtime threads count too)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    return any(line.split() == ["Threads:", "1"] for line in status.splitlines())
+
+
+def _probe_forked(target: str, path: str, timeout: float) -> int | None:
+    """:func:`_probe`'s answer from a forked child (Linux, single-threaded processes only)."""
+    from keyedge.exporters.probe import check
+
+    pid = os.fork()
+    if pid == 0:  # the child: no output, no clean-up handlers, just the exit status
+        os.environ[PROBE_ENV] = "1"
+        faulthandler.disable()  # its dump of the crash would reach the terminal through its own descriptor
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os._exit(check(target, path))
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.005)
+
+
+def _probe(target: str, path: str, timeout: float) -> int | None:
+    """Ask ``target``'s probe child to open ``path``: 0 (it ran), 3 (a Python error), -signal (the child died of
+    it) or None (no answer in time: the child is killed)."""
+    child = _PROBES.get(target)
+    if child is None or child.poll() is not None:
+        command = [sys.executable, "-m", "keyedge.exporters.probe", target]
+        child = subprocess.Popen(
+            command,
+            env={**os.environ, PROBE_ENV: "1"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        _PROBES[target] = child
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        child.stdin.write(path + "\n")
+        child.stdin.flush()
+    except OSError:
+        pass  # it died already: its status below
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        ready = selector.select(timeout)
+    if not ready:
+        child.kill()
+        child.wait()
+        _PROBES.pop(target, None)
+        return None
+    answer = child.stdout.readline().strip()
+    if answer:
+        return int(answer)
+    _PROBES.pop(target, None)  # end of file: the runtime took the child down
+    return child.wait()
+
+
+@atexit.register
+def _close_probes() -> None:
+    for child in _PROBES.values():
+        with contextlib.suppress(OSError):
+            child.stdin.close()  # the child exits at the end of its input
+            child.wait(5)

@@ -1,27 +1,36 @@
-"""``python -m keyedge.exporters.probe TARGET PATH``: open and run one artifact, in a child process of its own.
+"""``python -m keyedge.exporters.probe TARGET``: open and run artifacts in a child process of their own.
 
-:func:`keyedge.exporters.base.survives_in_child` runs this before a runtime that may ``abort()`` on a damaged
-file opens it in the user's process: exit status 0 when the file opens and runs, 3 on a Python error, and
-the signal's (negative) status when the runtime kills the process.  It prints nothing.
+:func:`keyedge.exporters.base.survives_in_child` starts this once per target before a runtime that may
+``abort()`` on a damaged file opens one in the user's process.  It reads one artifact path per line and
+answers ``0`` when the file opens and runs, ``3`` on a Python error; a runtime that kills the process
+ends its output instead, and the parent reads the signal from its exit status.  It prints nothing else.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 
 
-def main(argv: list[str]) -> int:
-    target, path = argv
+def check(target: str, path: str) -> int:
     from keyedge.exporters import get_backend
 
     try:
         with get_backend(target).load(path) as runner:
-            shape = [d or 1 for d in runner.input_shape]
-            runner.predict(np.zeros(shape, dtype=np.float32))
-    except BaseException:
+            runner.predict(np.zeros([d or 1 for d in runner.input_shape], dtype=np.float32))
+    except Exception:
         return 3
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    (target,) = argv
+    answers = os.fdopen(os.dup(1), "w", buffering=1)  # the parent's pipe: answers only
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the runtimes print goes nowhere
+    for line in sys.stdin:
+        answers.write(f"{check(target, line.rstrip(chr(10)))}\n")
     return 0
 
 
