@@ -55,8 +55,11 @@ from keyedge.host import cpu_features, cpu_model
 from keyedge.keys.keyfile import key_for
 from keyedge.stats import ratio_spread
 
-#: untimed pause after each pair's turn in a round: spinning runtime threads park before the next pair runs
-COOLDOWN_S = 0.01
+#: untimed pause after each cell's turn in a round, so that the runtime's spinning threads park before the next cell
+#: runs.  10 ms was too short: ONNX Runtime's idle threads still competed with the next cell, whose slowest tenth
+#: of calls took ~1.8x its median (EfficientNet-Lite0 224, 2 threads, AMD EPYC) -- and the cell after an ONNX
+#: Runtime one was usually a keyed one, inflating keyed/plain on ORT to 1.28 where 100 ms measures 1.05.
+COOLDOWN_S = 0.1
 
 
 # --------------------------------------------------------------------------- data
@@ -93,7 +96,7 @@ def _artifact_from_manifest(manifest: ArtifactManifest, target: str, path: Path)
         target=target,
         model=manifest.model_name,
         fingerprint=manifest.fingerprint,
-        fuse=manifest.fuse,
+        fuse=manifest.targets[target].fuse if target in manifest.targets else manifest.fuse,  # auto: per target
         precision=manifest.precision,
         batch=manifest.batch,
         image_size=manifest.image_size,
@@ -319,12 +322,9 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                 and a.artifact.export_dir == b.artifact.export_dir
                 and a.artifact.precision == b.artifact.precision
             ):
-                if (a.spec.name, a.spec.device_label, a.spec.precision, b.spec.precision) == (
-                    b.spec.name,
-                    b.spec.device_label,
-                    None,
-                    "host",
-                ):  # one runtime at its own default precision here against the pinned one: what a deployment gets
+                pinned = a.spec.precision in (None, "artifact") and b.spec.precision == "host"
+                if pinned and (a.spec.name, a.spec.device_label) == (b.spec.name, b.spec.device_label):
+                    # one runtime at its own default precision here against the pinned one: what a deployment gets
                     add("host/pinned", b, a, f"{b.runtime_label}/{a.runtime_label}")
                 else:
                     add("runtime", a, b, f"{a.runtime_label}/{b.runtime_label}")

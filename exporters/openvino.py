@@ -114,6 +114,9 @@ class OpenVinoBackend(ExportBackend):
     name = "openvino"
     extra = "openvino"
     suffix = ".xml"
+    # keyed/plain as for ONNX (pinned f32): gather 1.015 [0.993-1.036], elements 1.009, conv 1.026 -- a tie
+    # within the spread; gather, which was also best (1.015) on an AMX Xeon and costs least alone
+    auto_form = "gather"
     runtime = "openvino"
     supports_template = True
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {
