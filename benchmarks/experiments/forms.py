@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["openvino"] = openvino_profile(directory / "model.xml", args.threads)
         result["profiles"][str(directory)] = entry
         for runtime, p in entry.items():
-            print(f"\n{directory.name} on {runtime}: {p['us_per_call']} us of kernels per call")
+            print(f"\n{directory.parent.name}/{directory.name} on {runtime}: {p['us_per_call']} us of kernels per call")
             print("  top ops (us per call, share): " + ", ".join(f"{o} {u} ({s:.1%})" for o, u, s in p["top_ops"]))
             print(f"  shuffle-like ops (us per call): {p['shuffle_like_ops_us']}")
     if args.json:
