@@ -17,7 +17,7 @@ it the images are random tensors, and the report says so).  Four legs, each a re
   run by ONNX Runtime's CUDA and TensorRT providers where they are present (``get_available_providers()`` is
   printed first).
 
-Every timing is interleaved (:mod:`keyedge.benchmarks.timing`): ratios are taken within a round.  A leg or a
+Every timing is interleaved (:mod:`keyedge.timing`): ratios are taken within a round.  A leg or a
 cell that cannot run (no CUDA, a provider missing, a compile error, the time budget spent) is recorded with
 its reason; the run as a whole does not fail.  Reports (JSON + markdown, per leg and together) are written
 under ``--out`` after every leg, so a run that is cut short keeps the legs it finished.
@@ -57,7 +57,6 @@ from keyedge import __version__
 from keyedge.attacks import make_attack
 from keyedge.benchmarks.latency import environment
 from keyedge.benchmarks.report import Stats
-from keyedge.benchmarks.timing import Timing, interleave
 from keyedge.benchmarks.workbench import BENCH_KEY, VARIANTS, export_variants
 from keyedge.data.datasets import FASHION_MNIST_CLASSES, load_dataset, to_model_input
 from keyedge.defenses import get_defense
@@ -69,6 +68,7 @@ from keyedge.fileio import write_bytes_atomic
 from keyedge.host import cpu_flags
 from keyedge.models.backbones import OFFLINE_WEIGHTS, KeyedModel, build_model
 from keyedge.stats import Spread
+from keyedge.timing import Timing, interleave
 from keyedge.training.loop import TrainConfig, _train_epoch
 
 SCHEMA = "keyedge-gpu-check/1"

@@ -42,7 +42,6 @@ import numpy as np
 from keyedge import __version__
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec, runtime_available
 from keyedge.benchmarks.report import Artifact, Comparison, LatencyReport, Measurement, Skipped, Stats
-from keyedge.benchmarks.timing import interleave
 from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.checkpoints import read_manifest
 from keyedge.deploy.artifacts import ArtifactManifest, is_export_directory
@@ -54,6 +53,7 @@ from keyedge.exporters import get_backend, list_backends, target_of
 from keyedge.host import cpu_features, cpu_model
 from keyedge.keys.keyfile import key_for
 from keyedge.stats import ratio_spread
+from keyedge.timing import interleave
 
 #: untimed pause after each cell's turn in a round, so that the runtime's spinning threads park before the next cell
 #: runs.  10 ms was too short: ONNX Runtime's idle threads still competed with the next cell, whose slowest tenth

@@ -3,7 +3,7 @@
 For one checkpoint and its key, every posture is exported (``keyedge export --posture``, unverified: the graph
 is what matters here) to each target, opened as a device opens it (:func:`keyedge.runtime.open_artifact`, its
 guard and rate limit in memory) and timed interleaved with the ``scores`` artifact
-(:func:`keyedge.benchmarks.timing.interleave`, the order rotated each round), one image per call.  Every call
+(:func:`keyedge.timing.interleave`, the order rotated each round), one image per call.  Every call
 gets an image of its own -- random pixels the guard has not seen -- so the guard fingerprints and compares
 each query as on a device and never refuses one (a refused query would be faster, not slower).  A rate limit
 is left out of the timing (it only refuses).  Reported per posture and target: the median of per-round
@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from keyedge.benchmarks.timing import interleave
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.exporters import get_backend
 from keyedge.keys.keyfile import Key, load_key
 from keyedge.postures import SCORES, Posture, parse_posture
 from keyedge.runtime import IN_MEMORY, open_artifact
 from keyedge.stats import Spread
+from keyedge.timing import interleave
 
 __all__ = ["PostureLatency", "latency_overheads", "measure_postures"]
 

@@ -80,7 +80,7 @@ def test_defense_latency_benchmark_runs():
 
 
 def test_interleave_rotates_the_order_and_meets_every_minimum():
-    from keyedge.benchmarks.timing import interleave
+    from keyedge.timing import interleave
 
     order: list[str] = []
     closed: list[str] = []

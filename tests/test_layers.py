@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer and the ones below, never one above:
 
-0. foundation  -- keyedge.errors, deps, fileio, registry, stats, validate
+0. foundation  -- keyedge.errors, deps, fileio, host, registry, stats, timing, validate
 1. domain      -- keyedge.keys < data < models < defenses < checkpoints < attacks < postures < training
                   (ordered: a package imports only those before it)
 2. deploy      -- keyedge.deploy and keyedge.exporters (writing, reading and running artifacts; keyedge.runtime is
@@ -30,7 +30,16 @@ TREES = {
 LAYERS = [
     (
         "foundation",
-        ("keyedge.errors", "keyedge.deps", "keyedge.fileio", "keyedge.registry", "keyedge.stats", "keyedge.validate"),
+        (
+            "keyedge.errors",
+            "keyedge.deps",
+            "keyedge.fileio",
+            "keyedge.host",
+            "keyedge.registry",
+            "keyedge.stats",
+            "keyedge.timing",
+            "keyedge.validate",
+        ),
     ),
     (
         "domain",

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from keyedge.attacks import PGD, parse_eps
-from keyedge.benchmarks.timing import interleave
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread
+from keyedge.timing import interleave
 
 
 @dataclass

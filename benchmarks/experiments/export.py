@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyedge.benchmarks.timing import interleave
 from keyedge.benchmarks.workbench import untrained_checkpoint
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.exporters.template import OnnxTemplate, openvino_from_onnx
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
+from keyedge.timing import interleave
 
 
 def _variants(model_name: str, count: int, size: int) -> list[torch.nn.Module]:

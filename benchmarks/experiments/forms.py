@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from keyedge.benchmarks.timing import interleave
 from keyedge.benchmarks.workbench import BENCH_KEY
 from keyedge.defenses.keyed import SHUFFLE_FORMS
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.host import describe
 from keyedge.models.backbones import Normalize
+from keyedge.timing import interleave
 
 #: the ops that are the shuffle in each form, per runtime's spelling (for naming its share in a profile)
 SHUFFLE_OPS = {"Gather", "GatherElements", "DepthToSpace", "SpaceToDepth", "Conv", "Convolution", "Transpose"}

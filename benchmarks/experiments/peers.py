@@ -35,10 +35,10 @@ import torch
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import parse_profile
-from keyedge.benchmarks.timing import Timing, interleave
 from keyedge.exporters import ExportOptions, get_backend
 from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread
+from keyedge.timing import Timing, interleave
 
 MEDIAN = re.compile(r"Median:\s+([0-9.]+)\s*(ms|us)")
 

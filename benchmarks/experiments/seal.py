@@ -5,7 +5,7 @@ them) is exported twice -- plain and ``--seal``-ed -- to ONNX and OpenVINO.  The
 
 * **load**: ``rounds`` interleaved rounds, each opening (and closing) the plain artifact and the sealed
   one through :func:`keyedge.runtime.open_artifact`, the order rotated each round
-  (:func:`keyedge.benchmarks.timing.interleave`); the sealed/plain ratio of each round, as median [p10-p90].
+  (:func:`keyedge.timing.interleave`); the sealed/plain ratio of each round, as median [p10-p90].
   The decryption alone (:func:`keyedge.runtime.unseal_target`) is timed in the same rounds, to say where
   the overhead goes.
 * **steady state**: both artifacts timed side by side by the latency harness
@@ -26,7 +26,6 @@ import torch
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import DeviceProfile, RuntimeSpec
-from keyedge.benchmarks.timing import interleave
 from keyedge.benchmarks.workbench import BENCH_KEY, untrained_checkpoint
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
@@ -34,6 +33,7 @@ from keyedge.deploy.runtime import open_artifact, unseal_target
 from keyedge.keys.seal import SealKey
 from keyedge.models.backbones import build_model
 from keyedge.stats import ratio_spread, spread
+from keyedge.timing import interleave
 
 TARGETS = ("onnx", "openvino")
 

@@ -20,11 +20,11 @@ import statistics
 import torch
 from torch import nn
 
-from keyedge.benchmarks.timing import interleave
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
 from keyedge.models.lora import apply_lora, lora_settings
 from keyedge.stats import ratio_spread
+from keyedge.timing import interleave
 
 VARIANTS = ("plain-full", "keyed-full", "plain-lora", "keyed-lora")
 RATIOS = {

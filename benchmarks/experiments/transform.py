@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from keyedge.benchmarks.timing import interleave
 from keyedge.keys.keyfile import Key
 from keyedge.keys.transform import BlockShuffle, HostShuffle, blockwise_shuffle
+from keyedge.timing import interleave
 
 CONFIGS = [(224, 1), (224, 32), (32, 1), (32, 32)]  # (image side, batch)
 METHODS = ("gather", "chain", "numpy")

@@ -9,7 +9,7 @@ Elsewhere:
 * ``auto`` gives each target its runtime's measured fastest form
   (:attr:`~keyedge.exporters.base.ExportBackend.auto_form`, from ``benchmarks/experiments/keyed_latency.py``);
 * ``fastest`` exports every form the target writes, times them on this host in interleaved rounds
-  (:func:`keyedge.benchmarks.timing.interleave`) through the target's own runtime, and keeps the fastest.
+  (:func:`keyedge.timing.interleave`) through the target's own runtime, and keeps the fastest.
   Where the runtime does not run here (CoreML on Linux) it falls back to ``auto``'s form, and says so.
 
 Either way the target's manifest record says what was chosen and why (``form_choice``): for ``fastest`` each
@@ -36,6 +36,7 @@ from keyedge.exporters.base import ExportBackend
 from keyedge.exporters.capture import one_line
 from keyedge.fileio import MemoryFiles
 from keyedge.stats import ratio_spread, spread
+from keyedge.timing import interleave
 
 __all__ = ["FASTEST_ROUNDS", "choose_form"]
 
@@ -111,8 +112,6 @@ def _time_forms(
     staging: Path,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Export each form, open each through the target's runtime, time them interleaved: (form -> ms, failures)."""
-    from keyedge.benchmarks.timing import interleave
-
     x = np.random.default_rng(0).random(tuple(options.input_shape), dtype=np.float32)
     failed: dict[str, str] = {}
     with contextlib.ExitStack() as stack:

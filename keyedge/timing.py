@@ -4,7 +4,8 @@ On a shared machine the speed drifts (other processes, frequency scaling, therma
 after the other, two candidates see different machines.  Timed in short *rounds* -- every candidate's
 turn once per round, the order rotated each round -- they see the same drift, and the ratio of their
 times *within* a round cancels it.  Every benchmark of keyedge times this way (the latency harness and
-the experiments); :mod:`keyedge.stats` summarizes the per-round ratios (median, 10th-90th percentile).
+the experiments, and ``export --fuse fastest``); :mod:`keyedge.stats` summarizes the per-round ratios (median,
+10th-90th percentile).  It sits in the foundation layer so that export can time forms without the benchmarks.
 
     timing = interleave({"gather": lambda: gather(x), "chain": lambda: chain(x)}, rounds=30, warmup=3)
     print(timing.ratio("chain", "gather"))   # median [p10-p90] of the per-round chain/gather ratios
