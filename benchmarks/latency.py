@@ -53,14 +53,7 @@ from keyedge.exporters import get_backend, list_backends, target_of
 from keyedge.host import cpu_features, cpu_model
 from keyedge.keys.keyfile import key_for
 from keyedge.stats import ratio_spread
-from keyedge.timing import interleave
-
-#: untimed pause after each cell's turn in a round, so that the runtime's spinning threads park before the next cell
-#: runs.  10 ms was too short: ONNX Runtime's idle threads still competed with the next cell, whose slowest tenth
-#: of calls took ~1.8x its median (EfficientNet-Lite0 224, 2 threads, AMD EPYC) -- and the cell after an ONNX
-#: Runtime one was usually a keyed one, inflating keyed/plain on ORT to 1.28 where 100 ms measures 1.05.
-COOLDOWN_S = 0.1
-
+from keyedge.timing import RUNTIME_COOLDOWN_S, interleave
 
 # --------------------------------------------------------------------------- data
 
@@ -347,7 +340,7 @@ def _interleave(cells: list[_Cell], settings: dict[str, Any], tick: Callable[[fl
         warmup=settings["warmup"] + 1,
         min_iterations=settings["min_iterations"],
         min_seconds=settings["min_seconds"],
-        cooldown=COOLDOWN_S,
+        cooldown=RUNTIME_COOLDOWN_S,
         progress=lambda t: tick(t.fraction),
     )
     for i, cell in enumerate(cells):

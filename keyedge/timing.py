@@ -28,6 +28,14 @@ from typing import Any
 
 from keyedge.stats import Spread, ratio_spread
 
+#: the untimed pause after each candidate's turn when the candidates are runtimes (the latency harness, ``--fuse
+#: fastest``), so that the runtime's spinning threads park before the next cell
+#: runs.  10 ms was too short: ONNX Runtime's idle threads still competed with the next cell, whose slowest tenth
+#: of calls took ~1.8x its median (EfficientNet-Lite0 224, 2 threads, AMD EPYC) -- and the cell after an ONNX
+#: Runtime one was usually a keyed one, inflating keyed/plain on ORT to 1.28 where 100 ms measures 1.05.
+RUNTIME_COOLDOWN_S = 0.1
+
+
 # --------------------------------------------------------------------------- data
 
 

@@ -36,7 +36,7 @@ from keyedge.exporters.base import ExportBackend
 from keyedge.exporters.capture import one_line
 from keyedge.fileio import MemoryFiles
 from keyedge.stats import ratio_spread, spread
-from keyedge.timing import interleave
+from keyedge.timing import RUNTIME_COOLDOWN_S, interleave
 
 __all__ = ["FASTEST_ROUNDS", "choose_form"]
 
@@ -137,7 +137,9 @@ def _time_forms(
             calls[form] = lambda runner=runner: runner.predict(x)
         if not calls:
             return {}, failed
-        timing = interleave(calls, rounds=FASTEST_ROUNDS, warmup=3, round_seconds=ROUND_SECONDS)
+        timing = interleave(
+            calls, rounds=FASTEST_ROUNDS, warmup=3, round_seconds=ROUND_SECONDS, cooldown=RUNTIME_COOLDOWN_S
+        )
     timed = {
         form: {"ms": round(spread(timing[form].means).median * 1e3, 4), "means": timing[form].means} for form in calls
     }
