@@ -103,6 +103,15 @@ def _image_spec(image_size: int | Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
+def _check_input(x: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    """Raise :class:`ShapeError` unless ``x`` is (B, C, H, W) of the (C, H, W) a shuffle module was built for."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape:
+        raise ShapeError(
+            f"expected input of shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}",
+            "resize the input to the size the key transform was built for",
+        )
+
+
 class BlockShuffle(nn.Module):
     """The key's block-wise shuffle (or its inverse) as one ``index_select`` gather.
 
@@ -150,11 +159,7 @@ class BlockShuffle(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
-            raise ShapeError(
-                f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
-                "resize the input to the size the key transform was built for",
-            )
+        _check_input(x, self.shape)
         # index_select + view: exports as exactly one Gather (docs/design.md §6), unlike x[:, idx].
         return torch.index_select(x.flatten(1), 1, self.index).view(x.shape)
 
@@ -199,11 +204,7 @@ class BlockShuffleElements(BlockShuffle):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
-            raise ShapeError(
-                f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
-                "resize the input to the size the key transform was built for",
-            )
+        _check_input(x, self.shape)
         flat = x.flatten(1)
         return torch.gather(flat, 1, self.index.expand(flat.shape[0], -1)).view(x.shape)
 
@@ -244,11 +245,7 @@ class BlockShuffleConv(nn.Module):
         return cls(key.permutation, key.block_size, image_size, key.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
-            raise ShapeError(
-                f"expected input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}",
-                "resize the input to the size the key transform was built for",
-            )
+        _check_input(x, self.shape)
         blocks = nn.functional.conv2d(x, self.weight.to(x.dtype), stride=self.block_size)
         return nn.functional.pixel_shuffle(blocks, self.block_size)
 
