@@ -15,6 +15,7 @@ import pytest
 from test_export import clean_error, cli, make_checkpoint
 
 from keyedge.checkpoints import load_checkpoint
+from keyedge.defenses.keyed import SHUFFLE_FORMS
 from keyedge.deploy.artifacts import ArtifactManifest
 from keyedge.deploy.export import ExportRequest, ExportSettings, deployable, export_one
 from keyedge.deploy.runtime import open_artifact, open_sealed
@@ -33,13 +34,20 @@ PLAINTEXT_MARKS = (b"<?xml", b"<net ")  # OpenVINO IR; ONNX files are found by t
 
 
 def _index_bytes(checkpoint: Path, key: Key) -> list[bytes]:
-    """What an artifact stores in the clear: the key's gather indices (int64, or int32 if a converter narrows
-    them) and the first layer's float32 weights."""
+    """What an artifact may store in the clear, whichever shuffle form --fuse fastest picks on this host: the
+    key's gather indices (int64, or int32 if a converter narrows them), the conv form's 0/1 selection weight
+    (float32 or float16), and the first layer's float32 weights."""
     model, _ = load_checkpoint(checkpoint, key)
-    tensors = module_tensors(deployable(model, key, "gather").module)
-    index = tensors["shuffle.index"][:32]
+    marks = []
+    for form in SHUFFLE_FORMS:
+        tensors = module_tensors(deployable(model, key, form).module)
+        shuffle = next(value for name, value in tensors.items() if name.startswith("shuffle."))
+        if shuffle.dtype.kind in "iu":
+            marks += [shuffle[:32].astype("<i8").tobytes(), shuffle[:32].astype("<i4").tobytes()]
+        else:  # a 0/1 matrix: only the whole of it is specific to the key
+            marks += [shuffle.astype("<f4").tobytes(), shuffle.astype("<f2").tobytes()]
     weights = tensors["backbone.conv1.weight"].reshape(-1)[:16].astype("<f4").tobytes()
-    return [index.astype("<i8").tobytes(), index.astype("<i4").tobytes(), weights]
+    return [*marks, weights]
 
 
 def _plaintext_in(roots: list[Path], marks: list[bytes]) -> list[str]:
