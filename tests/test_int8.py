@@ -183,3 +183,36 @@ def test_int8_bad_input_is_one_line(tmp_path, small_keyed_checkpoint):
     result = runner.invoke(app, [*args, "int8", "--calibration-data", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "cannot be loaded" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_int8_keeps_the_first_and_last_layers_float_and_quantizes_between(tmp_path, target):
+    """Mixed precision (experiments.int8: it buys agreement): the stem after the shuffle and the classifier
+    read float weights, every layer between reads dequantized int8 ones."""
+    _, path = _int8(tmp_path, target, _module("test_efficientnet", "gather"))
+    if target == "onnx":
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        made_by = {out: n.op_type for n in graph.node for out in n.output}
+        weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        fed = [made_by.get(n.input[1], "initializer") for n in weighted]
+        quantized = "DequantizeLinear"
+    else:
+        import openvino as ov
+
+        ops = ov.Core().read_model(str(path)).get_ordered_ops()
+        weighted = [op for op in ops if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
+
+        def int8_behind(node) -> bool:  # int8 Constant -> Convert (-> Subtract) -> Multiply: dequantized weights
+            if node.get_type_name() == "Constant":
+                return str(node.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>")
+            return node.get_type_name() in ("Convert", "Subtract", "Multiply") and any(
+                int8_behind(i.get_source_output().get_node()) for i in node.inputs()
+            )
+
+        quantized = "int8"
+        fed = [quantized if int8_behind(op.input(1).get_source_output().get_node()) else "float" for op in weighted]
+    assert len(weighted) > 3
+    assert fed[0] != quantized and fed[-1] != quantized, fed
+    assert all(kind == quantized for kind in fed[1:-1]), fed

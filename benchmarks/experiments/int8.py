@@ -1,0 +1,241 @@
+"""Which int8 recipe keeps a keyed model's answers?  Calibration method, size, selection and mixed precision.
+
+For one checkpoint (default: the quickstart's k1) the fp32 keyed model is exported once to ONNX and quantized
+with each recipe below, by ONNX Runtime's static quantizer and by NNCF (OpenVINO).  Each int8 model answers the
+checkpoint's real test images (the export's agreement images); printed per recipe: top-1 agreement with the
+fp32 PyTorch model, the accuracy drop in points, and the seconds the quantization took.  The export's
+``--precision int8`` uses the recipe this measured best per target (``exporters/onnx.py``,
+``exporters/openvino.py``).
+
+Recipes: the calibration method (ORT: min-max, percentile, entropy; NNCF: its default, with bias correction),
+the calibration size (300 vs 1000 training images), mixed precision (the first convolution after the shuffle
+and the classifier kept in float), and NNCF's accuracy-aware quantization (``quantize_with_accuracy_control``,
+validated on held-out *training* images against the fp32 answers, never the test images it is judged on).
+
+Run: ``python -m keyedge.benchmarks.experiments.int8 --run DIR --key-file K [--agreement 500] [--only ort,nncf]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from keyedge.checkpoints import load_checkpoint, read_manifest
+from keyedge.deploy.export import deployable
+from keyedge.deploy.inputs import agreement_inputs, calibration_images
+from keyedge.deploy.verification import reference_logits
+from keyedge.exporters import ExportOptions, get_backend
+from keyedge.exporters.onnx import quantization_exclusions
+from keyedge.host import describe
+from keyedge.keys.keyfile import load_key
+
+
+def _batches(images: np.ndarray, size: int = 32) -> list[np.ndarray]:
+    return [np.ascontiguousarray(images[i : i + size]) for i in range(0, len(images), size)]
+
+
+def _ort_answers(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: b})[0] for b in _batches(x)])
+
+
+def _ends(model: Any) -> tuple[str, str]:
+    """The first convolution after the shuffle and the last MatMul/Gemm: the layers mixed precision keeps float."""
+    first = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    last = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    return first, last
+
+
+def ort_recipes(fp32: Path, calib: dict[int, np.ndarray], tmp: Path, only: set[str]) -> dict[str, Path]:
+    import onnx
+    from onnxruntime import quantization as q
+
+    model = onnx.load(str(fp32))
+    shuffle = [n.name for n in quantization_exclusions(onnx, model, ends=False)[0]]
+    named = tmp / "named.onnx"
+    onnx.save(model, str(named))
+    first, last = _ends(model)
+
+    class Reader:
+        def __init__(self, images: np.ndarray):
+            self._it = iter(_batches(images, 10))  # equal batches: the histogram collectors stack them
+
+        def get_next(self):
+            batch = next(self._it, None)
+            return None if batch is None else {"image": batch}
+
+    recipes = {
+        "percentile-300": (calib[300], q.CalibrationMethod.Percentile, shuffle, {}),
+        "minmax-300": (calib[300], q.CalibrationMethod.MinMax, shuffle, {}),
+        "entropy-300": (calib[300], q.CalibrationMethod.Entropy, shuffle, {}),
+        "percentile-1000": (calib[1000], q.CalibrationMethod.Percentile, shuffle, {}),
+        "percentile-300-ends-float": (calib[300], q.CalibrationMethod.Percentile, [*shuffle, first, last], {}),
+        "minmax-300-ends-float": (calib[300], q.CalibrationMethod.MinMax, [*shuffle, first, last], {}),
+        "minmax-300-convs-only": (calib[300], q.CalibrationMethod.MinMax, shuffle, {"ops": ["Conv", "Gemm", "MatMul"]}),
+        "minmax-300-convs-only-ends-float": (
+            calib[300],
+            q.CalibrationMethod.MinMax,
+            [*shuffle, first, last],
+            {"ops": ["Conv", "Gemm", "MatMul"]},
+        ),
+    }
+    for name, (images, method, exclude, extra) in recipes.items():
+        if only and name not in only:
+            continue
+        path = tmp / f"ort-{name}.onnx"
+        start = time.perf_counter()
+        q.quantize_static(
+            str(named),
+            str(path),
+            Reader(images),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            calibrate_method=method,
+            nodes_to_exclude=exclude,
+            op_types_to_quantize=extra.get("ops"),
+        )
+        yield name, path, time.perf_counter() - start
+
+
+def nncf_recipes(
+    fp32: Path, calib: dict[int, np.ndarray], held: tuple[np.ndarray, np.ndarray], tmp: Path, only: set[str]
+):
+    import nncf
+    import onnx
+    import openvino as ov
+
+    core = ov.Core()
+    onnx_model = onnx.load(str(fp32))
+    shuffle = [n.name for n in quantization_exclusions(onnx, onnx_model, ends=False)[0]]
+    model = core.read_model(str(fp32))
+    names = {op.get_friendly_name() for op in model.get_ordered_ops()}
+    ignored = [n for n in shuffle if n in names]
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    mats = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    ends = [convs[0], mats[-1]] if convs and mats else []
+    held_x, held_top = held
+
+    def validate(compiled: Any, items: Any) -> float:  # NNCF calls it on subsets too: the labels ride along
+        hits = [int(compiled(image)[0].argmax()) == int(top) for image, top in items]
+        return float(np.mean(hits))
+
+    recipes = {
+        "default-300": dict(images=calib[300], fast_bias_correction=False),
+        "fast-bias-300": dict(images=calib[300], fast_bias_correction=True),
+        "default-1000": dict(images=calib[1000], fast_bias_correction=False),
+        "mixed-preset-300": dict(images=calib[300], fast_bias_correction=False, preset=nncf.QuantizationPreset.MIXED),
+        "default-300-ends-float": dict(images=calib[300], fast_bias_correction=False, extra_ignored=ends),
+        "mixed-preset-300-ends-float": dict(
+            images=calib[300], fast_bias_correction=False, preset=nncf.QuantizationPreset.MIXED, extra_ignored=ends
+        ),
+        "accuracy-control-300": dict(images=calib[300], fast_bias_correction=False, control=True),
+    }
+    for name, r in recipes.items():
+        if only and name not in only:
+            continue
+        images = r.pop("images")
+        control = r.pop("control", False)
+        extra_ignored = r.pop("extra_ignored", [])
+        scope = nncf.IgnoredScope(names=[*ignored, *extra_ignored]) if ignored or extra_ignored else None
+        dataset = nncf.Dataset(_batches(images, 10))
+        start = time.perf_counter()
+        if control:
+            quantized = nncf.quantize_with_accuracy_control(
+                model,
+                calibration_dataset=dataset,
+                validation_dataset=nncf.Dataset(list(zip(held_x[:, None], held_top)), lambda item: item[0]),
+                validation_fn=validate,
+                max_drop=0.005,
+                advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(max_num_iterations=12),
+                drop_type=nncf.DropType.ABSOLUTE,
+                subset_size=len(images),
+                ignored_scope=scope,
+            )
+        else:
+            quantized = nncf.quantize(model, dataset, subset_size=len(images), ignored_scope=scope, **r)
+        seconds = time.perf_counter() - start
+        path = tmp / f"ov-{name}.xml"
+        ov.save_model(quantized, str(path), compress_to_fp16=False)
+        yield name, path, seconds
+
+
+def _ov_answers(path: Path, x: np.ndarray) -> np.ndarray:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2})
+    return np.concatenate([compiled(b)[0] for b in _batches(x)])
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a keyed checkpoint directory (e.g. quickstart's k1)")
+    parser.add_argument("--key-file", type=Path, required=True)
+    parser.add_argument("--agreement", type=int, default=500, help="test images judged on (the export's default)")
+    parser.add_argument("--only", default="ort,nncf")
+    parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: all)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    print(describe())
+    key = load_key(args.key_file)
+    manifest = read_manifest(args.run)
+    model, _ = load_checkpoint(args.run, key)
+    module = deployable(model, key, "gather").module.eval()
+    size = model.spec.image_size
+    x, labels, source = agreement_inputs(manifest, size, args.agreement)
+    ref = reference_logits(module, x)
+    calib = {n: calibration_images(manifest, size, None, n, 0)[0] for n in (300, 1000)}
+    held_x = calibration_images(manifest, size, None, 1300, 7)[0][-300:]  # not the judged test images
+    held_top = reference_logits(module, held_x).argmax(1)
+    print(f"judged on {len(x)} {source}; fp32 accuracy {(ref.argmax(1) == labels).mean():.1%}")
+    recipes = {r for r in args.recipes.split(",") if r}
+    top2 = np.sort(ref, 1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    print("fp32 top-1/top-2 logit margin quantiles (10/25/50%):", np.round(np.quantile(margin, [0.1, 0.25, 0.5]), 3))
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        get_backend("onnx").export(module, fp32, ExportOptions(batch=None, image_size=size))
+        suites = []
+        if "ort" in args.only:
+            suites.append(("ort", ort_recipes(fp32, calib, Path(tmp), recipes), _ort_answers))
+        if "nncf" in args.only:
+            suites.append(("nncf", nncf_recipes(fp32, calib, (held_x, held_top), Path(tmp), recipes), _ov_answers))
+        for runtime, recipes, answer in suites:
+            for name, path, seconds in recipes:
+                got = answer(path, x)
+                agree = float((got.argmax(1) == ref.argmax(1)).mean())
+                drop = 100 * float((ref.argmax(1) == labels).mean() - (got.argmax(1) == labels).mean())
+                error = float(np.median(np.abs(got - ref).max(1)))
+                rows[f"{runtime}/{name}"] = {
+                    "agreement": agree,
+                    "drop_points": drop,
+                    "seconds": seconds,
+                    "error": error,
+                }
+                print(
+                    f"{runtime:5s} {name:32s} agreement {agree:6.1%}  drop {drop:+5.1f} pt  "
+                    f"median max|logit error| {error:.3f}  {seconds:6.1f} s"
+                )
+    if args.json:
+        args.json.write_text(json.dumps({"host": describe(), "images": len(x), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
