@@ -74,6 +74,11 @@ class ExportOptions:
     input_name: str = "image"
     output_name: str = "logits"
     calibration: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: int8, where a quantizer can (OpenVINO: NNCF's ``quantize_with_accuracy_control``): held-out images the
+    #: quantized model must agree with the fp32 one on, to within ``max_agreement_loss`` of top-1 answers;
+    #: layers go back to float, most sensitive first, until it does.  None: plain post-training quantization
+    validation: np.ndarray | None = field(default=None, repr=False, compare=False)
+    max_agreement_loss: float = 0.02
 
     def __post_init__(self) -> None:
         if self.batch is not None and (not isinstance(self.batch, int) or self.batch < 1):
@@ -112,11 +117,13 @@ class ExportOptions:
 
     def as_fp32(self) -> ExportOptions:
         """The same export in float32 (the graph an int8 artifact is quantized from)."""
-        return replace(self, precision="fp32", calibration=None)
+        return replace(self, precision="fp32", calibration=None, validation=None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("calibration")
+        if d.pop("validation") is None:
+            d.pop("max_agreement_loss")
         return d
 
 
@@ -159,6 +166,8 @@ class ExportBackend(abc.ABC):
     #: the precisions this target exports, and why the others are not (one line with its fix)
     precisions: tuple[str, ...] = PRECISIONS
     precision_refusal: tuple[str, str] = ("", "")
+    #: whether its int8 quantizer honours ``ExportOptions.validation`` (accuracy-aware quantization)
+    accuracy_control: bool = False
 
     # ---- capability -----------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:

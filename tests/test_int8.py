@@ -170,6 +170,15 @@ def test_int8_export_is_verified_by_agreement_and_a_failure_leaves_nothing(tmp_p
     kinds = {(c.kind, c.runtime.split(":")[0]) for c in report.comparisons}
     assert {("int8/fp32", "onnxruntime"), ("int8/fp32", "openvino")} <= kinds
     assert any("[int8]" in m.artifact.label for m in report.measurements)
+    # OpenVINO's accuracy-aware quantization: validated on held-out training images, recorded; ORT says it has none
+    tuned_args = ["--precision", "int8", *loose, "--int8-accuracy-control", "--calibration-size", "64"]
+    tuned = runner.invoke(app, [*base, *tuned_args, "--overwrite"])
+    assert tuned.exit_code == 0 and "onnx: its quantizer has no accuracy control" in tuned.output, tuned.output
+    control = json.loads((int8_dir / "manifest.json").read_text())["verification"]["calibration"]
+    assert control["images"] == 64 and "(+300 held out)" in control["source"]
+    assert control["accuracy_control"] == {"targets": ["openvino"], "held_out_images": 300, "max_agreement_loss": 0}
+    notes = " ".join(json.loads((int8_dir / "manifest.json").read_text())["targets"]["openvino"]["graph"]["notes"])
+    assert "accuracy control" in notes
 
 
 def test_int8_bad_input_is_one_line(tmp_path, small_keyed_checkpoint):
@@ -216,3 +225,34 @@ def test_int8_keeps_the_first_and_last_layers_float_and_quantizes_between(tmp_pa
     assert len(weighted) > 3
     assert fed[0] != quantized and fed[-1] != quantized, fed
     assert all(kind == quantized for kind in fed[1:-1]), fed
+
+
+def test_accuracy_control_returns_layers_to_float_until_the_held_out_images_agree(tmp_path):
+    """NNCF's accuracy-aware quantization with no agreement loss allowed: on its held-out images the int8
+    artifact answers exactly as the fp32 model (layers went back to float until it did)."""
+    import openvino as ov
+
+    module = _module("test_efficientnet", "gather")
+    held = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(5)).numpy()
+    calibration = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3)).numpy()
+    options = ExportOptions(
+        batch=1, precision="int8", image_size=32, calibration=calibration, validation=held, max_agreement_loss=0.0
+    )
+    backend = get_backend("openvino")
+    path = backend.export(module, tmp_path / "model.xml", options)[0]
+    assert "accuracy control" in str(
+        ov.Core().read_model(str(path)).get_rt_info(["keyedge", "quantization"]).astype(str)
+    )
+    with torch.no_grad():
+        want = module(torch.from_numpy(held)).argmax(1).numpy()
+    with backend.load(path) as artifact:
+        got = np.concatenate([artifact.predict(held[i : i + 1]) for i in range(len(held))]).argmax(1)
+    assert (got == want).all()
+
+
+def test_accuracy_control_is_for_int8_only(tmp_path, small_keyed_checkpoint):
+    ckpt, key_path = small_keyed_checkpoint
+    args = ["export", "-c", str(ckpt), "-k", str(key_path), "-o", str(tmp_path / "out"), "--int8-accuracy-control"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and "add --precision int8" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -51,6 +51,7 @@ from keyedge.deploy.parity import (
 )
 from keyedge.deploy.settings import (
     DEFAULT_RUNS,
+    VALIDATION_IMAGES,
     ExportRequest,
     ExportSettings,
     artifact_directory,
@@ -164,15 +165,34 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         check_sealable(backends)
     check_posture(settings.posture, model.spec.num_classes, backends)
     deploy = defense.deployable(model, request.key, settings.fuse)
-    calibration, calibration_source = None, None
+    calibration, calibration_source, validation = None, None, None
     if settings.precision == "int8":
-        size = model.spec.image_size
+        size, held = model.spec.image_size, VALIDATION_IMAGES if settings.accuracy_control else 0
         calibration, calibration_source = calibration_images(
-            manifest, size, settings.calibration_data, settings.calibration_size, settings.calibration_seed
+            manifest, size, settings.calibration_data, settings.calibration_size + held, settings.calibration_seed
         )
+        if held and len(calibration) <= held:
+            raise KeyedgeError(
+                f"--int8-accuracy-control needs {settings.calibration_size} calibration and {held} held-out training "
+                f"images, and {calibration_source} is all there is",
+                "lower --calibration-size, or drop --int8-accuracy-control",
+            )
+        if held:  # the last `held` of the draw: training images the calibration did not see, never test images
+            calibration, validation = calibration[:-held], calibration[-held:]
+            calibration_source = calibration_source.replace(
+                f"{settings.calibration_size + held} ", f"{len(calibration)} (+{len(validation)} held out) ", 1
+            )
         settings.log(f"  int8: calibrating on {calibration_source}")
+        for backend in backends:
+            if held and not backend.accuracy_control:
+                settings.log(f"  {backend.name}: its quantizer has no accuracy control; plain post-training int8")
     options = ExportOptions(
-        batch=settings.batch, precision=settings.precision, image_size=model.spec.image_size, calibration=calibration
+        batch=settings.batch,
+        precision=settings.precision,
+        image_size=model.spec.image_size,
+        calibration=calibration,
+        validation=validation,
+        max_agreement_loss=round(1.0 - settings.min_agreement, 6),
     )
     with staged_directory(final, overwrite=settings.overwrite, log=settings.log) as staging:  # 0700: keyed files
         use_templates = settings.template and options.precision == "fp32" and settings.seal is None
@@ -188,6 +208,12 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
                 "seed": settings.calibration_seed,
                 "data": settings.calibration_data or "the checkpoint's training data",
             }
+            if validation is not None:
+                record.verification["calibration"]["accuracy_control"] = {
+                    "targets": [b.name for b in backends if b.accuracy_control],
+                    "held_out_images": len(validation),
+                    "max_agreement_loss": options.max_agreement_loss,
+                }
         if settings.seal is not None:
             seal_targets(record, plaintexts, settings.seal, staging)
             settings.log(f"  sealed with sealing key {settings.seal.fingerprint} ({CIPHER})")

@@ -17,12 +17,17 @@ from keyedge.postures import Posture, parse_posture
 
 __all__ = [
     "DEFAULT_RUNS",
+    "VALIDATION_IMAGES",
     "ExportRequest",
     "ExportSettings",
     "artifact_directory",
     "checkpoints_for_keys",
     "plan_requests",
 ]
+
+
+#: held-out training images ``--int8-accuracy-control`` validates on (beyond the calibration images)
+VALIDATION_IMAGES = 300
 
 
 @dataclass
@@ -64,6 +69,9 @@ class ExportSettings:
     min_agreement: float = MIN_AGREEMENT
     max_accuracy_drop: float = MAX_ACCURACY_DROP
     agreement_images: int = 500
+    # int8, OpenVINO: NNCF's accuracy-aware quantization, validated on held-out training images (minutes, not
+    # seconds: exporters/openvino.py); the agreement it aims at is min_agreement
+    accuracy_control: bool = False
     seal: SealKey | None = None  # write every model file sealed (AES-256-GCM), never in plaintext on disk
     sign: Any = None  # a keyedge.keys.signing.SigningKey: write manifest.sig (Ed25519) beside the manifest
     log: Callable[[str], None] = field(default=lambda _line: None)
@@ -82,6 +90,11 @@ class ExportSettings:
             )
         if self.precision not in PRECISIONS:
             raise KeyedgeError(f"unknown precision {self.precision!r}", f"use {', '.join(PRECISIONS)}")
+        if self.accuracy_control and self.precision != "int8":
+            raise KeyedgeError(
+                f"--int8-accuracy-control tunes an int8 quantization, and this export is {self.precision}",
+                "add --precision int8, or drop --int8-accuracy-control",
+            )
         if self.precision == "int8":
             if self.calibration_size < 1 or self.agreement_images < 1:
                 raise KeyedgeError(
