@@ -294,7 +294,7 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                         "elements",
                     ):
                         add(f"gather/{b.artifact.fuse}", a, b, a.runtime_label)
-        if a.artifact.precision == "int8":  # what quantizing bought: the same key, fuse and target in fp32
+        if a.artifact.precision in ("int8", "bf16"):  # what it bought: the same key, fuse and target in fp32
             for b in cells:
                 if (
                     b.spec is a.spec
@@ -302,7 +302,7 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                     and (b.artifact.model, b.artifact.target, b.artifact.fingerprint, b.artifact.fuse, b.artifact.role)
                     == (a.artifact.model, a.artifact.target, a.artifact.fingerprint, a.artifact.fuse, a.artifact.role)
                 ):
-                    add("int8/fp32", a, b, a.runtime_label)
+                    add(f"{a.artifact.precision}/fp32", a, b, a.runtime_label)
                     break
     # runtimes vs each other: the same export directory on two runtimes/devices (first profile runtime on top)
     order = {id(c.spec): i for i, c in enumerate(cells)}

@@ -44,7 +44,7 @@ from keyedge.exporters.graph import GraphReport
 from keyedge.keys.seal import SEALED_SUFFIX
 from keyedge.registry import Registry
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class ExportError(KeyedgeError):
@@ -164,7 +164,7 @@ class ExportBackend(abc.ABC):
     random_ops: bool = False
     random_refusal: str = "its runtime has no random op"
     #: the precisions this target exports, and why the others are not (one line with its fix)
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")  # bf16: where a runtime computes in it (OpenVINO)
     precision_refusal: tuple[str, str] = ("", "")
     #: whether its int8 quantizer honours ``ExportOptions.validation`` (accuracy-aware quantization)
     accuracy_control: bool = False
@@ -252,6 +252,12 @@ class ExportBackend(abc.ABC):
 
     def check_precision(self, precision: str) -> None:
         """Raise a one-line :class:`ExportError` when this target does not export ``precision``."""
+        if precision == "bf16" and precision not in self.precisions:
+            raise ExportError(
+                f"the {self.name} target does not export bf16: keyedge offers it where the runtime computes in bf16 "
+                "on CPUs with BF16 (OpenVINO)",
+                "export bf16 with -t openvino only, or fp16 / int8 for this target",
+            )
         if precision not in self.precisions:
             why, fix = self.precision_refusal
             raise ExportError(f"the {self.name} target does not export {precision}: {why}", fix)

@@ -100,10 +100,21 @@ def _compiled_precision(compiled: Any) -> str:
 
 
 def inference_precision(model: Any, core: Any) -> str:
-    """The CPU plugin precision matching the artifact: f32, or f16 for fp16 artifacts where supported."""
-    if _rt(model, "precision") == "fp16" and "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        return "f16"
+    """The CPU plugin precision matching the artifact: f32, or f16 / bf16 for fp16 / bf16 artifacts where the CPU
+    computes in it (elsewhere f32: what the plugin itself falls back to)."""
+    wanted = {"fp16": "FP16", "bf16": "BF16"}.get(_rt(model, "precision"))
+    if wanted is not None and wanted in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return wanted.lower()
     return "f32"
+
+
+def host_computes(precision: str) -> bool:
+    """Whether this host's CPU plugin computes in ``precision`` (``bf16``, ``fp16``); fp32 and int8 always."""
+    wanted = {"fp16": "FP16", "bf16": "BF16"}.get(precision)
+    if wanted is None:
+        return True
+    ov = require("openvino", extra="openvino")
+    return wanted in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @register_backend
@@ -119,6 +130,9 @@ class OpenVinoBackend(ExportBackend):
     # keyed/plain as for ONNX (pinned f32): gather 1.015 [0.993-1.036], elements 1.009, conv 1.026 -- a tie
     # within the spread; gather, which was also best (1.015) on an AMX Xeon and costs least alone
     auto_form = "gather"
+    # bf16: the fp32 IR, computed in bf16 by the CPU plugin where the CPU has BF16 (AMX, AVX512-BF16) -- what the
+    # plugin does there by default; verified by the agreement rule, like int8
+    precisions = ("fp32", "fp16", "bf16", "int8")
     accuracy_control = True  # NNCF's quantize_with_accuracy_control
     runtime = "openvino"
     supports_template = True

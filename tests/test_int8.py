@@ -256,3 +256,34 @@ def test_accuracy_control_is_for_int8_only(tmp_path, small_keyed_checkpoint):
     result = runner.invoke(app, args)
     assert result.exit_code != 0 and "add --precision int8" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@needs_fmnist
+def test_bf16_export_is_openvinos_verified_by_agreement_and_timed_against_fp32(tmp_path):
+    """bf16 (issue 34): the fp32 IR computed in bf16 where the CPU has BF16, checked by the int8 agreement rule;
+    on a host without BF16 the manifest says the agreement was measured in f32. Other targets refuse it."""
+    from keyedge.benchmarks.latency import BenchSettings, run_latency
+    from keyedge.benchmarks.profiles import builtin_profile
+    from keyedge.deploy.export import host_has_bf16
+
+    ckpt, key_path = _train(tmp_path)
+    out = tmp_path / "art"
+    base = ["export", "-c", str(ckpt), "-k", str(key_path), "-o", str(out)]
+    refused = runner.invoke(app, [*base, "-t", "onnx", "--precision", "bf16"])
+    assert refused.exit_code != 0 and "does not export bf16" in refused.output and not out.exists()
+    assert runner.invoke(app, [*base, "-t", "openvino"]).exit_code == 0
+    made = runner.invoke(app, [*base, "-t", "openvino", "--precision", "bf16", "--min-agreement", "0.9"])
+    assert made.exit_code == 0, made.output
+    fp32_dir, bf16_dir = sorted(out.iterdir())
+    assert bf16_dir.name == fp32_dir.name + "-bf16"
+    manifest = json.loads((bf16_dir / "manifest.json").read_text())
+    assert manifest["precision"] == "bf16" and manifest["verification"]["rule"].startswith("bf16: top-1 agreement")
+    computed = manifest["verification"]["computed_in"]
+    assert (computed == "bf16") if host_has_bf16() else computed.startswith("f32: this host's CPU has no BF16")
+    real = manifest["targets"]["openvino"]["parity"]["real"]
+    assert real["images"] == 500 and real["top1_agreement"] >= 0.9
+    check = runner.invoke(app, ["verify", str(bf16_dir), "-k", str(key_path)])
+    assert check.exit_code == 0, check.output
+    settings = BenchSettings(min_seconds=0.05, min_iterations=3, warmup=1, rounds=2, batch_sizes=[1])
+    report = run_latency([fp32_dir, bf16_dir], builtin_profile(), settings, keys=[KEY])
+    assert ("bf16/fp32", "openvino") in {(c.kind, c.runtime.split(":")[0]) for c in report.comparisons}

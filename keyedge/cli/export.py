@@ -40,9 +40,10 @@ DYNAMIC_BATCH = typer.Option(False, "--dynamic-batch", help="Export with a dynam
 PRECISION = typer.Option(
     "fp32",
     "--precision",
-    help="fp32, fp16 or int8 (I/O stays float32). int8: static quantization calibrated on the checkpoint's "
+    help="fp32, fp16, bf16 or int8 (I/O stays float32). int8: static quantization calibrated on the checkpoint's "
     "training images, the key's shuffle kept exact, verified by top-1 agreement; written to "
-    "OUT/<model>-<fingerprint>-int8/.",
+    "OUT/<model>-<fingerprint>-int8/. bf16 (OpenVINO): computed in bf16 where the CPU has BF16, verified by the "
+    "same rule; written to ...-bf16/.",
 )
 CALIBRATION_DATA = typer.Option(
     None,

@@ -26,7 +26,10 @@ from keyedge.postures import SCORES, Posture, PostureError
 from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, Fields, ManifestError, read_json
 
 MANIFEST = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")  # keyedge.exporters.base.PRECISIONS (the deploy layer reads, never imports it)
+#: keyedge.exporters.base.PRECISIONS (the deploy layer reads, never imports it)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: precisions verified by the agreement rule (top-1 agreement with fp32 and the accuracy drop), not by tolerance
+AGREEMENT_PRECISIONS = ("bf16", "int8")
 FORMAT = "keyedge-artifacts"  # the pre-schema spelling
 SCHEMA = "keyedge-artifact/2"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from keyedge.checkpoints import CheckpointManifest, check_key, find_checkpoints, read_manifest
-from keyedge.deploy.artifacts import PRECISIONS
+from keyedge.deploy.artifacts import AGREEMENT_PRECISIONS, PRECISIONS
 from keyedge.deploy.parity import MAX_ACCURACY_DROP, MIN_AGREEMENT
 from keyedge.errors import KeyedgeError
 from keyedge.keys.keyfile import Key, key_for, load_keys
@@ -82,10 +82,10 @@ class ExportSettings:
     def __post_init__(self) -> None:
         self.out = Path(self.out)  # a str from library callers
         self.posture = parse_posture(self.posture)
-        if self.posture.randomized and self.precision == "int8":
+        if self.posture.randomized and self.precision in AGREEMENT_PRECISIONS:
             raise KeyedgeError(
-                "keyedge does not quantize a graph with in-graph noise yet (its int8 rule compares top-1 labels "
-                "call by call)",
+                f"keyedge does not export a graph with in-graph noise at {self.precision} yet (its agreement rule "
+                "compares top-1 labels call by call)",
                 "export the noise posture at fp32, or drop noise:SIGMA from --posture",
             )
         if self.precision not in PRECISIONS:
@@ -95,7 +95,7 @@ class ExportSettings:
                 f"--int8-accuracy-control tunes an int8 quantization, and this export is {self.precision}",
                 "add --precision int8, or drop --int8-accuracy-control",
             )
-        if self.precision == "int8":
+        if self.precision in AGREEMENT_PRECISIONS:
             if self.calibration_size < 1 or self.agreement_images < 1:
                 raise KeyedgeError(
                     "--calibration-size and the agreement images must be at least 1", "e.g. --calibration-size 300"
@@ -106,7 +106,7 @@ class ExportSettings:
                     f"{self.min_agreement} and {self.max_accuracy_drop}",
                     "e.g. --min-agreement 0.98 --max-accuracy-drop 1",
                 )
-            if self.seal is not None:
+            if self.seal is not None and self.precision == "int8":
                 raise KeyedgeError(
                     "keyedge does not seal int8 artifacts yet: the quantizers write their intermediate models to disk",
                     "export int8 without --seal, or seal the fp32/fp16 set",
@@ -114,8 +114,8 @@ class ExportSettings:
 
 
 def artifact_directory(out: Path, name: str, precision: str) -> Path:
-    """``OUT/<model>-<fingerprint>/``; an int8 set sits beside its fp32 one as ``...-int8/``."""
-    return out / (name + ("-int8" if precision == "int8" else ""))
+    """``OUT/<model>-<fingerprint>/``; an int8 (bf16) set sits beside its fp32 one as ``...-int8/`` (``-bf16/``)."""
+    return out / (name + (f"-{precision}" if precision in AGREEMENT_PRECISIONS else ""))
 
 
 def plan_requests(

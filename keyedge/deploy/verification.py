@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from keyedge.checkpoints import CheckpointManifest
+from keyedge.deploy.artifacts import AGREEMENT_PRECISIONS
 from keyedge.deploy.inputs import agreement_inputs, real_inputs
 from keyedge.deploy.parity import FP32_ATOL, Parity, VerificationError, check_agreement, check_parity
 from keyedge.deploy.settings import ExportSettings
@@ -67,10 +68,10 @@ class References:
             "seed": 0,
             "fp32_atol": FP32_ATOL,
         }
-        if precision != "int8":
+        if precision not in AGREEMENT_PRECISIONS:
             return record
         return record | {
-            "rule": "int8: top-1 agreement with the fp32 keyed model, and the test accuracy drop",
+            "rule": f"{precision}: top-1 agreement with the fp32 keyed model, and the test accuracy drop",
             "min_agreement": settings.min_agreement,
             "max_accuracy_drop_points": settings.max_accuracy_drop,
             "labelled": self.labels is not None,
@@ -86,11 +87,11 @@ def references(model: nn.Module, manifest: CheckpointManifest, settings: ExportS
     size = model.spec.image_size
     random_x = torch.rand(settings.random_inputs, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()
     labels = None
-    if precision == "int8":  # agreement on the real test images (labelled where the data is here)
+    if precision in AGREEMENT_PRECISIONS:  # agreement on the real test images (labelled where the data is here)
         real_x, labels, real_source = agreement_inputs(manifest, size, settings.agreement_images)
         if real_x is None:
             raise VerificationError(
-                "an int8 artifact is verified on real images, and none are here (no test data, no sample photos)",
+                f"an {precision} artifact is verified on real images, and none are here (no test data, no photos)",
                 "install keyedge[samples], make the checkpoint's data available, or pass --no-verify",
             )
         inputs = {"real": real_x}
@@ -125,11 +126,11 @@ def verify_target(
         return Parity.structural_only(why, check_io(backend.name, io, options, num_classes))
     with backend.load(path) as runner:
         got = {kind: runner.predict(x) for kind, x in refs.inputs.items()}
-    if options.precision == "int8":
+    if options.precision in AGREEMENT_PRECISIONS:
         rule = {"min_agreement": settings.min_agreement, "max_drop": settings.max_accuracy_drop} if settings else {}
         result = check_agreement(refs.logits["real"], got["real"], refs.labels, **rule)
         if not result.passed:
-            raise _disagrees(backend.name, result)
+            raise _disagrees(backend.name, options.precision, result)
         return Parity.numerical({"real": result})
     checks = {kind: check_parity(refs.logits[kind], got[kind], options.precision) for kind in refs.inputs}
     bad = next((kind for kind, check in checks.items() if not check.passed), None)
@@ -188,10 +189,10 @@ def noise_check(answer: Callable[[np.ndarray], np.ndarray], module: nn.Module, x
     return record
 
 
-def _disagrees(target: str, result) -> VerificationError:
+def _disagrees(target: str, precision: str, result) -> VerificationError:
     drop = result.accuracy_drop_points
     return VerificationError(
-        f"the int8 {target} artifact agrees with the fp32 model on {result.top1_agreement:.1%} "
+        f"the {precision} {target} artifact agrees with the fp32 model on {result.top1_agreement:.1%} "
         f"of {result.images} real images (needs {result.min_agreement:.0%})"
         + (f", accuracy drop {drop:.1f} points (at most {result.max_drop_points:g})" if drop is not None else ""),
         "nothing was written; calibrate on more images (--calibration-size), or loosen "

@@ -26,7 +26,7 @@ from torch import nn
 
 from keyedge.checkpoints import MANIFEST as CHECKPOINT_MANIFEST
 from keyedge.checkpoints import load_checkpoint
-from keyedge.deploy.artifacts import ArtifactManifest
+from keyedge.deploy.artifacts import AGREEMENT_PRECISIONS, ArtifactManifest
 from keyedge.deploy.inputs import agreement_inputs
 from keyedge.deploy.parity import (
     AgreementCheck,
@@ -100,11 +100,11 @@ def rerun_parity(
         return Parity.skip(f"{checkpoint} changed since this set was exported")
     model, ckpt = load_checkpoint(checkpoint, key)
     labels = None
-    if manifest.precision == "int8":  # the export's agreement rule, on its real images
+    if manifest.precision in AGREEMENT_PRECISIONS:  # the export's agreement rule, on its real images
         count = int(manifest.verification.get("inputs", {}).get("real", 500))
         x_np, labels, _ = agreement_inputs(ckpt, manifest.image_size, count)
         if x_np is None:
-            return Parity.skip("an int8 set is checked on real images, and none are here")
+            return Parity.skip(f"an {manifest.precision} set is checked on real images, and none are here")
         x = torch.from_numpy(x_np)
     else:
         x = torch.rand(inputs, 3, manifest.image_size, manifest.image_size, generator=torch.Generator().manual_seed(1))
@@ -135,7 +135,7 @@ def _rerun(
             record = noise_check(runner.predict, noisy, x[:NOISE_IMAGES], f"{directory}: the {target} artifact")
             return Parity(ran=True, passed=True, noise=record)
         got = np.asarray(runner.predict(x))
-    if manifest.precision == "int8":
+    if manifest.precision in AGREEMENT_PRECISIONS:
         rule = manifest.verification
         outcome = check_agreement(
             reference,
@@ -146,7 +146,7 @@ def _rerun(
         )
         if not outcome.passed:
             raise VerificationError(
-                f"{directory}: the int8 {target} artifact no longer agrees with its checkpoint "
+                f"{directory}: the {manifest.precision} {target} artifact no longer agrees with its checkpoint "
                 f"(top-1 agreement {outcome.top1_agreement:.1%}, needs {outcome.min_agreement:.0%}, "
                 f"or the accuracy dropped more than the export allowed)",
                 "do not deploy it; export again",
