@@ -91,12 +91,16 @@ def precision_notes(features: dict[str, bool] | None = None) -> list[str]:
     if f["amx"] or f["bf16"]:
         notes.append(
             "OpenVINO runs an fp32 model in bf16 by default here (AMX/AVX-512 BF16): faster, ~0.1 off in logits; "
-            "keyedge pins f32 for parity and `bench latency --host-precision` times both"
+            "keyedge pins f32 for parity, `bench latency --host-precision` times both, and "
+            "`export --precision bf16` makes a bf16 set verified by agreement"
         )
     elif f["fp16"]:
         notes.append("OpenVINO may run an fp32 model in fp16 by default here (half-precision arithmetic)")
     else:
-        notes.append("OpenVINO runs an fp32 model in f32 here (no BF16 or FP16 arithmetic)")
+        notes.append(
+            "OpenVINO runs an fp32 model in f32 here (no BF16 or FP16 arithmetic): an `export --precision bf16` "
+            "set is verified in f32 here"
+        )
     if f["vnni"] or f["amx"]:
         notes.append("int8 runs on VNNI/AMX here: int8 artifacts are markedly faster than fp32")
     else:
