@@ -43,6 +43,8 @@ from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signatu
 from keyedge.exporters.template import OnnxTemplate, openvino_from_template
 
 SOURCES = ("module", "torch.export")
+#: at most this many groups of layers go back to float under ``--int8-accuracy-control``
+ACCURACY_CONTROL_ITERATIONS = 16
 
 
 class OpenVinoRunner(Runner):
@@ -368,6 +370,11 @@ def _quantize_with_accuracy_control(nncf: Any, model: Any, calibration: Any, opt
         validation_fn=agreement,
         max_drop=options.max_agreement_loss,
         drop_type=nncf.DropType.ABSOLUTE,
+        # each iteration returns one group of layers to float and validates again: bounded, so a model int8 cannot
+        # hold ends in minutes with the best it reached (and the agreement rule then judges it)
+        advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
+            max_num_iterations=ACCURACY_CONTROL_ITERATIONS
+        ),
         **common,
     )
 
