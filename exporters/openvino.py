@@ -110,15 +110,6 @@ def inference_precision(model: Any, core: Any) -> str:
     return "f32"
 
 
-def host_computes(precision: str) -> bool:
-    """Whether this host's CPU plugin computes in ``precision`` (``bf16``, ``fp16``); fp32 and int8 always."""
-    wanted = {"fp16": "FP16", "bf16": "BF16"}.get(precision)
-    if wanted is None:
-        return True
-    ov = require("openvino", extra="openvino")
-    return wanted in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 @register_backend
 class OpenVinoBackend(ExportBackend):
     """Export to OpenVINO IR (``model.xml`` + ``model.bin``) and run it on the CPU plugin.
@@ -224,8 +215,9 @@ class OpenVinoBackend(ExportBackend):
         else:
             quantized = _quantize_with_accuracy_control(nncf, model, calibration, options, common)
             how = (
-                f"; accuracy control: layers returned to float until agreement with fp32 on "
-                f"{len(options.validation)} held-out images was within {options.max_agreement_loss:.1%}"
+                f"; accuracy control: up to {ACCURACY_CONTROL_ITERATIONS} groups of layers returned to float, "
+                f"aiming at agreement with fp32 within {options.max_agreement_loss:.1%} on "
+                f"{len(options.validation)} held-out images"
             )
         quantized.set_rt_info(
             f"nncf {nncf.__version__} post-training quantization ({'transformer' if transformer else 'default'} "

@@ -38,7 +38,13 @@ from torch import nn
 from keyedge.checkpoints import check_key, load_checkpoint
 from keyedge.defenses import Deployable, defense_of
 from keyedge.defenses.keyed import FUSE_MODES
-from keyedge.deploy.inputs import agreement_inputs, calibration_images, labelled_test_images, real_inputs
+from keyedge.deploy.inputs import (
+    agreement_inputs,
+    calibration_images,
+    int8_images,
+    labelled_test_images,
+    real_inputs,
+)
 from keyedge.deploy.parity import (
     FP16_RTOL,
     FP32_ATOL,
@@ -181,24 +187,18 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
     deploy = defense.deployable(model, request.key, settings.fuse)
     calibration, calibration_source, validation = None, None, None
     if settings.precision == "int8":
-        size, held = model.spec.image_size, VALIDATION_IMAGES if settings.accuracy_control else 0
-        calibration, calibration_source = calibration_images(
-            manifest, size, settings.calibration_data, settings.calibration_size + held, settings.calibration_seed
+        held = VALIDATION_IMAGES if settings.accuracy_control else 0
+        calibration, validation, calibration_source = int8_images(
+            manifest,
+            model.spec.image_size,
+            settings.calibration_data,
+            settings.calibration_size,
+            settings.calibration_seed,
+            held,
         )
-        if held and len(calibration) <= held:
-            raise KeyedgeError(
-                f"--int8-accuracy-control needs {settings.calibration_size} calibration and {held} held-out training "
-                f"images, and {calibration_source} is all there is",
-                "lower --calibration-size, or drop --int8-accuracy-control",
-            )
-        if held:  # the last `held` of the draw: training images the calibration did not see, never test images
-            calibration, validation = calibration[:-held], calibration[-held:]
-            calibration_source = calibration_source.replace(
-                f"{settings.calibration_size + held} ", f"{len(calibration)} (+{len(validation)} held out) ", 1
-            )
         settings.log(f"  int8: calibrating on {calibration_source}")
         for backend in backends:
-            if held and not backend.accuracy_control:
+            if validation is not None and not backend.accuracy_control:
                 settings.log(f"  {backend.name}: its quantizer has no accuracy control; plain post-training int8")
     if settings.precision == "bf16" and not host_has_bf16():
         settings.log(f"  bf16: computed in {BF16_HERE_IS_F32}")

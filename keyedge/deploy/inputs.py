@@ -19,7 +19,7 @@ from keyedge.data.datasets import load_dataset, to_model_input
 from keyedge.data.samples import PHOTOS, sample_photo
 from keyedge.errors import KeyedgeError
 
-__all__ = ["agreement_inputs", "calibration_images", "labelled_test_images", "real_inputs"]
+__all__ = ["agreement_inputs", "calibration_images", "int8_images", "labelled_test_images", "real_inputs"]
 
 
 def real_inputs(manifest: CheckpointManifest, image_size: int, count: int = 8) -> tuple[np.ndarray | None, str]:
@@ -103,3 +103,23 @@ def calibration_images(
             "pass --calibration-data with a dataset (as `keyedge train --data` takes) or a directory of images",
         )
     return loaded[0], f"{len(loaded[0])} {loaded[2].name} training images (seed {seed})"
+
+
+def int8_images(
+    manifest: CheckpointManifest, image_size: int, data: str | None, count: int, seed: int, held: int = 0
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """``(calibration, held_out, source)``: :func:`calibration_images`, and with ``held`` > 0 that many more training
+    images kept apart for accuracy-aware quantization to validate on (a random part of one draw, so never the
+    calibration images, nor the test images the agreement rule judges)."""
+    images, source = calibration_images(manifest, image_size, data, count + held, seed)
+    if not held:
+        return images, None, source
+    if len(images) <= held:
+        raise KeyedgeError(
+            f"--int8-accuracy-control needs {count} calibration and {held} held-out training images, and "
+            f"{source} is all there is",
+            "lower --calibration-size, or drop --int8-accuracy-control",
+        )
+    order = np.random.default_rng(seed).permutation(len(images))  # the draw's order may follow the classes
+    calibration, validation = images[np.sort(order[held:])], images[np.sort(order[:held])]
+    return calibration, validation, source.replace(f"{count + held} ", f"{len(calibration)} (+{held} held out) ", 1)
