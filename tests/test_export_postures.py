@@ -143,7 +143,8 @@ def test_the_noise_check_catches_a_wrong_sigma(small_keyed_checkpoint):
         (["-t", "onnx", "--posture", "topk:12"], "top 12 classes of a model with 10"),
         (["-t", "onnx", "--posture", "label+noise:0.9"], "noise sigma must be in [0, 0.5]"),
         (["-t", "onnx", "--posture", "label+shield"], "unknown posture part 'shield'"),
-        (["-t", "onnx", "--posture", "noise:0.02", "--precision", "int8"], "does not quantize a graph with in-graph"),
+        (["-t", "onnx", "--posture", "noise:0.02", "--precision", "int8"], "graph with in-graph noise at int8"),
+        (["-t", "openvino", "--posture", "noise:0.02", "--precision", "bf16"], "graph with in-graph noise at bf16"),
     ],
 )
 def test_a_posture_that_cannot_be_held_is_refused_before_any_work(small_keyed_checkpoint, tmp_path, args, fragment):
