@@ -195,8 +195,13 @@ def _disagrees(target: str, precision: str, result) -> VerificationError:
         f"the {precision} {target} artifact agrees with the fp32 model on {result.top1_agreement:.1%} "
         f"of {result.images} real images (needs {result.min_agreement:.0%})"
         + (f", accuracy drop {drop:.1f} points (at most {result.max_drop_points:g})" if drop is not None else ""),
-        "nothing was written; calibrate on more images (--calibration-size), or loosen "
-        "--min-agreement / --max-accuracy-drop knowingly",
+        "nothing was written; "
+        + (
+            "calibrate on more images (--calibration-size) or try --int8-accuracy-control (OpenVINO)"
+            if precision == "int8"
+            else f"this model's answers move in {precision}: deploy the fp32 set"
+        )
+        + ", or loosen --min-agreement / --max-accuracy-drop knowingly",
     )
 
 
