@@ -67,6 +67,12 @@ def cpu_features(flags: set[str] | None = None) -> dict[str, bool]:
     return {name: any(f in flags for f in spellings) for name, spellings in FEATURES.items()}
 
 
+def computes_bf16(features: dict[str, bool] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): where OpenVINO's bf16 is bf16."""
+    features = cpu_features() if features is None else features
+    return features["bf16"] or features["amx"]
+
+
 def describe(features: dict[str, bool] | None = None, model: str | None = None) -> str:
     """One line: the CPU model and its relevant features, e.g. ``AMD EPYC (AVX2; no VNNI, BF16, AMX, FP16)``."""
     features = cpu_features() if features is None else features
@@ -88,7 +94,7 @@ def precision_notes(features: dict[str, bool] | None = None) -> list[str]:
     """What this host's features mean for the precision a runtime runs, one line each (doctor prints them)."""
     f = cpu_features() if features is None else features
     notes = []
-    if f["amx"] or f["bf16"]:
+    if computes_bf16(f):
         notes.append(
             "OpenVINO runs an fp32 model in bf16 by default here (AMX/AVX-512 BF16): faster, ~0.1 off in logits; "
             "keyedge pins f32 for parity, `bench latency --host-precision` times both, and "

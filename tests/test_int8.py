@@ -264,7 +264,7 @@ def test_bf16_export_is_openvinos_verified_by_agreement_and_timed_against_fp32(t
     on a host without BF16 the manifest says the agreement was measured in f32. Other targets refuse it."""
     from keyedge.benchmarks.latency import BenchSettings, run_latency
     from keyedge.benchmarks.profiles import builtin_profile
-    from keyedge.deploy.export import host_has_bf16
+    from keyedge.host import computes_bf16
 
     ckpt, key_path = _train(tmp_path)
     out = tmp_path / "art"
@@ -279,7 +279,7 @@ def test_bf16_export_is_openvinos_verified_by_agreement_and_timed_against_fp32(t
     manifest = json.loads((bf16_dir / "manifest.json").read_text())
     assert manifest["precision"] == "bf16" and manifest["verification"]["rule"].startswith("bf16: top-1 agreement")
     computed = manifest["verification"]["computed_in"]
-    assert (computed == "bf16") if host_has_bf16() else computed.startswith("f32: this host's CPU has no BF16")
+    assert (computed == "bf16") if computes_bf16() else computed.startswith("f32: this host's CPU has no BF16")
     real = manifest["targets"]["openvino"]["parity"]["real"]
     assert real["images"] == 500 and real["top1_agreement"] >= 0.9
     check = runner.invoke(app, ["verify", str(bf16_dir), "-k", str(key_path)])

@@ -23,6 +23,7 @@ Run: ``python -m keyedge.benchmarks.experiments.int8 --run DIR --key-file K [--a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -56,22 +57,15 @@ def _ort_answers(path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: b})[0] for b in _batches(x)])
 
 
-def _ends(model: Any) -> tuple[str, str]:
-    """The first convolution after the shuffle and the last MatMul/Gemm: the layers mixed precision keeps float."""
-    first = next(n.name for n in model.graph.node if n.op_type == "Conv")
-    last = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
-    return first, last
-
-
 def ort_recipes(fp32: Path, calib: dict[int, np.ndarray], tmp: Path, only: set[str]) -> dict[str, Path]:
     import onnx
     from onnxruntime import quantization as q
 
     model = onnx.load(str(fp32))
-    shuffle = [n.name for n in quantization_exclusions(onnx, model, ends=False)[0]]
+    shuffle_nodes, end_nodes = quantization_exclusions(onnx, model)  # the export's own choice of float ends
+    shuffle, (first, last) = [n.name for n in shuffle_nodes], [n.name for n in end_nodes]
     named = tmp / "named.onnx"
     onnx.save(model, str(named))
-    first, last = _ends(model)
 
     class Reader:
         def __init__(self, images: np.ndarray):
@@ -131,7 +125,7 @@ def nncf_recipes(
     ignored = [n for n in shuffle if n in names]
     convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     mats = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
-    ends = [convs[0], mats[-1]] if convs and mats else []
+    ends = [convs[0], mats[-1]] if convs and mats else []  # float_ends in OpenVINO's spelling (no shuffle conv here)
     held_x, held_top = held
 
     def validate(compiled: Any, items: Any) -> float:  # NNCF calls it on subsets too: the labels ride along
@@ -240,9 +234,8 @@ def fragility(module: Any, x: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         out[f"input noise +-{steps:g}/255"] = float(
             (module((images + noise).clamp(0, 1)).argmax(1).numpy() == top).mean()
         )
-    bf16 = module.to(torch.bfloat16)
+    bf16 = copy.deepcopy(module).to(torch.bfloat16)  # a copy: casting back would leave bf16-rounded weights
     out["bf16 compute"] = float((bf16(images.to(torch.bfloat16)).float().argmax(1).numpy() == top).mean())
-    module.float()
     return out
 
 

@@ -69,7 +69,7 @@ from keyedge.deploy.torch_runner import TorchRunner, load_checkpoint_runner, tor
 from keyedge.errors import KeyedgeError, OutputError
 from keyedge.exporters import ExportBackend, ExportOptions, get_backend
 from keyedge.fileio import staged_directory
-from keyedge.host import cpu_features
+from keyedge.host import computes_bf16
 from keyedge.keys.keyfile import Key
 from keyedge.keys.seal import CIPHER
 from keyedge.keys.signing import sign_manifest
@@ -111,12 +111,6 @@ BF16_HERE_IS_F32 = (
     "f32: this host's CPU has no BF16 (keyedge doctor), so the agreement was measured in f32; "
     "run `keyedge verify` on the device to measure it in bf16"
 )
-
-
-def host_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): where OpenVINO's bf16 is bf16."""
-    features = cpu_features()
-    return features["bf16"] or features["amx"]
 
 
 def deployable(model: nn.Module, key: Key | None, fuse: str = "gather") -> Deployable:
@@ -200,7 +194,7 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
         for backend in backends:
             if validation is not None and not backend.accuracy_control:
                 settings.log(f"  {backend.name}: its quantizer has no accuracy control; plain post-training int8")
-    if settings.precision == "bf16" and not host_has_bf16():
+    if settings.precision == "bf16" and not computes_bf16():
         settings.log(f"  bf16: computed in {BF16_HERE_IS_F32}")
     options = ExportOptions(
         batch=settings.batch,
@@ -231,7 +225,7 @@ def export_one(request: ExportRequest, settings: ExportSettings, *, templates: d
                     "max_agreement_loss": options.max_agreement_loss,
                 }
         if settings.precision == "bf16":  # what the agreement above measured: bf16 only where this CPU has it
-            record.verification["computed_in"] = "bf16" if host_has_bf16() else BF16_HERE_IS_F32
+            record.verification["computed_in"] = "bf16" if computes_bf16() else BF16_HERE_IS_F32
         if settings.seal is not None:
             seal_targets(record, plaintexts, settings.seal, staging)
             settings.log(f"  sealed with sealing key {settings.seal.fingerprint} ({CIPHER})")
