@@ -27,6 +27,7 @@ coremltools 9.0's torch converter needs numpy < 2.4.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -390,10 +391,19 @@ class MilTemplate:
     is byte-for-byte the full conversion's and the program differs only in the names coremltools
     generates for folded constants (``const_39`` / ``const_0_1``); the trace and the frontend, about
     40% of a full conversion, run once per architecture.
+
+    Of the default pipeline's 93 fp32 passes, 13 change EfficientNet-Lite0's program; the rest found
+    nothing to do, and validating the program after each of them was most of a key's time.  So the
+    template runs the pipeline once, pass by pass, on its own program and keeps the passes that
+    changed it (``passes``, in the pipeline's order); each key runs only those.  A pass that would act
+    only on another key's values (a no-op add of an all-zero bias only that key has) then leaves that
+    op in, computing the same outputs.
     """
 
     program: Any
     signature: dict[str, tuple[tuple[int, ...], str]]  # const name -> (shape, dtype)
+    #: the default pipeline's passes (name, options) that changed the template's program, in order
+    passes: list[tuple[str, dict[str, Any]]] | None = None
 
     @classmethod
     def build(cls, backend: CoreMLBackend, module: nn.Module, options: ExportOptions) -> MilTemplate:
@@ -408,7 +418,7 @@ class MilTemplate:
             op.name: (tuple(np.shape(op.outputs[0].val)), str(np.asarray(op.outputs[0].val).dtype))
             for op in _consts(program)
         }
-        return cls(program, signature)
+        return cls(program, signature, _acting_passes(ct, _copy_program(program)))
 
     def fits(self, module: nn.Module) -> bool:
         """True when every tensor ``module`` computes with is a named const of the same shape and dtype."""
@@ -434,11 +444,66 @@ class MilTemplate:
                 op.val._sym_val.val = value  # the const's attribute and its output, as the frontend set them
                 op.outputs[0]._sym_val.val = value
         options_ = {k: v for k, v in backend._convert_options(options).items() if k not in ("inputs", "outputs")}
+        if self.passes is not None:
+            pipeline = ct.PassPipeline(pass_names=[name for name, _ in self.passes], pipeline_name="keyedge-fleet")
+            for name, settings in self.passes:
+                if settings:  # options are set per pass name: a pass the pipeline runs twice gets one set
+                    pipeline.set_options(name, settings)
+            options_["pass_pipeline"] = pipeline
         mlmodel = ct.convert(program, convert_to="mlprogram", skip_model_load=True, **options_)
         meta = mlmodel.user_defined_metadata  # what a full conversion records
         meta["com.github.apple.coremltools.source"] = f"torch=={torch.__version__}"
         meta["com.github.apple.coremltools.source_dialect"] = "TorchScript"
         return backend._save(mlmodel, path, options, "jit.trace+fleet-template")
+
+
+#: the passes ``coremltools.convert`` drops from the default pipeline at fp32 (the only precision fleets template)
+FP32_DROPPED_PASSES = ("common::add_fp16_cast", "common::add_int16_cast")
+
+
+def _acting_passes(ct: Any, program: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The fp32 default pipeline's passes that change ``program`` (run on it, in place), with their options."""
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    pipeline = ct.PassPipeline.DEFAULT
+    acting = []
+    before = _fingerprint(program)
+    for name in pipeline.passes:
+        if name in FP32_DROPPED_PASSES:
+            continue
+        options = {o.option_name: o.option_val for o in pipeline.get_options(name) or []}
+        graph_pass = PASS_REGISTRY[name]
+        graph_pass.set_options(pipeline.get_options(name))
+        graph_pass(program)
+        after = _fingerprint(program)
+        if after != before:
+            acting.append((name, options))
+        before = after
+    return acting
+
+
+#: consts up to this many elements are fingerprinted by value (shapes, axes, scalars a pass may rewrite in place)
+SMALL_CONST = 4096
+
+
+def _fingerprint(program: Any) -> str:
+    """A digest of a MIL program: every op's type, name, inputs and output types, and every const's value."""
+    digest = hashlib.sha256()
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            inputs = [None if v is None else v.name for v in op.get_flattened_inputs()]
+            digest.update(f"{op.op_type}|{op.name}|{inputs}|{[str(o.sym_type) for o in op.outputs]}".encode())
+            value = op.outputs[0].val if op.op_type == "const" else None
+            if value is not None and np.size(value) <= SMALL_CONST:  # a big one changes with its op's name
+                digest.update(np.asarray(value).tobytes())
+            for inner in op.blocks:
+                walk(inner)
+        digest.update(str([v.name for v in block.outputs]).encode())
+
+    for function in program.functions.values():
+        walk(function)
+    return digest.hexdigest()
 
 
 def _consts(program: Any) -> list[Any]:

@@ -286,9 +286,10 @@ class OnnxBackend(ExportBackend):
         onnx = self.require("onnx")
         model = self._read_proto(path)
         functions = {(f.domain, f.name): f for f in model.functions}
-        nodes = [
-            Node("Initializer", [], [init.name], _initializer_signature(onnx, init)) for init in model.graph.initializer
-        ]
+        # by name: the order of ONNX initializers means nothing, and the two steps of a fleet template make them in
+        # another order than a full export (keyedge.exporters.template)
+        initializers = sorted(model.graph.initializer, key=lambda init: init.name)
+        nodes = [Node("Initializer", [], [init.name], _initializer_signature(onnx, init)) for init in initializers]
         nodes += _flatten(onnx, model.graph.node, functions)
         props = {p.key: p.value for p in model.metadata_props}
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
