@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -310,6 +311,38 @@ def test_fleet_template_matches_full_export(tmp_path, make_key):
 
 
 @pytest.mark.slow
+def test_fleet_templates_optimize_the_structure_once_and_each_key_runs_only_what_acts_on_its_values(make_key):
+    """The per-key step is small (issue 34): the rules/passes that changed the template, a strict subset."""
+    from onnxscript import rewriter
+
+    from keyedge.deploy.export import deployable
+    from keyedge.exporters import ExportOptions
+    from keyedge.exporters.template import OnnxTemplate, module_tensors
+
+    torch.manual_seed(0)
+    key = make_key(4)
+    module = deployable(build_model("test_efficientnet", 10, key=key, weights="none", image_size=32).eval(), key).module
+    options = ExportOptions(batch=1, image_size=32)
+    template = OnnxTemplate.build(module, options)
+    names = [rule.name for rule in template.rules]
+    assert "FuseBatchNormIntoConv" in names and len(names) < len(rewriter._DEFAULT_REWRITE_RULES) // 4
+    import onnx
+
+    structure = onnx.ModelProto.FromString(template.proto_bytes)
+    lifted = {i.name for i in structure.graph.input}
+    assert set(module_tensors(module)) & lifted, "the module's tensors are inputs of the structure, not constants"
+    assert not {i.name for i in structure.graph.initializer} & set(module_tensors(module))
+    if importlib.util.find_spec("coremltools") is None:
+        return
+    import coremltools as ct
+
+    from keyedge.exporters import get_backend
+    from keyedge.exporters.coreml import MilTemplate
+
+    passes = [name for name, _ in MilTemplate.build(get_backend("coreml"), module, options).passes]
+    assert "common::fuse_conv_batchnorm" in passes and len(passes) < len(ct.PassPipeline.DEFAULT.passes) // 4
+
+
 def test_coreml_fleet_template_writes_the_full_conversions_weights(tmp_path, make_key):
     """CoreML keys from the MIL template: the weight blob a full conversion writes, byte for byte, the same program."""
     pytest.importorskip("coremltools")

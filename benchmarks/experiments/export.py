@@ -117,8 +117,12 @@ def bench_model(model_name: str, count: int, size: int, work: Path) -> dict:
     return result
 
 
-def end_to_end(model_name: str, count: int, size: int, targets: list[str], work: Path) -> dict:
-    """Seconds per key of ``export_many`` over ``count`` checkpoints, verification included: full vs template."""
+def end_to_end(model_name: str, count: int, size: int, targets: list[str], work: Path, fuse: str = "gather") -> dict:
+    """Seconds per key of ``export_many`` over ``count`` checkpoints, verification included: full vs template.
+
+    ``template_steady``: the template's seconds per key after the first (which builds it) -- what each further
+    key of a large fleet costs.
+    """
     requests = []
     for i, model in enumerate(_variants(model_name, count, size)):
         checkpoint = untrained_checkpoint(work / f"ckpt-{i}", model)
@@ -128,16 +132,21 @@ def end_to_end(model_name: str, count: int, size: int, targets: list[str], work:
     for run in runs:
         label = "+".join(run)
         seconds = {"full": 0.0, "template": 0.0}
+        steady = 0.0
         templates: dict = {}  # the fleet's template cache: built by the first key, its cost counted there
         for i, request in enumerate(requests):  # full and template interleaved, in alternating order
             for mode in ("full", "template") if i % 2 == 0 else ("template", "full"):
-                settings = ExportSettings(targets=run, out=work / f"out-{label}-{mode}", template=mode == "template")
+                out = work / f"out-{label}-{mode}"
+                settings = ExportSettings(targets=run, out=out, template=mode == "template", fuse=fuse)
                 start = time.perf_counter()
                 export_one(request, settings, templates=templates if mode == "template" else None)
                 seconds[mode] += time.perf_counter() - start
+                if mode == "template" and i > 0:
+                    steady += time.perf_counter() - start
         for mode in seconds:
             shutil.rmtree(work / f"out-{label}-{mode}")
         result["per_key_s"][label] = {mode: s / count for mode, s in seconds.items()}
+        result["per_key_s"][label]["template_steady"] = steady / max(count - 1, 1)
     return result
 
 
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--end-to-end", action="store_true", help="time export_many with verification (see above)")
     parser.add_argument("--targets", default="onnx,openvino,coreml", help="--end-to-end: targets to time")
+    parser.add_argument("--fuse", default="gather", help="--end-to-end: the shuffle's form (gather, conv, ...)")
     parser.add_argument("--project-keys", type=int, default=1000)
     parser.add_argument("--project-workers", type=int, default=16)
     args = parser.parse_args(argv)
@@ -212,6 +222,7 @@ def _main_end_to_end(args) -> list[dict]:
     targets = [t for t in args.targets.split(",") if get_backend(t).available()[0]]
     print(
         f"end-to-end export: {args.keys} checkpoints per model, {args.image_size}x{args.image_size}, batch 1, fp32, "
+        f"fuse {args.fuse}, "
         f"verified on 8 random + 8 real images, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"targets {', '.join(targets)}"
     )
@@ -220,7 +231,7 @@ def _main_end_to_end(args) -> list[dict]:
         for model_name in args.models.split(","):
             work = Path(tmp) / model_name
             work.mkdir()
-            res = end_to_end(model_name, args.keys, args.image_size, targets, work)
+            res = end_to_end(model_name, args.keys, args.image_size, targets, work, args.fuse)
             results.append(res)
             for label, modes in res["per_key_s"].items():
                 shown = ", ".join(f"{mode} {s:5.2f} s/key" for mode, s in modes.items())
