@@ -292,6 +292,7 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                         "fold",
                         "conv",
                         "elements",
+                        "planes",
                     ):
                         add(f"gather/{b.artifact.fuse}", a, b, a.runtime_label)
         if a.artifact.precision in ("int8", "bf16"):  # what it bought: the same key, fuse and target in fp32

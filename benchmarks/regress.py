@@ -27,7 +27,8 @@ from keyedge.benchmarks.report import LatencyReport, wide
 
 def _label(key: tuple) -> str:
     model, role, fuse, target, runtime, device, batch = key
-    return f"{model}-{role}{'[' + fuse + ']' if fuse in ('fold', 'conv') else ''} {target} {runtime}:{device} b{batch}"
+    form = f"[{fuse}]" if fuse in ("fold", "conv", "planes") else ""
+    return f"{model}-{role}{form} {target} {runtime}:{device} b{batch}"
 
 
 @dataclass

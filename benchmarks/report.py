@@ -87,7 +87,8 @@ class Artifact:
 
     @property
     def label(self) -> str:
-        tags = [t for t in (self.fuse if self.fuse in ("fold", "conv", "elements") else None, self.quantized) if t]
+        form = self.fuse if self.fuse in ("fold", "conv", "elements", "planes") else None
+        tags = [t for t in (form, self.quantized) if t]
         return f"{self.model}-{self.fingerprint or self.role}" + (f"[{','.join(tags)}]" if tags else "")
 
     @property

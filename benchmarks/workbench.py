@@ -78,6 +78,7 @@ VARIANTS = {
     "gather": ("keyed", "gather"),
     "elements": ("keyed", "elements"),
     "conv": ("keyed", "conv"),
+    "planes": ("keyed", "planes"),
     "fold": ("keyed", "fold"),
     "plain-fold": ("plain", "fold"),
 }

@@ -148,7 +148,7 @@ class ExportBackend(abc.ABC):
     #: fleet template (keyedge.exporters.template)
     supports_template: bool = False
     #: the exact forms of the key's shuffle this target's converter writes (``--fuse fastest`` times them)
-    forms: tuple[str, ...] = ("gather", "elements", "conv")
+    forms: tuple[str, ...] = ("gather", "elements", "conv", "planes")
     #: the form ``--fuse auto`` gives this target where folding is not exact: its runtime's fastest, as measured
     #: by ``benchmarks/experiments/keyed_latency.py`` (the figures beside each backend's value)
     auto_form: str = "gather"

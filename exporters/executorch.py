@@ -78,9 +78,10 @@ class ExecuTorchBackend(ExportBackend):
     name = "executorch"
     extra = "executorch"
     suffix = ".pte"
-    # keyed/plain as for ONNX, 22 rounds: conv 1.057 [1.046-1.068], gather 1.072, elements 1.154 (XNNPACK runs the
-    # conv; either gather runs on a portable kernel)
-    auto_form = "conv"
+    # keyed/plain, EfficientNet-Lite0 224, 14 interleaved rounds (keyed_latency --variants ...): planes 1.019
+    # [1.004-1.068], conv 1.054, gather 1.075, elements 1.147 (either gather runs on a portable kernel, element by
+    # element; the planes form's runs on 48 contiguous planes, its transposes on XNNPACK)
+    auto_form = "planes"
     runtime = "executorch"
     random_refusal = "randn_like is not in ExecuTorch's Core ATen opset, and XNNPACK has no random op"
     export_modules = ("executorch.exir",)

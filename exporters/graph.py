@@ -51,6 +51,9 @@ SHUFFLE_OPS = (
         "xnndepthtospace",
     }
 )
+#: Ops that carry their first input's values on, only rearranged: the walk from the input passes them (the planes
+#: form's gather sits between space-to-depth and depth-to-space transposes)
+PIXEL_MOVES = SHUFFLE_OPS - GATHER_OPS
 #: Ops that draw random numbers (ONNX, OpenVINO, MIL spellings), lower case: a posture's in-graph noise
 RANDOM_OPS = frozenset(
     {"randomnormal", "randomnormallike", "randomuniform", "randomuniformlike", "random_normal", "random_uniform"}
@@ -189,7 +192,7 @@ def analyze(
     def data_of(node: Node) -> str | None:
         """The data operand a pass-through op carries on: a layout op's first input, a noise add's other one."""
         kind = node.type.lower()
-        if kind in LAYOUT_OPS and node.inputs:
+        if kind in PIXEL_MOVES and node.inputs:
             return node.inputs[0]
         if kind == "add" and len(node.inputs) == 2:
             noisy = [is_random(t) for t in node.inputs]

@@ -92,8 +92,10 @@ class LiteRTBackend(ExportBackend):
     name = "litert"
     extra = "litert"
     suffix = ".tflite"
-    # keyed/plain as for ONNX, 22 rounds: conv 1.070 [1.060-1.078], gather 1.083, elements 1.123
-    auto_form = "conv"
+    # keyed/plain, EfficientNet-Lite0 224, 14 interleaved rounds (keyed_latency --variants ...): planes 1.017
+    # [0.931-1.043], conv 1.023, gather 1.063, elements 1.120 (GATHER_ND copies element by element; XNNPACK runs
+    # the planes form's transposes, its gather copies 48 planes)
+    auto_form = "planes"
     runtime = "litert"
     random_refusal = "litert-torch has no lowering for randn_like (LiteRT's random ops are not in its builtin set)"
     export_modules = ("litert_torch",)

@@ -47,7 +47,7 @@ def test_keyed_latency_benchmark_runs(capsys):
     report = keyed_latency.main(["--models", "test_vit,test_resnet", *fast, "--host-precision"])
     fuses = {(m.artifact.model, m.artifact.role, m.artifact.fuse, m.runtime) for m in report.measurements}
     vit = {(r, f) for m, r, f, rt in fuses if m == "test_vit" and rt == "openvino"}
-    keyed = {("keyed", "gather"), ("keyed", "elements"), ("keyed", "conv")}
+    keyed = {("keyed", "gather"), ("keyed", "elements"), ("keyed", "conv"), ("keyed", "planes")}
     assert vit == {("plain", "none"), ("keyed", "fold"), ("plain", "fold")} | keyed
     resnet = {(r, f) for m, r, f, rt in fuses if m == "test_resnet" and rt == "onnxruntime"}
     assert resnet == {("plain", "none")} | keyed  # a ResNet stem does not fold
@@ -65,8 +65,8 @@ def test_keyed_latency_benchmark_runs(capsys):
         for m in ("test_vit", "test_resnet")
     }
     assert kinds == {
-        "test_vit": {"keyed/plain", "gather/fold", "gather/conv", "gather/elements"},
-        "test_resnet": {"keyed/plain", "gather/conv", "gather/elements"},
+        "test_vit": {"keyed/plain", "gather/fold", "gather/conv", "gather/elements", "gather/planes"},
+        "test_resnet": {"keyed/plain", "gather/conv", "gather/elements", "gather/planes"},
     }
     assert "keyed/plain" in capsys.readouterr().out
 

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from keyedge.checkpoints import save_checkpoint
 from keyedge.cli import app
+from keyedge.defenses.keyed import SHUFFLE_FORMS
 from keyedge.deploy.export import ExportRequest, ExportSettings, VerificationError, export_one
 from keyedge.errors import FoldError
+from keyedge.exporters.graph import SHUFFLE_OPS
 from keyedge.models.backbones import build_model
 from keyedge.models.lora import apply_lora, lora_settings
 
@@ -394,6 +396,25 @@ def test_conv_formulation_has_no_gather_on_any_target(tmp_path, key4):
     assert manifest["targets"]["onnx"]["parity"]["random"]["max_abs_diff"] <= 1e-4
 
 
+def test_planes_form_is_one_gather_of_planes_between_pixel_moves_on_every_target(tmp_path, key4):
+    """--fuse planes: space-to-depth, one gather of the C*P*P channel planes, depth-to-space; exact everywhere."""
+    ckpt = make_checkpoint(tmp_path / "eff", "test_efficientnet", key4)
+    manifest = export(tmp_path, ckpt, key4, ["onnx", "openvino", "coreml"], fuse="planes")
+    for target, entry in manifest["targets"].items():
+        graph = entry["graph"]
+        assert entry["fuse"] == "planes" and graph["gathers_on_input"] == 1, (target, graph["input_path"])
+        before = graph["input_path"][: [op.lower() for op in graph["input_path"]].index("gather")]
+        assert before and all(op.lower() in SHUFFLE_OPS for op in before), (target, before)  # pixels moved first
+        assert entry["parity"]["passed"], target
+    import onnx
+
+    model = onnx.load(str(next((tmp_path / "out").glob("*/model.onnx"))))
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.attribute and n.attribute[0].i == 1)
+    index = next(i for i in model.graph.initializer if i.name == gather.input[1])
+    plane_order = onnx.numpy_helper.to_array(index)
+    assert sorted(plane_order.tolist()) == list(range(48)) and not np.array_equal(plane_order, np.arange(48))
+
+
 def test_coreml_compute_plan(tmp_path, key4):
     """On macOS: which device runs each op; the conv shuffle has no gather to push onto the CPU.
 
@@ -426,6 +447,7 @@ def test_auto_gives_each_target_its_runtimes_measured_form(tmp_path, key4):
         form = get_backend(target).auto_form
         assert entry["fuse"] == form and entry["form_choice"] == {"rule": "auto", "form": form, "measured": False}
         assert entry["graph"]["gathers_on_input"] == (form != "conv") and entry["parity"]["passed"]
+    assert get_backend("litert").auto_form == get_backend("executorch").auto_form == "planes"  # measured fastest
     assert manifest["targets"]["coreml"]["fuse"] == "conv"  # the Neural Engine runs no gather
     forms = {manifest["targets"][t]["fuse"] for t in targets}
     if len(forms) > 1:  # the set's form is given per target
@@ -465,7 +487,8 @@ def test_fastest_times_every_form_here_and_keeps_the_fastest(tmp_path, key4):
     onnx_entry = manifest["targets"]["onnx"]
     choice = onnx_entry["form_choice"]
     assert choice["rule"] == "fastest" and choice["measured"] and choice["host"]["cpu"] == cpu_model()
-    assert set(choice["timed"]) == {"gather", "elements", "conv"} and choice["failed"] == {}
+    assert set(choice["timed"]) == set(SHUFFLE_FORMS) and choice["failed"] == {}
+    assert set(SHUFFLE_FORMS) == {"gather", "elements", "conv", "planes"}
     assert choice["form"] == min(choice["timed"], key=lambda f: choice["timed"][f]["ms"]) == onnx_entry["fuse"]
     assert choice["timed"][choice["form"]]["ratio_to_chosen"]["median"] == 1.0
     assert onnx_entry["parity"]["passed"] and set(choice["host"]["features"]) >= {"vnni", "bf16", "amx", "fp16"}

@@ -39,6 +39,7 @@ FORMS = [
     ("test_efficientnet", "gather"),
     ("test_efficientnet", "elements"),
     ("test_efficientnet", "conv"),
+    ("test_efficientnet", "planes"),
     ("test_vit", "fold"),
 ]
 READ_INDICES = {"litert": lt.shuffle_indices, "executorch": et.shuffle_indices}
@@ -81,7 +82,7 @@ def test_each_form_reproduces_pytorch_and_holds_the_keys_shuffle(exported, targe
     backend = get_backend(target)
     graph = backend.inspect(path)
     indices = READ_INDICES[target](path)
-    if fuse in ("gather", "elements"):
+    if fuse in ("gather", "elements", "planes"):  # planes: the 48 channel planes' order, between pixel moves
         assert graph.gathers_on_input == 1, graph.input_path
         assert indices is not None and np.array_equal(indices.reshape(-1), module.shuffle.index.numpy())
     else:

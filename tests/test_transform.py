@@ -141,7 +141,7 @@ def test_device_move_keeps_index(key4):
     assert Key.from_permutation(key4.permutation, 4).fingerprint == key4.fingerprint
 
 
-@pytest.mark.parametrize("form", ["conv", "elements"])
+@pytest.mark.parametrize("form", ["conv", "elements", "planes"])
 @pytest.mark.parametrize("p", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("size", [(16, 16), (32, 48), (64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -175,7 +175,7 @@ def test_conv_form_is_one_strided_selection_conv(key4):
     assert not is_permutation_matrix(np.ones((3, 3, 3, 3), np.float32))  # a real 3x3 conv
 
 
-@pytest.mark.parametrize("form", ["conv", "elements"])
+@pytest.mark.parametrize("form", ["conv", "elements", "planes"])
 def test_every_form_hides_key_and_checks_shape(key4, form):
     from keyedge.defenses.keyed import SHUFFLE_FORMS
 

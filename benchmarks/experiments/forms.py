@@ -7,9 +7,12 @@ Two measurements, on this host's CPU:
    in one interleaved run per runtime (ONNX Runtime, OpenVINO pinned f32, and LiteRT / ExecuTorch with
    ``--targets``): what each form costs each runtime, apart from any backbone.
 2. **Per-op profiles** (``--profile DIR ...``: export directories, e.g. ``keyed_latency.py --out``'s): ONNX
-   Runtime's own profiler (``SessionOptions.enable_profiling``: per-node kernel time) and OpenVINO's
-   performance counters (``PERF_COUNT``: per-node real time), summed per op type, with the shuffle's op and
-   its share of the whole inference named -- the profile that explains a keyed/plain gap.
+   Runtime's own profiler (``SessionOptions.enable_profiling``: per-node kernel time), OpenVINO's
+   performance counters (``PERF_COUNT``: per-node real time) and ExecuTorch's ETDump (its event tracer: XNNPACK
+   operators and portable kernels), summed per op type, with the shuffle's op and its share of the whole
+   inference named -- the profile that explains a keyed/plain gap.  LiteRT's op profiler is in its C++
+   ``benchmark_model`` only (``--enable_op_profiling``); the Python wheel has none, so LiteRT's forms are
+   explained by the shuffle alone (1.).
 
 Run: ``python -m keyedge.benchmarks.experiments.forms [--size 224] [--rounds 12] [--targets onnx,openvino]
 [--profile artifacts/*/]``
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -36,7 +40,10 @@ from keyedge.models.backbones import Normalize
 from keyedge.timing import interleave
 
 #: the ops that are the shuffle in each form, per runtime's spelling (for naming its share in a profile)
-SHUFFLE_OPS = {"Gather", "GatherElements", "DepthToSpace", "SpaceToDepth", "Conv", "Convolution", "Transpose"}
+SHUFFLE_OPS = {"Gather", "GatherElements", "DepthToSpace", "SpaceToDepth", "Conv", "Convolution", "Transpose"} | {
+    "index_select",  # ExecuTorch's portable kernel (its XNNPACK ops carry no form of their own: see the top ops)
+    "gather",
+}
 
 
 class Shuffled(nn.Module):
@@ -122,6 +129,40 @@ def openvino_profile(path: Path, threads: int, calls: int = 200) -> dict[str, An
     return _summary(per_op, calls)
 
 
+def executorch_profile(path: Path, threads: int, calls: int = 100) -> dict[str, Any]:
+    """ExecuTorch's ETDump (the runtime's event tracer): time per executed op over ``calls`` inferences, per op type.
+
+    XNNPACK's delegated ops come as their XNNPACK operator names (``Convolution (NHWC, F32) IGEMM``, numbered per
+    instance: the number is dropped here), portable kernels as ``native_call_<op>.out``; the delegate call itself
+    and the method's own events, which contain the others, are left out of the sum.
+    """
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)
+    module = portable_lib._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
+    shape = module.method_meta("forward").input_tensor_meta(0).sizes()
+    x = torch.from_numpy(np.random.default_rng(0).random(tuple(shape), dtype=np.float32))
+    for _ in range(calls):
+        module.forward([x])
+    per_op: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        module.write_etdump_result_to_file(f"{tmp}/run.etdp", f"{tmp}/debug.bin")
+        for block in Inspector(etdump_path=f"{tmp}/run.etdp").event_blocks:
+            for event in block.events:
+                if event.perf_data is None or event.name in ETDUMP_CONTAINERS:
+                    continue
+                name = re.sub(r" #\d+$", "", event.name).removeprefix("native_call_").removesuffix(".out")
+                per_op[name] += sum(event.perf_data.raw) * 1e3  # ms -> us, over every call
+    return _summary(per_op, calls)
+
+
+#: ETDump events that contain others (a method's execution, a delegate's call): not summed
+ETDUMP_CONTAINERS = frozenset(
+    {"Method::execute", "DELEGATE_CALL", "OPERATOR_CALL", "Program::load_method", "Method::init"}
+)
+
+
 def _summary(per_op: Counter[str], calls: int) -> dict[str, Any]:
     total = sum(per_op.values()) or 1.0
     top = [(op, round(us / calls, 1), round(us / total, 4)) for op, us in per_op.most_common(8)]
@@ -152,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["onnxruntime"] = onnxruntime_profile(directory / "model.onnx", args.threads)
         if (directory / "model.xml").is_file():
             entry["openvino"] = openvino_profile(directory / "model.xml", args.threads)
+        if (directory / "model.pte").is_file():
+            entry["executorch"] = executorch_profile(directory / "model.pte", args.threads)
         result["profiles"][str(directory)] = entry
         for runtime, p in entry.items():
             print(f"\n{directory.parent.name}/{directory.name} on {runtime}: {p['us_per_call']} us of kernels per call")

@@ -8,6 +8,7 @@ and a keyed checkpoint sharing one backbone are written, then exported through
 * ``gather``     -- the keyed model, the shuffle as one Gather,
 * ``elements``   -- the keyed model, the shuffle as one GatherElements (the same indices, per element),
 * ``conv``       -- the keyed model, one strided 0/1 selection conv + depth-to-space,
+* ``planes``     -- the keyed model, space-to-depth + a gather of whole channel planes + depth-to-space,
 * ``fold``       -- the keyed model, shuffle and normalization folded into a patchify stem (ViT only),
 * ``plain-fold`` -- the plain model with its normalization folded, the exact twin of ``fold``,
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from keyedge.benchmarks.latency import BenchSettings, run_latency
 from keyedge.benchmarks.profiles import RuntimeSpec, parse_profile, with_host_precision
-from keyedge.benchmarks.workbench import BENCH_KEY, export_variants
+from keyedge.benchmarks.workbench import BENCH_KEY, VARIANTS, export_variants
 
 
 def main(argv: list[str] | None = None):
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None):
         action="store_true",
         help="also time OpenVINO at its own default precision here (bf16 on AMX hosts): host/pinned ratios",
     )
+    parser.add_argument("--variants", default="", help="only these variants, e.g. plain,conv,planes (default: all)")
     parser.add_argument("--out", help="keep the export directories here (default: a temporary directory)")
     parser.add_argument("--json", help="write the keyedge-latency/1 report here")
     parser.add_argument("--markdown", help="write the markdown report here")
@@ -76,10 +78,11 @@ def main(argv: list[str] | None = None):
         work = Path(args.out) if args.out else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         int8 = tuple(v for v in args.int8.split(",") if v)
+        variants = tuple(v for v in args.variants.split(",") if v) or tuple(VARIANTS)
         directories = [
             d
             for m in args.models.split(",")
-            for d in export_variants(m, args.image_size, work, targets, args.batch, int8=int8)
+            for d in export_variants(m, args.image_size, work, targets, args.batch, variants=variants, int8=int8)
         ]
         report = run_latency(directories, profile, settings, keys=[BENCH_KEY])
     from rich.console import Console

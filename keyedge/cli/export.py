@@ -31,7 +31,8 @@ FUSE = typer.Option(
     "gather",
     "--fuse",
     help="gather (one Gather op), elements (one GatherElements op), conv (one strided 0/1 conv + "
-    "depth-to-space: no gather), fold (into a patchify first layer, when exact); auto (fold where exact, else "
+    "depth-to-space: no gather), planes (space-to-depth, a gather of whole channel planes, depth-to-space), fold "
+    "(into a patchify first layer, when exact); auto (fold where exact, else "
     "each target's measured fastest form) or fastest (fold where exact, else every form timed here per target). "
     "All forms are exact.",
 )

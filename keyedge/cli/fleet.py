@@ -160,7 +160,7 @@ def export(
     directory: Path = typer.Argument(..., help="Fleet directory."),
     target: list[str] = target_option(),
     fuse: str = typer.Option(
-        "gather", "--fuse", help="gather, elements, conv, fold, auto or fastest (as for `keyedge export`)."
+        "gather", "--fuse", help="gather, elements, conv, planes, fold, auto or fastest (as for `keyedge export`)."
     ),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
     engine: str = ENGINE,

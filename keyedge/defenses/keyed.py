@@ -20,14 +20,19 @@ from keyedge.defenses import Defense, Deployable, register_defense
 from keyedge.errors import FoldError, KeyedgeError
 from keyedge.keys.fold import fold_model
 from keyedge.keys.keyfile import Key
-from keyedge.keys.transform import BlockShuffle, BlockShuffleConv, BlockShuffleElements
+from keyedge.keys.transform import BlockShuffle, BlockShuffleConv, BlockShuffleElements, BlockShufflePlanes
 from keyedge.models.backbones import KeyedModel, build_model
 from keyedge.models.lora import apply_lora, merge_lora
 
 #: the exact forms of the shuffle that are a module in front of the backbone (fold rewrites the backbone)
-SHUFFLE_FORMS = {"gather": BlockShuffle, "elements": BlockShuffleElements, "conv": BlockShuffleConv}
+SHUFFLE_FORMS = {
+    "gather": BlockShuffle,
+    "elements": BlockShuffleElements,
+    "conv": BlockShuffleConv,
+    "planes": BlockShufflePlanes,
+}
 #: what ``--fuse`` takes: a form, or a rule choosing one per target
-FUSE_MODES = ("gather", "elements", "fold", "conv", "auto", "fastest")
+FUSE_MODES = (*SHUFFLE_FORMS, "fold", "auto", "fastest")
 
 
 class RawInputModel(nn.Module):

@@ -34,7 +34,7 @@ FORMAT = "keyedge-artifacts"  # the pre-schema spelling
 SCHEMA = "keyedge-artifact/2"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"
 MAX_BATCH = 1 << 16
-FUSES = ("gather", "elements", "fold", "conv", "none")
+FUSES = ("gather", "elements", "fold", "conv", "planes", "none")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 
 from keyedge.checkpoints import load_checkpoint
 from keyedge.defenses import defense_of
+from keyedge.defenses.keyed import SHUFFLE_FORMS
 from keyedge.errors import KeyedgeError
 from keyedge.exporters.base import Runner
 from keyedge.keys.keyfile import Key
@@ -58,7 +59,7 @@ def torch_available(device: str | None) -> tuple[bool, str]:
 def load_checkpoint_runner(
     directory: Path, key: Key | None, *, fuse: str | None = None, device: str | None = None, threads: int | None = None
 ) -> TorchRunner:
-    """Load a checkpoint for eager inference as it would be exported (``fuse``: gather, elements, fold, conv)."""
+    """Load a checkpoint for eager inference as it would be exported (``fuse``: a shuffle form or fold)."""
     ok, why = torch_available(device)
     if not ok:
         raise KeyedgeError(why, "pick another device")
@@ -66,7 +67,7 @@ def load_checkpoint_runner(
         torch.set_num_threads(threads)
     target = torch.device(device or "cpu")
     model, manifest = load_checkpoint(directory, key)
-    chosen = fuse if fuse in ("gather", "elements", "fold", "conv") else "gather"
+    chosen = fuse if fuse in (*SHUFFLE_FORMS, "fold") else "gather"
     module = defense_of(model).deployable(model, key, chosen).module.to(target).eval()
     return TorchRunner(
         Path(directory),

@@ -226,20 +226,21 @@ def check_io(target: str, io: dict[str, Any], options: ExportOptions, num_classe
 
 
 def check_graph(target: str, graph, fuse: str, *, randomized: bool = False) -> None:
-    """Exactly one gather on the input (gather, elements; none for fold, conv and plain models), and no layout ops
-    around it; a ``randomized`` graph (a posture's noise) must hold its random op -- a converter must not bake it in."""
+    """Exactly one gather on the input (gather, elements, planes; none for fold, conv and plain models), and for
+    gather and elements no transposes around it; a ``randomized`` graph (a posture's noise) must hold its random
+    op -- a converter must not bake it in."""
     if randomized and not graph.random_ops:
         raise VerificationError(
             f"the {target} graph has no random op: its converter froze the posture's noise into a constant",
             f"export the noise posture to another target (onnx, openvino), or drop noise:SIGMA for {target}",
         )
-    expected = 1 if fuse in ("gather", "elements") else 0
+    expected = 1 if fuse in ("gather", "elements", "planes") else 0
     if graph.gathers_on_input != expected:
         raise VerificationError(
             f"the {target} graph has {graph.gathers_on_input} gather ops on the input, expected {expected} ({fuse})",
             "report this as a bug",
         )
-    if expected:
+    if fuse in ("gather", "elements"):  # planes moves pixels around its gather by design
         layout = [op for op in graph.input_path if op.lower() in ("transpose", "permute", "reshape")]
         if any(op.lower() in ("transpose", "permute") for op in layout) or len(layout) > 2:
             raise VerificationError(

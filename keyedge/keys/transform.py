@@ -254,6 +254,50 @@ class BlockShuffleConv(nn.Module):
         return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=strided_selection_conv+depth_to_space"
 
 
+class BlockShufflePlanes(nn.Module):
+    """The same shuffle as space-to-depth, a gather of whole channel planes, and depth-to-space.
+
+    ``pixel_unshuffle`` puts element (c, i, j) of every PxP block in channel ``c*P*P + i*P + j`` -- one
+    (H/P, W/P) plane per position of the block -- so the key, one permutation of each block's C*P*P values,
+    is a permutation of those C*P*P planes: ``index_select`` on the channel axis with C*P*P indices
+    (:func:`conv_permutation_matrix`'s, as an index), each copying one contiguous plane, then ``pixel_shuffle``.
+    Where a runtime moves pixels fast but gathers single elements slowly (LiteRT's GATHER_ND, ExecuTorch's
+    portable ``index_select``: XNNPACK runs the two pixel moves, the gather copies 48 planes instead of
+    150,528 floats at 224x224) this is the fastest exact form (``benchmarks/experiments/forms.py``).  Pure
+    data movement: bit for bit :class:`BlockShuffle` in any dtype.  The index is a non-persistent buffer.
+    """
+
+    index: torch.Tensor
+
+    def __init__(
+        self,
+        permutation: Sequence[int] | np.ndarray,
+        block_size: int,
+        image_size: int | Sequence[int],
+        channels: int = 3,
+    ):
+        super().__init__()
+        height, width = _image_spec(image_size)
+        check_divisible(height, width, block_size)
+        self.block_size = int(block_size)
+        self.shape = (int(channels), height, width)
+        planes = conv_permutation_matrix(permutation, block_size, channels).argmax(axis=1)  # out plane <- in plane
+        self.register_buffer("index", torch.from_numpy(planes.astype(np.int64)), persistent=False)
+
+    @classmethod
+    def from_key(cls, key: Key, image_size: int | Sequence[int]) -> BlockShufflePlanes:
+        return cls(key.permutation, key.block_size, image_size, key.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.shape)
+        planes = nn.functional.pixel_unshuffle(x, self.block_size)
+        return nn.functional.pixel_shuffle(torch.index_select(planes, 1, self.index), self.block_size)
+
+    def extra_repr(self) -> str:  # never the permutation
+        c, h, w = self.shape
+        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=space_to_depth+plane_gather"
+
+
 class HostShuffle:
     """The same gather in numpy, for host-side preprocessing (any dtype, no torch tensors).
 
