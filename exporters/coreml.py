@@ -392,7 +392,7 @@ class MilTemplate:
     generates for folded constants (``const_39`` / ``const_0_1``); the trace and the frontend, about
     40% of a full conversion, run once per architecture.
 
-    Of the default pipeline's 93 fp32 passes, 13 change EfficientNet-Lite0's program; the rest found
+    Of the default pipeline's 93 fp32 passes, 7 change EfficientNet-Lite0's program; the rest found
     nothing to do, and validating the program after each of them was most of a key's time.  So the
     template runs the pipeline once, pass by pass, on its own program and keeps the passes that
     changed it (``passes``, in the pipeline's order); each key runs only those.  A pass that would act
@@ -487,7 +487,7 @@ SMALL_CONST = 4096
 
 
 def _fingerprint(program: Any) -> str:
-    """A digest of a MIL program: every op's type, name, inputs and output types, and every const's value."""
+    """A digest of a MIL program: every op's type, name, inputs and output types, and the small consts' values."""
     digest = hashlib.sha256()
 
     def walk(block: Any) -> None:

@@ -16,15 +16,16 @@ one architecture differ only in constants -- the gather's index vector and the
   onnxscript passes ``torch.onnx.export(optimize=True)`` runs (constant folding, BatchNorm
   folding, shape arithmetic, fusions): left unoptimized it had 558 nodes instead of 100 on
   EfficientNet-Lite0 and ran ~3x slower in onnxruntime, which does not fold them at load.
-  Optimizing every key's whole graph cost 1.0 s per key there and 2.8 s on ViT-Ti, so it
-  is done in two steps.  *Once per architecture* the graph is optimized with the module's
+  Optimizing every key's whole graph cost 1.0-1.4 s per key there and 2.8-3.0 s on ViT-Ti,
+  so it is done in two steps.  *Once per architecture* the graph is optimized with the module's
   tensors lifted to graph inputs: everything that does not depend on their values (shape
   arithmetic, fusions, the ``Flatten``/``Reshape`` rules...) is done, and the rewrite rules
   that still fire once the tensors are constants are noted (on EfficientNet-Lite0
   BatchNorm-into-Conv and the zero-bias removals).  *Per key* the tensors go back in as
   initializers and only constant folding (no shape inference: the shapes are known) and
   those rules run: 0.14 s instead of 1.39 s on EfficientNet-Lite0, 0.18 s instead of 3.0 s
-  on ViT-Ti (``benchmarks/experiments/export.py``).  The artifact is the graph a full export
+  on ViT-Ti, measured side by side on one key (the whole export per key: ``export --end-to-end``'s
+  ``template_steady``, ``benchmarks/experiments/export.py``).  The artifact is the graph a full export
   of that key writes -- same op multiset, same initializers (a test checks it) -- and so
   has its latency.
 * **OpenVINO**: read from the key's ONNX artifact (``Core.read_model``: OpenVINO's ONNX
