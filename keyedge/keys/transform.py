@@ -212,18 +212,14 @@ class BlockShuffleElements(BlockShuffle):
         return super().extra_repr() + ", op=gather_elements"
 
 
-class BlockShuffleConv(nn.Module):
-    """The same shuffle as one strided 0/1 convolution and depth-to-space.
+class _BlockForm(nn.Module):
+    """A shuffle form that works on whole PxP blocks (space-to-depth): shape checks, ``from_key``, a key-free repr.
 
-    ``pixel_shuffle(conv2d(x, W, stride=P), P)`` with ``W`` (:func:`conv_selection_weight`) picking, for each
-    output channel, one element of each PxP block: space-to-depth and the key's permutation in one op, with no
-    transpose (a 1x1 convolution after ``pixel_unshuffle`` needs one, which cost ONNX Runtime more than the
-    gather).  Every output is exactly one input times 1 plus zeros, so it equals :class:`BlockShuffle` bit for
-    bit in fp32 and fp16, using only operations accelerators run natively (CoreML's Neural Engine runs no
-    gather).  The weight is a non-persistent buffer: it is the key, and never lands in a state dict.
+    A subclass registers its key-derived buffer in :meth:`_register` (non-persistent: it is the key, and never
+    lands in a state dict) and names itself in ``formulation``.
     """
 
-    weight: torch.Tensor
+    formulation: str = ""
 
     def __init__(
         self,
@@ -237,24 +233,45 @@ class BlockShuffleConv(nn.Module):
         check_divisible(height, width, block_size)
         self.block_size = int(block_size)
         self.shape = (int(channels), height, width)
-        weight = conv_selection_weight(permutation, block_size, channels)
-        self.register_buffer("weight", torch.from_numpy(weight), persistent=False)
+        self._register(permutation, self.block_size, self.shape[0])
+
+    def _register(self, permutation: Sequence[int] | np.ndarray, block_size: int, channels: int) -> None:
+        raise NotImplementedError
 
     @classmethod
-    def from_key(cls, key: Key, image_size: int | Sequence[int]) -> BlockShuffleConv:
+    def from_key(cls, key: Key, image_size: int | Sequence[int]):
         return cls(key.permutation, key.block_size, image_size, key.channels)
+
+    def extra_repr(self) -> str:  # never the permutation
+        c, h, w = self.shape
+        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation={self.formulation}"
+
+
+class BlockShuffleConv(_BlockForm):
+    """The same shuffle as one strided 0/1 convolution and depth-to-space.
+
+    ``pixel_shuffle(conv2d(x, W, stride=P), P)`` with ``W`` (:func:`conv_selection_weight`) picking, for each
+    output channel, one element of each PxP block: space-to-depth and the key's permutation in one op, with no
+    transpose (a 1x1 convolution after ``pixel_unshuffle`` needs one, which cost ONNX Runtime more than the
+    gather).  Every output is exactly one input times 1 plus zeros, so it equals :class:`BlockShuffle` bit for
+    bit in fp32 and fp16, using only operations accelerators run natively (CoreML's Neural Engine runs no
+    gather).  The weight is a non-persistent buffer: it is the key, and never lands in a state dict.
+    """
+
+    weight: torch.Tensor
+    formulation = "strided_selection_conv+depth_to_space"
+
+    def _register(self, permutation: Sequence[int] | np.ndarray, block_size: int, channels: int) -> None:
+        weight = conv_selection_weight(permutation, block_size, channels)
+        self.register_buffer("weight", torch.from_numpy(weight), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.shape)
         blocks = nn.functional.conv2d(x, self.weight.to(x.dtype), stride=self.block_size)
         return nn.functional.pixel_shuffle(blocks, self.block_size)
 
-    def extra_repr(self) -> str:  # never the permutation
-        c, h, w = self.shape
-        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=strided_selection_conv+depth_to_space"
 
-
-class BlockShufflePlanes(nn.Module):
+class BlockShufflePlanes(_BlockForm):
     """The same shuffle as space-to-depth, a gather of whole channel planes, and depth-to-space.
 
     ``pixel_unshuffle`` puts element (c, i, j) of every PxP block in channel ``c*P*P + i*P + j`` -- one
@@ -268,34 +285,16 @@ class BlockShufflePlanes(nn.Module):
     """
 
     index: torch.Tensor
+    formulation = "space_to_depth+plane_gather"
 
-    def __init__(
-        self,
-        permutation: Sequence[int] | np.ndarray,
-        block_size: int,
-        image_size: int | Sequence[int],
-        channels: int = 3,
-    ):
-        super().__init__()
-        height, width = _image_spec(image_size)
-        check_divisible(height, width, block_size)
-        self.block_size = int(block_size)
-        self.shape = (int(channels), height, width)
+    def _register(self, permutation: Sequence[int] | np.ndarray, block_size: int, channels: int) -> None:
         planes = conv_permutation_matrix(permutation, block_size, channels).argmax(axis=1)  # out plane <- in plane
         self.register_buffer("index", torch.from_numpy(planes.astype(np.int64)), persistent=False)
-
-    @classmethod
-    def from_key(cls, key: Key, image_size: int | Sequence[int]) -> BlockShufflePlanes:
-        return cls(key.permutation, key.block_size, image_size, key.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.shape)
         planes = nn.functional.pixel_unshuffle(x, self.block_size)
         return nn.functional.pixel_shuffle(torch.index_select(planes, 1, self.index), self.block_size)
-
-    def extra_repr(self) -> str:  # never the permutation
-        c, h, w = self.shape
-        return f"block_size={self.block_size}, shape=({c}, {h}, {w}), formulation=space_to_depth+plane_gather"
 
 
 class HostShuffle:
