@@ -213,7 +213,7 @@ def environment() -> dict[str, Any]:
             "numpy": np.__version__,
             **{
                 name: version_of(name)
-                for name in ("onnxruntime", "openvino", "coremltools", "ai-edge-litert", "executorch", "torch")
+                for name in ("onnxruntime", "openvino", "coremltools", "ai-edge-litert", "executorch", "MNN", "torch")
             },
         },
     }

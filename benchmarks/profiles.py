@@ -287,6 +287,7 @@ def builtin_profile() -> DeviceProfile:
             RuntimeSpec("openvino", device="CPU"),
             RuntimeSpec("litert", device="CPU"),
             RuntimeSpec("executorch", device="CPU"),
+            RuntimeSpec("mnn", device="CPU"),
         ],
     )
 

@@ -30,9 +30,12 @@ import torch
 LAYOUT_OPS = frozenset(
     {"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"}
     | {"view_copy", "squeeze_copy", "unsqueeze_copy", "xnnstaticreshape"}  # ExecuTorch: portable and XNNPACK
+    | {"converttensor"}  # MNN: NCHW <-> its packed NC4HW4 layout
 )
-#: Gather-like ops (ONNX, OpenVINO, MIL, LiteRT and ExecuTorch spellings), lower case.
-GATHER_OPS = frozenset({"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis", "index_select"})
+#: Gather-like ops (ONNX, OpenVINO, MIL, LiteRT, ExecuTorch and MNN spellings), lower case.
+GATHER_OPS = frozenset(
+    {"gather", "gathernd", "gatherelements", "gather_nd", "gather_along_axis", "index_select", "gatherv2"}
+)
 #: Ops that only move pixels: the shuffle's gather and its conv form's space-to-depth / depth-to-space, lower case.
 SHUFFLE_OPS = (
     LAYOUT_OPS
@@ -49,6 +52,7 @@ SHUFFLE_OPS = (
         "xnnstatictranspose",
         "xnnspacetodepth",
         "xnndepthtospace",
+        "permute",  # MNN's transpose
     }
 )
 #: Ops that carry their first input's values on, only rearranged: the walk from the input passes them (the planes

@@ -1,10 +1,10 @@
-"""LiteRT (.tflite) and ExecuTorch (.pte) targets (issue 16): real conversions, read back from the files, run here.
+"""LiteRT (.tflite), ExecuTorch (.pte) and MNN (.mnn) targets (issues 16, 35): real conversions, read back, run here.
 
 Each form of the shuffle is checked in the file itself: the gather form holds exactly one gather
 on the input whose indices are the key's index map (LiteRT: ``GATHER_ND`` with int32 indices;
-ExecuTorch: ``aten::index_select`` on a portable kernel between XNNPACK delegates), the conv form
-and fold none.  Outputs are compared with PyTorch in LiteRT's interpreter and ExecuTorch's
-runtime, and int8 artifacts keep the shuffle in float32 ahead of the first quantize.
+ExecuTorch: ``aten::index_select`` on a portable kernel between XNNPACK delegates; MNN: ``GatherV2``),
+the conv form and fold none.  Outputs are compared with PyTorch in LiteRT's interpreter, ExecuTorch's
+runtime and MNN's, and int8 artifacts keep the shuffle in float32 ahead of the first quantize.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from keyedge.cli import app
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 from keyedge.defenses import defense_of
-from keyedge.exporters import ExportError, ExportOptions, get_backend
+from keyedge.exporters import ExportError, ExportOptions, get_backend, mnn
 from keyedge.exporters import executorch as et
 from keyedge.exporters import litert as lt
 from keyedge.keys.keyfile import Key
@@ -29,12 +29,14 @@ from keyedge.models.backbones import build_model
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("executorch")
+pytest.importorskip("MNN")
 
 runner = CliRunner()
 KEY_A = Key.from_secret(bytes(range(32)), 4)
 KEY_B = Key.from_secret(bytes(range(100, 132)), 4)
 SIZE = 32
-TARGETS = ("litert", "executorch")
+TARGETS = ("litert", "executorch", "mnn")
+QUANTIZING = ("litert", "executorch")  # MNN: fp32 and fp16
 FORMS = [
     ("test_efficientnet", "gather"),
     ("test_efficientnet", "elements"),
@@ -42,7 +44,7 @@ FORMS = [
     ("test_efficientnet", "planes"),
     ("test_vit", "fold"),
 ]
-READ_INDICES = {"litert": lt.shuffle_indices, "executorch": et.shuffle_indices}
+READ_INDICES = {"litert": lt.shuffle_indices, "executorch": et.shuffle_indices, "mnn": mnn.shuffle_indices}
 needs_fmnist = pytest.mark.skipif(not FASHION_MNIST_DEBIAN.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 
 
@@ -124,7 +126,7 @@ def test_folded_models_of_two_keys_have_the_same_graph(exported, target):
     assert graphs[0].structure == graphs[1].structure and graphs[0].ops == graphs[1].ops
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", QUANTIZING)
 def test_fp16_and_a_dynamic_batch_are_refused_in_one_line(tmp_path, target):
     backend = get_backend(target)
     module = _module("test_efficientnet", "gather")
@@ -137,7 +139,7 @@ def test_fp16_and_a_dynamic_batch_are_refused_in_one_line(tmp_path, target):
         assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", QUANTIZING)
 def test_int8_keeps_the_shuffle_in_float_before_the_first_quantize(exported, target):
     module, path = exported(target, "test_efficientnet", "gather", precision="int8")
     backend = get_backend(target)
@@ -175,13 +177,13 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert runner.invoke(app, [*args, "--key-file", str(key_path), "--out", str(tmp_path / "k1")]).exit_code == 0
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0
     out = tmp_path / "art"
-    base = ["export", "-t", "litert", "-t", "executorch", "-o", str(out)]
+    base = ["export", "-t", "litert", "-t", "executorch", "-t", "mnn", "-o", str(out)]
     result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path)])
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, [*base, "-c", str(tmp_path / "plain")]).exit_code == 0
     keyed = out / f"test_efficientnet-{KEY_A.fingerprint}"
     manifest = json.loads((keyed / "manifest.json").read_text())
-    assert sorted(manifest["targets"]) == ["executorch", "litert"]
+    assert sorted(manifest["targets"]) == ["executorch", "litert", "mnn"]
     for entry in manifest["targets"].values():
         assert entry["graph"]["gathers_on_input"] == 1 and entry["source"] == "full-export"
         for kind in ("random", "real"):
@@ -189,6 +191,7 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert KEY_A.fingerprint in json.dumps(manifest) and bytes(range(32)).hex() not in json.dumps(manifest)
 
     rule = ["--calibration-size", "64", "--min-agreement", "0", "--max-accuracy-drop", "100"]
+    base = base[:5] + base[7:]  # MNN: fp32 and fp16
     result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path), "--precision", "int8", *rule])
     assert result.exit_code == 0, result.output
     int8 = json.loads((out / f"test_efficientnet-{KEY_A.fingerprint}-int8" / "manifest.json").read_text())
@@ -203,15 +206,41 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     ratios = json.loads(report.read_text())["comparisons"]
     runtimes = {r["runtime"] for r in ratios if r["kind"] == "keyed/plain"}
-    assert {"litert:CPU", "executorch:CPU"} <= runtimes, runtimes
+    assert {"litert:CPU", "executorch:CPU", "mnn:CPU"} <= runtimes, runtimes
 
 
 def test_all_targets_take_the_phone_runtimes_when_installed_and_only_at_precisions_they_export():
     from keyedge.cli._flags import expand_targets
 
-    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch"]
-    assert expand_targets(["all"], "fp16") == ["onnx", "openvino", "coreml"]  # fp16 is refused by both
+    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn"]
+    assert expand_targets(["all"], "fp16") == ["onnx", "openvino", "coreml", "mnn"]  # LiteRT, ExecuTorch: refused
+    assert expand_targets(["all"], "int8") == ["onnx", "openvino", "coreml", "litert", "executorch"]
     assert expand_targets(["litert", "all"], "fp16")[0] == "litert"  # named: kept, and refused in one line later
+
+
+def test_mnn_gather_is_the_bare_gather_and_fp16_halves_the_weights(exported, tmp_path):
+    """Level-2 optimization leaves Reshape -> GatherV2 -> Reshape (no per-call Shape/Rank/BinaryOp index fix-up);
+    fp16 stores half-size weights, keeps the key's indices exact and stays within the fp16 tolerance."""
+    module, path = exported("mnn", "test_efficientnet", "gather")
+    backend = get_backend("mnn")
+    nodes = [n.type for n in mnn._read(backend, path)[0] if n.type not in ("Input", "Const")]
+    assert nodes[:4] == ["Reshape", "GatherV2", "Reshape", "SUB"], nodes[:8]
+    _, half = exported("mnn", "test_efficientnet", "gather", precision="fp16")
+    assert backend.describe_io(half)["precision"] == "fp16"
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    assert np.array_equal(mnn.shuffle_indices(half), module.shuffle.index.numpy())
+    images = np.random.default_rng(4).random((3, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images)).numpy()
+    with backend.load(half) as run:
+        assert np.abs(run.predict(images) - expected).max() <= 1e-2 * max(1.0, float(np.abs(expected).max()))
+    for options, fragment in (
+        (ExportOptions(batch=None, image_size=SIZE), "fixed batch"),
+        (ExportOptions(batch=1, image_size=SIZE, precision="int8", calibration=images), "does not export int8"),
+    ):
+        with pytest.raises(ExportError, match=fragment) as err:
+            backend.export(module, tmp_path / "m.mnn", options)
+        assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
 
 
 def test_litert_gather_at_a_device_size_is_the_bare_gather(tmp_path):

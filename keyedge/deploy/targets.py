@@ -40,7 +40,10 @@ from keyedge.postures.graph import PostureModule
 __all__ = ["artifact_manifest", "check_sealable", "export_targets", "seal_targets"]
 
 #: the runtimes whose versions a manifest records
-VERSIONED = ("timm", "onnx", "onnxruntime", "openvino", "coremltools", "litert-torch", "ai-edge-litert", "executorch")
+VERSIONED = (
+    *("timm", "onnx", "onnxruntime", "openvino", "coremltools"),
+    *("litert-torch", "ai-edge-litert", "executorch", "MNN"),
+)
 
 
 @dataclass
