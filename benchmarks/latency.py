@@ -213,7 +213,16 @@ def environment() -> dict[str, Any]:
             "numpy": np.__version__,
             **{
                 name: version_of(name)
-                for name in ("onnxruntime", "openvino", "coremltools", "ai-edge-litert", "executorch", "MNN", "torch")
+                for name in (
+                    "onnxruntime",
+                    "openvino",
+                    "coremltools",
+                    "ai-edge-litert",
+                    "executorch",
+                    "MNN",
+                    "ncnn",
+                    "torch",
+                )
             },
         },
     }

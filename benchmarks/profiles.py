@@ -288,6 +288,7 @@ def builtin_profile() -> DeviceProfile:
             RuntimeSpec("litert", device="CPU"),
             RuntimeSpec("executorch", device="CPU"),
             RuntimeSpec("mnn", device="CPU"),
+            RuntimeSpec("ncnn", device="CPU"),
         ],
     )
 

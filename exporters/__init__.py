@@ -1,7 +1,7 @@
 """Export targets (installed as ``keyedge.exporters``): one module per target behind one interface.
 
-``get_backend("onnx" | "openvino" | "coreml" | "litert" | "executorch" | "mnn")`` gives an :class:`ExportBackend`
-that exports an eval-mode model taking [0, 1] float32 NCHW images, reads the
+``get_backend("onnx" | "openvino" | "coreml" | "litert" | "executorch" | "mnn" | "ncnn")`` gives an
+:class:`ExportBackend` that exports an eval-mode model taking [0, 1] float32 NCHW images, reads the
 artifact back (:meth:`~ExportBackend.inspect`, :meth:`~ExportBackend.describe_io`)
 and runs it where the runtime exists.  Each target's converter comes with a
 ``keyedge`` extra (see :mod:`keyedge.deps`); importing this package imports none
@@ -31,6 +31,7 @@ from keyedge.exporters import coreml as _coreml  # noqa: F401
 from keyedge.exporters import litert as _litert  # noqa: F401
 from keyedge.exporters import executorch as _executorch  # noqa: F401
 from keyedge.exporters import mnn as _mnn  # noqa: F401
+from keyedge.exporters import ncnn as _ncnn  # noqa: F401
 # isort: on
 
 __all__ = [

@@ -54,6 +54,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("litert", ("litert-torch", "ai-edge-litert"), "export to LiteRT (.tflite, Android) and run it here"),
         Extra("executorch", ("executorch",), "export to ExecuTorch (.pte, Android/iOS, XNNPACK) and run it here"),
         Extra("mnn", ("MNN", "onnx", "onnxruntime"), "export to MNN (.mnn, Alibaba's mobile runtime) and run it here"),
+        Extra("ncnn", ("ncnn", "pnnx"), "export to ncnn (.param/.bin, Tencent's mobile runtime) and run it here"),
         Extra("int8", ("nncf",), "OpenVINO INT8 artifacts (`keyedge export --precision int8 -t openvino`, NNCF)"),
     )
 }

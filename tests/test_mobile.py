@@ -1,10 +1,11 @@
-"""LiteRT (.tflite), ExecuTorch (.pte) and MNN (.mnn) targets (issues 16, 35): real conversions, read back, run here.
+"""LiteRT, ExecuTorch, MNN and ncnn targets (issues 16, 35): real conversions, read back from the files, run here.
 
 Each form of the shuffle is checked in the file itself: the gather form holds exactly one gather
 on the input whose indices are the key's index map (LiteRT: ``GATHER_ND`` with int32 indices;
 ExecuTorch: ``aten::index_select`` on a portable kernel between XNNPACK delegates; MNN: ``GatherV2``),
-the conv form and fold none.  Outputs are compared with PyTorch in LiteRT's interpreter, ExecuTorch's
-runtime and MNN's, and int8 artifacts keep the shuffle in float32 ahead of the first quantize.
+the conv form and fold none; ncnn has no gather and runs the conv form, its permutation checked bit for
+bit.  Outputs are compared with PyTorch in each runtime, and int8 artifacts keep the shuffle in float32
+ahead of the first quantize.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from keyedge.defenses import defense_of
 from keyedge.exporters import ExportError, ExportOptions, get_backend, mnn
 from keyedge.exporters import executorch as et
 from keyedge.exporters import litert as lt
+from keyedge.exporters import ncnn as nc
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("executorch")
 pytest.importorskip("MNN")
+pytest.importorskip("ncnn")
 
 runner = CliRunner()
 KEY_A = Key.from_secret(bytes(range(32)), 4)
@@ -70,7 +73,7 @@ def exported(tmp_path_factory):
                 calibration = torch.rand(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).numpy()
             options = ExportOptions(batch=1, image_size=SIZE, precision=precision, calibration=calibration)
             path = root / f"{'-'.join(ident)}{backend.suffix}"
-            assert backend.export(module, path, options) == [path] and path.is_file()
+            assert backend.export(module, path, options) == backend.planned_outputs(path) and path.is_file()
             cache[ident] = (module, path)
         return cache[ident]
 
@@ -177,21 +180,24 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert runner.invoke(app, [*args, "--key-file", str(key_path), "--out", str(tmp_path / "k1")]).exit_code == 0
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0
     out = tmp_path / "art"
-    base = ["export", "-t", "litert", "-t", "executorch", "-t", "mnn", "-o", str(out)]
+    base = ["export", "-t", "litert", "-t", "executorch", "-t", "mnn", "-t", "ncnn", "-o", str(out)]
     result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path)])
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, [*base, "-c", str(tmp_path / "plain")]).exit_code == 0
     keyed = out / f"test_efficientnet-{KEY_A.fingerprint}"
     manifest = json.loads((keyed / "manifest.json").read_text())
-    assert sorted(manifest["targets"]) == ["executorch", "litert", "mnn"]
-    for entry in manifest["targets"].values():
-        assert entry["graph"]["gathers_on_input"] == 1 and entry["source"] == "full-export"
+    assert sorted(manifest["targets"]) == ["executorch", "litert", "mnn", "ncnn"]
+    ncnn = manifest["targets"]["ncnn"]  # no gather in ncnn: the conv form instead, and the manifest says why
+    assert ncnn["fuse"] == "conv" and ncnn["graph"]["gathers_on_input"] == 0
+    assert ncnn["form_choice"]["rule"] == "gather" and "does not run the gather form" in ncnn["form_choice"]["reason"]
+    for target, entry in manifest["targets"].items():
+        assert entry["graph"]["gathers_on_input"] == (target != "ncnn") and entry["source"] == "full-export"
         for kind in ("random", "real"):
             assert entry["parity"][kind]["max_abs_diff"] <= 1e-4
     assert KEY_A.fingerprint in json.dumps(manifest) and bytes(range(32)).hex() not in json.dumps(manifest)
 
     rule = ["--calibration-size", "64", "--min-agreement", "0", "--max-accuracy-drop", "100"]
-    base = base[:5] + base[7:]  # MNN: fp32 and fp16
+    base = base[:5] + base[9:]  # MNN and ncnn: fp32 and fp16
     result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path), "--precision", "int8", *rule])
     assert result.exit_code == 0, result.output
     int8 = json.loads((out / f"test_efficientnet-{KEY_A.fingerprint}-int8" / "manifest.json").read_text())
@@ -206,14 +212,14 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     ratios = json.loads(report.read_text())["comparisons"]
     runtimes = {r["runtime"] for r in ratios if r["kind"] == "keyed/plain"}
-    assert {"litert:CPU", "executorch:CPU", "mnn:CPU"} <= runtimes, runtimes
+    assert {"litert:CPU", "executorch:CPU", "mnn:CPU", "ncnn:CPU"} <= runtimes, runtimes
 
 
 def test_all_targets_take_the_phone_runtimes_when_installed_and_only_at_precisions_they_export():
     from keyedge.cli._flags import expand_targets
 
-    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn"]
-    assert expand_targets(["all"], "fp16") == ["onnx", "openvino", "coreml", "mnn"]  # LiteRT, ExecuTorch: refused
+    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn"]
+    assert expand_targets(["all"], "fp16") == ["onnx", "openvino", "coreml", "mnn", "ncnn"]  # LiteRT, ExecuTorch: no
     assert expand_targets(["all"], "int8") == ["onnx", "openvino", "coreml", "litert", "executorch"]
     assert expand_targets(["litert", "all"], "fp16")[0] == "litert"  # named: kept, and refused in one line later
 
@@ -240,6 +246,50 @@ def test_mnn_gather_is_the_bare_gather_and_fp16_halves_the_weights(exported, tmp
     ):
         with pytest.raises(ExportError, match=fragment) as err:
             backend.export(module, tmp_path / "m.mnn", options)
+        assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ncnn_runs_the_conv_form_and_moves_the_keys_pixels_exactly(exported, precision):
+    """ncnn has no gather: the key's shuffle is a stride-P 0/1 Convolution + PixelShuffle, run by ncnn up to the
+    PixelShuffle it equals the key's shuffle bit for bit (fp16 too: a permutation moves values, it does not round
+    them again); the logits match PyTorch within the precision's tolerance."""
+    module, path = exported("ncnn", "test_efficientnet", "conv", precision=precision)
+    backend = get_backend("ncnn")
+    assert nc.weights_of(path).is_file()
+    graph = backend.inspect(path)
+    layers = [layer[0] for layer in nc.parse_param(path.read_text())]
+    assert graph.gathers_on_input == 0 and layers[:3] == ["Input", "Convolution", "PixelShuffle"], layers[:6]
+    images = np.random.default_rng(5).random((3, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images)).numpy()
+        shuffled = module.shuffle(torch.from_numpy(images)).numpy()
+    half = precision == "fp16"
+    for image, want in zip(images, shuffled):  # fp16 storage (ARM) rounds the pixels first; x86 keeps float32
+        got = nc.shuffled(path, image)
+        assert np.array_equal(got, want) or (half and np.array_equal(got, want.astype(np.float16).astype(np.float32)))
+    with backend.load(path, threads=2) as run:
+        diff = np.abs(run.predict(images) - expected).max()
+    assert diff <= (1e-2 if half else 1e-4) * max(1.0, float(np.abs(expected).max()))
+    io = backend.describe_io(path)
+    assert io["precision"] == precision and io["inputs"][0]["shape"] == [1, 3, SIZE, SIZE]
+    assert io["inputs"][0]["name"] == "image" and io["outputs"] == [
+        {"name": "logits", "shape": [1, 10], "dtype": "float32"}
+    ]
+
+
+def test_ncnn_refuses_in_one_line_what_it_cannot_hold(tmp_path):
+    """A gather form (ncnn has none), a batch other than 1, int8: one line each, nothing written."""
+    backend = get_backend("ncnn")
+    module = _module("test_efficientnet", "gather")
+    images = np.random.default_rng(6).random((4, 3, SIZE, SIZE), dtype=np.float32)
+    for options, fragment in (
+        (ExportOptions(batch=1, image_size=SIZE), "no gather op"),
+        (ExportOptions(batch=2, image_size=SIZE), "one image per call"),
+        (ExportOptions(batch=1, image_size=SIZE, precision="int8", calibration=images), "does not export int8"),
+    ):
+        with pytest.raises(ExportError, match=fragment) as err:
+            backend.export(module, tmp_path / "model.param", options)
         assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
 
 
@@ -302,8 +352,8 @@ def _in_child(action) -> str:
 
 
 def _every_reader(backend, path):
-    def read():
-        with backend.load(path) as runner:
+    def read():  # one thread: ncnn's OpenMP pool, started in the parent, hangs in a forked child
+        with backend.load(path, threads=1) as runner:
             runner(np.zeros((1, 3, SIZE, SIZE), np.float32))
         backend.inspect(path)
         backend.describe_io(path)
@@ -326,10 +376,21 @@ def test_a_damaged_program_header_is_refused_not_an_abort(exported, tmp_path):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_file_reader_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, target, data):
-    """Like the manifest fuzzers, for the phone formats: a damaged .pte / .tflite (bytes flipped in the header
-    or anywhere, or cut short) is read, run, inspected and described -- or refused in one line; the
+    """Like the manifest fuzzers, for the phone formats: a damaged .pte / .tflite / .mnn (bytes flipped in the
+    header or anywhere, or cut short) is read, run, inspected and described -- or refused in one line; the
     process never dies (each example runs in a forked child) and no other exception escapes."""
-    _, good = exported(target, "test_efficientnet", "gather")
+    _fuzz(exported, tmp_path, target, data)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_ncnn_param_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, data):
+    """The same for a damaged ncnn .param (text: fewer examples, each loads ncnn in a probe child first)."""
+    _fuzz(exported, tmp_path, "ncnn", data)
+
+
+def _fuzz(exported, tmp_path, target, data):
+    _, good = exported(target, "test_efficientnet", "conv" if target == "ncnn" else "gather")
     content = bytearray(good.read_bytes())
     how = data.draw(st.sampled_from(["header", "anywhere", "cut"]))
     if how == "cut":
@@ -341,5 +402,7 @@ def test_file_reader_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, target
     backend = get_backend(target)
     path = tmp_path / f"fuzzed{backend.suffix}"
     path.write_bytes(bytes(content))
+    if target == "ncnn":  # the weights beside the damaged .param, intact
+        nc.weights_of(path).write_bytes(nc.weights_of(good).read_bytes())
     verdict = _in_child(_every_reader(backend, path))
     assert verdict in ("ok", "refused"), (how, verdict)

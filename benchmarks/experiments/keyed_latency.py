@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--min-seconds", type=float, default=4.0, help="timed seconds per artifact and runtime")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
-        "--targets", default="onnx,openvino", help="onnx, openvino, litert, executorch, mnn, coreml (macOS to time)"
+        "--targets",
+        default="onnx,openvino",
+        help="onnx, openvino, litert, executorch, mnn, ncnn, coreml (macOS to time)",
     )
     parser.add_argument(
         "--int8", default="", help="variants also exported at int8, e.g. plain,gather: int8/fp32 ratios (issue 15)"
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None):
     runtimes = [RuntimeSpec("onnxruntime", providers=["CPUExecutionProvider"])] if "onnx" in targets else []
     runtimes += [RuntimeSpec("openvino", device="CPU")] if "openvino" in targets else []
     runtimes += [RuntimeSpec("coreml", compute_units=u) for u in ("ALL", "CPU_ONLY")] if "coreml" in targets else []
-    runtimes += [RuntimeSpec(t, device="CPU") for t in ("litert", "executorch", "mnn") if t in targets]
+    runtimes += [RuntimeSpec(t, device="CPU") for t in ("litert", "executorch", "mnn", "ncnn") if t in targets]
     profile = parse_profile(
         {
             "name": "keyed-latency",

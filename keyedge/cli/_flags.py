@@ -37,7 +37,7 @@ def target_option() -> Any:
         ["onnx"],
         "--target",
         "-t",
-        help="onnx, openvino, coreml, litert, executorch, mnn or all (installed ones; repeatable).",
+        help="onnx, openvino, coreml, litert, executorch, mnn, ncnn or all (installed ones; repeatable).",
     )
 
 

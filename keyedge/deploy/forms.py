@@ -59,13 +59,20 @@ def choose_form(
     """The module this target exports and how its form was chosen (the manifest's ``form_choice``).
 
     Only a keyed model that did not fold, under ``auto`` or ``fastest``, is re-formed; an explicit form, a folded
-    or a plain model is returned as it is.  ``in_memory``: the trial artifacts of ``fastest`` stay in memory (a
-    sealed export); else they are written inside ``staging`` and removed.
+    or a plain model is returned as it is -- except an explicit form the target cannot hold (a gather for ncnn,
+    whose runtime has none): that target gets its ``auto`` form, which computes the same permutation, and the
+    record says so.  ``in_memory``: the trial artifacts of ``fastest`` stay in memory (a sealed export); else they
+    are written inside ``staging`` and removed.
     """
-    if requested not in ("auto", "fastest") or deploy.fuse != "gather":
-        return deploy, ({"rule": requested, "form": deploy.fuse} if requested in ("auto", "fastest") else None)
     forms = [f for f in SHUFFLE_FORMS if f in backend.forms]
     fallback = backend.auto_form if backend.auto_form in forms else forms[0]
+    if requested in SHUFFLE_FORMS and deploy.fuse == requested and requested not in forms:
+        why = f"{backend.name} does not run the {requested} form (it writes {', '.join(forms)})"
+        log(f"  {backend.name}: {why}; taking {fallback}, the same permutation")
+        record = {"rule": requested, "form": fallback, "measured": False, "reason": why}
+        return shuffle_variant(deploy.module, key, fallback), record
+    if requested not in ("auto", "fastest") or deploy.fuse != "gather":
+        return deploy, ({"rule": requested, "form": deploy.fuse} if requested in ("auto", "fastest") else None)
     if requested == "auto":
         return shuffle_variant(deploy.module, key, fallback), {"rule": "auto", "form": fallback, "measured": False}
     can_run, why = backend.can_run()

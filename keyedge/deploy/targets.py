@@ -42,7 +42,7 @@ __all__ = ["artifact_manifest", "check_sealable", "export_targets", "seal_target
 #: the runtimes whose versions a manifest records
 VERSIONED = (
     *("timm", "onnx", "onnxruntime", "openvino", "coremltools"),
-    *("litert-torch", "ai-edge-litert", "executorch", "MNN"),
+    *("litert-torch", "ai-edge-litert", "executorch", "MNN", "ncnn", "pnnx"),
 )
 
 
