@@ -77,6 +77,9 @@ class MNNBackend(ExportBackend):
     name = "mnn"
     extra = "mnn"
     suffix = ".mnn"
+    # keyed/plain, EfficientNet-Lite0 224, 10 interleaved rounds (keyed_latency --targets onnx,openvino,mnn,ncnn):
+    # planes 1.001 [0.91-1.20], conv 1.057, gather 1.167 (ViT-Ti: gather 1.046, conv 1.051, planes 1.076)
+    auto_form = "planes"
     runtime = "mnn"
     export_modules = ("onnx", "onnxscript", "MNN", "_tools")
     runtime_modules = ("MNN",)
