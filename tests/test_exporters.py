@@ -124,7 +124,8 @@ def test_an_artifact_file_name_gives_its_target():
 def test_unknown_target_is_a_keyedge_error():
     with pytest.raises(KeyedgeError) as err:
         get_backend("tflite")
-    assert str(err.value) == "unknown export target 'tflite'; use onnx, openvino, coreml, litert, executorch, mnn or ncnn"
+    targets = "onnx, openvino, coreml, litert, executorch, mnn or ncnn"
+    assert str(err.value) == f"unknown export target 'tflite'; use {targets}"
 
 
 def test_availability_here():
