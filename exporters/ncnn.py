@@ -2,7 +2,10 @@
 
 The module is traced (``torch.jit.trace``, one image) and converted by the ``pnnx`` binary that the
 ``pnnx`` wheel ships (called directly: the wheel's ``pnnx.export`` also imports the Python code it
-generates), then checked against the module on probe inputs (a trace freezes branches).  ncnn has no
+generates), then checked against the module on probe inputs (a trace freezes branches).  timm's ViT
+attention (``qkv`` reshaped to 5-D and unbound) has no ncnn spelling; :func:`ncnn_friendly` swaps each
+such block for ``nn.MultiheadAttention`` with the same weights (the same function), which pnnx writes as
+ncnn's ``MultiHeadAttention`` layer.  ncnn has no
 gather op -- pnnx leaves ``torch.index_select`` unconverted -- so the key's shuffle is written in its
 conv form, a stride-P ``Convolution`` with a 0/1 weight followed by ``PixelShuffle`` (``--fuse auto``
 and ``fastest`` pick it; ``gather``, ``elements`` and ``planes`` are refused in one line), or folded
@@ -17,6 +20,7 @@ runs the file up to its ``PixelShuffle`` so that tests compare the key's permuta
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +50,50 @@ WEIGHT_TAGS = {0: "fp32", 0x01306B47: "fp16", 0x000D4B38: "int8"}
 WEIGHTED = ("Convolution", "ConvolutionDepthWise", "InnerProduct", "Deconvolution", "DeconvolutionDepthWise")
 #: pnnx's unconverted ops carry their PyTorch spelling (``torch.index_select``, ``F.grid_sample``...)
 UNCONVERTED = ("torch.", "F.", "Tensor.", "nn.", "pnnx.", "aten::", "prim::")
+
+
+class _MultiheadTwin(nn.Module):
+    """timm's ``Attention`` as ``nn.MultiheadAttention`` (``qkv`` -> ``in_proj``, ``proj`` -> ``out_proj``)."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        qkv, proj = attention.qkv, attention.proj
+        self.mha = nn.MultiheadAttention(
+            qkv.in_features, attention.num_heads, bias=qkv.bias is not None, batch_first=True
+        ).eval()
+        self.mha.in_proj_weight.data.copy_(qkv.weight)
+        self.mha.out_proj.weight.data.copy_(proj.weight)
+        if qkv.bias is not None:
+            self.mha.in_proj_bias.data.copy_(qkv.bias)
+        if proj.bias is not None:
+            self.mha.out_proj.bias.data.copy_(proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def ncnn_friendly(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every plain timm ``Attention`` (no q/k norm, default scale, bias-free or biased
+    projections) replaced by its ``nn.MultiheadAttention`` twin; ``module`` itself when there is none."""
+    try:
+        from timm.models.vision_transformer import Attention
+    except ImportError:  # pragma: no cover - timm is a core dependency
+        return module
+
+    def plain(a: nn.Module) -> bool:
+        norms = [getattr(a, n, None) for n in ("q_norm", "k_norm", "norm")]
+        head_dim = a.qkv.in_features // a.num_heads
+        default_scale = abs(float(getattr(a, "scale", head_dim**-0.5)) - head_dim**-0.5) < 1e-12
+        return default_scale and all(n is None or isinstance(n, nn.Identity) for n in norms)
+
+    if not any(isinstance(m, Attention) and plain(m) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Attention) and plain(child):
+                setattr(parent, name, _MultiheadTwin(child))
+    return module
 
 
 class NcnnRunner(Runner):
@@ -109,7 +157,7 @@ class NcnnBackend(ExportBackend):
             work = Path(tmp)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                traced = torch.jit.trace(module, (example,), check_trace=False)
+                traced = torch.jit.trace(ncnn_friendly(module), (example,), check_trace=False)
             traced.save(str(work / "model.pt"))
             del traced
             out = {k: work / f"model.{k}" for k in ("pnnxparam", "pnnxbin", "pnnxpy", "pnnxonnx", "ncnnpy")}
@@ -288,4 +336,4 @@ def shuffled(path: Path, image: np.ndarray) -> np.ndarray | None:
         net.clear()
 
 
-__all__ = ["NcnnBackend", "NcnnRunner", "parse_param", "rename_blobs", "shuffled", "weights_of"]
+__all__ = ["NcnnBackend", "NcnnRunner", "ncnn_friendly", "parse_param", "rename_blobs", "shuffled", "weights_of"]

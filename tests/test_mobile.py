@@ -278,6 +278,22 @@ def test_ncnn_runs_the_conv_form_and_moves_the_keys_pixels_exactly(exported, pre
     ]
 
 
+def test_ncnn_takes_a_vit_through_multihead_attention_folded(exported):
+    """timm's attention (5-D qkv, unbind) has no ncnn spelling: the exporter swaps in nn.MultiheadAttention with
+    the same weights, pnnx writes ncnn's MultiHeadAttention; the folded ViT matches PyTorch, keys share a graph."""
+    module, path = exported("ncnn", "test_vit", "fold")
+    backend = get_backend("ncnn")
+    graph = backend.inspect(path)
+    assert graph.gathers_on_input == 0 and graph.ops.get("MultiHeadAttention", 0) >= 1, graph.ops
+    images = np.random.default_rng(7).random((2, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images)).numpy()
+    with backend.load(path, threads=2) as run:
+        assert np.abs(run.predict(images) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    other = backend.inspect(exported("ncnn", "test_vit", "fold", KEY_B)[1])
+    assert other.structure == graph.structure
+
+
 def test_ncnn_refuses_in_one_line_what_it_cannot_hold(tmp_path):
     """A gather form (ncnn has none), a batch other than 1, int8: one line each, nothing written."""
     backend = get_backend("ncnn")
