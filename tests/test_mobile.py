@@ -294,6 +294,20 @@ def test_ncnn_takes_a_vit_through_multihead_attention_folded(exported):
     assert other.structure == graph.structure
 
 
+def test_ncnn_param_text_is_parsed_strictly_and_renamed_without_clashes():
+    text = "7767517\n3 3\nInput in0 0 1 in0\nConvolution c 1 1 in0 1 0=48\nInnerProduct fc 1 1 1 out0 0=10\n"
+    layers = nc.parse_param(text)
+    assert [layer[0] for layer in layers] == ["Input", "Convolution", "InnerProduct"]
+    renamed = nc.rename_blobs(layers, {"in0": "image", "out0": "logits"}, (3, 32, 32))
+    assert renamed.splitlines()[2].split() == ["Input", "image", "0", "1", "image", "0=32", "1=32", "2=3"]
+    assert nc.parse_param(renamed)[2][3] == ["logits"]
+    with pytest.raises(ExportError, match="already has a blob named '1'"):
+        nc.rename_blobs(layers, {"in0": "1"})
+    for bad in ("7767518\n0 0\n", text.replace("3 3", "4 3"), text.replace("1 1 in0 1", "1 3 in0 1")):
+        with pytest.raises(ValueError):
+            nc.parse_param(bad)
+
+
 def test_ncnn_refuses_in_one_line_what_it_cannot_hold(tmp_path):
     """A gather form (ncnn has none), a batch other than 1, int8: one line each, nothing written."""
     backend = get_backend("ncnn")
