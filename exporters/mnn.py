@@ -151,7 +151,7 @@ class MNNBackend(ExportBackend):
 
 def shuffle_indices(path: Path) -> np.ndarray | None:
     """The index map of the input's gather (its constant indices, read from the file), or None."""
-    backend = MNNBackend()
+    backend = get_backend("mnn")
     nodes, inputs, _, _ = _read(backend, path)
     for node in shuffle_prefix(nodes, [i["name"] for i in inputs], lambda n: None):
         if node.type in GATHERS and len(node.inputs) > 1:
@@ -184,11 +184,13 @@ def _read(backend: MNNBackend, path: Path) -> tuple[list[Node], list[dict], list
     if not path.is_file():
         raise ExportError(f"{path} not found", "give the .mnn of an exported MNN model")
     st = path.stat()
-    return _read_cached(backend, str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    return _read_cached(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
-def _read_cached(backend: MNNBackend, path: str, *state: int) -> tuple[list[Node], list[dict], list[dict], str]:
+def _read_cached(path: str, *state: int) -> tuple[list[Node], list[dict], list[dict], str]:
+    """:func:`_read`'s work, per file state (not per backend object: every caller shares it)."""
+    backend = get_backend("mnn")
     values = _variables(backend, Path(path))
     nodes, consumed = [], set()
     for name, var in values.items():
