@@ -31,6 +31,7 @@ LAYOUT_OPS = frozenset(
     {"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"}
     | {"view_copy", "squeeze_copy", "unsqueeze_copy", "xnnstaticreshape"}  # ExecuTorch: portable and XNNPACK
     | {"converttensor"}  # MNN: NCHW <-> its packed NC4HW4 layout
+    | {"view", "_unsafe_view"}  # ATen (a torch.export program)
 )
 #: Gather-like ops (ONNX, OpenVINO, MIL, LiteRT, ExecuTorch and MNN spellings), lower case.
 GATHER_OPS = frozenset(
@@ -62,8 +63,8 @@ PIXEL_MOVES = SHUFFLE_OPS - GATHER_OPS
 RANDOM_OPS = frozenset(
     {"randomnormal", "randomnormallike", "randomuniform", "randomuniformlike", "random_normal", "random_uniform"}
 )
-#: Convolution spellings (ONNX, OpenVINO, MIL), lower case: the conv form's 1x1 permutation
-CONV_OPS = frozenset({"conv", "convolution", "conv_2d", "xnnconv2d"})
+#: Convolution spellings (ONNX, OpenVINO, MIL, XNNPACK, ATen), lower case: the conv form's 1x1 permutation
+CONV_OPS = frozenset({"conv", "convolution", "conv_2d", "xnnconv2d", "conv2d"})
 
 
 @dataclass

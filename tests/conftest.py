@@ -85,3 +85,39 @@ def _fuzz(reader, document: dict, data) -> None:
 def fuzz_document():
     """``fuzz_document(reader, document, data)`` with hypothesis's ``data``: one random edit, read back."""
     return _fuzz
+
+
+@pytest.fixture
+def in_child():
+    """``in_child(action)``: run ``action()`` in a forked child and say how it ended (see :func:`_run_in_child`)."""
+    return _run_in_child
+
+
+def _run_in_child(action) -> str:
+    """Run ``action()`` in a forked child; return how it ended: ``ok``, ``refused`` (one-line KeyedgeError),
+    ``exception <type>`` (anything else: a traceback for a user) or ``signal <name>`` (the process died)."""
+    import os
+    import signal
+
+    from keyedge.errors import KeyedgeError
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            action()
+            verdict = "ok"
+        except KeyedgeError as exc:
+            verdict = "refused" if "\n" not in str(exc) else f"two lines: {exc!s:.80}"
+        except BaseException as exc:
+            verdict = f"exception {type(exc).__name__}: {exc!s:.80}"
+        os.write(write, verdict.encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    said = os.read(read, 1000).decode()
+    os.close(read)
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return said

@@ -351,36 +351,6 @@ def test_a_broken_file_is_a_one_line_error_not_a_crash(exported, tmp_path, targe
             assert "\n" not in str(err.value)
 
 
-def _in_child(action) -> str:
-    """Run ``action()`` in a forked child; return how it ended: ``ok``, ``refused`` (one-line KeyedgeError),
-    ``exception <type>`` (anything else: a traceback for a user) or ``signal <name>`` (the process died)."""
-    import os
-    import signal
-
-    from keyedge.errors import KeyedgeError
-
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            action()
-            verdict = "ok"
-        except KeyedgeError as exc:
-            verdict = "refused" if "\n" not in str(exc) else f"two lines: {exc!s:.80}"
-        except BaseException as exc:
-            verdict = f"exception {type(exc).__name__}: {exc!s:.80}"
-        os.write(write, verdict.encode())
-        os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    said = os.read(read, 1000).decode()
-    os.close(read)
-    if os.WIFSIGNALED(status):
-        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
-    return said
-
-
 def _every_reader(backend, path):
     def read():  # one thread: ncnn's OpenMP pool, started in the parent, hangs in a forked child
         with backend.load(path, threads=1) as runner:
@@ -391,7 +361,7 @@ def _every_reader(backend, path):
     return read
 
 
-def test_a_damaged_program_header_is_refused_not_an_abort(exported, tmp_path):
+def test_a_damaged_program_header_is_refused_not_an_abort(exported, tmp_path, in_child):
     """Issue 33: two bytes of a .pte's magic changed (found by the fuzzer below): Python's reader accepts the
     file, ExecuTorch's C++ runtime called abort() -- `bench latency` died of SIGABRT without a word."""
     _, good = exported("executorch", "test_efficientnet", "gather")
@@ -399,27 +369,27 @@ def test_a_damaged_program_header_is_refused_not_an_abort(exported, tmp_path):
     data[4], data[11] = 0x82, ord("\\")
     path = tmp_path / "damaged.pte"
     path.write_bytes(bytes(data))
-    assert _in_child(_every_reader(get_backend("executorch"), path)) == "refused"
+    assert in_child(_every_reader(get_backend("executorch"), path)) == "refused"
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_file_reader_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, target, data):
+def test_file_reader_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, target, data, in_child):
     """Like the manifest fuzzers, for the phone formats: a damaged .pte / .tflite / .mnn (bytes flipped in the
     header or anywhere, or cut short) is read, run, inspected and described -- or refused in one line; the
     process never dies (each example runs in a forked child) and no other exception escapes."""
-    _fuzz(exported, tmp_path, target, data)
+    _fuzz(exported, tmp_path, target, data, in_child)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_ncnn_param_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, data):
+def test_ncnn_param_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, data, in_child):
     """The same for a damaged ncnn .param (text: fewer examples, each loads ncnn in a probe child first)."""
-    _fuzz(exported, tmp_path, "ncnn", data)
+    _fuzz(exported, tmp_path, "ncnn", data, in_child)
 
 
-def _fuzz(exported, tmp_path, target, data):
+def _fuzz(exported, tmp_path, target, data, in_child):
     _, good = exported(target, "test_efficientnet", "conv" if target == "ncnn" else "gather")
     content = bytearray(good.read_bytes())
     how = data.draw(st.sampled_from(["header", "anywhere", "cut"]))
@@ -434,5 +404,5 @@ def _fuzz(exported, tmp_path, target, data):
     path.write_bytes(bytes(content))
     if target == "ncnn":  # the weights beside the damaged .param, intact
         nc.weights_of(path).write_bytes(nc.weights_of(good).read_bytes())
-    verdict = _in_child(_every_reader(backend, path))
+    verdict = in_child(_every_reader(backend, path))
     assert verdict in ("ok", "refused"), (how, verdict)
