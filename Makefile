@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.keyedge-installed
 
-.PHONY: setup demo shuffle-demo lint test gate bench clean
+.PHONY: setup demo shuffle-demo lint test gate bench clean rknn-env
 
 # Offline labelled data (Debian's Fashion-MNIST package) for training tests and demos.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
@@ -51,5 +51,19 @@ gate: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m keyedge.benchmarks.experiments.transform
 
+# the rknn target's converter (rknn-toolkit2 2.5.0, Rockchip NPUs) in its own venv: it pins numpy<=1.26.4, onnx<=1.18
+# and protobuf<=4.25, which .venv cannot hold.  --no-deps with exporters/rknn-requirements.txt: no torch, no CUDA
+# wheels.  keyedge finds it as .venv-rknn/bin/python (or KEYEDGE_RKNN_PYTHON); the last line checks it loads.
+RKNN_VENV := .venv-rknn
+RKNN_STAMP := $(RKNN_VENV)/.keyedge-installed
+
+$(RKNN_STAMP): exporters/rknn-requirements.txt exporters/rknn_worker.py
+	$(PYTHON) -m venv $(RKNN_VENV)
+	$(RKNN_VENV)/bin/python -m pip install --quiet --no-deps -r exporters/rknn-requirements.txt
+	$(RKNN_VENV)/bin/python -I exporters/rknn_worker.py '{"check": true}'
+	touch $(RKNN_STAMP)
+
+rknn-env: $(RKNN_STAMP)
+
 clean:
-	rm -rf $(VENV) demo demo-shuffle build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(RKNN_VENV) demo demo-shuffle build dist *.egg-info .pytest_cache .hypothesis

@@ -24,10 +24,12 @@ class Extra:
     name: str
     distributions: tuple[str, ...]
     purpose: str
+    #: how to get it where pip cannot put it in keyedge's environment (rknn: a converter in its own venv)
+    command: str = ""
 
     @property
     def install(self) -> str:
-        return f"pip install 'keyedge[{self.name}]'"
+        return self.command or f"pip install 'keyedge[{self.name}]'"
 
 
 EXTRAS: dict[str, Extra] = {
@@ -55,6 +57,12 @@ EXTRAS: dict[str, Extra] = {
         Extra("executorch", ("executorch",), "export to ExecuTorch (.pte, Android/iOS, XNNPACK) and run it here"),
         Extra("mnn", ("MNN", "onnx", "onnxruntime"), "export to MNN (.mnn, Alibaba's mobile runtime) and run it here"),
         Extra("ncnn", ("ncnn", "pnnx"), "export to ncnn (.param/.bin, Tencent's mobile runtime) and run it here"),
+        Extra(
+            "rknn",
+            ("rknn-toolkit2",),
+            "export to RKNN (.rknn, Rockchip NPUs): rknn-toolkit2 in its own venv (.venv-rknn, $KEYEDGE_RKNN_PYTHON)",
+            command="make rknn-env",
+        ),
         Extra("int8", ("nncf",), "OpenVINO INT8 artifacts (`keyedge export --precision int8 -t openvino`, NNCF)"),
     )
 }

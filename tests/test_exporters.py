@@ -102,10 +102,10 @@ def _non_constant(ops: dict[str, int]) -> Counter:
 # ---- registry and interface ------------------------------------------------------------------
 
 
-def test_registry_lists_the_seven_targets():
-    assert list_backends() == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn"]
+def test_registry_lists_the_targets():
+    assert list_backends() == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn", "rknn"]
     suffixes = {"onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage", "litert": ".tflite", "executorch": ".pte"}
-    suffixes |= {"mnn": ".mnn", "ncnn": ".param"}
+    suffixes |= {"mnn": ".mnn", "ncnn": ".param", "rknn": ".rknn"}
     for name in list_backends():
         backend = get_backend(name)
         assert (backend.name, backend.suffix) == (name, suffixes[name])
@@ -124,7 +124,7 @@ def test_an_artifact_file_name_gives_its_target():
 def test_unknown_target_is_a_keyedge_error():
     with pytest.raises(KeyedgeError) as err:
         get_backend("tflite")
-    targets = "onnx, openvino, coreml, litert, executorch, mnn or ncnn"
+    targets = "onnx, openvino, coreml, litert, executorch, mnn, ncnn or rknn"
     assert str(err.value) == f"unknown export target 'tflite'; use {targets}"
 
 
