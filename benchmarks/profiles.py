@@ -289,6 +289,7 @@ def builtin_profile() -> DeviceProfile:
             RuntimeSpec("executorch", device="CPU"),
             RuntimeSpec("mnn", device="CPU"),
             RuntimeSpec("ncnn", device="CPU"),
+            RuntimeSpec("aoti", device="CPU"),
         ],
     )
 

@@ -1,6 +1,6 @@
 """Export targets (installed as ``keyedge.exporters``): one module per target behind one interface.
 
-``get_backend("onnx" | "openvino" | "coreml" | "litert" | "executorch" | "mnn" | "ncnn" | "rknn")`` gives an
+``get_backend("onnx" | "openvino" | "coreml" | "litert" | "executorch" | "mnn" | "ncnn" | "rknn" | "pt2")`` gives an
 :class:`ExportBackend` that exports an eval-mode model taking [0, 1] float32 NCHW images, reads the
 artifact back (:meth:`~ExportBackend.inspect`, :meth:`~ExportBackend.describe_io`)
 and runs it where the runtime exists.  Each target's converter comes with a
@@ -33,6 +33,7 @@ from keyedge.exporters import executorch as _executorch  # noqa: F401
 from keyedge.exporters import mnn as _mnn  # noqa: F401
 from keyedge.exporters import ncnn as _ncnn  # noqa: F401
 from keyedge.exporters import rknn as _rknn  # noqa: F401
+from keyedge.exporters import pt2 as _pt2  # noqa: F401
 # isort: on
 
 __all__ = [

@@ -44,7 +44,13 @@ from keyedge.exporters.graph import GraphReport
 from keyedge.keys.seal import SEALED_SUFFIX
 from keyedge.registry import Registry
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "dynamic-int8", "int4")
+#: where keyedge offers each precision that only some targets export (what a refusal names)
+OFFERED = {
+    "bf16": "where the runtime computes in bf16 on CPUs with BF16: -t openvino",
+    "dynamic-int8": "int8 weights with activations quantized per call: -t litert or -t executorch",
+    "int4": "4-bit weight palettization: -t coreml",
+}
 
 
 class ExportError(KeyedgeError):
@@ -65,7 +71,8 @@ class ExportOptions:
     Inputs are [0, 1] float32 NCHW images with 3 channels; outputs are float32 logits
     in every precision (``fp16`` puts weights and compute in half where the target can;
     ``int8`` is static post-training quantization, calibrated on ``calibration``: (N, 3, S, S)
-    float32 images as the artifact receives them, i.e. before the in-graph shuffle).
+    float32 images as the artifact receives them, i.e. before the in-graph shuffle; ``dynamic-int8``
+    int8 weights with activations quantized per call, ``int4`` 4-bit palettized weights: neither calibrates).
     """
 
     batch: int | None = 1
@@ -252,11 +259,10 @@ class ExportBackend(abc.ABC):
 
     def check_precision(self, precision: str) -> None:
         """Raise a one-line :class:`ExportError` when this target does not export ``precision``."""
-        if precision == "bf16" and precision not in self.precisions:
+        if precision in OFFERED and precision not in self.precisions:
             raise ExportError(
-                f"the {self.name} target does not export bf16: keyedge offers it where the runtime computes in bf16 "
-                "on CPUs with BF16 (OpenVINO)",
-                "export bf16 with -t openvino only, or fp16 / int8 for this target",
+                f"the {self.name} target does not export {precision}: keyedge offers it {OFFERED[precision]}",
+                f"export {precision} with that target, or {' / '.join(self.precisions)} for {self.name}",
             )
         if precision not in self.precisions:
             why, fix = self.precision_refusal

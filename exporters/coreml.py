@@ -18,6 +18,8 @@ conversion (tracing freezes input-dependent branches); if that fails, the
 the Neural Engine runs.  Activations stay float16 -- coremltools calibrates activations only by
 running the model, which needs macOS.  The conv form's permutation weights are excluded (they
 stay an exact 0/1 permutation); a gather's indices are integers, which no weight quantizer touches.
+``int4`` palettizes the weights instead (``palettize_weights``: k-means, 16 values per group of 16
+output channels, per-grouped-channel lookup tables; iOS 18 / macOS 15), the permutation excluded the same way.
 
 Prediction needs Apple's CoreML framework, so :meth:`CoreMLBackend.run` works on
 macOS only; elsewhere the package is checked structurally from its spec
@@ -77,6 +79,7 @@ class CoreMLBackend(ExportBackend):
     runtime = "coreml"
     auto_form = "conv"  # the Neural Engine runs no gather: it falls back to the CPU (not timed here: no macOS)
     random_ops = True  # MIL random_normal
+    precisions = ("fp32", "fp16", "int8", "int4")
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {
         "compute_units": (("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL"), "ALL")
     }
@@ -118,7 +121,8 @@ class CoreMLBackend(ExportBackend):
         size = options.image_size
         batch = ct.RangeDim(lower_bound=1, upper_bound=self.max_batch, default=1) if options.dynamic else options.batch
         return {
-            "minimum_deployment_target": ct.target.macOS13,
+            # int4's per-grouped-channel lookup tables need iOS 18 / macOS 15
+            "minimum_deployment_target": ct.target.macOS15 if options.precision == "int4" else ct.target.macOS13,
             "inputs": [ct.TensorType(name=options.input_name, shape=(batch, 3, size, size), dtype=np.float32)],
             "outputs": [ct.TensorType(name=options.output_name, dtype=np.float32)],
             "compute_precision": ct.precision.FLOAT32 if options.precision == "fp32" else ct.precision.FLOAT16,
@@ -144,12 +148,13 @@ class CoreMLBackend(ExportBackend):
             return ct.convert(program, convert_to="mlprogram", skip_model_load=True, **self._convert_options(options))
 
         mlmodel, used, errors = first_that_works("coreml", self.sources, convert)
-        if options.precision == "int8":
-            mlmodel = self._quantize_weights(mlmodel)
+        if options.precision in ("int8", "int4"):
+            mlmodel = self._quantize_weights(mlmodel, options.precision)
         return self._save(mlmodel, path, options, used, errors)
 
-    def _quantize_weights(self, mlmodel: Any) -> Any:
-        """int8 per-channel weights (coremltools.optimize), the conv form's permutation left exact."""
+    def _quantize_weights(self, mlmodel: Any, precision: str) -> Any:
+        """int8 per-channel weights, or int4 palettized ones (coremltools.optimize), the conv form's permutation
+        left exact."""
         ct = self.require("coremltools")
         from coremltools.optimize import coreml as cto
 
@@ -159,13 +164,20 @@ class CoreMLBackend(ExportBackend):
             for op in main.operations
             if op.op_type == "conv" and op.weight.val is not None and is_permutation_matrix(np.asarray(op.weight.val))
         ]
-        config = cto.OptimizationConfig(
-            global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel"),
-            op_name_configs=dict.fromkeys(keep),
-        )
-        quantized = cto.linear_quantize_weights(mlmodel, config)
+        if precision == "int4":
+            palette = cto.OpPalettizerConfig(
+                mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16, weight_threshold=2048
+            )
+            config = cto.OptimizationConfig(global_config=palette, op_name_configs=dict.fromkeys(keep))
+            quantized = cto.palettize_weights(mlmodel, config)
+            what = "int4 palettized weights (k-means, a 16-value table per 16 output channels)"
+        else:
+            linear = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+            config = cto.OptimizationConfig(global_config=linear, op_name_configs=dict.fromkeys(keep))
+            quantized = cto.linear_quantize_weights(mlmodel, config)
+            what = "int8 per-channel weights"
         quantized.user_defined_metadata["keyedge.quantization"] = (
-            f"coremltools {ct.__version__} int8 per-channel weights, float16 activations (activation "
+            f"coremltools {ct.__version__} {what}, float16 activations (activation "
             f"calibration needs macOS); {len(keep)} permutation conv(s) kept exact"
         )
         return quantized

@@ -8,10 +8,16 @@ key's shuffle is ``aten::index_select`` with int64 indices on a portable kernel 
 no gather: a delegate that rejects it is not the issue, there is none that takes it), fed
 by an XNNPACK reshape; the conv form and fold delegate entirely.
 
-``int8`` is PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (symmetric,
-per-channel int8 weights, int8 activations), calibrated on ``ExportOptions.calibration``;
-the key's shuffle modules are excluded so their pixels move exactly.  ``fp16`` is refused
-(the program would take half inputs; XNNPACK picks fp16 kernels on the phone itself).
+Precisions, the key's shuffle modules always excluded from quantization so their pixels move exactly:
+
+- ``int8``: PT2E static quantization with ExecuTorch's ``XNNPACKQuantizer`` (symmetric, per-channel
+  int8 weights, int8 activations), calibrated on ``ExportOptions.calibration``;
+- ``dynamic-int8``: the same quantizer's dynamic config (per-channel int8 weights, activations
+  quantized per token at run time: XNNPACK's ``qdint8`` convolutions and fully connected layers), no
+  calibration; the graph is not constant-propagated (that would fold the int8 weights back to float),
+  parameter-only work is computed once by :func:`~keyedge.exporters.graph.static_graph` instead;
+- ``fp16``: the module in half behind float32 I/O (the casts are in the program: XNNPACK's fp16
+  kernels, the gather on half pixels -- a permutation of them, exact).
 
 Reading back (:func:`program_nodes`) parses the ``.pte`` flatbuffer and each XNNPACK
 delegate's own flatbuffer (with the ``flatc`` ExecuTorch ships), so the graph report lists
@@ -43,10 +49,18 @@ from keyedge.exporters.base import (
 )
 from keyedge.exporters.capture import one_line
 from keyedge.exporters.checks import calibration_batches, check_reproduces
-from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix
+from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signature, shuffle_prefix, static_graph
+from keyedge.exporters.onnx import HalfPrecision
 from keyedge.keys.transform import BlockShuffle, BlockShuffleConv
 
 #: ExecuTorch ScalarType codes -> numpy dtypes (executorch/runtime/core/portable_type/scalar_type.h)
+#: what a program's report says first, per precision (:meth:`ExecuTorchBackend.describe_io` reads it back)
+PRECISION_NOTES = {
+    "dynamic-int8": "int8 weights, dynamic activations",
+    "int8": "int8 quantized",
+    "fp16": "float16",
+    "fp32": "float32",
+}
 SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64"}
 SHUFFLE_KERNELS = ("index_select", "gather")
 
@@ -88,11 +102,7 @@ class ExecuTorchBackend(ExportBackend):
     runtime_modules = ("executorch.runtime",)
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU",), "CPU")}
     device_option = "device"
-    precisions = ("fp32", "int8")
-    precision_refusal = (
-        "an fp16 program would take half-precision input, and XNNPACK picks fp16 kernels on the phone itself",
-        "export fp32 (or int8)",
-    )
+    precisions = ("fp32", "fp16", "int8", "dynamic-int8")
 
     # ---- export ---------------------------------------------------------------------------
     def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
@@ -105,9 +115,21 @@ class ExecuTorchBackend(ExportBackend):
         from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
         example = options.example_input()
-        source = self._quantize(module, options) if options.precision == "int8" else module
-        program = constant_prop_pass(torch.export.export(source, (example,), strict=False))
-        edge = exir.to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        partitioners = [XnnpackPartitioner()]
+        if options.precision == "dynamic-int8":
+            from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+
+            self.require("executorch.kernels.quantized")  # the quantize ops' out variants
+            source = self._quantize(static_graph(module, example), options)
+            program = torch.export.export(source, (example,), strict=False)
+            dynamic = XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True)
+            partitioners.insert(0, dynamic)
+        else:
+            source = {"int8": self._quantize, "fp16": lambda m, _: HalfPrecision(m)}.get(
+                options.precision, lambda m, _: m
+            )(module, options)
+            program = constant_prop_pass(torch.export.export(source, (example,), strict=False))
+        edge = exir.to_edge_transform_and_lower(program, partitioner=partitioners)
         buffer = edge.to_executorch().buffer
         if options.precision == "fp32":
             check_reproduces(
@@ -117,19 +139,21 @@ class ExecuTorchBackend(ExportBackend):
         return [path]
 
     def _quantize(self, module: nn.Module, options: ExportOptions) -> nn.Module:
-        """PT2E int8 with XNNPACKQuantizer, calibrated; the shuffle modules are left unquantized."""
+        """PT2E int8 (static, calibrated; or dynamic) with XNNPACKQuantizer; the shuffle modules left unquantized."""
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        dynamic = options.precision == "dynamic-int8"
+        config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+        quantizer = XNNPACKQuantizer().set_global(config)
         for kind in (BlockShuffle, BlockShuffleConv):
             quantizer.set_module_type(kind, None)
         captured = torch.export.export(module, (options.example_input(),), strict=False).module()
         prepared = prepare_pt2e(captured, quantizer)
-        for batch in calibration_batches(options):
+        for batch in [options.example_input().numpy()] if dynamic else calibration_batches(options):
             prepared(torch.from_numpy(batch))
         return convert_pt2e(prepared)
 
@@ -151,12 +175,12 @@ class ExecuTorchBackend(ExportBackend):
 
     def _describe_io(self, path: Path) -> dict[str, Any]:
         inputs, outputs = _io(self, path)
-        quantized = program_nodes(self, path)[3][0].startswith("int8")
+        note = program_nodes(self, path)[3][0]
         return {
             "format": "executorch",
             "inputs": inputs,
             "outputs": outputs,
-            "precision": "int8" if quantized else "fp32",
+            "precision": next(p for p, said in PRECISION_NOTES.items() if note.startswith(said)),
         }
 
 
@@ -285,7 +309,7 @@ def _decoded(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[Node, ...], t
     plan, program = _plan(backend, Path(path))
     written = {f"v{i}" for i in plan.inputs}
     nodes: list[Node] = []
-    delegated = portable = quantized = 0
+    delegated = portable = quantized = dynamic = half = 0
 
     def describe(value_id: int) -> str:
         val = plan.values[value_id].val
@@ -322,7 +346,9 @@ def _decoded(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[Node, ...], t
             for value in graph.get("xvalues", []):
                 inner = value.get("xvalue_union", {})
                 quantized += "Quantized" in value.get("xvalue_union_type", "")
+                dynamic += "Dynamic" in str(inner.get("quant_params_type", ""))
                 inner = inner.get("tensor_value", inner)
+                half += inner.get("datatype") == "xnn_datatype_fp16"
                 if inner.get("flags", 0) & 3:  # XNN_VALUE_FLAG_EXTERNAL_INPUT | _OUTPUT
                     external[inner["id_out"]] = f"v{args.args[inner['external_id']]}"
             prefix = f"d{args.delegate_index}."
@@ -336,8 +362,9 @@ def _decoded(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[Node, ...], t
                 nodes.append(Node(xnode["xnode_union_type"], ins, outs, attrs, name=f"{prefix}{len(nodes)}"))
                 delegated += 1
     quantized += sum(o.name.startswith("quantized_decomposed") for o in plan.operators)
+    precision = "dynamic-int8" if dynamic else "int8" if quantized else "fp16" if half else "fp32"
     notes = [
-        ("int8 quantized; " if quantized else "float32; ")
+        f"{PRECISION_NOTES[precision]}; "
         + f"{len(plan.delegates)} XNNPACK delegate call(s) holding {delegated} op(s); "
         f"{portable} portable kernel call(s): {', '.join(sorted({o.name for o in plan.operators})) or 'none'}"
     ]

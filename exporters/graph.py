@@ -30,6 +30,7 @@ import torch
 LAYOUT_OPS = frozenset(
     {"reshape", "flatten", "squeeze", "unsqueeze", "expand_dims", "identity", "cast", "convert"}
     | {"view_copy", "squeeze_copy", "unsqueeze_copy", "xnnstaticreshape"}  # ExecuTorch: portable and XNNPACK
+    | {"_to_dim_order_copy"}  # ExecuTorch's cast (an fp16 program's input to half)
     | {"converttensor"}  # MNN: NCHW <-> its packed NC4HW4 layout
     | {"view", "_unsafe_view"}  # ATen (a torch.export program)
 )

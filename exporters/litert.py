@@ -10,12 +10,15 @@ LiteRT's builtin kernel and everything after it on XNNPACK), the conv form a 1x1
 ``CONV_2D`` between reshape/transpose pixel moves, fold no gather at all.  LiteRT's graph is
 NHWC inside: the converter puts one ``TRANSPOSE`` after normalization, not on the shuffle.
 
-Batch is fixed (the phone runs batch 1).  ``fp16`` is refused: litert-torch writes float32
-graphs and a phone's delegates choose half precision at run time (the GPU delegate by
-default, XNNPACK with ``--use_xnnpack_fp16``); export fp32.  ``int8`` is full-integer
-static quantization with ai-edge-quantizer (``static_wi8_ai8``: int8 weights and
-activations, float I/O), calibrated on ``ExportOptions.calibration``, the shuffle's ops left
-in float so that the key's pixels move exactly.
+Batch is fixed (the phone runs batch 1).  Precisions, each from the fp32 flatbuffer by ai-edge-quantizer,
+the shuffle's ops always left in float32 so that the key's pixels move exactly:
+
+- ``fp16``: float16 weights with ``DEQUANTIZE`` ops (TFLite's float16 quantization: half the file; the GPU
+  delegate computes in half, the CPU in float32);
+- ``int8``: full-integer static quantization (``static_wi8_ai8``: int8 weights and activations, float I/O),
+  calibrated on ``ExportOptions.calibration``;
+- ``dynamic-int8``: int8 weights, activations quantized per call (``dynamic_wi8_afp32``; no calibration,
+  the mode LiteRT recommends for transformers).
 
 Running here: ``ai_edge_litert.interpreter.Interpreter`` with its default XNNPACK delegate
 (the CPU path of a phone); on-phone GPU/NPU delegates are not available on this host.
@@ -102,11 +105,7 @@ class LiteRTBackend(ExportBackend):
     runtime_modules = ("ai_edge_litert.interpreter",)
     profile_options: ClassVar[dict[str, tuple[Any, Any]]] = {"device": (("CPU", "GPU", "NPU"), "CPU")}
     device_option = "device"
-    precisions = ("fp32", "int8")
-    precision_refusal = (
-        "litert-torch writes float32 graphs and a phone's delegate picks fp16 at run time",
-        "export fp32 (the GPU delegate runs it in fp16; XNNPACK with --use_xnnpack_fp16)",
-    )
+    precisions = ("fp32", "fp16", "int8", "dynamic-int8")
 
     # ---- export ---------------------------------------------------------------------------
     def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
@@ -121,14 +120,14 @@ class LiteRTBackend(ExportBackend):
         content = converted.model_content
         flatbuffer = bytes(content() if callable(content) else content)
         check_reproduces(module, _bytes_runner(self, flatbuffer), options, "the LiteRT model")
-        if options.precision == "int8":
+        if options.precision != "fp32":
             flatbuffer = self._quantize(flatbuffer, options)
         path.write_bytes(flatbuffer)
         return [path]
 
     def _quantize(self, flatbuffer: bytes, options: ExportOptions) -> bytes:
-        """ai-edge-quantizer static int8 (weights and activations), the shuffle's ops left in float32."""
-        from ai_edge_quantizer import qtyping, quantizer, recipe
+        """ai-edge-quantizer at ``options.precision`` (the module docstring says how), the shuffle left in float32."""
+        from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager
 
         with tempfile.TemporaryDirectory(prefix="keyedge-litert-") as tmp:
             source = Path(tmp) / "fp32.tflite"
@@ -136,11 +135,20 @@ class LiteRTBackend(ExportBackend):
             nodes, interpreter = _read_nodes(self, source)
             shuffle = shuffle_prefix(nodes, _inputs(interpreter), lambda n: _weight(interpreter, n))
             q = quantizer.Quantizer(str(source))
-            q.load_quantization_recipe(recipe.static_wi8_ai8())
+            if options.precision == "fp16":
+                manager = recipe_manager.RecipeManager()
+                every = qtyping.TFLOperationName.ALL_SUPPORTED
+                manager.add_weight_only_config(".*", every, 16, algorithm_key=recipe.AlgorithmName.FLOAT_CASTING)
+                q.load_quantization_recipe(manager.get_quantization_recipe())
+            else:
+                static = options.precision == "int8"
+                q.load_quantization_recipe(recipe.static_wi8_ai8() if static else recipe.dynamic_wi8_afp32())
             float32 = [(re.escape(node.name), qtyping.TFLOperationName.ALL_SUPPORTED) for node in shuffle]
             float32 += [(".*", qtyping.TFLOperationName.INPUT), (".*", qtyping.TFLOperationName.OUTPUT)]
             for regex, operation in float32:  # the shuffle's ops (by output tensor name) and the I/O stay float32
                 q.update_quantization_recipe(regex=regex, operation_name=operation, algorithm_key="no_quantize")
+            if options.precision != "int8":
+                return bytes(q.quantize().quantized_model)
             data = [{options.input_name: batch} for batch in calibration_batches(options)]
             calibration = q.calibrate({SIGNATURE: data})
             return bytes(q.quantize(calibration).quantized_model)
@@ -186,7 +194,7 @@ class LiteRTBackend(ExportBackend):
             "format": "litert",
             "inputs": [port(inp, (signature.get("inputs") or [inp["name"]])[0])],
             "outputs": [port(o, n) for o, n in zip(outputs, signature.get("outputs") or [o["name"] for o in outputs])],
-            "precision": "int8" if "int8" in _quantized(interpreter) else "fp32",
+            "precision": _precision(interpreter),
         }
 
 
@@ -303,6 +311,23 @@ def _weight(interpreter: Any, node: Node) -> np.ndarray | None:
     return weight.transpose(0, 3, 1, 2) if weight.ndim == 4 else None
 
 
+#: what the graph report says of each precision
+PRECISION_NOTES = {
+    "fp32": "float32",
+    "fp16": "float16 weights",
+    "int8": "int8 quantized",
+    "dynamic-int8": "int8 weights, dynamic activations",
+}
+
+
 def _quantized(interpreter: Any) -> str:
+    return PRECISION_NOTES[_precision(interpreter)]
+
+
+def _precision(interpreter: Any) -> str:
+    """What the file computes in: static int8 (``QUANTIZE`` ops), int8 weights alone (dynamic), half weights, fp32."""
     kinds = {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
-    return "int8 quantized" if "int8" in kinds else "float32"
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    if "int8" in kinds:
+        return "int8" if "QUANTIZE" in ops else "dynamic-int8"
+    return "fp16" if "float16" in kinds else "fp32"

@@ -63,6 +63,7 @@ EXTRAS: dict[str, Extra] = {
             "export to RKNN (.rknn, Rockchip NPUs): rknn-toolkit2 in its own venv (.venv-rknn, $KEYEDGE_RKNN_PYTHON)",
             command="make rknn-env",
         ),
+        Extra("pt2", ("torch",), "export to a torch.export/AOTInductor package (.pt2, needs a C++ compiler), run it"),
         Extra("int8", ("nncf",), "OpenVINO INT8 artifacts (`keyedge export --precision int8 -t openvino`, NNCF)"),
     )
 }

@@ -103,9 +103,9 @@ def _non_constant(ops: dict[str, int]) -> Counter:
 
 
 def test_registry_lists_the_targets():
-    assert list_backends() == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn", "rknn"]
+    assert list_backends() == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn", "rknn", "pt2"]
     suffixes = {"onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage", "litert": ".tflite", "executorch": ".pte"}
-    suffixes |= {"mnn": ".mnn", "ncnn": ".param", "rknn": ".rknn"}
+    suffixes |= {"mnn": ".mnn", "ncnn": ".param", "rknn": ".rknn", "pt2": ".pt2"}
     for name in list_backends():
         backend = get_backend(name)
         assert (backend.name, backend.suffix) == (name, suffixes[name])
@@ -124,7 +124,7 @@ def test_an_artifact_file_name_gives_its_target():
 def test_unknown_target_is_a_keyedge_error():
     with pytest.raises(KeyedgeError) as err:
         get_backend("tflite")
-    targets = "onnx, openvino, coreml, litert, executorch, mnn, ncnn or rknn"
+    targets = "onnx, openvino, coreml, litert, executorch, mnn, ncnn, rknn or pt2"
     assert str(err.value) == f"unknown export target 'tflite'; use {targets}"
 
 

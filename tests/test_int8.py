@@ -107,6 +107,33 @@ def test_int8_conv_form_keeps_its_01_permutation(tmp_path, target):
         assert shuffle_at < first_quantized
 
 
+@pytest.mark.parametrize("fuse", ["gather", "conv"])
+def test_coreml_int4_palettizes_the_weights_and_leaves_the_shuffle_exact(tmp_path, fuse):
+    """int4 (issue 35): 4-bit lookup tables for the weights; the gather's indices and the permutation conv exact."""
+    module = _module("test_efficientnet", fuse)
+    backend = get_backend("coreml")
+    path = backend.export(
+        module, tmp_path / "model.mlpackage", ExportOptions(batch=1, precision="int4", image_size=32)
+    )[0]
+    assert backend.describe_io(path)["precision"] == "int4"
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    spec = ct.utils.load_spec(str(path))
+    program = load(spec, spec.specificationVersion, str(path / "Data" / "com.apple.CoreML" / "weights"))
+    ops = list(program.functions["main"].operations)
+    types = [op.op_type for op in ops]
+    assert "constexpr_lut_to_dense" in types and "constexpr_affine_dequantize" not in types
+    gathers = [np.asarray(op.indices.val).astype(np.int64) for op in ops if op.op_type == "gather"]
+    if fuse == "gather":
+        assert len(gathers) == 1 and np.array_equal(gathers[0], module.shuffle.index.numpy())
+    else:  # the first conv's weight is a constant (not a lookup table's output): the 0/1 permutation, exact
+        conv = next(op for op in ops if op.op_type == "conv")
+        assert gathers == [] and conv.weight.val is not None
+        weight = np.asarray(conv.weight.val, dtype=np.float32)
+        assert np.array_equal(weight.reshape(len(weight), -1), module.shuffle.weight.numpy().reshape(len(weight), -1))
+
+
 @pytest.mark.parametrize("target", ["onnx", "openvino"])
 def test_int8_fold_has_no_gather_and_quantizes_the_first_layer(tmp_path, target):
     backend, path = _int8(tmp_path, target, _module("test_vit", "fold"))

@@ -69,7 +69,7 @@ def exported(tmp_path_factory):
             backend = get_backend(target)
             module = _module(name, fuse, key)
             calibration = None
-            if precision == "int8":
+            if precision == "int8":  # dynamic-int8, fp16: no calibration
                 calibration = torch.rand(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).numpy()
             options = ExportOptions(batch=1, image_size=SIZE, precision=precision, calibration=calibration)
             path = root / f"{'-'.join(ident)}{backend.suffix}"
@@ -130,11 +130,11 @@ def test_folded_models_of_two_keys_have_the_same_graph(exported, target):
 
 
 @pytest.mark.parametrize("target", QUANTIZING)
-def test_fp16_and_a_dynamic_batch_are_refused_in_one_line(tmp_path, target):
+def test_int4_and_a_dynamic_batch_are_refused_in_one_line(tmp_path, target):
     backend = get_backend(target)
     module = _module("test_efficientnet", "gather")
     for options, fragment in (
-        (ExportOptions(batch=1, image_size=SIZE, precision="fp16"), "does not export fp16"),
+        (ExportOptions(batch=1, image_size=SIZE, precision="int4"), "does not export int4: .* -t coreml"),
         (ExportOptions(batch=None, image_size=SIZE), "fixed batch"),
     ):
         with pytest.raises(ExportError, match=fragment) as err:
@@ -160,6 +160,34 @@ def test_int8_keeps_the_shuffle_in_float_before_the_first_quantize(exported, tar
         assert run.predict(images).shape == (4, 10)
 
 
+@pytest.mark.parametrize("target", QUANTIZING)
+@pytest.mark.parametrize("precision", ["fp16", "dynamic-int8"])
+def test_fp16_and_dynamic_int8_keep_the_shuffle_exact_and_follow_pytorch(exported, target, precision):
+    """Issue 35's precision modes: the file says its precision, its gather holds the key's indices, ahead of any
+    quantized op, and it computes what the module does (to half precision / int8 weights)."""
+    module, path = exported(target, "test_efficientnet", "gather", precision=precision)
+    backend = get_backend(target)
+    assert backend.describe_io(path)["precision"] == precision
+    graph = backend.inspect(path)
+    assert graph.gathers_on_input == 1 and np.array_equal(READ_INDICES[target](path), module.shuffle.index.numpy())
+    if target == "litert":
+        types = [n.type for n in lt._read_nodes(backend, path)[0]]
+        weights = "DEQUANTIZE" if precision == "fp16" else "FULLY_CONNECTED"
+        assert types.index("GATHER_ND") < types.index(weights) and "QUANTIZE" not in types, types[:8]
+    else:
+        types = [n.type for n in et.program_nodes(backend, path)[0]]
+        assert types.index("index_select") < types.index("XNNConv2d")
+        if precision == "dynamic-int8":  # activations quantized per call, after the shuffle, inside XNNPACK
+            assert types.index("index_select") < types.index("XNNConvert") and "choose_qparams" not in types
+    images = np.random.default_rng(2).random((4, 3, SIZE, SIZE), dtype=np.float32)
+    with backend.load(path) as run:
+        got = run.predict(images)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images)).numpy()
+    tolerance = (5e-3 if precision == "fp16" else 5e-2) * float(np.abs(expected).max())
+    assert np.abs(got - expected).max() <= tolerance
+
+
 def test_litert_int8_conv_form_keeps_its_01_permutation(exported):
     module, path = exported("litert", "test_efficientnet", "conv", precision="int8")
     nodes, interpreter = lt._read_nodes(get_backend("litert"), path)
@@ -180,13 +208,13 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert runner.invoke(app, [*args, "--key-file", str(key_path), "--out", str(tmp_path / "k1")]).exit_code == 0
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0
     out = tmp_path / "art"
-    base = ["export", "-t", "litert", "-t", "executorch", "-t", "mnn", "-t", "ncnn", "-o", str(out)]
+    base = ["export", "-t", "litert", "-t", "executorch", "-t", "mnn", "-t", "ncnn", "-t", "pt2", "-o", str(out)]
     result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path)])
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, [*base, "-c", str(tmp_path / "plain")]).exit_code == 0
     keyed = out / f"test_efficientnet-{KEY_A.fingerprint}"
     manifest = json.loads((keyed / "manifest.json").read_text())
-    assert sorted(manifest["targets"]) == ["executorch", "litert", "mnn", "ncnn"]
+    assert sorted(manifest["targets"]) == ["executorch", "litert", "mnn", "ncnn", "pt2"]
     ncnn = manifest["targets"]["ncnn"]  # no gather in ncnn: the conv form instead, and the manifest says why
     assert ncnn["fuse"] == "conv" and ncnn["graph"]["gathers_on_input"] == 0
     assert ncnn["form_choice"]["rule"] == "gather" and "does not run the gather form" in ncnn["form_choice"]["reason"]
@@ -197,14 +225,17 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert KEY_A.fingerprint in json.dumps(manifest) and bytes(range(32)).hex() not in json.dumps(manifest)
 
     rule = ["--calibration-size", "64", "--min-agreement", "0", "--max-accuracy-drop", "100"]
-    base = base[:5] + base[9:]  # MNN and ncnn: fp32 and fp16
-    result = runner.invoke(app, [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path), "--precision", "int8", *rule])
-    assert result.exit_code == 0, result.output
-    int8 = json.loads((out / f"test_efficientnet-{KEY_A.fingerprint}-int8" / "manifest.json").read_text())
-    assert {t: e["parity"]["kind"] for t, e in int8["targets"].items()} == {
-        "litert": "agreement",
-        "executorch": "agreement",
-    }
+    base = base[:5] + base[11:]  # MNN and ncnn: fp32 and fp16; pt2: fp32
+    for precision in ("int8", "dynamic-int8"):
+        args = [*base, "-c", str(tmp_path / "k1"), "-k", str(key_path), "--precision", precision, *rule]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        quantized = json.loads((out / f"{keyed.name}-{precision}" / "manifest.json").read_text())
+        assert quantized["precision"] == precision
+        assert {t: e["parity"]["kind"] for t, e in quantized["targets"].items()} == {
+            "litert": "agreement",
+            "executorch": "agreement",
+        }
 
     report = tmp_path / "latency.json"
     bench = ["bench", "latency", str(keyed), str(out / "test_efficientnet-plain"), "--min-seconds", "0.05"]
@@ -212,16 +243,20 @@ def test_export_verify_and_time_litert_and_executorch_from_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     ratios = json.loads(report.read_text())["comparisons"]
     runtimes = {r["runtime"] for r in ratios if r["kind"] == "keyed/plain"}
-    assert {"litert:CPU", "executorch:CPU", "mnn:CPU", "ncnn:CPU"} <= runtimes, runtimes
+    assert {"litert:CPU", "executorch:CPU", "mnn:CPU", "ncnn:CPU", "aoti:CPU"} <= runtimes, runtimes
 
 
 def test_all_targets_take_the_phone_runtimes_when_installed_and_only_at_precisions_they_export():
     from keyedge.cli._flags import expand_targets
 
-    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn"]
-    assert expand_targets(["all"], "fp16") == ["onnx", "openvino", "coreml", "mnn", "ncnn"]  # LiteRT, ExecuTorch: no
-    assert expand_targets(["all"], "int8") == ["onnx", "openvino", "coreml", "litert", "executorch"]
-    assert expand_targets(["litert", "all"], "fp16")[0] == "litert"  # named: kept, and refused in one line later
+    rknn = ["rknn"] if get_backend("rknn").available()[0] else []  # where `make rknn-env` made its converter
+    assert expand_targets(["all"]) == ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn", "pt2"]
+    fp16 = ["onnx", "openvino", "coreml", "litert", "executorch", "mnn", "ncnn", *rknn]
+    assert expand_targets(["all"], "fp16") == fp16
+    assert expand_targets(["all"], "int8") == ["onnx", "openvino", "coreml", "litert", "executorch", *rknn]
+    assert expand_targets(["all"], "dynamic-int8") == ["litert", "executorch"]
+    assert expand_targets(["all"], "int4") == ["coreml"]
+    assert expand_targets(["pt2", "all"], "int4")[0] == "pt2"  # named: kept, and refused in one line later
 
 
 def test_mnn_gather_is_the_bare_gather_and_fp16_halves_the_weights(exported, tmp_path):

@@ -37,7 +37,7 @@ def target_option() -> Any:
         ["onnx"],
         "--target",
         "-t",
-        help="onnx, openvino, coreml, litert, executorch, mnn, ncnn or all (installed ones; repeatable).",
+        help="onnx, openvino, coreml, litert, executorch, mnn, ncnn, rknn, pt2 or all (installed ones; repeatable).",
     )
 
 
@@ -101,10 +101,14 @@ def expand_targets(names: list[str], precision: str = "fp32", *, randomized: boo
     noise (``randomized``), has a random op (every backend when none is installed: the export then names the
     extra); a target named explicitly is kept, and refused later.
     """
-    from keyedge.deps import installed
+    from keyedge.deps import EXTRAS, installed
     from keyedge.exporters import get_backend, list_backends
 
-    present = [t for t in list_backends() if installed(get_backend(t).extra)] or list_backends()
+    def here(target: str) -> bool:  # a converter in its own environment (rknn) is there when its backend says so
+        backend = get_backend(target)
+        return installed(backend.extra) or bool(EXTRAS[backend.extra].command and backend.available()[0])
+
+    present = [t for t in list_backends() if here(t)] or list_backends()
     present = [t for t in present if precision in get_backend(t).precisions]
     present = [t for t in present if get_backend(t).random_ops or not randomized]
     targets: list[str] = []

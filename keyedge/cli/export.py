@@ -41,10 +41,11 @@ DYNAMIC_BATCH = typer.Option(False, "--dynamic-batch", help="Export with a dynam
 PRECISION = typer.Option(
     "fp32",
     "--precision",
-    help="fp32, fp16, bf16 or int8 (I/O stays float32). int8: static quantization calibrated on the checkpoint's "
-    "training images, the key's shuffle kept exact, verified by top-1 agreement; written to "
-    "OUT/<model>-<fingerprint>-int8/. bf16 (OpenVINO): computed in bf16 where the CPU has BF16, verified by the "
-    "same rule; written to ...-bf16/.",
+    help="fp32, fp16, bf16, int8, dynamic-int8 or int4 (I/O stays float32). int8: static quantization calibrated "
+    "on the checkpoint's training images, the key's shuffle kept exact, verified by top-1 agreement; written to "
+    "OUT/<model>-<fingerprint>-int8/. bf16 (OpenVINO): computed in bf16 where the CPU has BF16; dynamic-int8 "
+    "(LiteRT, ExecuTorch): int8 weights, activations quantized per call; int4 (CoreML): 4-bit palettized weights; "
+    "each verified by the same rule and written to ...-<precision>/.",
 )
 CALIBRATION_DATA = typer.Option(
     None,

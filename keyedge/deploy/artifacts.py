@@ -27,9 +27,9 @@ from keyedge.validate import FINGERPRINT, MAX_CLASSES, MAX_IMAGE_SIZE, SHA256, F
 
 MANIFEST = "manifest.json"
 #: keyedge.exporters.base.PRECISIONS (the deploy layer reads, never imports it)
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "dynamic-int8", "int4")
 #: precisions verified by the agreement rule (top-1 agreement with fp32 and the accuracy drop), not by tolerance
-AGREEMENT_PRECISIONS = ("bf16", "int8")
+AGREEMENT_PRECISIONS = ("bf16", "int8", "dynamic-int8", "int4")
 FORMAT = "keyedge-artifacts"  # the pre-schema spelling
 SCHEMA = "keyedge-artifact/2"
 HINT = "the artifact directory is corrupted or was hand-edited; export it again"

@@ -106,9 +106,10 @@ class ExportSettings:
                     f"{self.min_agreement} and {self.max_accuracy_drop}",
                     "e.g. --min-agreement 0.98 --max-accuracy-drop 1",
                 )
-            if self.seal is not None and self.precision == "int8":
+            if self.seal is not None and self.precision != "bf16":
                 raise KeyedgeError(
-                    "keyedge does not seal int8 artifacts yet: the quantizers write their intermediate models to disk",
+                    f"keyedge does not seal {self.precision} artifacts yet: the quantizers write their intermediate "
+                    "models to disk",
                     "export int8 without --seal, or seal the fp32/fp16 set",
                 )
 
