@@ -304,7 +304,7 @@ def _comparisons(cells: list[_Cell], batch: int) -> list[Comparison]:
                         "planes",
                     ):
                         add(f"gather/{b.artifact.fuse}", a, b, a.runtime_label)
-        if a.artifact.precision in ("int8", "bf16"):  # what it bought: the same key, fuse and target in fp32
+        if a.artifact.precision != "fp32":  # what it bought: the same key, fuse and target in fp32
             for b in cells:
                 if (
                     b.spec is a.spec

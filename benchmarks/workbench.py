@@ -14,6 +14,7 @@ from torch import nn
 
 from keyedge.checkpoints import save_checkpoint
 from keyedge.deploy.export import ExportRequest, ExportSettings, export_one
+from keyedge.exporters import get_backend
 from keyedge.keys.fold import FoldError
 from keyedge.keys.keyfile import Key
 from keyedge.models.backbones import build_model
@@ -95,11 +96,13 @@ def export_variants(
     key: Key = BENCH_KEY,
     num_classes: int = 1000,
     int8: tuple[str, ...] = (),
+    precisions: tuple[str, ...] = ("int8",),
 ) -> list[Path]:
     """Export formulations of one architecture, random weights shared by all; return the export directories.
 
     (fold is skipped where inexact.)  ``key`` serves the keyed variants: the quickstart times its own.
-    ``int8``: the variants also exported at int8 (``bench latency`` then reports int8/fp32 per variant).
+    ``int8``: the variants also exported at each of ``precisions`` (int8 by default: ``bench latency`` then reports
+    int8/fp32 per variant), to the targets that export it.
     """
     torch.manual_seed(0)
     keyed = build_model(model_name, num_classes, key=key, weights="none", image_size=size).eval()
@@ -109,16 +112,19 @@ def export_variants(
     for role, model in (("plain", plain), ("keyed", keyed)):
         checkpoints[role] = untrained_checkpoint(work / f"{model_name}-ckpt-{role}", model)
     directories = []
-    jobs = [(v, "fp32") for v in variants] + [(v, "int8") for v in int8]
+    jobs = [(v, "fp32") for v in variants] + [(v, p) for p in precisions for v in int8]
     for variant, precision in jobs:
         role, fuse = VARIANTS[variant]
+        chosen = [t for t in targets if precision in get_backend(t).precisions]
+        if not chosen:
+            continue
         try:
             directories.append(
                 export_for_timing(
                     checkpoints[role],
                     key if role == "keyed" else None,
-                    work / variant,
-                    targets,
+                    work / (variant if precision in ("fp32", "int8") else f"{variant}-{precision}"),
+                    chosen,
                     fuse=fuse,
                     batch=batch,
                     precision=precision,

@@ -148,3 +148,30 @@ def test_a_toolkit_failure_is_one_line_with_its_log(exported, tmp_path, monkeypa
     with pytest.raises(ExportError, match="rknn-toolkit2 failed") as err:
         get_backend("rknn").export(_module("conv"), tmp_path / "m.rknn", options)
     assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+@needs_env
+def test_keyedge_export_writes_the_conv_form_and_the_simulators_figures_into_the_manifest(
+    small_keyed_checkpoint, tmp_path
+):
+    """What a user runs: `keyedge export -t rknn` with the default --fuse gather: the conv form instead, said in
+    the manifest, and the simulator's parity there (the runtime cannot run here)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from keyedge.cli import app
+
+    checkpoint, key_file = small_keyed_checkpoint
+    out = tmp_path / "art"
+    args = ["export", "-c", str(checkpoint), "-k", str(key_file), "-t", "rknn", "--precision", "fp16", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (manifest_path,) = out.glob("*/manifest.json")
+    entry = json.loads(manifest_path.read_text())["targets"]["rknn"]
+    assert entry["fuse"] == "conv" and entry["form_choice"]["rule"] == "gather"
+    parity = entry["parity"]
+    assert parity["ran"] is False and "simulator" in parity["reason"]
+    simulated = parity["structural"]["simulator"]
+    assert simulated["precision"] == "fp16" and simulated["parity"]["random"]["passed"]
+    assert simulated["shuffle"]["exact"] and simulated["shuffle"]["pixels"] == 3 * 32 * 32

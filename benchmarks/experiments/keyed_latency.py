@@ -45,10 +45,15 @@ def main(argv: list[str] | None = None):
     parser.add_argument(
         "--targets",
         default="onnx,openvino",
-        help="onnx, openvino, litert, executorch, mnn, ncnn, coreml (macOS to time)",
+        help="onnx, openvino, litert, executorch, mnn, ncnn, pt2, coreml (macOS to time)",
     )
     parser.add_argument(
         "--int8", default="", help="variants also exported at int8, e.g. plain,gather: int8/fp32 ratios (issue 15)"
+    )
+    parser.add_argument(
+        "--precisions",
+        default="int8",
+        help="what --int8's variants are exported at, e.g. fp16,dynamic-int8 (to the targets that export each)",
     )
     parser.add_argument(
         "--host-precision",
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None):
     runtimes += [RuntimeSpec("openvino", device="CPU")] if "openvino" in targets else []
     runtimes += [RuntimeSpec("coreml", compute_units=u) for u in ("ALL", "CPU_ONLY")] if "coreml" in targets else []
     runtimes += [RuntimeSpec(t, device="CPU") for t in ("litert", "executorch", "mnn", "ncnn") if t in targets]
+    runtimes += [RuntimeSpec("aoti", device="CPU")] if "pt2" in targets else []
     profile = parse_profile(
         {
             "name": "keyed-latency",
@@ -80,11 +86,14 @@ def main(argv: list[str] | None = None):
         work = Path(args.out) if args.out else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         int8 = tuple(v for v in args.int8.split(",") if v)
+        precisions = tuple(p for p in args.precisions.split(",") if p)
         variants = tuple(v for v in args.variants.split(",") if v) or tuple(VARIANTS)
         directories = [
             d
             for m in args.models.split(",")
-            for d in export_variants(m, args.image_size, work, targets, args.batch, variants=variants, int8=int8)
+            for d in export_variants(
+                m, args.image_size, work, targets, args.batch, variants=variants, int8=int8, precisions=precisions
+            )
         ]
         report = run_latency(directories, profile, settings, keys=[BENCH_KEY])
     from rich.console import Console
