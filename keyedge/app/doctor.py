@@ -120,8 +120,13 @@ def collect() -> dict[str, Any]:
     }
     for extra in EXTRAS.values():
         versions = {dist: version_of(dist) for dist in extra.distributions}
+        present = all(versions.values())
+        if extra.command:  # installed outside keyedge's environment (rknn's converter): its backend knows
+            from keyedge.exporters import get_backend, list_backends
+
+            present = any(get_backend(t).available()[0] for t in list_backends() if get_backend(t).extra == extra.name)
         report["extras"][extra.name] = {
-            "installed": all(versions.values()),
+            "installed": present,
             "packages": versions,
             "purpose": extra.purpose,
             "install": extra.install,
