@@ -16,6 +16,11 @@ conv form is an ordinary convolution, fold has no gather.  Batch is fixed (what 
 compiled for); precision fp32 (the kernels compute what the graph computes).  The library is built
 for the exporting host's CPU (its ISA: AVX-512 here): export on, or for, the device's architecture.
 
+Fleets (:class:`AotiTemplate`): the library holds no weights and keyed models of one architecture differ only
+in them (the key's indices, the fine-tuned weights), so the library is compiled once per architecture and
+each key's package is its own ExportedProgram beside that library -- seconds per key instead of a compilation
+(the program's structure is checked equal first, and each package is verified like a full export).
+
 Running here and on a device: ``torch.export.pt2_archive._package.load_pt2`` (what
 ``torch._inductor.aoti_load_package`` wraps), threads set with ``torch.set_num_threads`` (OpenMP).
 """
@@ -26,6 +31,8 @@ import functools
 import json
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,6 +91,7 @@ class PT2Backend(ExportBackend):
     extra = "pt2"
     suffix = ".pt2"
     runtime = "aoti"
+    supports_template = True  # AotiTemplate: compile once per architecture, a program per key
     export_modules = ("torch._inductor",)
     runtime_modules = ("torch",)
     # keyed/plain, EfficientNet-Lite0 224 (keyed_latency --targets onnx,pt2): see docs/export.md
@@ -107,25 +115,27 @@ class PT2Backend(ExportBackend):
     def _export(self, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
         if options.dynamic:
             raise ExportError("pt2 packages are compiled for one batch size here", "export with --batch 1 (or N)")
-        from torch.export.pt2_archive._package import package_pt2
-
-        example = options.example_input()
-        program = torch.export.export(module, (example,), strict=False)
-        settings = {"aot_inductor.package": True, "aot_inductor.package_constants_in_so": False}
-        files = torch._inductor.aot_compile(program.module(), (example,), options=settings)
-        record = {
-            "precision": options.precision,
-            "input": {"name": options.input_name, "shape": list(options.input_shape)},
-            "output": options.output_name,
-        }
-        package_pt2(
-            str(path),
-            exported_programs={MODEL: program},
-            aoti_files={MODEL: files},
-            extra_files={RECORD: json.dumps(record)},
-        )
+        program = capture(module, options)
+        _package(path, program, compile_library(program, options), options)
         with self._load(path) as runner:
             check_reproduces(module, runner, options, "the AOTInductor package")
+        return [path]
+
+    # ---- fleet templates --------------------------------------------------------------------
+    def template_for(self, cache: dict, ident: tuple, module: nn.Module, options: ExportOptions) -> Any:
+        key = ("pt2", *ident)
+        if key not in cache:
+            cache[key] = None if options.dynamic else AotiTemplate.build(module, options)
+        template = cache[key]
+        return template if template is not None and template.fits(module) else None
+
+    def export_from_template(self, template: Any, module: nn.Module, path: Path, options: ExportOptions) -> list[Path]:
+        program = capture(module, options)
+        if structure(program) != template.structure:  # another graph (a LoRA left unmerged...): compile it
+            return self.export(module, path, options)
+        _package(path, program, template.files, options)
+        with self._load(path) as runner:
+            check_reproduces(module, runner, options, "the AOTInductor package (fleet template)")
         return [path]
 
     # ---- inference ------------------------------------------------------------------------
@@ -181,6 +191,70 @@ def compiler() -> str | None:
     chosen = os.environ.get("CXX")
     candidates = [chosen] if chosen else ["g++", "c++", "clang++"]
     return next((found for c in candidates if (found := shutil.which(c))), None)
+
+
+def capture(module: nn.Module, options: ExportOptions) -> Any:
+    """``module`` as an ExportedProgram for the export's fixed input."""
+    return torch.export.export(module, (options.example_input(),), strict=False)
+
+
+def compile_library(program: Any, options: ExportOptions) -> list[str]:
+    """AOTInductor's files for ``program``, compiled for this CPU without the weights (they stay in the program)."""
+    settings = {"aot_inductor.package": True, "aot_inductor.package_constants_in_so": False}
+    return torch._inductor.aot_compile(program.module(), (options.example_input(),), options=settings)
+
+
+def _package(path: Path, program: Any, files: list[str], options: ExportOptions) -> None:
+    """Write the PT2 archive: the program, the library's files and keyedge's record."""
+    from torch.export.pt2_archive._package import package_pt2
+
+    record = {
+        "precision": options.precision,
+        "input": {"name": options.input_name, "shape": list(options.input_shape)},
+        "output": options.output_name,
+    }
+    package_pt2(
+        str(path),
+        exported_programs={MODEL: program},
+        aoti_files={MODEL: list(files)},
+        extra_files={RECORD: json.dumps(record)},
+    )
+
+
+def structure(program: Any) -> str:
+    """The program's weight-free structure (ops, wiring, constant shapes): equal for keys of one architecture."""
+    nodes = _nodes(program, {"input": {"name": "image"}, "output": "logits"})
+    return analyze(nodes, ["image"], ["logits"]).structure
+
+
+@dataclass
+class AotiTemplate:
+    """One architecture's compiled library (no weights in it), kept for the process, and its program's structure."""
+
+    files: list[str]
+    structure: str
+    signature: dict[str, tuple[tuple[int, ...], str]]  # the program's tensors by name -> (shape, dtype)
+    directory: Any = field(repr=False)  # the TemporaryDirectory holding ``files``
+
+    @classmethod
+    def build(cls, module: nn.Module, options: ExportOptions) -> AotiTemplate:
+        program = capture(module, options)
+        directory = tempfile.TemporaryDirectory(prefix="keyedge-aoti-")
+        files = []
+        for source in compile_library(program, options):  # out of Inductor's cache, which another compile may prune
+            target = Path(directory.name) / Path(source).name
+            shutil.copy2(source, target)
+            files.append(str(target))
+        tensors = {**program.state_dict, **program.constants}
+        signature = {k: (tuple(v.shape), str(v.dtype)) for k, v in tensors.items()}
+        return cls(files, structure(program), signature, directory)
+
+    def fits(self, module: nn.Module) -> bool:
+        """True when ``module``'s tensors have the template's names, shapes and dtypes (the constants a graph makes
+        itself come with each key's program; :meth:`PT2Backend.export_from_template` compares whole structures)."""
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        own = {name: meta for name, meta in self.signature.items() if name in tensors}
+        return bool(own) and all((tuple(tensors[n].shape), str(tensors[n].dtype)) == m for n, m in own.items())
 
 
 def shuffle_indices(path: Path) -> np.ndarray | None:
@@ -246,6 +320,11 @@ def _read_cached(path: str, *state: int) -> tuple[Any, list[Node], dict[str, Any
     if program is None or extra is None:
         raise ExportError(f"{path} is not a keyedge pt2 package (no program or no {RECORD})", "export it with keyedge")
     record = json.loads(extra)
+    return program, _nodes(program, record, path), record
+
+
+def _nodes(program: Any, record: dict[str, Any], path: str = "the program") -> list[Node]:
+    """The program's ops as nodes in graph order, its weights as ``Const`` nodes, the input named as recorded."""
     user = set(program.graph_signature.user_inputs)
     names = {}
     nodes: list[Node] = []
@@ -280,4 +359,4 @@ def _read_cached(path: str, *state: int) -> tuple[Any, list[Node], dict[str, Any
                 raise ExportError(f"{path} has {len(results)} outputs, not one logits tensor", "export it with keyedge")
             final = results[0].name
             nodes.append(Node("Identity", [final], [record["output"]], name="output"))
-    return program, nodes, record
+    return nodes
