@@ -20,8 +20,9 @@ from keyedge.models.backbones import build_model
 
 KEY = Key.from_secret(bytes(range(32)), 4)
 SIZE = 32
+TOOLKIT = get_backend("rknn").available()  # the environment exists and its toolkit imports
 needs_env = pytest.mark.skipif(
-    rk.rknn_python()[0] is None, reason="needs the rknn-toolkit2 environment (make rknn-env: .venv-rknn)"
+    not TOOLKIT[0], reason=f"needs the rknn-toolkit2 environment (make rknn-env): {TOOLKIT[1]}"
 )
 
 
@@ -38,8 +39,8 @@ def _calibration(n: int = 8) -> np.ndarray:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Export (once per module) the conv form at a precision: ``(module, path, report)``."""
-    if rk.rknn_python()[0] is None:
-        pytest.skip("needs the rknn-toolkit2 environment (make rknn-env: .venv-rknn)")
+    if not TOOLKIT[0]:
+        pytest.skip(f"needs the rknn-toolkit2 environment (make rknn-env): {TOOLKIT[1]}")
     root = tmp_path_factory.mktemp("rknn")
     cache: dict[str, tuple] = {}
 
