@@ -53,7 +53,6 @@ from keyedge.exporters.graph import GraphReport, Node, analyze, constant_signatu
 from keyedge.exporters.onnx import HalfPrecision
 from keyedge.keys.transform import BlockShuffle, BlockShuffleConv
 
-#: ExecuTorch ScalarType codes -> numpy dtypes (executorch/runtime/core/portable_type/scalar_type.h)
 #: what a program's report says first, per precision (:meth:`ExecuTorchBackend.describe_io` reads it back)
 PRECISION_NOTES = {
     "dynamic-int8": "int8 weights, dynamic activations",
@@ -61,6 +60,7 @@ PRECISION_NOTES = {
     "fp16": "float16",
     "fp32": "float32",
 }
+#: ExecuTorch ScalarType codes -> numpy dtypes (executorch/runtime/core/portable_type/scalar_type.h)
 SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64"}
 SHUFFLE_KERNELS = ("index_select", "gather")
 
@@ -125,9 +125,11 @@ class ExecuTorchBackend(ExportBackend):
             dynamic = XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True)
             partitioners.insert(0, dynamic)
         else:
-            source = {"int8": self._quantize, "fp16": lambda m, _: HalfPrecision(m)}.get(
-                options.precision, lambda m, _: m
-            )(module, options)
+            source = module
+            if options.precision == "int8":
+                source = self._quantize(module, options)
+            elif options.precision == "fp16":
+                source = HalfPrecision(module)
             program = constant_prop_pass(torch.export.export(source, (example,), strict=False))
         edge = exir.to_edge_transform_and_lower(program, partitioner=partitioners)
         buffer = edge.to_executorch().buffer
