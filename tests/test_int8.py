@@ -214,8 +214,11 @@ def test_int8_bad_input_is_one_line(tmp_path, small_keyed_checkpoint):
     args = ["export", "-c", str(ckpt), "-k", str(key_path), "-o", str(out), "--precision"]
     result = runner.invoke(app, [*args, "int8"])  # the checkpoint's data is not here
     assert result.exit_code != 0 and "--calibration-data" in result.output and "Traceback" not in result.output
-    result = runner.invoke(app, [*args, "int4"])
+    result = runner.invoke(app, [*args, "int3"])
     assert result.exit_code != 0 and "unknown precision" in result.output
+    result = runner.invoke(app, [*args, "int4"])  # a precision another target offers: the refusal names it
+    assert result.exit_code != 0 and "does not export int4: keyedge offers it" in result.output
+    assert "-t coreml" in result.output and "\n" not in result.output.split("error: ")[1].rstrip("\n")
     result = runner.invoke(app, [*args, "int8", "--calibration-data", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "cannot be loaded" in result.output
     assert not out.exists()
