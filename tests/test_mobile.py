@@ -82,7 +82,7 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize(("name", "fuse"), FORMS)
-def test_each_form_reproduces_pytorch_and_holds_the_keys_shuffle(exported, target, name, fuse):
+def test_each_form_reproduces_pytorch_and_holds_the_keys_shuffle(exported, target, name, fuse, check_fp32_artifact):
     module, path = exported(target, name, fuse)
     backend = get_backend(target)
     graph = backend.inspect(path)
@@ -92,15 +92,7 @@ def test_each_form_reproduces_pytorch_and_holds_the_keys_shuffle(exported, targe
         assert indices is not None and np.array_equal(indices.reshape(-1), module.shuffle.index.numpy())
     else:
         assert graph.gathers_on_input == 0 and indices is None, graph.input_path
-    images = np.random.default_rng(1).random((3, 3, SIZE, SIZE), dtype=np.float32)
-    with backend.load(path, threads=2) as run:
-        got = run.predict(images)
-    with torch.no_grad():
-        expected = module(torch.from_numpy(images)).numpy()
-    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
-    io = backend.describe_io(path)
-    assert io["inputs"] == [{"name": "image", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}]
-    assert io["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}] and io["precision"] == "fp32"
+    check_fp32_artifact(backend, path, module, SIZE)
 
 
 def test_litert_gather_is_one_gather_nd_with_int32_indices(exported):

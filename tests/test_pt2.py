@@ -54,7 +54,7 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize(
     ("name", "fuse"), [("test_efficientnet", "gather"), ("test_efficientnet", "conv"), ("test_vit", "fold")]
 )
-def test_each_form_reproduces_pytorch_and_the_package_holds_the_keys_shuffle(exported, name, fuse):
+def test_each_form_reproduces_pytorch_and_the_package_holds_the_keys_shuffle(exported, name, fuse, check_fp32_artifact):
     module, path = exported(name, fuse)
     graph = backend.inspect(path)
     prefix = [n.type for n in pt2.shuffle_prefix(path)]
@@ -71,15 +71,7 @@ def test_each_form_reproduces_pytorch_and_the_package_holds_the_keys_shuffle(exp
         assert is_permutation_matrix(weight) and np.array_equal(weight, module.shuffle.weight.numpy())
     if fuse == "fold":
         assert prefix == []
-    images = np.random.default_rng(1).random((3, 3, SIZE, SIZE), dtype=np.float32)
-    with backend.load(path, threads=2) as run:
-        got = run.predict(images)
-    with torch.no_grad():
-        expected = module(torch.from_numpy(images)).numpy()
-    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
-    io = backend.describe_io(path)
-    assert io["inputs"] == [{"name": "image", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}]
-    assert io["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}] and io["precision"] == "fp32"
+    check_fp32_artifact(backend, path, module, SIZE)
 
 
 def test_two_keys_compile_to_one_graph_with_different_indices(exported):
