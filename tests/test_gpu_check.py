@@ -19,6 +19,7 @@ import torch
 
 from keyedge.benchmarks import gpu_check
 from keyedge.benchmarks.profiles import DEVICES_DIR, load_profile
+from keyedge.benchmarks.workbench import VARIANTS
 from keyedge.data.datasets import FASHION_MNIST_DEBIAN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +88,14 @@ def test_cpu_fallback_runs_every_leg_and_reports_it(tmp_path, capsys):
 
     latency = legs["latency"]["tables"]
     forms = {(r["model"], r["artifact"]) for r in latency["artifacts"]["rows"]}
-    assert {("test_vit", v) for v in ("plain", "gather", "conv", "fold", "plain-fold")} <= forms
-    assert {("test_resnet", v) for v in ("plain", "gather", "conv")} <= forms
+    assert {("test_vit", v) for v in VARIANTS} <= forms  # every form, each keyed one checked against the gather
+    assert {("test_resnet", v) for v in VARIANTS if "fold" not in v} <= forms
     assert all(r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] for r in latency["artifacts"]["rows"])
     assert all(r["max_abs_diff"] < 1e-4 for r in latency["artifacts"]["rows"])  # every form computes the same
     vit = next(r for r in latency["ratios"]["rows"] if r["model"] == "test_vit" and r["batch"] == 1)
     assert all(label in vit for label in ("keyed/plain", "gather/conv", "gather/fold"))
     why = reasons(legs["latency"])
+    assert not [w for w, r in why.items() if "Error" in r], why  # a skip is a reason, never a crash of a form
     assert "patchify" in why["test_resnet fold"] and "needs CUDA" in why["mode graphs"]
     assert "--tiny" in why["mode compile"]
 
@@ -207,6 +209,15 @@ def test_the_wrapper_installs_without_a_registry_then_runs_the_check():
 
 
 @no_cuda
+def test_forms_are_built_before_any_moves_to_the_device():
+    """Forms share the source's modules: moving one early moved the source under fold (CUDA weights, CPU indices);
+    the meta device shows the same mix without a GPU."""
+    leg = gpu_check.Leg("latency")
+    forms = gpu_check.latency_forms("test_vit", 32, torch.device("meta"), 0, leg)
+    assert set(forms) == set(VARIANTS) and not leg.skipped
+    assert all(p.device.type == "meta" for m in forms.values() for p in m.parameters())
+
+
 def test_a_model_that_cannot_be_built_costs_its_cells_not_the_leg(tmp_path):
     out = tmp_path / "out"
     args = ["--out", str(out), "--legs", "latency", "--models", "no_such_model,test_resnet", "--batch-sizes", "2"]
