@@ -838,7 +838,7 @@ def latency_forms(name: str, size: int, device: torch.device, seed: int, leg: Le
 
 
 #: the form each one's logits are compared with (every keyed form computes the same function as the gather)
-REFERENCE = {"plain": "plain", "plain-fold": "plain"} | {v: "gather" for v, (role, _) in VARIANTS.items() if role == "keyed"}
+REFERENCE = {v: "gather" if role == "keyed" else "plain" for v, (role, _) in VARIANTS.items()}
 LATENCY_COLUMNS = (
     "model",
     "runtime",
