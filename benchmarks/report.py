@@ -88,13 +88,14 @@ class Artifact:
     @property
     def label(self) -> str:
         form = self.fuse if self.fuse in ("fold", "conv", "elements", "planes") else None
-        tags = [t for t in (form, self.quantized) if t]
+        tags = [t for t in (form, self.precision_tag) if t]
         return f"{self.model}-{self.fingerprint or self.role}" + (f"[{','.join(tags)}]" if tags else "")
 
     @property
-    def quantized(self) -> str | None:
-        """``int8`` for a quantized artifact (its own cell and gate entry beside the fp32 one), else None."""
-        return "int8" if self.precision == "int8" else None
+    def precision_tag(self) -> str | None:
+        """The precision of an artifact not in fp32 (``int8``, ``fp16``, ``dynamic-int8``...), else None: each
+        precision is its own cell, row label and gate entry beside the fp32 one."""
+        return self.precision if self.precision not in (None, "fp32") else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +122,7 @@ class Measurement:
         """What the regression gate matches on: model, role, fuse, target, runtime, device, batch."""
         a = self.artifact
         key = (a.model, a.fingerprint or a.role, a.fuse, a.target, self.runtime, self.device, self.batch)
-        return key + ((a.quantized,) if a.quantized else ())  # fp32/fp16 keys stay as baselines recorded them
+        return key + ((a.precision_tag,) if a.precision_tag else ())  # fp32 keys stay as baselines recorded them
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

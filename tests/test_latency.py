@@ -413,6 +413,24 @@ def test_ratio_gate_fails_when_the_keyed_artifact_gets_slower(tmp_path, artifact
     assert cli.exit_code == 2 and "unknown check speed" in cli.output
 
 
+def test_each_precision_is_its_own_row_and_gate_entry():
+    """fp16 and dynamic-int8 artifacts of one key had the fp32 label and gate key: rows and baselines collided."""
+    from keyedge.benchmarks.report import Artifact, Measurement, Stats
+
+    def measured(precision):
+        artifact = Artifact("m.tflite", "litert", "lite0", "abc", "gather", precision, 1, 224, None)
+        return Measurement(artifact, "litert", "CPU", 1, 2, 0.1, 1.0, Stats.from_seconds([0.01, 0.011]), 90.0, 1.0)
+
+    rows = [measured(p) for p in ("fp32", "fp16", "dynamic-int8", "int8")]
+    assert [m.artifact.label for m in rows] == [
+        "lite0-abc",
+        "lite0-abc[fp16]",
+        "lite0-abc[dynamic-int8]",
+        "lite0-abc[int8]",
+    ]
+    assert len({m.key for m in rows}) == 4 and rows[0].key[-1] == 1  # fp32's key is what baselines recorded
+
+
 # --------------------------------------------------------------------------- the report reader, fuzzed
 
 
