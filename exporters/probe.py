@@ -15,10 +15,13 @@ import numpy as np
 
 
 def check(target: str, path: str) -> int:
+    """0 when ``path`` opens and runs, 3 on a Python error.  One thread: the check is whether the file survives,
+    and a forked probe (:func:`keyedge.exporters.base._probe_forked`) of a process whose OpenMP pool ran before
+    (ncnn, pt2) waits forever in its first parallel region -- a libgomp pool does not survive a fork."""
     from keyedge.exporters import get_backend
 
     try:
-        with get_backend(target).load(path) as runner:
+        with get_backend(target).load(path, threads=1) as runner:
             runner.predict(np.zeros([d or 1 for d in runner.input_shape], dtype=np.float32))
     except Exception:
         return 3

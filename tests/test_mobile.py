@@ -11,6 +11,7 @@ ahead of the first quantize.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -414,6 +415,30 @@ def test_file_reader_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, target
 def test_ncnn_param_fuzz_never_aborts_nor_tracebacks(exported, tmp_path, data, in_child):
     """The same for a damaged ncnn .param (text: fewer examples, each loads ncnn in a probe child first)."""
     _fuzz(exported, tmp_path, "ncnn", data, in_child)
+
+
+def test_a_forked_probe_of_a_process_whose_openmp_pool_ran_does_not_hang(exported, in_child):
+    """The fuzzer above took 6 minutes in the full suite: a forked child (single-threaded, so its probe forks
+    too) inherited the parent's libgomp pool from torch's matmuls, and the probe's first parallel region in ncnn
+    waited out the 120 s timeout.  The probe now runs one thread."""
+    from keyedge.exporters.base import _probe_forked
+
+    _, good = exported("ncnn", "test_efficientnet", "conv")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(256, 256)
+        for _ in range(8):
+            x = x @ x.T / 256  # torch's OpenMP pool, up in this process
+    finally:
+        torch.set_num_threads(threads)
+
+    def probe():
+        started = time.monotonic()
+        status = _probe_forked("ncnn", str(good), 30.0)
+        assert status == 0 and time.monotonic() - started < 20, status
+
+    assert in_child(probe) == "ok"
 
 
 def _fuzz(exported, tmp_path, target, data, in_child):
